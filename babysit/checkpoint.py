@@ -1,0 +1,289 @@
+"""Checkpoints: snapshot on the training thread, write atomically off it, load only when verified.
+
+A checkpoint file is written to a temporary name, hashed while it is written, fsynced and renamed
+into place; only then is it listed in the run store, with its SHA-256. Loading reads the bytes
+once, checks the hash while ``torch.load(weights_only=True)`` decodes them, and refuses the file if
+either fails. The training thread only pays for an in-memory copy of the state.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import pickle
+import queue
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+FORMAT = "babysit-checkpoint-1"
+
+# Keys of a checkpoint file. The run config travels in every checkpoint.
+KEY_FORMAT = "format"
+KEY_MODEL = "model"
+KEY_OPTIMIZER = "optimizer"
+KEY_SCHEDULER = "scheduler"
+KEY_RNG = "rng"
+KEY_EPOCH_START_RNG = "epoch_start_rng"
+KEY_EPOCH = "epoch"
+KEY_STEP = "step"
+KEY_STEP_IN_EPOCH = "step_in_epoch"
+KEY_BRANCH = "branch"
+KEY_HPARAMS = "hparams"
+KEY_CONFIG = "config"
+KEY_METRICS = "metrics"
+
+TEMP_MARK = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, damaged, tampered with or not a babysit checkpoint."""
+
+
+def checkpoint_filename(branch: int, epoch: int, step: int) -> str:
+    return f"epoch-{epoch:04d}-step-{step:08d}-b{branch}.pt"
+
+
+def clone_tree(obj: Any) -> Any:
+    """Copy every tensor in a nest of dicts, lists and tuples; keep the rest as it is.
+
+    Tensors stay on their device: a GPU tensor is copied on the GPU (fast) and moved to the host
+    by the writer thread, so the training thread never waits for a device-to-host transfer.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {key: clone_tree(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [clone_tree(value) for value in obj]
+    if isinstance(obj, tuple):
+        return tuple(clone_tree(value) for value in obj)
+    return obj
+
+
+def to_cpu_tree(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {key: to_cpu_tree(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [to_cpu_tree(value) for value in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_cpu_tree(value) for value in obj)
+    return obj
+
+
+def first_non_finite(state_dict: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, if any."""
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+# -- random number generators ----------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch generator states, in types ``weights_only`` loading accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state((
+        np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+        np_state["has_gauss"], np_state["cached_gaussian"],
+    ))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- writing -----------------------------------------------------------------------------------
+class _HashingWriter(io.RawIOBase):
+    """A file wrapper that hashes what torch.save writes through it (no second read)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:  # type: ignore[override]
+        view = memoryview(data)
+        self.digest.update(view)
+        self.size += view.nbytes
+        return self.handle.write(view)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def write_atomic(path: Path, state: dict[str, Any]) -> tuple[str, int]:
+    """Write ``state`` to ``path`` atomically; return (sha256 hex, size in bytes).
+
+    On any failure (a full disk included) the temporary file is removed and the error re-raised;
+    a file at ``path`` only ever appears complete and flushed to disk.
+    """
+    temp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    try:
+        with open(temp, "wb") as handle:
+            writer = _HashingWriter(handle)
+            torch.save(state, writer)
+            writer.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return writer.digest.hexdigest(), writer.size
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete half-written checkpoint files left by a process that died mid-write."""
+    removed = []
+    for candidate in directory.glob(f".*{TEMP_MARK}*"):
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def is_disk_full(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        if "No space left on device" in str(error) or "file write failed" in str(error):
+            return True
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return False
+
+
+# -- reading -----------------------------------------------------------------------------------
+def read_verified(path: Path, sha256: str | None) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` after checking its SHA-256.
+
+    The hash is computed in a second thread while torch decodes the same bytes (both release the
+    GIL), so verification costs little more than the load itself. Raises :class:`CheckpointError`
+    naming the file when it is missing, altered, truncated or holds anything but plain data.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is missing") from None
+    digest: dict[str, str] = {}
+    hasher = threading.Thread(target=lambda: digest.setdefault("hex", hashlib.sha256(data).hexdigest()))
+    hasher.start()
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        load_error: BaseException | None = None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError, TypeError) as error:
+        state, load_error = None, error
+    hasher.join()
+    if sha256 is not None and digest["hex"] != sha256:
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} does not match the hash recorded when it was written "
+            f"(recorded {sha256[:12]}…, found {digest['hex'][:12]}…): it was truncated or altered; "
+            "it was not loaded"
+        )
+    if load_error is not None:
+        first_line = str(load_error).strip().splitlines()[0] if str(load_error).strip() else type(load_error).__name__
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} was refused: it is not a plain-data torch checkpoint "
+            f"({first_line[:200]})"
+        )
+    if not isinstance(state, dict) or state.get(KEY_FORMAT) != FORMAT:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is not a babysit checkpoint (format {FORMAT} expected)")
+    return state
+
+
+# -- the background writer ---------------------------------------------------------------------
+@dataclass
+class PendingCheckpoint:
+    path: Path
+    state: dict[str, Any]
+    meta: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
+
+
+class AsyncCheckpointer:
+    """Writes snapshots on a thread of its own, one at a time, in the order submitted."""
+
+    def __init__(self, on_written: Callable[[PendingCheckpoint], None],
+                 on_failed: Callable[[PendingCheckpoint], None]) -> None:
+        self._queue: queue.Queue[PendingCheckpoint | None] = queue.Queue()
+        self._on_written = on_written
+        self._on_failed = on_failed
+        self._thread = threading.Thread(target=self._loop, name="babysit-checkpoint", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: PendingCheckpoint) -> PendingCheckpoint:
+        self._queue.put(job)
+        return job
+
+    def wait(self) -> None:
+        """Block until every submitted checkpoint is written (or has failed)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self.wait()
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                self._write(job)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, job: PendingCheckpoint) -> None:
+        try:
+            state = to_cpu_tree(job.state)
+            bad = first_non_finite(state[KEY_MODEL])
+            if bad is not None:
+                raise CheckpointError(f"not written: parameter {bad!r} holds NaN or infinity")
+            sha256, size = write_atomic(job.path, state)
+            job.result = {"sha256": sha256, "size": size}
+            self._on_written(job)
+        except BaseException as error:  # reported, never allowed to kill the writer thread
+            job.error = error
+            try:
+                self._on_failed(job)
+            except Exception:
+                pass
+        finally:
+            job.state = {}  # free the snapshot
+            job.done.set()

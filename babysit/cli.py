@@ -1,0 +1,401 @@
+"""``python -m babysit``: start the demo, serve the dashboard, and send commands from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import commands as cmd
+from .store import LOG_NAME, RunStore, StoreError, list_runs
+
+DEFAULT_RUN_DIR = "checkpoints/demo"
+DEFAULT_PORT = 8501
+LOCALHOST = "127.0.0.1"
+TOKEN_ENV = "BABYSIT_TOKEN"
+EXIT_USAGE = 2
+EXIT_NOT_APPLIED = 1
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as ``babysit: error: ...`` with exit status 2."""
+
+
+# -- status ----------------------------------------------------------------------------------------
+def status_object(store: RunStore) -> dict[str, Any]:
+    """The run's state as a JSON-ready object (what ``status --json`` prints)."""
+    status = store.status()
+    checkpoints = [
+        {"id": c["id"], "epoch": c["epoch"], "step": c["step"], "branch": c["branch"],
+         "path": str(store.run_dir / c["file"]), "reason": c["reason"], "metrics": c["metrics"],
+         "hparams": c["hparams"], "created": c["created"]}
+        for c in store.checkpoints()
+    ]
+    pending = store.pending_commands()
+    return {
+        "run_dir": str(store.run_dir),
+        "state": status.get("effective_state"),
+        "pid": status.get("pid"),
+        "host": status.get("host"),
+        "heartbeat": status.get("heartbeat"),
+        "epoch": status.get("epoch"),
+        "max_epochs": status.get("max_epochs"),
+        "step": status.get("step"),
+        "step_in_epoch": status.get("step_in_epoch"),
+        "steps_per_epoch": status.get("steps_per_epoch"),
+        "branch": status.get("branch"),
+        "lr": status.get("lr"),
+        "momentum": status.get("momentum"),
+        "optimizer": status.get("optimizer"),
+        "message": status.get("message"),
+        "checkpoints": checkpoints,
+        "pending_commands": [
+            {"id": p["id"], "kind": p["kind"], "args": p["args"], "source": p["source"], "created": p["created"]}
+            for p in pending
+        ],
+    }
+
+
+def format_status(info: dict[str, Any]) -> str:
+    lines = [f"run          {info['run_dir']}"]
+    state = info["state"]
+    if info.get("heartbeat") and state in ("running", "paused", "not responding"):
+        state += f" (pid {info['pid']}, heartbeat {time.time() - info['heartbeat']:.1f} s ago)"
+    lines.append(f"state        {state}")
+    if info.get("message"):
+        lines.append(f"             {info['message']}")
+    if info.get("epoch") is not None:
+        progress = f"epoch {info['epoch']}/{info.get('max_epochs') or '?'}, step {info['step']}"
+        if info.get("steps_per_epoch"):
+            progress += f" ({info['step_in_epoch']}/{info['steps_per_epoch']} in this epoch)"
+        lines.append(f"progress     {progress}, branch {info['branch']}")
+    if info.get("lr") is not None:
+        lines.append(f"lr           {info['lr']:.6g}")
+    if info.get("momentum") is not None:
+        window = 1 / (1 - info["momentum"]) if info["momentum"] < 1 else float("inf")
+        lines.append(f"momentum     {info['momentum']:.6g} (averages over ~{window:.0f} steps)")
+    lines.append(f"pending      {len(info['pending_commands'])} command(s)")
+    lines.append(f"checkpoints  {len(info['checkpoints'])}")
+    for c in info["checkpoints"][-10:]:
+        metrics = "  ".join(f"{k} {v:.4g}" for k, v in c["metrics"].items() if isinstance(v, (int, float)))
+        lines.append(f"  #{c['id']:<4} epoch {c['epoch']:<4} step {c['step']:<8} branch {c['branch']:<3} {metrics}")
+    return "\n".join(lines)
+
+
+# -- sending commands --------------------------------------------------------------------------
+def send(run_dir: str, kind: str, args: dict[str, Any], *, wait: bool, timeout: float) -> int:
+    store = _open_store(run_dir)
+    try:
+        command_id = store.enqueue_command(kind, args, source="cli")
+    except cmd.CommandError as error:
+        raise CliError(str(error)) from None
+    description = cmd.describe(kind, cmd.validate(kind, args).args)
+    if not wait:
+        print(f"queued #{command_id}: {description} (see `python -m babysit status --run-dir {run_dir}`)")
+        return 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = store.command(command_id)
+        if row and row["state"] != cmd.PENDING:
+            return _report(row, description)
+        time.sleep(0.05)
+    print(f"#{command_id} {description}: still pending after {timeout:g} s; the trainer may be busy "
+          "in a long step or paused in its evaluation", file=sys.stderr)
+    return EXIT_NOT_APPLIED
+
+
+def _report(row: dict[str, Any], description: str) -> int:
+    if row["state"] == cmd.APPLIED:
+        result = row.get("result") or {}
+        details = ", ".join(f"{k} {v}" for k, v in result.items() if k != "before" and v is not None)
+        print(f"#{row['id']} {description}: applied at step {row['step']}" + (f" ({details})" if details else ""))
+        return 0
+    print(f"#{row['id']} {description}: {row['state']}: {row.get('reason')}", file=sys.stderr)
+    return EXIT_NOT_APPLIED
+
+
+def _open_store(run_dir: str) -> RunStore:
+    try:
+        return RunStore(run_dir)
+    except StoreError as error:
+        raise CliError(str(error)) from None
+
+
+# -- train -------------------------------------------------------------------------------------
+def train_command(args: argparse.Namespace) -> int:
+    from .jobs.digits import DigitsConfig, train
+    from .run import RunLockedError
+
+    given = {f.name: getattr(args, f.name) for f in fields(DigitsConfig) if getattr(args, f.name, None) is not None}
+    config_values = dict(asdict(DigitsConfig()))
+    stored = _stored_config(args.run_dir)
+    if stored:
+        ignored = {k: v for k, v in given.items() if k != "epochs" and stored.get(k, v) != v}
+        for key, value in ignored.items():
+            print(f"babysit: --{key.replace('_', '-')} {value} ignored: this run was started with "
+                  f"{key} {stored[key]} and keeps it (nudge lr and momentum with `python -m babysit set`)")
+        config_values.update({k: v for k, v in stored.items() if k in config_values})
+        config_values.update({k: v for k, v in given.items() if k == "epochs"})
+    else:
+        config_values.update(given)
+    try:
+        config = DigitsConfig(**config_values)
+    except cmd.CommandError as error:
+        raise CliError(str(error)) from None
+    if stored:
+        status = _open_store(args.run_dir).status()
+        if status.get("state") == "finished" and (status.get("epoch") or 0) >= config.epochs:
+            print(f"run {args.run_dir} already finished {status.get('epoch')} epochs; "
+                  f"pass --epochs N (N > {status.get('epoch')}) to train it further")
+            return 0
+
+    def on_run(run: Any) -> None:
+        _install_stop_handlers(run)
+        print(f"babysit: training in {args.run_dir} (pid {os.getpid()}): {run.message}", flush=True)
+
+    try:
+        run = train(args.run_dir, config, on_run=on_run)
+    except RunLockedError as error:
+        raise CliError(str(error)) from None
+    print(f"babysit: {run.state}: {run.message}", flush=True)
+    return 0
+
+
+def _stored_config(run_dir: str) -> dict[str, Any] | None:
+    if not (Path(run_dir) / "run.db").exists():
+        return None
+    return _open_store(run_dir).get_meta("config")
+
+
+def _install_stop_handlers(run: Any) -> None:
+    """First Ctrl-C or SIGTERM: stop at the next step with a final checkpoint. Second: abort."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        if run.stop_requested:
+            raise KeyboardInterrupt
+        print("\nbabysit: stopping at the next step with a final checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+        run.request_stop(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+# -- dashboard and demo ------------------------------------------------------------------------
+def app_path() -> Path:
+    path = Path(__file__).resolve().parent.parent / "app.py"
+    if not path.is_file():
+        raise CliError(f"the dashboard script {path} is missing; install babysit from a clone with `pip install -e .`")
+    return path
+
+
+def serve_dashboard(*, root: str, run: str | None, address: str, port: int, token: str | None) -> int:
+    """Run the Streamlit dashboard in the foreground until Ctrl-C."""
+    if address not in (LOCALHOST, "localhost", "::1") and not token:
+        raise CliError(
+            f"serving on {address!r} needs an access token: pass --token T or set {TOKEN_ENV}; "
+            f"without one, serve on {LOCALHOST} and reach it through an SSH tunnel"
+        )
+    if _port_in_use(address, port):
+        raise CliError(f"port {port} on {address} is already in use; pass --port with a free port")
+    env = dict(os.environ)
+    if token:
+        env[TOKEN_ENV] = token
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(app_path()),
+        "--server.address", address, "--server.port", str(port), "--server.headless", "true",
+        "--browser.gatherUsageStats", "false", "--server.enableXsrfProtection", "true",
+        "--server.enableCORS", "true", "--server.fileWatcherType", "none", "--global.developmentMode", "false",
+        "--", "--root", root,
+    ] + (["--run", run] if run else [])
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://{'127.0.0.1' if address in ('0.0.0.0', '::') else address}:{port}"
+    try:
+        if not _wait_healthy(url, server, timeout=60):
+            output = server.stdout.read() if server.stdout else ""
+            raise CliError(f"the dashboard did not start:\n{output}")
+        print(f"babysit: dashboard at {url}" + ("  (token required)" if token else ""), flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def _port_in_use(address: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return True
+    return False
+
+
+def _wait_healthy(url: str, server: subprocess.Popen[str], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+def start_trainer(run_dir: str, extra: Sequence[str] = ()) -> int:
+    """Start ``python -m babysit train`` detached (its own session), logging to the run directory."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    log = open(Path(run_dir) / LOG_NAME, "ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "babysit", "train", "--run-dir", run_dir, *extra],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    return process.pid
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    run_dir = args.run_dir
+    existing = RunStore(run_dir).status() if (Path(run_dir) / "run.db").exists() else {"alive": False}
+    if existing.get("alive"):
+        pid = existing.get("pid")
+        print(f"babysit: demo trainer already running in {run_dir} (pid {pid})")
+    else:
+        pid = start_trainer(run_dir, ["--epochs", str(args.epochs)] if args.epochs else [])
+        _wait_for_trainer(run_dir, pid)
+        print(f"babysit: demo trainer started in {run_dir} (pid {pid}, log {Path(run_dir) / LOG_NAME})")
+    print("babysit: stopping the dashboard (Ctrl-C) leaves the trainer training, so the run outlives the page; "
+          f"stop the trainer with `python -m babysit stop --run-dir {run_dir}`", flush=True)
+    root = str(Path(run_dir).parent)
+    code = serve_dashboard(root=root, run=run_dir, address=args.address, port=args.port, token=args.token)
+    print(f"\nbabysit: dashboard stopped; the trainer (pid {pid}) keeps training in {run_dir}. "
+          f"Stop it with `python -m babysit stop --run-dir {run_dir}`", flush=True)
+    return code
+
+
+def _wait_for_trainer(run_dir: str, pid: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        if (Path(run_dir) / "run.db").exists():
+            try:
+                status = RunStore(run_dir).status()
+            except StoreError:
+                status = {}
+            if status.get("alive") and status.get("pid") == pid:
+                return
+        time.sleep(0.2)
+    log = Path(run_dir) / LOG_NAME
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise CliError(f"the demo trainer did not start; the end of {log}:\n{tail}")
+
+
+# -- argument parsing -------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m babysit",
+        description="Babysit one long training run: watch its curve, nudge lr and momentum, roll back.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def run_dir_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"run directory (default {DEFAULT_RUN_DIR})")
+
+    def serve_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"dashboard port (default {DEFAULT_PORT})")
+        p.add_argument("--address", default=LOCALHOST, help=f"address to listen on (default {LOCALHOST})")
+        p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                       help=f"access token, required off localhost (or set {TOKEN_ENV})")
+
+    p = sub.add_parser("demo", help="start (or resume) the demo trainer and serve its dashboard")
+    run_dir_arg(p)
+    serve_args(p)
+    p.add_argument("--epochs", type=int, help="epochs for the demo trainer (default 100)")
+
+    p = sub.add_parser("dashboard", help="serve the dashboard for the runs under a directory")
+    p.add_argument("--root", default="checkpoints", help="directory holding run directories (default checkpoints)")
+    serve_args(p)
+
+    p = sub.add_parser("train", help="train (or resume) the demo job in the foreground")
+    run_dir_arg(p)
+    p.add_argument("--epochs", type=int, help="number of epochs (default 100; raise it to train further)")
+    p.add_argument("--lr", type=float, help="initial learning rate (default 0.05)")
+    p.add_argument("--momentum", type=float, help="initial momentum, SGD momentum or Adam beta1 (default 0.9)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), help="optimizer (default sgd)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--batch-size", type=int, help="batch size (default 32)")
+    p.add_argument("--epoch-passes", type=int, help="passes over the training images per epoch (default 6)")
+
+    p = sub.add_parser("status", help="show the run's state, hyperparameters and checkpoints")
+    run_dir_arg(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    def command_args(p: argparse.ArgumentParser) -> None:
+        run_dir_arg(p)
+        p.add_argument("--wait", action="store_true", help="block until applied (exit 0) or rejected (exit 1)")
+        p.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)")
+
+    p = sub.add_parser("set", help="set the learning rate or the momentum")
+    p.add_argument("name", choices=("lr", "momentum"), help="what to set")
+    p.add_argument("value", help="the new value")
+    command_args(p)
+
+    p = sub.add_parser("rollback", help="roll back to a checkpoint and continue on a new branch")
+    p.add_argument("checkpoint", help="checkpoint id (see `status`)")
+    p.add_argument("--hparams", choices=cmd.HPARAMS_CHOICES, default=cmd.HPARAMS_CHECKPOINT,
+                   help="restore the checkpoint's lr and momentum (default) or keep the current ones")
+    p.add_argument("--lr", help="then set this lr")
+    p.add_argument("--momentum", help="then set this momentum")
+    command_args(p)
+
+    for name, text in (("pause", "pause at the next step"), ("resume", "resume a paused run"),
+                       ("checkpoint", "write a checkpoint now"), ("stop", "stop with a final checkpoint")):
+        command_args(sub.add_parser(name, help=text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            return demo_command(args)
+        if args.command == "dashboard":
+            return serve_dashboard(root=args.root, run=None, address=args.address, port=args.port, token=args.token)
+        if args.command == "train":
+            return train_command(args)
+        if args.command == "status":
+            info = status_object(_open_store(args.run_dir))
+            print(json.dumps(info, indent=2) if args.json else format_status(info))
+            return 0
+        if args.command == "set":
+            kind = cmd.SET_LR if args.name == "lr" else cmd.SET_MOMENTUM
+            return send(args.run_dir, kind, {"value": args.value}, wait=args.wait, timeout=args.timeout)
+        if args.command == "rollback":
+            rollback_args = {"checkpoint": args.checkpoint, "hparams": args.hparams, "lr": args.lr,
+                             "momentum": args.momentum}
+            return send(args.run_dir, cmd.ROLLBACK, rollback_args, wait=args.wait, timeout=args.timeout)
+        return send(args.run_dir, args.command, {}, wait=args.wait, timeout=args.timeout)
+    except CliError as error:
+        print(f"babysit: error: {error}", file=sys.stderr)
+        return EXIT_USAGE

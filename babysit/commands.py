@@ -1,0 +1,153 @@
+"""Command types and their validation, shared by the CLI, the dashboard and the trainer.
+
+A command is a row in the run store: written as ``pending`` by the CLI or the dashboard, checked
+again and applied by the trainer at a step boundary, then marked ``applied`` (with the step) or
+``rejected`` (with the reason). Every writer calls :func:`validate` before queueing, so a bad value
+never reaches the queue; the trainer calls it again because the queue is a file anyone can write.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+SET_LR = "set_lr"
+SET_MOMENTUM = "set_momentum"
+PAUSE = "pause"
+RESUME = "resume"
+CHECKPOINT = "checkpoint"
+STOP = "stop"
+ROLLBACK = "rollback"
+
+KINDS = (SET_LR, SET_MOMENTUM, PAUSE, RESUME, CHECKPOINT, STOP, ROLLBACK)
+
+# Rollback: restore the checkpoint's own lr and momentum, or keep the ones in use now.
+HPARAMS_CHECKPOINT = "checkpoint"
+HPARAMS_CURRENT = "current"
+HPARAMS_CHOICES = (HPARAMS_CHECKPOINT, HPARAMS_CURRENT)
+
+# Bounds a person can mean. An lr above 10 or a momentum of 1 is a typo, never a nudge.
+LR_MAX = 10.0
+MOMENTUM_MAX_EXCLUSIVE = 1.0
+
+PENDING = "pending"
+APPLIED = "applied"
+REJECTED = "rejected"
+EXPIRED = "expired"
+
+_CHECKPOINT_ID = re.compile(r"^[0-9]{1,12}$")
+
+
+class CommandError(ValueError):
+    """A command that cannot be queued or applied; the message names the bad value."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A validated command: its kind and its normalised arguments."""
+
+    kind: str
+    args: dict[str, Any]
+
+    def describe(self) -> str:
+        """A short human phrase: ``set lr 0.05``, ``rollback to #3 (checkpoint hparams)``."""
+        return describe(self.kind, self.args)
+
+
+def _show(raw: Any) -> str:
+    text = repr(raw)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_number(raw: Any, what: str, accepted: str) -> float:
+    """Turn ``raw`` (a number or the text a person typed) into a finite float, or explain."""
+    if isinstance(raw, bool):
+        raise CommandError(f"{what} must be {accepted}, got {_show(raw)}")
+    if isinstance(raw, (int, float)):
+        value = float(raw)
+    elif isinstance(raw, str):
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise CommandError(f"{what} must be {accepted}, got {_show(raw)}") from None
+    else:
+        raise CommandError(f"{what} must be {accepted}, got {_show(raw)}")
+    if not math.isfinite(value):
+        raise CommandError(f"{what} must be {accepted}, got {_show(raw)}")
+    return value
+
+
+def validate_lr(raw: Any) -> float:
+    accepted = f"a finite number > 0 and <= {LR_MAX:g} (for example 0.01)"
+    value = parse_number(raw, "lr", accepted)
+    if not 0.0 < value <= LR_MAX:
+        raise CommandError(f"lr must be {accepted}, got {_show(raw)}")
+    return value
+
+
+def validate_momentum(raw: Any) -> float:
+    accepted = "a finite number >= 0 and < 1 (for example 0.9)"
+    value = parse_number(raw, "momentum", accepted)
+    if not 0.0 <= value < MOMENTUM_MAX_EXCLUSIVE:
+        raise CommandError(f"momentum must be {accepted}, got {_show(raw)}")
+    return value
+
+
+def validate_checkpoint_id(raw: Any) -> int:
+    """Checkpoints are named by their id only; anything shaped like a path is refused."""
+    accepted = "a checkpoint id, a whole number such as 3 (see `python -m babysit status`)"
+    if isinstance(raw, bool):
+        raise CommandError(f"checkpoint must be {accepted}, got {_show(raw)}")
+    if isinstance(raw, int):
+        if raw < 1:
+            raise CommandError(f"checkpoint must be {accepted}, got {_show(raw)}")
+        return raw
+    if isinstance(raw, str) and _CHECKPOINT_ID.match(raw.strip()) and int(raw) >= 1:
+        return int(raw)
+    raise CommandError(f"checkpoint must be {accepted}, got {_show(raw)}")
+
+
+def validate(kind: Any, args: dict[str, Any] | None = None) -> Command:
+    """Check a command and return it normalised; raise :class:`CommandError` naming the bad value."""
+    args = dict(args or {})
+    if kind not in KINDS:
+        raise CommandError(f"unknown command {_show(kind)}; accepted: {', '.join(KINDS)}")
+    if kind == SET_LR:
+        return Command(kind, {"value": validate_lr(args.get("value", ""))})
+    if kind == SET_MOMENTUM:
+        return Command(kind, {"value": validate_momentum(args.get("value", ""))})
+    if kind == ROLLBACK:
+        normalised: dict[str, Any] = {"checkpoint": validate_checkpoint_id(args.get("checkpoint", ""))}
+        hparams = args.get("hparams", HPARAMS_CHECKPOINT)
+        if hparams not in HPARAMS_CHOICES:
+            raise CommandError(
+                f"hparams must be one of {', '.join(HPARAMS_CHOICES)}, got {_show(hparams)}"
+            )
+        normalised["hparams"] = hparams
+        # Optional explicit values applied on top of the chosen set (the divergence remedy uses lr).
+        if args.get("lr") is not None:
+            normalised["lr"] = validate_lr(args["lr"])
+        if args.get("momentum") is not None:
+            normalised["momentum"] = validate_momentum(args["momentum"])
+        return Command(kind, normalised)
+    extra = sorted(k for k in args if args[k] is not None)
+    if extra:
+        raise CommandError(f"{kind} takes no arguments, got {', '.join(extra)}")
+    return Command(kind, {})
+
+
+def describe(kind: str, args: dict[str, Any]) -> str:
+    if kind == SET_LR:
+        return f"set lr {args.get('value'):g}"
+    if kind == SET_MOMENTUM:
+        return f"set momentum {args.get('value'):g}"
+    if kind == ROLLBACK:
+        text = f"rollback to #{args.get('checkpoint')} ({args.get('hparams')} hparams"
+        if "lr" in args:
+            text += f", lr {args['lr']:g}"
+        if "momentum" in args:
+            text += f", momentum {args['momentum']:g}"
+        return text + ")"
+    return kind

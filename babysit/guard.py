@@ -1,0 +1,99 @@
+"""The divergence guard: notice a loss that went non-finite or shot far above its recent average.
+
+Two exponentially weighted averages of the loss, as in the course notes: a short one (β = 0.9,
+about the last 10 steps) and a long one (β = 0.99, about the last 100), both bias-corrected. A
+single noisy batch barely moves the short average; a run that is really blowing up drives it past
+``spike_factor`` times the long one within a few steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .commands import CommandError, parse_number
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """How the guard judges the loss and what it does when the loss diverges."""
+
+    metric: str = "loss"
+    spike_factor: float = 3.0
+    warmup_steps: int = 50
+    short_beta: float = 0.9
+    long_beta: float = 0.99
+    enabled: bool = True
+    # Off by default: roll back to the last healthy checkpoint with the lr halved, at most N times.
+    auto_remedy_max: int = 0
+
+    def __post_init__(self) -> None:
+        factor = parse_number(self.spike_factor, "spike_factor", "a finite number > 1 (for example 3)")
+        if factor <= 1:
+            raise CommandError(f"spike_factor must be a finite number > 1 (for example 3), got {self.spike_factor!r}")
+        if not isinstance(self.auto_remedy_max, int) or self.auto_remedy_max < 0:
+            raise CommandError(f"auto_remedy_max must be a whole number >= 0, got {self.auto_remedy_max!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise CommandError(f"warmup_steps must be a whole number >= 0, got {self.warmup_steps!r}")
+
+
+@dataclass(frozen=True)
+class Divergence:
+    step: int
+    value: float
+    short_average: float | None
+    long_average: float | None
+
+    def describe(self) -> str:
+        if not math.isfinite(self.value):
+            return f"loss became {self.value} at step {self.step}"
+        return (
+            f"loss jumped to {self.value:.4g} at step {self.step}: its 10-step average "
+            f"{self.short_average:.4g} is over the limit above its 100-step average {self.long_average:.4g}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "value": self.value if math.isfinite(self.value) else str(self.value),
+                "short_average": self.short_average, "long_average": self.long_average}
+
+
+class DivergenceGuard:
+    """Feed it the loss step by step; it answers with a :class:`Divergence` once, then stays quiet
+    until :meth:`reset` (a rollback or a resume re-arms it)."""
+
+    def __init__(self, config: GuardConfig) -> None:
+        self.config = config
+        self.reset()
+
+    def reset(self) -> None:
+        self._count = 0
+        self._short = 0.0
+        self._long = 0.0
+        self.tripped = False
+
+    def averages(self) -> tuple[float | None, float | None]:
+        if self._count == 0:
+            return None, None
+        short = self._short / (1 - self.config.short_beta ** self._count)
+        long = self._long / (1 - self.config.long_beta ** self._count)
+        return short, long
+
+    def feed(self, step: int, value: float) -> Divergence | None:
+        if not self.config.enabled or self.tripped:
+            return None
+        if not math.isfinite(value):
+            self.tripped = True
+            short, long = self.averages()
+            return Divergence(step, value, short, long)
+        self._count += 1
+        self._short = self.config.short_beta * self._short + (1 - self.config.short_beta) * value
+        self._long = self.config.long_beta * self._long + (1 - self.config.long_beta) * value
+        if self._count <= self.config.warmup_steps:
+            return None
+        short, long = self.averages()
+        assert short is not None and long is not None
+        if long > 0 and short > self.config.spike_factor * long:
+            self.tripped = True
+            return Divergence(step, value, short, long)
+        return None

@@ -1,0 +1,1 @@
+"""Built-in training jobs, written against babysit's public API."""

@@ -1,0 +1,109 @@
+"""Read and write the learning rate and momentum of any torch optimizer (and its scheduler).
+
+Momentum lives in ``momentum`` for SGD and RMSprop and in ``betas[0]`` for Adam, AdamW and their
+kin. Whatever is written, the caller records what :func:`read_hparams` reads back, so the number
+shown in the dashboard is the number in ``param_groups``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .commands import CommandError
+
+# Keys some schedulers keep in param_groups and derive the lr from (OneCycleLR, CyclicLR, ...).
+_SCHEDULER_LR_KEYS = ("initial_lr", "max_lr", "min_lr", "base_lr")
+
+
+def _as_float(value: Any) -> float:
+    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _write(group: dict[str, Any], key: str, value: float) -> None:
+    # A tensor lr (capturable Adam, compiled optimizers) must be updated in place.
+    if isinstance(group[key], torch.Tensor):
+        group[key].fill_(value)
+    else:
+        group[key] = value
+
+
+def momentum_key(optimizer: torch.optim.Optimizer) -> str | None:
+    """``'momentum'``, ``'betas'``, or None for an optimizer without momentum."""
+    group = optimizer.param_groups[0]
+    if "betas" in group:
+        return "betas"
+    if "momentum" in group:
+        return "momentum"
+    return None
+
+
+def read_hparams(optimizer: torch.optim.Optimizer) -> dict[str, float | None]:
+    """The lr and momentum the optimizer will use at its next step (from its first group)."""
+    group = optimizer.param_groups[0]
+    key = momentum_key(optimizer)
+    momentum: float | None = None
+    if key == "betas":
+        momentum = _as_float(group["betas"][0])
+    elif key == "momentum":
+        momentum = _as_float(group["momentum"])
+    return {"lr": _as_float(group["lr"]), "momentum": momentum}
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, scheduler: Any = None) -> float:
+    """Set the lr of the first group to ``lr``, scaling the other groups by the same factor.
+
+    A scheduler derives the lr from its ``base_lrs`` (LambdaLR, CosineAnnealingLR's closed form)
+    or from keys in the group (OneCycleLR); those are scaled too, or its next step would silently
+    undo the nudge. Returns the lr read back from the optimizer.
+    """
+    current = _as_float(optimizer.param_groups[0]["lr"])
+    factor = lr / current if current > 0 else None
+    for group in optimizer.param_groups:
+        if factor is None:
+            _write(group, "lr", lr)
+            continue
+        _write(group, "lr", _as_float(group["lr"]) * factor)
+        for key in _SCHEDULER_LR_KEYS:
+            if key in group and isinstance(group[key], (int, float, torch.Tensor)):
+                _write(group, key, _as_float(group[key]) * factor)
+    # The first group gets exactly the value asked for, not value*current/current.
+    _write(optimizer.param_groups[0], "lr", lr)
+    if scheduler is not None and factor is not None:
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [base * factor for base in scheduler.base_lrs]
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [_as_float(g["lr"]) for g in optimizer.param_groups]
+    return read_hparams(optimizer)["lr"]  # type: ignore[return-value]
+
+
+def set_momentum(optimizer: torch.optim.Optimizer, momentum: float) -> float:
+    """Set SGD/RMSprop ``momentum`` or Adam-style ``betas[0]`` in every group; return the read-back."""
+    key = momentum_key(optimizer)
+    if key is None:
+        raise CommandError(
+            f"{type(optimizer).__name__} has no momentum to set; "
+            "accepted for optimizers with 'momentum' (SGD, RMSprop) or 'betas' (Adam, AdamW)"
+        )
+    for group in optimizer.param_groups:
+        if key == "momentum" and group.get("nesterov") and momentum == 0:
+            raise CommandError("momentum must be > 0 for SGD with nesterov=True, got 0.0")
+    for group in optimizer.param_groups:
+        if key == "betas":
+            beta2 = group["betas"][1]
+            group["betas"] = (momentum, beta2)
+        else:
+            _write(group, "momentum", momentum)
+    value = read_hparams(optimizer)["momentum"]
+    assert value is not None and math.isfinite(value)
+    return value
+
+
+def restore_hparams(optimizer: torch.optim.Optimizer, hparams: dict[str, Any], scheduler: Any = None) -> None:
+    """Put back a recorded lr / momentum (a rollback that keeps the current hyperparameters)."""
+    if hparams.get("lr") is not None:
+        set_lr(optimizer, float(hparams["lr"]), scheduler)
+    if hparams.get("momentum") is not None and momentum_key(optimizer) is not None:
+        set_momentum(optimizer, float(hparams["momentum"]))

@@ -1,0 +1,635 @@
+"""The run store: one SQLite database (WAL) per run directory, shared by trainer and dashboard.
+
+The trainer writes metrics, events, checkpoints, branches and its status; the dashboard and the
+CLI read them and write only commands. Metrics are stored as chunks of up to ``CHUNK_POINTS``
+points per series (steps, values and wall times as packed arrays, plus the chunk's min, max and
+sum), so the trainer writes a few rows per flush instead of one per point, and a reader can draw a
+million steps from a few thousand chunk summaries without touching the raw points.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import socket
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import commands as cmd
+
+DB_NAME = "run.db"
+LOCK_NAME = "run.lock"
+SIGNAL_NAME = "commands.signal"
+LOG_NAME = "trainer.log"
+SCHEMA_VERSION = 1
+CHUNK_POINTS = 256
+# A trainer writes its heartbeat several times a second; after this long without one it is
+# shown as "not responding" and new commands are refused.
+HEARTBEAT_STALE_S = 10.0
+
+RUNNING = "running"
+PAUSED = "paused"
+FINISHED = "finished"
+STOPPED = "stopped"
+CRASHED = "crashed"
+NOT_RESPONDING = "not responding"
+LIVE_STATES = (RUNNING, PAUSED)
+
+PER_STEP = "step"
+PER_EPOCH = "epoch"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS status (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    state TEXT NOT NULL, pid INTEGER, host TEXT, heartbeat REAL, started REAL,
+    epoch INTEGER, step INTEGER, step_in_epoch INTEGER, steps_per_epoch INTEGER,
+    max_epochs INTEGER, branch INTEGER, lr REAL, momentum REAL, optimizer TEXT, message TEXT
+);
+CREATE TABLE IF NOT EXISTS branches (
+    id INTEGER PRIMARY KEY, parent INTEGER, from_checkpoint INTEGER,
+    start_step INTEGER NOT NULL, start_epoch INTEGER NOT NULL, created REAL NOT NULL,
+    hparams TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL, branch INTEGER NOT NULL, per TEXT NOT NULL,
+    segment INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (name, branch, per, segment)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    series INTEGER NOT NULL, first_step INTEGER NOT NULL, last_step INTEGER NOT NULL,
+    n INTEGER NOT NULL, vmin REAL, vmax REAL, vsum REAL, min_step INTEGER, max_step INTEGER,
+    first_wall REAL NOT NULL, last_wall REAL NOT NULL,
+    steps BLOB NOT NULL, vals BLOB NOT NULL, walls BLOB NOT NULL,
+    PRIMARY KEY (series, first_step)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, wall REAL NOT NULL, branch INTEGER, step INTEGER, epoch INTEGER,
+    kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS commands (
+    id INTEGER PRIMARY KEY, created REAL NOT NULL, source TEXT NOT NULL, kind TEXT NOT NULL,
+    args TEXT NOT NULL, state TEXT NOT NULL, branch INTEGER, step INTEGER, done_at REAL,
+    result TEXT, reason TEXT
+);
+CREATE INDEX IF NOT EXISTS commands_pending ON commands (state, id);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id INTEGER PRIMARY KEY, created REAL NOT NULL, branch INTEGER NOT NULL, epoch INTEGER NOT NULL,
+    step INTEGER NOT NULL, step_in_epoch INTEGER NOT NULL, file TEXT NOT NULL, sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL, hparams TEXT NOT NULL, metrics TEXT NOT NULL, reason TEXT NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    branch INTEGER NOT NULL, epoch INTEGER NOT NULL, end_step INTEGER NOT NULL, wall REAL NOT NULL,
+    PRIMARY KEY (branch, epoch)
+);
+"""
+
+
+class StoreError(RuntimeError):
+    """The run directory or its database is missing, foreign or damaged; the message says which."""
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    id: int
+    name: str
+    branch: int
+    per: str
+    segment: int  # 0: live; k > 0: the k-th piece superseded by a crash
+
+
+def is_run_dir(path: Path | str) -> bool:
+    return (Path(path) / DB_NAME).is_file()
+
+
+def list_runs(root: Path | str) -> list[Path]:
+    """Run directories directly under ``root`` (or ``root`` itself), newest activity first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [root] if is_run_dir(root) else []
+    found += [p for p in root.iterdir() if p.is_dir() and is_run_dir(p)]
+    return sorted(found, key=lambda p: (p / DB_NAME).stat().st_mtime, reverse=True)
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _pack(array: np.ndarray, dtype: str) -> bytes:
+    return np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def chunk_summary(steps: np.ndarray, vals: np.ndarray) -> tuple[float | None, float | None, float, int | None, int | None]:
+    """min, max, sum (of the finite values) and the steps of the min and max."""
+    finite = np.isfinite(vals)
+    if not finite.any():
+        return None, None, 0.0, None, None
+    masked_low = np.where(finite, vals, np.inf)
+    masked_high = np.where(finite, vals, -np.inf)
+    i_min, i_max = int(masked_low.argmin()), int(masked_high.argmax())
+    return float(vals[i_min]), float(vals[i_max]), float(vals[finite].sum()), int(steps[i_min]), int(steps[i_max])
+
+
+def _chunk_row(series: int, steps: np.ndarray, vals: np.ndarray, walls: np.ndarray) -> tuple[Any, ...]:
+    vmin, vmax, vsum, min_step, max_step = chunk_summary(steps, vals)
+    return (
+        series, int(steps[0]), int(steps[-1]), len(steps), vmin, vmax, vsum, min_step, max_step,
+        float(walls[0]), float(walls[-1]), _pack(steps, "<i8"), _pack(vals, "<f8"), _pack(walls, "<f8"),
+    )
+
+
+class CommandSignal:
+    """An 8-byte file that command writers overwrite after each commit.
+
+    The trainer maps it and compares it with the last value it saw at every step boundary
+    (~0.2 µs), so it notices a new command at the next step without querying SQLite per step.
+    Writers store random bytes, so two writers racing still change it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if not path.exists() or path.stat().st_size != 8:
+            with open(path, "wb") as f:
+                f.write(b"\0" * 8)
+        self._file = open(path, "r+b")
+        self._map = mmap.mmap(self._file.fileno(), 8)
+        self.seen = self._map[:8]
+
+    def changed(self) -> bool:
+        return self._map[:8] != self.seen
+
+    def mark_seen(self) -> None:
+        self.seen = self._map[:8]
+
+    def close(self) -> None:
+        self._map.close()
+        self._file.close()
+
+    @staticmethod
+    def ring(path: Path) -> None:
+        try:
+            with open(path, "r+b") as f:
+                f.write(os.urandom(8))
+        except FileNotFoundError:
+            pass  # no trainer has ever run here; it polls the database when it starts
+
+
+class RunStore:
+    """One run directory's database. Each thread gets its own SQLite connection."""
+
+    def __init__(self, run_dir: Path | str, *, create: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.db_path = self.run_dir / DB_NAME
+        self.signal_path = self.run_dir / SIGNAL_NAME
+        if create:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        elif not self.run_dir.is_dir():
+            raise StoreError(f"run directory {str(self.run_dir)!r} does not exist; {self._runs_hint()}")
+        elif not self.db_path.is_file():
+            raise StoreError(
+                f"{str(self.run_dir)!r} is not a babysit run (it has no {DB_NAME}); {self._runs_hint()}"
+            )
+        self._local = threading.local()
+        self._series_ids: dict[tuple[str, int, str, int], int] = {}
+        self._check_or_create_schema(create)
+
+    def _runs_hint(self) -> str:
+        runs = list_runs(self.run_dir.parent) if self.run_dir.parent.is_dir() else []
+        if runs:
+            return "runs found: " + ", ".join(str(p) for p in runs[:8])
+        return "start one with `python -m babysit train --run-dir DIR` or pass the directory of an existing run"
+
+    # -- connections -------------------------------------------------------------------------
+    def conn(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "conn", None)
+        if connection is None:
+            connection = sqlite3.connect(self.db_path, timeout=10.0, isolation_level=None)
+            connection.execute("PRAGMA busy_timeout = 10000")
+            connection.execute("PRAGMA synchronous = NORMAL")
+            self._local.conn = connection
+        return connection
+
+    def close(self) -> None:
+        connection = getattr(self._local, "conn", None)
+        if connection is not None:
+            connection.close()
+            self._local.conn = None
+
+    def _check_or_create_schema(self, create: bool) -> None:
+        try:
+            connection = self.conn()
+            if create:
+                connection.execute("PRAGMA journal_mode = WAL")
+                connection.executescript(_SCHEMA)
+                connection.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+                connection.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (repr(_now()),))
+            row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as error:
+            self.close()
+            raise StoreError(
+                f"{str(self.db_path)!r} is not a readable babysit run database ({error}); "
+                "restore it from a backup or start a new run in another directory"
+            ) from None
+        if row is None or row[0] != str(SCHEMA_VERSION):
+            self.close()
+            raise StoreError(
+                f"{str(self.db_path)!r} has schema version {row[0] if row else 'none'}; "
+                f"this babysit reads version {SCHEMA_VERSION}"
+            )
+
+    def _tx(self) -> "_Transaction":
+        return _Transaction(self.conn())
+
+    # -- meta --------------------------------------------------------------------------------
+    def set_meta(self, key: str, value: Any) -> None:
+        self.conn().execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self.conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    # -- status ------------------------------------------------------------------------------
+    def write_status(self, **fields: Any) -> None:
+        """Insert or update the single status row with the given fields."""
+        connection = self.conn()
+        exists = connection.execute("SELECT 1 FROM status WHERE id = 1").fetchone()
+        if exists is None:
+            fields.setdefault("state", RUNNING)
+            columns = ", ".join(["id", *fields])
+            marks = ", ".join("?" * (len(fields) + 1))
+            connection.execute(f"INSERT INTO status ({columns}) VALUES ({marks})", (1, *fields.values()))
+        elif fields:
+            sets = ", ".join(f"{key} = ?" for key in fields)
+            connection.execute(f"UPDATE status SET {sets} WHERE id = 1", tuple(fields.values()))
+
+    def status(self) -> dict[str, Any]:
+        """The status row with ``effective_state``: the state, or "not responding" when stale."""
+        connection = self.conn()
+        connection.row_factory = sqlite3.Row
+        try:
+            row = connection.execute("SELECT * FROM status WHERE id = 1").fetchone()
+        finally:
+            connection.row_factory = None
+        if row is None:
+            return {"state": "new", "effective_state": "new", "alive": False}
+        status = dict(row)
+        status["alive"] = trainer_alive(status)
+        live = status["state"] in LIVE_STATES
+        status["effective_state"] = status["state"] if (status["alive"] or not live) else NOT_RESPONDING
+        return status
+
+    # -- branches ----------------------------------------------------------------------------
+    def new_branch(
+        self, *, parent: int | None, from_checkpoint: int | None, start_step: int, start_epoch: int,
+        hparams: dict[str, Any] | None = None,
+    ) -> int:
+        cur = self.conn().execute(
+            "INSERT INTO branches (parent, from_checkpoint, start_step, start_epoch, created, hparams)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (parent, from_checkpoint, start_step, start_epoch, _now(), json.dumps(hparams or {})),
+        )
+        return int(cur.lastrowid)
+
+    def branches(self) -> list[dict[str, Any]]:
+        rows = self.conn().execute(
+            "SELECT id, parent, from_checkpoint, start_step, start_epoch, created, hparams FROM branches ORDER BY id"
+        ).fetchall()
+        keys = ("id", "parent", "from_checkpoint", "start_step", "start_epoch", "created", "hparams")
+        return [dict(zip(keys, row[:-1]), hparams=json.loads(row[-1])) for row in rows]
+
+    def branch(self, branch_id: int) -> dict[str, Any] | None:
+        return next((b for b in self.branches() if b["id"] == branch_id), None)
+
+    # -- metrics -----------------------------------------------------------------------------
+    def series_id(self, name: str, branch: int, per: str, segment: int = 0) -> int:
+        key = (name, branch, per, segment)
+        found = self._series_ids.get(key)
+        if found is not None:
+            return found
+        connection = self.conn()
+        connection.execute(
+            "INSERT OR IGNORE INTO series (name, branch, per, segment) VALUES (?, ?, ?, ?)", key
+        )
+        found = int(connection.execute(
+            "SELECT id FROM series WHERE name = ? AND branch = ? AND per = ? AND segment = ?", key
+        ).fetchone()[0])
+        self._series_ids[key] = found
+        return found
+
+    def series(self) -> list[SeriesInfo]:
+        rows = self.conn().execute("SELECT id, name, branch, per, segment FROM series ORDER BY id").fetchall()
+        return [SeriesInfo(*row) for row in rows]
+
+    def write_chunks(self, chunks: Iterable[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """Write (series, steps, values, walls) chunks in one transaction; a chunk with the same
+        first step replaces the earlier, shorter write of itself."""
+        rows = [_chunk_row(*chunk) for chunk in chunks]
+        if not rows:
+            return
+        with self._tx() as connection:
+            connection.executemany(
+                "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+            )
+
+    def chunk_summaries(self, series: int, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+        """Rows (first_step, last_step, n, vmin, vmax, vsum, min_step, max_step, first_wall,
+        last_wall) of the chunks that overlap [lo, hi], as a float array."""
+        start = self._first_chunk_start(series, lo)
+        hi_step = int(hi) if hi is not None else 2**62
+        rows = self.conn().execute(
+            "SELECT first_step, last_step, n, vmin, vmax, vsum, min_step, max_step, first_wall, last_wall"
+            " FROM chunks WHERE series = ? AND first_step >= ? AND first_step <= ? ORDER BY first_step",
+            (series, start, hi_step),
+        ).fetchall()
+        return np.array(rows, dtype=float).reshape(-1, 10) if rows else np.empty((0, 10))
+
+    def chunk_points(
+        self, series: int, lo: float | None = None, hi: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The raw (steps, values, walls) of the chunks that overlap [lo, hi] (not cut to it)."""
+        start = self._first_chunk_start(series, lo)
+        hi_step = int(hi) if hi is not None else 2**62
+        rows = self.conn().execute(
+            "SELECT steps, vals, walls FROM chunks WHERE series = ? AND first_step >= ? AND first_step <= ?"
+            " ORDER BY first_step",
+            (series, start, hi_step),
+        ).fetchall()
+        if not rows:
+            empty = np.empty(0)
+            return empty.astype(np.int64), empty, empty
+        return (
+            np.frombuffer(b"".join(r[0] for r in rows), dtype="<i8"),
+            np.frombuffer(b"".join(r[1] for r in rows), dtype="<f8"),
+            np.frombuffer(b"".join(r[2] for r in rows), dtype="<f8"),
+        )
+
+    def _first_chunk_start(self, series: int, lo: float | None) -> int:
+        if lo is None:
+            return -(2**62)
+        row = self.conn().execute(
+            "SELECT max(first_step) FROM chunks WHERE series = ? AND first_step <= ?", (series, int(lo))
+        ).fetchone()
+        return int(row[0]) if row and row[0] is not None else -(2**62)
+
+    def series_extent(self, series: int) -> tuple[int, int, int] | None:
+        """(first step, last step, number of points) of a series, or None when it is empty."""
+        row = self.conn().execute(
+            "SELECT min(first_step), max(last_step), sum(n) FROM chunks WHERE series = ?", (series,)
+        ).fetchone()
+        return None if row[0] is None else (int(row[0]), int(row[1]), int(row[2]))
+
+    def supersede_after(self, branch: int, step: int) -> int:
+        """Move the points of ``branch`` logged after ``step`` into new superseded series.
+
+        Called when a trainer resumes from a checkpoint at ``step`` after a crash: what the dead
+        process logged after its last checkpoint stays in the store, drawn faded, never as live.
+        Returns the number of points moved.
+        """
+        moved = 0
+        connection = self.conn()
+        live = connection.execute(
+            "SELECT id, name, per FROM series WHERE branch = ? AND segment = 0", (branch,)
+        ).fetchall()
+        segment_row = connection.execute(
+            "SELECT coalesce(max(segment), 0) FROM series WHERE branch = ?", (branch,)
+        ).fetchone()
+        segment = int(segment_row[0]) + 1
+        to_write: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        with self._tx():
+            for series, name, per in live:
+                rows = connection.execute(
+                    "SELECT first_step, steps, vals, walls FROM chunks WHERE series = ? AND last_step > ?",
+                    (series, step),
+                ).fetchall()
+                if not rows:
+                    continue
+                target = None
+                for first_step, steps_b, vals_b, walls_b in rows:
+                    steps = np.frombuffer(steps_b, dtype="<i8")
+                    vals = np.frombuffer(vals_b, dtype="<f8")
+                    walls = np.frombuffer(walls_b, dtype="<f8")
+                    keep = steps <= step
+                    connection.execute("DELETE FROM chunks WHERE series = ? AND first_step = ?", (series, first_step))
+                    if keep.any():
+                        to_write.append((series, steps[keep], vals[keep], walls[keep]))
+                    if target is None:
+                        connection.execute(
+                            "INSERT OR IGNORE INTO series (name, branch, per, segment) VALUES (?, ?, ?, ?)",
+                            (name, branch, per, segment),
+                        )
+                        target = int(connection.execute(
+                            "SELECT id FROM series WHERE name = ? AND branch = ? AND per = ? AND segment = ?",
+                            (name, branch, per, segment),
+                        ).fetchone()[0])
+                    gone = ~keep
+                    moved += int(gone.sum())
+                    to_write.append((target, steps[gone], vals[gone], walls[gone]))
+            self.write_chunks(to_write)  # nested: joins this transaction
+            connection.execute("DELETE FROM epochs WHERE branch = ? AND end_step > ?", (branch, step))
+        return moved
+
+    def add_epoch(self, branch: int, epoch: int, end_step: int) -> None:
+        self.conn().execute("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?)", (branch, epoch, end_step, _now()))
+
+    def epochs(self) -> list[tuple[int, int, int]]:
+        """(branch, epoch, end_step) of every finished epoch."""
+        return [tuple(r) for r in self.conn().execute(
+            "SELECT branch, epoch, end_step FROM epochs ORDER BY branch, epoch"
+        ).fetchall()]
+
+    # -- events ------------------------------------------------------------------------------
+    def add_event(
+        self, kind: str, message: str, *, branch: int | None = None, step: int | None = None,
+        epoch: int | None = None, data: dict[str, Any] | None = None,
+    ) -> int:
+        cur = self.conn().execute(
+            "INSERT INTO events (wall, branch, step, epoch, kind, message, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (_now(), branch, step, epoch, kind, message, json.dumps(data or {})),
+        )
+        return int(cur.lastrowid)
+
+    def events(self, since_id: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
+        rows = self.conn().execute(
+            "SELECT id, wall, branch, step, epoch, kind, message, data FROM events WHERE id > ? ORDER BY id LIMIT ?",
+            (since_id, limit),
+        ).fetchall()
+        keys = ("id", "wall", "branch", "step", "epoch", "kind", "message")
+        return [dict(zip(keys, row[:-1]), data=json.loads(row[-1])) for row in rows]
+
+    # -- commands ----------------------------------------------------------------------------
+    def enqueue_command(
+        self, kind: str, args: dict[str, Any] | None = None, *, source: str, require_live: bool = True
+    ) -> int:
+        """Validate and queue a command; raise :class:`~babysit.commands.CommandError` and queue
+        nothing when the command or the run's state does not allow it."""
+        command = cmd.validate(kind, args)
+        status = self.status()
+        if require_live and not status["alive"]:
+            raise cmd.CommandError(self._not_running_message(status))
+        if command.kind == cmd.ROLLBACK:
+            self.checkpoint(command.args["checkpoint"], must_exist=True)
+        cur = self.conn().execute(
+            "INSERT INTO commands (created, source, kind, args, state) VALUES (?, ?, ?, ?, ?)",
+            (_now(), source, command.kind, json.dumps(command.args), cmd.PENDING),
+        )
+        CommandSignal.ring(self.signal_path)
+        return int(cur.lastrowid)
+
+    def _not_running_message(self, status: dict[str, Any]) -> str:
+        state = status.get("effective_state", "new")
+        if state == "new":
+            detail = "no trainer has started in it yet"
+        elif state == NOT_RESPONDING:
+            age = _now() - (status.get("heartbeat") or 0)
+            detail = f"its trainer (pid {status.get('pid')}) has not answered for {age:.0f} s"
+        else:
+            detail = f"its trainer is {state}"
+        return (
+            f"run {str(self.run_dir)!r} is not running ({detail}); commands are accepted only while a "
+            f"trainer runs: start or resume it with `python -m babysit train --run-dir {self.run_dir}`"
+        )
+
+    def pending_commands(self) -> list[dict[str, Any]]:
+        rows = self.conn().execute(
+            "SELECT id, created, source, kind, args FROM commands WHERE state = ? ORDER BY id", (cmd.PENDING,)
+        ).fetchall()
+        return [
+            {"id": r[0], "created": r[1], "source": r[2], "kind": r[3], "args": json.loads(r[4])} for r in rows
+        ]
+
+    def finish_command(
+        self, command_id: int, state: str, *, branch: int | None = None, step: int | None = None,
+        result: dict[str, Any] | None = None, reason: str | None = None,
+    ) -> None:
+        self.conn().execute(
+            "UPDATE commands SET state = ?, branch = ?, step = ?, done_at = ?, result = ?, reason = ?"
+            " WHERE id = ? AND state = ?",
+            (state, branch, step, _now(), json.dumps(result) if result is not None else None, reason,
+             command_id, cmd.PENDING),
+        )
+
+    def commands(self, since_id: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
+        rows = self.conn().execute(
+            "SELECT id, created, source, kind, args, state, branch, step, done_at, result, reason"
+            " FROM commands WHERE id > ? ORDER BY id LIMIT ?",
+            (since_id, limit),
+        ).fetchall()
+        out = []
+        for r in rows:
+            out.append({
+                "id": r[0], "created": r[1], "source": r[2], "kind": r[3], "args": json.loads(r[4]),
+                "state": r[5], "branch": r[6], "step": r[7], "done_at": r[8],
+                "result": json.loads(r[9]) if r[9] else None, "reason": r[10],
+            })
+        return out
+
+    def command(self, command_id: int) -> dict[str, Any] | None:
+        found = self.commands(since_id=command_id - 1, limit=1)
+        return found[0] if found and found[0]["id"] == command_id else None
+
+    def applied_commands_after(self, branch: int, step: int) -> list[dict[str, Any]]:
+        """Commands applied on ``branch`` after ``step``, in order (replayed after a crash)."""
+        rows = self.conn().execute(
+            "SELECT id FROM commands WHERE state = ? AND branch = ? AND step > ? ORDER BY step, id",
+            (cmd.APPLIED, branch, step),
+        ).fetchall()
+        return [c for c in (self.command(r[0]) for r in rows) if c is not None]
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def add_checkpoint(
+        self, *, branch: int, epoch: int, step: int, step_in_epoch: int, file: str, sha256: str,
+        size: int, hparams: dict[str, Any], metrics: dict[str, Any], reason: str,
+    ) -> int:
+        cur = self.conn().execute(
+            "INSERT INTO checkpoints (created, branch, epoch, step, step_in_epoch, file, sha256, size,"
+            " hparams, metrics, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (_now(), branch, epoch, step, step_in_epoch, file, sha256, size, json.dumps(hparams),
+             json.dumps(metrics), reason),
+        )
+        return int(cur.lastrowid)
+
+    def checkpoints(self, include_deleted: bool = False) -> list[dict[str, Any]]:
+        rows = self.conn().execute(
+            "SELECT id, created, branch, epoch, step, step_in_epoch, file, sha256, size, hparams, metrics,"
+            " reason, deleted FROM checkpoints ORDER BY id"
+        ).fetchall()
+        out = []
+        for r in rows:
+            if r[12] and not include_deleted:
+                continue
+            out.append({
+                "id": r[0], "created": r[1], "branch": r[2], "epoch": r[3], "step": r[4],
+                "step_in_epoch": r[5], "file": r[6], "sha256": r[7], "size": r[8],
+                "hparams": json.loads(r[9]), "metrics": json.loads(r[10]), "reason": r[11],
+                "deleted": bool(r[12]),
+            })
+        return out
+
+    def checkpoint(self, checkpoint_id: int, *, must_exist: bool = False) -> dict[str, Any] | None:
+        found = next((c for c in self.checkpoints(include_deleted=True) if c["id"] == checkpoint_id), None)
+        if not must_exist:
+            return found
+        if found is None or found["deleted"]:
+            known = [c["id"] for c in self.checkpoints()]
+            listing = ", ".join(f"#{i}" for i in known[-12:]) if known else "none yet"
+            what = "was deleted" if found else "does not exist"
+            raise cmd.CommandError(
+                f"checkpoint #{checkpoint_id} {what} in run {str(self.run_dir)!r}; available: {listing}"
+            )
+        if not (self.run_dir / found["file"]).is_file():
+            raise cmd.CommandError(
+                f"checkpoint #{checkpoint_id}: its file {found['file']!r} is missing from {str(self.run_dir)!r}; "
+                "pick another checkpoint"
+            )
+        return found
+
+    def mark_checkpoint_deleted(self, checkpoint_id: int) -> None:
+        self.conn().execute("UPDATE checkpoints SET deleted = 1 WHERE id = ?", (checkpoint_id,))
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (a cheap "anything new?" for readers)."""
+        return int(self.conn().execute("PRAGMA data_version").fetchone()[0])
+
+
+class _Transaction:
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+        self.outer = connection.in_transaction
+
+    def __enter__(self) -> sqlite3.Connection:
+        if not self.outer:
+            self.connection.execute("BEGIN IMMEDIATE")
+        return self.connection
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if self.outer:
+            return
+        self.connection.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def trainer_alive(status: dict[str, Any]) -> bool:
+    """True when the status row says running/paused and its heartbeat is fresh (and, on this
+    host, the process still exists)."""
+    if status.get("state") not in LIVE_STATES or status.get("heartbeat") is None:
+        return False
+    if _now() - float(status["heartbeat"]) > HEARTBEAT_STALE_S:
+        return False
+    if status.get("host") == socket.gethostname() and status.get("pid"):
+        try:
+            os.kill(int(status["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+    return True

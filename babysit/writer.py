@@ -1,0 +1,163 @@
+"""The background metrics writer: the training thread appends to a deque, this thread stores.
+
+The training thread's share of ``run.log(loss=...)`` is one ``deque.append`` of a tuple. Several
+times a second this thread turns the queued values into floats (a tensor's ``.item()`` happens
+here, so a GPU loss never forces a sync on the training thread), packs them into chunks, feeds
+the divergence guard and writes chunks and heartbeat in one transaction.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .guard import Divergence, DivergenceGuard
+from .store import CHUNK_POINTS, RunStore
+
+# (per, branch, step, wall, {name: value})
+LogItem = tuple[str, int, int, float, dict[str, Any]]
+
+
+def to_float(value: Any) -> float:
+    if type(value) is float:
+        return value
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().item())
+    return float(value)
+
+
+class _OpenChunk:
+    __slots__ = ("first_step", "steps", "vals", "walls", "dirty")
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.vals: list[float] = []
+        self.walls: list[float] = []
+        self.dirty = False
+
+
+class MetricsWriter:
+    """Drains logged values into the store every ``interval`` seconds on a thread of its own."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        *,
+        status: Callable[[], dict[str, Any]],
+        guard: DivergenceGuard | None = None,
+        on_divergence: Callable[[Divergence, int], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+        interval: float = 0.25,
+    ) -> None:
+        self.store = store
+        self.queue: collections.deque[LogItem] = collections.deque()
+        self._status = status
+        self._guard = guard
+        self._on_divergence = on_divergence
+        self._on_tick = on_tick
+        self._interval = interval
+        self._open: dict[tuple[str, int, str], _OpenChunk] = {}
+        self._series: dict[tuple[str, int, str], int] = {}
+        self._bad_names: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self.last_flush_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="babysit-writer", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.flush()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            try:
+                self.flush()
+                if self._on_tick is not None:
+                    self._on_tick()
+                self.last_flush_error = None
+            except Exception as error:  # a busy or full disk must not kill the writer; retry next tick
+                self.last_flush_error = error
+                time.sleep(self._interval)
+
+    def flush(self) -> None:
+        """Store everything queued so far, plus the heartbeat."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        divergences: list[tuple[Divergence, int]] = []
+        queue = self.queue
+        touched: set[tuple[str, int, str]] = set()
+        for _ in range(len(queue)):
+            per, branch, step, wall, metrics = queue.popleft()
+            for name, raw in metrics.items():
+                try:
+                    value = to_float(raw)
+                except (TypeError, ValueError, RuntimeError):
+                    self._report_bad_value(name, raw, branch, step)
+                    continue
+                key = (name, branch, per)
+                chunk = self._open.get(key)
+                if chunk is None:
+                    chunk = self._open[key] = _OpenChunk()
+                chunk.steps.append(step)
+                chunk.vals.append(value)
+                chunk.walls.append(wall)
+                touched.add(key)
+                guard = self._guard
+                if guard is not None and per == "step" and name == guard.config.metric:
+                    found = guard.feed(step, value)
+                    if found is not None:
+                        divergences.append((found, branch))
+        pending = []
+        for key in touched:
+            chunk = self._open[key]
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = self.store.series_id(key[0], key[1], key[2])
+            pending.append((series, np.array(chunk.steps, dtype=np.int64), np.array(chunk.vals, dtype=np.float64),
+                            np.array(chunk.walls, dtype=np.float64)))
+            if len(chunk.steps) >= CHUNK_POINTS:
+                del self._open[key]  # full: written for the last time below
+        connection = self.store.conn()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            self.store.write_chunks(pending)
+            self.store.write_status(**self._status(), heartbeat=time.time())
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        if self._on_divergence is not None:
+            for found, branch in divergences:
+                self._on_divergence(found, branch)
+
+    def forget_branch(self, branch: int) -> None:
+        """Drop the open chunks of a branch that will get no more points (after a rollback)."""
+        with self._lock:
+            self._flush_locked()
+            for key in [k for k in self._open if k[1] == branch]:
+                del self._open[key]
+
+    def _report_bad_value(self, name: str, raw: Any, branch: int, step: int) -> None:
+        if name in self._bad_names:
+            return
+        self._bad_names.add(name)
+        self.store.add_event(
+            "error", f"metric {name!r}: value {raw!r} is not a number; such values are not stored "
+            "(log numbers or one-element tensors)", branch=branch, step=step,
+        )
