@@ -215,9 +215,13 @@ def serve_dashboard(*, root: str, run: str | None, address: str, port: int, toke
         "--server.address", address, "--server.port", str(port), "--server.headless", "true",
         "--browser.gatherUsageStats", "false", "--server.enableXsrfProtection", "true",
         "--server.enableCORS", "true", "--server.fileWatcherType", "none", "--global.developmentMode", "false",
+        "--client.toolbarMode", "minimal",
         "--", "--root", root,
     ] + (["--run", run] if run else [])
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=_die_with_parent)
+    # SIGTERM (a service manager, `kill`) ends the server with us instead of orphaning it.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     url = f"http://{'127.0.0.1' if address in ('0.0.0.0', '::') else address}:{port}"
     try:
         if not _wait_healthy(url, server, timeout=60):
@@ -234,6 +238,16 @@ def serve_dashboard(*, root: str, run: str | None, address: str, port: int, toke
                 server.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def _die_with_parent() -> None:
+    """In the server's process: ask Linux to end it if the babysit process that started it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: Ctrl-C and SIGTERM are still handled by the parent
 
 
 def _port_in_use(address: str, port: int) -> bool:

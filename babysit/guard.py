@@ -4,6 +4,11 @@ Two exponentially weighted averages of the loss, as in the course notes: a short
 about the last 10 steps) and a long one (β = 0.99, about the last 100), both bias-corrected. A
 single noisy batch barely moves the short average; a run that is really blowing up drives it past
 ``spike_factor`` times the long one within a few steps.
+
+Near convergence a loss of 0.05 with batches at 1.0 is ordinary noise, and a ratio alone would
+cry wolf. So the gap between the two averages must also exceed ``noise_gate`` times its usual
+size, learnt while the run was healthy (a blow-up does not teach the guard that blow-ups are
+normal).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class GuardConfig:
     warmup_steps: int = 50
     short_beta: float = 0.9
     long_beta: float = 0.99
+    noise_gate: float = 6.0
     enabled: bool = True
     # Off by default: roll back to the last healthy checkpoint with the lr halved, at most N times.
     auto_remedy_max: int = 0
@@ -34,6 +40,9 @@ class GuardConfig:
             raise CommandError(f"spike_factor must be a finite number > 1 (for example 3), got {self.spike_factor!r}")
         if not isinstance(self.auto_remedy_max, int) or self.auto_remedy_max < 0:
             raise CommandError(f"auto_remedy_max must be a whole number >= 0, got {self.auto_remedy_max!r}")
+        gate = parse_number(self.noise_gate, "noise_gate", "a finite number >= 0 (for example 6)")
+        if gate < 0:
+            raise CommandError(f"noise_gate must be a finite number >= 0 (for example 6), got {self.noise_gate!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise CommandError(f"warmup_steps must be a whole number >= 0, got {self.warmup_steps!r}")
 
@@ -50,7 +59,7 @@ class Divergence:
             return f"loss became {self.value} at step {self.step}"
         return (
             f"loss jumped to {self.value:.4g} at step {self.step}: its 10-step average "
-            f"{self.short_average:.4g} is over the limit above its 100-step average {self.long_average:.4g}"
+            f"{self.short_average:.4g} rose far above its 100-step average {self.long_average:.4g}"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -70,6 +79,8 @@ class DivergenceGuard:
         self._count = 0
         self._short = 0.0
         self._long = 0.0
+        self._gap_square = 0.0  # EW mean of (short - long)^2 over healthy steps
+        self._gap_weight = 0.0
         self.tripped = False
 
     def averages(self) -> tuple[float | None, float | None]:
@@ -89,11 +100,16 @@ class DivergenceGuard:
         self._count += 1
         self._short = self.config.short_beta * self._short + (1 - self.config.short_beta) * value
         self._long = self.config.long_beta * self._long + (1 - self.config.long_beta) * value
-        if self._count <= self.config.warmup_steps:
-            return None
         short, long = self.averages()
         assert short is not None and long is not None
-        if long > 0 and short > self.config.spike_factor * long:
+        gap = short - long
+        usual = math.sqrt(self._gap_square / self._gap_weight) if self._gap_weight > 0 else 0.0
+        if self._count > self.config.warmup_steps and long > 0 and short > self.config.spike_factor * long \
+                and gap > self.config.noise_gate * usual:
             self.tripped = True
             return Divergence(step, value, short, long)
+        if short <= self.config.spike_factor * long:
+            beta = self.config.long_beta
+            self._gap_square = beta * self._gap_square + (1 - beta) * gap * gap
+            self._gap_weight = beta * self._gap_weight + (1 - beta)
         return None

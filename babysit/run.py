@@ -16,6 +16,7 @@ latest checkpoint when the run directory already holds one.
 from __future__ import annotations
 
 import atexit
+import collections
 import fcntl
 import json
 import os
@@ -120,13 +121,14 @@ class Run:
         self._momentum_seen: float | None = None
 
         self._guard = DivergenceGuard(self.guard_config)
+        queue: collections.deque[Any] = collections.deque()
+        self._log = queue.append  # the whole per-step cost of run.log
         self._restore_on_start()
         self.writer = MetricsWriter(
-            self.store, status=self._status_fields, guard=self._guard,
+            self.store, queue=queue, status=self._status_fields, guard=self._guard,
             on_divergence=self._on_divergence, on_tick=self._on_tick, interval=flush_interval,
         )
         self.checkpointer = AsyncCheckpointer(self._checkpoint_written, self._checkpoint_failed)
-        self._log = self.writer.queue.append  # the whole per-step cost of run.log
         atexit.register(self._at_exit)
 
     # -- the loop API ------------------------------------------------------------------------
@@ -266,6 +268,7 @@ class Run:
         branch = self.store.branch(branch_id) if branch_id else None
         if branch is None:
             self.branch = self.store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+            self._record_hparams(force=True)
             self._initial_status("started")
             self.store.add_event("start", "run started", branch=self.branch, step=0, epoch=0,
                                  data={"config": self.config})
@@ -294,6 +297,7 @@ class Run:
                 resumed_from = origin
         resume_step = resumed_from["step"] if resumed_from else 0
         moved = self.store.supersede_after(self.branch, resume_step)
+        self._record_hparams(force=True)
         self._replay = [
             c for c in self.store.applied_commands_after(self.branch, resume_step)
             if c["kind"] in (cmd.SET_LR, cmd.SET_MOMENTUM)
@@ -366,7 +370,6 @@ class Run:
             set_rng_state(state[KEY_EPOCH_START_RNG])
             self._rng_after_skip = state[KEY_RNG]
         self._guard.reset()
-        self._record_hparams()
 
     # -- step boundary -----------------------------------------------------------------------
     def _boundary(self) -> None:
@@ -464,13 +467,19 @@ class Run:
             optim.set_momentum(self.optimizer, value)
         self._record_hparams()
 
-    def _record_hparams(self) -> None:
+    def _record_hparams(self, force: bool = False) -> None:
+        """Log lr and momentum where they changed (a nudge, a scheduler, a restore), so the chart
+        shows what the optimizer uses; ``force`` logs both (the start of a branch)."""
         group = self.optimizer.param_groups[0]
-        self._lr_seen, self._momentum_seen = group["lr"], self._read_momentum(group)
-        values = {"lr": group["lr"]}
-        if self._momentum_seen is not None:
-            values["momentum"] = self._momentum_seen
-        self._log((PER_STEP, self.branch, self.step, time.time(), values))
+        lr, momentum = group["lr"], self._read_momentum(group)
+        values = {}
+        if force or lr != self._lr_seen:
+            values["lr"] = lr
+        if momentum is not None and (force or momentum != self._momentum_seen):
+            values["momentum"] = momentum
+        self._lr_seen, self._momentum_seen = lr, momentum
+        if values:
+            self._log((PER_STEP, self.branch, self.step, time.time(), values))
 
     # -- epoch end, rollback, stop -----------------------------------------------------------
     def _end_epoch(self) -> None:
@@ -559,7 +568,7 @@ class Run:
         self.state = RUNNING
         self.message = f"rolled back to checkpoint #{record['id']} (epoch {record['epoch']}, step {record['step']})"
         self._guard.reset()
-        self._record_hparams()
+        self._record_hparams(force=True)
         self.store.write_status(**self._status_fields(), heartbeat=time.time())
         self.store.add_event("rollback", self.message + f" as branch {self.branch}", branch=self.branch,
                              step=self.step, epoch=self.epoch,

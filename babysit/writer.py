@@ -48,6 +48,7 @@ class MetricsWriter:
         self,
         store: RunStore,
         *,
+        queue: collections.deque[LogItem] | None = None,
         status: Callable[[], dict[str, Any]],
         guard: DivergenceGuard | None = None,
         on_divergence: Callable[[Divergence, int], None] | None = None,
@@ -55,7 +56,7 @@ class MetricsWriter:
         interval: float = 0.25,
     ) -> None:
         self.store = store
-        self.queue: collections.deque[LogItem] = collections.deque()
+        self.queue: collections.deque[LogItem] = queue if queue is not None else collections.deque()
         self._status = status
         self._guard = guard
         self._on_divergence = on_divergence

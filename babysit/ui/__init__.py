@@ -1,0 +1,1 @@
+"""Streamlit pieces and pure figure builders used by app.py."""

@@ -1,0 +1,312 @@
+// babysit live chart: a Plotly figure that updates in place (see babysit/ui/live_chart.py).
+//
+// Streamlit imports this module once per page and calls the default export again whenever the
+// element's data (or the theme) changes, with the same parentElement for as long as the element
+// stays mounted. So the plot div and everything the user did to it live in `views`, keyed by that
+// element, and each call only hands over the newest figure. plotly.js is loaded once per page, from
+// the URL the server sends, and shared by every chart.
+
+const views = new WeakMap();
+
+// Relayout keys that Plotly.react already keeps under a stable uirevision (zoom, pan, autoscale) or
+// that only follow the container size. Every other user edit (axis type, anything an updatemenu
+// sets) is not covered by uirevision, so we re-apply it ourselves after each update.
+const KEPT_BY_PLOTLY = /(^|\.)(range(\[\d+\])?|autorange)$|^(autosize|width|height)$/;
+const X_RANGE_EDIT = /^(xaxis\d*)\.(range(\[[01]\])?|autorange)$/;
+const AXIS_KEY = /^[xy]axis\d*$/;
+const DEFAULT_UIREVISION = "babysit-live-chart";
+
+// A small "log scale" glyph for the mode bar: an axis corner and a concave curve (SVG coordinates).
+const LOG_ICON = {
+  width: 1000,
+  height: 1000,
+  path:
+    "M80 80 H200 V800 H920 V920 H80 Z " +
+    "M260 740 C340 420 540 250 920 220 V340 C600 370 430 500 380 760 Z",
+};
+
+function loadPlotly(url) {
+  // On window, not in this module: a new JS revision is a new module, but the page keeps one plotly.
+  if (!window.__babysitPlotly) {
+    window.__babysitPlotly = new Promise((resolve, reject) => {
+      const script = document.createElement("script");
+      script.src = url;
+      script.async = true;
+      script.onload = () =>
+        window.Plotly ? resolve(window.Plotly) : reject(new Error(`${url} did not define Plotly`));
+      script.onerror = () => {
+        window.__babysitPlotly = null; // let the next update try again
+        script.remove();
+        reject(new Error(`could not load plotly.js from ${url}`));
+      };
+      document.head.appendChild(script);
+    });
+  }
+  return window.__babysitPlotly;
+}
+
+// "updatemenus[0].active" -> ["updatemenus", 0, "active"]
+function parsePath(path) {
+  const parts = [];
+  for (const piece of path.split(".")) {
+    const m = piece.match(/^([^[\]]+)((?:\[\d+\])*)$/);
+    if (!m) return null;
+    parts.push(m[1]);
+    for (const idx of m[2].matchAll(/\[(\d+)\]/g)) parts.push(Number(idx[1]));
+  }
+  return parts;
+}
+
+function getPath(obj, parts) {
+  let node = obj;
+  for (const p of parts) {
+    if (node === null || typeof node !== "object") return undefined;
+    node = node[p];
+  }
+  return node;
+}
+
+function setPath(obj, parts, value) {
+  let node = obj;
+  for (let i = 0; i < parts.length - 1; i++) {
+    const p = parts[i];
+    if (node[p] === null || typeof node[p] !== "object") {
+      node[p] = typeof parts[i + 1] === "number" ? [] : {};
+    }
+    node = node[p];
+  }
+  node[parts[parts.length - 1]] = value;
+}
+
+const isPlainObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+
+// {"yaxis": {"type": "log"}} and {"yaxis.type": "log"} are the same edit to Plotly.relayout.
+function flatten(edit, prefix = "", out = {}) {
+  for (const [k, v] of Object.entries(edit)) {
+    const key = prefix ? `${prefix}.${k}` : k;
+    if (isPlainObject(v)) flatten(v, key, out);
+    else out[key] = v;
+  }
+  return out;
+}
+
+// Fill `defaults` in wherever `layout` says nothing, so the figure's own choices always win.
+function mergeUnder(defaults, layout) {
+  for (const [k, v] of Object.entries(defaults)) {
+    if (layout[k] === undefined) layout[k] = v;
+    else if (isPlainObject(v) && isPlainObject(layout[k])) mergeUnder(v, layout[k]);
+  }
+  return layout;
+}
+
+// The Streamlit theme reaches the component as --st-* custom properties on an ancestor.
+function themeLayout(el, layout) {
+  const css = getComputedStyle(el);
+  const v = (name, fallback) => css.getPropertyValue(name).trim() || fallback;
+  const text = v("--st-text-color", "#31333f");
+  const grid = v("--st-border-color-light", "rgba(49, 51, 63, 0.1)");
+  const line = v("--st-border-color", "rgba(49, 51, 63, 0.2)");
+  const colorway = v("--st-chart-categorical-colors", "")
+    .split(",")
+    .map((c) => c.trim())
+    .filter(Boolean);
+  const defaults = {
+    paper_bgcolor: "rgba(0,0,0,0)",
+    plot_bgcolor: v("--st-background-color", "#ffffff"),
+    font: { color: text, family: v("--st-font", "sans-serif") },
+    legend: { bgcolor: "rgba(0,0,0,0)" },
+    hoverlabel: { font: { family: v("--st-font", "sans-serif") } },
+    margin: { l: 56, r: 16, t: 32, b: 40 },
+  };
+  if (colorway.length) defaults.colorway = colorway;
+  const axis = { gridcolor: grid, zerolinecolor: line, linecolor: line };
+  for (const key of new Set(["xaxis", "yaxis", ...Object.keys(layout).filter((k) => AXIS_KEY.test(k))])) {
+    defaults[key] = axis;
+  }
+  return mergeUnder(defaults, layout);
+}
+
+function createView(parentElement) {
+  const root = document.createElement("div");
+  root.className = "babysit-live-chart";
+  root.style.width = "100%";
+  parentElement.appendChild(root);
+  const view = {
+    root,
+    gd: null,
+    pending: null,
+    busy: false,
+    component: null,
+    uirevision: undefined,
+    serverLayout: {},
+    sticky: new Map(), // relayout key -> {user, server}: user edits Plotly.react would undo
+    lastSent: undefined, // JSON of the last x_range reported, so we never report twice
+    renders: 0,
+    observer: null,
+    config: null,
+  };
+  views.set(parentElement, view);
+  return view;
+}
+
+function report(view, xRange) {
+  const json = JSON.stringify(xRange);
+  if (json === view.lastSent) return; // an unchanged value would only cost a rerun
+  view.lastSent = json;
+  view.component.setStateValue("view", { x_range: xRange });
+}
+
+// The x window the user now looks at, after a zoom, pan or autoscale on any x axis (subplots that
+// share x move together, so any one of them will do); undefined when the edit did not touch x.
+function xRangeAfter(gd, edit) {
+  for (const key of Object.keys(edit)) {
+    const m = key.match(X_RANGE_EDIT);
+    if (!m) continue;
+    const axis = gd._fullLayout[m[1]];
+    if (!axis || edit[`${m[1]}.autorange`] === true || axis.autorange === true) return null;
+    let [lo, hi] = axis.range;
+    // A log axis keeps its range in decades; the server thinks in data units.
+    if (axis.type === "log") [lo, hi] = [10 ** lo, 10 ** hi];
+    return [lo, hi];
+  }
+  return undefined;
+}
+
+function onRelayout(view, edit) {
+  const flat = flatten(edit);
+  for (const [key, value] of Object.entries(flat)) {
+    if (KEPT_BY_PLOTLY.test(key)) continue;
+    const parts = parsePath(key);
+    if (parts) view.sticky.set(key, { parts, user: value, server: getPath(view.serverLayout, parts) });
+  }
+  const xRange = xRangeAfter(view.gd, flat);
+  if (xRange !== undefined) report(view, xRange);
+}
+
+function makeConfig(Plotly) {
+  return {
+    displaylogo: false,
+    responsive: false, // we follow the container, not the window (see the ResizeObserver)
+    // No "share to Plotly Cloud": the dashboard stays on this machine.
+    modeBarButtonsToRemove: ["lasso2d", "select2d", "sendChartToCloud"],
+    modeBarButtonsToAdd: [
+      {
+        name: "Toggle log scale (top y axis)",
+        icon: LOG_ICON,
+        click: (gd) =>
+          Plotly.relayout(gd, { "yaxis.type": gd._fullLayout.yaxis.type === "log" ? "linear" : "log" }),
+      },
+    ],
+  };
+}
+
+async function render(view, Plotly, data) {
+  const figure = JSON.parse(data.figure);
+  const serverLayout = figure.layout || {};
+  const layout = themeLayout(view.root, JSON.parse(JSON.stringify(serverLayout)));
+  if (layout.uirevision === undefined || layout.uirevision === null) layout.uirevision = DEFAULT_UIREVISION;
+  if (view.uirevision !== undefined && !same(view.uirevision, layout.uirevision)) {
+    // The server asked for a fresh view: drop the user's edits and say the window is the whole run.
+    view.sticky.clear();
+    if (view.lastSent !== undefined && view.lastSent !== "null") report(view, null);
+  }
+  view.uirevision = layout.uirevision;
+  // Re-apply user edits that uirevision does not cover, unless the server has since changed the
+  // same attribute itself (then the server's new value wins, as uirevision does for ranges).
+  for (const [key, edit] of view.sticky) {
+    if (same(getPath(serverLayout, edit.parts), edit.server)) setPath(layout, edit.parts, edit.user);
+    else view.sticky.delete(key);
+  }
+  view.serverLayout = serverLayout;
+  // The element's height is fixed by Streamlit; the width follows the column.
+  delete layout.width;
+  delete layout.height;
+  layout.autosize = true;
+  view.root.style.height = `${data.height}px`;
+
+  if (!view.gd) {
+    view.gd = document.createElement("div");
+    view.gd.style.width = "100%";
+    view.gd.style.height = "100%";
+    view.root.appendChild(view.gd);
+    view.config = makeConfig(Plotly);
+    await Plotly.react(view.gd, figure.data || [], layout, view.config);
+    view.gd.on("plotly_relayout", (edit) => onRelayout(view, edit));
+    // Keep the pressed button of an updatemenu in step with the edit we re-apply.
+    view.gd.on("plotly_buttonclicked", (ev) => {
+      const index = ev && ev.menu && ev.menu._index;
+      if (typeof index === "number") {
+        const parts = ["updatemenus", index, "active"];
+        view.sticky.set(`updatemenus[${index}].active`, {
+          parts,
+          user: ev.active,
+          server: getPath(view.serverLayout, parts),
+        });
+      }
+    });
+    let queued = false;
+    view.observer = new ResizeObserver(() => {
+      if (queued) return;
+      queued = true;
+      requestAnimationFrame(() => {
+        queued = false;
+        if (view.gd && view.gd.isConnected) Plotly.Plots.resize(view.gd);
+      });
+    });
+    view.observer.observe(view.root);
+  } else {
+    await Plotly.react(view.gd, figure.data || [], layout, view.config);
+  }
+  view.renders += 1;
+  view.root.dataset.renders = String(view.renders);
+}
+
+// Draw the newest figure; updates that arrive while one is drawn collapse into the latest.
+async function pump(view) {
+  view.busy = true;
+  try {
+    const Plotly = await loadPlotly(new URL(view.pending.plotly_url, document.baseURI).href);
+    while (view.pending) {
+      const data = view.pending;
+      view.pending = null;
+      await render(view, Plotly, data);
+    }
+    view.root.querySelector(".babysit-live-chart-error")?.remove();
+  } catch (err) {
+    console.error("babysit live chart:", err);
+    let box = view.root.querySelector(".babysit-live-chart-error");
+    if (!box) {
+      box = document.createElement("pre");
+      box.className = "babysit-live-chart-error";
+      box.style.cssText = "color: var(--st-red-color, #c00); white-space: pre-wrap; margin: 0";
+      view.root.prepend(box);
+    }
+    box.textContent = `live chart: ${err && err.message ? err.message : err}`;
+  } finally {
+    view.busy = false;
+  }
+}
+
+function destroy(parentElement) {
+  const view = views.get(parentElement);
+  if (!view) return;
+  views.delete(parentElement);
+  view.observer?.disconnect();
+  if (view.gd && window.Plotly) window.Plotly.purge(view.gd);
+  view.root.remove();
+}
+
+export default function liveChart(component) {
+  const { data, parentElement } = component;
+  const view = views.get(parentElement) || createView(parentElement);
+  view.component = component; // the newest setStateValue (its fragment and form ids may change)
+  view.root.dataset.key = data.key;
+  view.pending = data;
+  if (!view.busy) pump(view);
+  // Streamlit keeps only the last cleanup and runs it on unmount, but it also runs a cleanup at
+  // once when a newer update won the race for the module import; only the first means "gone".
+  return () => {
+    if (!parentElement.isConnected) destroy(parentElement);
+  };
+}

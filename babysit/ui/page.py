@@ -1,0 +1,361 @@
+"""The dashboard's Streamlit sections. app.py calls them top to bottom.
+
+Every control validates its value with the same functions as the CLI and the trainer, queues a
+command row, and says so at once (a toast plus the command history, which shows the command's
+fate as the trainer acknowledges it). The page never talks to the trainer any other way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from .. import commands as cmd
+from ..store import RunStore, StoreError, list_runs
+from .data import epoch_lines, epochs_to_steps, read_view
+from .figures import X_AXES, X_EPOCH, X_WALL, ChartOptions, build_figure
+
+TOKEN_ENV = "BABYSIT_TOKEN"
+# Streamlit's own icon font: it renders everywhere, unlike emoji.
+STATE_BADGES = {
+    "running": ("green", ":material/play_circle:", "running"),
+    "paused": ("orange", ":material/pause_circle:", "paused"),
+    "finished": ("blue", ":material/flag:", "finished"),
+    "stopped": ("gray", ":material/stop_circle:", "stopped"),
+    "crashed": ("red", ":material/error:", "crashed"),
+    "not responding": ("red", ":material/heart_broken:", "not responding"),
+    "new": ("gray", ":material/hourglass_empty:", "not started"),
+}
+_NICE = (1, 2, 3, 5)  # a log scale with round numbers: 1, 2, 3, 5, 10, 20, ...
+# lr on a log scale from 1e-6 to 10.
+LR_CHOICES = [round(m * 10.0 ** e, 12) for e in range(-6, 1) for m in _NICE] + [10.0]
+# Momentum moved as 1-β on a log scale (1 down to 1e-4), as the course notes advise.
+ONE_MINUS_BETA_CHOICES = sorted({round(m * 10.0 ** e, 12) for e in range(-4, 0) for m in _NICE} | {0.5, 1.0},
+                                reverse=True)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="app.py")
+    parser.add_argument("--root", default="checkpoints")
+    parser.add_argument("--run", default=None)
+    return parser.parse_known_args(argv)[0]
+
+
+# -- access ---------------------------------------------------------------------------------------
+def access_granted() -> bool:
+    """With BABYSIT_TOKEN set (required off localhost), nothing of the run shows without it."""
+    expected = os.environ.get(TOKEN_ENV)
+    if not expected:
+        return True
+    if st.session_state.get("_token_ok"):
+        return True
+    given = st.query_params.get("token") or st.session_state.get("_token_input", "")
+    if given and hmac.compare_digest(str(given).encode(), expected.encode()):
+        st.session_state["_token_ok"] = True
+        return True
+    st.title("babysit")
+    st.text_input("Access token", type="password", key="_token_input")
+    if given:
+        st.error("That access token is not the one this dashboard was started with.")
+    else:
+        st.info("This dashboard needs the access token it was started with.")
+    return False
+
+
+# -- run picker -----------------------------------------------------------------------------------
+def pick_run(root: str, preferred: str | None) -> RunStore | None:
+    """The run to show: the one asked for, or a choice among the runs under ``root``."""
+    runs = list_runs(root)
+    if preferred and Path(preferred).resolve() not in [r.resolve() for r in runs] and Path(preferred, "run.db").exists():
+        runs.insert(0, Path(preferred))
+    if not runs:
+        st.title("babysit")
+        st.info(f"No run under `{root}` yet. Start one with `python -m babysit demo`, or babysit your own loop "
+                "with `babysit.Run(...)` (see the README).")
+        return None
+    names = [str(r) for r in runs]
+    default = 0
+    if preferred:
+        resolved = [str(r.resolve()) for r in runs]
+        target = str(Path(preferred).resolve())
+        default = resolved.index(target) if target in resolved else 0
+    chosen = st.sidebar.selectbox("Run", names, index=default, key="run_choice") if len(runs) > 1 else names[0]
+    try:
+        return RunStore(chosen)
+    except StoreError as error:
+        st.error(str(error))
+        return None
+
+
+def chart_options() -> tuple[ChartOptions, bool, float]:
+    st.sidebar.subheader("Chart")
+    x_axis = st.sidebar.radio("x axis", X_AXES, horizontal=True, key="x_axis")
+    beta = st.sidebar.select_slider(
+        "Smoothing β (exponentially weighted average)", options=[0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999],
+        value=0.95, key="smoothing", format_func=lambda b: f"{b:g}" + (f" (~{1 / (1 - b):.0f} steps)" if b else " (off)"),
+    )
+    log_loss = st.sidebar.toggle("Log-scale loss", key="log_loss")
+    frozen = st.sidebar.toggle("Freeze (stop refreshing)", key="frozen",
+                               help="Stops the live refresh so you can inspect the chart; commands still work.")
+    every = st.sidebar.select_slider("Refresh every", options=[0.5, 1.0, 2.0, 5.0], value=1.0, key="refresh",
+                                     format_func=lambda s: f"{s:g} s")
+    return ChartOptions(x_axis=x_axis, smoothing=beta, log_loss=log_loss), frozen, every
+
+
+# -- acknowledgements ------------------------------------------------------------------------------
+def send(store: RunStore, kind: str, args: dict[str, Any] | None = None) -> None:
+    """Queue a command from the page and acknowledge it (or show why it was refused)."""
+    serial = st.session_state.get("_flash_serial", 0) + 1
+    st.session_state["_flash_serial"] = serial
+    try:
+        command_id = store.enqueue_command(kind, args or {}, source="dashboard")
+    except cmd.CommandError as error:
+        st.session_state["_flash"] = ("error", f"Not sent: {error}", serial)
+        return
+    text = cmd.describe(kind, cmd.validate(kind, args).args)
+    st.session_state["_flash"] = ("sent", f"Sent #{command_id}: {text}", serial)
+    st.session_state["_last_command"] = command_id
+
+
+def show_flash() -> None:
+    """A toast once per click; a refused command stays on screen until the next click."""
+    flash = st.session_state.get("_flash")
+    if flash is None:
+        return
+    kind, text, serial = flash
+    if st.session_state.get("_flash_shown") != serial:
+        st.session_state["_flash_shown"] = serial
+        st.toast(text, icon=":material/block:" if kind == "error" else ":material/send:")
+    if kind == "error":
+        st.error(text, icon=":material/block:")
+
+
+# -- the live part -----------------------------------------------------------------------------
+def header(store: RunStore, status: dict[str, Any]) -> None:
+    colour, icon, label = STATE_BADGES.get(status.get("effective_state", "new"),
+                                           ("gray", ":material/help:", status.get("effective_state")))
+    st.markdown(f"### `{store.run_dir.name}` :{colour}-badge[{icon} {label}]")
+    if status.get("message"):
+        st.caption(status["message"])
+    cols = st.columns(5)
+    cols[0].metric("epoch", f"{status.get('epoch') or 0} / {status.get('max_epochs') or '?'}")
+    cols[1].metric("step", f"{status.get('step') or 0:,}")
+    cols[2].metric("branch", status.get("branch") or "–")
+    cols[3].metric("lr", f"{status['lr']:.4g}" if status.get("lr") is not None else "–")
+    momentum = status.get("momentum")
+    cols[4].metric("momentum", f"{momentum:.4g}" if momentum is not None else "–",
+                   help=f"averages over ~{1 / (1 - momentum):.0f} steps" if momentum is not None and momentum < 1 else None)
+    per_epoch, done = status.get("steps_per_epoch"), status.get("step_in_epoch") or 0
+    if per_epoch:
+        st.progress(min(1.0, done / per_epoch), text=f"epoch {status.get('epoch')}: {done} / {per_epoch} steps")
+
+
+def last_command_fate(store: RunStore) -> None:
+    command_id = st.session_state.get("_last_command")
+    row = store.command(command_id) if command_id else None
+    if row is None:
+        return
+    text = f"#{row['id']} {cmd.describe(row['kind'], row['args'])}: {fate(row)}"
+    if row["state"] == cmd.APPLIED:
+        st.success(text, icon=":material/check_circle:")
+    elif row["state"] == cmd.PENDING:
+        st.info(text, icon=":material/hourglass_top:")
+    else:
+        st.error(text, icon=":material/block:")
+
+
+def fate(row: dict[str, Any]) -> str:
+    if row["state"] == cmd.APPLIED:
+        result = row.get("result") or {}
+        details = ", ".join(f"{k} {_short(v)}" for k, v in result.items() if k != "before" and v is not None)
+        return f"applied at step {row['step']}" + (f" ({details})" if details else "")
+    if row["state"] == cmd.PENDING:
+        return "pending"
+    return f"{row['state']}: {row.get('reason')}"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def divergence_alert(store: RunStore, status: dict[str, Any]) -> None:
+    """The latest divergence, unless a rollback or a resume has answered it, with its remedy."""
+    events = store.events()
+    open_alert = None
+    for event in events:
+        if event["kind"] == "divergence":
+            open_alert = event
+        elif event["kind"] in ("rollback", "resume") and open_alert is not None:
+            open_alert = None
+    commands = store.commands()
+    if open_alert is not None and any(c["kind"] == cmd.RESUME and c["state"] == cmd.APPLIED
+                                      and (c["done_at"] or 0) > open_alert["wall"] for c in commands):
+        open_alert = None
+    if open_alert is None:
+        return
+    st.error(f"**Divergence.** {open_alert['message']}", icon=":material/warning:")
+    data = open_alert["data"]
+    if data.get("checkpoint") and status.get("alive"):
+        lr = data.get("suggested_lr")
+        st.button(
+            f"Roll back to checkpoint #{data['checkpoint']} with lr {lr:.4g}", type="primary", key="remedy",
+            on_click=send, args=(store, cmd.ROLLBACK, {"checkpoint": data["checkpoint"], "hparams": cmd.HPARAMS_CURRENT,
+                                                      "lr": lr}),
+        )
+
+
+def other_alerts(store: RunStore) -> None:
+    for event in store.events()[-50:]:
+        if event["kind"] in ("checkpoint_failed", "checkpoint_refused", "error") and time.time() - event["wall"] < 3600:
+            st.warning(f"{event['kind'].replace('_', ' ')} at step {event['step']}: {event['message']}")
+
+
+def chart(store: RunStore, status: dict[str, Any], options: ChartOptions, x_range: list[Any] | None,
+          render: Callable[[dict[str, Any]], Any]) -> None:
+    """The learning curve; when the user zoomed in, a denser view of just that window."""
+    lo, hi = step_window(store, status, options, x_range)
+    view = read_view(store, status, lo, hi)
+    if not view.windows and lo is None:
+        st.info("Waiting for the first logged values…")
+        return
+    figure = build_figure(view, options)
+    figure["layout"]["uirevision"] += f"-{store.run_dir.resolve()}"  # a new run starts unzoomed
+    render(figure)
+
+
+def step_window(store: RunStore, status: dict[str, Any], options: ChartOptions,
+                x_range: list[Any] | None) -> tuple[float | None, float | None]:
+    """The step range behind a zoomed x range (with a margin, so a small pan still finds data)."""
+    if not x_range or options.x_axis == X_WALL:
+        return None, None
+    try:
+        lo, hi = float(x_range[0]), float(x_range[1])
+    except (TypeError, ValueError, IndexError):
+        return None, None
+    if options.x_axis == X_EPOCH:
+        line = epoch_lines(store.epochs(), store.branches()).get(status.get("branch"), [])
+        lo, hi = (float(v) for v in epochs_to_steps(np.array([lo, hi]), line, status.get("steps_per_epoch")))
+    margin = 0.05 * (hi - lo)
+    return lo - margin, hi + margin
+
+
+def command_history(store: RunStore) -> None:
+    rows = store.commands()[-200:]
+    if not rows:
+        st.caption("No commands yet.")
+        return
+    table = pd.DataFrame([{
+        "#": r["id"], "sent": time.strftime("%H:%M:%S", time.localtime(r["created"])), "from": r["source"],
+        "command": cmd.describe(r["kind"], r["args"]), "fate": fate(r),
+    } for r in reversed(rows)])
+    st.dataframe(table, hide_index=True, width="stretch", height=min(36 * (len(table) + 1), 280))
+
+
+# -- controls ----------------------------------------------------------------------------------
+def lr_controls(store: RunStore, status: dict[str, Any]) -> None:
+    lr = status.get("lr")
+    st.markdown("**Learning rate**" + (f" — now `{lr:.4g}`" if lr is not None else ""))
+    cols = st.columns([1, 1, 3])
+    cols[0].button("× ½", key="lr_half", disabled=lr is None, width="stretch",
+                   on_click=lambda: send(store, cmd.SET_LR, {"value": _fresh(store, "lr") / 2}))
+    cols[1].button("× 2", key="lr_double", disabled=lr is None, width="stretch",
+                   on_click=lambda: send(store, cmd.SET_LR, {"value": _fresh(store, "lr") * 2}))
+    if "lr_choice" not in st.session_state and lr is not None:
+        st.session_state["lr_choice"] = min(LR_CHOICES, key=lambda v: abs(math.log10(v) - math.log10(lr)))
+    cols[2].select_slider("lr (log scale)", options=LR_CHOICES, key="lr_choice", format_func=lambda v: f"{v:g}",
+                          label_visibility="collapsed")
+    cols = st.columns([3, 1])
+    exact = cols[0].text_input("Exact lr", key="lr_exact", placeholder="e.g. 0.003 (empty: use the slider)")
+    cols[1].button("Set lr", key="lr_set", width="stretch", type="primary",
+                   on_click=lambda: send(store, cmd.SET_LR, {"value": exact if exact.strip() else st.session_state["lr_choice"]}))
+
+
+def momentum_controls(store: RunStore, status: dict[str, Any]) -> None:
+    momentum = status.get("momentum")
+    if momentum is None and status.get("effective_state") != "new":
+        st.caption("This optimizer has no momentum to nudge.")
+        return
+    now = f" — now `{momentum:.4g}` (window ≈ {1 / (1 - momentum):.0f} steps)" if momentum is not None and momentum < 1 else ""
+    st.markdown("**Momentum β**" + now)
+    if "one_minus_beta" not in st.session_state and momentum is not None and momentum < 1:
+        target = math.log10(max(1 - momentum, 1e-4))
+        st.session_state["one_minus_beta"] = min(ONE_MINUS_BETA_CHOICES, key=lambda v: abs(math.log10(v) - target))
+    st.select_slider(
+        "1 − β (log scale)", options=ONE_MINUS_BETA_CHOICES, key="one_minus_beta",
+        format_func=lambda v: f"β {1 - v:.4g} · 1−β {v:.2g} · window ≈ {1 / v:.0f} steps",
+    )
+    cols = st.columns([3, 1])
+    exact = cols[0].text_input("Exact momentum", key="momentum_exact", placeholder="e.g. 0.95 (empty: use the slider)")
+    chosen = lambda: exact if exact.strip() else round(1 - st.session_state["one_minus_beta"], 12)  # noqa: E731
+    cols[1].button("Set momentum", key="momentum_set", width="stretch", type="primary",
+                   on_click=lambda: send(store, cmd.SET_MOMENTUM, {"value": chosen()}))
+
+
+def run_controls(store: RunStore, status: dict[str, Any]) -> None:
+    paused = status.get("effective_state") == "paused"
+    cols = st.columns(4)
+    if paused:
+        cols[0].button("Resume", icon=":material/play_arrow:", key="resume", width="stretch", on_click=send,
+                       args=(store, cmd.RESUME))
+    else:
+        cols[0].button("Pause", icon=":material/pause:", key="pause", width="stretch", on_click=send,
+                       args=(store, cmd.PAUSE))
+    cols[1].button("Checkpoint now", icon=":material/save:", key="checkpoint", width="stretch", on_click=send,
+                   args=(store, cmd.CHECKPOINT))
+    cols[2].button("Stop", icon=":material/stop:", key="stop", width="stretch", on_click=send, args=(store, cmd.STOP),
+                   help="Writes a final checkpoint and ends the trainer; `python -m babysit train` resumes it.")
+
+
+def _fresh(store: RunStore, key: str) -> float:
+    """The value the trainer reports right now (the page may be a refresh behind)."""
+    value = store.status().get(key)
+    if value is None:
+        raise cmd.CommandError(f"the run reports no {key} yet")
+    return float(value)
+
+
+# -- checkpoints and rollback -------------------------------------------------------------------
+def checkpoints(store: RunStore, status: dict[str, Any]) -> None:
+    listed = store.checkpoints()
+    if not listed:
+        st.caption("No checkpoint yet: the first one is written at the end of epoch 1.")
+        return
+    rows = []
+    for c in reversed(listed):
+        row = {"id": c["id"], "epoch": c["epoch"], "step": c["step"], "branch": c["branch"],
+               "lr": c["hparams"].get("lr"), "momentum": c["hparams"].get("momentum")}
+        row.update({k: v for k, v in c["metrics"].items() if isinstance(v, (int, float))})
+        row["reason"] = c["reason"]
+        row["written"] = time.strftime("%H:%M:%S", time.localtime(c["created"]))
+        rows.append(row)
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", height=min(36 * (len(rows) + 1), 320))
+    by_id = {c["id"]: c for c in listed}
+    ids = [c["id"] for c in reversed(listed)]
+    if st.session_state.get("rollback_target") not in ids:
+        st.session_state.pop("rollback_target", None)
+    cols = st.columns([2, 2, 1])
+    target = cols[0].selectbox("Roll back to", ids, key="rollback_target", format_func=lambda i: _checkpoint_label(by_id[i]))
+    chosen = by_id[target]
+    lr_now, momentum_now = status.get("lr"), status.get("momentum")
+    hparams = cols[1].radio(
+        "Hyperparameters after the rollback", cmd.HPARAMS_CHOICES, key="rollback_hparams",
+        format_func=lambda h: (f"the checkpoint's (lr {_short(chosen['hparams'].get('lr'))}, momentum "
+                               f"{_short(chosen['hparams'].get('momentum'))})") if h == cmd.HPARAMS_CHECKPOINT
+        else f"the current ones (lr {_short(lr_now)}, momentum {_short(momentum_now)})",
+    )
+    cols[2].button("Roll back", icon=":material/undo:", key="rollback", type="primary", width="stretch",
+                   on_click=send, args=(store, cmd.ROLLBACK, {"checkpoint": target, "hparams": hparams}))
+
+
+def _checkpoint_label(c: dict[str, Any]) -> str:
+    metrics = " ".join(f"{k} {v:.3g}" for k, v in c["metrics"].items() if isinstance(v, (int, float)))
+    return f"#{c['id']} · epoch {c['epoch']} · step {c['step']} · branch {c['branch']} {metrics}"

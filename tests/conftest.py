@@ -1,0 +1,134 @@
+"""Shared helpers: a tiny deterministic training job and a way to drive babysit's CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_data(seed: int = 0, n: int = 64) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=generator)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    return TensorDataset(x, y)
+
+
+def tiny_job(run_dir: Path, *, epochs: int, optimizer: str = "sgd", seed: int = 0, scheduler: bool = False,
+             on_step: Callable[[Any, int], None] | None = None, batch_size: int = 8, **run_kwargs: Any) -> tuple[Any, nn.Module]:
+    """A deterministic 8-steps-per-epoch job written against the public API, like a user's loop."""
+    import babysit
+
+    torch.manual_seed(seed)
+    data = tiny_data(seed)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2))
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) if scheduler else None
+    run = babysit.Run(run_dir, model, opt, sched, config={"seed": seed}, **run_kwargs)
+    for _epoch in run.epochs(epochs):
+        for x, y in run.batches(loader):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.log(loss=loss)
+            if on_step is not None:
+                on_step(run, run.step)
+        if sched is not None:
+            sched.step()
+        run.log_epoch(val_loss=float(loss.detach()))
+    run.close()
+    return run, model
+
+
+def babysit_cli(*args: str, timeout: float = 120, check: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m babysit ARGS`` and return the finished process (text output)."""
+    result = subprocess.run([sys.executable, "-m", "babysit", *args], capture_output=True, text=True,
+                            timeout=timeout, cwd=cwd or REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"babysit {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+class Trainer:
+    """A real ``python -m babysit train`` subprocess on a run directory."""
+
+    def __init__(self, run_dir: Path, *args: str) -> None:
+        self.run_dir = run_dir
+        self.log_path = run_dir.parent / f"{run_dir.name}-trainer.log"
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "babysit", "train", "--run-dir", str(run_dir), *args],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_running(self, min_step: int = 1, timeout: float = 120.0) -> dict[str, Any]:
+        from babysit.store import RunStore
+
+        def ready() -> dict[str, Any] | None:
+            if self.process.poll() is not None:
+                raise AssertionError(f"trainer exited early ({self.process.returncode}):\n{self.output()}")
+            if not (self.run_dir / "run.db").exists():
+                return None
+            status = RunStore(self.run_dir).status()
+            return status if status.get("alive") and (status.get("step") or 0) >= min_step else None
+
+        return wait_for(ready, timeout, what=f"trainer running past step {min_step}")
+
+    def wait_exit(self, timeout: float = 120.0) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self._log.close()
+
+
+@pytest.fixture
+def trainers() -> Any:
+    """Start trainers with ``trainers(run_dir, *args)``; all are killed at the end of the test."""
+    started: list[Trainer] = []
+
+    def start(run_dir: Path, *args: str) -> Trainer:
+        trainer = Trainer(run_dir, *args)
+        started.append(trainer)
+        return trainer
+
+    yield start
+    for trainer in started:
+        trainer.kill()
+
+
+def in_thread(target: Callable[[], Any]) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,120 @@
+"""A real trainer subprocess driven through the CLI, as a user at a terminal would."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from babysit.store import RunStore
+from tests.conftest import babysit_cli, wait_for
+
+FAST = ("--epoch-passes", "1", "--batch-size", "64")  # 23 steps per epoch
+
+
+def status(run_dir: Path) -> dict:
+    result = babysit_cli("status", "--run-dir", str(run_dir), "--json", check=True)
+    return json.loads(result.stdout)
+
+
+def test_the_panda_loop_through_the_cli(tmp_path: Path, trainers) -> None:
+    run_dir = tmp_path / "run"
+    trainer = trainers(run_dir, "--epochs", "500", *FAST)
+    trainer.wait_running(min_step=30)
+    d = ("--run-dir", str(run_dir))
+
+    info = status(run_dir)
+    assert info["state"] == "running" and info["pid"] == trainer.process.pid
+    assert {"state", "pid", "epoch", "step", "branch", "lr", "momentum", "checkpoints", "pending_commands"} <= set(info)
+    assert (info["lr"], info["momentum"], info["branch"]) == (0.05, 0.9, 1)
+
+    # lr and momentum: applied, and read back from the optimizer.
+    result = babysit_cli("set", "lr", "0.02", *d, "--wait")
+    assert result.returncode == 0, result.stderr
+    assert "set lr 0.02: applied at step" in result.stdout
+    result = babysit_cli("set", "momentum", "0.95", *d, "--wait")
+    assert result.returncode == 0, result.stderr
+    info = status(run_dir)
+    assert (info["lr"], info["momentum"]) == (0.02, 0.95)
+
+    # A bad value is refused before anything is queued.
+    before = len(RunStore(run_dir).commands())
+    result = babysit_cli("set", "lr", "-1", *d)
+    assert result.returncode == 2
+    assert "lr must be a finite number > 0 and <= 10" in result.stderr and "'-1'" in result.stderr
+    assert len(RunStore(run_dir).commands()) == before
+
+    # Pause holds the step; resume lets it go on.
+    assert babysit_cli("pause", *d, "--wait").returncode == 0
+    held = status(run_dir)
+    assert held["state"] == "paused"
+    time.sleep(1.0)
+    assert status(run_dir)["step"] == held["step"]
+    assert babysit_cli("resume", *d, "--wait").returncode == 0
+    wait_for(lambda: status(run_dir)["step"] > held["step"], what="steps after resume")
+
+    # Checkpoint now.
+    result = babysit_cli("checkpoint", *d, "--wait")
+    assert result.returncode == 0 and "checkpoint" in result.stdout
+    info = wait_for(lambda: (lambda i: i if len([c for c in i["checkpoints"] if c["reason"] == "epoch"]) >= 2 else None)(status(run_dir)),
+                    what="two epoch checkpoints")
+    assert any(c["reason"] == "command" for c in info["checkpoints"])
+    assert all(Path(c["path"]).is_file() for c in info["checkpoints"])
+
+    # Roll back to the end of epoch 1: a new branch from its step; the old branch stays.
+    first = next(c for c in info["checkpoints"] if c["epoch"] == 1 and c["reason"] == "epoch")
+    result = babysit_cli("rollback", str(first["id"]), *d, "--wait")
+    assert result.returncode == 0, result.stderr
+    assert "branch 2" in result.stdout and f"step {first['step']}" in result.stdout
+    info = status(run_dir)
+    assert info["branch"] == 2 and info["lr"] == first["hparams"]["lr"] == 0.05
+    assert info["momentum"] == 0.9  # the checkpoint's own hyperparameters, as asked (the default)
+    store = RunStore(run_dir)
+    assert {(s.name, s.branch) for s in store.series()} >= {("loss", 1), ("loss", 2)}
+    assert [b["from_checkpoint"] for b in store.branches()] == [None, first["id"]]
+
+    # Stop: a final checkpoint and a clean exit.
+    result = babysit_cli("stop", *d, "--wait")
+    assert result.returncode == 0, result.stderr
+    assert trainer.wait_exit(timeout=60) == 0
+    info = status(run_dir)
+    assert info["state"] == "stopped" and info["checkpoints"][-1]["reason"] == "stop"
+    stopped_at = info["checkpoints"][-1]
+
+    # Commands for a run that is not running are refused, and nothing is queued.
+    result = babysit_cli("set", "lr", "0.1", *d)
+    assert result.returncode == 2 and "is not running" in result.stderr and "trainer is stopped" in result.stderr
+    assert status(run_dir)["pending_commands"] == []
+
+    # Running train again resumes from the latest checkpoint, on the same branch.
+    again = trainers(run_dir, "--epochs", "500", *FAST)
+    resumed = again.wait_running(min_step=stopped_at["step"] + 1)
+    assert resumed["branch"] == 2
+    assert f"resumed from checkpoint #{stopped_at['id']}" in resumed["message"]
+    assert babysit_cli("stop", *d, "--wait").returncode == 0
+    assert again.wait_exit(timeout=60) == 0
+
+
+def test_cli_misuse_is_explained(tmp_path: Path) -> None:
+    result = babysit_cli("frobnicate")
+    assert result.returncode == 2 and "invalid choice: 'frobnicate'" in result.stderr
+    result = babysit_cli("set", "lr")
+    assert result.returncode == 2 and "the following arguments are required: value" in result.stderr
+    result = babysit_cli("status", "--run-dir", str(tmp_path / "nothing"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    (tmp_path / "plain").mkdir()
+    result = babysit_cli("pause", "--run-dir", str(tmp_path / "plain"))
+    assert result.returncode == 2 and "is not a babysit run (it has no run.db)" in result.stderr
+    result = babysit_cli("train", "--run-dir", str(tmp_path / "t"), "--lr", "0")
+    assert result.returncode == 2 and "lr must be a finite number > 0" in result.stderr
+    assert not (tmp_path / "t" / "run.db").exists()
+
+
+def test_train_refuses_a_second_trainer_on_the_same_run(tmp_path: Path, trainers) -> None:
+    run_dir = tmp_path / "run"
+    first = trainers(run_dir, "--epochs", "500", *FAST)
+    first.wait_running(min_step=1)
+    result = babysit_cli("train", "--run-dir", str(run_dir), *FAST)
+    assert result.returncode == 2
+    assert f"already used by another trainer (pid {first.process.pid}" in result.stderr
+    assert first.process.poll() is None

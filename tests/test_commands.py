@@ -1,0 +1,263 @@
+"""Command validation: every kind, every bad value named in the message with what is accepted."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from babysit import commands as cmd
+from babysit.commands import Command, CommandError, validate
+
+LR_ACCEPTED = r"a finite number > 0 and <= 10 \(for example 0\.01\)"
+MOMENTUM_ACCEPTED = r"a finite number >= 0 and < 1 \(for example 0\.9\)"
+CHECKPOINT_ACCEPTED = r"a checkpoint id, a whole number such as 3"
+
+
+# -- the good cases --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(0.05, 0.05), (1, 1.0), ("0.01", 0.01), (" 3e-4 ", 3e-4), (10, 10.0), ("1e-12", 1e-12)],
+)
+def test_set_lr_accepts_numbers_and_text(raw, expected):
+    command = validate(cmd.SET_LR, {"value": raw})
+    assert command == Command(cmd.SET_LR, {"value": expected})
+    assert type(command.args["value"]) is float
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(0, 0.0), (0.9, 0.9), ("0.99", 0.99), (0.999999, 0.999999)])
+def test_set_momentum_accepts_zero_up_to_below_one(raw, expected):
+    command = validate(cmd.SET_MOMENTUM, {"value": raw})
+    assert command == Command(cmd.SET_MOMENTUM, {"value": expected})
+    assert type(command.args["value"]) is float
+
+
+@pytest.mark.parametrize("kind", [cmd.PAUSE, cmd.RESUME, cmd.CHECKPOINT, cmd.STOP])
+def test_argumentless_kinds_validate(kind):
+    assert validate(kind) == Command(kind, {})
+    assert validate(kind, {}) == Command(kind, {})
+    # A key whose value is None is "not given" (the CLI passes unset options that way).
+    assert validate(kind, {"value": None}) == Command(kind, {})
+
+
+def test_kinds_lists_every_command():
+    assert cmd.KINDS == ("set_lr", "set_momentum", "pause", "resume", "checkpoint", "stop", "rollback")
+
+
+def test_rollback_defaults_to_checkpoint_hparams():
+    assert validate(cmd.ROLLBACK, {"checkpoint": 3}) == Command(
+        cmd.ROLLBACK, {"checkpoint": 3, "hparams": cmd.HPARAMS_CHECKPOINT}
+    )
+
+
+def test_rollback_normalises_text_id_and_optional_values():
+    command = validate(
+        cmd.ROLLBACK, {"checkpoint": " 12 ", "hparams": "current", "lr": "0.05", "momentum": 0.5}
+    )
+    assert command == Command(
+        cmd.ROLLBACK, {"checkpoint": 12, "hparams": cmd.HPARAMS_CURRENT, "lr": 0.05, "momentum": 0.5}
+    )
+
+
+def test_rollback_ignores_lr_and_momentum_given_as_none():
+    command = validate(cmd.ROLLBACK, {"checkpoint": "4", "lr": None, "momentum": None})
+    assert command.args == {"checkpoint": 4, "hparams": "checkpoint"}
+
+
+def test_validate_does_not_change_the_callers_dict():
+    args = {"checkpoint": "5"}
+    validate(cmd.ROLLBACK, args)
+    assert args == {"checkpoint": "5"}
+
+
+def test_command_is_immutable():
+    command = validate(cmd.PAUSE)
+    with pytest.raises(AttributeError):
+        command.kind = cmd.STOP  # type: ignore[misc]
+
+
+# -- lr --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (0, "0"),
+        (-1.0, "-1.0"),
+        (-0.0, "-0.0"),
+        (float("nan"), "nan"),
+        (float("inf"), "inf"),
+        (float("-inf"), "-inf"),
+        ("nan", "'nan'"),
+        ("inf", "'inf'"),
+        ("1e999", "'1e999'"),
+        ("fast", "'fast'"),
+        ("", "''"),
+        ("   ", "'   '"),
+        (10.000001, "10.000001"),
+        (1e300, r"1e\+300"),
+        (True, "True"),
+        (False, "False"),
+        (None, "None"),
+        ([0.1], r"\[0\.1\]"),
+    ],
+)
+def test_set_lr_refuses_bad_values_naming_them(raw, shown):
+    with pytest.raises(CommandError, match=rf"^lr must be {LR_ACCEPTED}, got {shown}$"):
+        validate(cmd.SET_LR, {"value": raw})
+
+
+def test_set_lr_without_a_value_is_refused():
+    with pytest.raises(CommandError, match=rf"^lr must be {LR_ACCEPTED}, got ''$"):
+        validate(cmd.SET_LR, {})
+
+
+def test_set_lr_refuses_an_integer_too_large_for_a_float():
+    # A 400-digit integer (JSON can carry one into the queue) must be a CommandError like any
+    # other absurd value, not an OverflowError escaping validation.
+    with pytest.raises(CommandError, match=rf"^lr must be {LR_ACCEPTED}, got 1000000"):
+        validate(cmd.SET_LR, {"value": 10**400})
+
+
+def test_long_bad_text_is_shortened_in_the_message():
+    raw = "x" * 500
+    with pytest.raises(CommandError) as info:
+        validate(cmd.SET_LR, {"value": raw})
+    message = str(info.value)
+    assert message == f"lr must be a finite number > 0 and <= 10 (for example 0.01), got '{'x' * 56}..."
+    assert len(message) < 150
+
+
+# -- momentum --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (-0.1, "-0.1"),
+        (1, "1"),
+        (1.0, "1.0"),
+        ("1", "'1'"),
+        (1.5, "1.5"),
+        (float("nan"), "nan"),
+        (float("inf"), "inf"),
+        ("heavy", "'heavy'"),
+        ("", "''"),
+        (True, "True"),
+        (None, "None"),
+    ],
+)
+def test_set_momentum_refuses_bad_values_naming_them(raw, shown):
+    with pytest.raises(CommandError, match=rf"^momentum must be {MOMENTUM_ACCEPTED}, got {shown}$"):
+        validate(cmd.SET_MOMENTUM, {"value": raw})
+
+
+def test_set_momentum_refuses_an_integer_too_large_for_a_float():
+    with pytest.raises(CommandError, match=rf"^momentum must be {MOMENTUM_ACCEPTED}, got 1000000"):
+        validate(cmd.SET_MOMENTUM, {"value": 10**400})
+
+
+# -- rollback --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("../x", r"'\.\./x'"),
+        ("/etc/passwd", "'/etc/passwd'"),
+        ("epoch-0001.pt", r"'epoch-0001\.pt'"),
+        ("3/../../x", r"'3/\.\./\.\./x'"),
+        ("0", "'0'"),
+        ("000", "'000'"),
+        ("-1", "'-1'"),
+        ("1.5", r"'1\.5'"),
+        ("", "''"),
+        ("1" * 13, "'1111111111111'"),
+        ("3; rm -rf /", "'3; rm -rf /'"),
+        (0, "0"),
+        (-1, "-1"),
+        (1.5, r"1\.5"),
+        (3.0, r"3\.0"),
+        (True, "True"),
+        (None, "None"),
+    ],
+)
+def test_rollback_refuses_ids_that_are_not_whole_positive_numbers(raw, shown):
+    with pytest.raises(CommandError, match=rf"^checkpoint must be {CHECKPOINT_ACCEPTED} .*, got {shown}$"):
+        validate(cmd.ROLLBACK, {"checkpoint": raw})
+
+
+def test_rollback_without_an_id_is_refused():
+    with pytest.raises(CommandError, match=rf"^checkpoint must be {CHECKPOINT_ACCEPTED} .*, got ''$"):
+        validate(cmd.ROLLBACK, {"hparams": "current"})
+
+
+@pytest.mark.parametrize("hparams", ["mine", "", None, "Checkpoint", 1])
+def test_rollback_refuses_an_unknown_hparams_choice(hparams):
+    with pytest.raises(CommandError, match=rf"^hparams must be one of checkpoint, current, got {hparams!r}$"):
+        validate(cmd.ROLLBACK, {"checkpoint": 2, "hparams": hparams})
+
+
+def test_rollback_validates_its_optional_lr_and_momentum():
+    with pytest.raises(CommandError, match=rf"^lr must be {LR_ACCEPTED}, got -0\.5$"):
+        validate(cmd.ROLLBACK, {"checkpoint": 2, "lr": -0.5})
+    with pytest.raises(CommandError, match=rf"^momentum must be {MOMENTUM_ACCEPTED}, got 1\.0$"):
+        validate(cmd.ROLLBACK, {"checkpoint": 2, "momentum": 1.0})
+
+
+# -- unknown kinds and stray arguments -------------------------------------------------------
+@pytest.mark.parametrize(("kind", "shown"), [("jump", "'jump'"), ("", "''"), ("SET_LR", "'SET_LR'"), (None, "None"),
+                                             (3, "3")])
+def test_unknown_kind_is_refused_listing_the_accepted_ones(kind, shown):
+    with pytest.raises(
+        CommandError,
+        match=rf"^unknown command {shown}; accepted: set_lr, set_momentum, pause, resume, checkpoint, stop, rollback$",
+    ):
+        validate(kind, {})
+
+
+@pytest.mark.parametrize("kind", [cmd.PAUSE, cmd.RESUME, cmd.CHECKPOINT, cmd.STOP])
+def test_argumentless_kinds_refuse_arguments_naming_them(kind):
+    with pytest.raises(CommandError, match=rf"^{kind} takes no arguments, got force, value$"):
+        validate(kind, {"value": 1, "force": True})
+
+
+def test_args_that_are_not_a_mapping_are_a_command_error():
+    # The trainer validates rows from a queue "anyone can write"; args that decode to a list must
+    # be refused as a CommandError naming them, not a bare ValueError from dict().
+    with pytest.raises(CommandError, match=r"\['value'\]"):
+        validate(cmd.SET_LR, ["value"])  # type: ignore[arg-type]
+
+
+def test_command_error_is_a_value_error():
+    assert issubclass(CommandError, ValueError)
+
+
+# -- parse_number on its own -----------------------------------------------------------------
+def test_parse_number_returns_finite_floats_and_names_the_quantity():
+    assert cmd.parse_number("  2.5\n", "x", "anything") == 2.5
+    assert cmd.parse_number(7, "x", "anything") == 7.0
+    with pytest.raises(CommandError, match=r"^spike must be big, got 'nope'$"):
+        cmd.parse_number("nope", "spike", "big")
+    with pytest.raises(CommandError, match=r"^spike must be big, got nan$"):
+        cmd.parse_number(math.nan, "spike", "big")
+
+
+# -- describe --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kind", "args", "text"),
+    [
+        (cmd.SET_LR, {"value": "0.05"}, "set lr 0.05"),
+        (cmd.SET_LR, {"value": 1e-5}, "set lr 1e-05"),
+        (cmd.SET_MOMENTUM, {"value": 0.9}, "set momentum 0.9"),
+        (cmd.SET_MOMENTUM, {"value": 0}, "set momentum 0"),
+        (cmd.PAUSE, {}, "pause"),
+        (cmd.RESUME, {}, "resume"),
+        (cmd.CHECKPOINT, {}, "checkpoint"),
+        (cmd.STOP, {}, "stop"),
+        (cmd.ROLLBACK, {"checkpoint": "3"}, "rollback to #3 (checkpoint hparams)"),
+        (cmd.ROLLBACK, {"checkpoint": 3, "hparams": "current"}, "rollback to #3 (current hparams)"),
+        (cmd.ROLLBACK, {"checkpoint": 7, "hparams": "current", "lr": 0.025},
+         "rollback to #7 (current hparams, lr 0.025)"),
+        (cmd.ROLLBACK, {"checkpoint": 7, "lr": 0.5, "momentum": 0.95},
+         "rollback to #7 (checkpoint hparams, lr 0.5, momentum 0.95)"),
+    ],
+)
+def test_describe_validated_commands(kind, args, text):
+    command = validate(kind, args)
+    assert command.describe() == text
+    assert cmd.describe(command.kind, command.args) == text

@@ -1,0 +1,267 @@
+"""The Run API in-process: checkpoints per epoch, resume, nudges at step boundaries, rollback."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from babysit import GuardConfig, RunLockedError, commands as cmd
+from babysit.checkpoint import KEY_MODEL, read_verified
+from babysit.store import RunStore
+from tests.conftest import tiny_job, wait_for
+
+
+def losses(store: RunStore, branch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    info = next(s for s in store.series() if s.name == "loss" and s.branch == branch and s.segment == 0)
+    steps, values, _ = store.chunk_points(info.id)
+    return steps, values
+
+
+def weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.state_dict().values()]
+
+
+def test_fresh_run_checkpoints_every_epoch_and_finishes(tmp_path: Path) -> None:
+    run, _ = tiny_job(tmp_path / "r", epochs=3)
+    store = RunStore(tmp_path / "r")
+    listed = store.checkpoints()
+    assert [(c["epoch"], c["step"], c["branch"], c["reason"]) for c in listed] == [
+        (1, 8, 1, "epoch"), (2, 16, 1, "epoch"), (3, 24, 1, "epoch")]
+    assert all((tmp_path / "r" / c["file"]).is_file() for c in listed)
+    assert set(listed[0]["metrics"]) == {"val_loss"}
+    steps, values = losses(store)
+    assert steps.tolist() == list(range(1, 25))
+    assert np.isfinite(values).all()
+    status = store.status()
+    assert (status["state"], status["epoch"], status["step"]) == ("finished", 3, 24)
+    assert [e for _, e, _ in store.epochs()] == [1, 2, 3]
+
+
+def test_resume_continues_from_latest_checkpoint_bit_identically(tmp_path: Path) -> None:
+    _, straight = tiny_job(tmp_path / "straight", epochs=4)
+    tiny_job(tmp_path / "resumed", epochs=2)
+    _, resumed = tiny_job(tmp_path / "resumed", epochs=4)
+    for a, b in zip(weights(straight), weights(resumed)):
+        assert torch.equal(a, b)
+    s1, v1 = losses(RunStore(tmp_path / "straight"))
+    s2, v2 = losses(RunStore(tmp_path / "resumed"))
+    assert s1.tolist() == s2.tolist() and v1.tolist() == v2.tolist()
+    events = [e["kind"] for e in RunStore(tmp_path / "resumed").events()]
+    assert events.count("resume") == 1
+
+
+def test_nudges_are_applied_at_the_step_boundary_and_read_back(tmp_path: Path) -> None:
+    def on_step(run, step):
+        if step == 5:
+            run.store.enqueue_command(cmd.SET_LR, {"value": "0.02"}, source="test")
+            run.store.enqueue_command(cmd.SET_MOMENTUM, {"value": 0.5}, source="test")
+        if step == 6:
+            assert run.optimizer.param_groups[0]["lr"] == 0.02
+            assert run.optimizer.param_groups[0]["momentum"] == 0.5
+
+    tiny_job(tmp_path / "r", epochs=1, on_step=on_step)
+    store = RunStore(tmp_path / "r")
+    rows = store.commands()
+    assert [(r["kind"], r["state"], r["step"], r["result"]) for r in rows] == [
+        (cmd.SET_LR, cmd.APPLIED, 5, {"before": 0.1, "after": 0.02}),
+        (cmd.SET_MOMENTUM, cmd.APPLIED, 5, {"before": 0.9, "after": 0.5}),
+    ]
+    lr = next(s for s in store.series() if s.name == "lr")
+    steps, values, _ = store.chunk_points(lr.id)
+    assert list(zip(steps.tolist(), values.tolist())) == [(0, 0.1), (5, 0.02)]
+    assert store.checkpoints()[0]["hparams"] == {"lr": 0.02, "momentum": 0.5}
+
+
+def test_adam_momentum_is_beta1(tmp_path: Path) -> None:
+    def on_step(run, step):
+        if step == 2:
+            run.store.enqueue_command(cmd.SET_MOMENTUM, {"value": 0.8}, source="test")
+
+    run, _ = tiny_job(tmp_path / "r", epochs=1, optimizer="adam", on_step=on_step)
+    assert run.optimizer.param_groups[0]["betas"] == (0.8, 0.999)
+    assert RunStore(tmp_path / "r").commands()[0]["result"] == {"before": 0.9, "after": 0.8}
+
+
+def test_scheduler_keeps_a_nudged_lr(tmp_path: Path) -> None:
+    # StepLR halves the lr every epoch: after a nudge to 0.04 in epoch 1, epoch 2 runs at 0.02.
+    seen = {}
+
+    def on_step(run, step):
+        if step == 3:
+            run.store.enqueue_command(cmd.SET_LR, {"value": 0.04}, source="test")
+        seen[step] = run.optimizer.param_groups[0]["lr"]
+
+    tiny_job(tmp_path / "r", epochs=2, scheduler=True, on_step=on_step)
+    assert seen[2] == pytest.approx(0.1) and seen[4] == pytest.approx(0.04) and seen[9] == pytest.approx(0.02)
+
+
+def test_bad_command_is_rejected_by_the_trainer_and_the_run_goes_on(tmp_path: Path) -> None:
+    def on_step(run, step):
+        if step == 2:  # bypass the CLI's check: a row written straight into the queue
+            run.store.conn().execute(
+                "INSERT INTO commands (created, source, kind, args, state) VALUES (0, 'x', 'set_lr', '{\"value\": -1}', 'pending')")
+            run.signal.seen = b"stale---"
+        if step == 3:
+            run.store.enqueue_command(cmd.SET_MOMENTUM, {"value": 0.5}, source="test")
+
+    run, _ = tiny_job(tmp_path / "r", epochs=1, optimizer="sgd", on_step=on_step)
+    rows = RunStore(tmp_path / "r").commands()
+    assert rows[0]["state"] == cmd.REJECTED and "lr must be a finite number > 0" in rows[0]["reason"]
+    assert rows[1]["state"] == cmd.APPLIED
+    assert run.optimizer.param_groups[0]["lr"] == 0.1
+    assert run.state == "finished"
+
+
+def test_rollback_starts_a_branch_from_the_checkpoint(tmp_path: Path) -> None:
+    restored = {}
+
+    def on_step(run, step):
+        if run.branch == 1 and step == 20:
+            run.checkpointer.wait()
+            first = run.store.checkpoints()[0]
+            run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": first["id"], "hparams": "current", "lr": 0.05},
+                                      source="test")
+        if run.branch == 2 and "step" not in restored:
+            restored.update(step=step, epoch=run.epoch, lr=run.optimizer.param_groups[0]["lr"])
+
+    def set_lr_at_10(run, step):
+        if step == 10 and run.branch == 1:
+            run.store.enqueue_command(cmd.SET_LR, {"value": 0.3}, source="test")
+        on_step(run, step)
+
+    run, _ = tiny_job(tmp_path / "r", epochs=4, on_step=set_lr_at_10)
+    store = RunStore(tmp_path / "r")
+    assert restored == {"step": 9, "epoch": 2, "lr": 0.05}  # first step of branch 2 follows step 8
+    rows = store.commands()
+    rollback = rows[-1]
+    assert rollback["state"] == cmd.APPLIED and rollback["step"] == 20 and rollback["branch"] == 1
+    assert rollback["result"]["branch"] == 2 and rollback["result"]["step"] == 8
+    branches = store.branches()
+    assert [(b["id"], b["parent"], b["from_checkpoint"], b["start_step"]) for b in branches] == [
+        (1, None, None, 0), (2, 1, 1, 8)]
+    old_steps, _ = losses(store, 1)
+    new_steps, _ = losses(store, 2)
+    assert old_steps.tolist() == list(range(1, 21)) and new_steps.tolist() == list(range(9, 33))
+    assert [(c["branch"], c["epoch"]) for c in store.checkpoints()] == [(1, 1), (1, 2), (2, 2), (2, 3), (2, 4)]
+    assert run.state == "finished" and run.branch == 2
+
+
+def test_rollback_with_checkpoint_hparams_restores_them(tmp_path: Path) -> None:
+    def on_step(run, step):
+        if run.branch == 1 and step == 10:
+            run.store.enqueue_command(cmd.SET_LR, {"value": 0.3}, source="test")
+        if run.branch == 1 and step == 12:
+            run.checkpointer.wait()
+            run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": 1}, source="test")
+
+    run, _ = tiny_job(tmp_path / "r", epochs=2, on_step=on_step)
+    result = RunStore(tmp_path / "r").commands()[-1]["result"]
+    assert (result["lr"], result["before"]["lr"]) == (0.1, 0.3)
+
+
+def test_rollback_to_a_tampered_checkpoint_is_refused_and_training_goes_on(tmp_path: Path) -> None:
+    def on_step(run, step):
+        if step == 10:
+            run.checkpointer.wait()  # the epoch-1 checkpoint is written off the training thread
+            first = run.store.checkpoints()[0]
+            path = run.run_dir / first["file"]
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+            run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": first["id"]}, source="test")
+
+    run, _ = tiny_job(tmp_path / "r", epochs=2, on_step=on_step)
+    rows = RunStore(tmp_path / "r").commands()
+    assert rows[0]["state"] == cmd.REJECTED
+    assert "epoch-0001-step-00000008-b1.pt" in rows[0]["reason"] and "hash" in rows[0]["reason"]
+    assert run.state == "finished" and run.branch == 1 and run.step == 16
+
+
+def test_checkpoint_now_mid_epoch_and_resume_from_it_is_identical(tmp_path: Path) -> None:
+    # Checkpoint at step 12 (mid epoch 2), stop there; resuming from it must retrace the same batches.
+    def on_step(run, step):
+        if step == 12:
+            run.store.enqueue_command(cmd.CHECKPOINT, source="test")
+        if step == 13:
+            run.request_stop("test")
+
+    _, straight = tiny_job(tmp_path / "straight", epochs=3)
+    tiny_job(tmp_path / "cut", epochs=3, on_step=on_step)
+    store = RunStore(tmp_path / "cut")
+    listed = store.checkpoints()
+    assert [(c["step"], c["reason"]) for c in listed] == [(8, "epoch"), (12, "command"), (13, "stop")]
+    assert store.commands()[0]["result"] == {"checkpoint": 2}
+    # Resume from the mid-epoch command checkpoint: drop the stop checkpoint from the index.
+    store.mark_checkpoint_deleted(listed[2]["id"])
+    _, resumed = tiny_job(tmp_path / "cut", epochs=3)
+    for a, b in zip(weights(straight), weights(resumed)):
+        assert torch.equal(a, b)
+
+
+def test_second_trainer_on_the_same_run_is_refused(tmp_path: Path) -> None:
+    import os
+
+    def on_step(run, step):
+        if step == 1:
+            with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+                tiny_job(tmp_path / "r", epochs=1)
+
+    tiny_job(tmp_path / "r", epochs=1, on_step=on_step)
+
+
+def test_divergence_pauses_the_run_and_offers_the_remedy(tmp_path: Path) -> None:
+    def on_step(run, step):
+        if step == 12:
+            run.checkpointer.wait()
+            with torch.no_grad():
+                for p in run.model.parameters():
+                    p.fill_(float("nan"))
+        if step > 12:
+            time.sleep(0.05)  # a real step takes a while; the guard reads the loss a few times a second
+
+    def resume_when_paused(store_dir: Path) -> None:
+        store = wait_for(lambda: (store_dir / "run.db").exists() and RunStore(store_dir), what="store")
+        wait_for(lambda: store.status().get("state") == "paused", what="guard pause")
+        store.enqueue_command(cmd.STOP, source="test")
+
+    thread = threading.Thread(target=resume_when_paused, args=(tmp_path / "r",), daemon=True)
+    thread.start()
+    run, _ = tiny_job(tmp_path / "r", epochs=5, guard=GuardConfig(warmup_steps=0), on_step=on_step)
+    thread.join(timeout=30)
+    store = RunStore(tmp_path / "r")
+    divergence = [e for e in store.events() if e["kind"] == "divergence"]
+    assert len(divergence) == 1
+    assert "loss became nan at step 13" in divergence[0]["message"]
+    assert divergence[0]["data"]["checkpoint"] == 1 and divergence[0]["data"]["suggested_lr"] == 0.05
+    pause = [c for c in store.commands() if c["kind"] == cmd.PAUSE]
+    assert pause[0]["source"] == "guard" and pause[0]["state"] == cmd.APPLIED
+    assert run.state == "stopped"
+    # The final checkpoint holds NaN weights, so it is not written; the earlier one stays.
+    assert [c["step"] for c in store.checkpoints()] == [8]
+    failed = [e for e in store.events() if e["kind"] == "checkpoint_failed"]
+    assert failed and "NaN or infinity" in failed[0]["message"]
+
+
+def test_auto_remedy_rolls_back_with_half_the_lr(tmp_path: Path) -> None:
+    def on_step(run, step):
+        if run.branch == 1 and step == 12:
+            run.checkpointer.wait()
+            with torch.no_grad():
+                for p in run.model.parameters():
+                    p.fill_(float("nan"))
+        if run.branch == 1 and step > 12:
+            time.sleep(0.05)
+
+    run, _ = tiny_job(tmp_path / "auto", epochs=3, guard=GuardConfig(warmup_steps=0, auto_remedy_max=1), on_step=on_step)
+    store = RunStore(tmp_path / "auto")
+    rollback = [c for c in store.commands() if c["kind"] == cmd.ROLLBACK]
+    assert len(rollback) == 1 and rollback[0]["source"] == "guard" and rollback[0]["state"] == cmd.APPLIED
+    assert rollback[0]["result"]["lr"] == 0.05 and rollback[0]["result"]["checkpoint"] == 1
+    assert run.state == "finished" and run.branch == 2
+    state = read_verified(tmp_path / "auto" / store.checkpoints()[-1]["file"], store.checkpoints()[-1]["sha256"])
+    assert all(torch.isfinite(t).all() for t in state[KEY_MODEL].values() if t.is_floating_point())

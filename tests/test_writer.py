@@ -1,0 +1,299 @@
+"""The background metrics writer, against a real run store in tmp_path."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+from babysit import store as st
+from babysit.guard import Divergence, DivergenceGuard, GuardConfig
+from babysit.store import CHUNK_POINTS, RunStore
+from babysit.writer import MetricsWriter, to_float
+
+QUIET = 3600.0  # the background thread sleeps; the tests flush by hand
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    created = RunStore(tmp_path / "run", create=True)
+    yield created
+    created.close()
+
+
+class _Harness:
+    def __init__(self, store: RunStore, **kwargs: Any) -> None:
+        self.store = store
+        self.status: dict[str, Any] = {"state": st.RUNNING, "epoch": 1, "step": 0, "branch": 1}
+        self.divergences: list[tuple[Divergence, int]] = []
+        kwargs.setdefault("interval", QUIET)
+        self.writer = MetricsWriter(store, status=lambda: dict(self.status),
+                                    on_divergence=lambda found, branch: self.divergences.append((found, branch)),
+                                    **kwargs)
+
+    def log(self, step: int, branch: int = 1, per: str = st.PER_STEP, wall: float | None = None, **metrics: Any) -> None:
+        self.writer.queue.append((per, branch, step, 1000.0 + step if wall is None else wall, metrics))
+
+    def points(self, name: str, branch: int = 1, per: str = st.PER_STEP) -> tuple[list[int], list[float]]:
+        steps, vals, _ = self.store.chunk_points(self.store.series_id(name, branch, per))
+        return steps.tolist(), vals.tolist()
+
+    def chunk_sizes(self, name: str, branch: int = 1, per: str = st.PER_STEP) -> list[int]:
+        return [int(row[2]) for row in self.store.chunk_summaries(self.store.series_id(name, branch, per))]
+
+
+@pytest.fixture
+def harness(store: RunStore) -> _Harness:
+    made = _Harness(store)
+    yield made
+    made.writer.close()
+
+
+def test_to_float():
+    assert to_float(1.5) == 1.5
+    assert to_float(3) == 3.0 and type(to_float(3)) is float
+    assert to_float(np.float32(0.25)) == 0.25
+    assert to_float(torch.tensor(0.5)) == 0.5
+    assert to_float(torch.tensor([2.0], requires_grad=True) * 2) == 4.0
+    assert to_float(torch.tensor(1.5, dtype=torch.bfloat16)) == 1.5
+    assert to_float(torch.tensor(7)) == 7.0
+    with pytest.raises(ValueError):
+        to_float("abc")
+    with pytest.raises(RuntimeError):
+        to_float(torch.ones(3))
+
+
+def test_floats_and_tensors_are_stored_in_order(harness: _Harness):
+    weight = torch.nn.Parameter(torch.tensor(2.0))
+    for step in range(1, 6):
+        loss = weight * step if step % 2 else float(step) / 10
+        harness.log(step, loss=loss, lr=0.1)
+    harness.writer.flush()
+    assert harness.points("loss") == ([1, 2, 3, 4, 5], [2.0, 0.2, 6.0, 0.4, 10.0])
+    assert harness.points("lr") == ([1, 2, 3, 4, 5], [0.1] * 5)
+    _, _, walls = harness.store.chunk_points(harness.store.series_id("loss", 1, st.PER_STEP))
+    assert walls.tolist() == [1001.0, 1002.0, 1003.0, 1004.0, 1005.0]
+
+
+def test_later_flushes_extend_the_open_chunk(harness: _Harness):
+    harness.log(1, loss=1.0)
+    harness.writer.flush()
+    harness.log(2, loss=2.0)
+    harness.log(3, loss=3.0)
+    harness.writer.flush()
+    assert harness.points("loss") == ([1, 2, 3], [1.0, 2.0, 3.0])
+    assert harness.chunk_sizes("loss") == [3]
+
+
+def test_branches_and_per_epoch_values_go_to_their_own_series(harness: _Harness):
+    harness.log(10, loss=1.0)
+    harness.log(10, per=st.PER_EPOCH, val_loss=0.5, val_acc=0.9)
+    harness.log(11, branch=2, loss=3.0)
+    harness.writer.flush()
+    assert harness.points("loss") == ([10], [1.0])
+    assert harness.points("loss", branch=2) == ([11], [3.0])
+    assert harness.points("val_loss", per=st.PER_EPOCH) == ([10], [0.5])
+    assert harness.points("val_acc", per=st.PER_EPOCH) == ([10], [0.9])
+
+
+def test_chunk_rolls_over_at_chunk_points(harness: _Harness):
+    for step in range(1, CHUNK_POINTS + 1):
+        harness.log(step, loss=float(step))
+    harness.writer.flush()
+    assert harness.chunk_sizes("loss") == [CHUNK_POINTS]
+    for step in range(CHUNK_POINTS + 1, CHUNK_POINTS + 11):
+        harness.log(step, loss=float(step))
+    harness.writer.flush()
+    harness.log(CHUNK_POINTS + 11, loss=0.0)
+    harness.writer.flush()
+    assert harness.chunk_sizes("loss") == [CHUNK_POINTS, 11]
+    summaries = harness.store.chunk_summaries(harness.store.series_id("loss", 1, st.PER_STEP))
+    assert summaries[:, :2].tolist() == [[1, CHUNK_POINTS], [CHUNK_POINTS + 1, CHUNK_POINTS + 11]]
+    steps, vals = harness.points("loss")
+    assert steps == list(range(1, CHUNK_POINTS + 12))
+    assert vals == [float(s) for s in range(1, CHUNK_POINTS + 11)] + [0.0]
+
+
+def test_no_chunk_holds_more_than_chunk_points_even_after_a_long_gap(harness: _Harness):
+    # A fast loop can queue thousands of values between two flushes; the store's promise is chunks
+    # of *up to* CHUNK_POINTS points, so they must be split.
+    total = 2 * CHUNK_POINTS + 88
+    for step in range(1, total + 1):
+        harness.log(step, loss=float(step))
+    harness.writer.flush()
+    assert harness.chunk_sizes("loss") == [CHUNK_POINTS, CHUNK_POINTS, 88]
+    assert harness.points("loss")[0] == list(range(1, total + 1))
+
+
+def test_non_numeric_value_records_one_error_event_and_the_writer_goes_on(harness: _Harness):
+    harness.log(1, loss=1.0, note="warming up")
+    harness.log(2, loss=2.0, note="still warming", vec=torch.ones(3))
+    harness.log(3, loss=3.0, note=None)
+    harness.writer.flush()
+    harness.log(4, loss=4.0, note=5.0)
+    harness.writer.flush()
+    assert harness.points("loss") == ([1, 2, 3, 4], [1.0, 2.0, 3.0, 4.0])
+    assert harness.points("note") == ([4], [5.0])
+    events = harness.store.events()
+    assert [(e["kind"], e["branch"], e["step"]) for e in events] == [("error", 1, 1), ("error", 1, 2)]
+    assert events[0]["message"] == ("metric 'note': value 'warming up' is not a number; such values are not "
+                                    "stored (log numbers or one-element tensors)")
+    assert events[1]["message"].startswith("metric 'vec': value tensor([1., 1., 1.]) is not a number")
+    assert harness.writer.last_flush_error is None
+
+
+def test_status_and_heartbeat_are_written(harness: _Harness):
+    harness.status.update(step=42, epoch=3, lr=0.05, momentum=0.9, message="hello")
+    before = time.time()
+    harness.writer.flush()
+    after = time.time()
+    status = harness.store.status()
+    assert (status["state"], status["step"], status["epoch"], status["lr"], status["momentum"], status["message"]) == (
+        "running", 42, 3, 0.05, 0.9, "hello")
+    assert before <= status["heartbeat"] <= after
+    harness.status.update(state=st.PAUSED, step=43)
+    harness.writer.flush()
+    assert (harness.store.status()["state"], harness.store.status()["step"]) == ("paused", 43)
+    assert harness.store.status()["heartbeat"] >= status["heartbeat"]
+
+
+def test_guard_callback_fires_for_a_nan_loss(store: RunStore):
+    guard = DivergenceGuard(GuardConfig())
+    harness = _Harness(store, guard=guard)
+    harness.log(1, loss=1.0, acc=math.nan)  # only the guarded metric is judged
+    harness.log(2, per=st.PER_EPOCH, loss=math.nan)  # per-epoch values are not fed to the guard
+    harness.writer.flush()
+    assert harness.divergences == []
+    harness.log(3, loss=torch.tensor(float("nan")))
+    harness.log(4, loss=math.nan)
+    harness.writer.flush()
+    harness.writer.close()
+    assert len(harness.divergences) == 1
+    found, branch = harness.divergences[0]
+    assert (found.step, branch, math.isnan(found.value)) == (3, 1, True)
+    assert found.describe() == "loss became nan at step 3"
+    steps, vals = harness.points("loss")
+    assert steps == [1, 3, 4] and vals[0] == 1.0 and math.isnan(vals[1]) and math.isnan(vals[2])
+
+
+def test_guard_watches_the_configured_metric(store: RunStore):
+    harness = _Harness(store, guard=DivergenceGuard(GuardConfig(metric="train_loss")))
+    harness.log(1, loss=math.nan)
+    harness.writer.flush()
+    assert harness.divergences == []
+    harness.log(2, train_loss=math.inf)
+    harness.writer.flush()
+    harness.writer.close()
+    assert [(d.step, b) for d, b in harness.divergences] == [(2, 1)]
+
+
+def test_close_flushes_what_is_queued_and_stops_the_thread(store: RunStore):
+    harness = _Harness(store)
+    harness.log(1, loss=1.0)
+    harness.log(2, loss=2.0)
+    harness.writer.close()
+    assert harness.points("loss") == ([1, 2], [1.0, 2.0])
+    assert not harness.writer._thread.is_alive()
+
+
+def test_the_thread_flushes_when_woken(store: RunStore):
+    ticked = threading.Event()
+    harness = _Harness(store, on_tick=ticked.set)
+    harness.log(1, loss=1.0)
+    harness.writer.wake()
+    assert ticked.wait(30)
+    assert harness.points("loss") == ([1], [1.0])
+    harness.writer.close()
+
+
+def test_forget_branch_flushes_and_starts_fresh_chunks(harness: _Harness):
+    harness.log(1, loss=1.0)
+    harness.log(2, loss=2.0)
+    harness.writer.forget_branch(1)
+    assert harness.points("loss") == ([1, 2], [1.0, 2.0])
+    harness.log(2, loss=5.0)  # the branch logs again at an earlier-or-equal step: a chunk of its own
+    harness.writer.flush()
+    assert harness.chunk_sizes("loss") == [2, 1]
+    assert harness.points("loss") == ([1, 2, 2], [1.0, 2.0, 5.0])
+
+
+# -- failed flushes --------------------------------------------------------------------------
+def _fail_once(store: RunStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    real: Callable[..., None] = store.write_chunks
+    calls: list[int] = []
+
+    def flaky(chunks: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        real(chunks)
+
+    monkeypatch.setattr(store, "write_chunks", flaky)
+    return calls
+
+
+def test_the_thread_survives_a_failed_flush(store: RunStore):
+    ticked = threading.Event()
+    failures: list[int] = []
+
+    def status() -> dict[str, Any]:
+        if not failures:
+            failures.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        return {"state": st.RUNNING, "step": 7}
+
+    writer = MetricsWriter(store, status=status, on_tick=ticked.set, interval=0.01)
+    assert ticked.wait(30)  # the first flush failed, a later one succeeded
+    assert failures == [1]
+    writer.queue.append((st.PER_STEP, 1, 7, 1.0, {"loss": 0.5}))
+    ticked.clear()
+    assert ticked.wait(30)
+    writer.close()
+    assert store.chunk_points(store.series_id("loss", 1, st.PER_STEP))[1].tolist() == [0.5]
+    assert store.status()["step"] == 7
+    assert writer.last_flush_error is None
+
+
+def test_values_of_a_failed_flush_are_written_by_the_next_one(harness: _Harness, monkeypatch: pytest.MonkeyPatch):
+    # "a busy or full disk must not kill the writer; retry next tick": the retry must write what
+    # the failed attempt had taken off the queue, even if nothing new was logged since.
+    calls = _fail_once(harness.store, monkeypatch)
+    for step in (1, 2, 3):
+        harness.log(step, loss=float(step))
+    with pytest.raises(sqlite3.OperationalError):
+        harness.writer.flush()
+    harness.writer.flush()
+    assert len(calls) == 2
+    assert harness.points("loss") == ([1, 2, 3], [1.0, 2.0, 3.0])
+
+
+def test_a_full_chunk_is_not_lost_when_its_flush_fails(harness: _Harness, monkeypatch: pytest.MonkeyPatch):
+    _fail_once(harness.store, monkeypatch)
+    for step in range(1, CHUNK_POINTS + 1):
+        harness.log(step, loss=float(step))
+    with pytest.raises(sqlite3.OperationalError):
+        harness.writer.flush()
+    harness.log(CHUNK_POINTS + 1, loss=0.0)
+    harness.writer.flush()
+    assert harness.points("loss")[0] == list(range(1, CHUNK_POINTS + 2))
+
+
+def test_a_divergence_found_during_a_failed_flush_is_still_reported(store: RunStore, monkeypatch: pytest.MonkeyPatch):
+    # The guard trips once; if the flush that tripped it fails, the report must come with the retry,
+    # or a NaN loss would never pause the run.
+    harness = _Harness(store, guard=DivergenceGuard(GuardConfig()))
+    _fail_once(store, monkeypatch)
+    harness.log(1, loss=1.0)
+    harness.log(2, loss=math.nan)
+    with pytest.raises(sqlite3.OperationalError):
+        harness.writer.flush()
+    harness.writer.flush()
+    harness.writer.close()
+    assert [(d.step, b) for d, b in harness.divergences] == [(2, 1)]
