@@ -135,7 +135,8 @@ class _HashingWriter(io.RawIOBase):
         return self.handle.write(view)
 
     def flush(self) -> None:
-        self.handle.flush()
+        if not self.handle.closed:
+            self.handle.flush()
 
 
 def write_atomic(path: Path, state: dict[str, Any]) -> tuple[str, int]:
@@ -204,9 +205,10 @@ def read_verified(path: Path, sha256: str | None) -> dict[str, Any]:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         load_error: BaseException | None = None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError, TypeError) as error:
+    except Exception as error:  # a damaged file fails in many ways (IndexError, struct.error, ...)
         state, load_error = None, error
-    hasher.join()
+    finally:
+        hasher.join()
     if sha256 is not None and digest["hex"] != sha256:
         raise CheckpointError(
             f"checkpoint file {str(path)!r} does not match the hash recorded when it was written "
@@ -214,11 +216,12 @@ def read_verified(path: Path, sha256: str | None) -> dict[str, Any]:
             "it was not loaded"
         )
     if load_error is not None:
-        first_line = str(load_error).strip().splitlines()[0] if str(load_error).strip() else type(load_error).__name__
-        raise CheckpointError(
-            f"checkpoint file {str(path)!r} was refused: it is not a plain-data torch checkpoint "
-            f"({first_line[:200]})"
-        )
+        if isinstance(load_error, pickle.UnpicklingError):
+            # torch's own message goes on to suggest weights_only=False: exactly what must not be done.
+            reason = "it holds objects other than tensors and plain data, which could run code"
+        else:
+            reason = f"it is damaged ({type(load_error).__name__})"
+        raise CheckpointError(f"checkpoint file {str(path)!r} was refused: {reason}; it was not loaded")
     if not isinstance(state, dict) or state.get(KEY_FORMAT) != FORMAT:
         raise CheckpointError(f"checkpoint file {str(path)!r} is not a babysit checkpoint (format {FORMAT} expected)")
     return state

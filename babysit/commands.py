@@ -65,15 +65,12 @@ def parse_number(raw: Any, what: str, accepted: str) -> float:
     """Turn ``raw`` (a number or the text a person typed) into a finite float, or explain."""
     if isinstance(raw, bool):
         raise CommandError(f"{what} must be {accepted}, got {_show(raw)}")
-    if isinstance(raw, (int, float)):
-        value = float(raw)
-    elif isinstance(raw, str):
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise CommandError(f"{what} must be {accepted}, got {_show(raw)}") from None
-    else:
+    if not isinstance(raw, (int, float, str)):
         raise CommandError(f"{what} must be {accepted}, got {_show(raw)}")
+    try:
+        value = float(raw.strip() if isinstance(raw, str) else raw)
+    except (ValueError, OverflowError):  # text, or an integer too large for a float
+        raise CommandError(f"{what} must be {accepted}, got {_show(raw)}") from None
     if not math.isfinite(value):
         raise CommandError(f"{what} must be {accepted}, got {_show(raw)}")
     return value
@@ -111,6 +108,8 @@ def validate_checkpoint_id(raw: Any) -> int:
 
 def validate(kind: Any, args: dict[str, Any] | None = None) -> Command:
     """Check a command and return it normalised; raise :class:`CommandError` naming the bad value."""
+    if args is not None and not isinstance(args, dict):
+        raise CommandError(f"{kind} arguments must be a mapping of names to values, got {_show(args)}")
     args = dict(args or {})
     if kind not in KINDS:
         raise CommandError(f"unknown command {_show(kind)}; accepted: {', '.join(KINDS)}")

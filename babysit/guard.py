@@ -35,15 +35,32 @@ class GuardConfig:
     auto_remedy_max: int = 0
 
     def __post_init__(self) -> None:
-        factor = parse_number(self.spike_factor, "spike_factor", "a finite number > 1 (for example 3)")
-        if factor <= 1:
-            raise CommandError(f"spike_factor must be a finite number > 1 (for example 3), got {self.spike_factor!r}")
+        for name in ("short_beta", "long_beta"):
+            beta = parse_number(getattr(self, name), name, "a number >= 0 and < 1 (for example 0.9)")
+            if not 0 <= beta < 1:
+                raise CommandError(f"{name} must be a number >= 0 and < 1 (for example 0.9), got {getattr(self, name)!r}")
+            object.__setattr__(self, name, beta)
+        if self.short_beta >= self.long_beta:
+            raise CommandError(f"short_beta must be below long_beta, got {self.short_beta!r} and {self.long_beta!r}")
+        # For losses >= 0 the short average can never exceed the long one by more than this.
+        reachable = (1 - self.short_beta) / (1 - self.long_beta)
+        accepted = f"a finite number > 1 and < {reachable:g} (for example 3)"
+        factor = parse_number(self.spike_factor, "spike_factor", accepted)
+        if not 1 < factor < reachable:
+            raise CommandError(f"spike_factor must be {accepted}, got {self.spike_factor!r}")
+        object.__setattr__(self, "spike_factor", factor)
         if not isinstance(self.auto_remedy_max, int) or self.auto_remedy_max < 0:
             raise CommandError(f"auto_remedy_max must be a whole number >= 0, got {self.auto_remedy_max!r}")
         gate = parse_number(self.noise_gate, "noise_gate", "a finite number >= 0 (for example 6)")
         if gate < 0:
             raise CommandError(f"noise_gate must be a finite number >= 0 (for example 6), got {self.noise_gate!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        object.__setattr__(self, "noise_gate", gate)
+        for name in ("enabled",):
+            if not isinstance(getattr(self, name), bool):
+                raise CommandError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.auto_remedy_max, bool):
+            raise CommandError(f"auto_remedy_max must be a whole number >= 0, got {self.auto_remedy_max!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise CommandError(f"warmup_steps must be a whole number >= 0, got {self.warmup_steps!r}")
 
 

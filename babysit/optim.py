@@ -72,11 +72,29 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, scheduler: Any = None) -
     # The first group gets exactly the value asked for, not value*current/current.
     _write(optimizer.param_groups[0], "lr", lr)
     if scheduler is not None and factor is not None:
-        if hasattr(scheduler, "base_lrs"):
-            scheduler.base_lrs = [base * factor for base in scheduler.base_lrs]
-        if hasattr(scheduler, "_last_lr"):
-            scheduler._last_lr = [_as_float(g["lr"]) for g in optimizer.param_groups]
+        _scale_scheduler(scheduler, factor, optimizer)
     return read_hparams(optimizer)["lr"]  # type: ignore[return-value]
+
+
+def _scale_scheduler(scheduler: Any, factor: float, optimizer: torch.optim.Optimizer) -> None:
+    # base_lrs: most schedulers; max_lrs: CyclicLR; _schedulers: SequentialLR and ChainedScheduler,
+    # whose children each keep their own.
+    for attribute in ("base_lrs", "max_lrs"):
+        if isinstance(getattr(scheduler, attribute, None), list):
+            setattr(scheduler, attribute, [value * factor for value in getattr(scheduler, attribute)])
+    for child in getattr(scheduler, "_schedulers", None) or []:
+        _scale_scheduler(child, factor, optimizer)
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = [_as_float(g["lr"]) for g in optimizer.param_groups]
+
+
+def cycles_momentum(scheduler: Any) -> bool:
+    """True for schedulers that rewrite momentum at every step (OneCycleLR, CyclicLR by default)."""
+    if scheduler is None:
+        return False
+    if getattr(scheduler, "cycle_momentum", False):
+        return True
+    return any(cycles_momentum(child) for child in getattr(scheduler, "_schedulers", None) or [])
 
 
 def set_momentum(optimizer: torch.optim.Optimizer, momentum: float) -> float:

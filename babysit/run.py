@@ -430,7 +430,11 @@ class Run:
         if command.kind == cmd.SET_MOMENTUM:
             after = optim.set_momentum(self.optimizer, command.args["value"])
             self._record_hparams()
-            return {"before": before["momentum"], "after": after}
+            result: dict[str, Any] = {"before": before["momentum"], "after": after}
+            if optim.cycles_momentum(self.scheduler):
+                result["warning"] = (f"{type(self.scheduler).__name__} cycles momentum and will overwrite this "
+                                     "at its next step (the chart shows what it sets)")
+            return result
         if command.kind == cmd.PAUSE:
             if self.state == PAUSED:
                 raise cmd.CommandError("the run is already paused")

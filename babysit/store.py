@@ -224,16 +224,28 @@ class RunStore:
             connection.close()
             self._local.conn = None
 
+    def _create_database(self) -> None:
+        """Build the schema in a side file and rename it into place, so that a reader never opens
+        a run.db without its tables."""
+        temp = self.db_path.with_name(f".{DB_NAME}.new-{os.getpid()}")
+        temp.unlink(missing_ok=True)
+        connection = sqlite3.connect(temp, isolation_level=None)
+        try:
+            connection.executescript(_SCHEMA)
+            connection.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            connection.execute("INSERT INTO meta VALUES ('created', ?)", (repr(_now()),))
+            connection.execute("PRAGMA journal_mode = WAL")
+        finally:
+            connection.close()
+        os.replace(temp, self.db_path)
+
     def _check_or_create_schema(self, create: bool) -> None:
         try:
+            if create and not self.db_path.exists():
+                self._create_database()
             connection = self.conn()
             if create:
-                connection.execute("PRAGMA journal_mode = WAL")
-                connection.executescript(_SCHEMA)
-                connection.execute(
-                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
-                connection.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (repr(_now()),))
+                connection.executescript(_SCHEMA)  # no-op unless an older run lacks a table
             row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as error:
             self.close()

@@ -32,13 +32,12 @@ def to_float(value: Any) -> float:
 
 
 class _OpenChunk:
-    __slots__ = ("first_step", "steps", "vals", "walls", "dirty")
+    __slots__ = ("steps", "vals", "walls")
 
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.vals: list[float] = []
         self.walls: list[float] = []
-        self.dirty = False
 
 
 class MetricsWriter:
@@ -64,6 +63,8 @@ class MetricsWriter:
         self._interval = interval
         self._open: dict[tuple[str, int, str], _OpenChunk] = {}
         self._series: dict[tuple[str, int, str], int] = {}
+        self._dirty: set[tuple[str, int, str]] = set()  # open chunks with points not yet stored
+        self._full: list[tuple[tuple[str, int, str], _OpenChunk]] = []  # filled up, not yet stored
         self._bad_names: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -113,7 +114,9 @@ class MetricsWriter:
                     continue
                 key = (name, branch, per)
                 chunk = self._open.get(key)
-                if chunk is None:
+                if chunk is None or len(chunk.steps) >= CHUNK_POINTS:
+                    if chunk is not None:  # full: store it under its own key until written
+                        self._full.append((key, chunk))
                     chunk = self._open[key] = _OpenChunk()
                 chunk.steps.append(step)
                 chunk.vals.append(value)
@@ -124,16 +127,17 @@ class MetricsWriter:
                     found = guard.feed(step, value)
                     if found is not None:
                         divergences.append((found, branch))
+        if self._on_divergence is not None:
+            for found, branch in divergences:
+                self._on_divergence(found, branch)
+        self._dirty |= touched
         pending = []
-        for key in touched:
-            chunk = self._open[key]
+        for key, chunk in self._full + [(key, self._open[key]) for key in self._dirty]:
             series = self._series.get(key)
             if series is None:
                 series = self._series[key] = self.store.series_id(key[0], key[1], key[2])
             pending.append((series, np.array(chunk.steps, dtype=np.int64), np.array(chunk.vals, dtype=np.float64),
                             np.array(chunk.walls, dtype=np.float64)))
-            if len(chunk.steps) >= CHUNK_POINTS:
-                del self._open[key]  # full: written for the last time below
         connection = self.store.conn()
         connection.execute("BEGIN IMMEDIATE")
         try:
@@ -142,10 +146,12 @@ class MetricsWriter:
             connection.execute("COMMIT")
         except BaseException:
             connection.execute("ROLLBACK")
-            raise
-        if self._on_divergence is not None:
-            for found, branch in divergences:
-                self._on_divergence(found, branch)
+            raise  # the points stay in their open chunks and are written by the next flush
+        self._full.clear()
+        for key in self._dirty:
+            if len(self._open[key].steps) >= CHUNK_POINTS:
+                del self._open[key]  # full, and now stored for good
+        self._dirty.clear()
 
     def forget_branch(self, branch: int) -> None:
         """Drop the open chunks of a branch that will get no more points (after a rollback)."""
@@ -153,6 +159,8 @@ class MetricsWriter:
             self._flush_locked()
             for key in [k for k in self._open if k[1] == branch]:
                 del self._open[key]
+                self._dirty.discard(key)
+            self._full = [(key, chunk) for key, chunk in self._full if key[1] != branch]
 
     def _report_bad_value(self, name: str, raw: Any, branch: int, step: int) -> None:
         if name in self._bad_names:

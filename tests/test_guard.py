@@ -190,7 +190,7 @@ def test_defaults():
 @pytest.mark.parametrize(("raw", "shown"), [(1, "1"), (1.0, "1.0"), (0.5, "0.5"), (-3, "-3"), (math.nan, "nan"),
                                             (math.inf, "inf"), ("big", "'big'"), (True, "True"), (None, "None")])
 def test_spike_factor_must_be_above_one(raw, shown):
-    with pytest.raises(CommandError, match=rf"^spike_factor must be a finite number > 1 \(for example 3\), got {shown}$"):
+    with pytest.raises(CommandError, match=rf"^spike_factor must be a finite number > 1 and < 10 \(for example 3\), got {shown}$"):
         GuardConfig(spike_factor=raw)
 
 

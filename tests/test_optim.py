@@ -82,11 +82,12 @@ def test_set_lr_writes_exactly_and_returns_the_read_back(make: Callable[[Any], t
 
 def test_set_lr_keeps_the_ratios_between_groups():
     opt = torch.optim.SGD(_groups(0.1, 0.01, 0.3), lr=0.1, momentum=0.9)
-    assert optim.set_lr(opt, 0.07) == 0.07
+    assert 0.1 * (0.013 / 0.1) != 0.013  # so the next line tells "exactly" from "scaled"
+    assert optim.set_lr(opt, 0.013) == 0.013
     lrs = _lrs(opt)
-    assert lrs[0] == 0.07  # exactly what was asked, not 0.1 * (0.07 / 0.1)
-    assert lrs[1] == pytest.approx(0.007, rel=1e-12)
-    assert lrs[2] == pytest.approx(0.21, rel=1e-12)
+    assert lrs[0] == 0.013  # exactly what was asked, not 0.1 * (0.013 / 0.1)
+    assert lrs[1] == pytest.approx(0.0013, rel=1e-12)
+    assert lrs[2] == pytest.approx(0.039, rel=1e-12)
     assert lrs[1] / lrs[0] == pytest.approx(0.1, rel=1e-12)
     assert lrs[2] / lrs[0] == pytest.approx(3.0, rel=1e-12)
 
@@ -221,6 +222,10 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
     "OneCycleLR": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.4, 0.04], total_steps=30),
     "CyclicLR": lambda opt: torch.optim.lr_scheduler.CyclicLR(
         opt, base_lr=[0.01, 0.001], max_lr=[0.1, 0.01], step_size_up=4),
+    # The usual warm-up then cosine: the wrapper's children keep base_lrs of their own.
+    "SequentialLR(LinearLR, CosineAnnealingLR)": lambda opt: torch.optim.lr_scheduler.SequentialLR(
+        opt, [torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.25, total_iters=3),
+              torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)], milestones=[6]),
 }
 
 
@@ -245,7 +250,7 @@ def test_scheduler_step_after_set_lr_keeps_the_nudge(name: str):
     assert _lrs(nudged)[0] == new
     assert nudged_sched.get_last_lr() == _lrs(nudged)
 
-    for _ in range(12):  # crosses StepLR's decays, the cosine's turn and CyclicLR's peak
+    for _ in range(12):  # crosses StepLR's decays, the cosine's turn, CyclicLR's peak, SequentialLR's switch
         _step(nudged, nudged_sched)
         _step(twin, twin_sched)
         assert _lrs(nudged) == pytest.approx([lr / 4 for lr in _lrs(twin)], rel=1e-9)

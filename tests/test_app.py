@@ -1,0 +1,190 @@
+"""The dashboard with Streamlit's AppTest: each control queues the right command, errors show."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from babysit import commands as cmd
+from babysit.checkpoint import write_atomic
+from babysit.store import RunStore
+from tests.conftest import REPO
+
+
+def fake_trainer(run_dir: Path, *, state: str = "running", lr: float = 0.05, momentum: float | None = 0.9,
+                 alive: bool = True) -> RunStore:
+    """A run store whose status says a trainer (this test process) is alive, with two checkpoints."""
+    store = RunStore(run_dir, create=True)
+    branch = store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    store.write_status(state=state, pid=os.getpid(), host=socket.gethostname(), started=time.time(),
+                       heartbeat=time.time() if alive else time.time() - 3600, epoch=3, max_epochs=10, step=120,
+                       step_in_epoch=20, steps_per_epoch=45, branch=branch, lr=lr, momentum=momentum,
+                       optimizer="SGD", message="")
+    for epoch, step in ((1, 45), (2, 90)):
+        name = f"epoch-{epoch:04d}-step-{step:08d}-b1.pt"
+        sha, size = write_atomic(run_dir / name, {"format": "x", "model": {"w": torch.zeros(2)}})
+        store.add_checkpoint(branch=branch, epoch=epoch, step=step, step_in_epoch=45, file=name, sha256=sha, size=size,
+                             hparams={"lr": 0.1, "momentum": 0.9}, metrics={"val_loss": 1.0 / epoch}, reason="epoch")
+    return store
+
+
+@pytest.fixture
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(sys, "argv", ["app.py", "--root", str(tmp_path), "--run", str(tmp_path / "run")])
+    monkeypatch.delenv("BABYSIT_TOKEN", raising=False)
+
+    def start() -> AppTest:
+        at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
+        at.run()
+        assert not at.exception, at.exception
+        return at
+
+    return start
+
+
+def queued(store: RunStore) -> list[tuple[str, dict, str]]:
+    return [(c["kind"], c["args"], c["source"]) for c in store.commands()]
+
+
+def test_page_shows_the_run(app, tmp_path: Path) -> None:
+    fake_trainer(tmp_path / "run")
+    at = app()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics == {"epoch": "3 / 10", "step": "120", "branch": "1", "lr": "0.05", "momentum": "0.9"}
+    assert any("running" in md.value for md in at.markdown)
+
+
+def test_lr_buttons_and_exact_value(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run")
+    at = app()
+    at.button(key="lr_double").click().run()
+    at.button(key="lr_half").click().run()
+    at.text_input(key="lr_exact").input("0.003").run()
+    at.button(key="lr_set").click().run()
+    assert queued(store) == [(cmd.SET_LR, {"value": 0.1}, "dashboard"), (cmd.SET_LR, {"value": 0.025}, "dashboard"),
+                             (cmd.SET_LR, {"value": 0.003}, "dashboard")]
+    assert [t.value for t in at.toast][-1].startswith("Sent #3: set lr 0.003")
+    assert any("#3 set lr 0.003: pending" in i.value for i in at.info)
+
+
+def test_lr_slider_is_log_scaled(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run")
+    at = app()
+    slider = at.select_slider(key="lr_choice")
+    assert slider.value == 0.05
+    assert slider.options[:4] == ["1e-06", "2e-06", "3e-06", "5e-06"]
+    slider.set_value(0.002).run()
+    at.button(key="lr_set").click().run()
+    assert queued(store) == [(cmd.SET_LR, {"value": 0.002}, "dashboard")]
+
+
+def test_bad_lr_is_refused_with_its_value_and_nothing_is_queued(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run")
+    at = app()
+    for bad in ("abc", "-1", "nan", "1e9"):
+        at.text_input(key="lr_exact").input(bad).run()
+        at.button(key="lr_set").click().run()
+        assert any(f"got '{bad}'" in e.value and "lr must be a finite number > 0" in e.value for e in at.error), bad
+    assert queued(store) == []
+
+
+def test_momentum_moves_on_one_minus_beta(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run")
+    at = app()
+    slider = at.select_slider(key="one_minus_beta")
+    assert slider.value == 0.1
+    assert "window ≈ 10 steps" in slider.format_func(slider.value)
+    slider.set_value(0.02).run()
+    at.button(key="momentum_set").click().run()
+    at.text_input(key="momentum_exact").input("1.0").run()
+    at.button(key="momentum_set").click().run()
+    assert queued(store) == [(cmd.SET_MOMENTUM, {"value": 0.98}, "dashboard")]
+    assert any("momentum must be a finite number >= 0 and < 1" in e.value and "'1.0'" in e.value for e in at.error)
+
+
+def test_pause_checkpoint_stop(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run")
+    at = app()
+    at.button(key="pause").click().run()
+    at.button(key="checkpoint").click().run()
+    at.button(key="stop").click().run()
+    assert [k for k, _, _ in queued(store)] == [cmd.PAUSE, cmd.CHECKPOINT, cmd.STOP]
+
+
+def test_resume_button_when_paused(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run", state="paused")
+    at = app()
+    assert [b.key for b in at.button if b.key in ("pause", "resume")] == ["resume"]
+    at.button(key="resume").click().run()
+    assert queued(store) == [(cmd.RESUME, {}, "dashboard")]
+
+
+def test_rollback_with_the_chosen_hyperparameters(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run")
+    at = app()
+    target = at.selectbox(key="rollback_target")
+    assert target.options[0].startswith("#2 · epoch 2 · step 90")
+    target.select(1).run()
+    at.radio(key="rollback_hparams").set_value(cmd.HPARAMS_CURRENT).run()
+    at.button(key="rollback").click().run()
+    assert queued(store) == [(cmd.ROLLBACK, {"checkpoint": 1, "hparams": "current"}, "dashboard")]
+
+
+def test_commands_to_a_run_that_is_not_running_show_why(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run", alive=False)
+    at = app()
+    assert any("not responding" in md.value for md in at.markdown)
+    at.button(key="pause").click().run()
+    assert queued(store) == []
+    assert any("is not running" in e.value for e in at.error)
+
+
+def test_history_shows_each_command_fate(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run")
+    first = store.enqueue_command(cmd.SET_LR, {"value": 0.2}, source="cli")
+    second = store.enqueue_command(cmd.SET_MOMENTUM, {"value": 0.5}, source="dashboard")
+    store.finish_command(first, cmd.APPLIED, branch=1, step=130, result={"before": 0.05, "after": 0.2})
+    store.finish_command(second, cmd.REJECTED, branch=1, step=131, reason="Adagrad has no momentum to set")
+    at = app()
+    history = at.dataframe[-1].value
+    assert history["fate"].tolist() == ["rejected: Adagrad has no momentum to set", "applied at step 130 (after 0.2)"]
+
+
+def test_a_divergence_offers_the_one_click_remedy(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run", state="paused", lr=0.4)
+    store.add_event("divergence", "divergence: loss became nan at step 118; run paused", branch=1, step=118,
+                    data={"checkpoint": 2, "suggested_lr": 0.2})
+    at = app()
+    assert any("Divergence" in e.value and "loss became nan" in e.value for e in at.error)
+    at.button(key="remedy").click().run()
+    assert queued(store) == [(cmd.ROLLBACK, {"checkpoint": 2, "hparams": "current", "lr": 0.2}, "dashboard")]
+
+
+def test_several_runs_are_offered_to_pick(app, tmp_path: Path) -> None:
+    fake_trainer(tmp_path / "run")
+    fake_trainer(tmp_path / "other", lr=0.3)
+    at = app()
+    picker = at.selectbox(key="run_choice")
+    assert sorted(picker.options) == sorted([str(tmp_path / "run"), str(tmp_path / "other")])
+    picker.select(str(tmp_path / "other")).run()
+    assert {m.label: m.value for m in at.metric}["lr"] == "0.3"
+
+
+def test_a_token_hides_everything_until_given(app, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = fake_trainer(tmp_path / "run")
+    monkeypatch.setenv("BABYSIT_TOKEN", "s3cret")
+    at = app()
+    assert len(at.metric) == 0 and len(at.button) == 0
+    at.text_input(key="_token_input").input("wrong").run()
+    assert len(at.metric) == 0 and any("not the one" in e.value for e in at.error)
+    at.text_input(key="_token_input").input("s3cret").run()
+    assert {m.label for m in at.metric} >= {"lr", "momentum"}
+    at.button(key="pause").click().run()
+    assert queued(store) == [(cmd.PAUSE, {}, "dashboard")]
