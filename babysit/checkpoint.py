@@ -177,14 +177,13 @@ def remove_stale_temps(directory: Path) -> list[Path]:
     return removed
 
 
-def is_disk_full(error: BaseException) -> bool:
+def disk_full_error(error: BaseException | None) -> OSError | None:
+    """The "no space left" OSError behind ``error`` (torch wraps it in its own RuntimeError)."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return True
-        if "No space left on device" in str(error) or "file write failed" in str(error):
-            return True
-        error = error.__cause__ or error.__context__  # type: ignore[assignment]
-    return False
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 # -- reading -----------------------------------------------------------------------------------

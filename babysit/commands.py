@@ -131,6 +131,12 @@ def validate(kind: Any, args: dict[str, Any] | None = None) -> Command:
         if args.get("momentum") is not None:
             normalised["momentum"] = validate_momentum(args["momentum"])
         return Command(kind, normalised)
+    if kind == PAUSE and args.get("reason") is not None:
+        # The guard says why it paused the run; a person's pause needs no reason.
+        reason = args["reason"]
+        if not isinstance(reason, str) or len(reason) > 300:
+            raise CommandError(f"pause reason must be text of at most 300 characters, got {_show(reason)}")
+        return Command(kind, {"reason": reason})
     extra = sorted(k for k in args if args[k] is not None)
     if extra:
         raise CommandError(f"{kind} takes no arguments, got {', '.join(extra)}")

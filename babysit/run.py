@@ -34,7 +34,7 @@ from . import optim
 from .checkpoint import (
     KEY_BRANCH, KEY_CONFIG, KEY_EPOCH, KEY_EPOCH_START_RNG, KEY_FORMAT, KEY_HPARAMS, KEY_METRICS,
     KEY_MODEL, KEY_OPTIMIZER, KEY_RNG, KEY_SCHEDULER, KEY_STEP, KEY_STEP_IN_EPOCH, FORMAT,
-    AsyncCheckpointer, CheckpointError, PendingCheckpoint, checkpoint_filename, clone_tree, is_disk_full,
+    AsyncCheckpointer, CheckpointError, PendingCheckpoint, checkpoint_filename, clone_tree, disk_full_error,
     read_verified, remove_stale_temps, rng_state, set_rng_state,
 )
 from .guard import Divergence, DivergenceGuard, GuardConfig
@@ -438,7 +438,8 @@ class Run:
         if command.kind == cmd.PAUSE:
             if self.state == PAUSED:
                 raise cmd.CommandError("the run is already paused")
-            self.state, self.message = PAUSED, f"paused at step {self.step} ({pending['source']})"
+            why = command.args.get("reason") or f"by {pending['source']}"
+            self.state, self.message = PAUSED, f"paused at step {self.step}: {why}"
             return {"state": PAUSED}
         if command.kind == cmd.RESUME:
             if self.state != PAUSED:
@@ -525,18 +526,22 @@ class Run:
     def _checkpoint_failed(self, job: PendingCheckpoint) -> None:
         error = job.error
         meta = job.meta
-        if is_disk_full(error):  # type: ignore[arg-type]
-            message = (f"checkpoint at step {meta['step']} not written: the disk is full ({error}); earlier "
-                       "checkpoints are intact; the run is paused: free some space, then resume")
+        full = disk_full_error(error)
+        if full is not None:
+            message = (f"checkpoint at step {meta['step']} not written: the disk holding {self.run_dir} is full "
+                       f"({os.strerror(full.errno)}); earlier checkpoints are intact; the run is paused: free some "
+                       "space, then resume")
+            reason = "the disk is full, no checkpoint could be written"
         else:
             message = f"checkpoint at step {meta['step']} not written: {error}"
+            reason = "a checkpoint could not be written"
         self.store.add_event("checkpoint_failed", message, branch=meta["branch"], step=meta["step"],
                              epoch=meta["epoch"])
         if "command" in meta:
             self.store.finish_command(meta["command"], cmd.REJECTED, branch=meta["branch"], step=meta["step"],
                                       reason=message)
         if not self._closed:
-            self.store.enqueue_command(cmd.PAUSE, source="guard", require_live=False)
+            self.store.enqueue_command(cmd.PAUSE, {"reason": reason}, source="guard", require_live=False)
 
     def _apply_retention(self) -> None:
         if self.keep_last is None:
@@ -637,7 +642,8 @@ class Run:
                       else "; no checkpoint to roll back to yet")
             self.store.add_event("divergence", f"divergence: {found.describe()}; run paused{remedy}",
                                  branch=branch, step=found.step, data=data)
-            self.store.enqueue_command(cmd.PAUSE, source="guard", require_live=False)
+            self.store.enqueue_command(cmd.PAUSE, {"reason": f"divergence: {found.describe()}"}, source="guard",
+                                       require_live=False)
         self._wake = True
 
     def _last_healthy_checkpoint(self, before_step: int) -> dict[str, Any] | None:

@@ -340,24 +340,25 @@ def test_disk_full_during_write_removes_the_temp(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(ck.os, "fsync", full)
     with pytest.raises(OSError) as info:
         ck.write_atomic(tmp_path / "a.pt", {"w": torch.ones(3)})
-    assert ck.is_disk_full(info.value)
+    assert ck.disk_full_error(info.value) is info.value
     assert _entries(tmp_path) == []
 
 
-def test_is_disk_full():
-    assert ck.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
-    assert ck.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
-    assert ck.is_disk_full(RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed "
-                                        "writing file data/0: file write failed"))
+def test_disk_full_error_finds_the_oserror_behind_torchs_own():
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert ck.disk_full_error(full) is full
+    quota = OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert ck.disk_full_error(quota) is quota
     try:
         try:
-            raise OSError(errno.ENOSPC, "full")
-        except OSError as inner:
-            raise RuntimeError("wrapped") from inner
-    except RuntimeError as outer:
-        assert ck.is_disk_full(outer)
-    assert not ck.is_disk_full(OSError(errno.EACCES, "Permission denied"))
-    assert not ck.is_disk_full(ValueError("bad"))
+            raise full
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 622016 vs 621904")
+    except RuntimeError as outer:  # torch.save reports a failed write like this, the OSError as context
+        assert ck.disk_full_error(outer) is full
+    assert ck.disk_full_error(OSError(errno.EACCES, "Permission denied")) is None
+    assert ck.disk_full_error(ValueError("bad")) is None
+    assert ck.disk_full_error(None) is None
 
 
 def test_remove_stale_temps(tmp_path: Path):

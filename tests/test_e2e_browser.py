@@ -43,6 +43,9 @@ PLOT = ".babysit-live-chart .js-plotly-plot"
 INITIAL_LR = 0.05  # the demo job's default (babysit/jobs/digits.py)
 START_S = 120.0  # the demo: trainer up (torch import, data) and streamlit healthy, on 2 busy cores
 WAIT_S = 45.0  # one page action or acknowledgement
+# The first epoch (270 steps) takes ~3 s on an idle machine, but over a minute on two cores shared
+# with Chromium, Streamlit and other work: torch's two spinning intra-op threads fight for them.
+EPOCH_S = 180.0
 URL_LINE = re.compile(r"babysit: dashboard at (http://127\.0\.0\.1:\d+)")
 
 
@@ -105,7 +108,7 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
     process = subprocess.Popen(
         [sys.executable, "-m", "babysit", "demo", "--run-dir", str(run_dir), "--port", str(_free_port())],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": "1"} if os.environ.get("E2E_OMP1") else {})},
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert process.stdout is not None
     reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)  # type: ignore[arg-type]
@@ -146,7 +149,8 @@ def _until(what: str, check: Callable[[], Any], page: Page, timeout: float = WAI
 
 
 def _loss_traces(page: Page) -> dict[int, dict[str, Any]]:
-    """Per branch, the train-loss traces on the chart: how many points and the largest step."""
+    """Per branch, the train-loss traces on the chart (raw and smoothed): their names, how many
+    points in all, and the smallest and largest step drawn."""
     traces = page.evaluate(
         """(sel) => {
             const gd = document.querySelector(sel);
@@ -159,8 +163,10 @@ def _loss_traces(page: Page) -> dict[int, dict[str, Any]]:
     for trace in traces:
         match = re.match(r"loss · branch (\d+)\b", trace["name"])
         if match and "superseded" not in trace["name"] and trace["x"]:
-            entry = branches.setdefault(int(match.group(1)), {"points": 0, "max_x": float("-inf"), "names": []})
+            entry = branches.setdefault(int(match.group(1)),
+                                        {"points": 0, "min_x": float("inf"), "max_x": float("-inf"), "names": []})
             entry["points"] += len(trace["x"])
+            entry["min_x"] = min(entry["min_x"], min(float(x) for x in trace["x"]))
             entry["max_x"] = max(entry["max_x"], max(float(x) for x in trace["x"]))
             entry["names"].append(trace["name"])
     return branches
@@ -210,7 +216,6 @@ def _choose_checkpoint(page: Page, label_start: str) -> None:
 
 # -- the test --------------------------------------------------------------------------------------
 def test_demo_in_the_browser_curve_lr_nudge_and_rollback(demo: Demo) -> None:
-    started = time.monotonic()
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -224,7 +229,7 @@ def test_demo_in_the_browser_curve_lr_nudge_and_rollback(demo: Demo) -> None:
             first = _until("branch 1's loss curve", lambda: _loss_traces(page).get(1), page, timeout=90)
             grown = _until("branch 1's loss curve to grow",
                            lambda: (b := _loss_traces(page).get(1)) and b["max_x"] >= first["max_x"] + 20 and b, page)
-            assert grown["points"] > first["points"] or grown["points"] >= 2
+            assert grown["points"] > first["points"]  # every step is drawn until a window holds 5,000
             assert any(name.startswith("loss · branch 1") for name in grown["names"])
             expect(_metric(page, "lr")).to_have_text("0.05")
             expect(_metric(page, "branch")).to_have_text("1")
@@ -243,8 +248,8 @@ def test_demo_in_the_browser_curve_lr_nudge_and_rollback(demo: Demo) -> None:
 
             # 3. Roll back to the first epoch's checkpoint from the page: a new branch, drawn beside
             # the old one.
-            checkpoint = _until("the first epoch checkpoint", lambda: (c := demo.status()["checkpoints"]) and c[0], page, timeout=180)
-            print("checkpoint at", time.monotonic() - started, flush=True)
+            checkpoint = _until("the first epoch's checkpoint", lambda: (c := demo.status()["checkpoints"]) and c[0], page,
+                                timeout=EPOCH_S)
             assert checkpoint["epoch"] == 1 and checkpoint["branch"] == 1
             rollback = page.locator(".st-key-rollback button")
             expect(rollback).to_contain_text("Roll back", timeout=WAIT_S * 1000)
@@ -262,12 +267,14 @@ def test_demo_in_the_browser_curve_lr_nudge_and_rollback(demo: Demo) -> None:
             expect(_metric(page, "branch")).to_have_text("2", timeout=WAIT_S * 1000)
             both = _until("branch 2's loss curve beside branch 1's",
                           lambda: (b := _loss_traces(page)).get(2) and b.get(1) and b, page)
-            assert both[2]["points"] > 0 and both[1]["points"] > 0
             assert any(name.startswith("loss · branch 2") for name in both[2]["names"])
-            assert both[1]["max_x"] > checkpoint["step"]  # branch 1 keeps the steps it ran past the checkpoint
+            assert both[2]["min_x"] >= checkpoint["step"]  # branch 2 starts where the checkpoint was taken
+            rolled_back_at = int(re.search(r"applied at step (\d+)", status_text).group(1))  # type: ignore[union-attr]
+            assert rolled_back_at > checkpoint["step"]
+            # Branch 1 is still drawn, from the start to past the checkpoint (the steps it ran after it).
+            assert both[1]["min_x"] <= 1 and both[1]["max_x"] > checkpoint["step"]
 
             assert page.locator('[data-testid="stException"]').count() == 0
             assert errors == []
         finally:
             browser.close()
-    assert time.monotonic() - started < 150
