@@ -45,6 +45,7 @@ live()
 # Nudges: lr first, momentum second, as the course notes rank them.
 st.subheader("Nudge")
 status = store.status()
+page.trainer_hint(store, status)
 lr_column, momentum_column = st.columns(2)
 with lr_column:
     page.lr_controls(store, status)

@@ -261,6 +261,16 @@ def command_history(store: RunStore) -> None:
 
 
 # -- controls ----------------------------------------------------------------------------------
+def trainer_hint(store: RunStore, status: dict[str, Any]) -> None:
+    """Say up front why the controls will refuse, rather than only after a click."""
+    if status.get("alive"):
+        return
+    state = status.get("effective_state", "new")
+    st.info(f"No trainer is running this run ({state}), so commands are refused until one is. Resume it with "
+            f"`python -m babysit train --run-dir {store.run_dir}` (the demo), or by running your script again.",
+            icon=":material/info:")
+
+
 def lr_controls(store: RunStore, status: dict[str, Any]) -> None:
     lr = status.get("lr")
     st.markdown("**Learning rate**" + (f" — now `{lr:.4g}`" if lr is not None else ""))
