@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import mmap
 import os
 import pickle
 import queue
@@ -188,34 +189,40 @@ def disk_full_error(error: BaseException | None) -> OSError | None:
 
 # -- reading -----------------------------------------------------------------------------------
 def read_verified(path: Path, sha256: str | None) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` after checking its SHA-256.
+    """Load a checkpoint with ``torch.load(weights_only=True)`` after checking its SHA-256.
 
-    The hash is computed in a second thread while torch decodes the same bytes (both release the
-    GIL), so verification costs little more than the load itself. Raises :class:`CheckpointError`
+    The file is memory-mapped: a second thread hashes the mapping while torch decodes it (both
+    release the GIL) and nothing is copied before ``load_state_dict`` copies the weights into the
+    model, so verifying costs little more than a plain load. Raises :class:`CheckpointError`
     naming the file when it is missing, altered, truncated or holds anything but plain data.
     """
     try:
-        data = path.read_bytes()
+        handle = open(path, "rb")
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {str(path)!r} is missing") from None
-    digest: dict[str, str] = {}
-    hasher = threading.Thread(target=lambda: digest.setdefault("hex", hashlib.sha256(data).hexdigest()))
-    hasher.start()
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        load_error: BaseException | None = None
-    except Exception as error:  # a damaged file fails in many ways (IndexError, struct.error, ...)
-        state, load_error = None, error
-    finally:
-        hasher.join()
+    with handle:
+        identity = os.fstat(handle.fileno())
+        if identity.st_size == 0:  # nothing to map; the hash check below still names it
+            digest = {"hex": hashlib.sha256(b"").hexdigest()}
+            state, load_error = None, EOFError("empty file")
+        else:
+            state, load_error, digest = _load_mapped(path, handle)
     if sha256 is not None and digest["hex"] != sha256:
         raise CheckpointError(
             f"checkpoint file {str(path)!r} does not match the hash recorded when it was written "
             f"(recorded {sha256[:12]}…, found {digest['hex'][:12]}…): it was truncated or altered; "
             "it was not loaded"
         )
+    try:
+        replaced = os.stat(path).st_ino != identity.st_ino
+    except FileNotFoundError:
+        replaced = True
+    if replaced:  # what torch read is not what was hashed
+        raise CheckpointError(f"checkpoint file {str(path)!r} was replaced while it was being read; try again")
     if load_error is not None:
-        if isinstance(load_error, pickle.UnpicklingError):
+        if identity.st_size and not _starts_like_zip(path):
+            reason = "it is not in the zip format torch.save writes (a bare pickle is never loaded)"
+        elif isinstance(load_error, pickle.UnpicklingError):
             # torch's own message goes on to suggest weights_only=False: exactly what must not be done.
             reason = "it holds objects other than tensors and plain data, which could run code"
         else:
@@ -224,6 +231,24 @@ def read_verified(path: Path, sha256: str | None) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get(KEY_FORMAT) != FORMAT:
         raise CheckpointError(f"checkpoint file {str(path)!r} is not a babysit checkpoint (format {FORMAT} expected)")
     return state
+
+
+def _starts_like_zip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
+
+
+def _load_mapped(path: Path, handle: Any) -> tuple[Any, BaseException | None, dict[str, str]]:
+    with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        digest: dict[str, str] = {}
+        hasher = threading.Thread(target=lambda: digest.setdefault("hex", hashlib.sha256(mapped).hexdigest()))
+        hasher.start()
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), None, digest
+        except Exception as error:  # a damaged file fails in many ways (IndexError, struct.error, ...)
+            return None, error, digest
+        finally:
+            hasher.join()
 
 
 # -- the background writer ---------------------------------------------------------------------

@@ -96,6 +96,8 @@ class DivergenceGuard:
         self._count = 0
         self._short = 0.0
         self._long = 0.0
+        self._short_power = 1.0  # short_beta ** count, kept as a running product
+        self._long_power = 1.0
         self._gap_square = 0.0  # EW mean of (short - long)^2 over healthy steps
         self._gap_weight = 0.0
         self.tripped = False
@@ -103,30 +105,52 @@ class DivergenceGuard:
     def averages(self) -> tuple[float | None, float | None]:
         if self._count == 0:
             return None, None
-        short = self._short / (1 - self.config.short_beta ** self._count)
-        long = self._long / (1 - self.config.long_beta ** self._count)
-        return short, long
+        return self._short / (1 - self._short_power), self._long / (1 - self._long_power)
 
     def feed(self, step: int, value: float) -> Divergence | None:
-        if not self.config.enabled or self.tripped:
+        return self.feed_many([step], [value])
+
+    def feed_many(self, steps: list[int], values: list[float | None]) -> Divergence | None:
+        """Feed values in order (None is skipped); the first divergence found, if any.
+
+        This runs on the writer thread for every logged loss, so the loop keeps its state in
+        locals and does only arithmetic.
+        """
+        config = self.config
+        if not config.enabled or self.tripped:
             return None
-        if not math.isfinite(value):
+        short_beta, long_beta = config.short_beta, config.long_beta
+        factor, gate, warmup = config.spike_factor, config.noise_gate, config.warmup_steps
+        count, short, long = self._count, self._short, self._long
+        short_power, long_power = self._short_power, self._long_power
+        gap_square, gap_weight = self._gap_square, self._gap_weight
+        found = None
+        for step, value in zip(steps, values):
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                averages = (short / (1 - short_power), long / (1 - long_power)) if count else (None, None)
+                found = Divergence(step, value, *averages)
+                break
+            count += 1
+            short = short_beta * short + (1 - short_beta) * value
+            long = long_beta * long + (1 - long_beta) * value
+            short_power *= short_beta
+            long_power *= long_beta
+            short_average = short / (1 - short_power)
+            long_average = long / (1 - long_power)
+            gap = short_average - long_average
+            if short_average > factor * long_average:
+                usual_square = gap_square / gap_weight if gap_weight > 0 else 0.0
+                if count > warmup and long_average > 0 and gap * gap > gate * gate * usual_square:
+                    found = Divergence(step, value, short_average, long_average)
+                    break
+            else:  # healthy: learn how much the two averages usually differ
+                gap_square = long_beta * gap_square + (1 - long_beta) * gap * gap
+                gap_weight = long_beta * gap_weight + (1 - long_beta)
+        self._count, self._short, self._long = count, short, long
+        self._short_power, self._long_power = short_power, long_power
+        self._gap_square, self._gap_weight = gap_square, gap_weight
+        if found is not None:
             self.tripped = True
-            short, long = self.averages()
-            return Divergence(step, value, short, long)
-        self._count += 1
-        self._short = self.config.short_beta * self._short + (1 - self.config.short_beta) * value
-        self._long = self.config.long_beta * self._long + (1 - self.config.long_beta) * value
-        short, long = self.averages()
-        assert short is not None and long is not None
-        gap = short - long
-        usual = math.sqrt(self._gap_square / self._gap_weight) if self._gap_weight > 0 else 0.0
-        if self._count > self.config.warmup_steps and long > 0 and short > self.config.spike_factor * long \
-                and gap > self.config.noise_gate * usual:
-            self.tripped = True
-            return Divergence(step, value, short, long)
-        if short <= self.config.spike_factor * long:
-            beta = self.config.long_beta
-            self._gap_square = beta * self._gap_square + (1 - beta) * gap * gap
-            self._gap_weight = beta * self._gap_weight + (1 - beta)
-        return None
+        return found

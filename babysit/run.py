@@ -488,8 +488,7 @@ class Run:
 
     # -- epoch end, rollback, stop -----------------------------------------------------------
     def _end_epoch(self) -> None:
-        self.store.add_epoch(self.branch, self.epoch, self.step)
-        self._snapshot(EPOCH_DONE)
+        self._snapshot(EPOCH_DONE)  # the epoch's end is recorded by the writer thread too
         self._next_epoch = self.epoch + 1
 
     def _snapshot(self, reason: str) -> PendingCheckpoint:
@@ -512,20 +511,27 @@ class Run:
 
     def _checkpoint_written(self, job: PendingCheckpoint) -> None:
         meta, result = job.meta, job.result or {}
-        checkpoint_id = self.store.add_checkpoint(
-            branch=meta["branch"], epoch=meta["epoch"], step=meta["step"], step_in_epoch=meta["step_in_epoch"],
-            file=job.path.name, sha256=result["sha256"], size=result["size"], hparams=meta["hparams"],
-            metrics=meta["metrics"], reason=meta["reason"],
-        )
-        meta["id"] = checkpoint_id
-        if "command" in meta:
-            self.store.finish_command(meta["command"], cmd.APPLIED, branch=meta["branch"], step=meta["step"],
-                                      result={"checkpoint": checkpoint_id})
+        with self.store.transaction():
+            self._record_epoch_end(meta)
+            checkpoint_id = self.store.add_checkpoint(
+                branch=meta["branch"], epoch=meta["epoch"], step=meta["step"], step_in_epoch=meta["step_in_epoch"],
+                file=job.path.name, sha256=result["sha256"], size=result["size"], hparams=meta["hparams"],
+                metrics=meta["metrics"], reason=meta["reason"],
+            )
+            meta["id"] = checkpoint_id
+            if "command" in meta:
+                self.store.finish_command(meta["command"], cmd.APPLIED, branch=meta["branch"], step=meta["step"],
+                                          result={"checkpoint": checkpoint_id})
         self._apply_retention()
+
+    def _record_epoch_end(self, meta: dict[str, Any]) -> None:
+        if meta["reason"] == EPOCH_DONE:
+            self.store.add_epoch(meta["branch"], meta["epoch"], meta["step"])
 
     def _checkpoint_failed(self, job: PendingCheckpoint) -> None:
         error = job.error
         meta = job.meta
+        self._record_epoch_end(meta)
         full = disk_full_error(error)
         if full is not None:
             message = (f"checkpoint at step {meta['step']} not written: the disk holding {self.run_dir} is full "
@@ -562,31 +568,30 @@ class Run:
         command = cmd.validate(pending["kind"], pending["args"])
         before = self.hparams
         old_branch, old_step = self.branch, self.step
-        self.checkpointer.wait()
         self._load_state(state, record)
         if command.args["hparams"] == cmd.HPARAMS_CURRENT:
             optim.restore_hparams(self.optimizer, before, self.scheduler)
         overrides = {k: command.args[k] for k in ("lr", "momentum") if k in command.args}
         optim.restore_hparams(self.optimizer, overrides, self.scheduler)
         after = self.hparams
-        self.writer.forget_branch(old_branch)
-        self.branch = self.store.new_branch(
-            parent=record["branch"], from_checkpoint=record["id"], start_step=self.step,
-            start_epoch=self.epoch, hparams=after,
-        )
         self.state = RUNNING
         self.message = f"rolled back to checkpoint #{record['id']} (epoch {record['epoch']}, step {record['step']})"
         self._guard.reset()
+        with self.store.transaction():  # one commit: the branch, its status, the event, the acknowledgement
+            self.branch = self.store.new_branch(
+                parent=record["branch"], from_checkpoint=record["id"], start_step=self.step,
+                start_epoch=self.epoch, hparams=after,
+            )
+            self.store.write_status(**self._status_fields(), heartbeat=time.time())
+            self.store.add_event("rollback", self.message + f" as branch {self.branch}", branch=self.branch,
+                                 step=self.step, epoch=self.epoch,
+                                 data={"from_branch": old_branch, "from_step": old_step, "checkpoint": record["id"],
+                                       "before": before, "after": after, "hparams": command.args["hparams"]})
+            self.store.finish_command(pending["id"], cmd.APPLIED, branch=old_branch, step=old_step, result={
+                "branch": self.branch, "epoch": self.epoch, "step": self.step, "checkpoint": record["id"],
+                "lr": after["lr"], "momentum": after["momentum"], "before": before,
+            })
         self._record_hparams(force=True)
-        self.store.write_status(**self._status_fields(), heartbeat=time.time())
-        self.store.add_event("rollback", self.message + f" as branch {self.branch}", branch=self.branch,
-                             step=self.step, epoch=self.epoch,
-                             data={"from_branch": old_branch, "from_step": old_step, "checkpoint": record["id"],
-                                   "before": before, "after": after, "hparams": command.args["hparams"]})
-        self.store.finish_command(pending["id"], cmd.APPLIED, branch=old_branch, step=old_step, result={
-            "branch": self.branch, "epoch": self.epoch, "step": self.step, "checkpoint": record["id"],
-            "lr": after["lr"], "momentum": after["momentum"], "before": before,
-        })
 
     def _finish_stop(self) -> None:
         job = self._snapshot("stop")

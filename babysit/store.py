@@ -260,8 +260,11 @@ class RunStore:
                 f"this babysit reads version {SCHEMA_VERSION}"
             )
 
-    def _tx(self) -> "_Transaction":
+    def transaction(self) -> "_Transaction":
+        """Group writes into one commit (``with store.transaction(): ...``); nests."""
         return _Transaction(self.conn())
+
+    _tx = transaction
 
     # -- meta --------------------------------------------------------------------------------
     def set_meta(self, key: str, value: Any) -> None:

@@ -101,36 +101,33 @@ class MetricsWriter:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
-        divergences: list[tuple[Divergence, int]] = []
         queue = self.queue
-        touched: set[tuple[str, int, str]] = set()
-        for _ in range(len(queue)):
-            per, branch, step, wall, metrics = queue.popleft()
-            for name, raw in metrics.items():
-                try:
-                    value = to_float(raw)
-                except (TypeError, ValueError, RuntimeError):
-                    self._report_bad_value(name, raw, branch, step)
-                    continue
-                key = (name, branch, per)
-                chunk = self._open.get(key)
-                if chunk is None or len(chunk.steps) >= CHUNK_POINTS:
-                    if chunk is not None:  # full: store it under its own key until written
-                        self._full.append((key, chunk))
-                    chunk = self._open[key] = _OpenChunk()
-                chunk.steps.append(step)
-                chunk.vals.append(value)
-                chunk.walls.append(wall)
-                touched.add(key)
+        items = [queue.popleft() for _ in range(len(queue))]
+        divergences: list[tuple[Divergence, int]] = []
+        # Work column by column over runs of items that logged the same names (a loop logs the
+        # same ones step after step): a few list operations per run instead of per value.
+        start = 0
+        while start < len(items):
+            per, branch, _, _, first = items[start]
+            names = first.keys()
+            end = start + 1
+            while end < len(items) and items[end][0] == per and items[end][1] == branch and items[end][4].keys() == names:
+                end += 1
+            run = items[start:end]
+            steps = [item[2] for item in run]
+            walls = [item[3] for item in run]
+            for name in names:
+                values = self._floats(name, [item[4][name] for item in run], branch, steps)
+                self._append((name, branch, per), steps, values, walls)
                 guard = self._guard
                 if guard is not None and per == "step" and name == guard.config.metric:
-                    found = guard.feed(step, value)
+                    found = guard.feed_many(steps, values)
                     if found is not None:
                         divergences.append((found, branch))
+            start = end
         if self._on_divergence is not None:
             for found, branch in divergences:
                 self._on_divergence(found, branch)
-        self._dirty |= touched
         pending = []
         for key, chunk in self._full + [(key, self._open[key]) for key in self._dirty]:
             series = self._series.get(key)
@@ -153,14 +150,37 @@ class MetricsWriter:
                 del self._open[key]  # full, and now stored for good
         self._dirty.clear()
 
-    def forget_branch(self, branch: int) -> None:
-        """Drop the open chunks of a branch that will get no more points (after a rollback)."""
-        with self._lock:
-            self._flush_locked()
-            for key in [k for k in self._open if k[1] == branch]:
-                del self._open[key]
-                self._dirty.discard(key)
-            self._full = [(key, chunk) for key, chunk in self._full if key[1] != branch]
+    def _append(self, key: tuple[str, int, str], steps: list[int], values: list[float | None], walls: list[float]) -> None:
+        """Add points to the series' open chunk, starting a new chunk every CHUNK_POINTS points."""
+        if None in values:  # values that were not numbers: stored nowhere
+            kept = [i for i, v in enumerate(values) if v is not None]
+            steps, values, walls = [steps[i] for i in kept], [values[i] for i in kept], [walls[i] for i in kept]
+        done = 0
+        while done < len(steps):
+            chunk = self._open.get(key)
+            if chunk is None or len(chunk.steps) >= CHUNK_POINTS:
+                if chunk is not None:  # full: stored under its own entry until written
+                    self._full.append((key, chunk))
+                chunk = self._open[key] = _OpenChunk()
+            take = min(len(steps) - done, CHUNK_POINTS - len(chunk.steps))
+            chunk.steps.extend(steps[done:done + take])
+            chunk.vals.extend(values[done:done + take])
+            chunk.walls.extend(walls[done:done + take])
+            done += take
+            self._dirty.add(key)
+
+    def _floats(self, name: str, raw: list[Any], branch: int, steps: list[int]) -> list[float | None]:
+        try:
+            return [value if type(value) is float else to_float(value) for value in raw]
+        except (TypeError, ValueError, RuntimeError):
+            out: list[float | None] = []
+            for value, step in zip(raw, steps):
+                try:
+                    out.append(to_float(value))
+                except (TypeError, ValueError, RuntimeError):
+                    self._report_bad_value(name, value, branch, step)
+                    out.append(None)
+            return out
 
     def _report_bad_value(self, name: str, raw: Any, branch: int, step: int) -> None:
         if name in self._bad_names:

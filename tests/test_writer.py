@@ -213,17 +213,6 @@ def test_the_thread_flushes_when_woken(store: RunStore):
     harness.writer.close()
 
 
-def test_forget_branch_flushes_and_starts_fresh_chunks(harness: _Harness):
-    harness.log(1, loss=1.0)
-    harness.log(2, loss=2.0)
-    harness.writer.forget_branch(1)
-    assert harness.points("loss") == ([1, 2], [1.0, 2.0])
-    harness.log(2, loss=5.0)  # the branch logs again at an earlier-or-equal step: a chunk of its own
-    harness.writer.flush()
-    assert harness.chunk_sizes("loss") == [2, 1]
-    assert harness.points("loss") == ([1, 2, 2], [1.0, 2.0, 5.0])
-
-
 # -- failed flushes --------------------------------------------------------------------------
 def _fail_once(store: RunStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     real: Callable[..., None] = store.write_chunks
