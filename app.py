@@ -42,16 +42,21 @@ def live() -> None:
 
 live()
 
-# Nudges: lr first, momentum second, as the course notes rank them.
-st.subheader("Nudge")
-status = store.status()
-page.trainer_hint(store, status)
-lr_column, momentum_column = st.columns(2)
-with lr_column:
-    page.lr_controls(store, status)
-with momentum_column:
-    page.momentum_controls(store, status)
-page.run_controls(store, status)
+# Nudges: lr first, momentum second, as the course notes rank them. Refreshed, so "now" is now.
+@st.fragment(run_every=slow_every)
+def nudges() -> None:
+    st.subheader("Nudge")
+    status = store.status()
+    page.trainer_hint(store, status)
+    lr_column, momentum_column = st.columns(2)
+    with lr_column:
+        page.lr_controls(store, status)
+    with momentum_column:
+        page.momentum_controls(store, status)
+    page.run_controls(store, status)
+
+
+nudges()
 
 
 # Checkpoints (roll back from here) and what happened to every command.

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -198,8 +200,8 @@ def app_path() -> Path:
     return path
 
 
-def serve_dashboard(*, root: str, run: str | None, address: str, port: int, token: str | None) -> int:
-    """Run the Streamlit dashboard in the foreground until Ctrl-C."""
+def check_serving(address: str, port: int, token: str | None) -> None:
+    """Refuse to serve off localhost without a token, or on a busy port (before starting anything)."""
     if address not in (LOCALHOST, "localhost", "::1") and not token:
         raise CliError(
             f"serving on {address!r} needs an access token: pass --token T or set {TOKEN_ENV}; "
@@ -207,6 +209,11 @@ def serve_dashboard(*, root: str, run: str | None, address: str, port: int, toke
         )
     if _port_in_use(address, port):
         raise CliError(f"port {port} on {address} is already in use; pass --port with a free port")
+
+
+def serve_dashboard(*, root: str, run: str | None, address: str, port: int, token: str | None) -> int:
+    """Run the Streamlit dashboard in the foreground until Ctrl-C."""
+    check_serving(address, port, token)
     env = dict(os.environ)
     if token:
         env[TOKEN_ENV] = token
@@ -287,6 +294,7 @@ def start_trainer(run_dir: str, extra: Sequence[str] = ()) -> int:
 
 def demo_command(args: argparse.Namespace) -> int:
     run_dir = args.run_dir
+    check_serving(args.address, args.port, args.token)
     existing = RunStore(run_dir).status() if (Path(run_dir) / "run.db").exists() else {"alive": False}
     if existing.get("alive"):
         pid = existing.get("pid")
@@ -325,6 +333,14 @@ def _wait_for_trainer(run_dir: str, pid: int, timeout: float = 120.0) -> None:
 
 
 # -- argument parsing -------------------------------------------------------------------------
+def _accept_negative_values(parser: argparse.ArgumentParser) -> None:
+    """Let `set lr -1e-3` reach our validation (and its clear message) instead of argparse taking
+    `-1e-3` for an option: argparse already does this for plain negative numbers like -1; this
+    widens its pattern (our options all start with --, so nothing is shadowed)."""
+    parser._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf\b|nan\b|infinity\b)", re.IGNORECASE)  # noqa: SLF001
+    parser._has_negative_number_optionals = []  # noqa: SLF001
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m babysit",
@@ -370,11 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)")
 
     p = sub.add_parser("set", help="set the learning rate or the momentum")
+    _accept_negative_values(p)
     p.add_argument("name", choices=("lr", "momentum"), help="what to set")
     p.add_argument("value", help="the new value")
     command_args(p)
 
     p = sub.add_parser("rollback", help="roll back to a checkpoint and continue on a new branch")
+    _accept_negative_values(p)
     p.add_argument("checkpoint", help="checkpoint id (see `status`)")
     p.add_argument("--hparams", choices=cmd.HPARAMS_CHOICES, default=cmd.HPARAMS_CHECKPOINT,
                    help="restore the checkpoint's lr and momentum (default) or keep the current ones")
@@ -412,4 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return send(args.run_dir, args.command, {}, wait=args.wait, timeout=args.timeout)
     except CliError as error:
         print(f"babysit: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except sqlite3.DatabaseError as error:  # a run.db damaged past its first page
+        run_dir = getattr(args, "run_dir", None) or getattr(args, "root", "")
+        print(f"babysit: error: {str(Path(run_dir) / 'run.db')!r} is not a readable babysit run database ({error}); "
+              "restore it from a backup or start a new run in another directory", file=sys.stderr)
         return EXIT_USAGE

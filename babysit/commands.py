@@ -143,7 +143,15 @@ def validate(kind: Any, args: dict[str, Any] | None = None) -> Command:
     return Command(kind, {})
 
 
-def describe(kind: str, args: dict[str, Any]) -> str:
+def describe(kind: str, args: Any) -> str:
+    """A short phrase for a command row, also for a malformed one (shown, never fatal)."""
+    try:
+        return _describe(kind, args)
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
+        return f"{kind} {_show(args)}"
+
+
+def _describe(kind: str, args: dict[str, Any]) -> str:
     if kind == SET_LR:
         return f"set lr {args.get('value'):g}"
     if kind == SET_MOMENTUM:
@@ -155,4 +163,6 @@ def describe(kind: str, args: dict[str, Any]) -> str:
         if "momentum" in args:
             text += f", momentum {args['momentum']:g}"
         return text + ")"
+    if kind == PAUSE and isinstance(args, dict) and args.get("reason"):
+        return f"pause ({args['reason']})"
     return kind

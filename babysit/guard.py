@@ -8,7 +8,9 @@ single noisy batch barely moves the short average; a run that is really blowing 
 Near convergence a loss of 0.05 with batches at 1.0 is ordinary noise, and a ratio alone would
 cry wolf. So the gap between the two averages must also exceed ``noise_gate`` times its usual
 size, learnt while the run was healthy (a blow-up does not teach the guard that blow-ups are
-normal).
+normal), and ``min_rise`` times the highest long average seen (in practice the loss at the
+start): a loss going from 0.01 to 0.04 late in training is not a divergence, one climbing back
+towards where it started is.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class GuardConfig:
     short_beta: float = 0.9
     long_beta: float = 0.99
     noise_gate: float = 6.0
+    min_rise: float = 0.1
     enabled: bool = True
     # Off by default: roll back to the last healthy checkpoint with the lr halved, at most N times.
     auto_remedy_max: int = 0
@@ -55,6 +58,10 @@ class GuardConfig:
         if gate < 0:
             raise CommandError(f"noise_gate must be a finite number >= 0 (for example 6), got {self.noise_gate!r}")
         object.__setattr__(self, "noise_gate", gate)
+        rise = parse_number(self.min_rise, "min_rise", "a finite number >= 0 (for example 0.1)")
+        if rise < 0:
+            raise CommandError(f"min_rise must be a finite number >= 0 (for example 0.1), got {self.min_rise!r}")
+        object.__setattr__(self, "min_rise", rise)
         for name in ("enabled",):
             if not isinstance(getattr(self, name), bool):
                 raise CommandError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -100,6 +107,7 @@ class DivergenceGuard:
         self._long_power = 1.0
         self._gap_square = 0.0  # EW mean of (short - long)^2 over healthy steps
         self._gap_weight = 0.0
+        self._peak = 0.0  # the highest long average so far
         self.tripped = False
 
     def averages(self) -> tuple[float | None, float | None]:
@@ -120,10 +128,10 @@ class DivergenceGuard:
         if not config.enabled or self.tripped:
             return None
         short_beta, long_beta = config.short_beta, config.long_beta
-        factor, gate, warmup = config.spike_factor, config.noise_gate, config.warmup_steps
+        factor, gate, warmup, min_rise = config.spike_factor, config.noise_gate, config.warmup_steps, config.min_rise
         count, short, long = self._count, self._short, self._long
         short_power, long_power = self._short_power, self._long_power
-        gap_square, gap_weight = self._gap_square, self._gap_weight
+        gap_square, gap_weight, peak = self._gap_square, self._gap_weight, self._peak
         found = None
         for step, value in zip(steps, values):
             if value is None:
@@ -140,9 +148,12 @@ class DivergenceGuard:
             short_average = short / (1 - short_power)
             long_average = long / (1 - long_power)
             gap = short_average - long_average
+            if long_average > peak:
+                peak = long_average
             if short_average > factor * long_average:
                 usual_square = gap_square / gap_weight if gap_weight > 0 else 0.0
-                if count > warmup and long_average > 0 and gap * gap > gate * gate * usual_square:
+                if count > warmup and long_average > 0 and gap * gap > gate * gate * usual_square \
+                        and gap > min_rise * peak:
                     found = Divergence(step, value, short_average, long_average)
                     break
             else:  # healthy: learn how much the two averages usually differ
@@ -150,7 +161,7 @@ class DivergenceGuard:
                 gap_weight = long_beta * gap_weight + (1 - long_beta)
         self._count, self._short, self._long = count, short, long
         self._short_power, self._long_power = short_power, long_power
-        self._gap_square, self._gap_weight = gap_square, gap_weight
+        self._gap_square, self._gap_weight, self._peak = gap_square, gap_weight, peak
         if found is not None:
             self.tripped = True
         return found

@@ -411,8 +411,12 @@ class Run:
         try:
             command = cmd.validate(pending["kind"], pending["args"])
             result = self._execute(command, pending)
-        except (cmd.CommandError, CheckpointError) as error:
+        except cmd.CommandError as error:
             self.store.finish_command(command_id, cmd.REJECTED, branch=self.branch, step=self.step, reason=str(error))
+            return
+        except CheckpointError as error:
+            reason = f"{error}; the run continues on branch {self.branch}; pick another checkpoint"
+            self.store.finish_command(command_id, cmd.REJECTED, branch=self.branch, step=self.step, reason=reason)
             return
         except Exception as error:  # an unexpected failure rejects this command, never the run
             self.store.finish_command(command_id, cmd.REJECTED, branch=self.branch, step=self.step,
@@ -630,6 +634,10 @@ class Run:
 
     def _on_divergence(self, found: Divergence, branch: int) -> None:
         if branch != self.branch:
+            return
+        if self._closed:  # found in the last values of a run that has ended: nothing to pause
+            self.store.add_event("divergence", f"divergence: {found.describe()} (after the run ended)",
+                                 branch=branch, step=found.step, data=found.as_dict())
             return
         healthy = self._last_healthy_checkpoint(found.step)
         lr = self.hparams["lr"] or 0.0

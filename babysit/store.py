@@ -505,14 +505,18 @@ class RunStore:
         state = status.get("effective_state", "new")
         if state == "new":
             detail = "no trainer has started in it yet"
+        elif state == NOT_RESPONDING and process_gone(status):
+            detail = f"its trainer (pid {status.get('pid')}) is no longer running"
         elif state == NOT_RESPONDING:
             age = _now() - (status.get("heartbeat") or 0)
             detail = f"its trainer (pid {status.get('pid')}) has not answered for {age:.0f} s"
         else:
             detail = f"its trainer is {state}"
+        more = " --epochs N (more than it has done)" if state == FINISHED else ""
         return (
-            f"run {str(self.run_dir)!r} is not running ({detail}); commands are accepted only while a "
-            f"trainer runs: start or resume it with `python -m babysit train --run-dir {self.run_dir}`"
+            f"run {str(self.run_dir)!r} is not running ({detail}); commands are accepted only while a trainer "
+            f"runs: resume it by running your training script again, or for the demo "
+            f"`python -m babysit train --run-dir {self.run_dir}{more}`"
         )
 
     def pending_commands(self) -> list[dict[str, Any]]:
@@ -520,7 +524,7 @@ class RunStore:
             "SELECT id, created, source, kind, args FROM commands WHERE state = ? ORDER BY id", (cmd.PENDING,)
         ).fetchall()
         return [
-            {"id": r[0], "created": r[1], "source": r[2], "kind": r[3], "args": json.loads(r[4])} for r in rows
+            {"id": r[0], "created": r[1], "source": r[2], "kind": r[3], "args": _json_or_text(r[4])} for r in rows
         ]
 
     def finish_command(
@@ -543,9 +547,9 @@ class RunStore:
         out = []
         for r in rows:
             out.append({
-                "id": r[0], "created": r[1], "source": r[2], "kind": r[3], "args": json.loads(r[4]),
+                "id": r[0], "created": r[1], "source": r[2], "kind": r[3], "args": _json_or_text(r[4]),
                 "state": r[5], "branch": r[6], "step": r[7], "done_at": r[8],
-                "result": json.loads(r[9]) if r[9] else None, "reason": r[10],
+                "result": _json_or_text(r[9]) if r[9] else None, "reason": r[10],
             })
         return out
 
@@ -633,6 +637,28 @@ class _Transaction:
         self.connection.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
+def _json_or_text(text: str) -> Any:
+    """Command rows can be written by anyone: text that is not JSON is passed on as it is, and the
+    trainer rejects it with a message instead of choking on it."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def process_gone(status: dict[str, Any]) -> bool:
+    """True when the status names a process on this host that no longer exists."""
+    if status.get("host") != socket.gethostname() or not status.get("pid"):
+        return False
+    try:
+        os.kill(int(status["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
 def trainer_alive(status: dict[str, Any]) -> bool:
     """True when the status row says running/paused and its heartbeat is fresh (and, on this
     host, the process still exists)."""
@@ -640,11 +666,4 @@ def trainer_alive(status: dict[str, Any]) -> bool:
         return False
     if _now() - float(status["heartbeat"]) > HEARTBEAT_STALE_S:
         return False
-    if status.get("host") == socket.gethostname() and status.get("pid"):
-        try:
-            os.kill(int(status["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-    return True
+    return not process_gone(status)

@@ -9,9 +9,16 @@ per-step series: loss with injected spikes and dips, lr, momentum) and cached un
 worker ...``) so that its memory is that of one dashboard reading one run; the sizes' processes
 are interleaved, round after round.
 
-THE ONE FUNCTION TO SWITCH: :func:`read_window`. It stands in for the dashboard's own data
-layer (``babysit/ui/``, being written); point it at the real function when that lands and every
-number in this section will then be the dashboard's own.
+Two data layers are measured side by side, each in its own reader processes:
+
+- ``bench``: :func:`read_window`, a stand-in written against the store's ``chunk_summaries`` /
+  ``chunk_points`` with a min/max-per-bucket numpy downsampler, and one ``go.Scattergl`` per
+  series serialised with ``fig.to_json()``. THE ONE FUNCTION TO SWITCH, should the dashboard's
+  data layer move or be renamed, is :func:`read_window`.
+- ``babysit``: the dashboard's own code, exactly as ``babysit/ui/page.py: chart`` runs it:
+  ``babysit.ui.data.read_view`` (every series, markers, branches, epochs), then
+  ``babysit.ui.figures.build_figure``, then ``babysit.ui.live_chart.figure_json`` (the payload
+  sent to the browser).
 """
 
 from __future__ import annotations
@@ -19,23 +26,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .common import REPO, summarize
 
-DB_VERSION = 1                  # bump when the generated data changes
+DB_VERSION = 2                  # bump when the generated data changes
 MAX_POINTS = 5_000              # per trace, the target
 RAW_POINTS_LIMIT = 262_144      # windows with more points than this (1 024 chunks) are drawn from chunk summaries
 TAIL_STEPS = 10_000             # the "live" view: the last 10 k steps
 NEW_ROWS_STEPS = 500            # an incremental refresh: what ~1 s of training adds
 SERIES = ("loss", "lr", "momentum")
+DATA_LAYERS = ("bench", "babysit")
 N_SPIKES, N_DIPS = 20, 10
 
 
@@ -162,7 +169,11 @@ def build_db(cache: Path, n_steps: int, seed: int = 0) -> dict[str, Any]:
     lr = np.where(steps < n_steps // 2, 0.05, 0.01)
     momentum = np.full(n_steps, 0.9)
     store = RunStore(path, create=True)
-    ids = {name: store.series_id(name, 1, PER_STEP) for name in SERIES}
+    branch = store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    store.write_status(state="finished", epoch=1, step=n_steps, step_in_epoch=n_steps, steps_per_epoch=n_steps,
+                       max_epochs=1, branch=branch, lr=float(lr[-1]), momentum=0.9, message="bench data",
+                       heartbeat=float(walls[-1]), started=float(walls[0]))
+    ids = {name: store.series_id(name, branch, PER_STEP) for name in SERIES}
     batch: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
     for name, values in (("loss", loss), ("lr", lr), ("momentum", momentum)):
         for k in range(0, n_steps, CHUNK_POINTS):
@@ -187,14 +198,39 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
+    """VmHWM: this process's peak RSS since its exec (ru_maxrss would carry the parent's peak over)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e3
+    return float("nan")
 
 
-def worker(path: Path, reps: int, max_points: int) -> dict[str, Any]:
+def _bench_refresh(store: Any, ids: dict[str, int], lo: float | None, hi: float | None, max_points: int
+                   ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], Callable[[], Any], Callable[[Any], str]]:
+    traces = {name: read_window(store, ids[name], lo, hi, max_points) for name in SERIES}
+    return traces, lambda: build_figure(traces), lambda fig: fig.to_json()
+
+
+def _babysit_refresh(store: Any, ids: dict[str, int], lo: float | None, hi: float | None, max_points: int
+                     ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], Callable[[], Any], Callable[[Any], str]]:
+    from babysit.ui.data import read_view
+    from babysit.ui.figures import ChartOptions, build_figure as babysit_figure
+    from babysit.ui.live_chart import figure_json
+
+    view = read_view(store, store.status(), lo, hi, max_points)
+    traces = {w.name: (w.steps, w.values) for w in view.windows if not w.superseded}
+    return traces, lambda: babysit_figure(view, ChartOptions()), figure_json
+
+
+def worker(path: Path, reps: int, max_points: int, data: str = "bench") -> dict[str, Any]:
     import plotly.graph_objects  # noqa: F401  (imported before the baseline, as a dashboard has it)
 
     from babysit.store import RunStore
 
+    refresh = _babysit_refresh if data == "babysit" else _bench_refresh
+    if data == "babysit":
+        import babysit.ui.live_chart  # noqa: F401  (streamlit and the component, as the dashboard has them)
     info = json.loads((path / "bench-data.json").read_text())
     n = info["n_steps"]
     warm = build_figure({"w": (np.arange(3), np.arange(3.0))}).to_json()  # plotly's lazy imports
@@ -209,36 +245,43 @@ def worker(path: Path, reps: int, max_points: int) -> dict[str, Any]:
     cold: dict[str, float] = {}
     points: dict[str, dict[str, int]] = {}
     json_kb: dict[str, float] = {}
+    trace_points: dict[str, int] = {}
     spikes_kept: dict[str, Any] = {}
     for rep in range(reps + 1):
         for view, (lo, hi) in views.items():
             t0 = time.perf_counter()
-            traces = {name: read_window(store, ids[name], lo, hi, max_points) for name in SERIES}
+            traces, make_figure, to_json = refresh(store, ids, lo, hi, max_points)
             t1 = time.perf_counter()
-            fig = build_figure(traces)
+            fig = make_figure()
             t2 = time.perf_counter()
-            payload = fig.to_json()
+            payload = to_json(fig)
             t3 = time.perf_counter()
             if rep == 0:
                 cold[view] = (t3 - t0) * 1e3
-                points[view] = {name: int(len(s)) for name, (s, _v) in traces.items()}
+                points[view] = {name: int(len(traces[name][0])) for name in SERIES if name in traces}
                 json_kb[view] = len(payload) / 1e3
+                figure_traces = fig["data"] if isinstance(fig, dict) else [t.to_plotly_json() for t in fig.data]
+                trace_points[view] = max((len(t.get("x") if t.get("x") is not None else []) for t in figure_traces),
+                                         default=0)
                 steps, values = traces["loss"]
+                # The dashboard's own windows keep the last point before lo (so a stepwise series
+                # starts at the left edge); count spikes in the window itself.
                 spike_in = [s for s in info["spikes"] if lo is None or s >= lo]
                 dip_in = [s for s in info["dips"] if lo is None or s >= lo]
+                inside = values if lo is None else values[steps >= lo]
                 have = dict(zip(steps.tolist(), values.tolist()))
                 spikes_kept[view] = {
                     "spikes": len(spike_in), "spikes_kept": sum(1 for s in spike_in if s in have and have[s] >= 50),
                     "dips": len(dip_in), "dips_kept": sum(1 for s in dip_in if s in have and have[s] <= -10),
-                    "max_matches_raw": bool(len(values) and float(np.max(values)) == _raw_extreme(store, ids["loss"], lo, np.max)),
-                    "min_matches_raw": bool(len(values) and float(np.min(values)) == _raw_extreme(store, ids["loss"], lo, np.min)),
+                    "max_matches_raw": bool(len(inside) and float(np.max(inside)) == _raw_extreme(store, ids["loss"], lo, np.max)),
+                    "min_matches_raw": bool(len(inside) and float(np.min(inside)) == _raw_extreme(store, ids["loss"], lo, np.min)),
                 }
                 continue
             for key, value in (("read_ms", t1 - t0), ("figure_ms", t2 - t1), ("json_ms", t3 - t2), ("total_ms", t3 - t0)):
                 timings[view][key].append(value * 1e3)
     rss_after = _rss_mb()
-    return {"n_steps": n, "open_ms": open_ms, "cold_total_ms": cold, "timings": timings, "points": points,
-            "json_kb": json_kb, "spikes": spikes_kept, "rss_base_mb": rss_base, "rss_after_mb": rss_after,
+    return {"n_steps": n, "data": data, "open_ms": open_ms, "cold_total_ms": cold, "timings": timings, "points": points,
+            "json_kb": json_kb, "max_trace_points": trace_points, "spikes": spikes_kept, "rss_base_mb": rss_base, "rss_after_mb": rss_after,
             "rss_peak_mb": _peak_mb(), "db_mb": info["db_mb"]}
 
 
@@ -261,42 +304,61 @@ def _raw_extreme(store: Any, series: int, lo: float | None, fn: Any) -> float:
 
 
 # -- the parent side ----------------------------------------------------------------------------
-def measure(out: Path, sizes: list[int], *, rounds: int, reps: int, max_points: int = MAX_POINTS) -> dict[str, Any]:
+def measure(out: Path, sizes: list[int], *, rounds: int, reps: int, max_points: int = MAX_POINTS,
+            data_layers: tuple[str, ...] = DATA_LAYERS) -> dict[str, Any]:
     cache = out / "dash-cache"
     cache.mkdir(parents=True, exist_ok=True)
     built = {n: build_db(cache, n) for n in sizes}
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
+    jobs = [(data, n) for data in data_layers for n in sizes]
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {job: [] for job in jobs}
+    errors: dict[str, str] = {}
     for r in range(rounds):
-        order = sizes[r % len(sizes):] + sizes[:r % len(sizes)]
-        for n in order:
-            result_path = cache / f"worker-{n}.json"
-            subprocess.run(
+        order = jobs[r % len(jobs):] + jobs[:r % len(jobs)]
+        for data, n in order:
+            if data in errors:
+                continue
+            result_path = cache / f"worker-{data}-{n}.json"
+            proc = subprocess.run(
                 [sys.executable, "-m", "bench.dashboard", "worker", str(db_dir(cache, n)), str(result_path),
-                 "--reps", str(reps), "--max-points", str(max_points)],
-                cwd=REPO, env=env, check=True, timeout=600,
+                 "--reps", str(reps), "--max-points", str(max_points), "--data", data],
+                cwd=REPO, env=env, timeout=600, capture_output=True, text=True,
             )
-            runs[n].append(json.loads(result_path.read_text()))
+            if proc.returncode != 0:
+                errors[data] = proc.stderr[-3000:]
+                continue
+            runs[(data, n)].append(json.loads(result_path.read_text()))
             result_path.unlink()
     results: dict[str, Any] = {"max_points": max_points, "raw_points_limit": RAW_POINTS_LIMIT, "tail_steps": TAIL_STEPS,
-                               "new_rows_steps": NEW_ROWS_STEPS, "rounds": rounds, "reps": reps, "sizes": {}}
-    for n in sizes:
-        workers = runs[n]
-        entry: dict[str, Any] = {
-            "db_mb": built[n]["db_mb"], "build_s": built[n]["build_s"] if built[n]["built_now"] else None,
-            "points": workers[0]["points"], "json_kb": workers[0]["json_kb"], "spikes": workers[0]["spikes"],
-            "rss_base_mb": summarize([w["rss_base_mb"] for w in workers]),
-            "rss_after_mb": summarize([w["rss_after_mb"] for w in workers]),
-            "rss_growth_mb": summarize([w["rss_after_mb"] - w["rss_base_mb"] for w in workers]),
-            "rss_peak_mb": summarize([w["rss_peak_mb"] for w in workers]),
-            "cold_total_ms": {v: summarize([w["cold_total_ms"][v] for w in workers]) for v in workers[0]["cold_total_ms"]},
-            "views": {},
-        }
-        for view in workers[0]["timings"]:
-            entry["views"][view] = {key: summarize([x for w in workers for x in w["timings"][view][key]])
-                                    for key in ("read_ms", "figure_ms", "json_ms", "total_ms")}
-        results["sizes"][str(n)] = entry
+                               "new_rows_steps": NEW_ROWS_STEPS, "rounds": rounds, "reps": reps, "errors": errors,
+                               "data_layers": {}}
+    for data in data_layers:
+        if data in errors:
+            continue
+        sizes_out: dict[str, Any] = {}
+        for n in sizes:
+            workers = runs[(data, n)]
+            entry: dict[str, Any] = {
+                "db_mb": built[n]["db_mb"], "build_s": built[n]["build_s"] if built[n]["built_now"] else None,
+                "points": workers[0]["points"], "json_kb": workers[0]["json_kb"], "spikes": workers[0]["spikes"],
+                "max_trace_points": workers[0].get("max_trace_points", {}),
+                "rss_base_mb": summarize([w["rss_base_mb"] for w in workers]),
+                "rss_after_mb": summarize([w["rss_after_mb"] for w in workers]),
+                "rss_growth_mb": summarize([w["rss_after_mb"] - w["rss_base_mb"] for w in workers]),
+                "rss_peak_mb": summarize([w["rss_peak_mb"] for w in workers]),
+                "cold_total_ms": {v: summarize([w["cold_total_ms"][v] for w in workers]) for v in workers[0]["cold_total_ms"]},
+                "views": {},
+            }
+            for view in workers[0]["timings"]:
+                entry["views"][view] = {key: summarize([x for w in workers for x in w["timings"][view][key]])
+                                        for key in ("read_ms", "figure_ms", "json_ms", "total_ms")}
+            sizes_out[str(n)] = entry
+        results["data_layers"][data] = {"sizes": sizes_out}
+    # The dashboard's own code is what the targets are about, when it ran; else the stand-in.
+    primary = "babysit" if "babysit" in results["data_layers"] else "bench"
+    results["primary"] = primary
+    results["sizes"] = results["data_layers"].get(primary, {}).get("sizes", {})
     return results
 
 
@@ -307,8 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--max-points", type=int, default=MAX_POINTS)
+    parser.add_argument("--data", choices=DATA_LAYERS, default="bench")
     args = parser.parse_args(argv)
-    args.out.write_text(json.dumps(worker(args.db, args.reps, args.max_points)))
+    args.out.write_text(json.dumps(worker(args.db, args.reps, args.max_points, args.data)))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def measure(work: Workload, scratch: Scratch, *, count: int, gap_ms: tuple[float
     lr_used: list[float] = []
     deadline = time.monotonic() + timeout_s
     n = 0
+    stop_at: int | None = None
     for b in run.batches(forever()):
         t_start.append(mono())
         lr_used.append(group["lr"])          # the value optimizer.step() below will use
@@ -62,7 +63,9 @@ def measure(work: Workload, scratch: Scratch, *, count: int, gap_ms: tuple[float
         run.log(loss=loss, lr=group["lr"], momentum=group["momentum"])
         t_end.append(mono())
         n += 1
-        if n % 64 == 0 and (proc.poll() is not None or time.monotonic() > deadline):
+        if stop_at is None and n % 64 == 0 and (proc.poll() is not None or time.monotonic() > deadline):
+            stop_at = n + 8   # a few more boundaries, so the last command is applied too
+        if stop_at is not None and n >= stop_at:
             break
     proc.wait(timeout=30)
     run.close()
@@ -73,28 +76,38 @@ def measure(work: Workload, scratch: Scratch, *, count: int, gap_ms: tuple[float
 
 def _analyse(records: list[dict[str, Any]], t_start: list[float], t_end: list[float], lr_used: list[float],
              applied: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per command: k = steps that had ended at the commit, so step k (0-based) ran during it and
+    the next boundary is the one after step k; on time means babysit applied it at that boundary,
+    i.e. its recorded step (``run.step`` there = steps done) is at most k + 1. The step index that
+    babysit records is also the first step that uses the value, which the trainer's own record of
+    the lr each step used confirms (unless a later command replaced it at the same boundary, which
+    happens when the trainer stalls longer than the gap between two commands)."""
     rows = []
+    by_step: dict[int, list[int]] = {}
     for rec in records:
+        row = applied.get(rec["id"], {})
+        if row.get("state") == "applied" and row.get("step") is not None:
+            by_step.setdefault(int(row["step"]), []).append(rec["id"])
+    for rec in sorted(records, key=lambda r: r["t_commit"]):
         value = rec["args"]["value"]
-        k = bisect.bisect_right(t_end, rec["t_commit"])       # the step running (or next to run) at commit
-        k_done = bisect.bisect_right(t_end, rec["t_done"])
-        j = next((i for i in range(max(0, k - 2), len(lr_used)) if lr_used[i] == value), None)
-        if j is None:
+        store_row = applied.get(rec["id"], {})
+        if store_row.get("state") != "applied" or store_row.get("step") is None:
             rows.append({"id": rec["id"], "applied": False})
             continue
-        store_row = applied.get(rec["id"], {})
+        k = bisect.bisect_right(t_end, rec["t_commit"])
+        k_done = bisect.bisect_right(t_end, rec["t_done"])
+        j = int(store_row["step"])            # first step (0-based) run after the command was applied
+        same_boundary = by_step.get(j, [])
+        replaced = same_boundary and same_boundary[-1] != rec["id"]
         rows.append({
             "id": rec["id"], "applied": True,
-            "steps_late": j - (k + 1),                 # 0: used by the first step after the next boundary
+            "steps_late": j - (k + 1),
             "steps_late_after_return": j - (k_done + 1),
-            "ms_commit_to_step_start": (t_start[j] - rec["t_commit"]) * 1e3,
-            "ms_return_to_step_start": (t_start[j] - rec["t_done"]) * 1e3,
+            "ms_commit_to_step_start": (t_start[j] - rec["t_commit"]) * 1e3 if j < len(t_start) else None,
             "ms_enqueue_call": (rec["t_done"] - rec["t_call"]) * 1e3,
             "ms_commit_to_return": (rec["t_done"] - rec["t_commit"]) * 1e3,
             "store_state": store_row.get("state"),
-            # babysit records run.step at the boundary where it applied the command: the number of
-            # steps done, i.e. the 0-based index of the first step that uses the new value.
-            "store_step_matches": store_row.get("step") == j,
+            "used_by_that_step": (j < len(lr_used) and lr_used[j] == value) or bool(replaced),
         })
     ok = [r for r in rows if r["applied"]]
     step_times = [(b - a) * 1e3 for a, b in zip(t_start, t_end)]
@@ -105,10 +118,11 @@ def _analyse(records: list[dict[str, Any]], t_start: list[float], t_end: list[fl
         "on_next_boundary_after_return": sum(1 for r in ok if r["steps_late_after_return"] <= 0),
         "steps_late": summarize([r["steps_late"] for r in ok]),
         "steps_late_max": max((r["steps_late"] for r in ok), default=None),
-        "ms_commit_to_step_start": summarize([r["ms_commit_to_step_start"] for r in ok]),
+        "ms_commit_to_step_start": summarize([r["ms_commit_to_step_start"] for r in ok
+                                              if r["ms_commit_to_step_start"] is not None]),
         "ms_enqueue_call": summarize([r["ms_enqueue_call"] for r in ok]),
         "ms_commit_to_return": summarize([r["ms_commit_to_return"] for r in ok]),
-        "store_step_matches": sum(1 for r in ok if r["store_step_matches"]),
+        "store_step_matches": sum(1 for r in ok if r["used_by_that_step"]),
         "store_applied": sum(1 for r in ok if r["store_state"] == "applied"),
         "step_ms": summarize(step_times),
         "steps_run": len(t_start),

@@ -8,106 +8,20 @@ same error reports) so that the comparison is fair.
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any
 
 import numpy as np
 
 
-def fast_flush_locked(self: Any) -> None:
-    """``MetricsWriter._flush_locked`` with the per-value work cut down.
-
-    - tensors become floats with ``.item()`` (``to_float`` calls ``.detach().float().item()``:
-      two extra tensor ops, ~2 µs each on this machine, for a one-element tensor);
-    - the chunk of a (name, branch, per) is looked up once per flush, not found again and added
-      to a set for every value;
-    - the divergence guard is fed through a local fast path (see :func:`fast_guard_feed`).
-    """
-    import torch
-
-    from babysit.store import CHUNK_POINTS
-    from babysit.writer import _OpenChunk
-
-    queue = self.queue
-    pop = queue.popleft
-    items = [pop() for _ in range(len(queue))]
-    guard = self._guard
-    guard_name = guard.config.metric if guard is not None and guard.config.enabled else None
-    feed = fast_guard_feed
-    open_chunks = self._open
-    touched: dict[tuple[str, int, str], Any] = {}
-    divergences = []
-    tensor = torch.Tensor
-    for per, branch, step, wall, metrics in items:
-        for name, raw in metrics.items():
-            if type(raw) is not float:
-                try:
-                    raw = raw.item() if isinstance(raw, tensor) else float(raw)
-                    raw = float(raw)
-                except (TypeError, ValueError, RuntimeError):
-                    self._report_bad_value(name, raw, branch, step)
-                    continue
-            key = (name, branch, per)
-            chunk = touched.get(key)
-            if chunk is None:
-                chunk = open_chunks.get(key)
-                if chunk is None:
-                    chunk = open_chunks[key] = _OpenChunk()
-                touched[key] = chunk
-            chunk.steps.append(step)
-            chunk.vals.append(raw)
-            chunk.walls.append(wall)
-            if name == guard_name and per == "step":
-                found = feed(guard, step, raw)
-                if found is not None:
-                    divergences.append((found, branch))
-    pending = []
-    for key, chunk in touched.items():
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = self.store.series_id(key[0], key[1], key[2])
-        pending.append((series, np.array(chunk.steps, dtype=np.int64), np.array(chunk.vals, dtype=np.float64),
-                        np.array(chunk.walls, dtype=np.float64)))
-        if len(chunk.steps) >= CHUNK_POINTS:
-            del open_chunks[key]
-    connection = self.store.conn()
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        self.store.write_chunks(pending)
-        self.store.write_status(**self._status(), heartbeat=time.time())
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    if self._on_divergence is not None:
-        for found, branch in divergences:
-            self._on_divergence(found, branch)
-
-
-def fast_guard_feed(guard: Any, step: int, value: float) -> Any:
-    """``DivergenceGuard.feed`` with the config read into locals; the same arithmetic."""
-    if guard.tripped:
-        return None
-    config = guard.config
-    if not math.isfinite(value):
-        return guard.feed(step, value)
-    count = guard._count + 1
-    sb, lb = config.short_beta, config.long_beta
-    short_acc = sb * guard._short + (1 - sb) * value
-    long_acc = lb * guard._long + (1 - lb) * value
-    short = short_acc / (1 - sb ** count)
-    long = long_acc / (1 - lb ** count)
-    gap = short - long
-    limit = config.spike_factor * long
-    if count > config.warmup_steps and long > 0 and short > limit:
-        # Rare: let the real method decide (and record) with the state as it was before.
-        return guard.feed(step, value)
-    guard._count, guard._short, guard._long = count, short_acc, long_acc
-    if short <= limit:
-        guard._gap_square = lb * guard._gap_square + (1 - lb) * gap * gap
-        guard._gap_weight = lb * guard._gap_weight + (1 - lb)
-    return None
+def fast_to_float(value: Any) -> float:
+    """``babysit.writer.to_float`` without the two extra tensor ops: ``.item()`` needs neither
+    ``.detach()`` nor ``.float()`` for a one-element tensor (≈ 0.5 µs instead of ≈ 2.6 µs here)."""
+    if type(value) is float:
+        return value
+    item = getattr(value, "item", None)
+    if item is not None and not isinstance(value, (int, float)):
+        return float(item())
+    return float(value)
 
 
 SUMMARY_INDEX = (
@@ -116,78 +30,29 @@ SUMMARY_INDEX = (
 )
 
 
-def columnar_flush_locked(self: Any) -> None:
-    """``MetricsWriter._flush_locked`` reorganised by column: the queued tuples are transposed
-    with ``zip`` (C speed), each metric's values are gathered with one comprehension, converted
-    in one go (floats by ``np.fromiter``; tensors by ``.item()``) and appended to its chunk with
-    ``list.extend``; only the guard's metric is walked value by value. Falls back to
-    :func:`fast_flush_locked` when the queue mixes branches, per-step and per-epoch rows, or
-    metric names (rare: a rollback, an epoch end, a new metric)."""
-    import torch
-
-    from babysit.store import CHUNK_POINTS
-    from babysit.writer import _OpenChunk
-
-    queue = self.queue
-    n = len(queue)
-    if n == 0:
-        return fast_flush_locked(self)
-    first = queue[0]
-    names = tuple(first[4])
-    same = all(item[0] == first[0] and item[1] == first[1] and tuple(item[4]) == names for item in queue)
-    if not same:
-        return fast_flush_locked(self)
-    pop = queue.popleft
-    items = [pop() for _ in range(n)]
-    per, branch = first[0], first[1]
-    _, _, steps, walls, metrics = zip(*items)
-    guard = self._guard
-    guard_name = guard.config.metric if guard is not None and guard.config.enabled else None
-    tensor = torch.Tensor
-    divergences = []
-    touched = {}
-    for name in names:
-        raw = [m[name] for m in metrics]
-        try:
-            if all(type(v) is float for v in raw):
-                values = raw
-            else:
-                values = [float(v.item()) if isinstance(v, tensor) else float(v) for v in raw]
-        except (TypeError, ValueError, RuntimeError):
-            # Put the rows back and let the value-by-value path report the bad value.
-            queue.extendleft(reversed(items))
-            return fast_flush_locked(self)
-        key = (name, branch, per)
-        chunk = self._open.get(key)
-        if chunk is None:
-            chunk = self._open[key] = _OpenChunk()
-        chunk.steps.extend(steps)
-        chunk.vals.extend(values)
-        chunk.walls.extend(walls)
-        touched[key] = chunk
-        if name == guard_name and per == "step":
-            for s, v in zip(steps, values):
-                found = fast_guard_feed(guard, s, v)
-                if found is not None:
-                    divergences.append((found, branch))
-    pending = []
-    for key, chunk in touched.items():
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = self.store.series_id(key[0], key[1], key[2])
-        pending.append((series, np.array(chunk.steps, dtype=np.int64), np.array(chunk.vals, dtype=np.float64),
-                        np.array(chunk.walls, dtype=np.float64)))
-        if len(chunk.steps) >= CHUNK_POINTS:
-            del self._open[key]
-    connection = self.store.conn()
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        self.store.write_chunks(pending)
-        self.store.write_status(**self._status(), heartbeat=time.time())
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    if self._on_divergence is not None:
-        for found, branch in divergences:
-            self._on_divergence(found, branch)
+def sql_bucket_window(store: Any, series: int, lo: float | None, hi: float | None, max_points: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The whole-run view computed inside SQLite: one ``GROUP BY`` bucket of chunks per pair of
+    points, ``min(vmin)`` / ``max(vmax)`` with SQLite's bare-column rule returning the step of the
+    row that holds the extreme. Python then handles ≤ ``max_points`` rows instead of one row per
+    chunk. Meant to run with :data:`SUMMARY_INDEX` in place (it reads only indexed columns)."""
+    connection = store.conn()
+    lo_i = int(lo) if lo is not None else -(2**62)
+    hi_i = int(hi) if hi is not None else 2**62
+    first, last = connection.execute(
+        "SELECT min(first_step), max(first_step) FROM chunks WHERE series = ? AND first_step BETWEEN ? AND ?",
+        (series, lo_i, hi_i)).fetchone()
+    if first is None:
+        return np.empty(0, dtype=np.int64), np.empty(0)
+    width = max(1, -(-(last - first + 1) // max(1, max_points // 2)))
+    query = ("SELECT {agg}, {step} FROM chunks WHERE series = ? AND first_step BETWEEN ? AND ?"
+             " GROUP BY (first_step - ?) / ?")
+    args = (series, lo_i, hi_i, first, width)
+    lows = connection.execute(query.format(agg="min(vmin)", step="min_step"), args).fetchall()
+    highs = connection.execute(query.format(agg="max(vmax)", step="max_step"), args).fetchall()
+    rows = np.array([r for r in lows + highs if r[0] is not None], dtype=float).reshape(-1, 2)
+    order = np.argsort(rows[:, 1], kind="stable")
+    steps, values = rows[order, 1].astype(np.int64), rows[order, 0]
+    keep = np.ones(len(steps), dtype=bool)
+    keep[1:] = steps[1:] != steps[:-1]
+    return steps[keep], values[keep]

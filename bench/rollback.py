@@ -119,6 +119,7 @@ def measure(work: Workload, scratch: Scratch, *, reps: int, label: str, settle_s
             "new_branch": first["branch"],
             "state": commands.get(rec["id"], {}).get("state"),
             "restored_step": first["step"] - 1,
+            "t_commit": rec["t_commit"], "t_end": first["t_end"],
         }
         rows.append(row)
     base_total = [b["total_ms"] for b in baseline]

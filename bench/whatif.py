@@ -13,30 +13,34 @@ import os
 import shutil
 import sqlite3
 import tempfile
-import time
+import threading
 import types
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .common import Scratch, Workload, interleave, now_ns, summarize
+from .common import Scratch, Workload, interleave, mono, now_ns, summarize
 
 
 @contextlib.contextmanager
-def timed_calls(targets: list[tuple[Any, str, str]]) -> Iterator[dict[str, list[float]]]:
-    """Wrap ``getattr(owner, attr)`` to record each call's duration (ms) under ``label``."""
-    times: dict[str, list[float]] = {label: [] for _, _, label in targets}
+def timed_calls(targets: list[tuple[Any, str, str]]) -> Iterator[dict[str, list[tuple[float, float, bool]]]]:
+    """Wrap ``getattr(owner, attr)`` to record each call as (start on CLOCK_MONOTONIC, duration in
+    ms, made on the main thread?) under ``label``."""
+    times: dict[str, list[tuple[float, float, bool]]] = {label: [] for _, _, label in targets}
+    main = threading.main_thread()
     saved = []
     for owner, attr, label in targets:
+        if attr not in (owner.__dict__ if isinstance(owner, type) else vars(owner)):
+            continue  # babysit changed: this function is gone (its row stays empty)
         original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
         saved.append((owner, attr, original))
         func = original.__func__ if isinstance(original, staticmethod) else original
 
         def wrapper(*args: Any, __f: Callable[..., Any] = func, __l: str = label, **kwargs: Any) -> Any:
-            t0 = now_ns()
+            start, t0 = mono(), now_ns()
             try:
                 return __f(*args, **kwargs)
             finally:
-                times[__l].append((now_ns() - t0) / 1e6)
+                times[__l].append((start, (now_ns() - t0) / 1e6, threading.current_thread() is main))
 
         setattr(owner, attr, staticmethod(wrapper) if isinstance(original, staticmethod) else wrapper)
     try:
@@ -48,38 +52,47 @@ def timed_calls(targets: list[tuple[Any, str, str]]) -> Iterator[dict[str, list[
 
 # -- W1, W2: the metrics writer ------------------------------------------------------------------
 def writer_flush(scratch: Scratch, *, steps: int, rounds: int) -> dict[str, Any]:
-    """µs per logged step (3 metrics, one a fresh 0-d tensor) spent in ``MetricsWriter.flush``,
-    for the writer as it is and for the two prototypes, ``steps`` steps per flush."""
+    """µs per logged step (3 metrics, one a fresh 0-d tensor) spent in ``MetricsWriter.flush``:
+    the writer as it is; with the prototype ``to_float`` (``bench/prototypes.py: fast_to_float``,
+    patched into ``babysit.writer`` during its own blocks only); and with the loss logged as a
+    float (``loss.item()`` on the training thread, not timed here: ≈ 0.5 µs)."""
     import torch
 
     from babysit import Run
+    from babysit import writer as writer_module
 
-    from .prototypes import columnar_flush_locked, fast_flush_locked
+    from .prototypes import fast_to_float
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     group = optimizer.param_groups[0]
-    patches = {"current": None, "prototype_fast": fast_flush_locked, "prototype_columnar": columnar_flush_locked}
-    runs = {}
-    for name, patch in patches.items():
-        run = Run(scratch.fresh("flush"), model, optimizer, config={}, flush_interval=3600)
-        if patch is not None:
-            run.writer._flush_locked = types.MethodType(patch, run.writer)
-        runs[name] = run
+    original = writer_module.to_float
+    variants = {"current": (original, False), "prototype to_float (.item())": (fast_to_float, False),
+                "current, loss logged as loss.item()": (original, True)}
+    runs = {name: Run(scratch.fresh("flush"), model, optimizer, config={}, flush_interval=3600) for name in variants}
 
     def block(name: str) -> Callable[[int], float]:
         run = runs[name]
+        convert, as_float = variants[name]
 
         def go(_: int) -> float:
             for _i in range(steps):
                 run.step += 1
-                run.log(loss=torch.tensor(2.3) * 1.0, lr=group["lr"], momentum=group["momentum"])
-            t0 = now_ns()
-            run.writer.flush()
-            return (now_ns() - t0) / steps / 1e3
+                loss = torch.tensor(2.3) * 1.0
+                run.log(loss=loss.item() if as_float else loss, lr=group["lr"], momentum=group["momentum"])
+            writer_module.to_float = convert
+            try:
+                t0 = now_ns()
+                run.writer.flush()
+                return (now_ns() - t0) / steps / 1e3
+            finally:
+                writer_module.to_float = original
         return go
 
-    raw = interleave({name: block(name) for name in runs}, rounds=rounds)
+    try:
+        raw = interleave({name: block(name) for name in runs}, rounds=rounds)
+    finally:
+        writer_module.to_float = original
     same = len({tuple(sorted((s.name, r.store.series_extent(s.id)) for s in r.store.series())) for r in runs.values()}) == 1
     for run in runs.values():
         run.close()
@@ -88,46 +101,50 @@ def writer_flush(scratch: Scratch, *, steps: int, rounds: int) -> dict[str, Any]
 
 
 def step_with_prototype_writer(work: Workload, scratch: Scratch, *, steps: int, rounds: int) -> dict[str, Any]:
-    """The reference step bare, babysat as it is, and babysat with the columnar writer."""
-    from babysit import Run
+    """The reference step bare, babysat as it is, and babysat with the prototype ``to_float``
+    (same block design as section 1; the patch is in place only during its own blocks)."""
+    from babysit import writer as writer_module
 
-    from .prototypes import columnar_flush_locked
-    from .step_overhead import _analyse, _row, cpu_ns
+    from .prototypes import fast_to_float
+    from .step_overhead import Babysat, _analyse, _row, babysit_block, cpu_ns
 
     group = work.optimizer.param_groups[0]
     data = [work.batches[i % len(work.batches)] for i in range(steps)]
     step = work.step
+    original = writer_module.to_float
+
+    def log3(run: Any, loss: Any) -> None:
+        run.log(loss=loss, lr=group["lr"], momentum=group["momentum"])
 
     def bare(_: int) -> dict[str, float]:
         work.reset()
+        marks: list[int] = []
         c0, t0 = cpu_ns(), now_ns()
         for b in data:
+            marks.append(now_ns())
             step(b)
         t1 = now_ns()
-        return _row(steps, t0, t1, t1, c0, cpu_ns())
+        return _row(steps, t0, t1, t1, c0, cpu_ns(), marks)
 
-    def babysat(patch: Any) -> Callable[[int], dict[str, float]]:
+    tools = [Babysat(scratch, work.model, work.optimizer), Babysat(scratch, work.model, work.optimizer)]
+
+    def babysat(tool: Any, convert: Any) -> Callable[[int], dict[str, float]]:
         def go(_: int) -> dict[str, float]:
             work.reset()
-            run_dir = scratch.fresh("wi")
-            run = Run(run_dir, work.model, work.optimizer, config={})
-            if patch is not None:
-                run.writer._flush_locked = types.MethodType(patch, run.writer)
-            c0, t0 = cpu_ns(), now_ns()
-            for b in run.batches(data):
-                loss = step(b)
-                run.log(loss=loss, lr=group["lr"], momentum=group["momentum"])
-            t1 = now_ns()
-            run.writer.flush()
-            t2 = now_ns()
-            c2 = cpu_ns()
-            run.close()
-            shutil.rmtree(run_dir, ignore_errors=True)
-            return _row(steps, t0, t1, t2, c0, c2)
+            writer_module.to_float = convert
+            try:
+                return babysit_block(tool, data, step, steps, log3)
+            finally:
+                writer_module.to_float = original
         return go
 
-    raw = interleave({"bare": bare, "babysit": babysat(None), "babysit_prototype_writer": babysat(columnar_flush_locked)},
-                     rounds=rounds)
+    try:
+        raw = interleave({"bare": bare, "babysit": babysat(tools[0], original),
+                          "babysit_prototype_writer": babysat(tools[1], fast_to_float)}, rounds=rounds)
+    finally:
+        writer_module.to_float = original
+        for tool in tools:
+            tool.close()
     result = _analyse(raw)
     result.pop("raw")
     result.update(steps_per_block=steps, rounds=rounds)
@@ -136,50 +153,73 @@ def step_with_prototype_writer(work: Workload, scratch: Scratch, *, steps: int, 
 
 # -- W3: the checkpoint stall, taken apart ------------------------------------------------------
 def stall_anatomy(work: Workload, scratch: Scratch, *, epochs: int) -> dict[str, Any]:
-    """Time babysit's pieces of an epoch-end boundary, and the stall when the background writer
-    cannot start until 50 ms after the snapshot (to show what its competition for the GIL costs)."""
+    """Time babysit's pieces of an epoch-end boundary (training thread only), and try the
+    prototype "reuse the snapshot's RNG state as the next epoch's starting RNG state" on every
+    other boundary of the same run.
+
+    ``Run.epochs`` calls ``rng_state()`` for the next epoch right after ``_snapshot`` has handed
+    the snapshot to the writer thread, which wakes up and starts pickling; ``rng_state`` calls
+    ``torch.get_rng_state``, which releases the GIL, and the writer keeps it for up to the
+    interpreter's switch interval (5 ms). No random number is drawn between the two calls, so the
+    snapshot's own RNG state is the same value.
+    """
     from babysit import Run
-    from babysit import checkpoint as ckpt
     from babysit import run as run_module
     from babysit import store as store_module
 
+    original_rng, original_snapshot = run_module.rng_state, run_module.Run._snapshot
+    state = {"reuse": False, "cached": None}
+
+    def snapshot(self: Any, reason: str) -> Any:
+        job = original_snapshot(self, reason)
+        state["cached"] = job.state.get("rng") if state["reuse"] else None
+        return job
+
+    def rng_state() -> Any:
+        cached, state["cached"] = state["cached"], None
+        return cached if cached is not None else original_rng()
+
+    targets = [(run_module, "rng_state", "rng_state"), (run_module.Run, "_snapshot", "Run._snapshot"),
+               (run_module.Run, "_end_epoch", "Run._end_epoch"), (run_module, "clone_tree", "clone_tree"),
+               (store_module.RunStore, "add_epoch", "store.add_epoch"),
+               (store_module.RunStore, "pending_commands", "store.pending_commands")]
+    work.reset()
+    stalls: dict[str, list[float]] = {"as_is": [], "prototype_reuse_rng": []}
+    windows: dict[str, list[tuple[float, float]]] = {"as_is": [], "prototype_reuse_rng": []}
+    run_module.rng_state, run_module.Run._snapshot = rng_state, snapshot  # type: ignore[assignment]
+    try:
+        with timed_calls(targets) as times:
+            run = Run(scratch.fresh("anat"), work.model, work.optimizer, config={}, keep_last=2)
+            batch = work.batches[0]
+            t_end = m_end = None
+            for epoch in run.epochs(2 * epochs + 2):
+                t_start, m_start = now_ns(), mono()
+                mode = "prototype_reuse_rng" if state["reuse"] else "as_is"
+                if t_end is not None and epoch >= 3:
+                    stalls[mode].append((t_start - t_end) / 1e6)
+                    windows[mode].append((m_end, m_start))
+                while run.checkpointer._queue.unfinished_tasks:   # train while the snapshot is written
+                    work.step(batch)
+                run.checkpointer.wait()
+                for b in run.batches([batch]):
+                    run.log(loss=work.step(b))
+                run.writer.flush()
+                state["reuse"] = epoch % 2 == 1   # the boundary after this epoch uses the prototype
+                t_end, m_end = now_ns(), mono()
+            run.close()
+    finally:
+        run_module.rng_state, run_module.Run._snapshot = original_rng, original_snapshot  # type: ignore[assignment]
     out: dict[str, Any] = {}
-    for mode in ("as_is", "writer_delayed_50ms", "as_is_again", "writer_delayed_50ms_again"):
-        work.reset()
-        targets = [(run_module, "rng_state", "rng_state"), (run_module.Run, "_snapshot", "_snapshot"),
-                   (run_module.Run, "_end_epoch", "_end_epoch"), (run_module, "clone_tree", "clone_tree"),
-                   (store_module.RunStore, "add_epoch", "store.add_epoch"),
-                   (store_module.RunStore, "pending_commands", "store.pending_commands")]
-        original_write = ckpt.AsyncCheckpointer._write
-        if mode.startswith("writer_delayed"):
-            def delayed_write(self: Any, job: Any, __w: Any = original_write) -> None:
-                time.sleep(0.05)  # sleeping holds no GIL: the boundary runs alone
-                __w(self, job)
-            ckpt.AsyncCheckpointer._write = delayed_write  # type: ignore[method-assign]
-        try:
-            with timed_calls(targets) as times:
-                run = Run(scratch.fresh("anat"), work.model, work.optimizer, config={}, keep_last=2)
-                batch = work.batches[0]
-                stalls = []
-                t_end = None
-                for epoch in run.epochs(epochs + 2):
-                    t_start = now_ns()
-                    if t_end is not None and epoch >= 3:
-                        stalls.append((t_start - t_end) / 1e6)
-                    time.sleep(0.06)
-                    run.checkpointer.wait()
-                    for b in run.batches([batch]):
-                        run.log(loss=work.step(b))
-                    run.writer.flush()
-                    t_end = now_ns()
-                run.close()
-        finally:
-            ckpt.AsyncCheckpointer._write = original_write  # type: ignore[method-assign]
-        # Per boundary (the first two epochs are warm-up).
-        skip = 2
-        out[mode] = {"stall_ms": summarize(stalls),
-                     "parts_ms": {k: summarize(v[skip:]) for k, v in times.items()},
-                     "calls_per_boundary": {k: len(v) / (epochs + 2) for k, v in times.items()}}
+    for mode in stalls:
+        parts: dict[str, list[float]] = {}
+        calls: dict[str, int] = {}
+        for label, rows in times.items():
+            inside = [ms for start, ms, is_main in rows if is_main and any(a <= start <= b for a, b in windows[mode])]
+            parts[label] = inside
+            calls[label] = len(inside)
+        n = max(1, len(windows[mode]))
+        out[mode] = {"stall_ms": summarize(stalls[mode]), "parts_ms": {k: summarize(v) for k, v in parts.items()},
+                     "calls_per_boundary": {k: c / n for k, c in calls.items()}}
     return out
 
 
@@ -194,12 +234,11 @@ def rollback_anatomy(work: Workload, scratch: Scratch, *, reps: int) -> dict[str
 
     S, R = store_module.RunStore, run_module.Run
     targets = [
-        (run_module, "read_verified", "read_verified (read file + sha256 + torch.load)"),
+        (run_module, "read_verified", "read_verified (SHA-256 + torch.load of the file)"),
         (R, "_load_state", "Run._load_state (load_state_dict, RNG)"),
         (R, "_finish_rollback", "Run._finish_rollback (all of it)"),
         (R, "_apply", "Run._apply (validate + read_verified)"),
-        (ckpt.AsyncCheckpointer, "wait", "checkpointer.wait"),
-        (writer_module.MetricsWriter, "forget_branch", "writer.forget_branch (a flush)"),
+        (writer_module.MetricsWriter, "flush", "writer.flush"),
         (S, "new_branch", "store.new_branch"), (S, "write_status", "store.write_status"),
         (S, "add_event", "store.add_event"), (S, "finish_command", "store.finish_command"),
         (S, "checkpoint", "store.checkpoint (lookup)"), (S, "pending_commands", "store.pending_commands"),
@@ -207,14 +246,17 @@ def rollback_anatomy(work: Workload, scratch: Scratch, *, reps: int) -> dict[str
     ]
     with timed_calls(targets) as times:
         result = rollback.measure(work, scratch, reps=reps, label="anatomy")
-    n = max(1, result["reps"])
-    per_rollback = {k: sum(v) / n for k, v in times.items()}
+    windows = [(r["t_commit"], r["t_end"]) for r in result["rows"]]
+    per_rollback: dict[str, Any] = {}
+    for label, rows in times.items():
+        totals = [sum(ms for start, ms, is_main in rows if is_main and a <= start <= b) for a, b in windows]
+        per_rollback[label] = summarize(totals)
     return {"reps": result["reps"], "ms_rollback": result["ms_rollback"],
             "ms_plain_load_plus_step": result["ms_plain_load_plus_step"],
             "ms_plain_parts": result["ms_plain_parts"],
             "ms_per_rollback": per_rollback,
-            "note": "sums per rollback include the calls made by the trainer's ordinary steps and by the writer "
-                    "thread (write_status on every flush), so the small store entries overcount slightly"}
+            "note": "training-thread time per rollback spent in each function, between the commit and the end of "
+                    "the first restored step; the functions nest, so the lines overlap"}
 
 
 # -- W5: dashboard read with a covering index ---------------------------------------------------
@@ -225,7 +267,7 @@ def summary_index(out: Path, n_steps: int, *, rounds: int) -> dict[str, Any]:
     from babysit.store import RunStore
 
     from . import dashboard
-    from .prototypes import SUMMARY_INDEX
+    from .prototypes import SUMMARY_INDEX, sql_bucket_window
 
     source = dashboard.db_dir(out / "dash-cache", n_steps)
     if not (source / "bench-data.json").exists():
@@ -240,21 +282,34 @@ def summary_index(out: Path, n_steps: int, *, rounds: int) -> dict[str, Any]:
         stores = {"as_is": RunStore(source), "covering_index": RunStore(copy)}
         ids = {name: [s.id for s in st.series()] for name, st in stores.items()}
 
-        def block(name: str, full: bool) -> Callable[[int], float]:
+        def block(name: str, how: str) -> Callable[[int], float]:
             def go(_: int) -> float:
                 store = stores[name]
                 t0 = now_ns()
                 for sid in ids[name]:
-                    if full:
+                    if how == "full":
                         dashboard.bench_read_window(store, sid, None, None, dashboard.MAX_POINTS)
+                    elif how == "sql":
+                        sql_bucket_window(store, sid, None, None, dashboard.MAX_POINTS)
                     else:
                         store.chunk_summaries(sid)
                 return (now_ns() - t0) / 1e6
             return go
 
-        raw = interleave({"summaries_as_is": block("as_is", False), "summaries_covering_index": block("covering_index", False),
-                          "full_view_read_as_is": block("as_is", True),
-                          "full_view_read_covering_index": block("covering_index", True)}, rounds=rounds)
+        raw = interleave({"summaries_as_is": block("as_is", "summaries"),
+                          "summaries_covering_index": block("covering_index", "summaries"),
+                          "full_view_read_as_is": block("as_is", "full"),
+                          "full_view_read_covering_index": block("covering_index", "full"),
+                          "full_view_sql_buckets_covering_index": block("covering_index", "sql")}, rounds=rounds)
+        # The SQL-bucket view must keep the same extremes as the bench's own downsampler.
+        same_extremes = True
+        for sid in ids["covering_index"]:
+            a_steps, a_vals = dashboard.bench_read_window(stores["as_is"], sid, None, None, dashboard.MAX_POINTS)
+            b_steps, b_vals = sql_bucket_window(stores["covering_index"], sid, None, None, dashboard.MAX_POINTS)
+            same_extremes &= bool(len(b_vals) <= dashboard.MAX_POINTS and a_vals.max() == b_vals.max()
+                                  and a_vals.min() == b_vals.min())
+            if sid == ids["covering_index"][0]:
+                points_sql = int(len(b_steps))
         plan = stores["covering_index"].conn().execute(
             "EXPLAIN QUERY PLAN SELECT first_step, last_step, n, vmin, vmax, vsum, min_step, max_step, first_wall,"
             " last_wall FROM chunks WHERE series = ? AND first_step >= ? AND first_step <= ? ORDER BY first_step",
@@ -266,6 +321,7 @@ def summary_index(out: Path, n_steps: int, *, rounds: int) -> dict[str, Any]:
     finally:
         shutil.rmtree(copy, ignore_errors=True)
     return {"n_steps": n_steps, "ms_three_series": {k: summarize(v) for k, v in raw.items()},
+            "sql_buckets_same_extremes": same_extremes, "sql_buckets_points_first_series": points_sql,
             "query_plan_with_index": [str(row[-1]) for row in plan],
             "db_mb_as_is": size_as_is / 1e6, "db_mb_with_index": size_index / 1e6, "rounds": rounds}
 
@@ -293,3 +349,45 @@ def ring_cost(scratch: Scratch, *, reps: int) -> dict[str, Any]:
     raw = interleave({"ring_as_is": ring, "pwrite_open_fd": pwrite}, rounds=reps)
     os.close(fd)
     return {"us": {k: summarize(v) for k, v in raw.items()}, "reps": reps}
+
+
+# -- W7: loading a large checkpoint ---------------------------------------------------------------
+def checkpoint_load(work: Workload, scratch: Scratch, *, reps: int) -> dict[str, Any]:
+    """The ways to load the large model's checkpoint file, interleaved: babysit's ``read_verified``
+    (hash and decode, see babysit/checkpoint.py), a plain ``torch.load`` of the path, the same with
+    ``mmap=True`` (lazy: pages are read when the tensors are used), and the hash alone."""
+    import hashlib
+
+    import torch
+
+    from babysit.checkpoint import FORMAT, KEY_FORMAT, read_verified, rng_state, write_atomic
+
+    path = scratch.fresh("load") / "big.pt"
+    sha, size = write_atomic(path, {KEY_FORMAT: FORMAT, "model": work.model.state_dict(),
+                                    "optimizer": work.optimizer.state_dict(), "rng": rng_state()})
+
+    def timed(fn: Callable[[], Any]) -> Callable[[int], float]:
+        def go(_: int) -> float:
+            t0 = now_ns()
+            result = fn()
+            elapsed = (now_ns() - t0) / 1e6
+            del result
+            return elapsed
+        return go
+
+    def sha256_file() -> str:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    raw = interleave({
+        "read_verified (babysit)": timed(lambda: read_verified(path, sha)),
+        "torch.load(path)": timed(lambda: torch.load(path, map_location="cpu", weights_only=True)),
+        "torch.load(path, mmap=True)": timed(lambda: torch.load(path, map_location="cpu", weights_only=True, mmap=True)),
+        "sha256 of the file alone": timed(sha256_file),
+        "read the file into memory": timed(path.read_bytes),
+    }, rounds=reps)
+    path.unlink(missing_ok=True)
+    return {"file_mb": size / 1e6, "ms": {k: summarize(v) for k, v in raw.items()}, "reps": reps}

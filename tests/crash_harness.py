@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from babysit import commands as cmd
 from babysit.checkpoint import KEY_MODEL, TEMP_MARK, CheckpointError, read_verified
-from babysit.jobs.digits import DigitsConfig, augment, build_model, build_optimizer, load_digits_split
+from babysit.jobs.digits import (DigitsConfig, augment, build_model, build_optimizer, configure_threads,
+                                 load_digits_split)
 from babysit.store import RunStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,12 +109,15 @@ def train_with_kills(run_dir: Path, config: DigitsConfig, kills: int, rng: rando
                 elif mode < 0.5:
                     _wait_for_temp_file(run_dir, process, timeout=rng.uniform(3.0, 12.0))
                 else:
-                    _wait_running(run_dir, process, timeout=60)
+                    # Let it train past its latest checkpoint first, so that the run makes progress
+                    # from kill to kill whatever the machine's speed.
+                    _wait_running(run_dir, process, timeout=120)
+                    _wait_past_checkpoint(run_dir, process, extra_steps=rng.randint(1, 40), timeout=120)
                     if rng.random() < 0.6:
                         nudge = _nudge(run_dir, rng)
                         if nudge is not None:
                             acknowledged.append(nudge)
-                    time.sleep(rng.uniform(0.0, 1.5))
+                    time.sleep(rng.uniform(0.0, 0.5))
             finally:
                 if process.poll() is None:
                     mid_write = bool(_temp_files(run_dir))
@@ -142,6 +146,20 @@ def _wait_running(run_dir: Path, process: subprocess.Popen[bytes], timeout: floa
         time.sleep(0.05)
 
 
+def _wait_past_checkpoint(run_dir: Path, process: subprocess.Popen[bytes], extra_steps: int, timeout: float) -> None:
+    """Wait until the trainer is ``extra_steps`` past the latest checkpoint it resumed from."""
+    try:
+        listed = RunStore(run_dir).checkpoints()
+    except Exception:
+        listed = []
+    target = (listed[-1]["step"] if listed else 0) + extra_steps
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if (_status(run_dir).get("step") or 0) >= target:
+            return
+        time.sleep(0.02)
+
+
 def _wait_for_temp_file(run_dir: Path, process: subprocess.Popen[bytes], timeout: float) -> None:
     """Poll for a checkpoint being written (its temporary file), to kill in the middle of it."""
     deadline = time.monotonic() + timeout
@@ -154,6 +172,7 @@ def _wait_for_temp_file(run_dir: Path, process: subprocess.Popen[bytes], timeout
 def plain_reference(config: DigitsConfig, nudges: dict[int, list[tuple[str, float]]]) -> tuple[dict[str, torch.Tensor], list[float]]:
     """The demo job as a plain PyTorch loop with no babysit at all, nudged at the given steps
     (after that step's optimizer.step, as babysit does): the ground truth for a killed run."""
+    configure_threads()  # the trainer's thread count: float sums depend on it
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)

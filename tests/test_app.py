@@ -188,3 +188,30 @@ def test_a_token_hides_everything_until_given(app, tmp_path: Path, monkeypatch: 
     assert {m.label for m in at.metric} >= {"lr", "momentum"}
     at.button(key="pause").click().run()
     assert queued(store) == [(cmd.PAUSE, {}, "dashboard")]
+
+
+def test_a_click_delivered_twice_sends_one_command(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run")
+    at = app()
+    at.button(key="lr_double").click().run()
+    at.button(key="lr_double").click().run()  # the same button, the same command, at once
+    at.text_input(key="lr_exact").input("0.01").run()
+    at.button(key="lr_set").click().run()
+    at.text_input(key="lr_exact").input("0.02").run()
+    at.button(key="lr_set").click().run()  # the same button, another value: a new command
+    assert queued(store) == [(cmd.SET_LR, {"value": 0.1}, "dashboard"), (cmd.SET_LR, {"value": 0.01}, "dashboard"),
+                             (cmd.SET_LR, {"value": 0.02}, "dashboard")]
+
+
+def test_the_lr_slider_follows_the_trainer_until_moved(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run")
+    at = app()
+    assert at.select_slider(key="lr_choice").value == 0.05
+    store.write_status(lr=0.2)  # nudged from the CLI
+    at.run()
+    assert at.select_slider(key="lr_choice").value == 0.2
+    at.select_slider(key="lr_choice").set_value(0.001).run()
+    store.write_status(lr=0.3)
+    at.run()
+    assert at.select_slider(key="lr_choice").value == 0.001  # the person's choice waits for them
+    assert any("now `0.3`" in md.value for md in at.markdown)

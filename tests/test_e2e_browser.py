@@ -26,6 +26,7 @@ import pytest
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Locator, Page, expect, sync_playwright
 
+from babysit.store import RunStore
 from tests.conftest import REPO, babysit_cli
 
 CHROMIUM = "/usr/bin/chromium"
@@ -179,12 +180,17 @@ def _metric(page: Page, label: str) -> Locator:
 
 
 def _acknowledged(page: Page, sent: str) -> int:
-    """Wait for the click's toast ("Sent #N: ...") and return N."""
+    """Wait for the click's toast ("Sent #N: ...") and return N; fail at once on "Not sent: ..."."""
     pattern = re.compile(rf"Sent #(\d+): {re.escape(sent)}")
     toasts = page.locator('[data-testid="stToast"]')
-    match = _until(f"the toast 'Sent #N: {sent}'",
-                   lambda: next(filter(None, map(pattern.search, toasts.all_inner_texts())), None), page)
-    return int(match.group(1))
+
+    def toast() -> re.Match[str] | None:
+        texts = toasts.all_inner_texts()
+        refused = [t for t in texts if "Not sent:" in t]
+        assert not refused, f"the page refused the command: {refused}"
+        return next(filter(None, map(pattern.search, texts)), None)
+
+    return int(_until(f"the toast 'Sent #N: {sent}'", toast, page).group(1))
 
 
 def _applied(page: Page, command_id: int, text: str) -> str:
@@ -195,14 +201,19 @@ def _applied(page: Page, command_id: int, text: str) -> str:
     return alert.first.inner_text()
 
 
+def _applied_step(status_text: str) -> int:
+    match = re.search(r"applied at step (\d+)", status_text)
+    assert match, status_text
+    return int(match.group(1))
+
+
 def _choose_checkpoint(page: Page, label_start: str) -> None:
-    """Pick an option in the "Roll back to" select (a combobox: open it, click the option). The
-    history section reruns every 2 s and may redraw the open list, so this tries again."""
+    """Pick an option in the "Roll back to" select (a combobox: open it, click the option), even
+    if it is already the one shown. The checkpoints section reruns every 2 s and may redraw the
+    open list under the click, so this tries again until the select shows the option."""
     combo = page.get_by_role("combobox", name="Roll back to")
     deadline = time.monotonic() + WAIT_S
-    while not combo.input_value().startswith(label_start):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"could not choose {label_start!r} in Roll back to; it shows {combo.input_value()!r}")
+    while True:
         try:
             combo.click(timeout=5000)
             option = page.get_by_role("option").filter(has_text=label_start).first
@@ -211,70 +222,117 @@ def _choose_checkpoint(page: Page, label_start: str) -> None:
             option.click(timeout=5000)
         except PlaywrightError:  # the list was redrawn under the click; look again
             page.keyboard.press("Escape")
+        if combo.input_value().startswith(label_start) and page.get_by_role("option").count() == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"could not choose {label_start!r} in Roll back to; it shows {combo.input_value()!r}")
         page.wait_for_timeout(200)
 
 
+def _clock(wall: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(wall)) + f"{wall % 1:.2f}"[1:]
+
+
+def _what_went_wrong(page: Page, demo: Demo, shot: Path) -> str:
+    """For a failure message: what the page says, the commands' fates, and the trainer's log."""
+    lines = []
+    try:
+        page.screenshot(path=str(shot), full_page=True)
+        lines.append(f"screenshot: {shot}")
+        for testid in ("stToast", "stAlert", "stMetric", "stCaption"):
+            lines += [f"{testid}: {t!r}" for t in page.locator(f'[data-testid="{testid}"]').all_inner_texts()]
+    except PlaywrightError as error:
+        lines.append(f"(the page could not be read: {error})")
+    if (demo.run_dir / "run.db").exists():
+        store = RunStore(demo.run_dir)
+        status = store.status()
+        lines.append(f"status: {status.get('effective_state')} step {status.get('step')} branch {status.get('branch')} "
+                     f"lr {status.get('lr')} heartbeat {time.time() - (status.get('heartbeat') or 0):.1f} s ago")
+        lines += [f"command #{c['id']} from {c['source']} at {_clock(c['created'])}: {c['kind']} {c['args']}: "
+                  f"{c['state']} at step {c['step']} {c['result'] or c['reason'] or ''}" for c in store.commands()]
+        lines += [f"event {e['kind']} at step {e['step']}: {e['message']}" for e in store.events()[-10:]]
+    log = demo.run_dir / "trainer.log"
+    if log.exists():
+        lines.append("trainer.log ends:\n" + log.read_text(errors="replace")[-1500:])
+    return "\n".join(lines)
+
+
 # -- the test --------------------------------------------------------------------------------------
-def test_demo_in_the_browser_curve_lr_nudge_and_rollback(demo: Demo) -> None:
+def test_demo_in_the_browser_curve_lr_nudge_and_rollback(demo: Demo, tmp_path: Path) -> None:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(WAIT_S * 1000)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(WAIT_S * 1000)
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(demo.url)
-
-            # 1. The curve appears (plotly.js takes seconds to start) and grows as the trainer runs.
-            first = _until("branch 1's loss curve", lambda: _loss_traces(page).get(1), page, timeout=90)
-            grown = _until("branch 1's loss curve to grow",
-                           lambda: (b := _loss_traces(page).get(1)) and b["max_x"] >= first["max_x"] + 20 and b, page)
-            assert grown["points"] > first["points"]  # every step is drawn until a window holds 5,000
-            assert any(name.startswith("loss · branch 1") for name in grown["names"])
-            expect(_metric(page, "lr")).to_have_text("0.05")
-            expect(_metric(page, "branch")).to_have_text("1")
-
-            # 2. lr × 2 in the page: toast, then "applied at step S", and the trainer really uses it.
-            double = page.locator(".st-key-lr_double button")
-            expect(double).to_have_text("× 2")
-            double.click()
-            lr_command = _acknowledged(page, "set lr 0.1")
-            status_text = _applied(page, lr_command, "set lr 0.1")
-            applied_step = int(re.search(r"applied at step (\d+)", status_text).group(1))  # type: ignore[union-attr]
-            status = demo.status()
-            assert status["lr"] == INITIAL_LR * 2 == 0.1
-            assert status["step"] >= applied_step and status["pending_commands"] == []
-            expect(_metric(page, "lr")).to_have_text("0.1", timeout=WAIT_S * 1000)
-
-            # 3. Roll back to the first epoch's checkpoint from the page: a new branch, drawn beside
-            # the old one.
-            checkpoint = _until("the first epoch's checkpoint", lambda: (c := demo.status()["checkpoints"]) and c[0], page,
-                                timeout=EPOCH_S)
-            assert checkpoint["epoch"] == 1 and checkpoint["branch"] == 1
-            rollback = page.locator(".st-key-rollback button")
-            expect(rollback).to_contain_text("Roll back", timeout=WAIT_S * 1000)
-            label = f"#{checkpoint['id']} · epoch 1 · step {checkpoint['step']} · branch 1"
-            _choose_checkpoint(page, label)
-            rollback.click()
-            sent = f"rollback to #{checkpoint['id']} (checkpoint hparams)"
-            rollback_command = _acknowledged(page, sent)
-            assert rollback_command > lr_command
-            status_text = _applied(page, rollback_command, sent)
-            assert f"(branch 2, epoch 1, step {checkpoint['step']}, checkpoint {checkpoint['id']}" in status_text
-            status = demo.status()
-            assert status["branch"] == 2
-            assert status["lr"] == checkpoint["hparams"]["lr"]  # the checkpoint's hparams, as chosen
-            expect(_metric(page, "branch")).to_have_text("2", timeout=WAIT_S * 1000)
-            both = _until("branch 2's loss curve beside branch 1's",
-                          lambda: (b := _loss_traces(page)).get(2) and b.get(1) and b, page)
-            assert any(name.startswith("loss · branch 2") for name in both[2]["names"])
-            assert both[2]["min_x"] >= checkpoint["step"]  # branch 2 starts where the checkpoint was taken
-            rolled_back_at = int(re.search(r"applied at step (\d+)", status_text).group(1))  # type: ignore[union-attr]
-            assert rolled_back_at > checkpoint["step"]
-            # Branch 1 is still drawn, from the start to past the checkpoint (the steps it ran after it).
-            assert both[1]["min_x"] <= 1 and both[1]["max_x"] > checkpoint["step"]
-
-            assert page.locator('[data-testid="stException"]').count() == 0
-            assert errors == []
+            _curve_lr_nudge_and_rollback(page, demo)
+        except (AssertionError, PlaywrightError) as failure:
+            raise AssertionError(f"{failure}\n\n{_what_went_wrong(page, demo, tmp_path / 'failure.png')}") from failure
         finally:
             browser.close()
+    assert errors == []
+
+
+def _curve_lr_nudge_and_rollback(page: Page, demo: Demo) -> None:
+    page.goto(demo.url)
+
+    # 1. The curve appears (plotly.js takes seconds to start) and grows as the trainer runs.
+    first = _until("branch 1's loss curve", lambda: _loss_traces(page).get(1), page, timeout=90)
+    grown = _until("branch 1's loss curve to grow",
+                   lambda: (b := _loss_traces(page).get(1)) and b["max_x"] >= first["max_x"] + 20 and b, page)
+    assert grown["points"] > first["points"]  # every step is drawn until a window holds 5,000
+    assert any(name.startswith("loss · branch 1") for name in grown["names"])
+    expect(_metric(page, "lr")).to_have_text("0.05")
+    expect(_metric(page, "branch")).to_have_text("1")
+
+    # The first epoch's checkpoint, taken before the nudge: lr 0.1 can make the demo diverge,
+    # and then the guard pauses the run, and no epoch ends until someone rolls back.
+    checkpoint = _until("the first epoch's checkpoint", lambda: (c := demo.status()["checkpoints"]) and c[0],
+                        page, timeout=EPOCH_S)
+    assert (checkpoint["epoch"], checkpoint["branch"], checkpoint["hparams"]["lr"]) == (1, 1, INITIAL_LR)
+
+    # 2. lr × 2 in the page: toast, then "applied at step S", and the trainer really uses it.
+    double = page.locator(".st-key-lr_double button")
+    expect(double).to_have_text("× 2")
+    double.click()
+    lr_command = _acknowledged(page, "set lr 0.1")
+    status_text = _applied(page, lr_command, "set lr 0.1")
+    nudged_at = _applied_step(status_text)
+    assert nudged_at > checkpoint["step"]
+    status = demo.status()
+    assert status["lr"] == INITIAL_LR * 2 == 0.1
+    assert status["branch"] == 1 and status["step"] >= nudged_at
+    assert [c for c in status["pending_commands"] if c["source"] == "dashboard"] == []
+    expect(_metric(page, "lr")).to_have_text("0.1")
+
+    # 3. Roll back to that checkpoint from the page, with its hyperparameters: branch 2 starts
+    # there with lr 0.05 again, and the chart draws it beside branch 1.
+    rollback = page.locator(".st-key-rollback button")
+    expect(rollback).to_contain_text("Roll back")
+    _choose_checkpoint(page, f"#{checkpoint['id']} · epoch 1 · step {checkpoint['step']} · branch 1")
+    expect(page.get_by_role("radio", name=re.compile(r"^the checkpoint's"))).to_be_checked()
+    rollback.click()
+    sent = f"rollback to #{checkpoint['id']} (checkpoint hparams)"
+    rollback_command = _acknowledged(page, sent)
+    assert rollback_command > lr_command
+    status_text = _applied(page, rollback_command, sent)
+    restored = f"branch 2, epoch 1, step {checkpoint['step']}, checkpoint {checkpoint['id']}, lr 0.05, momentum 0.9"
+    assert f"({restored})" in status_text
+    rolled_back_at = _applied_step(status_text)
+    assert rolled_back_at >= nudged_at
+    status = demo.status()
+    assert status["branch"] == 2 and status["lr"] == INITIAL_LR
+    expect(_metric(page, "branch")).to_have_text("2")
+    expect(_metric(page, "lr")).to_have_text("0.05")
+    both = _until("branch 2's loss curve beside branch 1's",
+                  lambda: (b := _loss_traces(page)).get(2) and b.get(1) and b, page)
+    assert any(name.startswith("loss · branch 2") for name in both[2]["names"])
+    assert both[2]["min_x"] >= checkpoint["step"]  # branch 2 starts where the checkpoint was taken
+    # Branch 1 is still drawn, from its start to past the nudge (the steps it ran after the checkpoint).
+    assert both[1]["min_x"] <= 1 and both[1]["max_x"] >= nudged_at
+
+    # Each click queued exactly one command (the guard may have queued a pause of its own).
+    clicked = [(c["id"], c["kind"]) for c in RunStore(demo.run_dir).commands() if c["source"] == "dashboard"]
+    assert clicked == [(lr_command, "set_lr"), (rollback_command, "rollback")], f"two clicks queued {clicked}"
+    assert page.locator('[data-testid="stException"]').count() == 0

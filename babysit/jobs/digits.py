@@ -8,6 +8,7 @@ lasts a few seconds on two CPU cores: long enough to watch, short enough to see 
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,8 +93,17 @@ def evaluate(model: nn.Module, data: TensorDataset) -> tuple[float, float]:
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
+def configure_threads() -> None:
+    """One intra-op thread unless OMP_NUM_THREADS says otherwise: this model is too small to gain
+    from more, and on a shared two-core machine (the dashboard, a browser) more threads make each
+    step several times slower. The thread count is part of what makes a run reproducible."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
 def train(run_dir: str | Path, config: DigitsConfig, *, on_run: object = None) -> babysit.Run:
     """Train (or resume) the demo in ``run_dir``. ``on_run(run)`` is called once the run exists."""
+    configure_threads()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)

@@ -11,6 +11,7 @@ import argparse
 import hmac
 import math
 import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -75,7 +76,11 @@ def access_granted() -> bool:
 def pick_run(root: str, preferred: str | None) -> RunStore | None:
     """The run to show: the one asked for, or a choice among the runs under ``root``."""
     runs = list_runs(root)
-    if preferred and Path(preferred).resolve() not in [r.resolve() for r in runs] and Path(preferred, "run.db").exists():
+    if preferred and not Path(preferred, "run.db").exists():
+        found = ", ".join(str(r) for r in runs[:8]) or "none"
+        st.error(f"{preferred!r} is not a babysit run (it has no run.db); runs found: {found}")
+        return None
+    if preferred and Path(preferred).resolve() not in [r.resolve() for r in runs]:
         runs.insert(0, Path(preferred))
     if not runs:
         st.title("babysit")
@@ -90,10 +95,15 @@ def pick_run(root: str, preferred: str | None) -> RunStore | None:
         default = resolved.index(target) if target in resolved else 0
     chosen = st.sidebar.selectbox("Run", names, index=default, key="run_choice") if len(runs) > 1 else names[0]
     try:
-        return RunStore(chosen)
+        store = RunStore(chosen)
+        store.status()  # a database damaged past its first page fails here, not mid-page
+        return store
     except StoreError as error:
         st.error(str(error))
-        return None
+    except sqlite3.DatabaseError as error:
+        st.error(f"{str(Path(chosen) / 'run.db')!r} is not a readable babysit run database ({error}); restore it "
+                 "from a backup or start a new run in another directory")
+    return None
 
 
 def chart_options() -> tuple[ChartOptions, bool, float]:
@@ -112,18 +122,42 @@ def chart_options() -> tuple[ChartOptions, bool, float]:
 
 
 # -- acknowledgements ------------------------------------------------------------------------------
-def send(store: RunStore, kind: str, args: dict[str, Any] | None = None) -> None:
-    """Queue a command from the page and acknowledge it (or show why it was refused)."""
+# Streamlit 1.67 can deliver one click twice when the page is busy (the click's trigger also rides
+# on a fragment's automatic rerun): the same button sending the same command again this soon is
+# that, not a person ("× 2" twice would make it × 4; "Roll back" twice, two branches).
+DOUBLE_FIRE_S = 1.5
+
+
+def send(store: RunStore, kind: str, args: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
+         *, key: str) -> None:
+    """Queue a command from the page and acknowledge it (or show why it was refused).
+
+    ``args`` may be a function, called here so that a value read at click time (the trainer's
+    current lr for × 2) is checked like any other.
+    """
     serial = st.session_state.get("_flash_serial", 0) + 1
-    st.session_state["_flash_serial"] = serial
     try:
+        args = args() if callable(args) else args
+        fired = (kind, repr(args), time.monotonic())
+        last = st.session_state.get(f"_fired_{key}")
+        if last is not None and last[:2] == fired[:2] and fired[2] - last[2] < DOUBLE_FIRE_S:
+            return
+        st.session_state[f"_fired_{key}"] = fired
+        st.session_state["_flash_serial"] = serial
         command_id = store.enqueue_command(kind, args or {}, source="dashboard")
     except cmd.CommandError as error:
+        st.session_state["_flash_serial"] = serial
         st.session_state["_flash"] = ("error", f"Not sent: {error}", serial)
         return
     text = cmd.describe(kind, cmd.validate(kind, args).args)
     st.session_state["_flash"] = ("sent", f"Sent #{command_id}: {text}", serial)
     st.session_state["_last_command"] = command_id
+
+
+def command_button(column: Any, label: str, key: str, store: RunStore, kind: str,
+                   args: dict[str, Any] | Callable[[], dict[str, Any]] | None = None, **options: Any) -> None:
+    """A button that sends one command when clicked."""
+    column.button(label, key=key, on_click=send, args=(store, kind, args), kwargs={"key": key}, **options)
 
 
 def show_flash() -> None:
@@ -206,11 +240,9 @@ def divergence_alert(store: RunStore, status: dict[str, Any]) -> None:
     data = open_alert["data"]
     if data.get("checkpoint") and status.get("alive"):
         lr = data.get("suggested_lr")
-        st.button(
-            f"Roll back to checkpoint #{data['checkpoint']} with lr {lr:.4g}", type="primary", key="remedy",
-            on_click=send, args=(store, cmd.ROLLBACK, {"checkpoint": data["checkpoint"], "hparams": cmd.HPARAMS_CURRENT,
-                                                      "lr": lr}),
-        )
+        command_button(st, f"Roll back to checkpoint #{data['checkpoint']} with lr {lr:.4g}", "remedy", store,
+                       cmd.ROLLBACK, {"checkpoint": data["checkpoint"], "hparams": cmd.HPARAMS_CURRENT, "lr": lr},
+                       type="primary")
 
 
 def other_alerts(store: RunStore) -> None:
@@ -275,18 +307,20 @@ def lr_controls(store: RunStore, status: dict[str, Any]) -> None:
     lr = status.get("lr")
     st.markdown("**Learning rate**" + (f" — now `{lr:.4g}`" if lr is not None else ""))
     cols = st.columns([1, 1, 3])
-    cols[0].button("× ½", key="lr_half", disabled=lr is None, width="stretch",
-                   on_click=lambda: send(store, cmd.SET_LR, {"value": _fresh(store, "lr") / 2}))
-    cols[1].button("× 2", key="lr_double", disabled=lr is None, width="stretch",
-                   on_click=lambda: send(store, cmd.SET_LR, {"value": _fresh(store, "lr") * 2}))
-    if "lr_choice" not in st.session_state and lr is not None:
-        st.session_state["lr_choice"] = min(LR_CHOICES, key=lambda v: abs(math.log10(v) - math.log10(lr)))
+    # Halve or double the lr the page shows (refreshed every few seconds), so a click means what
+    # the person saw, and a click delivered twice sends the same command twice (dropped above).
+    command_button(cols[0], "× ½", "lr_half", store, cmd.SET_LR, {"value": lr / 2} if lr else None,
+                   disabled=lr is None, width="stretch")
+    command_button(cols[1], "× 2", "lr_double", store, cmd.SET_LR, {"value": lr * 2} if lr else None,
+                   disabled=lr is None, width="stretch")
+    follow_trainer("lr_choice", LR_CHOICES, lr)
     cols[2].select_slider("lr (log scale)", options=LR_CHOICES, key="lr_choice", format_func=lambda v: f"{v:g}",
                           label_visibility="collapsed")
     cols = st.columns([3, 1])
     exact = cols[0].text_input("Exact lr", key="lr_exact", placeholder="e.g. 0.003 (empty: use the slider)")
-    cols[1].button("Set lr", key="lr_set", width="stretch", type="primary",
-                   on_click=lambda: send(store, cmd.SET_LR, {"value": exact if exact.strip() else st.session_state["lr_choice"]}))
+    command_button(cols[1], "Set lr", "lr_set", store, cmd.SET_LR,
+                   lambda: {"value": exact if exact.strip() else st.session_state["lr_choice"]},
+                   width="stretch", type="primary")
 
 
 def momentum_controls(store: RunStore, status: dict[str, Any]) -> None:
@@ -296,9 +330,7 @@ def momentum_controls(store: RunStore, status: dict[str, Any]) -> None:
         return
     now = f" — now `{momentum:.4g}` (window ≈ {1 / (1 - momentum):.0f} steps)" if momentum is not None and momentum < 1 else ""
     st.markdown("**Momentum β**" + now)
-    if "one_minus_beta" not in st.session_state and momentum is not None and momentum < 1:
-        target = math.log10(max(1 - momentum, 1e-4))
-        st.session_state["one_minus_beta"] = min(ONE_MINUS_BETA_CHOICES, key=lambda v: abs(math.log10(v) - target))
+    follow_trainer("one_minus_beta", ONE_MINUS_BETA_CHOICES, 1 - momentum if momentum is not None else None)
     st.select_slider(
         "1 − β (log scale)", options=ONE_MINUS_BETA_CHOICES, key="one_minus_beta",
         format_func=lambda v: f"β {1 - v:.4g} · 1−β {v:.2g} · window ≈ {1 / v:.0f} steps",
@@ -306,31 +338,39 @@ def momentum_controls(store: RunStore, status: dict[str, Any]) -> None:
     cols = st.columns([3, 1])
     exact = cols[0].text_input("Exact momentum", key="momentum_exact", placeholder="e.g. 0.95 (empty: use the slider)")
     chosen = lambda: exact if exact.strip() else round(1 - st.session_state["one_minus_beta"], 12)  # noqa: E731
-    cols[1].button("Set momentum", key="momentum_set", width="stretch", type="primary",
-                   on_click=lambda: send(store, cmd.SET_MOMENTUM, {"value": chosen()}))
+    command_button(cols[1], "Set β", "momentum_set", store, cmd.SET_MOMENTUM, lambda: {"value": chosen()},
+                   width="stretch", type="primary")
 
 
 def run_controls(store: RunStore, status: dict[str, Any]) -> None:
     paused = status.get("effective_state") == "paused"
     cols = st.columns(4)
     if paused:
-        cols[0].button("Resume", icon=":material/play_arrow:", key="resume", width="stretch", on_click=send,
-                       args=(store, cmd.RESUME))
+        command_button(cols[0], "Resume", "resume", store, cmd.RESUME, icon=":material/play_arrow:", width="stretch")
     else:
-        cols[0].button("Pause", icon=":material/pause:", key="pause", width="stretch", on_click=send,
-                       args=(store, cmd.PAUSE))
-    cols[1].button("Checkpoint now", icon=":material/save:", key="checkpoint", width="stretch", on_click=send,
-                   args=(store, cmd.CHECKPOINT))
-    cols[2].button("Stop", icon=":material/stop:", key="stop", width="stretch", on_click=send, args=(store, cmd.STOP),
+        command_button(cols[0], "Pause", "pause", store, cmd.PAUSE, icon=":material/pause:", width="stretch")
+    command_button(cols[1], "Checkpoint now", "checkpoint", store, cmd.CHECKPOINT, icon=":material/save:",
+                   width="stretch")
+    command_button(cols[2], "Stop", "stop", store, cmd.STOP, icon=":material/stop:", width="stretch",
                    help="Writes a final checkpoint and ends the trainer; `python -m babysit train` resumes it.")
 
 
-def _fresh(store: RunStore, key: str) -> float:
-    """The value the trainer reports right now (the page may be a refresh behind)."""
-    value = store.status().get(key)
+def nearest_choice(choices: list[float], value: float) -> float:
+    """The choice closest to ``value`` on a log scale."""
+    target = math.log10(max(value, min(choices)))
+    return min(choices, key=lambda v: abs(math.log10(v) - target))
+
+
+def follow_trainer(key: str, choices: list[float], value: float | None) -> None:
+    """Keep a slider on the trainer's value when that changes (a nudge from the CLI, a scheduler),
+    unless the person has moved the slider since: then their choice waits for them to send it."""
     if value is None:
-        raise cmd.CommandError(f"the run reports no {key} yet")
-    return float(value)
+        return
+    now = nearest_choice(choices, value)
+    shown = st.session_state.get(f"_{key}_synced")
+    if key not in st.session_state or (shown != now and st.session_state[key] == shown):
+        st.session_state[key] = now
+    st.session_state[f"_{key}_synced"] = now
 
 
 # -- checkpoints and rollback -------------------------------------------------------------------
@@ -362,8 +402,8 @@ def checkpoints(store: RunStore, status: dict[str, Any]) -> None:
                                f"{_short(chosen['hparams'].get('momentum'))})") if h == cmd.HPARAMS_CHECKPOINT
         else f"the current ones (lr {_short(lr_now)}, momentum {_short(momentum_now)})",
     )
-    cols[2].button("Roll back", icon=":material/undo:", key="rollback", type="primary", width="stretch",
-                   on_click=send, args=(store, cmd.ROLLBACK, {"checkpoint": target, "hparams": hparams}))
+    command_button(cols[2], "Roll back", "rollback", store, cmd.ROLLBACK, {"checkpoint": target, "hparams": hparams},
+                   icon=":material/undo:", type="primary", width="stretch")
 
 
 def _checkpoint_label(c: dict[str, Any]) -> str:

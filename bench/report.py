@@ -1,0 +1,401 @@
+"""Turn a results dict into the targets table and the Markdown report (bench/RESULTS.md).
+
+The report is regenerated on every run, except for the hand-written analysis at its end (between
+the ANALYSIS markers), which is carried over from the previous file so that findings written for
+one run stay next to its numbers until someone rewrites them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .common import REPO, fmt, fmt_range
+
+ANALYSIS_START = "<!-- ANALYSIS START: hand-written, kept when the file is regenerated -->"
+ANALYSIS_END = "<!-- ANALYSIS END -->"
+
+STEP_TARGET_US = 10.0        # 2 % of the 0.5 ms reference step
+TB_RATIO_TARGET = 0.10
+STALL_TARGET = 1.25
+ROLLBACK_TARGET = 1.0
+REFRESH_TARGET_MS = 100.0
+POINTS_TARGET = 5_000
+RSS_FLAT_MB = 10.0
+
+
+def _get(d: Any, *keys: Any, default: Any = None) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def _target(tid: str, target: str, measured: str, met: bool | None) -> dict[str, Any]:
+    return {"id": tid, "target": target, "measured": measured, "met": met}
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    s = results.get("sections", {})
+    out: list[dict[str, Any]] = []
+    ref = _get(s, "step", "reference")
+    if ref:
+        bs = ref["variants"]["babysit"]
+        us = bs["overhead_us_paired_typical"]["median"]
+        bare = ref["variants"]["bare"]["typical_us_per_step"]["median"]
+        out.append(_target("step_overhead", "babysit per-step overhead ≤ 2 % of a 0.5 ms step (≤ 10 µs)",
+                           f"{fmt(us, 1)} µs/step = {fmt(100 * us / 500, 2)} % of 0.5 ms "
+                           f"({fmt(bs['overhead_pct_typical'], 2)} % of the measured {fmt(bare, 0)} µs bare step); "
+                           f"typical-step paired median; CPU-time paired median {fmt(bs['overhead_us_paired_cpu']['median'], 1)} µs",
+                           us <= STEP_TARGET_US))
+        ratio = ref.get("babysit_over_tensorboard_typical")
+        if ratio is not None and not math.isnan(ratio):
+            tb = ref["variants"]["tensorboard"]["overhead_us_paired_typical"]["median"]
+            out.append(_target("vs_tensorboard", "babysit overhead ≤ 1/10 of TensorBoard's for the same 3 metrics",
+                               f"{fmt(ratio, 3)} ({fmt(us, 1)} µs vs {fmt(tb, 1)} µs)", ratio <= TB_RATIO_TARGET))
+        else:
+            out.append(_target("vs_tensorboard", "babysit overhead ≤ 1/10 of TensorBoard's for the same 3 metrics",
+                               "tensorboard not installed (pip install -r bench/requirements.txt)", None))
+    nudge = s.get("nudge")
+    if nudge:
+        n, ok, strict = nudge["commands"], nudge["on_next_boundary_after_return"], nudge["on_next_boundary"]
+        out.append(_target("nudge", "a nudge is applied at the next step boundary after it is committed",
+                           f"{ok}/{n} at the next boundary after enqueue_command returned; {strict}/{n} counted from "
+                           f"the SQLite commit itself (before the trainer is signalled); latency "
+                           f"{fmt(nudge['ms_commit_to_step_start']['median'], 2)} ms median",
+                           nudge["applied"] == n and ok == n))
+    for size in ("small", "large"):
+        ck = _get(s, "checkpoint", size)
+        if ck:
+            r = ck["stall_over_state_copy"]["median"]
+            out.append(_target(f"stall_{size}", f"checkpoint stall ≤ 1.25× the in-memory copy ({size} model, "
+                               f"{fmt(ck['state_mb'], 1)} MB of state)",
+                               f"{fmt(r, 2)}× ({fmt(ck['ms']['stall']['median'], 2)} ms vs "
+                               f"{fmt(ck['ms']['state_copy']['median'], 2)} ms)", r <= STALL_TARGET))
+    for size in ("small", "large"):
+        rb = _get(s, "rollback", size)
+        if rb:
+            r = rb["ratio_rollback_over_plain"]["median"]
+            out.append(_target(f"rollback_{size}", f"rollback ≤ torch.load + one step ({size} model, "
+                               f"{fmt(rb['checkpoint_file_mb'], 1)} MB file)",
+                               f"{fmt(r, 2)}× ({fmt(rb['ms_rollback']['median'], 1)} ms vs "
+                               f"{fmt(rb['ms_plain_load_plus_step']['median'], 1)} ms)", r <= ROLLBACK_TARGET))
+    dash = s.get("dashboard")
+    if dash and dash.get("sizes"):
+        sizes = sorted(dash["sizes"], key=int)
+        top = dash["sizes"][sizes[-1]]
+        label = f"{int(sizes[-1]):,} steps ({dash.get('primary', 'bench')} data layer)"
+        read = top["views"]["full"]["read_ms"]["median"]
+        total = top["views"]["full"]["total_ms"]["median"]
+        out.append(_target("refresh_read", f"dashboard refresh (read + downsample, 3 series, whole run) ≤ 100 ms at {label}",
+                           f"{fmt(read, 1)} ms", read <= REFRESH_TARGET_MS))
+        out.append(_target("refresh_total", f"… and with the Plotly figure built and serialised ≤ 100 ms at {label}",
+                           f"{fmt(total, 1)} ms", total <= REFRESH_TARGET_MS))
+        most = max(p for e in dash["sizes"].values() for v in e["points"].values() for p in v.values())
+        most = max([most] + [p for e in dash["sizes"].values() for p in e.get("max_trace_points", {}).values()])
+        out.append(_target("points", "≤ 5 000 points per trace sent",
+                           f"at most {most:,} in any trace of any view at any size", most <= POINTS_TARGET))
+        kept = all(v["spikes_kept"] == v["spikes"] and v["dips_kept"] == v["dips"] and v["max_matches_raw"]
+                   and v["min_matches_raw"] for e in dash["sizes"].values() for v in e["spikes"].values())
+        n_sp = sum(v["spikes"] + v["dips"] for e in dash["sizes"].values() for v in e["spikes"].values())
+        out.append(_target("spikes", "spikes of the raw curve kept (min/max-preserving downsampling)",
+                           f"{'all' if kept else 'NOT all'} of {n_sp} injected spikes/dips kept across views and sizes; "
+                           "min and max of every view equal the raw ones" if kept else "some lost", kept))
+        low = dash["sizes"][sizes[0]]["rss_after_mb"]["median"]
+        high = top["rss_after_mb"]["median"]
+        out.append(_target("memory", f"dashboard memory does not grow with run length (RSS after refreshes, "
+                           f"{int(sizes[0]):,} → {int(sizes[-1]):,} steps, within {RSS_FLAT_MB:g} MB)",
+                           f"{fmt(low, 1)} MB → {fmt(high, 1)} MB (database {fmt(dash['sizes'][sizes[0]]['db_mb'], 1)} "
+                           f"→ {fmt(top['db_mb'], 1)} MB)", high - low <= RSS_FLAT_MB))
+    return out
+
+
+def targets_text(targets: list[dict[str, Any]]) -> str:
+    lines = []
+    for t in targets:
+        mark = {True: "MET   ", False: "MISSED", None: "n/a   "}[t["met"]]
+        lines.append(f"  [{mark}] {t['target']}: {t['measured']}")
+    return "\n".join(lines)
+
+
+# -- Markdown ----------------------------------------------------------------------------------
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _previous_analysis(previous: Path | None) -> str:
+    if previous is None or not previous.exists():
+        return ""
+    text = previous.read_text()
+    if ANALYSIS_START in text and ANALYSIS_END in text:
+        return text[text.index(ANALYSIS_START) + len(ANALYSIS_START):text.index(ANALYSIS_END)].strip("\n")
+    return ""
+
+
+def _step_table(section: dict[str, Any], percent: bool = True) -> str:
+    rows = []
+    names = {"bare": "bare step", "babysit": "babysit", "tensorboard": "TensorBoard SummaryWriter",
+             "babysit_batches_only": "babysit, run.batches only (no log)",
+             "babysit_prototype_writer": "babysit + prototype to_float (bench/prototypes.py)"}
+    for name, v in section["variants"].items():
+        over = v.get("overhead_us_paired")
+        rows.append([
+            names.get(name, name),
+            fmt_range(v["typical_us_per_step"], 1),
+            f"**{fmt_range(v['overhead_us_paired_typical'], 1)}**" if over else "–",
+            fmt(v.get("overhead_pct_typical"), 2) + " %" if over and percent else "–",
+            fmt_range(v["us_per_step"], 1),
+            fmt_range(over, 1) if over else "–",
+            fmt_range(v["overhead_us_paired_loop_only"], 1) if over else "–",
+            fmt_range(v["cpu_us_per_step"], 1),
+            fmt_range(v["overhead_us_paired_cpu"], 1) if over else "–",
+        ])
+    return _table(["variant", "typical µs/step (block's median step + drain)", "overhead µs, typical (paired)",
+                   "% of bare", "µs/step, block wall time incl. drain", "overhead µs, wall (paired)",
+                   "overhead µs, loop only (paired)", "CPU µs/step, all threads", "overhead µs, CPU (paired)"], rows)
+
+
+def render(results: dict[str, Any], *, raw_path: Path | None = None, previous: Path | None = None) -> str:
+    m = results["machine"]
+    s = results.get("sections", {})
+    out: list[str] = []
+    add = out.append
+    title = "babysit benchmark results" + (" (QUICK mode: tiny sizes, not for quoting)" if results["mode"] == "quick" else "")
+    add(f"# {title}\n")
+    add("Generated by `python -m bench` (see [bench/README.md](README.md)); the hand-written analysis at the end is "
+        "kept across runs. Every comparison below was made inside one process with the variants' repetitions "
+        "interleaved; numbers are medians with (min–max) over repetitions; ratios are what to quote, absolute times "
+        "move with the machine's load.\n")
+    add("## Machine and command\n")
+    raw_rel = str(raw_path.relative_to(REPO)) if raw_path and raw_path.is_relative_to(REPO) else str(raw_path)
+    add(_table(["", ""], [
+        ["command", f"`{m['command']}`"],
+        ["git commit", f"`{m['git_commit']}`" + (" (+ uncommitted changes)" if m.get("git_dirty") else "")],
+        ["date (UTC)", m["started_utc"]],
+        ["duration", f"{results.get('duration_s')} s"],
+        ["CPU", f"{m['cpu_model']}, {m['cpu_count']} logical CPUs ({m['cpus_usable']} usable), {m['memory_gib']} GiB"],
+        ["load average (1/5/15 min) at start / end", f"{m['load_average_start']} / {m.get('load_average_end')}"],
+        ["software", f"Python {m['python']}, torch {m['torch']} ({m['torch_threads']} thread(s) for the training "
+                     f"steps), numpy {m['numpy']}, SQLite {m['sqlite']}, tensorboard {m['tensorboard'] or 'not installed'}, "
+                     f"plotly {m['plotly']}, {m['os']}"],
+        ["raw numbers", f"`{raw_rel}`"],
+    ]))
+    add("")
+    if results.get("errors"):
+        add("**Sections that failed:** " + ", ".join(results["errors"]) + " (tracebacks in the raw JSON)\n")
+
+    add("## Targets\n")
+    mark = {True: "met", False: "**missed**", None: "n/a"}
+    add(_table(["target", "measured", ""], [[t["target"], t["measured"], mark[t["met"]]] for t in results["targets"]]))
+    add("")
+
+    step = s.get("step")
+    if step:
+        ref = step["reference"]
+        add("## 1. Per-step overhead\n")
+        add(f"**Reference step**: {ref['workload']}; {ref['rounds']} interleaved rounds of one {ref['steps_per_block']}-step "
+            "block per variant. babysit: `run.batches` (the per-step command poll) + `run.log(loss=loss, lr=…, momentum=…)`; "
+            "TensorBoard: three `SummaryWriter.add_scalar` calls with the same objects. One warmed-up `Run` and one "
+            "`SummaryWriter` serve all blocks; babysit's writer thread is kept asleep and each babysit block ends with the "
+            "one flush its writer thread would do every 0.25 s, timed on the training thread (an upper bound: in a real "
+            "run it overlaps the steps); \"loop only\" leaves it out (a lower bound). The *typical step* is each block's "
+            "median step time plus its drain per step, which a burst of load from other processes does not move; "
+            "\"paired\" overheads subtract the bare block of the same round.\n")
+        add(_step_table(ref))
+        add("")
+        ratio = ref.get("babysit_over_tensorboard")
+        if ratio is not None:
+            add(f"babysit's overhead / TensorBoard's: **{fmt(ref.get('babysit_over_tensorboard_typical'), 3)}** "
+                f"(typical step), {fmt(ratio, 3)} (block wall time incl. drain), "
+                f"{fmt(ref.get('babysit_over_tensorboard_loop_only'), 3)} (loop only), "
+                f"{fmt(ref.get('babysit_over_tensorboard_cpu'), 3)} (CPU time of all threads).\n")
+        parts = []
+        for name in ("babysit", "tensorboard"):
+            v = ref["variants"].get(name)
+            if v and "drain_us_per_step" in v:
+                parts.append(f"{name}: drain {fmt_range(v['drain_us_per_step'], 1)} µs/step, median step grew by "
+                             f"{fmt_range(v['median_step_growth_us_paired'], 1)} µs (paired)")
+        if parts:
+            add("The typical-step overhead in its two parts — " + "; ".join(parts) + ".\n")
+        dg = step["digits"]
+        add(f"**Demo job step**: {dg['workload']}; babysit logs the loss only, as the demo does; {dg['rounds']} rounds × "
+            f"{dg['steps_per_block']} steps.\n")
+        add(_step_table(dg))
+        add("")
+        iso = step["isolated"]
+        add(f"**The tools alone** (no training: the loop body only logs a fixed 0-d tensor and two floats; "
+            f"{iso['rounds']} rounds × {iso['steps_per_block']:,} iterations). \"loop only\" is what the training "
+            "thread pays directly; \"incl. drain\" adds the background writer's work for the same values, run "
+            "synchronously.\n")
+        add(_step_table(iso, percent=False))
+        add("")
+
+    nudge = s.get("nudge")
+    if nudge:
+        add("## 2. Nudge latency\n")
+        add(f"A second process queued {nudge['commands']} `set_lr` commands with `RunStore.enqueue_command` at random "
+            f"moments while the reference step ran under `run.batches` (step {fmt_range(nudge['step_ms'], 3)} ms). "
+            "A command committed while step k runs is on time when babysit applies it at the boundary after step k, "
+            "so that step k+1 uses it (\"steps late\" 0; −1 when the commit landed between a step's end and its "
+            "boundary check).\n")
+        add(_table(["", "value"], [
+            ["applied (store says `applied`)", f"{nudge['applied']}/{nudge['commands']} ({nudge['store_applied']} in the store)"],
+            ["used at the next step boundary after `enqueue_command` returned", f"{nudge['on_next_boundary_after_return']}/{nudge['commands']}"],
+            ["used at the next step boundary after the SQLite commit itself", f"{nudge['on_next_boundary']}/{nudge['commands']}"],
+            ["steps late (from the commit)", f"{fmt_range(nudge['steps_late'], 0)}"],
+            ["ms from commit to the start of the step that uses it", fmt_range(nudge["ms_commit_to_step_start"], 3)],
+            ["ms from commit to `enqueue_command` returning (signal rung)", fmt_range(nudge["ms_commit_to_return"], 3)],
+            ["ms for the whole `enqueue_command` call", fmt_range(nudge["ms_enqueue_call"], 3)],
+            ["the step babysit recorded used the new lr (trainer's own record)", f"{nudge['store_step_matches']}/{nudge['applied']}"],
+        ]))
+        add("")
+
+    ck = s.get("checkpoint")
+    if ck:
+        add("## 3. Checkpoint stall\n")
+        add("Epochs of one step under `run.epochs`; the stall is the gap between the end of an epoch's last step and "
+            "the start of the next epoch's body (record the epoch, snapshot with `clone_tree`, RNG states, hand to "
+            "the writer thread). In the same epochs, rotated: a plain synchronous `torch.save({model, optimizer, rng})` "
+            "(no fsync), the in-memory copy (`clone_tree` of both state dicts + `rng_state()`), and `clone()` of the "
+            "tensors alone. The last rows are the cost the background write puts on the steps taken while it runs.\n")
+        rows = []
+        labels = [("stall", "babysit stall (training thread blocked)"), ("state_copy", "in-memory copy of the state"),
+                  ("tensor_clone", "clone() of the tensors only"), ("torch_save", "plain torch.save (sync)"),
+                  ("write_ms", "background write, until done"), ("steps_during_write", "steps trained during the write"),
+                  ("extra_ms_during_write", "extra time of those steps (vs quiet steps)"),
+                  ("step_ms_quiet", "one step, nothing in the background")]
+        for key, label in labels:
+            rows.append([label] + [fmt_range(ck[size]["ms"][key], 3 if size == "small" else 1) for size in ("small", "large")])
+        rows.append(["**stall / in-memory copy**"] + [f"**{fmt_range(ck[z]['stall_over_state_copy'], 2)}**" for z in ("small", "large")])
+        rows.append(["stall / clone() only"] + [fmt_range(ck[z]["stall_over_tensor_clone"], 2) for z in ("small", "large")])
+        rows.append(["stall / plain torch.save"] + [fmt_range(ck[z]["stall_over_torch_save"], 2) for z in ("small", "large")])
+        add(_table(["ms", f"small: {ck['small']['workload']} ({fmt(ck['small']['state_mb'], 3)} MB state, "
+                          f"{ck['small']['reps']} reps)",
+                    f"large: {ck['large']['workload']} ({fmt(ck['large']['state_mb'], 1)} MB state, "
+                    f"{fmt(ck['large']['checkpoint_file_mb'], 1)} MB file, {ck['large']['reps']} reps)"], rows))
+        add("")
+
+    rb = s.get("rollback")
+    if rb:
+        add("## 4. Rollback latency\n")
+        add("From the commit of a `rollback` command (queued by a second process at a random point in a step) to the "
+            "end of the first step on the restored weights, against a plain `torch.load(weights_only=True)` of the "
+            "same file + `load_state_dict` (model, optimizer) + one step, timed on the training thread just before.\n")
+        rows = []
+        for key, label in (("ms_rollback", "babysit: commit → end of first restored step"),
+                           ("ms_commit_to_first_step_start", "babysit: commit → start of first restored step"),
+                           ("ms_plain_load_plus_step", "plain: torch.load + load_state_dict + one step")):
+            rows.append([label] + [fmt_range(rb[z][key], 1) for z in ("small", "large")])
+        for key, label in (("load_ms", "… of which torch.load"), ("load_state_dict_ms", "… of which load_state_dict"),
+                           ("step_ms", "… of which the step")):
+            rows.append([label] + [fmt_range(rb[z]["ms_plain_parts"][key], 1) for z in ("small", "large")])
+        rows.append(["**babysit / plain**"] + [f"**{fmt_range(rb[z]['ratio_rollback_over_plain'], 2)}**" for z in ("small", "large")])
+        rows.append(["rollbacks applied, restored to the checkpoint's step"] +
+                    [f"{rb[z]['applied']}/{rb[z]['reps']}, {rb[z]['restored_to_checkpoint_step']}/{rb[z]['reps']}" for z in ("small", "large")])
+        add(_table(["ms", f"small ({fmt(rb['small']['checkpoint_file_mb'], 3)} MB file)",
+                    f"large ({fmt(rb['large']['checkpoint_file_mb'], 1)} MB file)"], rows))
+        add("")
+
+    dash = s.get("dashboard")
+    if dash:
+        add("## 5. Dashboard refresh\n")
+        add(f"Run databases built with `RunStore.write_chunks` (chunks of 256 points; loss with 20 spikes and 10 dips, "
+            f"lr, momentum). Each (data layer, size) is read by fresh processes ({dash['rounds']} rounds, interleaved, "
+            f"{dash['reps']} warm refreshes each after one cold one). Views: **full** = the whole run; **tail** = the "
+            f"last {dash['tail_steps']:,} steps; **new rows** = the last {dash['new_rows_steps']} steps (an incremental "
+            "refresh). Data layers: **babysit** = the dashboard's own code as `babysit/ui/page.py` runs it "
+            "(`ui.data.read_view` → `ui.figures.build_figure` → `ui.live_chart.figure_json`); **bench** = the stand-in "
+            f"`bench.dashboard.read_window` (min/max per bucket from raw points up to {dash['raw_points_limit']:,} points "
+            "in the window, from chunk summaries beyond; one `go.Scattergl` per series, `fig.to_json()`). The targets "
+            f"use **{dash.get('primary', 'bench')}**.\n")
+        if dash.get("errors"):
+            add("Data layers that failed: " + ", ".join(f"{k}: `{v.strip().splitlines()[-1] if v.strip() else '?'}`"
+                                                         for k, v in dash["errors"].items()) + "\n")
+        layers = dash.get("data_layers") or {"bench": {"sizes": dash["sizes"]}}
+        rows = []
+        for data, layer in layers.items():
+            for n, e in sorted(layer["sizes"].items(), key=lambda kv: int(kv[0])):
+                for view, t in e["views"].items():
+                    rows.append([data if view == "full" else "", f"{int(n):,}" if view == "full" else "", view,
+                                 fmt_range(t["read_ms"], 1), fmt_range(t["figure_ms"], 1), fmt_range(t["json_ms"], 1),
+                                 f"**{fmt_range(t['total_ms'], 1)}**", fmt(e["cold_total_ms"][view]["median"], 1),
+                                 " / ".join(str(p) for p in e["points"][view].values()), fmt(e["json_kb"][view], 0)])
+        add(_table(["data layer", "steps", "view", "read + downsample ms", "figure ms", "JSON ms", "total ms",
+                    "cold total ms", "points loss / lr / momentum", "JSON kB"], rows))
+        add("")
+        rows = []
+        for data, layer in layers.items():
+            for n, e in sorted(layer["sizes"].items(), key=lambda kv: int(kv[0])):
+                sp = e["spikes"]["full"]
+                rows.append([data, f"{int(n):,}", fmt(e["db_mb"], 1), fmt(e["rss_base_mb"]["median"], 1),
+                             fmt(e["rss_after_mb"]["median"], 1), fmt(e["rss_growth_mb"]["median"], 1),
+                             fmt(e["rss_peak_mb"]["median"], 1),
+                             f"{sp['spikes_kept']}/{sp['spikes']} spikes, {sp['dips_kept']}/{sp['dips']} dips"])
+        add(_table(["data layer", "steps", "database MB", "RSS before reading MB", "RSS after refreshes MB", "growth MB",
+                    "peak RSS MB", "kept in the full view"], rows))
+        add("")
+
+    wi = s.get("whatif")
+    if wi:
+        add("## Profiling and what-if measurements\n")
+        add("Timing wrappers around babysit's own functions, and prototype fixes (`bench/prototypes.py`, patched onto "
+            "single instances or run on a copy of a database; `babysit/` is untouched), measured side by side with the "
+            "code as it is.\n")
+        wf = wi["writer_flush"]
+        add(f"**W1. Background writer, µs per logged step** (3 metrics, one a fresh 0-d tensor; {wf['steps_per_flush']} "
+            f"steps per flush; {wf['rounds']} rounds; same store content: {wf['same_store_content']}):\n")
+        add(_table(["writer", "µs per step"], [[k, fmt_range(v, 2)] for k, v in wf["us_per_step"].items()]))
+        add("")
+        sp = wi["step_with_prototype_writer"]
+        add(f"**W2. Reference step with the prototype `to_float`** ({sp['rounds']} rounds × {sp['steps_per_block']} steps):\n")
+        add(_step_table(sp))
+        add("")
+        st = wi["stall_anatomy"]
+        add("**W3. The small model's checkpoint boundary taken apart** (training thread, ms per call, calls per "
+            "boundary in brackets; the prototype reuses the snapshot's RNG state for the next epoch on every other "
+            "boundary of the same run):\n")
+        rows = []
+        for mode, v in st.items():
+            parts = ", ".join(f"{k} {fmt(p['median'], 3)} [{fmt(v['calls_per_boundary'][k], 1)}]" for k, p in v["parts_ms"].items() if p["n"])
+            rows.append([mode, fmt_range(v["stall_ms"], 3), parts])
+        add(_table(["boundary", "stall ms", "parts"], rows))
+        add("")
+        ra = wi["rollback_anatomy"]
+        add(f"**W4. The small model's rollback taken apart** ({ra['reps']} rollbacks; rollback "
+            f"{fmt_range(ra['ms_rollback'], 1)} ms vs plain {fmt_range(ra['ms_plain_load_plus_step'], 1)} ms, of which "
+            f"torch.load {fmt(ra['ms_plain_parts']['load_ms']['median'], 2)} ms): training-thread ms per rollback in "
+            "each function, between the commit and the end of the first restored step (nested: the lines overlap)\n")
+        add(_table(["function (training thread)", "ms per rollback"],
+                   [[k, fmt_range(v, 3)] for k, v in ra["ms_per_rollback"].items()]))
+        add("")
+        si = wi["summary_index"]
+        add(f"**W5. Reading chunk summaries at {si['n_steps']:,} steps, with a covering index** "
+            f"(`bench/prototypes.py: SUMMARY_INDEX`; database {fmt(si['db_mb_as_is'], 1)} MB → "
+            f"{fmt(si['db_mb_with_index'], 1)} MB; plan: {'; '.join(si['query_plan_with_index'])}), 3 series, {si['rounds']} rounds:\n")
+        add(_table(["", "ms"], [[k, fmt_range(v, 2)] for k, v in si["ms_three_series"].items()]))
+        add("")
+        if "sql_buckets_same_extremes" in si:
+            add(f"The SQL-bucket view (`bench/prototypes.py: sql_bucket_window`) sends "
+                f"{si['sql_buckets_points_first_series']:,} points for the loss and keeps the same minimum and maximum "
+                f"as the bench's downsampler on every series: {si['sql_buckets_same_extremes']}.\n")
+        cl = wi.get("checkpoint_load")
+        if cl:
+            add(f"**W7. Loading the large model's checkpoint** ({fmt(cl['file_mb'], 1)} MB file, {cl['reps']} interleaved "
+                "reps; ms):\n")
+            add(_table(["", "ms"], [[k, fmt_range(v, 1)] for k, v in cl["ms"].items()]))
+            add("")
+        rc = wi["ring"]
+        add(f"**W6. Signalling a command** (µs; {rc['reps']} interleaved reps): "
+            + "; ".join(f"{k} {fmt_range(v, 1)}" for k, v in rc["us"].items()) + "\n")
+
+    add("## Analysis\n")
+    add(ANALYSIS_START)
+    analysis = _previous_analysis(previous)
+    add(analysis if analysis else "_(no analysis written yet for these numbers)_")
+    add(ANALYSIS_END)
+    add("")
+    return "\n".join(out)
