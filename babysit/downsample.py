@@ -1,6 +1,6 @@
 """Downsampling that keeps the spikes, and the exponentially weighted average of the seeds.
 
-Pure numpy functions, shared by the dashboard and the benchmarks.
+Pure numpy and pandas functions, shared by the dashboard and the benchmarks.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 
 
 def minmax(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,26 +59,20 @@ def bucket_means(
 def ewma(x: np.ndarray, y: np.ndarray, beta: float) -> np.ndarray:
     """The bias-corrected exponentially weighted average of ``y`` with weight ``beta`` per step.
 
-    ``x`` holds the step of each value. When values stand for buckets of several steps (a
-    downsampled view), a value ``gap`` steps after the previous one decays the average by
-    ``beta ** gap``, as ``gap`` steps of that value would; so the curve looks the same whether it
-    is computed from raw points or from bucket means. Non-finite values are skipped.
+    ``x`` holds the step of each value. A value ``gap`` steps older weighs ``beta ** gap`` less,
+    so the curve is the same whether it is computed from raw points or from bucket means (each
+    standing for the steps around it). With one value per step this is the course notes'
+    v_t = β·v_{t-1} + (1-β)·y_t divided by 1 - β^t. Non-finite values are skipped.
     """
-    out = np.full(len(y), np.nan)
+    y = np.asarray(y, dtype=float)
     if len(y) == 0:
-        return out
+        return np.full(0, np.nan)
     if not 0 <= beta < 1:
         raise ValueError(f"beta must be >= 0 and < 1, got {beta!r}")
-    log_beta = math.log(beta) if beta > 0 else -math.inf
-    average = weight = 0.0
-    previous = None
-    for i, (step, value) in enumerate(zip(np.asarray(x, dtype=float).tolist(), np.asarray(y, dtype=float).tolist())):
-        if math.isfinite(value):
-            gap = 1.0 if previous is None else max(step - previous, 1.0)
-            decay = math.exp(log_beta * gap) if beta > 0 else 0.0
-            average = decay * average + (1 - decay) * value
-            weight = decay * weight + (1 - decay)
-            previous = step
-        if weight > 0:
-            out[i] = average / weight
-    return out
+    if beta == 0:
+        return np.where(np.isfinite(y), y, np.nan)
+    # pandas does the weighted average in compiled code, decaying by elapsed "time" (the step).
+    halflife = math.log(0.5) / math.log(beta)
+    times = pd.to_datetime(np.asarray(x, dtype=float), unit="s")
+    series = pd.Series(np.where(np.isfinite(y), y, np.nan))
+    return series.ewm(halflife=pd.Timedelta(seconds=halflife), times=times, ignore_na=True).mean().to_numpy()

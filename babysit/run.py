@@ -107,6 +107,8 @@ class Run:
         self._skip_batches = 0
         self._rng_after_skip: dict[str, Any] | None = None
         self._epoch_start_rng: dict[str, Any] | None = None
+        self._rng_at_epoch_end: dict[str, Any] | None = None
+        self._snapshot_rng: dict[str, Any] | None = None
         self._epoch_metrics: dict[str, float] = {}
         self._interrupt: str | None = None      # "rollback" or "stop": end the epoch now
         self._rollback: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None = None
@@ -148,7 +150,11 @@ class Run:
             self.epoch = self._next_epoch
             if self._skip_batches == 0:
                 self.step_in_epoch = 0
-                self._epoch_start_rng = rng_state()
+                # Nothing draws a random number between an epoch's checkpoint and the next epoch:
+                # its RNG state is this epoch's start (and reading it again would wait for the GIL
+                # while the checkpoint thread holds it).
+                self._epoch_start_rng = self._rng_at_epoch_end or rng_state()
+                self._rng_at_epoch_end = None
             self._epoch_metrics = {}
             yield self.epoch
             if self._interrupt == "rollback":
@@ -201,9 +207,13 @@ class Run:
     def log(self, **metrics: Any) -> None:
         """Record per-step values (numbers or one-element tensors) at the current step.
 
-        A tensor is read on the writer thread, so logging a GPU loss does not wait for the GPU.
-        Do not change a logged tensor in place afterwards.
+        A CPU tensor is read at once (``.item()``, well under a microsecond); a GPU tensor is read
+        on the writer thread, so logging a GPU loss does not wait for the GPU (do not change it in
+        place afterwards). Either way no autograd graph is kept alive.
         """
+        for name, value in metrics.items():
+            if type(value) is torch.Tensor:
+                metrics[name] = value.detach() if value.is_cuda else value.item()
         self._log((PER_STEP, self.branch, self.step, time.time(), metrics))
 
     def log_epoch(self, **metrics: Any) -> None:
@@ -493,16 +503,18 @@ class Run:
     # -- epoch end, rollback, stop -----------------------------------------------------------
     def _end_epoch(self) -> None:
         self._snapshot(EPOCH_DONE)  # the epoch's end is recorded by the writer thread too
+        self._rng_at_epoch_end = self._snapshot_rng
         self._next_epoch = self.epoch + 1
 
     def _snapshot(self, reason: str) -> PendingCheckpoint:
         hparams = self.hparams
+        self._snapshot_rng = rng_state()
         state = {
             KEY_FORMAT: FORMAT,
             KEY_MODEL: clone_tree(self.model.state_dict()),
             KEY_OPTIMIZER: clone_tree(self.optimizer.state_dict()),
             KEY_SCHEDULER: clone_tree(self.scheduler.state_dict()) if self.scheduler is not None else None,
-            KEY_RNG: rng_state(),
+            KEY_RNG: self._snapshot_rng,
             KEY_EPOCH_START_RNG: self._epoch_start_rng if self._epoch_start_rng is not None else rng_state(),
             KEY_EPOCH: self.epoch, KEY_STEP: self.step, KEY_STEP_IN_EPOCH: self.step_in_epoch,
             KEY_BRANCH: self.branch, KEY_HPARAMS: hparams, KEY_CONFIG: self.config,

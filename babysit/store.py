@@ -70,6 +70,10 @@ CREATE TABLE IF NOT EXISTS chunks (
     steps BLOB NOT NULL, vals BLOB NOT NULL, walls BLOB NOT NULL,
     PRIMARY KEY (series, first_step)
 ) WITHOUT ROWID;
+-- The summaries alone, so that drawing a long run reads this index and none of the packed points.
+CREATE INDEX IF NOT EXISTS chunk_summaries ON chunks (
+    series, first_step, last_step, n, vmin, vmax, vsum, min_step, max_step, first_wall, last_wall
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, wall REAL NOT NULL, branch INTEGER, step INTEGER, epoch INTEGER,
     kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT NOT NULL DEFAULT '{}'

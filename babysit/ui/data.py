@@ -88,28 +88,24 @@ def read_window(
 
 
 def _from_summaries(info: SeriesInfo, rows: np.ndarray, max_points: int) -> SeriesWindow:
-    """Two points per chunk (its min and its max, at their own steps), merged further if needed."""
-    has_values = ~np.isnan(rows[:, _VMIN])
-    rows_ok = rows[has_values]
-    group = max(1, int(np.ceil(2 * len(rows_ok) / max_points)))
-    steps_out, values_out = [], []
-    for start in range(0, len(rows_ok), group):
-        block = rows_ok[start:start + group]
-        i_low, i_high = int(block[:, _VMIN].argmin()), int(block[:, _VMAX].argmax())
-        pair = sorted([(block[i_low, _MIN_STEP], block[i_low, _VMIN]), (block[i_high, _MAX_STEP], block[i_high, _VMAX])])
-        for step, value in pair:
-            steps_out.append(step)
-            values_out.append(value)
-    steps = np.array(steps_out)
-    values = np.array(values_out)
+    """Each chunk's min and max (at their own steps), in step order, thinned by :func:`minmax`."""
+    rows_ok = rows[~np.isnan(rows[:, _VMIN])]
+    low_first = rows_ok[:, _MIN_STEP] <= rows_ok[:, _MAX_STEP]
+    candidates_x = np.empty(2 * len(rows_ok))
+    candidates_y = np.empty(2 * len(rows_ok))
+    candidates_x[0::2] = np.where(low_first, rows_ok[:, _MIN_STEP], rows_ok[:, _MAX_STEP])
+    candidates_y[0::2] = np.where(low_first, rows_ok[:, _VMIN], rows_ok[:, _VMAX])
+    candidates_x[1::2] = np.where(low_first, rows_ok[:, _MAX_STEP], rows_ok[:, _MIN_STEP])
+    candidates_y[1::2] = np.where(low_first, rows_ok[:, _VMAX], rows_ok[:, _VMIN])
+    steps, values = minmax(candidates_x, candidates_y, max_points)
     # Wall time of a point: interpolated inside the chunk's own first/last wall times.
-    knots_steps = np.concatenate([rows[:, _FIRST], rows[:, _LAST]])
-    knots_walls = np.concatenate([rows[:, _FIRST_WALL], rows[:, _LAST_WALL]])
-    order = np.argsort(knots_steps, kind="stable")
-    walls = np.interp(steps, knots_steps[order], knots_walls[order])
-    counts = rows_ok[:, _N]
+    knots_steps = np.column_stack([rows[:, _FIRST], rows[:, _LAST]]).ravel()
+    knots_walls = np.column_stack([rows[:, _FIRST_WALL], rows[:, _LAST_WALL]]).ravel()
+    walls = np.interp(steps, knots_steps, knots_walls)
     mean_steps = (rows_ok[:, _FIRST] + rows_ok[:, _LAST]) / 2
-    mean_values = rows_ok[:, _VSUM] / np.maximum(counts, 1)
+    mean_values = rows_ok[:, _VSUM] / np.maximum(rows_ok[:, _N], 1)
+    if len(mean_steps) > MEAN_BUCKETS:
+        mean_steps, mean_values, _ = bucket_means(mean_steps, mean_values, MEAN_BUCKETS)
     return SeriesWindow(info, steps, values, walls, mean_steps, mean_values, int(rows[:, _N].sum()), True)
 
 

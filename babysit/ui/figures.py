@@ -9,6 +9,7 @@ happened, with before → after on hover.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,9 @@ def _x(steps: np.ndarray, walls: np.ndarray | None, window_branch: int, view: Ru
 def _list(values: np.ndarray) -> list[Any]:
     """JSON-safe: NaN and infinities become None (a gap), numpy scalars become floats."""
     array = np.asarray(values, dtype=float)
-    return [v if np.isfinite(v) else None for v in array.tolist()]
+    if np.isfinite(array).all():
+        return array.tolist()
+    return [v if math.isfinite(v) else None for v in array.tolist()]
 
 
 def _trace(window: SeriesWindow, panel: str, x: list[Any], y: list[Any], *, name: str, colour: str,
