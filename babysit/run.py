@@ -124,7 +124,7 @@ class Run:
 
         self._guard = DivergenceGuard(self.guard_config)
         queue: collections.deque[Any] = collections.deque()
-        self._log = queue.append  # the whole per-step cost of run.log
+        self._log = queue.append  # the training thread's share of storing a value: one append
         self._restore_on_start()
         self.writer = MetricsWriter(
             self.store, queue=queue, status=self._status_fields, guard=self._guard,
@@ -211,10 +211,11 @@ class Run:
         on the writer thread, so logging a GPU loss does not wait for the GPU (do not change it in
         place afterwards). Either way no autograd graph is kept alive.
         """
-        for name, value in metrics.items():
-            if type(value) is torch.Tensor:
-                metrics[name] = value.detach() if value.is_cuda else value.item()
-        self._log((PER_STEP, self.branch, self.step, time.time(), metrics))
+        for value in metrics.values():
+            if type(value) is _TENSOR:
+                _read_tensors(metrics)
+                break
+        self._log((PER_STEP, self.branch, self.step, _wall_clock(), metrics))
 
     def log_epoch(self, **metrics: Any) -> None:
         """Record per-epoch values (validation loss, accuracy); they are saved in the checkpoint."""
@@ -694,6 +695,19 @@ class Run:
             self.close()
         except Exception:
             pass
+
+
+# Bound once: run.log runs every step, and module attribute lookups add up there.
+_TENSOR = torch.Tensor
+_wall_clock = time.time
+
+
+def _read_tensors(metrics: dict[str, Any]) -> None:
+    """CPU tensors become floats now (cheaper than keeping them, and their graphs, alive); GPU
+    tensors are detached and read later on the writer thread, without a sync here."""
+    for name, value in metrics.items():
+        if type(value) is _TENSOR:
+            metrics[name] = value.detach() if value.is_cuda else value.item()
 
 
 def _momentum_reader(optimizer: torch.optim.Optimizer) -> Any:

@@ -281,16 +281,16 @@ class RunStore:
     # -- status ------------------------------------------------------------------------------
     def write_status(self, **fields: Any) -> None:
         """Insert or update the single status row with the given fields."""
+        if not fields:
+            return
         connection = self.conn()
-        exists = connection.execute("SELECT 1 FROM status WHERE id = 1").fetchone()
-        if exists is None:
+        sets = ", ".join(f"{key} = ?" for key in fields)
+        updated = connection.execute(f"UPDATE status SET {sets} WHERE id = 1", tuple(fields.values())).rowcount
+        if not updated:  # the first write of a new run
             fields.setdefault("state", RUNNING)
             columns = ", ".join(["id", *fields])
             marks = ", ".join("?" * (len(fields) + 1))
             connection.execute(f"INSERT INTO status ({columns}) VALUES ({marks})", (1, *fields.values()))
-        elif fields:
-            sets = ", ".join(f"{key} = ?" for key in fields)
-            connection.execute(f"UPDATE status SET {sets} WHERE id = 1", tuple(fields.values()))
 
     def status(self) -> dict[str, Any]:
         """The status row with ``effective_state``: the state, or "not responding" when stale."""

@@ -336,3 +336,56 @@ def _curve_lr_nudge_and_rollback(page: Page, demo: Demo) -> None:
     clicked = [(c["id"], c["kind"]) for c in RunStore(demo.run_dir).commands() if c["source"] == "dashboard"]
     assert clicked == [(lr_command, "set_lr"), (rollback_command, "rollback")], f"two clicks queued {clicked}"
     assert page.locator('[data-testid="stException"]').count() == 0
+
+
+# -- zoom and log scale survive live refreshes (the real dashboard, the real trainer) ---------
+COUNT_DRAWS = """(sel) => {
+    const gd = document.querySelector(sel);
+    if (!gd.__drawCount) { gd.__drawCount = 0; gd.on('plotly_afterplot', () => { gd.__drawCount += 1; }); }
+    return gd.__drawCount;
+}"""
+VIEW = """(sel) => {
+    const gd = document.querySelector(sel);
+    const loss = gd.data.filter((t) => /^loss · branch 1/.test(t.name || '') && !/superseded/.test(t.name));
+    return {x: gd.layout.xaxis.range.map(Number), autorange: !!gd.layout.xaxis.autorange,
+            ytype: gd.layout.yaxis.type, steps: loss.flatMap((t) => Array.from(t.x)).filter((v) => v !== null)};
+}"""
+
+
+def _refreshes(page: Page, after: int, count: int = 2) -> None:
+    """Wait until the chart was redrawn ``count`` times with new data after draw number ``after``."""
+    _until(f"{count} refreshes of the chart", lambda: page.evaluate(COUNT_DRAWS, PLOT) >= after + count, page)
+
+
+def test_zoom_and_log_scale_survive_live_refreshes(demo: Demo) -> None:
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(WAIT_S * 1000)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        try:
+            page.goto(demo.url)
+            first = _until("branch 1's curve past step 60", lambda: (b := _loss_traces(page).get(1))
+                           and b["max_x"] >= 60 and b, page, timeout=90)
+            # Zoom to a window that reaches past the last step, so the trainer keeps filling it.
+            lo, hi = 20.0, first["max_x"] + 400.0
+            page.evaluate("([sel, lo, hi]) => Plotly.relayout(document.querySelector(sel), {'xaxis.range': [lo, hi]})",
+                          [PLOT, lo, hi])
+            zoomed = page.evaluate(VIEW, PLOT)
+            assert zoomed["x"] == [lo, hi]
+            inside_before = sum(lo <= s <= hi for s in zoomed["steps"])
+            _refreshes(page, page.evaluate(COUNT_DRAWS, PLOT))
+            after = _until("new points inside the zoomed window", lambda: (v := page.evaluate(VIEW, PLOT))
+                           and sum(lo <= s <= hi for s in v["steps"]) > inside_before + 10 and v, page)
+            assert after["x"] == [lo, hi] and not after["autorange"]  # the view was not reset
+
+            # Log scale on the loss axis, then more refreshes: it stays log, and the zoom stays.
+            page.evaluate("(sel) => Plotly.relayout(document.querySelector(sel), {'yaxis.type': 'log'})", PLOT)
+            _refreshes(page, page.evaluate(COUNT_DRAWS, PLOT))
+            logged = page.evaluate(VIEW, PLOT)
+            assert logged["ytype"] == "log" and logged["x"] == [lo, hi]
+            assert max(logged["steps"]) > max(after["steps"])  # the data did change meanwhile
+        finally:
+            browser.close()
+    assert errors == []
