@@ -8,9 +8,9 @@ single noisy batch barely moves the short average; a run that is really blowing 
 Near convergence a loss of 0.05 with batches at 1.0 is ordinary noise, and a ratio alone would
 cry wolf. So the gap between the two averages must also exceed ``noise_gate`` times its usual
 size, learnt while the run was healthy (a blow-up does not teach the guard that blow-ups are
-normal), and ``min_rise`` times the highest long average seen (in practice the loss at the
-start): a loss going from 0.01 to 0.04 late in training is not a divergence, one climbing back
-towards where it started is.
+normal), and ``min_rise`` times the highest long average seen while healthy (in practice the
+loss at the start; a resumed trainer is told it): a loss going from 0.01 to 0.04 late in training
+is not a divergence, one climbing back towards where it started is.
 """
 
 from __future__ import annotations
@@ -99,6 +99,12 @@ class DivergenceGuard:
         self.config = config
         self.reset()
 
+    def remember_scale(self, value: float) -> None:
+        """Tell the guard the highest loss average the run has had (resuming, or after a
+        rollback it would otherwise know only the low losses it sees from then on)."""
+        if math.isfinite(value) and value > self._peak:
+            self._peak = value
+
     def reset(self) -> None:
         self._count = 0
         self._short = 0.0
@@ -107,7 +113,7 @@ class DivergenceGuard:
         self._long_power = 1.0
         self._gap_square = 0.0  # EW mean of (short - long)^2 over healthy steps
         self._gap_weight = 0.0
-        self._peak = 0.0  # the highest long average so far
+        self._peak = getattr(self, "_peak", 0.0)  # the highest long average so far: kept across resets
         self.tripped = False
 
     def averages(self) -> tuple[float | None, float | None]:
@@ -148,17 +154,17 @@ class DivergenceGuard:
             short_average = short / (1 - short_power)
             long_average = long / (1 - long_power)
             gap = short_average - long_average
-            if long_average > peak:
-                peak = long_average
             if short_average > factor * long_average:
                 usual_square = gap_square / gap_weight if gap_weight > 0 else 0.0
                 if count > warmup and long_average > 0 and gap * gap > gate * gate * usual_square \
                         and gap > min_rise * peak:
                     found = Divergence(step, value, short_average, long_average)
                     break
-            else:  # healthy: learn how much the two averages usually differ
+            else:  # healthy: learn how much the two averages usually differ, and how high they go
                 gap_square = long_beta * gap_square + (1 - long_beta) * gap * gap
                 gap_weight = long_beta * gap_weight + (1 - long_beta)
+                if long_average > peak:
+                    peak = long_average
         self._count, self._short, self._long = count, short, long
         self._short_power, self._long_power = short_power, long_power
         self._gap_square, self._gap_weight, self._peak = gap_square, gap_weight, peak

@@ -308,6 +308,9 @@ class Run:
                 resumed_from = origin
         resume_step = resumed_from["step"] if resumed_from else 0
         moved = self.store.supersede_after(self.branch, resume_step)
+        scale = self.store.starting_mean(self.guard_config.metric)
+        if scale is not None:  # the guard judges a rise against the loss the run started from
+            self._guard.remember_scale(scale)
         self._record_hparams(force=True)
         self._replay = [
             c for c in self.store.applied_commands_after(self.branch, resume_step)
@@ -528,6 +531,9 @@ class Run:
 
     def _checkpoint_written(self, job: PendingCheckpoint) -> None:
         meta, result = job.meta, job.result or {}
+        # Everything logged up to the checkpoint's step must be stored before it is listed: a
+        # trainer killed right after would resume from it, and never log those steps again.
+        self.writer.flush()
         with self.store.transaction():
             self._record_epoch_end(meta)
             checkpoint_id = self.store.add_checkpoint(

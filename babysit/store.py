@@ -408,6 +408,17 @@ class RunStore:
         ).fetchone()
         return None if row[0] is None else (int(row[0]), int(row[1]), int(row[2]))
 
+    def starting_mean(self, name: str) -> float | None:
+        """The mean of the first stored chunk of ``name`` (per step) on the run's first branch:
+        how high the metric was when the run started (the loss before any learning)."""
+        row = self.conn().execute(
+            "SELECT c.vsum / c.n FROM chunks c JOIN series s ON s.id = c.series"
+            " WHERE s.name = ? AND s.per = ? AND s.segment = 0 AND c.n > 0"
+            " AND s.branch = (SELECT min(id) FROM branches) ORDER BY c.first_step LIMIT 1",
+            (name, PER_STEP),
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     def supersede_after(self, branch: int, step: int) -> int:
         """Move the points of ``branch`` logged after ``step`` into new superseded series.
 

@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from babysit.store import CHUNK_POINTS, PER_EPOCH, PER_STEP, RunStore
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS  # the browser settings the tests use
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
 def build_run(run_dir: Path, steps: int, seed: int = 0) -> RunStore:
@@ -116,7 +115,7 @@ def measure(steps: int, work: Path) -> dict:
     try:
         assert "dashboard at" in (server.stdout.readline() if server.stdout else ""), "dashboard did not start"
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1600})
             page.add_init_script("""
               window.__long = [];

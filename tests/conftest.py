@@ -7,8 +7,9 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -16,6 +17,28 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 REPO = Path(__file__).resolve().parent.parent
+# Debian's Chromium, driven by Playwright (which cannot download a browser here). Without the
+# background-networking flags it keeps trying to reach Google's hosts on a closed network.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@contextmanager
+def chromium_page(width: int = 1400, height: int = 1000, timeout_s: float = 45.0) -> Iterator[tuple[Any, list[str]]]:
+    """A page in a fresh headless Chromium, and the list its uncaught errors are collected in."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(timeout_s * 1000)
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            yield page, errors
+        finally:
+            browser.close()
 
 
 def tiny_data(seed: int = 0, n: int = 64) -> TensorDataset:

@@ -132,8 +132,18 @@ def train_with_kills(run_dir: Path, config: DigitsConfig, kills: int, rng: rando
                 break
         process = _start(run_dir, config, log)
         report.restarts += 1
-        if process.wait(timeout=900) != 0:
-            raise AssertionError(f"the final trainer failed; see {log_path}")
+        deadline = time.monotonic() + 900
+        while process.poll() is None and time.monotonic() < deadline:
+            # A random lr may make the run diverge, and the guard pause it: a pause changes no
+            # weight, so resume and let it finish.
+            if _status(run_dir).get("state") == "paused":
+                report.notes.append("the divergence guard paused the final run; it was resumed")
+                subprocess.run([sys.executable, "-m", "babysit", "resume", "--run-dir", str(run_dir), "--wait"],
+                               cwd=REPO, capture_output=True, timeout=120)
+            time.sleep(0.5)
+        if process.poll() != 0:
+            process.kill()
+            raise AssertionError(f"the final trainer failed or did not finish; see {log_path}")
     return acknowledged
 
 
@@ -226,6 +236,10 @@ def check(run_dir: Path, config: DigitsConfig, acknowledged: list[dict[str, Any]
     report.identical_weights = weights.keys() == reference_weights.keys() and all(
         torch.equal(weights[k], reference_weights[k]) for k in weights)
     report.identical_losses = losses == reference_losses
+    if not report.identical_losses:
+        first = next((i for i, (a, b) in enumerate(zip(losses, reference_losses)) if a != b), min(len(losses), len(reference_losses)))
+        report.notes.append(f"losses differ: {len(losses)} logged vs {len(reference_losses)} in the plain loop; "
+                            f"first difference at step {first + 1}")
     listed = store.checkpoints()
     report.checkpoints_listed = len(listed)
     for c in listed:

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from babysit.store import RunStore
-from tests.conftest import REPO, babysit_cli, wait_for
+from tests.conftest import REPO, babysit_cli, chromium_page, wait_for
 from tests.test_app import fake_trainer
-from tests.test_e2e_browser import CHROMIUM, CHROMIUM_ARGS
 
 TCP_LISTEN = "0A"
 
@@ -89,10 +88,8 @@ def test_with_a_token_the_page_shows_nothing_until_it_is_given(serve, tmp_path: 
     # The token reaches the Streamlit server through its environment, not its command line (ps).
     children = Path(f"/proc/{dashboard.pid}/task/{dashboard.pid}/children").read_text().split()
     assert children and all(b"open-sesame" not in Path(f"/proc/{c}/cmdline").read_bytes() for c in children)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium_page(timeout_s=60) as (page, errors):
         try:
-            page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
             expect(page.get_by_text("This dashboard needs the access token")).to_be_visible(timeout=60_000)
             assert page.locator('[data-testid="stMetric"]').count() == 0
@@ -105,6 +102,6 @@ def test_with_a_token_the_page_shows_nothing_until_it_is_given(serve, tmp_path: 
             page.locator(".st-key-pause button").click()
             wait_for(lambda: store.commands(), what="the pause sent with the token")
         finally:
-            browser.close()
             stop.set()
     assert [(c["kind"], c["source"]) for c in store.commands()] == [("pause", "dashboard")]
+    assert errors == []

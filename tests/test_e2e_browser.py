@@ -24,22 +24,11 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Error as PlaywrightError
-from playwright.sync_api import Locator, Page, expect, sync_playwright
+from playwright.sync_api import Locator, Page, expect
 
 from babysit.store import RunStore
-from tests.conftest import REPO, babysit_cli
+from tests.conftest import REPO, babysit_cli, chromium_page
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 PLOT = ".babysit-live-chart .js-plotly-plot"
 INITIAL_LR = 0.05  # the demo job's default (babysit/jobs/digits.py)
 START_S = 120.0  # the demo: trainer up (torch import, data) and streamlit healthy, on 2 busy cores
@@ -259,18 +248,11 @@ def _what_went_wrong(page: Page, demo: Demo, shot: Path) -> str:
 
 # -- the test --------------------------------------------------------------------------------------
 def test_demo_in_the_browser_curve_lr_nudge_and_rollback(demo: Demo, tmp_path: Path) -> None:
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(WAIT_S * 1000)
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+    with chromium_page(timeout_s=WAIT_S) as (page, errors):
         try:
             _curve_lr_nudge_and_rollback(page, demo)
         except (AssertionError, PlaywrightError) as failure:
             raise AssertionError(f"{failure}\n\n{_what_went_wrong(page, demo, tmp_path / 'failure.png')}") from failure
-        finally:
-            browser.close()
     assert errors == []
 
 
@@ -358,34 +340,26 @@ def _refreshes(page: Page, after: int, count: int = 2) -> None:
 
 
 def test_zoom_and_log_scale_survive_live_refreshes(demo: Demo) -> None:
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(WAIT_S * 1000)
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        try:
-            page.goto(demo.url)
-            first = _until("branch 1's curve past step 60", lambda: (b := _loss_traces(page).get(1))
-                           and b["max_x"] >= 60 and b, page, timeout=90)
-            # Zoom to a window that reaches past the last step, so the trainer keeps filling it.
-            lo, hi = 20.0, first["max_x"] + 400.0
-            page.evaluate("([sel, lo, hi]) => Plotly.relayout(document.querySelector(sel), {'xaxis.range': [lo, hi]})",
-                          [PLOT, lo, hi])
-            zoomed = page.evaluate(VIEW, PLOT)
-            assert zoomed["x"] == [lo, hi]
-            inside_before = sum(lo <= s <= hi for s in zoomed["steps"])
-            _refreshes(page, page.evaluate(COUNT_DRAWS, PLOT))
-            after = _until("new points inside the zoomed window", lambda: (v := page.evaluate(VIEW, PLOT))
-                           and sum(lo <= s <= hi for s in v["steps"]) > inside_before + 10 and v, page)
-            assert after["x"] == [lo, hi] and not after["autorange"]  # the view was not reset
+    with chromium_page(timeout_s=WAIT_S) as (page, errors):
+        page.goto(demo.url)
+        first = _until("branch 1's curve past step 60", lambda: (b := _loss_traces(page).get(1))
+                       and b["max_x"] >= 60 and b, page, timeout=90)
+        # Zoom to a window that reaches past the last step, so the trainer keeps filling it.
+        lo, hi = 20.0, first["max_x"] + 400.0
+        page.evaluate("([sel, lo, hi]) => Plotly.relayout(document.querySelector(sel), {'xaxis.range': [lo, hi]})",
+                      [PLOT, lo, hi])
+        zoomed = page.evaluate(VIEW, PLOT)
+        assert zoomed["x"] == [lo, hi]
+        inside_before = sum(lo <= s <= hi for s in zoomed["steps"])
+        _refreshes(page, page.evaluate(COUNT_DRAWS, PLOT))
+        after = _until("new points inside the zoomed window", lambda: (v := page.evaluate(VIEW, PLOT))
+                       and sum(lo <= s <= hi for s in v["steps"]) > inside_before + 10 and v, page)
+        assert after["x"] == [lo, hi] and not after["autorange"]  # the view was not reset
 
-            # Log scale on the loss axis, then more refreshes: it stays log, and the zoom stays.
-            page.evaluate("(sel) => Plotly.relayout(document.querySelector(sel), {'yaxis.type': 'log'})", PLOT)
-            _refreshes(page, page.evaluate(COUNT_DRAWS, PLOT))
-            logged = page.evaluate(VIEW, PLOT)
-            assert logged["ytype"] == "log" and logged["x"] == [lo, hi]
-            assert max(logged["steps"]) > max(after["steps"])  # the data did change meanwhile
-        finally:
-            browser.close()
+        # Log scale on the loss axis, then more refreshes: it stays log, and the zoom stays.
+        page.evaluate("(sel) => Plotly.relayout(document.querySelector(sel), {'yaxis.type': 'log'})", PLOT)
+        _refreshes(page, page.evaluate(COUNT_DRAWS, PLOT))
+        logged = page.evaluate(VIEW, PLOT)
+        assert logged["ytype"] == "log" and logged["x"] == [lo, hi]
+        assert max(logged["steps"]) > max(after["steps"])  # the data did change meanwhile
     assert errors == []

@@ -235,3 +235,40 @@ def test_config_is_immutable():
     config = GuardConfig()
     with pytest.raises(AttributeError):
         config.spike_factor = 10  # type: ignore[misc]
+
+
+# -- the loss scale a rise is judged against ---------------------------------------------------
+def _late_noise(guard: DivergenceGuard, steps: int = 2000) -> int | None:
+    """Feed a converged loss (~0.0075) with an occasional bad batch (+0.17); the step it trips at."""
+    noise = random.Random(0)
+    for step in range(steps):
+        if guard.feed(step, 0.0075 * (1 + 0.5 * noise.random()) + (0.17 if noise.random() < 0.03 else 0)):
+            return step
+    return None
+
+
+def test_a_guard_told_the_starting_loss_ignores_late_noise_but_not_a_blow_up() -> None:
+    guard = DivergenceGuard(GuardConfig())
+    guard.remember_scale(2.3)
+    assert _late_noise(guard) is None
+    loss = 0.0075
+    for step in range(3000, 3300):
+        loss *= 1.2
+        if guard.feed(step, loss):
+            break
+    assert guard.tripped and loss < 1.0
+
+
+def test_the_scale_survives_a_reset_and_a_blow_up_does_not_raise_it() -> None:
+    guard = DivergenceGuard(GuardConfig(warmup_steps=0))
+    for step in range(300):
+        guard.feed(step, 1.0)
+    for step in range(300, 400):  # a blow-up: the guard trips, and learns nothing from it
+        guard.feed(step, 1.0 * 1.5 ** (step - 299))
+    assert guard.tripped
+    guard.reset()
+    peak = guard._peak
+    assert 1.0 <= peak < 1.5  # the first steps of the rise, before it looked like one; not 1.5**k
+    guard.remember_scale(float("nan"))
+    guard.remember_scale(0.5)
+    assert guard._peak == peak

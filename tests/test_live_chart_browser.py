@@ -23,20 +23,10 @@ import pytest
 from playwright.sync_api import Page, sync_playwright
 
 from babysit.ui.live_chart import figure_json
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "apps" / "live_chart_app.py"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 CHART = ".babysit-live-chart"
 PLOT = f"{CHART} .js-plotly-plot"
 LOG_BUTTON = '.modebar-btn[data-title="Toggle log scale (top y axis)"]'

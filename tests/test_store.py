@@ -593,3 +593,14 @@ def test_data_version_changes_when_another_connection_commits(store: RunStore):
     store.add_event("x", "y")
     assert reader.data_version() != before
     reader.close()
+
+
+def test_starting_mean_is_the_first_chunk_of_the_first_branch(store: RunStore):
+    assert store.starting_mean("loss") is None
+    store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    store.new_branch(parent=1, from_checkpoint=None, start_step=500, start_epoch=1)
+    first = store.series_id("loss", 1, st.PER_STEP)
+    store.write_chunks([(first, np.arange(1, 257), np.full(256, 2.0), np.zeros(256)),
+                        (first, np.arange(257, 513), np.full(256, 0.5), np.zeros(256))])
+    store.write_chunks([(store.series_id("loss", 2, st.PER_STEP), np.arange(501, 757), np.full(256, 9.0), np.zeros(256))])
+    assert store.starting_mean("loss") == 2.0
