@@ -32,7 +32,7 @@ import torch
 from . import commands as cmd
 from . import optim
 from .checkpoint import (
-    KEY_BRANCH, KEY_CONFIG, KEY_EPOCH, KEY_EPOCH_START_RNG, KEY_FORMAT, KEY_HPARAMS, KEY_METRICS,
+    KEY_BRANCH, KEY_CONFIG, KEY_EPOCH, KEY_EPOCH_START_RNG, KEY_FORMAT, KEY_HPARAMS, KEY_LAST_COMMAND, KEY_METRICS,
     KEY_MODEL, KEY_OPTIMIZER, KEY_RNG, KEY_SCHEDULER, KEY_STEP, KEY_STEP_IN_EPOCH, FORMAT,
     AsyncCheckpointer, CheckpointError, PendingCheckpoint, checkpoint_filename, clone_tree, disk_full_error,
     read_verified, remove_stale_temps, rng_state, set_rng_state,
@@ -115,6 +115,7 @@ class Run:
         self._stop_command: dict[str, Any] | None = None
         self._stop_reason: str | None = None     # request_stop(): a signal, not a queued command
         self._replay: list[dict[str, Any]] = []
+        self._last_command_id = 0                # the last command handled (see KEY_LAST_COMMAND)
         self._wake = True                        # look at the queue before the first batch
         self._closed = False
         self._remedies_used = 0
@@ -297,6 +298,7 @@ class Run:
                                      data={"checkpoint": candidate["id"]})
                 continue
             self._load_state(state, candidate)
+            self._last_command_id = int(state.get(KEY_LAST_COMMAND, 0))
             resumed_from = candidate
             break
         if resumed_from is None and branch["from_checkpoint"]:
@@ -305,6 +307,7 @@ class Run:
                 state = read_verified(self.run_dir / origin["file"], origin["sha256"])
                 self._load_state(state, origin)
                 optim.restore_hparams(self.optimizer, branch["hparams"], self.scheduler)
+                self._last_command_id = int(state.get(KEY_LAST_COMMAND, 0))
                 resumed_from = origin
         resume_step = resumed_from["step"] if resumed_from else 0
         moved = self.store.supersede_after(self.branch, resume_step)
@@ -313,7 +316,7 @@ class Run:
             self._guard.remember_scale(scale)
         self._record_hparams(force=True)
         self._replay = [
-            c for c in self.store.applied_commands_after(self.branch, resume_step)
+            c for c in self.store.applied_commands_after(self.branch, self._last_command_id)
             if c["kind"] in (cmd.SET_LR, cmd.SET_MOMENTUM)
         ]
         where = (f"checkpoint #{resumed_from['id']} (epoch {resumed_from['epoch']}, step {resume_step})"
@@ -422,6 +425,7 @@ class Run:
     def _apply(self, pending: dict[str, Any]) -> None:
         """Check a queued command again and apply it; record what it changed or why not."""
         command_id = pending["id"]
+        self._last_command_id = max(self._last_command_id, command_id)
         try:
             command = cmd.validate(pending["kind"], pending["args"])
             result = self._execute(command, pending)
@@ -483,6 +487,7 @@ class Run:
         raise cmd.CommandError(f"unknown command {command.kind!r}")
 
     def _replay_command(self, applied: dict[str, Any]) -> None:
+        self._last_command_id = max(self._last_command_id, applied["id"])
         value = applied["args"]["value"]
         if applied["kind"] == cmd.SET_LR:
             optim.set_lr(self.optimizer, value, self.scheduler)
@@ -522,7 +527,7 @@ class Run:
             KEY_EPOCH_START_RNG: self._epoch_start_rng if self._epoch_start_rng is not None else rng_state(),
             KEY_EPOCH: self.epoch, KEY_STEP: self.step, KEY_STEP_IN_EPOCH: self.step_in_epoch,
             KEY_BRANCH: self.branch, KEY_HPARAMS: hparams, KEY_CONFIG: self.config,
-            KEY_METRICS: dict(self._epoch_metrics),
+            KEY_METRICS: dict(self._epoch_metrics), KEY_LAST_COMMAND: self._last_command_id,
         }
         meta = {"branch": self.branch, "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
                 "hparams": hparams, "metrics": dict(self._epoch_metrics), "reason": reason}

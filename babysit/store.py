@@ -572,11 +572,12 @@ class RunStore:
         found = self.commands(since_id=command_id - 1, limit=1)
         return found[0] if found and found[0]["id"] == command_id else None
 
-    def applied_commands_after(self, branch: int, step: int) -> list[dict[str, Any]]:
-        """Commands applied on ``branch`` after ``step``, in order (replayed after a crash)."""
+    def applied_commands_after(self, branch: int, command_id: int) -> list[dict[str, Any]]:
+        """Commands applied on ``branch`` later than command ``command_id``, in the order they
+        were applied (replayed after a crash)."""
         rows = self.conn().execute(
-            "SELECT id FROM commands WHERE state = ? AND branch = ? AND step > ? ORDER BY step, id",
-            (cmd.APPLIED, branch, step),
+            "SELECT id FROM commands WHERE state = ? AND branch = ? AND id > ? ORDER BY step, id",
+            (cmd.APPLIED, branch, command_id),
         ).fetchall()
         return [c for c in (self.command(r[0]) for r in rows) if c is not None]
 

@@ -49,7 +49,8 @@ def tiny_data(seed: int = 0, n: int = 64) -> TensorDataset:
 
 
 def tiny_job(run_dir: Path, *, epochs: int, optimizer: str = "sgd", seed: int = 0, scheduler: bool = False,
-             on_step: Callable[[Any, int], None] | None = None, batch_size: int = 8, **run_kwargs: Any) -> tuple[Any, nn.Module]:
+             on_step: Callable[[Any, int], None] | None = None, on_epoch_end: Callable[[Any, int], None] | None = None,
+             batch_size: int = 8, **run_kwargs: Any) -> tuple[Any, nn.Module]:
     """A deterministic 8-steps-per-epoch job written against the public API, like a user's loop."""
     import babysit
 
@@ -75,6 +76,8 @@ def tiny_job(run_dir: Path, *, epochs: int, optimizer: str = "sgd", seed: int = 
         if sched is not None:
             sched.step()
         run.log_epoch(val_loss=float(loss.detach()))
+        if on_epoch_end is not None:
+            on_epoch_end(run, run.epoch)
     run.close()
     return run, model
 

@@ -203,6 +203,34 @@ def test_checkpoint_now_mid_epoch_and_resume_from_it_is_identical(tmp_path: Path
         assert torch.equal(a, b)
 
 
+def test_a_nudge_applied_just_after_a_checkpoint_is_replayed_on_resume(tmp_path: Path) -> None:
+    # Sent during epoch 2's validation: applied at the first boundary of epoch 3, after epoch 2's
+    # checkpoint but at the same step number (16). A resume from that checkpoint must replay it.
+    def nudge_after_epoch_2(run, epoch):
+        if epoch == 2:
+            run.store.enqueue_command(cmd.SET_LR, {"value": 0.02}, source="test")
+
+    def stop_mid_epoch_3(run, step):
+        if step == 20:
+            run.request_stop("test")
+
+    _, straight = tiny_job(tmp_path / "straight", epochs=4, on_epoch_end=nudge_after_epoch_2)
+    tiny_job(tmp_path / "cut", epochs=4, on_epoch_end=nudge_after_epoch_2, on_step=stop_mid_epoch_3)
+    store = RunStore(tmp_path / "cut")
+    [command] = store.commands()
+    assert (command["state"], command["step"]) == (cmd.APPLIED, 16)
+    epoch_2 = next(c for c in store.checkpoints() if c["epoch"] == 2)
+    assert epoch_2["step"] == 16 and epoch_2["hparams"]["lr"] == 0.1
+    # As after a crash mid epoch 3: only epoch 2's checkpoint is left to resume from.
+    store.mark_checkpoint_deleted(store.checkpoints()[-1]["id"])
+    _, resumed = tiny_job(tmp_path / "cut", epochs=4)
+    for a, b in zip(weights(straight), weights(resumed)):
+        assert torch.equal(a, b)
+    s1, v1 = losses(RunStore(tmp_path / "straight"))
+    s2, v2 = losses(store)
+    assert s1.tolist() == s2.tolist() and v1.tolist() == v2.tolist()
+
+
 def test_second_trainer_on_the_same_run_is_refused(tmp_path: Path) -> None:
     import os
 

@@ -369,7 +369,8 @@ def test_applied_commands_after(store: RunStore):
     store.finish_command(ids[1], cmd.APPLIED, branch=1, step=15)
     store.finish_command(ids[2], cmd.APPLIED, branch=2, step=15)
     store.finish_command(ids[3], cmd.REJECTED, branch=1, step=20, reason="no")
-    assert [c["args"]["value"] for c in store.applied_commands_after(1, 10)] == [0.2]
+    assert [c["args"]["value"] for c in store.applied_commands_after(1, ids[0])] == [0.2]
+    assert [c["args"]["value"] for c in store.applied_commands_after(1, 0)] == [0.1, 0.2]
 
 
 # -- checkpoints index -----------------------------------------------------------------------
