@@ -21,30 +21,40 @@ store = page.pick_run(args.root, args.run)
 if store is None:
     st.stop()
 options, frozen, refresh_every = page.chart_options()
-live_every = None if frozen else refresh_every
-slow_every = None if frozen else max(2.0, refresh_every)
+slow_every = max(2.0, refresh_every)
 
 
-# Live: status, acknowledgements, alerts and the curve, refreshed every second.
-@st.fragment(run_every=live_every)
-def live() -> None:
+# Live: status, acknowledgements and alerts, refreshed every second, frozen chart or not, so the
+# fate of a click always shows.
+@st.fragment(run_every=refresh_every)
+def live_status() -> None:
     status = store.status()
     page.header(store, status)
     page.show_flash()
     page.last_command_fate(store)
     page.divergence_alert(store, status)
     page.other_alerts(store)
-    # The chart updates in place (zoom survives refreshes) and reports the zoomed x range back.
+
+
+live_status()
+
+
+# The curve, refreshed with the status unless "Freeze" is on. It updates in place (zoom survives
+# refreshes) and reports the zoomed x range back, which reruns it for a denser view.
+@st.fragment(run_every=None if frozen else refresh_every)
+def curve() -> None:
+    status = store.status()
     zoom = live_chart_view("curve")
     page.chart(store, status, options, zoom.get("x_range") if zoom else None,
                render=lambda figure: live_chart(figure, key="curve", height=760))
 
 
-live()
+curve()
 
 # Nudges: lr first, momentum second, as the course notes rank them. Refreshed, so "now" is now.
 @st.fragment(run_every=slow_every)
 def nudges() -> None:
+    page.toast_flash()
     st.subheader("Nudge")
     status = store.status()
     page.trainer_hint(store, status)
@@ -62,6 +72,7 @@ nudges()
 # Checkpoints (roll back from here) and what happened to every command.
 @st.fragment(run_every=slow_every)
 def history() -> None:
+    page.toast_flash()
     status = store.status()
     st.subheader("Checkpoints")
     page.checkpoints(store, status)

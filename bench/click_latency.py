@@ -64,13 +64,22 @@ def demo(run_dir: Path) -> Iterator[str]:
                        cwd=REPO, capture_output=True, timeout=120)
 
 
+def shown_lr(page, lr: float) -> float:
+    """Wait until the lr controls say "now <lr>"; return it."""
+    from playwright.sync_api import expect
+
+    label = page.locator('[data-testid="stMarkdown"]').filter(has_text=re.compile(r"Learning rate — now"))
+    expect(label.first).to_contain_text(f"now {lr:.4g}", timeout=WAIT_S * 1000)
+    return lr
+
+
 def click_once(page, store: RunStore, key: str, expected_lr: float) -> dict[str, float]:
     """Click one lr button; the page-side and store-side times of what follows, in ms."""
     from playwright.sync_api import expect
 
     toasts = page.locator('[data-testid="stToast"]')
     before = len(toasts.all_inner_texts())
-    started = time.perf_counter()
+    started, clicked_at = time.perf_counter(), time.time()
     page.locator(f".st-key-{key} button").click()
     sent = re.compile(rf"Sent #(\d+): set lr {re.escape(f'{expected_lr:g}')}")
     command_id = None
@@ -88,7 +97,7 @@ def click_once(page, store: RunStore, key: str, expected_lr: float) -> dict[str,
     row = store.command(command_id)
     if row["state"] != cmd.APPLIED or row["result"]["after"] != expected_lr:
         raise RuntimeError(f"command #{command_id} was not applied as sent: {row}")
-    return {"toast_ms": toast_ms, "page_applied_ms": shown_ms,
+    return {"queued_ms": (row["created"] - clicked_at) * 1000, "toast_ms": toast_ms, "page_applied_ms": shown_ms,
             "store_queued_to_applied_ms": (row["done_at"] - row["created"]) * 1000}
 
 
@@ -99,12 +108,13 @@ def measure(clicks: int, epochs: int) -> dict[str, object]:
             page.goto(url)
             page.locator(PLOT).first.wait_for(timeout=WAIT_S * 1000)
             store = RunStore(run_dir)
-            lr = store.status()["lr"]
             rows = []
             for i in range(clicks):
-                key, lr = ("lr_half", lr / 2) if i % 2 == 0 else ("lr_double", lr * 2)
-                rows.append(click_once(page, store, key, lr))
-                time.sleep(1.0)  # let the page settle: one click at a time, as a person would
+                # As a person would: click once the controls show the lr the trainer uses now (the
+                # buttons halve or double the lr shown next to them).
+                lr = shown_lr(page, store.status()["lr"])
+                key, target = ("lr_half", lr / 2) if i % 2 == 0 else ("lr_double", lr * 2)
+                rows.append(click_once(page, store, key, target))
             deadline = time.monotonic() + 20 * 60
             while len(epoch_checkpoints(store)) < epochs and time.monotonic() < deadline:
                 time.sleep(1.0)
@@ -137,11 +147,13 @@ def report(result: dict[str, object], args: argparse.Namespace) -> str:
         f"{os.cpu_count()} CPU cores shared by the trainer, the dashboard and Chromium; Python {platform.python_version()}.",
         "",
         "Each click is one lr button (`× ½` and `× 2` in turn) on the page of `python -m babysit demo`, "
-        "the next one a second after the page showed the previous one applied. Medians (min–max) in ms.",
+        "the next one once the controls show the lr the previous one set. Times start when Playwright is asked "
+        "to click (it first waits for the button to be visible and still), medians (min–max) in ms.",
         "",
         "| from the click to | ms |",
         "|---|---|",
-        f"| the toast \"Sent #N\" (the dashboard queued the command) | {_stat([c['toast_ms'] for c in clicks])} |",
+        f"| the command's row written (the dashboard ran the click) | {_stat([c['queued_ms'] for c in clicks])} |",
+        f"| the toast \"Sent #N\" shown | {_stat([c['toast_ms'] for c in clicks])} |",
         f"| the page showing \"applied at step S\" | {_stat([c['page_applied_ms'] for c in clicks])} |",
         "",
         "| in the run store | ms |",

@@ -363,3 +363,34 @@ def test_zoom_and_log_scale_survive_live_refreshes(demo: Demo) -> None:
         assert logged["ytype"] == "log" and logged["x"] == [lo, hi]
         assert max(logged["steps"]) > max(after["steps"])  # the data did change meanwhile
     assert errors == []
+
+
+# -- "Freeze" stops the chart, not the status or the commands ------------------------------------
+def _shown_step(page: Page) -> int:
+    return int(_metric(page, "step").inner_text().replace(",", ""))
+
+
+def test_freeze_stops_the_chart_while_status_and_commands_stay_live(demo: Demo) -> None:
+    with chromium_page(timeout_s=WAIT_S) as (page, errors):
+        page.goto(demo.url)
+        _until("branch 1's curve past step 30", lambda: (b := _loss_traces(page).get(1)) and b["max_x"] >= 30,
+               page, timeout=90)
+        page.get_by_text("Freeze (stop refreshing)").click()
+        page.wait_for_timeout(3000)  # the toggle's own rerun draws the chart once more, then no more
+        draws = page.evaluate(COUNT_DRAWS, PLOT)
+        frozen = max(page.evaluate(VIEW, PLOT)["steps"])
+        step = _shown_step(page)
+        _until("the step shown to move on by 60", lambda: _shown_step(page) >= max(step, frozen) + 60, page,
+               timeout=EPOCH_S)
+
+        # A nudge sent while frozen is acknowledged and its fate shown, as always.
+        page.locator(".st-key-lr_half button").click()
+        command = _acknowledged(page, "set lr 0.025")
+        _applied(page, command, "set lr 0.025")
+        assert page.evaluate(COUNT_DRAWS, PLOT) == draws
+        assert max(page.evaluate(VIEW, PLOT)["steps"]) == frozen
+
+        page.get_by_text("Freeze (stop refreshing)").click()
+        _until("the chart to catch up after unfreezing",
+               lambda: max(page.evaluate(VIEW, PLOT)["steps"]) >= frozen + 60, page)
+    assert errors == []

@@ -115,7 +115,8 @@ def chart_options() -> tuple[ChartOptions, bool, float]:
     )
     log_loss = st.sidebar.toggle("Log-scale loss", key="log_loss")
     frozen = st.sidebar.toggle("Freeze (stop refreshing)", key="frozen",
-                               help="Stops the live refresh so you can inspect the chart; commands still work.")
+                               help="Stops the chart's live refresh so you can inspect it; the status, the controls "
+                               "and the fate of every command stay live.")
     every = st.sidebar.select_slider("Refresh every", options=[0.5, 1.0, 2.0, 5.0], value=1.0, key="refresh",
                                      format_func=lambda s: f"{s:g} s")
     return ChartOptions(x_axis=x_axis, smoothing=beta, log_loss=log_loss), frozen, every
@@ -160,8 +161,9 @@ def command_button(column: Any, label: str, key: str, store: RunStore, kind: str
     column.button(label, key=key, on_click=send, args=(store, kind, args), kwargs={"key": key}, **options)
 
 
-def show_flash() -> None:
-    """A toast once per click; a refused command stays on screen until the next click."""
+def toast_flash() -> None:
+    """The latest click's toast, once. Every part of the page with buttons calls this first: the
+    part that was clicked reruns at once, so the toast does not wait for the next live refresh."""
     flash = st.session_state.get("_flash")
     if flash is None:
         return
@@ -169,8 +171,14 @@ def show_flash() -> None:
     if st.session_state.get("_flash_shown") != serial:
         st.session_state["_flash_shown"] = serial
         st.toast(text, icon=":material/block:" if kind == "error" else ":material/send:")
-    if kind == "error":
-        st.error(text, icon=":material/block:")
+
+
+def show_flash() -> None:
+    """The toast, and a refused command's message, which stays on screen until the next click."""
+    toast_flash()
+    flash = st.session_state.get("_flash")
+    if flash is not None and flash[0] == "error":
+        st.error(flash[1], icon=":material/block:")
 
 
 # -- the live part -----------------------------------------------------------------------------
