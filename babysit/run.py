@@ -116,6 +116,7 @@ class Run:
         self._stop_reason: str | None = None     # request_stop(): a signal, not a queued command
         self._replay: list[dict[str, Any]] = []
         self._last_command_id = 0                # the last command handled (see KEY_LAST_COMMAND)
+        self._resumed_last_command: int | None = 0  # the resumed checkpoint's; None if it has none
         self._wake = True                        # look at the queue before the first batch
         self._closed = False
         self._remedies_used = 0
@@ -298,7 +299,7 @@ class Run:
                                      data={"checkpoint": candidate["id"]})
                 continue
             self._load_state(state, candidate)
-            self._last_command_id = int(state.get(KEY_LAST_COMMAND, 0))
+            self._resume_commands(state)
             resumed_from = candidate
             break
         if resumed_from is None and branch["from_checkpoint"]:
@@ -307,7 +308,7 @@ class Run:
                 state = read_verified(self.run_dir / origin["file"], origin["sha256"])
                 self._load_state(state, origin)
                 optim.restore_hparams(self.optimizer, branch["hparams"], self.scheduler)
-                self._last_command_id = int(state.get(KEY_LAST_COMMAND, 0))
+                self._resume_commands(state)
                 resumed_from = origin
         resume_step = resumed_from["step"] if resumed_from else 0
         moved = self.store.supersede_after(self.branch, resume_step)
@@ -316,7 +317,7 @@ class Run:
             self._guard.remember_scale(scale)
         self._record_hparams(force=True)
         self._replay = [
-            c for c in self.store.applied_commands_after(self.branch, self._last_command_id)
+            c for c in self.store.applied_commands_after(self.branch, resume_step, self._resumed_last_command)
             if c["kind"] in (cmd.SET_LR, cmd.SET_MOMENTUM)
         ]
         where = (f"checkpoint #{resumed_from['id']} (epoch {resumed_from['epoch']}, step {resume_step})"
@@ -364,6 +365,16 @@ class Run:
                     pending["id"], cmd.EXPIRED, branch=self.branch, step=self.step,
                     reason=f"no trainer applied it within {PENDING_COMMAND_TTL_S:.0f} s; send it again",
                 )
+
+    def _resume_commands(self, state: dict[str, Any]) -> None:
+        """Pick up command handling from a checkpoint being resumed."""
+        recorded = state.get(KEY_LAST_COMMAND)
+        self._resumed_last_command = None if recorded is None else int(recorded)
+        # A checkpoint written before checkpoints recorded this: count every command handled so
+        # far as seen, so later checkpoints record a true bound (replays still waiting are found
+        # by their step, which is past any checkpoint taken before they happen).
+        self._last_command_id = (self._resumed_last_command if recorded is not None
+                                 else self.store.last_handled_command_id())
 
     def _load_state(self, state: dict[str, Any], record: dict[str, Any]) -> None:
         """Put a verified checkpoint's state into the model, optimizer, scheduler, RNGs and counters."""
@@ -593,6 +604,7 @@ class Run:
         pending, record, state = self._rollback
         self._rollback = None
         self._interrupt = None
+        self._replay = []  # nudges of the old branch still waiting to be replayed stay there
         command = cmd.validate(pending["kind"], pending["args"])
         before = self.hparams
         old_branch, old_step = self.branch, self.step

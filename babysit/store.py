@@ -542,6 +542,11 @@ class RunStore:
             {"id": r[0], "created": r[1], "source": r[2], "kind": r[3], "args": _json_or_text(r[4])} for r in rows
         ]
 
+    def last_handled_command_id(self) -> int:
+        """The highest id of a command that is no longer pending (0 if none)."""
+        row = self.conn().execute("SELECT MAX(id) FROM commands WHERE state != ?", (cmd.PENDING,)).fetchone()
+        return row[0] or 0
+
     def finish_command(
         self, command_id: int, state: str, *, branch: int | None = None, step: int | None = None,
         result: dict[str, Any] | None = None, reason: str | None = None,
@@ -572,12 +577,16 @@ class RunStore:
         found = self.commands(since_id=command_id - 1, limit=1)
         return found[0] if found and found[0]["id"] == command_id else None
 
-    def applied_commands_after(self, branch: int, command_id: int) -> list[dict[str, Any]]:
-        """Commands applied on ``branch`` later than command ``command_id``, in the order they
-        were applied (replayed after a crash)."""
+    def applied_commands_after(self, branch: int, step: int, command_id: int | None) -> list[dict[str, Any]]:
+        """Commands applied on ``branch`` after a checkpoint at ``step`` that had handled commands
+        up to ``command_id`` (None: not recorded), by step (replayed after a crash).
+
+        Either test alone misses some: a nudge applied just after the checkpoint has its step; a
+        nudge still waiting to be replayed when the checkpoint was taken has a lower id.
+        """
         rows = self.conn().execute(
-            "SELECT id FROM commands WHERE state = ? AND branch = ? AND id > ? ORDER BY step, id",
-            (cmd.APPLIED, branch, command_id),
+            "SELECT id FROM commands WHERE state = ? AND branch = ? AND (step > ? OR id > ?) ORDER BY step, id",
+            (cmd.APPLIED, branch, step, command_id if command_id is not None else 2**62),
         ).fetchall()
         return [c for c in (self.command(r[0]) for r in rows) if c is not None]
 

@@ -356,8 +356,7 @@ def render(results: dict[str, Any], *, raw_path: Path | None = None, previous: P
         add("")
         st = wi["stall_anatomy"]
         add("**W3. The small model's checkpoint boundary taken apart** (training thread, ms per call, calls per "
-            "boundary in brackets; the prototype reuses the snapshot's RNG state for the next epoch on every other "
-            "boundary of the same run):\n")
+            "boundary in brackets):\n")
         rows = []
         for mode, v in st.items():
             parts = ", ".join(f"{k} {fmt(p['median'], 3)} [{fmt(v['calls_per_boundary'][k], 1)}]" for k, p in v["parts_ms"].items() if p["n"])

@@ -153,74 +153,46 @@ def step_with_prototype_writer(work: Workload, scratch: Scratch, *, steps: int, 
 
 # -- W3: the checkpoint stall, taken apart ------------------------------------------------------
 def stall_anatomy(work: Workload, scratch: Scratch, *, epochs: int) -> dict[str, Any]:
-    """Time babysit's pieces of an epoch-end boundary (training thread only), and try the
-    prototype "reuse the snapshot's RNG state as the next epoch's starting RNG state" on every
-    other boundary of the same run.
+    """Time babysit's pieces of an epoch-end boundary (training thread only).
 
-    ``Run.epochs`` calls ``rng_state()`` for the next epoch right after ``_snapshot`` has handed
-    the snapshot to the writer thread, which wakes up and starts pickling; ``rng_state`` calls
-    ``torch.get_rng_state``, which releases the GIL, and the writer keeps it for up to the
-    interpreter's switch interval (5 ms). No random number is drawn between the two calls, so the
-    snapshot's own RNG state is the same value.
+    The boundary once called ``rng_state()`` a second time for the next epoch, right after the
+    snapshot had woken the writer thread, and lost up to a 5 ms GIL switch interval there; the next
+    epoch now starts from the snapshot's own RNG state. This shows what is left.
     """
     from babysit import Run
     from babysit import run as run_module
     from babysit import store as store_module
-
-    original_rng, original_snapshot = run_module.rng_state, run_module.Run._snapshot
-    state = {"reuse": False, "cached": None}
-
-    def snapshot(self: Any, reason: str) -> Any:
-        job = original_snapshot(self, reason)
-        state["cached"] = job.state.get("rng") if state["reuse"] else None
-        return job
-
-    def rng_state() -> Any:
-        cached, state["cached"] = state["cached"], None
-        return cached if cached is not None else original_rng()
 
     targets = [(run_module, "rng_state", "rng_state"), (run_module.Run, "_snapshot", "Run._snapshot"),
                (run_module.Run, "_end_epoch", "Run._end_epoch"), (run_module, "clone_tree", "clone_tree"),
                (store_module.RunStore, "add_epoch", "store.add_epoch"),
                (store_module.RunStore, "pending_commands", "store.pending_commands")]
     work.reset()
-    stalls: dict[str, list[float]] = {"as_is": [], "prototype_reuse_rng": []}
-    windows: dict[str, list[tuple[float, float]]] = {"as_is": [], "prototype_reuse_rng": []}
-    run_module.rng_state, run_module.Run._snapshot = rng_state, snapshot  # type: ignore[assignment]
-    try:
-        with timed_calls(targets) as times:
-            run = Run(scratch.fresh("anat"), work.model, work.optimizer, config={}, keep_last=2)
-            batch = work.batches[0]
-            t_end = m_end = None
-            for epoch in run.epochs(2 * epochs + 2):
-                t_start, m_start = now_ns(), mono()
-                mode = "prototype_reuse_rng" if state["reuse"] else "as_is"
-                if t_end is not None and epoch >= 3:
-                    stalls[mode].append((t_start - t_end) / 1e6)
-                    windows[mode].append((m_end, m_start))
-                while run.checkpointer._queue.unfinished_tasks:   # train while the snapshot is written
-                    work.step(batch)
-                run.checkpointer.wait()
-                for b in run.batches([batch]):
-                    run.log(loss=work.step(b))
-                run.writer.flush()
-                state["reuse"] = epoch % 2 == 1   # the boundary after this epoch uses the prototype
-                t_end, m_end = now_ns(), mono()
-            run.close()
-    finally:
-        run_module.rng_state, run_module.Run._snapshot = original_rng, original_snapshot  # type: ignore[assignment]
-    out: dict[str, Any] = {}
-    for mode in stalls:
-        parts: dict[str, list[float]] = {}
-        calls: dict[str, int] = {}
-        for label, rows in times.items():
-            inside = [ms for start, ms, is_main in rows if is_main and any(a <= start <= b for a, b in windows[mode])]
-            parts[label] = inside
-            calls[label] = len(inside)
-        n = max(1, len(windows[mode]))
-        out[mode] = {"stall_ms": summarize(stalls[mode]), "parts_ms": {k: summarize(v) for k, v in parts.items()},
-                     "calls_per_boundary": {k: c / n for k, c in calls.items()}}
-    return out
+    stalls: list[float] = []
+    windows: list[tuple[float, float]] = []
+    with timed_calls(targets) as times:
+        run = Run(scratch.fresh("anat"), work.model, work.optimizer, config={}, keep_last=2)
+        batch = work.batches[0]
+        t_end = m_end = None
+        for epoch in run.epochs(epochs + 2):
+            t_start, m_start = now_ns(), mono()
+            if t_end is not None and epoch >= 3:
+                stalls.append((t_start - t_end) / 1e6)
+                windows.append((m_end, m_start))
+            while run.checkpointer._queue.unfinished_tasks:   # train while the snapshot is written
+                work.step(batch)
+            run.checkpointer.wait()
+            for b in run.batches([batch]):
+                run.log(loss=work.step(b))
+            run.writer.flush()
+            t_end, m_end = now_ns(), mono()
+        run.close()
+    parts: dict[str, list[float]] = {}
+    for label, rows in times.items():
+        parts[label] = [ms for start, ms, is_main in rows if is_main and any(a <= start <= b for a, b in windows)]
+    n = max(1, len(windows))
+    return {"as_is": {"stall_ms": summarize(stalls), "parts_ms": {k: summarize(v) for k, v in parts.items()},
+                      "calls_per_boundary": {k: len(v) / n for k, v in parts.items()}}}
 
 
 # -- W4: rollback, taken apart ----------------------------------------------------------------

@@ -53,31 +53,40 @@ def test_a_half_written_or_unlisted_checkpoint_is_never_used(tmp_path: Path, tra
 
 def test_an_acknowledged_nudge_is_replayed_at_its_step_after_a_kill(tmp_path: Path, trainers) -> None:
     run_dir = tmp_path / "run"
-    trainer = trainers(run_dir, "--epochs", "400", *FAST)
-    wait_for(lambda: (run_dir / "run.db").exists() and RunStore(run_dir).checkpoints(), what="a checkpoint")
-    result = babysit_cli("set", "lr", "0.02", "--run-dir", str(run_dir), "--wait", check=True)
-    step = int(result.stdout.split("applied at step ")[1].split()[0])
-    trainer.process.send_signal(signal.SIGKILL)
-    trainer.process.wait()
-    store = RunStore(run_dir)
-    checkpoint = max((c for c in store.checkpoints() if c["step"] < step), key=lambda c: c["step"])
+    store = None
+    # The kill must land before the next checkpoint, or the nudge is simply in that checkpoint (the
+    # other half of the promise, which the soak covers). Epochs here are short, so try again if not.
+    for value in (0.02, 0.03, 0.04):
+        trainer = trainers(run_dir, "--epochs", "400", *FAST)
+        wait_for(lambda: (run_dir / "run.db").exists() and RunStore(run_dir).checkpoints(), what="a checkpoint")
+        result = babysit_cli("set", "lr", str(value), "--run-dir", str(run_dir), "--wait", check=True)
+        step = int(result.stdout.split("applied at step ")[1].split()[0])
+        trainer.process.send_signal(signal.SIGKILL)
+        trainer.process.wait()
+        store = RunStore(run_dir)
+        checkpoint = store.checkpoints()[-1]
+        if checkpoint["step"] < step:
+            break
+    else:
+        raise AssertionError("each kill landed after the checkpoint that followed its nudge")
+    command_id = int(result.stdout.split()[0].lstrip("#"))
+    assert store.command(command_id)["state"] == cmd.APPLIED
 
     again = trainers(run_dir, "--epochs", "400", *FAST)
     status = again.wait_running(min_step=step + 1)
-    assert status["lr"] == 0.02
+    assert status["lr"] == value
     assert "1 applied nudges will be re-applied at their steps" in status["message"]
+    resumed = [e for e in store.events() if e["kind"] == "resume"][-1]
+    assert resumed["data"]["checkpoint"] == checkpoint["id"]
     lr = next(s for s in store.series() if s.name == "lr" and s.segment == 0)
     steps, values, _ = store.chunk_points(lr.id)
-    assert (step, 0.02) in list(zip(steps.tolist(), values.tolist()))
-    assert (checkpoint["step"], 0.05) in list(zip(steps.tolist(), values.tolist()))
+    recorded = list(zip(steps.tolist(), values.tolist()))
+    assert (step, value) in recorded and (checkpoint["step"], checkpoint["hparams"]["lr"]) in recorded
     # What the dead process logged after its last checkpoint is kept, but as a superseded piece.
     superseded = [s for s in store.series() if s.name == "loss" and s.segment > 0]
-    assert superseded
-    dead_steps = store.chunk_points(superseded[0].id)[0]
-    assert dead_steps.min() == checkpoint["step"] + 1
+    assert checkpoint["step"] + 1 in {int(store.chunk_points(s.id)[0].min()) for s in superseded}
     live = live_loss_steps(store)
     assert (np.diff(live) == 1).all() and live[0] == 1
-    assert store.command(int(result.stdout.split()[0].lstrip("#")))["state"] == cmd.APPLIED
 
 
 def test_a_pending_command_survives_a_kill_and_is_applied_after_resume(tmp_path: Path, trainers) -> None:

@@ -370,14 +370,26 @@ def _shown_step(page: Page) -> int:
     return int(_metric(page, "step").inner_text().replace(",", ""))
 
 
+def _settled_draws(page: Page, quiet_s: float = 3.0) -> int:
+    """The chart's draw count once it has stayed the same for ``quiet_s`` seconds."""
+    last = page.evaluate(COUNT_DRAWS, PLOT)
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        page.wait_for_timeout(quiet_s * 1000)
+        now = page.evaluate(COUNT_DRAWS, PLOT)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the chart kept redrawing for {WAIT_S:g} s after Freeze was switched on")
+
+
 def test_freeze_stops_the_chart_while_status_and_commands_stay_live(demo: Demo) -> None:
     with chromium_page(timeout_s=WAIT_S) as (page, errors):
         page.goto(demo.url)
         _until("branch 1's curve past step 30", lambda: (b := _loss_traces(page).get(1)) and b["max_x"] >= 30,
                page, timeout=90)
         page.get_by_text("Freeze (stop refreshing)").click()
-        page.wait_for_timeout(3000)  # the toggle's own rerun draws the chart once more, then no more
-        draws = page.evaluate(COUNT_DRAWS, PLOT)
+        draws = _settled_draws(page)  # the toggle's own rerun draws the chart once more, then no more
         frozen = max(page.evaluate(VIEW, PLOT)["steps"])
         step = _shown_step(page)
         _until("the step shown to move on by 60", lambda: _shown_step(page) >= max(step, frozen) + 60, page,

@@ -231,6 +231,99 @@ def test_a_nudge_applied_just_after_a_checkpoint_is_replayed_on_resume(tmp_path:
     assert s1.tolist() == s2.tolist() and v1.tolist() == v2.tolist()
 
 
+def _crash_at_the_last_checkpoint(store: RunStore) -> None:
+    """As if the trainer had died just before its last checkpoint: drop it from the index."""
+    store.mark_checkpoint_deleted(store.checkpoints()[-1]["id"])
+
+
+def test_a_replay_still_waiting_survives_a_later_checkpoint_and_crash(tmp_path: Path) -> None:
+    # A nudge applied at step 11 by a trainer that dies at 13. The next trainer resumes from step 8
+    # and would replay it at 11, but takes a "checkpoint now" at step 9 (recording a later command
+    # than the nudge) and dies at 10. The one after that must still replay the nudge at step 11.
+    def nudge_at_11(run, step):
+        if step == 11:
+            run.store.enqueue_command(cmd.SET_LR, {"value": 0.02}, source="test")
+
+    def nudge_then_die(run, step):
+        nudge_at_11(run, step)
+        if step == 13:
+            run.request_stop("test")
+
+    def checkpoint_then_die(run, step):
+        if step == 9:
+            run.store.enqueue_command(cmd.CHECKPOINT, source="test")
+        if step == 10:
+            run.request_stop("test")
+
+    _, straight = tiny_job(tmp_path / "straight", epochs=3, on_step=nudge_at_11)
+    cut = tmp_path / "cut"
+    tiny_job(cut, epochs=3, on_step=nudge_then_die)
+    store = RunStore(cut)
+    _crash_at_the_last_checkpoint(store)
+    tiny_job(cut, epochs=3, on_step=checkpoint_then_die)
+    assert [(c["step"], c["reason"]) for c in store.checkpoints()] == [(8, "epoch"), (9, "command"), (10, "stop")]
+    assert store.checkpoints()[-1]["hparams"]["lr"] == 0.1  # the nudge is not in it
+    _crash_at_the_last_checkpoint(store)
+    _, resumed = tiny_job(cut, epochs=3)
+    for a, b in zip(weights(straight), weights(resumed)):
+        assert torch.equal(a, b)
+    assert losses(store)[1].tolist() == losses(RunStore(tmp_path / "straight"))[1].tolist()
+
+
+def test_a_checkpoint_without_a_command_record_replays_only_later_steps(tmp_path: Path, monkeypatch) -> None:
+    # Checkpoints written before they recorded the last command: on resume, only nudges applied
+    # after the checkpoint's step are replayed, not the branch's whole history (with a scheduler,
+    # replaying the step-5 nudge at step 8 would undo the scheduler's halving).
+    import babysit.run
+
+    def nudge_at_5(run, step):
+        if step == 5:
+            run.store.enqueue_command(cmd.SET_LR, {"value": 0.02}, source="test")
+
+    def nudge_then_die(run, step):
+        nudge_at_5(run, step)
+        if step == 13:
+            run.request_stop("test")
+
+    _, straight = tiny_job(tmp_path / "straight", epochs=3, scheduler=True, on_step=nudge_at_5)
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as patch:
+        patch.setattr(babysit.run, "KEY_LAST_COMMAND", "not_recorded")
+        tiny_job(cut, epochs=3, scheduler=True, on_step=nudge_then_die)
+    store = RunStore(cut)
+    _crash_at_the_last_checkpoint(store)
+    _, resumed = tiny_job(cut, epochs=3, scheduler=True)
+    for a, b in zip(weights(straight), weights(resumed)):
+        assert torch.equal(a, b)
+    resume = [e for e in store.events() if e["kind"] == "resume"][-1]
+    assert "re-applied" not in resume["message"]
+
+
+def test_a_rollback_drops_the_old_branch_s_waiting_replays(tmp_path: Path) -> None:
+    # Resumed from step 8 with a nudge to replay at step 11 on branch 1, the trainer rolls back to
+    # step 8 at step 9: branch 2 must not get branch 1's nudge at its own step 11.
+    lr_seen = {}
+
+    def nudge_then_die(run, step):
+        if step == 11:
+            run.store.enqueue_command(cmd.SET_LR, {"value": 0.02}, source="test")
+        if step == 13:
+            run.request_stop("test")
+
+    def roll_back_at_9(run, step):
+        if run.branch == 1 and step == 9:
+            run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": run.store.checkpoints()[0]["id"]}, source="test")
+        if run.branch == 2:
+            lr_seen[step] = run.optimizer.param_groups[0]["lr"]
+
+    cut = tmp_path / "cut"
+    tiny_job(cut, epochs=2, on_step=nudge_then_die)
+    store = RunStore(cut)
+    _crash_at_the_last_checkpoint(store)
+    tiny_job(cut, epochs=2, on_step=roll_back_at_9)
+    assert sorted(lr_seen) == list(range(9, 17)) and set(lr_seen.values()) == {0.1}
+
+
 def test_second_trainer_on_the_same_run_is_refused(tmp_path: Path) -> None:
     import os
 

@@ -369,8 +369,17 @@ def test_applied_commands_after(store: RunStore):
     store.finish_command(ids[1], cmd.APPLIED, branch=1, step=15)
     store.finish_command(ids[2], cmd.APPLIED, branch=2, step=15)
     store.finish_command(ids[3], cmd.REJECTED, branch=1, step=20, reason="no")
-    assert [c["args"]["value"] for c in store.applied_commands_after(1, ids[0])] == [0.2]
-    assert [c["args"]["value"] for c in store.applied_commands_after(1, 0)] == [0.1, 0.2]
+    def after(step, command_id):
+        return [c["args"]["value"] for c in store.applied_commands_after(1, step, command_id)]
+
+    assert after(0, 0) == [0.1, 0.2]
+    assert after(10, None) == [0.2]            # no command recorded: by step alone
+    assert after(15, ids[0]) == [0.2]          # applied at the checkpoint's step, but after it
+    assert after(15, ids[1]) == []
+    assert after(5, ids[1]) == [0.2]           # handled later than the checkpoint's step, lower id
+    assert store.last_handled_command_id() == ids[3]
+    store.enqueue_command(cmd.SET_LR, {"value": 0.5}, source="cli", require_live=False)
+    assert store.last_handled_command_id() == ids[3]
 
 
 # -- checkpoints index -----------------------------------------------------------------------
