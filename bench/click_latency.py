@@ -177,7 +177,8 @@ def report(result: dict[str, object], args: argparse.Namespace) -> str:
         "",
         f"Clicks: {len(clicks)}, all applied with the value the page sent. The trainer's share is the store's "
         "figure. Before the row is written, the click travels from Chromium to the server, which reruns the "
-        "controls; the toast then comes back with that rerun; \"applied at step S\" waits for the status "
+        "controls once the part of the page it is refreshing at that moment is done; the toast comes back "
+        "with that rerun; \"applied at step S\" waits for the status "
         "box's next refresh (every second by default). Chromium renders in software here, on the cores the "
         "trainer and the server use.",
         "",
