@@ -203,6 +203,21 @@ def test_checkpoint_now_mid_epoch_and_resume_from_it_is_identical(tmp_path: Path
         assert torch.equal(a, b)
 
 
+def _crash_at_the_last_checkpoint(store: RunStore) -> None:
+    """As if the trainer had died just before its last checkpoint: drop it from the index."""
+    store.mark_checkpoint_deleted(store.checkpoints()[-1]["id"])
+
+
+def _nudge_lr_at(nudge_step: int, *, stop_at: int | None = None):
+    """A step hook: set lr 0.02 after step ``nudge_step``; stop (with a checkpoint) at ``stop_at``."""
+    def on_step(run, step):
+        if step == nudge_step:
+            run.store.enqueue_command(cmd.SET_LR, {"value": 0.02}, source="test")
+        if step == stop_at:
+            run.request_stop("test")
+    return on_step
+
+
 def test_a_nudge_applied_just_after_a_checkpoint_is_replayed_on_resume(tmp_path: Path) -> None:
     # Sent during epoch 2's validation: applied at the first boundary of epoch 3, after epoch 2's
     # checkpoint but at the same step number (16). A resume from that checkpoint must replay it.
@@ -222,7 +237,7 @@ def test_a_nudge_applied_just_after_a_checkpoint_is_replayed_on_resume(tmp_path:
     epoch_2 = next(c for c in store.checkpoints() if c["epoch"] == 2)
     assert epoch_2["step"] == 16 and epoch_2["hparams"]["lr"] == 0.1
     # As after a crash mid epoch 3: only epoch 2's checkpoint is left to resume from.
-    store.mark_checkpoint_deleted(store.checkpoints()[-1]["id"])
+    _crash_at_the_last_checkpoint(store)
     _, resumed = tiny_job(tmp_path / "cut", epochs=4)
     for a, b in zip(weights(straight), weights(resumed)):
         assert torch.equal(a, b)
@@ -231,33 +246,19 @@ def test_a_nudge_applied_just_after_a_checkpoint_is_replayed_on_resume(tmp_path:
     assert s1.tolist() == s2.tolist() and v1.tolist() == v2.tolist()
 
 
-def _crash_at_the_last_checkpoint(store: RunStore) -> None:
-    """As if the trainer had died just before its last checkpoint: drop it from the index."""
-    store.mark_checkpoint_deleted(store.checkpoints()[-1]["id"])
-
-
 def test_a_replay_still_waiting_survives_a_later_checkpoint_and_crash(tmp_path: Path) -> None:
     # A nudge applied at step 11 by a trainer that dies at 13. The next trainer resumes from step 8
     # and would replay it at 11, but takes a "checkpoint now" at step 9 (recording a later command
     # than the nudge) and dies at 10. The one after that must still replay the nudge at step 11.
-    def nudge_at_11(run, step):
-        if step == 11:
-            run.store.enqueue_command(cmd.SET_LR, {"value": 0.02}, source="test")
-
-    def nudge_then_die(run, step):
-        nudge_at_11(run, step)
-        if step == 13:
-            run.request_stop("test")
-
     def checkpoint_then_die(run, step):
         if step == 9:
             run.store.enqueue_command(cmd.CHECKPOINT, source="test")
         if step == 10:
             run.request_stop("test")
 
-    _, straight = tiny_job(tmp_path / "straight", epochs=3, on_step=nudge_at_11)
+    _, straight = tiny_job(tmp_path / "straight", epochs=3, on_step=_nudge_lr_at(11))
     cut = tmp_path / "cut"
-    tiny_job(cut, epochs=3, on_step=nudge_then_die)
+    tiny_job(cut, epochs=3, on_step=_nudge_lr_at(11, stop_at=13))
     store = RunStore(cut)
     _crash_at_the_last_checkpoint(store)
     tiny_job(cut, epochs=3, on_step=checkpoint_then_die)
@@ -276,20 +277,11 @@ def test_a_checkpoint_without_a_command_record_replays_only_later_steps(tmp_path
     # replaying the step-5 nudge at step 8 would undo the scheduler's halving).
     import babysit.run
 
-    def nudge_at_5(run, step):
-        if step == 5:
-            run.store.enqueue_command(cmd.SET_LR, {"value": 0.02}, source="test")
-
-    def nudge_then_die(run, step):
-        nudge_at_5(run, step)
-        if step == 13:
-            run.request_stop("test")
-
-    _, straight = tiny_job(tmp_path / "straight", epochs=3, scheduler=True, on_step=nudge_at_5)
+    _, straight = tiny_job(tmp_path / "straight", epochs=3, scheduler=True, on_step=_nudge_lr_at(5))
     cut = tmp_path / "cut"
     with monkeypatch.context() as patch:
         patch.setattr(babysit.run, "KEY_LAST_COMMAND", "not_recorded")
-        tiny_job(cut, epochs=3, scheduler=True, on_step=nudge_then_die)
+        tiny_job(cut, epochs=3, scheduler=True, on_step=_nudge_lr_at(5, stop_at=13))
     store = RunStore(cut)
     _crash_at_the_last_checkpoint(store)
     _, resumed = tiny_job(cut, epochs=3, scheduler=True)
@@ -304,12 +296,6 @@ def test_a_rollback_drops_the_old_branch_s_waiting_replays(tmp_path: Path) -> No
     # step 8 at step 9: branch 2 must not get branch 1's nudge at its own step 11.
     lr_seen = {}
 
-    def nudge_then_die(run, step):
-        if step == 11:
-            run.store.enqueue_command(cmd.SET_LR, {"value": 0.02}, source="test")
-        if step == 13:
-            run.request_stop("test")
-
     def roll_back_at_9(run, step):
         if run.branch == 1 and step == 9:
             run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": run.store.checkpoints()[0]["id"]}, source="test")
@@ -317,7 +303,7 @@ def test_a_rollback_drops_the_old_branch_s_waiting_replays(tmp_path: Path) -> No
             lr_seen[step] = run.optimizer.param_groups[0]["lr"]
 
     cut = tmp_path / "cut"
-    tiny_job(cut, epochs=2, on_step=nudge_then_die)
+    tiny_job(cut, epochs=2, on_step=_nudge_lr_at(11, stop_at=13))
     store = RunStore(cut)
     _crash_at_the_last_checkpoint(store)
     tiny_job(cut, epochs=2, on_step=roll_back_at_9)
