@@ -40,9 +40,9 @@ KEY_BRANCH = "branch"
 KEY_HPARAMS = "hparams"
 KEY_CONFIG = "config"
 KEY_METRICS = "metrics"
-# The id of the last command the trainer had handled when the snapshot was taken: the commands a
-# resumed trainer must replay are exactly the later ones (a step number alone cannot tell a nudge
-# applied just before an epoch's checkpoint from one applied just after it, at the same step).
+# The id of the last command the trainer had handled when the snapshot was taken. A resumed
+# trainer replays the nudges applied at a later step or with a later id: the step alone cannot tell
+# a nudge applied just before an epoch's checkpoint from one applied just after it, at the same step.
 KEY_LAST_COMMAND = "last_command"
 
 TEMP_MARK = ".tmp-"
