@@ -44,6 +44,8 @@ KEY_METRICS = "metrics"
 # trainer replays the nudges applied at a later step or with a later id: the step alone cannot tell
 # a nudge applied just before an epoch's checkpoint from one applied just after it, at the same step.
 KEY_LAST_COMMAND = "last_command"
+# The loop's own state (run.state): plain values and the state of its Stateful objects.
+KEY_USER_STATE = "user_state"
 
 TEMP_MARK = ".tmp-"
 # Below this size a checkpoint is read and hashed in one go; above, it is memory-mapped and hashed

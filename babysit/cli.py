@@ -161,14 +161,13 @@ def train_command(args: argparse.Namespace) -> int:
             return 0
 
     def on_run(run: Any) -> None:
-        _install_stop_handlers(run)
         print(f"babysit: training in {args.run_dir} (pid {os.getpid()}): {run.message}", flush=True)
 
     try:
         run = train(args.run_dir, config, on_run=on_run)
     except RunLockedError as error:
         raise CliError(str(error)) from None
-    print(f"babysit: {run.state}: {run.message}", flush=True)
+    print(f"babysit: {run.status}: {run.message}", flush=True)
     return 0
 
 
@@ -176,20 +175,6 @@ def _stored_config(run_dir: str) -> dict[str, Any] | None:
     if not (Path(run_dir) / "run.db").exists():
         return None
     return _open_store(run_dir).get_meta("config")
-
-
-def _install_stop_handlers(run: Any) -> None:
-    """First Ctrl-C or SIGTERM: stop at the next step with a final checkpoint. Second: abort."""
-
-    def handler(signum: int, _frame: Any) -> None:
-        if run.stop_requested:
-            raise KeyboardInterrupt
-        print("\nbabysit: stopping at the next step with a final checkpoint (Ctrl-C again to abort)",
-              file=sys.stderr, flush=True)
-        run.request_stop(f"signal {signal.Signals(signum).name}")
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
 
 
 # -- dashboard and demo ------------------------------------------------------------------------

@@ -28,8 +28,9 @@ HPARAMS_CHECKPOINT = "checkpoint"
 HPARAMS_CURRENT = "current"
 HPARAMS_CHOICES = (HPARAMS_CHECKPOINT, HPARAMS_CURRENT)
 
-# Bounds a person can mean. An lr above 10 or a momentum of 1 is a typo, never a nudge.
-LR_MAX = 10.0
+# Any finite lr > 0 is legitimate (20 is the default of well-known LSTM language-model scripts);
+# one outside this range is applied, with a warning in its acknowledgement.
+LR_USUAL_RANGE = (1e-7, 100.0)
 MOMENTUM_MAX_EXCLUSIVE = 1.0
 
 PENDING = "pending"
@@ -38,6 +39,8 @@ REJECTED = "rejected"
 EXPIRED = "expired"
 
 _CHECKPOINT_ID = re.compile(r"^[0-9]{1,12}$")
+# What a person types as a number: float() alone would also read "0_001" as 1.0 and "١" as 1.
+_DECIMAL = re.compile(r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
 
 
 class CommandError(ValueError):
@@ -67,6 +70,8 @@ def parse_number(raw: Any, what: str, accepted: str) -> float:
         raise CommandError(f"{what} must be {accepted}, got {_show(raw)}")
     if not isinstance(raw, (int, float, str)):
         raise CommandError(f"{what} must be {accepted}, got {_show(raw)}")
+    if isinstance(raw, str) and not _DECIMAL.match(raw.strip()):
+        raise CommandError(f"{what} must be {accepted}, got {_show(raw)}")
     try:
         value = float(raw.strip() if isinstance(raw, str) else raw)
     except (ValueError, OverflowError):  # text, or an integer too large for a float
@@ -77,11 +82,21 @@ def parse_number(raw: Any, what: str, accepted: str) -> float:
 
 
 def validate_lr(raw: Any) -> float:
-    accepted = f"a finite number > 0 and <= {LR_MAX:g} (for example 0.01)"
+    accepted = "a finite number > 0 (for example 0.01)"
     value = parse_number(raw, "lr", accepted)
-    if not 0.0 < value <= LR_MAX:
+    if not value > 0.0:
         raise CommandError(f"lr must be {accepted}, got {_show(raw)}")
     return value
+
+
+def lr_warning(value: float) -> str | None:
+    """A note for an lr far outside the usual range: applied all the same, but worth a second look."""
+    low, high = LR_USUAL_RANGE
+    if value > high:
+        return f"lr {value:g} is far above the usual range ({low:g} to {high:g}); applied as asked"
+    if value < low:
+        return f"lr {value:g} is far below the usual range ({low:g} to {high:g}); applied as asked"
+    return None
 
 
 def validate_momentum(raw: Any) -> float:
@@ -131,12 +146,23 @@ def validate(kind: Any, args: dict[str, Any] | None = None) -> Command:
         if args.get("momentum") is not None:
             normalised["momentum"] = validate_momentum(args["momentum"])
         return Command(kind, normalised)
-    if kind == PAUSE and args.get("reason") is not None:
-        # The guard says why it paused the run; a person's pause needs no reason.
-        reason = args["reason"]
-        if not isinstance(reason, str) or len(reason) > 300:
-            raise CommandError(f"pause reason must be text of at most 300 characters, got {_show(reason)}")
-        return Command(kind, {"reason": reason})
+    if kind == PAUSE and (args.get("reason") is not None or args.get("branch") is not None):
+        # The guard says why it paused the run, and for which branch; a person's pause needs neither.
+        paused: dict[str, Any] = {}
+        reason = args.get("reason")
+        if reason is not None:
+            if not isinstance(reason, str) or len(reason) > 300:
+                raise CommandError(f"pause reason must be text of at most 300 characters, got {_show(reason)}")
+            paused["reason"] = reason
+        branch = args.get("branch")
+        if branch is not None:
+            if isinstance(branch, bool) or not isinstance(branch, int) or branch < 1:
+                raise CommandError(f"pause branch must be a branch id, a whole number >= 1, got {_show(branch)}")
+            paused["branch"] = branch
+        extra = sorted(k for k in args if k not in ("reason", "branch") and args[k] is not None)
+        if extra:
+            raise CommandError(f"pause takes only a reason and a branch, got {', '.join(extra)}")
+        return Command(kind, paused)
     extra = sorted(k for k in args if args[k] is not None)
     if extra:
         raise CommandError(f"{kind} takes no arguments, got {', '.join(extra)}")

@@ -125,3 +125,27 @@ def restore_hparams(optimizer: torch.optim.Optimizer, hparams: dict[str, Any], s
         set_lr(optimizer, float(hparams["lr"]), scheduler)
     if hparams.get("momentum") is not None and momentum_key(optimizer) is not None:
         set_momentum(optimizer, float(hparams["momentum"]))
+
+
+class LoopHparams:
+    """The lr (and momentum) of a loop that updates its parameters by hand, held where babysit can
+    nudge, checkpoint and restore them like an optimizer's: the loop reads ``run.lr`` every step.
+
+    It looks like a parameter-free torch optimizer (``param_groups``, ``state_dict``), so every
+    reader and writer in this module works on it unchanged.
+    """
+
+    def __init__(self, lr: float, momentum: float | None = None) -> None:
+        group: dict[str, Any] = {"lr": float(lr), "params": []}
+        if momentum is not None:
+            group["momentum"] = float(momentum)
+        self.param_groups = [group]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"param_groups": [dict(group) for group in self.param_groups], "state": {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        groups = state.get("param_groups") if isinstance(state, dict) else None
+        if not groups or "lr" not in groups[0]:
+            raise ValueError(f"not the hyperparameters of a hand-written loop: {str(state)[:80]}")
+        self.param_groups = [{**group, "params": []} for group in groups[:1]]

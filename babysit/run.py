@@ -1,22 +1,27 @@
 """The Run object a training loop uses: log, obey commands at step boundaries, checkpoint, roll back.
 
-    run = babysit.Run("checkpoints/my-run", model, optimizer, scheduler, config=config)
-    for epoch in run.epochs(20):
-        for x, y in run.batches(train_loader):
-            ...                                    # forward, backward, optimizer.step()
-            run.log(loss=loss)
-        run.log_epoch(val_loss=val_loss, val_acc=val_acc)
+    with babysit.Run("checkpoints/my-run", model, optimizer, state={"best": float("inf")}) as run:
+        for epoch in run.epochs(20):
+            for x, y in run.batches(train_loader):
+                ...                                    # forward, backward, optimizer.step()
+                run.log(loss=loss)
+            if not run.interrupted:                    # the epoch was not cut short
+                run.log_epoch(val_loss=evaluate())
 
-``run.batches`` is where babysit acts: between two batches it applies pending commands, waits
-while paused, and ends the epoch early for a rollback or a stop. ``run.epochs`` checkpoints at the
-end of every epoch, restores a rollback's checkpoint and starts its branch, and resumes from the
-latest checkpoint when the run directory already holds one.
+``run.batches`` calls :meth:`Run.step_boundary` between two batches: it applies pending commands,
+waits while paused, and cuts the epoch short for a rollback or a stop — the one place babysit acts,
+which the framework callbacks call too. ``run.epochs`` checkpoints at the end of every epoch,
+restores a rollback's checkpoint and starts its branch, and resumes from the latest checkpoint when
+the run directory already holds one. ``run.state`` (the loop's own values and Stateful objects)
+travels in every checkpoint; :mod:`babysit.position` owns the counters and RNG states of an exact
+resume; :mod:`babysit.snapshots` owns the checkpoint policy.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import enum
 import fcntl
 import json
 import os
@@ -24,33 +29,58 @@ import socket
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
 
 from . import commands as cmd
-from . import optim
+from . import optim, user_state
 from .checkpoint import (
-    KEY_BRANCH, KEY_CONFIG, KEY_EPOCH, KEY_EPOCH_START_RNG, KEY_FORMAT, KEY_HPARAMS, KEY_LAST_COMMAND, KEY_METRICS,
-    KEY_MODEL, KEY_OPTIMIZER, KEY_RNG, KEY_SCHEDULER, KEY_STEP, KEY_STEP_IN_EPOCH, FORMAT,
-    AsyncCheckpointer, CheckpointError, PendingCheckpoint, checkpoint_filename, clone_tree, disk_full_error,
-    read_verified, remove_stale_temps, rng_state, set_rng_state,
+    KEY_LAST_COMMAND, KEY_MODEL, KEY_OPTIMIZER, KEY_SCHEDULER, KEY_USER_STATE, CheckpointError, PendingCheckpoint,
+    read_verified, remove_stale_temps,
 )
 from .guard import Divergence, DivergenceGuard, GuardConfig
+from .position import ResumePosition
+from .signals import install_stop_handlers
+from .snapshots import EPOCH_DONE, Snapshots
 from .store import (
     CRASHED, FINISHED, LOCK_NAME, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore,
 )
 from .writer import MetricsWriter, to_float
 
-# A command that waited this long for a trainer (one that died before applying it) is expired
-# rather than applied out of the blue when a trainer next starts.
+# A command that waited this long for a trainer (one that died or froze before applying it) is
+# expired rather than applied out of the blue.
 PENDING_COMMAND_TTL_S = 600.0
-EPOCH_DONE = "epoch"
+# An lr or momentum change that no command made (a scheduler, the loop's own anneal) is marked on
+# the chart when it moves this far from the last marked value; a schedule that moves the lr a
+# little every step gets a marker every 20 %, not one per step.
+MARK_LR_RATIO = 1.2
+MARK_MOMENTUM_DELTA = 0.02
 
 
 class RunLockedError(RuntimeError):
     """Another trainer owns this run directory."""
+
+
+class Interrupt(enum.Enum):
+    """Why the current epoch is being cut short."""
+
+    STOP = "stop"
+    ROLLBACK = "rollback"
+
+
+@dataclass
+class PendingRollback:
+    """A rollback applied at a step boundary, carried out when the loop leaves the epoch."""
+
+    command: dict[str, Any]
+    checkpoint: dict[str, Any]
+    state: dict[str, Any]
+    hparams_at_cut: dict[str, Any]   # what "keep the current hyperparameters" keeps
+    branch_at_cut: int
+    step_at_cut: int
 
 
 class Run:
@@ -59,35 +89,54 @@ class Run:
     Args:
         run_dir: the run directory (for example ``checkpoints/my-run``).
         model, optimizer, scheduler: what is checkpointed, restored and nudged.
+        lr, momentum: for a loop that updates its parameters by hand, without a torch optimizer:
+            babysit holds them, the loop reads ``run.lr`` (and ``run.momentum``) every step.
+        state: the loop's own state, kept in every checkpoint and restored with it: plain values
+            (numbers, strings, tensors, None…) and objects with ``state_dict()/load_state_dict()``.
+            Available as ``run.state``.
         config: the run's settings (JSON-serialisable); stored in every checkpoint.
         guard: divergence guard settings (``GuardConfig(enabled=False)`` turns it off).
         keep_last: keep only the newest N checkpoints (those a branch started from are kept too);
             ``None`` keeps them all.
         flush_interval: seconds between writes of logged values (and heartbeats) to the store.
+        items_per_step, item_unit: what one step trains, for the throughput shown on the page
+            (for example 32 ``"samples"`` or 32×128 ``"tokens"``); by default the loader's batch size.
     """
 
     def __init__(
         self,
         run_dir: str | os.PathLike[str],
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
         *,
+        lr: float | None = None,
+        momentum: float | None = None,
+        state: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
         guard: GuardConfig | None = None,
         keep_last: int | None = None,
         flush_interval: float = 0.25,
+        items_per_step: int | None = None,
+        item_unit: str = "samples",
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise ValueError(f"keep_last must be a whole number >= 1 or None, got {keep_last!r}")
+        if items_per_step is not None and (not isinstance(items_per_step, int) or items_per_step < 1):
+            raise ValueError(f"items_per_step must be a whole number >= 1 or None, got {items_per_step!r}")
+        if not isinstance(item_unit, str) or not item_unit.strip() or len(item_unit) > 20:
+            raise ValueError(f"item_unit must be a short word such as 'samples' or 'tokens', got {item_unit!r}")
+        self.optimizer = _optimizer_or_loop_hparams(optimizer, lr, momentum)
         self.run_dir = Path(run_dir)
         self.model = model
-        self.optimizer = optimizer
         self.scheduler = scheduler
+        self.state: dict[str, Any] = dict(state or {})
         self.config = dict(config or {})
         json.dumps(self.config)  # fail now, not at the first checkpoint
         self.keep_last = keep_last
         self.guard_config = guard or GuardConfig()
+        self.items_per_step = items_per_step
+        self.item_unit = item_unit.strip()
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = _acquire_run_lock(self.run_dir)
@@ -95,36 +144,35 @@ class Run:
         remove_stale_temps(self.run_dir)
         self.signal = CommandSignal(self.store.signal_path)
 
-        self.epoch = 0
-        self.step = 0
-        self.step_in_epoch = 0
+        self.position = ResumePosition()
         self.steps_per_epoch: int | None = None
         self.max_epochs: int | None = None
         self.branch = 0
-        self.state = RUNNING
+        self.status = RUNNING                     # the lifecycle, as the store's status row says
         self.message = ""
-        self._next_epoch = 1
-        self._skip_batches = 0
-        self._rng_after_skip: dict[str, Any] | None = None
-        self._epoch_start_rng: dict[str, Any] | None = None
-        self._rng_at_epoch_end: dict[str, Any] | None = None
-        self._snapshot_rng: dict[str, Any] | None = None
         self._epoch_metrics: dict[str, float] = {}
-        self._interrupt: str | None = None      # "rollback" or "stop": end the epoch now
-        self._rollback: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None = None
+        self._interrupt: Interrupt | None = None
+        self._rollback: PendingRollback | None = None
         self._stop_command: dict[str, Any] | None = None
-        self._stop_reason: str | None = None     # request_stop(): a signal, not a queued command
+        self._stop_job: PendingCheckpoint | None = None
+        self._stop_reason: str | None = None      # request_stop(): a signal, not a queued command
         self._replay: list[dict[str, Any]] = []
-        self._last_command_id = 0                # the last command handled (see KEY_LAST_COMMAND)
+        self._last_command_id = 0                 # the last command handled (see KEY_LAST_COMMAND)
         self._resumed_last_command: int | None = 0  # the resumed checkpoint's; None if it has none
-        self._wake = True                        # look at the queue before the first batch
+        self._wake = True                         # look at the queue before the first batch
         self._closed = False
         self._remedies_used = 0
-        self._read_momentum = _momentum_reader(optimizer)
+        self._remedy_lock = threading.Lock()
+        self._remedied_branch: int | None = None  # the branch whose divergence a remedy answered
+        self._restore_signals: Any = None
+        self._read_momentum = _momentum_reader(self.optimizer)
         self._lr_seen: float | None = None
         self._momentum_seen: float | None = None
+        self._marked: dict[str, Any] = {}         # lr/momentum at the last change marked on the chart
+        self._scheduler_count = _scheduler_count(scheduler)
 
         self._guard = DivergenceGuard(self.guard_config)
+        self.snapshots = Snapshots(self)
         queue: collections.deque[Any] = collections.deque()
         self._log = queue.append  # the training thread's share of storing a value: one append
         self._restore_on_start()
@@ -132,46 +180,97 @@ class Run:
             self.store, queue=queue, status=self._status_fields, guard=self._guard,
             on_divergence=self._on_divergence, on_tick=self._on_tick, interval=flush_interval,
         )
-        self.checkpointer = AsyncCheckpointer(self._checkpoint_written, self._checkpoint_failed)
         atexit.register(self._at_exit)
+
+    # -- where the run is ----------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
+    @property
+    def step(self) -> int:
+        return self.position.step
+
+    @property
+    def step_in_epoch(self) -> int:
+        """Steps trained in this epoch; at the top of an epoch, 0 unless it resumes mid-way."""
+        return self.position.step_in_epoch
+
+    @property
+    def interrupted(self) -> bool:
+        """True while the current epoch is being cut short (a stop, a rollback, Ctrl-C): skip the
+        epoch's evaluation, lr anneal and "save best" — what the loop runs now is not kept."""
+        return self._interrupt is not None
+
+    @property
+    def interrupt(self) -> Interrupt | None:
+        return self._interrupt
+
+    @property
+    def lr(self) -> float:
+        """The lr the optimizer uses now; a hand-written update reads it every step."""
+        return optim.read_hparams(self.optimizer)["lr"]  # type: ignore[return-value]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        """The loop's own change of lr (its anneal): applied and marked as the loop's."""
+        optim.set_lr(self.optimizer, cmd.validate_lr(value), self.scheduler)
+        self._record_hparams(by="loop")
+
+    @property
+    def momentum(self) -> float | None:
+        return optim.read_hparams(self.optimizer)["momentum"]
+
+    @momentum.setter
+    def momentum(self, value: float) -> None:
+        optim.set_momentum(self.optimizer, cmd.validate_momentum(value))
+        self._record_hparams(by="loop")
+
+    @property
+    def hparams(self) -> dict[str, float | None]:
+        """The lr and momentum the optimizer uses now."""
+        return optim.read_hparams(self.optimizer)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_reason is not None
 
     # -- the loop API ------------------------------------------------------------------------
     def epochs(self, max_epochs: int) -> Iterator[int]:
         """Yield epoch numbers (1-based) up to ``max_epochs``, checkpointing after each one.
 
         Starts after the latest checkpoint when resuming; after a rollback, continues from the
-        restored checkpoint's epoch on a new branch.
+        restored checkpoint's epoch on a new branch. Ctrl-C and SIGTERM stop at the next step
+        boundary with a final checkpoint (unless the loop handles those signals itself).
         """
         if not isinstance(max_epochs, int) or max_epochs < 1:
             raise ValueError(f"max_epochs must be a whole number >= 1, got {max_epochs!r}")
         self.max_epochs = max_epochs
-        while self._interrupt != "stop" and self._next_epoch <= max_epochs:
-            if self._stop_reason is not None:
-                self._interrupt = "stop"
-                break
-            self.epoch = self._next_epoch
-            if self._skip_batches == 0:
-                self.step_in_epoch = 0
-                # Nothing draws a random number between an epoch's checkpoint and the next epoch:
-                # its RNG state is this epoch's start (and reading it again would wait for the GIL
-                # while the checkpoint thread holds it).
-                self._epoch_start_rng = self._rng_at_epoch_end or rng_state()
-                self._rng_at_epoch_end = None
-            self._epoch_metrics = {}
-            yield self.epoch
-            if self._interrupt == "rollback":
-                self._finish_rollback()
-                continue
-            if self._interrupt == "stop":
-                break
-            self._end_epoch()
-        if self._interrupt == "stop":
-            self._finish_stop()
-        else:
-            self._finish(FINISHED, f"finished {max_epochs} epochs")
+        restore_signals = None if self._restore_signals else self._install_signals()
+        try:
+            while self._interrupt is not Interrupt.STOP and self.position.next_epoch <= max_epochs:
+                if self._stop_reason is not None:
+                    self._interrupt = Interrupt.STOP
+                    break
+                self.position.begin_epoch()
+                self._epoch_metrics = {}
+                yield self.epoch
+                if self._interrupt is Interrupt.ROLLBACK:
+                    self._finish_rollback()
+                    continue
+                if self._interrupt is Interrupt.STOP:
+                    break
+                self.snapshots.end_epoch()
+            if self._interrupt is Interrupt.STOP:
+                self._finish_stop()
+            else:
+                self._finish(FINISHED, f"finished {max_epochs} epochs")
+        finally:
+            if restore_signals is not None:
+                restore_signals()
 
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
-        """Yield the batches of ``loader``; between two batches, apply pending commands.
+        """Yield the batches of ``loader``; between two batches, call :meth:`step_boundary`.
 
         Ends early when a rollback or a stop is applied (the rest of the epoch is not trained).
         """
@@ -179,32 +278,32 @@ class Run:
             self.steps_per_epoch = len(loader)  # type: ignore[arg-type]
         except TypeError:
             self.steps_per_epoch = None
+        if self.items_per_step is None and isinstance(getattr(loader, "batch_size", None), int):
+            self.items_per_step = loader.batch_size  # type: ignore[attr-defined]
         iterator = iter(loader)
-        if self._skip_batches:
-            # Resuming inside an epoch: the loader was created under the epoch's starting RNG
-            # (so it shuffles as before); skip what was trained, then restore the RNG as it was.
-            for _ in range(self._skip_batches):
-                next(iterator)
-            self._skip_batches = 0
-            if self._rng_after_skip is not None:
-                set_rng_state(self._rng_after_skip)
-                self._rng_after_skip = None
-        self._boundary()
-        if self._interrupt:
+        position = self.position
+        if position.skip_batches:
+            position.skip_trained(iterator)
+        self._wake = True
+        if self.step_boundary() is not None:
             return
-        signal = self.signal
         for batch in iterator:
-            self.step += 1
-            self.step_in_epoch += 1
+            position.step += 1
+            position.step_in_epoch += 1
             yield batch
-            # The step is done: this is a step boundary.
-            if self._wake or signal.changed() or self._replay:
-                self._boundary()
-            group = self.optimizer.param_groups[0]
-            if group["lr"] != self._lr_seen or self._read_momentum(group) != self._momentum_seen:
-                self._record_hparams()
-            if self._interrupt:
+            if self.step_boundary() is not None:  # the step is done: this is a step boundary
                 return
+
+    def step_boundary(self) -> Interrupt | None:
+        """Apply what is due between two steps: replays, queued commands, a pause; record an lr or
+        momentum the loop or its scheduler changed. Returns the interrupt (stop, rollback) that
+        now cuts the epoch short, if any. Cheap when nothing is due (a flag and a memory read)."""
+        if self._wake or self.signal.changed() or self._replay:
+            self._apply_due()
+        group = self.optimizer.param_groups[0]
+        if group["lr"] != self._lr_seen or self._read_momentum(group) != self._momentum_seen:
+            self._record_hparams(by=self._change_source())
+        return self._interrupt
 
     def log(self, **metrics: Any) -> None:
         """Record per-step values (numbers or one-element tensors) at the current step.
@@ -217,62 +316,66 @@ class Run:
             if type(value) is _TENSOR:
                 _read_tensors(metrics)
                 break
-        self._log((PER_STEP, self.branch, self.step, _wall_clock(), metrics))
+        self._log((PER_STEP, self.branch, self.position.step, _wall_clock(), metrics))
 
     def log_epoch(self, **metrics: Any) -> None:
-        """Record per-epoch values (validation loss, accuracy); they are saved in the checkpoint."""
+        """Record per-epoch values (validation loss, accuracy); they are saved in the checkpoint.
+        Ignored while the epoch is cut short: an evaluation after the cut is not kept."""
         if self._interrupt:
-            return  # the epoch was cut short by a rollback or a stop; its evaluation is not kept
+            return
         values = {name: to_float(value) for name, value in metrics.items()}
         self._epoch_metrics.update(values)
-        self._log((PER_EPOCH, self.branch, self.step, time.time(), values))
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop_reason is not None
+        self._log((PER_EPOCH, self.branch, self.position.step, time.time(), values))
 
     def request_stop(self, reason: str = "requested") -> None:
         """Stop at the next step boundary with a final checkpoint (safe in a signal handler)."""
         self._stop_reason = reason
         self._wake = True
 
-    @property
-    def hparams(self) -> dict[str, float | None]:
-        """The lr and momentum the optimizer uses now."""
-        return optim.read_hparams(self.optimizer)
-
     def checkpoint_now(self, reason: str = "command") -> PendingCheckpoint:
         """Snapshot now (mid-epoch if need be) and write it in the background."""
-        return self._snapshot(reason)
+        return self.snapshots.take(reason)
+
+    @property
+    def checkpointer(self) -> Any:
+        return self.snapshots.writer
 
     def close(self) -> None:
         """Flush, wait for checkpoint writes and release the run directory."""
         if self._closed:
             return
         self._closed = True
-        self.checkpointer.close()
+        self.snapshots.close()
         self.writer.close()
-        if self.state in (RUNNING, PAUSED):
-            self.state = STOPPED
-            self.message = self.message or "the training script ended"
+        if self.status in (RUNNING, PAUSED):
+            self.status = STOPPED
+            self.message = self.message or f"the training script ended at step {self.step} (not at a checkpoint)"
         self.store.write_status(**self._status_fields(), heartbeat=time.time())
         self.signal.close()
         self._lock_file.close()
+        if self._restore_signals is not None:
+            self._restore_signals()
+            self._restore_signals = None
         atexit.unregister(self._at_exit)
 
     def __enter__(self) -> "Run":
+        self._restore_signals = self._install_signals()
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is not None and not self._closed:
             if isinstance(exc, KeyboardInterrupt):
-                self.state, self.message = STOPPED, "interrupted (Ctrl-C); resumes from the latest checkpoint"
+                self.status = STOPPED
+                self.message = f"aborted (Ctrl-C) at step {self.step}; resumes from the latest checkpoint"
             else:
-                self.state = CRASHED
+                self.status = CRASHED
                 self.message = f"{type(exc).__name__}: {exc}"[:500]
                 self.store.add_event("error", self.message, branch=self.branch, step=self.step, epoch=self.epoch,
                                      data={"traceback": "".join(traceback.format_exception(exc))[-4000:]})
         self.close()
+
+    def _install_signals(self) -> Any:
+        return install_stop_handlers(self.request_stop, lambda: self.stop_requested)
 
     # -- start and resume ---------------------------------------------------------------------
     def _restore_on_start(self) -> None:
@@ -288,28 +391,7 @@ class Run:
             self._expire_stale_commands()
             return
         self.branch = branch["id"]
-        latest = [c for c in self.store.checkpoints() if c["branch"] == self.branch]
-        clean = status.get("state") in (STOPPED, FINISHED)
-        resumed_from = None
-        for candidate in reversed(latest):
-            try:
-                state = read_verified(self.run_dir / candidate["file"], candidate["sha256"])
-            except CheckpointError as error:
-                self.store.add_event("checkpoint_refused", str(error), branch=self.branch,
-                                     data={"checkpoint": candidate["id"]})
-                continue
-            self._load_state(state, candidate)
-            self._resume_commands(state)
-            resumed_from = candidate
-            break
-        if resumed_from is None and branch["from_checkpoint"]:
-            origin = self.store.checkpoint(branch["from_checkpoint"])
-            if origin is not None:
-                state = read_verified(self.run_dir / origin["file"], origin["sha256"])
-                self._load_state(state, origin)
-                optim.restore_hparams(self.optimizer, branch["hparams"], self.scheduler)
-                self._resume_commands(state)
-                resumed_from = origin
+        resumed_from, fallback_note = self._load_latest_usable(branch)
         resume_step = resumed_from["step"] if resumed_from else 0
         moved = self.store.supersede_after(self.branch, resume_step)
         scale = self.store.starting_mean(self.guard_config.metric)
@@ -322,8 +404,13 @@ class Run:
         ]
         where = (f"checkpoint #{resumed_from['id']} (epoch {resumed_from['epoch']}, step {resume_step})"
                  if resumed_from else "the start (no checkpoint yet)")
-        how = "after a clean stop" if clean else "after the trainer died"
+        clean = status.get("state") in (STOPPED, FINISHED) and status.get("step") == resume_step
+        how = ("after a clean stop" if clean else
+               f"after the trainer stopped at step {status.get('step')}" if status.get("state") == STOPPED else
+               "after the trainer died")
         message = f"resumed from {where} {how}"
+        if fallback_note:
+            message += f"; {fallback_note}"
         if moved:
             message += f"; {moved} values logged after that step are marked superseded"
         if self._replay:
@@ -334,11 +421,55 @@ class Run:
         self._warn_config_change(resumed_from)
         self._expire_stale_commands()
 
+    def _load_latest_usable(self, branch: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+        """Load the newest verified checkpoint of this branch, else its origin; if the origin is
+        damaged or gone too, the newest intact one on the line of descent, as a new branch."""
+        for candidate in reversed([c for c in self.store.checkpoints() if c["branch"] == self.branch]):
+            state = self._verified_or_event(candidate)
+            if state is not None:
+                self._load_state(state, candidate)
+                return candidate, ""
+        if not branch["from_checkpoint"]:
+            return None, ""
+        origin = self.store.checkpoint(branch["from_checkpoint"])
+        state = self._verified_or_event(origin) if origin is not None else None
+        if origin is not None and state is not None:
+            self._load_state(state, origin)
+            optim.restore_hparams(self.optimizer, branch["hparams"], self.scheduler)
+            return origin, ""
+        for candidate in self.snapshots.lineage_before(self.branch, branch["start_step"] + 1):
+            if candidate["id"] == branch["from_checkpoint"]:
+                continue
+            state = self._verified_or_event(candidate)
+            if state is None:
+                continue
+            self._load_state(state, candidate)
+            damaged = self.branch
+            self.branch = self.store.new_branch(parent=candidate["branch"], from_checkpoint=candidate["id"],
+                                                start_step=self.step, start_epoch=self.epoch, hparams=self.hparams)
+            note = (f"branch {damaged}'s origin checkpoint #{branch['from_checkpoint']} could not be loaded, so the "
+                    f"run goes on from checkpoint #{candidate['id']} as branch {self.branch}")
+            self.store.add_event("checkpoint_refused", note, branch=self.branch, step=self.step, epoch=self.epoch)
+            return candidate, note
+        raise CheckpointError(
+            f"no checkpoint of branch {self.branch} or of the branches it came from in {str(self.run_dir)!r} can be "
+            "loaded (see the checkpoint_refused events); restore one from a backup, or start a new run in another "
+            "directory"
+        )
+
+    def _verified_or_event(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return read_verified(self.run_dir / record["file"], record["sha256"])
+        except CheckpointError as error:
+            self.store.add_event("checkpoint_refused", str(error), branch=self.branch,
+                                 data={"checkpoint": record["id"]})
+            return None
+
     def _initial_status(self, message: str) -> None:
         self.message = message
         self.store.write_status(
             **self._status_fields(), pid=os.getpid(), host=socket.gethostname(), started=time.time(),
-            heartbeat=time.time(), optimizer=type(self.optimizer).__name__,
+            heartbeat=time.time(), optimizer=_optimizer_name(self.optimizer),
         )
 
     def _warn_config_change(self, checkpoint: dict[str, Any] | None) -> None:
@@ -358,16 +489,31 @@ class Run:
     def _expire_stale_commands(self) -> None:
         if self.store.get_meta("config") is None:
             self.store.set_meta("config", self.config)
-        now = time.time()
         for pending in self.store.pending_commands():
-            if now - pending["created"] > PENDING_COMMAND_TTL_S:
-                self.store.finish_command(
-                    pending["id"], cmd.EXPIRED, branch=self.branch, step=self.step,
-                    reason=f"no trainer applied it within {PENDING_COMMAND_TTL_S:.0f} s; send it again",
-                )
+            self._expired(pending)
 
-    def _resume_commands(self, state: dict[str, Any]) -> None:
-        """Pick up command handling from a checkpoint being resumed."""
+    def _expired(self, pending: dict[str, Any]) -> bool:
+        """Expire a command that waited too long (its trainer died or froze); True if it did."""
+        if time.time() - pending["created"] <= PENDING_COMMAND_TTL_S:
+            return False
+        self.store.finish_command(
+            pending["id"], cmd.EXPIRED, branch=self.branch, step=self.step,
+            reason=f"no trainer applied it within {PENDING_COMMAND_TTL_S:.0f} s; send it again",
+        )
+        return True
+
+    def _load_state(self, state: dict[str, Any], record: dict[str, Any]) -> None:
+        """Put a verified checkpoint's state into the model, optimizer, scheduler, loop state, RNGs
+        and counters, and pick up command handling where it was."""
+        self.model.load_state_dict(state[KEY_MODEL])
+        self.optimizer.load_state_dict(state[KEY_OPTIMIZER])
+        if self.scheduler is not None and state.get(KEY_SCHEDULER) is not None:
+            self.scheduler.load_state_dict(state[KEY_SCHEDULER])
+        for note in user_state.restore(self.state, state.get(KEY_USER_STATE)):
+            self.store.add_event("state_not_restored", note, branch=self.branch, step=int(record["step"]))
+        self.position.restore(state, epoch_done=record["reason"] == EPOCH_DONE)
+        self._scheduler_count = _scheduler_count(self.scheduler)
+        self._guard.reset()
         recorded = state.get(KEY_LAST_COMMAND)
         self._resumed_last_command = None if recorded is None else int(recorded)
         # A checkpoint written before checkpoints recorded this: count every command handled so
@@ -376,67 +522,47 @@ class Run:
         self._last_command_id = (self._resumed_last_command if recorded is not None
                                  else self.store.last_handled_command_id())
 
-    def _load_state(self, state: dict[str, Any], record: dict[str, Any]) -> None:
-        """Put a verified checkpoint's state into the model, optimizer, scheduler, RNGs and counters."""
-        self.model.load_state_dict(state[KEY_MODEL])
-        self.optimizer.load_state_dict(state[KEY_OPTIMIZER])
-        if self.scheduler is not None and state.get(KEY_SCHEDULER) is not None:
-            self.scheduler.load_state_dict(state[KEY_SCHEDULER])
-        self.step = int(state[KEY_STEP])
-        epoch_done = record["reason"] == EPOCH_DONE
-        if epoch_done:
-            self._next_epoch = int(state[KEY_EPOCH]) + 1
-            self.epoch = int(state[KEY_EPOCH])
-            self.step_in_epoch = 0
-            self._skip_batches = 0
-            set_rng_state(state[KEY_RNG])
-        else:
-            self._next_epoch = self.epoch = int(state[KEY_EPOCH])
-            self.step_in_epoch = int(state[KEY_STEP_IN_EPOCH])
-            self._skip_batches = self.step_in_epoch
-            self._epoch_start_rng = state[KEY_EPOCH_START_RNG]
-            set_rng_state(state[KEY_EPOCH_START_RNG])
-            self._rng_after_skip = state[KEY_RNG]
-        self._guard.reset()
-
     # -- step boundary -----------------------------------------------------------------------
-    def _boundary(self) -> None:
-        """Apply what is due at this step boundary: replays, then queued commands, then a pause."""
+    def _apply_due(self) -> None:
+        """Replays, then queued commands, then a pause."""
         self._wake = False
         if self._stop_reason is not None:
-            self._interrupt = "stop"
+            self._begin_stop(None)
             return
         while self._replay and self._replay[0]["step"] <= self.step:
             self._replay_command(self._replay.pop(0))
+        self._apply_pending()
+        if self.status == PAUSED and not self._interrupt:
+            self._wait_while_paused()
+
+    def _apply_pending(self) -> None:
         self.signal.mark_seen()
         for pending in self.store.pending_commands():
+            if self.snapshots.is_carrying_out(pending["id"]):
+                continue
             self._apply(pending)
             if self._interrupt:
                 return
-        if self.state == PAUSED:
-            self._wait_while_paused()
 
     def _wait_while_paused(self) -> None:
         self.writer.wake()
-        while self.state == PAUSED and not self._interrupt:
+        while self.status == PAUSED and not self._interrupt:
             deadline = time.monotonic() + 0.5
             while time.monotonic() < deadline and not self.signal.changed() and not self._wake:
                 time.sleep(0.005)
             self._wake = False
             if self._stop_reason is not None:
-                self._interrupt = "stop"
+                self._begin_stop(None)
                 break
-            self.signal.mark_seen()
-            for pending in self.store.pending_commands():
-                self._apply(pending)
-                if self._interrupt:
-                    break
+            self._apply_pending()
         self.writer.wake()
 
     def _apply(self, pending: dict[str, Any]) -> None:
         """Check a queued command again and apply it; record what it changed or why not."""
         command_id = pending["id"]
         self._last_command_id = max(self._last_command_id, command_id)
+        if self._expired(pending):
+            return
         try:
             command = cmd.validate(pending["kind"], pending["args"])
             result = self._execute(command, pending)
@@ -458,44 +584,75 @@ class Run:
         before = self.hparams
         if command.kind == cmd.SET_LR:
             after = optim.set_lr(self.optimizer, command.args["value"], self.scheduler)
-            self._record_hparams()
-            return {"before": before["lr"], "after": after}
+            self._record_hparams(by="command")
+            result: dict[str, Any] = {"before": before["lr"], "after": after}
+            warning = cmd.lr_warning(after)
+            if warning:
+                result["warning"] = warning
+            return result
         if command.kind == cmd.SET_MOMENTUM:
             after = optim.set_momentum(self.optimizer, command.args["value"])
-            self._record_hparams()
-            result: dict[str, Any] = {"before": before["momentum"], "after": after}
+            self._record_hparams(by="command")
+            result = {"before": before["momentum"], "after": after}
             if optim.cycles_momentum(self.scheduler):
                 result["warning"] = (f"{type(self.scheduler).__name__} cycles momentum and will overwrite this "
                                      "at its next step (the chart shows what it sets)")
             return result
         if command.kind == cmd.PAUSE:
-            if self.state == PAUSED:
+            for_branch = command.args.get("branch")
+            if for_branch is not None and for_branch != self.branch:
+                raise cmd.CommandError(f"this pause was for a divergence on branch {for_branch}; the run has moved on "
+                                       f"to branch {self.branch}")
+            if self.status == PAUSED:
                 raise cmd.CommandError("the run is already paused")
             why = command.args.get("reason") or f"by {pending['source']}"
-            self.state, self.message = PAUSED, f"paused at step {self.step}: {why}"
+            self.status, self.message = PAUSED, f"paused at step {self.step}: {why}"
             return {"state": PAUSED}
         if command.kind == cmd.RESUME:
-            if self.state != PAUSED:
-                raise cmd.CommandError(f"the run is not paused (it is {self.state}); nothing to resume")
-            self.state, self.message = RUNNING, f"resumed at step {self.step}"
+            if self.status != PAUSED:
+                raise cmd.CommandError(f"the run is not paused (it is {self.status}); nothing to resume")
+            self.status, self.message = RUNNING, f"resumed at step {self.step}"
             self._guard.reset()
+            self._remedied_branch = None  # a person looked: a new divergence gets a new remedy
             return {"state": RUNNING}
         if command.kind == cmd.CHECKPOINT:
-            job = self._snapshot("command")
-            job.meta["command"] = pending["id"]
+            self.snapshots.take_for_command(pending["id"])
             return None
         if command.kind == cmd.STOP:
-            self._stop_command = pending
-            self._interrupt = "stop"
+            self._begin_stop(pending)
             return None
         if command.kind == cmd.ROLLBACK:
             record = self.store.checkpoint(command.args["checkpoint"], must_exist=True)
             assert record is not None
             state = read_verified(self.run_dir / record["file"], record["sha256"])
-            self._rollback = (pending, record, state)
-            self._interrupt = "rollback"
+            self._check_fits(state, record)
+            self._rollback = PendingRollback(pending, record, state, hparams_at_cut=before,
+                                             branch_at_cut=self.branch, step_at_cut=self.step)
+            self._interrupt = Interrupt.ROLLBACK
             return None
         raise cmd.CommandError(f"unknown command {command.kind!r}")
+
+    def _begin_stop(self, pending: dict[str, Any] | None) -> None:
+        """A stop is checkpointed here, at the step boundary, so that nothing the loop runs after
+        the cut (its evaluation, its lr anneal) reaches the final checkpoint."""
+        self._stop_command = pending
+        self._interrupt = Interrupt.STOP
+        self._stop_job = self.snapshots.take("stop")
+
+    def _check_fits(self, state: dict[str, Any], record: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose tensors do not fit this model or optimizer before anything
+        is changed (loading it would fail half-way)."""
+        live = self.model.state_dict()
+        saved = state.get(KEY_MODEL) or {}
+        problems = sorted(set(live) ^ set(saved))[:3]
+        problems += [f"{name} {tuple(saved[name].shape)} vs {tuple(tensor.shape)} here" for name, tensor in live.items()
+                     if name in saved and hasattr(saved[name], "shape") and saved[name].shape != tensor.shape][:3]
+        groups = (state.get(KEY_OPTIMIZER) or {}).get("param_groups", [])
+        if [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            problems.append("the optimizer's parameter groups differ")
+        if problems:
+            raise cmd.CommandError(f"checkpoint #{record['id']} does not fit this model ({'; '.join(problems)}); "
+                                   "nothing was changed")
 
     def _replay_command(self, applied: dict[str, Any]) -> None:
         self._last_command_id = max(self._last_command_id, applied["id"])
@@ -504,13 +661,21 @@ class Run:
             optim.set_lr(self.optimizer, value, self.scheduler)
         else:
             optim.set_momentum(self.optimizer, value)
-        self._record_hparams()
+        self._record_hparams(by="command")
 
-    def _record_hparams(self, force: bool = False) -> None:
-        """Log lr and momentum where they changed (a nudge, a scheduler, a restore), so the chart
-        shows what the optimizer uses; ``force`` logs both (the start of a branch)."""
+    def _change_source(self) -> str:
+        count = _scheduler_count(self.scheduler)
+        if count != self._scheduler_count:
+            self._scheduler_count = count
+            return "scheduler"
+        return "loop"
+
+    def _record_hparams(self, force: bool = False, by: str | None = None) -> None:
+        """Log lr and momentum where they changed, so the chart shows what the optimizer uses;
+        ``force`` logs both (the start of a branch). A change a scheduler or the loop made (``by``)
+        is also marked as such once it moved far enough from the last marked value."""
         group = self.optimizer.param_groups[0]
-        lr, momentum = group["lr"], self._read_momentum(group)
+        lr, momentum = optim._as_float(group["lr"]), self._read_momentum(group)
         values = {}
         if force or lr != self._lr_seen:
             values["lr"] = lr
@@ -519,102 +684,48 @@ class Run:
         self._lr_seen, self._momentum_seen = lr, momentum
         if values:
             self._log((PER_STEP, self.branch, self.step, time.time(), values))
+        after = {"lr": lr, "momentum": momentum}
+        if force or by == "command":
+            self._marked = after
+        elif by is not None and values and self._moved_far(after):
+            before, self._marked = self._marked, after
+            self.store.add_event("hparams", f"{_describe_change(before, after)} by the {by}",
+                                 branch=self.branch, step=self.step, epoch=self.epoch,
+                                 data={"before": before, "after": after, "by": by})
 
-    # -- epoch end, rollback, stop -----------------------------------------------------------
-    def _end_epoch(self) -> None:
-        self._snapshot(EPOCH_DONE)  # the epoch's end is recorded by the writer thread too
-        self._rng_at_epoch_end = self._snapshot_rng
-        self._next_epoch = self.epoch + 1
+    def _moved_far(self, now: dict[str, Any]) -> bool:
+        lr, marked_lr = now["lr"], self._marked.get("lr")
+        if marked_lr and lr and not (1 / MARK_LR_RATIO < lr / marked_lr < MARK_LR_RATIO):
+            return True
+        momentum, marked_momentum = now["momentum"], self._marked.get("momentum")
+        return momentum is not None and marked_momentum is not None and abs(momentum - marked_momentum) >= MARK_MOMENTUM_DELTA
 
-    def _snapshot(self, reason: str) -> PendingCheckpoint:
-        hparams = self.hparams
-        self._snapshot_rng = rng_state()
-        state = {
-            KEY_FORMAT: FORMAT,
-            KEY_MODEL: clone_tree(self.model.state_dict()),
-            KEY_OPTIMIZER: clone_tree(self.optimizer.state_dict()),
-            KEY_SCHEDULER: clone_tree(self.scheduler.state_dict()) if self.scheduler is not None else None,
-            KEY_RNG: self._snapshot_rng,
-            KEY_EPOCH_START_RNG: self._epoch_start_rng if self._epoch_start_rng is not None else rng_state(),
-            KEY_EPOCH: self.epoch, KEY_STEP: self.step, KEY_STEP_IN_EPOCH: self.step_in_epoch,
-            KEY_BRANCH: self.branch, KEY_HPARAMS: hparams, KEY_CONFIG: self.config,
-            KEY_METRICS: dict(self._epoch_metrics), KEY_LAST_COMMAND: self._last_command_id,
-        }
-        meta = {"branch": self.branch, "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
-                "hparams": hparams, "metrics": dict(self._epoch_metrics), "reason": reason}
-        path = self.run_dir / checkpoint_filename(self.branch, self.epoch, self.step)
-        return self.checkpointer.submit(PendingCheckpoint(path=path, state=state, meta=meta))
-
-    def _checkpoint_written(self, job: PendingCheckpoint) -> None:
-        meta, result = job.meta, job.result or {}
-        # Everything logged up to the checkpoint's step must be stored before it is listed: a
-        # trainer killed right after would resume from it, and never log those steps again.
-        self.writer.flush()
-        with self.store.transaction():
-            self._record_epoch_end(meta)
-            checkpoint_id = self.store.add_checkpoint(
-                branch=meta["branch"], epoch=meta["epoch"], step=meta["step"], step_in_epoch=meta["step_in_epoch"],
-                file=job.path.name, sha256=result["sha256"], size=result["size"], hparams=meta["hparams"],
-                metrics=meta["metrics"], reason=meta["reason"],
-            )
-            meta["id"] = checkpoint_id
-            if "command" in meta:
-                self.store.finish_command(meta["command"], cmd.APPLIED, branch=meta["branch"], step=meta["step"],
-                                          result={"checkpoint": checkpoint_id})
-        self._apply_retention()
-
-    def _record_epoch_end(self, meta: dict[str, Any]) -> None:
-        if meta["reason"] == EPOCH_DONE:
-            self.store.add_epoch(meta["branch"], meta["epoch"], meta["step"])
-
-    def _checkpoint_failed(self, job: PendingCheckpoint) -> None:
-        error = job.error
-        meta = job.meta
-        self._record_epoch_end(meta)
-        full = disk_full_error(error)
-        if full is not None:
-            message = (f"checkpoint at step {meta['step']} not written: the disk holding {self.run_dir} is full "
-                       f"({os.strerror(full.errno)}); earlier checkpoints are intact; the run is paused: free some "
-                       "space, then resume")
-            reason = "the disk is full, no checkpoint could be written"
-        else:
-            message = f"checkpoint at step {meta['step']} not written: {error}"
-            reason = "a checkpoint could not be written"
-        self.store.add_event("checkpoint_failed", message, branch=meta["branch"], step=meta["step"],
-                             epoch=meta["epoch"])
-        if "command" in meta:
-            self.store.finish_command(meta["command"], cmd.REJECTED, branch=meta["branch"], step=meta["step"],
-                                      reason=message)
-        if not self._closed:
-            self.store.enqueue_command(cmd.PAUSE, {"reason": reason}, source="guard", require_live=False)
-
-    def _apply_retention(self) -> None:
-        if self.keep_last is None:
-            return
-        keep_origins = {b["from_checkpoint"] for b in self.store.branches() if b["from_checkpoint"]}
-        listed = self.store.checkpoints()
-        for old in listed[: max(0, len(listed) - self.keep_last)]:
-            if old["id"] in keep_origins:
-                continue
-            (self.run_dir / old["file"]).unlink(missing_ok=True)
-            self.store.mark_checkpoint_deleted(old["id"])
-
+    # -- rollback and stop, as the loop leaves the epoch ---------------------------------------
     def _finish_rollback(self) -> None:
-        assert self._rollback is not None
-        pending, record, state = self._rollback
+        rollback = self._rollback
+        assert rollback is not None
         self._rollback = None
         self._interrupt = None
         self._replay = []  # nudges of the old branch still waiting to be replayed stay there
+        pending, record = rollback.command, rollback.checkpoint
         command = cmd.validate(pending["kind"], pending["args"])
-        before = self.hparams
-        old_branch, old_step = self.branch, self.step
-        self._load_state(state, record)
+        before = rollback.hparams_at_cut
+        old_branch, old_step = rollback.branch_at_cut, rollback.step_at_cut
+        try:
+            self._load_state(rollback.state, record)
+        except Exception as error:
+            # Checked to fit when applied; if loading still fails the model may be half-loaded:
+            # end this process (a restart resumes from the latest checkpoint) but never leave the
+            # command pending, or every restart would fail on it again.
+            self.store.finish_command(pending["id"], cmd.REJECTED, branch=old_branch, step=old_step,
+                                      reason=f"checkpoint #{record['id']} could not be loaded: {error}")
+            raise
         if command.args["hparams"] == cmd.HPARAMS_CURRENT:
             optim.restore_hparams(self.optimizer, before, self.scheduler)
         overrides = {k: command.args[k] for k in ("lr", "momentum") if k in command.args}
         optim.restore_hparams(self.optimizer, overrides, self.scheduler)
         after = self.hparams
-        self.state = RUNNING
+        self.status = RUNNING
         self.message = f"rolled back to checkpoint #{record['id']} (epoch {record['epoch']}, step {record['step']})"
         self._guard.reset()
         with self.store.transaction():  # one commit: the branch, its status, the event, the acknowledgement
@@ -634,31 +745,33 @@ class Run:
         self._record_hparams(force=True)
 
     def _finish_stop(self) -> None:
-        job = self._snapshot("stop")
-        self.checkpointer.wait()
+        job = self._stop_job or self.snapshots.take("stop", reuse_same_step=True)
+        self.snapshots.wait()
         pending = self._stop_command
         if pending is not None:
-            if job.error is None:
-                self.store.finish_command(pending["id"], cmd.APPLIED, branch=self.branch, step=self.step,
-                                          result={"checkpoint": job.meta.get("id")})
-            else:
-                self.store.finish_command(pending["id"], cmd.APPLIED, branch=self.branch, step=self.step,
-                                          result={"checkpoint": None, "warning": str(job.error)})
-        self._finish(STOPPED, f"stopped at step {self.step} with a final checkpoint")
+            result: dict[str, Any] = {"checkpoint": job.meta.get("id")}
+            if job.error is not None:
+                result = {"checkpoint": None, "warning": str(job.error)}
+            self.store.finish_command(pending["id"], cmd.APPLIED, branch=self.branch, step=self.step, result=result)
+        why = f" ({self._stop_reason})" if self._stop_reason and pending is None else ""
+        self._finish(STOPPED, f"stopped at step {self.step}{why} with a final checkpoint")
 
-    def _finish(self, state: str, message: str) -> None:
-        self.checkpointer.wait()
-        self.state, self.message = state, message
-        self.store.add_event(state, message, branch=self.branch, step=self.step, epoch=self.epoch)
+    def _finish(self, status: str, message: str) -> None:
+        self.snapshots.answer_waiting()
+        self.status, self.message = status, message
+        self.store.add_event(status, message, branch=self.branch, step=self.step, epoch=self.epoch)
         self.close()
 
     # -- writer-thread callbacks --------------------------------------------------------------
     def _status_fields(self) -> dict[str, Any]:
         hparams = optim.read_hparams(self.optimizer)
+        position = self.position
         return {
-            "state": self.state, "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
-            "steps_per_epoch": self.steps_per_epoch, "max_epochs": self.max_epochs, "branch": self.branch,
-            "lr": hparams["lr"], "momentum": hparams["momentum"], "message": self.message,
+            "state": self.status, "epoch": position.epoch, "step": position.step,
+            "step_in_epoch": position.step_in_epoch, "steps_per_epoch": self.steps_per_epoch,
+            "max_epochs": self.max_epochs, "branch": self.branch, "lr": hparams["lr"],
+            "momentum": hparams["momentum"], "message": self.message,
+            "items_per_step": self.items_per_step, "item_unit": self.item_unit,
         }
 
     def _on_tick(self) -> None:
@@ -675,43 +788,37 @@ class Run:
             self.store.add_event("divergence", f"divergence: {found.describe()} (after the run ended)",
                                  branch=branch, step=found.step, data=found.as_dict())
             return
-        healthy = self._last_healthy_checkpoint(found.step)
+        self.remedy(found.describe(), branch, found.step, found.as_dict())
+
+    def remedy(self, what: str, branch: int, step: int, data: dict[str, Any] | None = None) -> None:
+        """A divergence found on ``branch`` at ``step``: pause with the remedy one click away, or
+        apply it (a rollback to the last healthy checkpoint with half the lr) when the guard may.
+        Once per branch: the loss and the weights may both report the same divergence, from two
+        threads, and a remedy meant for a branch the run has left must not reach the next one."""
+        with self._remedy_lock:
+            if branch != self.branch or self._remedied_branch == branch:
+                return
+            self._remedied_branch = branch
+        healthy = self.snapshots.last_healthy(step)
         lr = self.hparams["lr"] or 0.0
-        data = {**found.as_dict(), "checkpoint": healthy["id"] if healthy else None, "suggested_lr": lr / 2}
+        data = {**(data or {}), "checkpoint": healthy["id"] if healthy else None, "suggested_lr": lr / 2}
         auto = self.guard_config.auto_remedy_max > self._remedies_used and healthy is not None
         if auto:
+            assert healthy is not None
             self._remedies_used += 1
-            message = (f"divergence: {found.describe()}; rolling back to checkpoint #{healthy['id']} with lr "
+            message = (f"divergence: {what}; rolling back to checkpoint #{healthy['id']} with lr "
                        f"{lr / 2:g} (automatic remedy {self._remedies_used} of {self.guard_config.auto_remedy_max})")
-            self.store.add_event("divergence", message, branch=branch, step=found.step, data=data)
+            self.store.add_event("divergence", message, branch=self.branch, step=step, data=data)
             self.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": healthy["id"], "hparams": cmd.HPARAMS_CURRENT,
                                                       "lr": lr / 2}, source="guard", require_live=False)
         else:
             remedy = (f"; remedy: roll back to checkpoint #{healthy['id']} with lr {lr / 2:g}" if healthy
                       else "; no checkpoint to roll back to yet")
-            self.store.add_event("divergence", f"divergence: {found.describe()}; run paused{remedy}",
-                                 branch=branch, step=found.step, data=data)
-            self.store.enqueue_command(cmd.PAUSE, {"reason": f"divergence: {found.describe()}"}, source="guard",
+            self.store.add_event("divergence", f"divergence: {what}; run paused{remedy}",
+                                 branch=self.branch, step=step, data=data)
+            self.store.enqueue_command(cmd.PAUSE, {"reason": f"divergence: {what}", "branch": branch}, source="guard",
                                        require_live=False)
         self._wake = True
-
-    def _last_healthy_checkpoint(self, before_step: int) -> dict[str, Any] | None:
-        """The newest checkpoint on this branch's line of descent taken before ``before_step``."""
-        lineage: dict[int, int] = {}
-        branches = {b["id"]: b for b in self.store.branches()}
-        branch_id, limit = self.branch, before_step
-        while branch_id in branches:
-            lineage[branch_id] = limit
-            parent = branches[branch_id]
-            origin = self.store.checkpoint(parent["from_checkpoint"]) if parent["from_checkpoint"] else None
-            if parent["parent"] is None:
-                break
-            limit = origin["step"] if origin else parent["start_step"]
-            branch_id = parent["parent"]
-        candidates = [c for c in self.store.checkpoints()
-                      if c["branch"] in lineage and c["step"] < lineage[c["branch"]]
-                      and (self.run_dir / c["file"]).is_file()]
-        return max(candidates, key=lambda c: (c["step"], c["id"])) if candidates else None
 
     def _at_exit(self) -> None:
         try:
@@ -733,7 +840,42 @@ def _read_tensors(metrics: dict[str, Any]) -> None:
             metrics[name] = value.detach() if value.is_cuda else value.item()
 
 
-def _momentum_reader(optimizer: torch.optim.Optimizer) -> Any:
+def _optimizer_or_loop_hparams(optimizer: Any, lr: float | None, momentum: float | None) -> Any:
+    if optimizer is not None:
+        if lr is not None or momentum is not None:
+            raise ValueError("give either an optimizer or lr= (and momentum=) for hand-written updates, not both: "
+                             "with an optimizer, babysit nudges the lr in its param_groups")
+        if not getattr(optimizer, "param_groups", None):
+            raise ValueError(f"optimizer must be a torch optimizer (with param_groups), got {type(optimizer).__name__}; "
+                             "a loop that updates its parameters by hand passes lr= instead and reads run.lr")
+        return optimizer
+    if lr is None:
+        raise ValueError("Run needs an optimizer, or lr= for a loop that updates its parameters by hand "
+                         "(it reads run.lr every step, so nudges reach it)")
+    return optim.LoopHparams(cmd.validate_lr(lr), None if momentum is None else cmd.validate_momentum(momentum))
+
+
+def _optimizer_name(optimizer: Any) -> str:
+    return "hand-written updates (run.lr)" if isinstance(optimizer, optim.LoopHparams) else type(optimizer).__name__
+
+
+def _scheduler_count(scheduler: Any) -> Any:
+    """How many steps the scheduler has taken: when it moved, an lr change is the scheduler's."""
+    if scheduler is None:
+        return None
+    return getattr(scheduler, "last_epoch", None), getattr(scheduler, "_step_count", None)
+
+
+def _describe_change(before: dict[str, Any], after: dict[str, Any]) -> str:
+    parts = []
+    for name in ("lr", "momentum"):
+        if after.get(name) is not None and before.get(name) != after.get(name):
+            old = "?" if before.get(name) is None else f"{before[name]:.4g}"
+            parts.append(f"{name} {old} → {after[name]:.4g}")
+    return ", ".join(parts) or "hyperparameters changed"
+
+
+def _momentum_reader(optimizer: Any) -> Any:
     key = optim.momentum_key(optimizer)
     if key == "betas":
         return lambda group: group["betas"][0]

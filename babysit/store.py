@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS status (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     state TEXT NOT NULL, pid INTEGER, host TEXT, heartbeat REAL, started REAL,
     epoch INTEGER, step INTEGER, step_in_epoch INTEGER, steps_per_epoch INTEGER,
-    max_epochs INTEGER, branch INTEGER, lr REAL, momentum REAL, optimizer TEXT, message TEXT
+    max_epochs INTEGER, branch INTEGER, lr REAL, momentum REAL, optimizer TEXT, message TEXT,
+    items_per_step INTEGER, item_unit TEXT
 );
 CREATE TABLE IF NOT EXISTS branches (
     id INTEGER PRIMARY KEY, parent INTEGER, from_checkpoint INTEGER,
@@ -95,6 +96,17 @@ CREATE TABLE IF NOT EXISTS epochs (
     PRIMARY KEY (branch, epoch)
 );
 """
+
+
+# Status columns added after schema version 1 was first written; a trainer adds them to older runs.
+_STATUS_ADDED_COLUMNS = {"items_per_step": "INTEGER", "item_unit": "TEXT"}
+
+
+def _add_missing_columns(connection: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
+    present = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+    for name, kind in columns.items():
+        if name not in present:
+            connection.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
 class StoreError(RuntimeError):
@@ -250,6 +262,7 @@ class RunStore:
             connection = self.conn()
             if create:
                 connection.executescript(_SCHEMA)  # no-op unless an older run lacks a table
+                _add_missing_columns(connection, "status", _STATUS_ADDED_COLUMNS)
             row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as error:
             self.close()
@@ -305,7 +318,15 @@ class RunStore:
         status = dict(row)
         status["alive"] = trainer_alive(status)
         live = status["state"] in LIVE_STATES
-        status["effective_state"] = status["state"] if (status["alive"] or not live) else NOT_RESPONDING
+        if status["alive"] or not live:
+            status["effective_state"] = status["state"]
+        elif process_gone(status):
+            # Its process no longer exists on this host: known at once, not after the heartbeat goes stale.
+            status["effective_state"] = CRASHED
+            status["message"] = (f"the trainer (pid {status['pid']}) is gone without a clean stop; "
+                                 "start it again to resume from the latest checkpoint")
+        else:
+            status["effective_state"] = NOT_RESPONDING
         return status
 
     # -- branches ----------------------------------------------------------------------------
@@ -520,7 +541,7 @@ class RunStore:
         state = status.get("effective_state", "new")
         if state == "new":
             detail = "no trainer has started in it yet"
-        elif state == NOT_RESPONDING and process_gone(status):
+        elif status.get("state") in LIVE_STATES and process_gone(status):
             detail = f"its trainer (pid {status.get('pid')}) is no longer running"
         elif state == NOT_RESPONDING:
             age = _now() - (status.get("heartbeat") or 0)

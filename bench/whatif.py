@@ -77,7 +77,7 @@ def writer_flush(scratch: Scratch, *, steps: int, rounds: int) -> dict[str, Any]
 
         def go(_: int) -> float:
             for _i in range(steps):
-                run.step += 1
+                run.position.step += 1
                 loss = torch.tensor(2.3) * 1.0
                 run.log(loss=loss.item() if as_float else loss, lr=group["lr"], momentum=group["momentum"])
             writer_module.to_float = convert
@@ -160,11 +160,12 @@ def stall_anatomy(work: Workload, scratch: Scratch, *, epochs: int) -> dict[str,
     epoch now starts from the snapshot's own RNG state. This shows what is left.
     """
     from babysit import Run
-    from babysit import run as run_module
+    from babysit import snapshots as snapshots_module
     from babysit import store as store_module
 
-    targets = [(run_module, "rng_state", "rng_state"), (run_module.Run, "_snapshot", "Run._snapshot"),
-               (run_module.Run, "_end_epoch", "Run._end_epoch"), (run_module, "clone_tree", "clone_tree"),
+    targets = [(snapshots_module, "rng_state", "rng_state"), (snapshots_module.Snapshots, "take", "Snapshots.take"),
+               (snapshots_module.Snapshots, "end_epoch", "Snapshots.end_epoch"),
+               (snapshots_module, "clone_tree", "clone_tree"),
                (store_module.RunStore, "add_epoch", "store.add_epoch"),
                (store_module.RunStore, "pending_commands", "store.pending_commands")]
     work.reset()

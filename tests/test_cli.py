@@ -41,7 +41,7 @@ def test_the_panda_loop_through_the_cli(tmp_path: Path, trainers) -> None:
     before = len(RunStore(run_dir).commands())
     result = babysit_cli("set", "lr", "-1", *d)
     assert result.returncode == 2
-    assert "lr must be a finite number > 0 and <= 10" in result.stderr and "'-1'" in result.stderr
+    assert "lr must be a finite number > 0" in result.stderr and "'-1'" in result.stderr
     assert len(RunStore(run_dir).commands()) == before
 
     # Pause holds the step; resume lets it go on.

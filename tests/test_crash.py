@@ -59,6 +59,7 @@ def test_an_acknowledged_nudge_is_replayed_at_its_step_after_a_kill(tmp_path: Pa
     for value in (0.02, 0.03, 0.04):
         trainer = trainers(run_dir, "--epochs", "400", *FAST)
         wait_for(lambda: (run_dir / "run.db").exists() and RunStore(run_dir).checkpoints(), what="a checkpoint")
+        trainer.wait_running()  # this trainer, not the one killed in the previous try
         result = babysit_cli("set", "lr", str(value), "--run-dir", str(run_dir), "--wait", check=True)
         step = int(result.stdout.split("applied at step ")[1].split()[0])
         trainer.process.send_signal(signal.SIGKILL)

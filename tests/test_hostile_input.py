@@ -38,7 +38,7 @@ from tests.conftest import REPO, Trainer, babysit_cli, tiny_job, wait_for
 
 FAST = ("--epoch-passes", "1", "--batch-size", "64")  # 23 steps per epoch
 LIVE_LR = 1e-6
-LR_ACCEPTED = "lr must be a finite number > 0 and <= 10 (for example 0.01)"
+LR_ACCEPTED = "lr must be a finite number > 0 (for example 0.01)"
 MOMENTUM_ACCEPTED = "momentum must be a finite number >= 0 and < 1 (for example 0.9)"
 CHECKPOINT_ACCEPTED = "checkpoint must be a checkpoint id, a whole number such as 3 (see `python -m babysit status`)"
 KINDS_ACCEPTED = "set_lr, set_momentum, pause, resume, checkpoint, stop, rollback"
@@ -215,7 +215,7 @@ LONG_DIGITS = "1" + "0" * 400  # 10**400 typed out: too large even to be a float
     ("lr", "abc", f"{LR_ACCEPTED}, got 'abc'"),
     ("lr", "", f"{LR_ACCEPTED}, got ''"),
     ("lr", "   ", f"{LR_ACCEPTED}, got '   '"),
-    ("lr", "1e9", f"{LR_ACCEPTED}, got '1e9'"),
+    ("lr", "0_001", f"{LR_ACCEPTED}, got '0_001'"),
     ("lr", "1e400", f"{LR_ACCEPTED}, got '1e400'"),
     ("lr", LONG_DIGITS, f"{LR_ACCEPTED}, got '{LONG_DIGITS[:56]}..."),  # the value, cut at 60 characters
     ("lr", "0,01", f"{LR_ACCEPTED}, got '0,01'"),
@@ -461,12 +461,12 @@ def fake_live_run(run_dir: Path, *, lr: float) -> RunStore:
     return store
 
 
-def test_dashboard_doubling_the_lr_past_the_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = fake_live_run(tmp_path / "run", lr=8.0)
+def test_dashboard_doubling_a_large_lr_sends_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 20 is the default lr of well-known LSTM language-model scripts: x2 from there is a nudge, not a typo.
+    store = fake_live_run(tmp_path / "run", lr=20.0)
     at = dashboard(monkeypatch, tmp_path, tmp_path / "run")
     at.button(key="lr_double").click().run()
-    assert shows_error(at, f"Not sent: {LR_ACCEPTED}, got 16.0"), [e.value for e in at.error]
-    assert store.commands() == [] and store.status()["lr"] == 8.0
+    assert [(c["kind"], c["args"]) for c in store.commands()] == [(cmd.SET_LR, {"value": 40.0})]
 
 
 def test_dashboard_asked_for_a_directory_that_is_not_a_run_says_so(tmp_path: Path,
@@ -500,7 +500,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run whose training loop ran to its last epoch (a user's own loop, in this process)."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
     run, _ = tiny_job(run_dir, epochs=2)
-    assert run.state == "finished"
+    assert run.status == "finished"
     store = RunStore(run_dir)
     assert store.commands() == [], (store.commands(), store.events())
     return run_dir
@@ -519,7 +519,7 @@ def test_commands_for_a_finished_run(finished_run: Path, command: tuple[str, ...
 def test_commands_for_a_stopped_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run, _ = tiny_job(run_dir, epochs=5, on_step=lambda r, step: r.request_stop("test") if step == 3 else None)
-    assert run.state == "stopped"
+    assert run.status == "stopped"
     before = files_of(run_dir)
     result = babysit_cli("set", "momentum", "0.5", "--run-dir", str(run_dir), "--wait")
     refused(result, not_running(run_dir, "its trainer is stopped"))
@@ -534,7 +534,7 @@ def test_commands_for_a_run_whose_trainer_was_killed(live: Live) -> None:
     pid = live.victim.pid
     live.victim.send_signal(signal.SIGKILL)
     live.victim.wait(timeout=30)
-    wait_for(lambda: store.status()["effective_state"] == "not responding", what="not responding")
+    assert store.status()["effective_state"] == "crashed"  # known at once: its pid is gone
     before = files_of(live.victim_dir)
     commands_before = store.commands()
     for command in (("set", "lr", "0.01"), ("rollback", "1")):
@@ -543,7 +543,7 @@ def test_commands_for_a_run_whose_trainer_was_killed(live: Live) -> None:
     assert store.commands() == commands_before
     assert_dir_unchanged(live.victim_dir, before)
     shown = babysit_cli("status", "--run-dir", str(live.victim_dir))
-    assert shown.returncode == 0 and "state        not responding" in shown.stdout
+    assert shown.returncode == 0 and "state        crashed" in shown.stdout
 
 
 # -- directories that are not runs, databases that are damaged -------------------------------

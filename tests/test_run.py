@@ -104,7 +104,8 @@ def test_bad_command_is_rejected_by_the_trainer_and_the_run_goes_on(tmp_path: Pa
     def on_step(run, step):
         if step == 2:  # bypass the CLI's check: a row written straight into the queue
             run.store.conn().execute(
-                "INSERT INTO commands (created, source, kind, args, state) VALUES (0, 'x', 'set_lr', '{\"value\": -1}', 'pending')")
+                "INSERT INTO commands (created, source, kind, args, state) VALUES (?, 'x', 'set_lr', '{\"value\": -1}', 'pending')",
+                (time.time(),))
             run.signal.seen = b"stale---"
         if step == 3:
             run.store.enqueue_command(cmd.SET_MOMENTUM, {"value": 0.5}, source="test")
@@ -114,7 +115,7 @@ def test_bad_command_is_rejected_by_the_trainer_and_the_run_goes_on(tmp_path: Pa
     assert rows[0]["state"] == cmd.REJECTED and "lr must be a finite number > 0" in rows[0]["reason"]
     assert rows[1]["state"] == cmd.APPLIED
     assert run.optimizer.param_groups[0]["lr"] == 0.1
-    assert run.state == "finished"
+    assert run.status == "finished"
 
 
 def test_rollback_starts_a_branch_from_the_checkpoint(tmp_path: Path) -> None:
@@ -148,7 +149,7 @@ def test_rollback_starts_a_branch_from_the_checkpoint(tmp_path: Path) -> None:
     new_steps, _ = losses(store, 2)
     assert old_steps.tolist() == list(range(1, 21)) and new_steps.tolist() == list(range(9, 33))
     assert [(c["branch"], c["epoch"]) for c in store.checkpoints()] == [(1, 1), (1, 2), (2, 2), (2, 3), (2, 4)]
-    assert run.state == "finished" and run.branch == 2
+    assert run.status == "finished" and run.branch == 2
 
 
 def test_rollback_with_checkpoint_hparams_restores_them(tmp_path: Path) -> None:
@@ -179,7 +180,7 @@ def test_rollback_to_a_tampered_checkpoint_is_refused_and_training_goes_on(tmp_p
     rows = RunStore(tmp_path / "r").commands()
     assert rows[0]["state"] == cmd.REJECTED
     assert "epoch-0001-step-00000008-b1.pt" in rows[0]["reason"] and "hash" in rows[0]["reason"]
-    assert run.state == "finished" and run.branch == 1 and run.step == 16
+    assert run.status == "finished" and run.branch == 1 and run.step == 16
 
 
 def test_checkpoint_now_mid_epoch_and_resume_from_it_is_identical(tmp_path: Path) -> None:
@@ -328,8 +329,8 @@ def test_divergence_pauses_the_run_and_offers_the_remedy(tmp_path: Path) -> None
             with torch.no_grad():
                 for p in run.model.parameters():
                     p.fill_(float("nan"))
-        if step > 12:
-            time.sleep(0.05)  # a real step takes a while; the guard reads the loss a few times a second
+        if step == 13:
+            run.writer.flush()  # the guard reads the NaN loss now (the writer would, within 0.25 s)
 
     def resume_when_paused(store_dir: Path) -> None:
         store = wait_for(lambda: (store_dir / "run.db").exists() and RunStore(store_dir), what="store")
@@ -347,7 +348,7 @@ def test_divergence_pauses_the_run_and_offers_the_remedy(tmp_path: Path) -> None
     assert divergence[0]["data"]["checkpoint"] == 1 and divergence[0]["data"]["suggested_lr"] == 0.05
     pause = [c for c in store.commands() if c["kind"] == cmd.PAUSE]
     assert pause[0]["source"] == "guard" and pause[0]["state"] == cmd.APPLIED
-    assert run.state == "stopped"
+    assert run.status == "stopped"
     # The final checkpoint holds NaN weights, so it is not written; the earlier one stays.
     assert [c["step"] for c in store.checkpoints()] == [8]
     failed = [e for e in store.events() if e["kind"] == "checkpoint_failed"]
@@ -361,14 +362,49 @@ def test_auto_remedy_rolls_back_with_half_the_lr(tmp_path: Path) -> None:
             with torch.no_grad():
                 for p in run.model.parameters():
                     p.fill_(float("nan"))
-        if run.branch == 1 and step > 12:
-            time.sleep(0.05)
+        if run.branch == 1 and step == 13:
+            run.writer.flush()
 
     run, _ = tiny_job(tmp_path / "auto", epochs=3, guard=GuardConfig(warmup_steps=0, auto_remedy_max=1), on_step=on_step)
     store = RunStore(tmp_path / "auto")
     rollback = [c for c in store.commands() if c["kind"] == cmd.ROLLBACK]
     assert len(rollback) == 1 and rollback[0]["source"] == "guard" and rollback[0]["state"] == cmd.APPLIED
     assert rollback[0]["result"]["lr"] == 0.05 and rollback[0]["result"]["checkpoint"] == 1
-    assert run.state == "finished" and run.branch == 2
+    assert run.status == "finished" and run.branch == 2
     state = read_verified(tmp_path / "auto" / store.checkpoints()[-1]["file"], store.checkpoints()[-1]["sha256"])
     assert all(torch.isfinite(t).all() for t in state[KEY_MODEL].values() if t.is_floating_point())
+
+
+def test_weights_gone_nan_before_the_guard_reads_the_loss_still_get_the_auto_remedy(tmp_path: Path) -> None:
+    # The writer never flushes on its own here: the epoch's checkpoint finds the NaN weights first.
+    # That used to queue a plain pause that no remedy followed, and it could land on the new branch.
+    def on_step(run, step):
+        if run.branch == 1 and step == 12:
+            run.checkpointer.wait()
+            with torch.no_grad():
+                for p in run.model.parameters():
+                    p.fill_(float("nan"))
+
+    run, _ = tiny_job(tmp_path / "r", epochs=3, guard=GuardConfig(warmup_steps=0, auto_remedy_max=1),
+                      on_step=on_step, flush_interval=3600.0)
+    store = RunStore(tmp_path / "r")
+    assert run.status == "finished" and run.branch == 2 and run.step == 24
+    divergence = [e for e in store.events() if e["kind"] == "divergence"]
+    assert len(divergence) == 1 and "the weights hold NaN or infinity at step 16" in divergence[0]["message"]
+    rollback = [c for c in store.commands() if c["kind"] == cmd.ROLLBACK]
+    assert [(c["source"], c["state"], c["args"]["checkpoint"]) for c in rollback] == [("guard", cmd.APPLIED, 1)]
+    assert [c for c in store.commands() if c["kind"] == cmd.PAUSE] == []
+
+
+def test_a_guard_pause_for_a_branch_the_run_has_left_is_rejected(tmp_path: Path) -> None:
+    def on_step(run, step):
+        if run.branch == 1 and step == 10:
+            run.checkpointer.wait()
+            run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": 1}, source="test")
+            run.store.enqueue_command(cmd.PAUSE, {"reason": "divergence: loss became nan", "branch": 1}, source="guard")
+
+    run, _ = tiny_job(tmp_path / "r", epochs=2, on_step=on_step)
+    pause = next(c for c in RunStore(tmp_path / "r").commands() if c["kind"] == cmd.PAUSE)
+    assert run.status == "finished" and run.branch == 2
+    assert pause["state"] == cmd.REJECTED
+    assert pause["reason"] == "this pause was for a divergence on branch 1; the run has moved on to branch 2"

@@ -178,10 +178,14 @@ def test_stale_heartbeat_is_not_responding(store: RunStore):
     assert (status["state"], status["effective_state"], status["alive"]) == ("running", "not responding", False)
 
 
-def test_dead_process_on_this_host_is_not_responding(store: RunStore):
-    _live(store, pid=_dead_pid())
+def test_a_trainer_whose_process_is_gone_shows_as_crashed_at_once(store: RunStore):
+    # The heartbeat is fresh (killed a moment ago), but the pid no longer exists on this host.
+    pid = _dead_pid()
+    _live(store, pid=pid)
     status = store.status()
-    assert (status["effective_state"], status["alive"]) == ("not responding", False)
+    assert (status["state"], status["effective_state"], status["alive"]) == ("running", "crashed", False)
+    assert status["message"] == (f"the trainer (pid {pid}) is gone without a clean stop; "
+                                 "start it again to resume from the latest checkpoint")
 
 
 def test_process_on_another_host_is_judged_by_heartbeat_only(store: RunStore):
