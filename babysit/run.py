@@ -424,21 +424,28 @@ class Run:
     def _load_latest_usable(self, branch: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
         """Load the newest verified checkpoint of this branch, else its origin; if the origin is
         damaged or gone too, the newest intact one on the line of descent, as a new branch."""
-        for candidate in reversed([c for c in self.store.checkpoints() if c["branch"] == self.branch]):
+        own = [c for c in self.store.checkpoints() if c["branch"] == self.branch]
+        for candidate in reversed(own):
             state = self._verified_or_event(candidate)
             if state is not None:
                 self._load_state(state, candidate)
                 return candidate, ""
-        if not branch["from_checkpoint"]:
-            return None, ""
-        origin = self.store.checkpoint(branch["from_checkpoint"])
+        if not branch["from_checkpoint"] and not own:
+            return None, ""  # killed before its first checkpoint: it starts again
+        origin = self.store.checkpoint(branch["from_checkpoint"]) if branch["from_checkpoint"] else None
         state = self._verified_or_event(origin) if origin is not None else None
         if origin is not None and state is not None:
             self._load_state(state, origin)
             optim.restore_hparams(self.optimizer, branch["hparams"], self.scheduler)
             return origin, ""
-        for candidate in self.snapshots.lineage_before(self.branch, branch["start_step"] + 1):
-            if candidate["id"] == branch["from_checkpoint"]:
+        # What the rollback meant comes first (before the fork, on its line of descent); then any
+        # other intact checkpoint, newest first, rather than no run at all.
+        before_fork = self.snapshots.lineage_before(self.branch, branch["start_step"] + 1)
+        others = sorted((c for c in self.store.checkpoints() if c not in before_fork),
+                        key=lambda c: (c["step"], c["id"]), reverse=True)
+        tried = {c["id"] for c in own} | {branch["from_checkpoint"]}
+        for candidate in before_fork + others:
+            if candidate["id"] in tried:
                 continue
             state = self._verified_or_event(candidate)
             if state is None:
@@ -447,8 +454,9 @@ class Run:
             damaged = self.branch
             self.branch = self.store.new_branch(parent=candidate["branch"], from_checkpoint=candidate["id"],
                                                 start_step=self.step, start_epoch=self.epoch, hparams=self.hparams)
-            note = (f"branch {damaged}'s origin checkpoint #{branch['from_checkpoint']} could not be loaded, so the "
-                    f"run goes on from checkpoint #{candidate['id']} as branch {self.branch}")
+            lost = (f"branch {damaged}'s origin checkpoint #{branch['from_checkpoint']}" if branch["from_checkpoint"]
+                    else f"no checkpoint of branch {damaged}")
+            note = f"{lost} could not be loaded, so the run goes on from checkpoint #{candidate['id']} as branch {self.branch}"
             self.store.add_event("checkpoint_refused", note, branch=self.branch, step=self.step, epoch=self.epoch)
             return candidate, note
         raise CheckpointError(
