@@ -26,7 +26,6 @@ import fcntl
 import json
 import os
 import socket
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -41,8 +40,10 @@ from .checkpoint import (
     KEY_LAST_COMMAND, KEY_MODEL, KEY_OPTIMIZER, KEY_SCHEDULER, KEY_USER_STATE, CheckpointError, PendingCheckpoint,
     read_verified, remove_stale_temps,
 )
-from .guard import Divergence, DivergenceGuard, GuardConfig
+from .guard import DivergenceGuard, GuardConfig
+from .hparam_watch import COMMAND, LOOP, HparamWatch
 from .position import ResumePosition
+from .remedy import DivergenceRemedy
 from .signals import install_stop_handlers
 from .snapshots import EPOCH_DONE, Snapshots
 from .store import (
@@ -53,11 +54,6 @@ from .writer import MetricsWriter, to_float
 # A command that waited this long for a trainer (one that died or froze before applying it) is
 # expired rather than applied out of the blue.
 PENDING_COMMAND_TTL_S = 600.0
-# An lr or momentum change that no command made (a scheduler, the loop's own anneal) is marked on
-# the chart when it moves this far from the last marked value; a schedule that moves the lr a
-# little every step gets a marker every 20 %, not one per step.
-MARK_LR_RATIO = 1.2
-MARK_MOMENTUM_DELTA = 0.02
 
 
 class RunLockedError(RuntimeError):
@@ -161,24 +157,18 @@ class Run:
         self._resumed_last_command: int | None = 0  # the resumed checkpoint's; None if it has none
         self._wake = True                         # look at the queue before the first batch
         self._closed = False
-        self._remedies_used = 0
-        self._remedy_lock = threading.Lock()
-        self._remedied_branch: int | None = None  # the branch whose divergence a remedy answered
         self._restore_signals: Any = None
-        self._read_momentum = _momentum_reader(self.optimizer)
-        self._lr_seen: float | None = None
-        self._momentum_seen: float | None = None
-        self._marked: dict[str, Any] = {}         # lr/momentum at the last change marked on the chart
-        self._scheduler_count = _scheduler_count(scheduler)
+        self._hparams = HparamWatch(self)
 
         self._guard = DivergenceGuard(self.guard_config)
         self.snapshots = Snapshots(self)
+        self.remedy = DivergenceRemedy(self)
         queue: collections.deque[Any] = collections.deque()
         self._log = queue.append  # the training thread's share of storing a value: one append
         self._restore_on_start()
         self.writer = MetricsWriter(
             self.store, queue=queue, status=self._status_fields, guard=self._guard,
-            on_divergence=self._on_divergence, on_tick=self._on_tick, interval=flush_interval,
+            on_divergence=self.remedy.on_divergence, on_tick=self._on_tick, interval=flush_interval,
         )
         atexit.register(self._at_exit)
 
@@ -215,7 +205,7 @@ class Run:
     def lr(self, value: float) -> None:
         """The loop's own change of lr (its anneal): applied and marked as the loop's."""
         optim.set_lr(self.optimizer, cmd.validate_lr(value), self.scheduler)
-        self._record_hparams(by="loop")
+        self._hparams.record(by=LOOP)
 
     @property
     def momentum(self) -> float | None:
@@ -224,7 +214,7 @@ class Run:
     @momentum.setter
     def momentum(self, value: float) -> None:
         optim.set_momentum(self.optimizer, cmd.validate_momentum(value))
-        self._record_hparams(by="loop")
+        self._hparams.record(by=LOOP)
 
     @property
     def hparams(self) -> dict[str, float | None]:
@@ -300,9 +290,10 @@ class Run:
         now cuts the epoch short, if any. Cheap when nothing is due (a flag and a memory read)."""
         if self._wake or self.signal.changed() or self._replay:
             self._apply_due()
+        watch = self._hparams
         group = self.optimizer.param_groups[0]
-        if group["lr"] != self._lr_seen or self._read_momentum(group) != self._momentum_seen:
-            self._record_hparams(by=self._change_source())
+        if group["lr"] != watch.lr or watch.read_momentum(group) != watch.momentum:
+            watch.record(by=watch.source())
         return self._interrupt
 
     def log(self, **metrics: Any) -> None:
@@ -384,7 +375,7 @@ class Run:
         branch = self.store.branch(branch_id) if branch_id else None
         if branch is None:
             self.branch = self.store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
-            self._record_hparams(force=True)
+            self._hparams.record(force=True)
             self._initial_status("started")
             self.store.add_event("start", "run started", branch=self.branch, step=0, epoch=0,
                                  data={"config": self.config})
@@ -397,7 +388,7 @@ class Run:
         scale = self.store.starting_mean(self.guard_config.metric)
         if scale is not None:  # the guard judges a rise against the loss the run started from
             self._guard.remember_scale(scale)
-        self._record_hparams(force=True)
+        self._hparams.record(force=True)
         self._replay = [
             c for c in self.store.applied_commands_after(self.branch, resume_step, self._resumed_last_command)
             if c["kind"] in (cmd.SET_LR, cmd.SET_MOMENTUM)
@@ -520,7 +511,7 @@ class Run:
         for note in user_state.restore(self.state, state.get(KEY_USER_STATE)):
             self.store.add_event("state_not_restored", note, branch=self.branch, step=int(record["step"]))
         self.position.restore(state, epoch_done=record["reason"] == EPOCH_DONE)
-        self._scheduler_count = _scheduler_count(self.scheduler)
+        self._hparams.restored()
         self._guard.reset()
         recorded = state.get(KEY_LAST_COMMAND)
         self._resumed_last_command = None if recorded is None else int(recorded)
@@ -592,7 +583,7 @@ class Run:
         before = self.hparams
         if command.kind == cmd.SET_LR:
             after = optim.set_lr(self.optimizer, command.args["value"], self.scheduler)
-            self._record_hparams(by="command")
+            self._hparams.record(by=COMMAND)
             result: dict[str, Any] = {"before": before["lr"], "after": after}
             warning = cmd.lr_warning(after)
             if warning:
@@ -600,7 +591,7 @@ class Run:
             return result
         if command.kind == cmd.SET_MOMENTUM:
             after = optim.set_momentum(self.optimizer, command.args["value"])
-            self._record_hparams(by="command")
+            self._hparams.record(by=COMMAND)
             result = {"before": before["momentum"], "after": after}
             if optim.cycles_momentum(self.scheduler):
                 result["warning"] = (f"{type(self.scheduler).__name__} cycles momentum and will overwrite this "
@@ -621,7 +612,7 @@ class Run:
                 raise cmd.CommandError(f"the run is not paused (it is {self.status}); nothing to resume")
             self.status, self.message = RUNNING, f"resumed at step {self.step}"
             self._guard.reset()
-            self._remedied_branch = None  # a person looked: a new divergence gets a new remedy
+            self.remedy.person_resumed()
             return {"state": RUNNING}
         if command.kind == cmd.CHECKPOINT:
             self.snapshots.take_for_command(pending["id"])
@@ -669,44 +660,7 @@ class Run:
             optim.set_lr(self.optimizer, value, self.scheduler)
         else:
             optim.set_momentum(self.optimizer, value)
-        self._record_hparams(by="command")
-
-    def _change_source(self) -> str:
-        count = _scheduler_count(self.scheduler)
-        if count != self._scheduler_count:
-            self._scheduler_count = count
-            return "scheduler"
-        return "loop"
-
-    def _record_hparams(self, force: bool = False, by: str | None = None) -> None:
-        """Log lr and momentum where they changed, so the chart shows what the optimizer uses;
-        ``force`` logs both (the start of a branch). A change a scheduler or the loop made (``by``)
-        is also marked as such once it moved far enough from the last marked value."""
-        group = self.optimizer.param_groups[0]
-        lr, momentum = optim._as_float(group["lr"]), self._read_momentum(group)
-        values = {}
-        if force or lr != self._lr_seen:
-            values["lr"] = lr
-        if momentum is not None and (force or momentum != self._momentum_seen):
-            values["momentum"] = momentum
-        self._lr_seen, self._momentum_seen = lr, momentum
-        if values:
-            self._log((PER_STEP, self.branch, self.step, time.time(), values))
-        after = {"lr": lr, "momentum": momentum}
-        if force or by == "command":
-            self._marked = after
-        elif by is not None and values and self._moved_far(after):
-            before, self._marked = self._marked, after
-            self.store.add_event("hparams", f"{_describe_change(before, after)} by the {by}",
-                                 branch=self.branch, step=self.step, epoch=self.epoch,
-                                 data={"before": before, "after": after, "by": by})
-
-    def _moved_far(self, now: dict[str, Any]) -> bool:
-        lr, marked_lr = now["lr"], self._marked.get("lr")
-        if marked_lr and lr and not (1 / MARK_LR_RATIO < lr / marked_lr < MARK_LR_RATIO):
-            return True
-        momentum, marked_momentum = now["momentum"], self._marked.get("momentum")
-        return momentum is not None and marked_momentum is not None and abs(momentum - marked_momentum) >= MARK_MOMENTUM_DELTA
+        self._hparams.record(by=COMMAND)
 
     # -- rollback and stop, as the loop leaves the epoch ---------------------------------------
     def _finish_rollback(self) -> None:
@@ -750,7 +704,7 @@ class Run:
                 "branch": self.branch, "epoch": self.epoch, "step": self.step, "checkpoint": record["id"],
                 "lr": after["lr"], "momentum": after["momentum"], "before": before,
             })
-        self._record_hparams(force=True)
+        self._hparams.record(force=True)
 
     def _finish_stop(self) -> None:
         job = self._stop_job or self.snapshots.take("stop", reuse_same_step=True)
@@ -789,45 +743,6 @@ class Run:
         ).fetchone():
             self._wake = True
 
-    def _on_divergence(self, found: Divergence, branch: int) -> None:
-        if branch != self.branch:
-            return
-        if self._closed:  # found in the last values of a run that has ended: nothing to pause
-            self.store.add_event("divergence", f"divergence: {found.describe()} (after the run ended)",
-                                 branch=branch, step=found.step, data=found.as_dict())
-            return
-        self.remedy(found.describe(), branch, found.step, found.as_dict())
-
-    def remedy(self, what: str, branch: int, step: int, data: dict[str, Any] | None = None) -> None:
-        """A divergence found on ``branch`` at ``step``: pause with the remedy one click away, or
-        apply it (a rollback to the last healthy checkpoint with half the lr) when the guard may.
-        Once per branch: the loss and the weights may both report the same divergence, from two
-        threads, and a remedy meant for a branch the run has left must not reach the next one."""
-        with self._remedy_lock:
-            if branch != self.branch or self._remedied_branch == branch:
-                return
-            self._remedied_branch = branch
-        healthy = self.snapshots.last_healthy(step)
-        lr = self.hparams["lr"] or 0.0
-        data = {**(data or {}), "checkpoint": healthy["id"] if healthy else None, "suggested_lr": lr / 2}
-        auto = self.guard_config.auto_remedy_max > self._remedies_used and healthy is not None
-        if auto:
-            assert healthy is not None
-            self._remedies_used += 1
-            message = (f"divergence: {what}; rolling back to checkpoint #{healthy['id']} with lr "
-                       f"{lr / 2:g} (automatic remedy {self._remedies_used} of {self.guard_config.auto_remedy_max})")
-            self.store.add_event("divergence", message, branch=self.branch, step=step, data=data)
-            self.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": healthy["id"], "hparams": cmd.HPARAMS_CURRENT,
-                                                      "lr": lr / 2}, source="guard", require_live=False)
-        else:
-            remedy = (f"; remedy: roll back to checkpoint #{healthy['id']} with lr {lr / 2:g}" if healthy
-                      else "; no checkpoint to roll back to yet")
-            self.store.add_event("divergence", f"divergence: {what}; run paused{remedy}",
-                                 branch=self.branch, step=step, data=data)
-            self.store.enqueue_command(cmd.PAUSE, {"reason": f"divergence: {what}", "branch": branch}, source="guard",
-                                       require_live=False)
-        self._wake = True
-
     def _at_exit(self) -> None:
         try:
             self.close()
@@ -865,31 +780,6 @@ def _optimizer_or_loop_hparams(optimizer: Any, lr: float | None, momentum: float
 
 def _optimizer_name(optimizer: Any) -> str:
     return "hand-written updates (run.lr)" if isinstance(optimizer, optim.LoopHparams) else type(optimizer).__name__
-
-
-def _scheduler_count(scheduler: Any) -> Any:
-    """How many steps the scheduler has taken: when it moved, an lr change is the scheduler's."""
-    if scheduler is None:
-        return None
-    return getattr(scheduler, "last_epoch", None), getattr(scheduler, "_step_count", None)
-
-
-def _describe_change(before: dict[str, Any], after: dict[str, Any]) -> str:
-    parts = []
-    for name in ("lr", "momentum"):
-        if after.get(name) is not None and before.get(name) != after.get(name):
-            old = "?" if before.get(name) is None else f"{before[name]:.4g}"
-            parts.append(f"{name} {old} → {after[name]:.4g}")
-    return ", ".join(parts) or "hyperparameters changed"
-
-
-def _momentum_reader(optimizer: Any) -> Any:
-    key = optim.momentum_key(optimizer)
-    if key == "betas":
-        return lambda group: group["betas"][0]
-    if key == "momentum":
-        return lambda group: group["momentum"]
-    return lambda group: None
 
 
 def _acquire_run_lock(run_dir: Path) -> Any:

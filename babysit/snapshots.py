@@ -176,7 +176,7 @@ class Snapshots:
         if non_finite:
             # The weights themselves diverged: the guard's remedy, whether or not the loss has
             # been seen to be NaN yet (the writer reads it a few times a second).
-            run.remedy(f"the weights hold NaN or infinity at step {meta['step']}", meta["branch"], meta["step"])
+            run.remedy.apply(f"the weights hold NaN or infinity at step {meta['step']}", meta["branch"], meta["step"])
         else:
             run.store.enqueue_command(cmd.PAUSE, {"reason": reason}, source="guard", require_live=False)
 

@@ -1,0 +1,103 @@
+"""Watching the lr and momentum the optimizer really uses, and who changed them.
+
+Every change is logged as a point of the lr / momentum series (so the chart shows what the
+optimizer does). A change no command made — a scheduler's step, the loop's own anneal — is also
+marked as theirs, with before → after, once it has moved far enough from the last mark: a
+schedule that moves the lr a little every step gets a mark every 20 %, not one per step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import optim
+from .store import PER_STEP
+
+if TYPE_CHECKING:
+    from .run import Run
+
+MARK_LR_RATIO = 1.2
+MARK_MOMENTUM_DELTA = 0.02
+COMMAND, SCHEDULER, LOOP = "command", "scheduler", "loop"
+
+
+class HparamWatch:
+    """The last lr / momentum seen and marked for one :class:`~babysit.run.Run`."""
+
+    def __init__(self, run: "Run") -> None:
+        self.run = run
+        self.read_momentum = momentum_reader(run.optimizer)
+        self.lr: float | None = None        # read every step boundary: plain attributes
+        self.momentum: float | None = None
+        self._marked: dict[str, Any] = {}
+        self._scheduler_steps = scheduler_steps(run.scheduler)
+
+    def changed(self) -> bool:
+        group = self.run.optimizer.param_groups[0]
+        return group["lr"] != self.lr or self.read_momentum(group) != self.momentum
+
+    def source(self) -> str:
+        """Who made a change no command made: the scheduler if it stepped since, else the loop."""
+        steps = scheduler_steps(self.run.scheduler)
+        if steps != self._scheduler_steps:
+            self._scheduler_steps = steps
+            return SCHEDULER
+        return LOOP
+
+    def restored(self) -> None:
+        """A checkpoint's scheduler state was loaded: its step count is not a step it took."""
+        self._scheduler_steps = scheduler_steps(self.run.scheduler)
+
+    def record(self, force: bool = False, by: str | None = None) -> None:
+        """Log lr and momentum where they changed; ``force`` logs both (the start of a branch)."""
+        run = self.run
+        group = run.optimizer.param_groups[0]
+        lr, momentum = optim._as_float(group["lr"]), self.read_momentum(group)
+        values = {}
+        if force or lr != self.lr:
+            values["lr"] = lr
+        if momentum is not None and (force or momentum != self.momentum):
+            values["momentum"] = momentum
+        self.lr, self.momentum = lr, momentum
+        if values:
+            run._log((PER_STEP, run.branch, run.step, time.time(), values))
+        after = {"lr": lr, "momentum": momentum}
+        if force or by == COMMAND:
+            self._marked = after
+        elif by is not None and values and self._moved_far(after):
+            before, self._marked = self._marked, after
+            run.store.add_event("hparams", f"{describe_change(before, after)} by the {by}",
+                                branch=run.branch, step=run.step, epoch=run.epoch,
+                                data={"before": before, "after": after, "by": by})
+
+    def _moved_far(self, now: dict[str, Any]) -> bool:
+        lr, marked_lr = now["lr"], self._marked.get("lr")
+        if marked_lr and lr and not (1 / MARK_LR_RATIO < lr / marked_lr < MARK_LR_RATIO):
+            return True
+        momentum, marked = now["momentum"], self._marked.get("momentum")
+        return momentum is not None and marked is not None and abs(momentum - marked) >= MARK_MOMENTUM_DELTA
+
+
+def scheduler_steps(scheduler: Any) -> Any:
+    if scheduler is None:
+        return None
+    return getattr(scheduler, "last_epoch", None), getattr(scheduler, "_step_count", None)
+
+
+def describe_change(before: dict[str, Any], after: dict[str, Any]) -> str:
+    parts = []
+    for name in ("lr", "momentum"):
+        if after.get(name) is not None and before.get(name) != after.get(name):
+            old = "?" if before.get(name) is None else f"{before[name]:.4g}"
+            parts.append(f"{name} {old} → {after[name]:.4g}")
+    return ", ".join(parts) or "hyperparameters changed"
+
+
+def momentum_reader(optimizer: Any) -> Any:
+    key = optim.momentum_key(optimizer)
+    if key == "betas":
+        return lambda group: group["betas"][0]
+    if key == "momentum":
+        return lambda group: group["momentum"]
+    return lambda group: None

@@ -1,0 +1,73 @@
+"""What babysit does when a run diverges: pause it with the remedy one click away, or — when the
+guard may (``GuardConfig(auto_remedy_max=N)``) — apply the remedy itself: a rollback to the last
+healthy checkpoint with half the lr.
+
+A divergence can be reported twice, from two threads: by the guard reading the loss (the writer
+thread) and by a checkpoint that found NaN weights (the checkpoint thread). A branch gets one
+remedy, and a remedy meant for a branch the run has left never reaches the next one; a person's
+resume re-arms it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from . import commands as cmd
+from .guard import Divergence
+
+if TYPE_CHECKING:
+    from .run import Run
+
+
+class DivergenceRemedy:
+    """Answers the divergences of one :class:`~babysit.run.Run`."""
+
+    def __init__(self, run: "Run") -> None:
+        self.run = run
+        self.used = 0
+        self._lock = threading.Lock()
+        self._answered_branch: int | None = None
+
+    def on_divergence(self, found: Divergence, branch: int) -> None:
+        """The writer thread's callback: the guard found a divergence in the logged loss."""
+        run = self.run
+        if branch != run.branch:
+            return
+        if run._closed:  # found in the last values of a run that has ended: nothing to pause
+            run.store.add_event("divergence", f"divergence: {found.describe()} (after the run ended)",
+                                branch=branch, step=found.step, data=found.as_dict())
+            return
+        self.apply(found.describe(), branch, found.step, found.as_dict())
+
+    def person_resumed(self) -> None:
+        """A person looked at the paused run and resumed it: a new divergence gets a new remedy."""
+        with self._lock:
+            self._answered_branch = None
+
+    def apply(self, what: str, branch: int, step: int, data: dict[str, Any] | None = None) -> None:
+        """A divergence found on ``branch`` at ``step``: pause, or roll back by itself."""
+        run = self.run
+        with self._lock:
+            if branch != run.branch or self._answered_branch == branch:
+                return
+            self._answered_branch = branch
+        healthy = run.snapshots.last_healthy(step)
+        lr = run.hparams["lr"] or 0.0
+        data = {**(data or {}), "checkpoint": healthy["id"] if healthy else None, "suggested_lr": lr / 2}
+        limit = run.guard_config.auto_remedy_max
+        if healthy is not None and limit > self.used:
+            self.used += 1
+            message = (f"divergence: {what}; rolling back to checkpoint #{healthy['id']} with lr "
+                       f"{lr / 2:g} (automatic remedy {self.used} of {limit})")
+            run.store.add_event("divergence", message, branch=branch, step=step, data=data)
+            run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": healthy["id"], "hparams": cmd.HPARAMS_CURRENT,
+                                                     "lr": lr / 2}, source="guard", require_live=False)
+        else:
+            remedy = (f"; remedy: roll back to checkpoint #{healthy['id']} with lr {lr / 2:g}" if healthy
+                      else "; no checkpoint to roll back to yet")
+            run.store.add_event("divergence", f"divergence: {what}; run paused{remedy}",
+                                branch=branch, step=step, data=data)
+            run.store.enqueue_command(cmd.PAUSE, {"reason": f"divergence: {what}", "branch": branch}, source="guard",
+                                      require_live=False)
+        run._wake = True
