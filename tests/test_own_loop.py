@@ -5,7 +5,6 @@ one checkpoint per "checkpoint now", and who changed the lr is recorded."""
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from babysit import checkpoint as checkpoint_module
 from babysit.checkpoint import KEY_MODEL, KEY_OPTIMIZER, KEY_USER_STATE, read_verified
 from babysit.store import RunStore
 from tests import stateful_lm
-from tests.conftest import REPO, tiny_data, wait_for
+from tests.conftest import REPO, tiny_job, wait_for
 
 
 def series(store: RunStore, name: str, branch: int = 1, segment: int = 0) -> list[tuple[int, float]]:
@@ -62,26 +61,17 @@ def wait_alive(run_dir: Path, process: subprocess.Popen[bytes], min_step: int = 
 
 
 def annealing_loop(run_dir: Path, *, epochs: int, on_step: Any = None, **kwargs: Any) -> tuple[babysit.Run, list[bool]]:
-    """A loop that divides its lr by 4 after every epoch, as many scripts do by hand, without
+    """The tiny job, dividing its lr by 4 after every epoch as many scripts do by hand, without
     looking at run.interrupted (that is the point: babysit must keep the anneal out of the cut)."""
-    torch.manual_seed(0)
-    loader = torch.utils.data.DataLoader(tiny_data(), batch_size=8, shuffle=True)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    seen_interrupted = []
-    with babysit.Run(run_dir, model, optimizer, **kwargs) as run:
-        for _ in run.epochs(epochs):
-            for x, y in run.batches(loader):
-                loss = nn.functional.cross_entropy(model(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                run.log(loss=loss)
-                if on_step is not None:
-                    on_step(run)
-            seen_interrupted.append(run.interrupted)
-            for group in optimizer.param_groups:
-                group["lr"] /= 4
+    seen_interrupted: list[bool] = []
+
+    def anneal(run: babysit.Run, _epoch: int) -> None:
+        seen_interrupted.append(run.interrupted)
+        for group in run.optimizer.param_groups:
+            group["lr"] /= 4
+
+    run, _ = tiny_job(run_dir, epochs=epochs, on_step=(lambda r, _s: on_step(r)) if on_step else None,
+                      on_epoch_end=anneal, **kwargs)
     return run, seen_interrupted
 
 
@@ -342,7 +332,6 @@ def test_lr_changes_no_command_made_are_marked_with_who_made_them(tmp_path: Path
     assert marks == [(8, "loop", 0.2, 0.05), (16, "loop", 0.05, 0.0125)]  # the nudge itself is not one of them
     assert next(e for e in store.events() if e["kind"] == "hparams")["message"] == "lr 0.2 → 0.05 by the loop"
 
-    from tests.conftest import tiny_job
     tiny_job(tmp_path / "sched", epochs=3, scheduler=True)
     marks = [(e["step"], e["data"]["by"]) for e in RunStore(tmp_path / "sched").events() if e["kind"] == "hparams"]
     assert marks == [(8, "scheduler"), (16, "scheduler")]

@@ -22,6 +22,14 @@ def losses(store: RunStore, branch: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return steps, values
 
 
+def poison_weights(run) -> None:
+    """The weights go NaN (after the last checkpoint is safely written)."""
+    run.checkpointer.wait()
+    with torch.no_grad():
+        for p in run.model.parameters():
+            p.fill_(float("nan"))
+
+
 def weights(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.state_dict().values()]
 
@@ -325,10 +333,7 @@ def test_second_trainer_on_the_same_run_is_refused(tmp_path: Path) -> None:
 def test_divergence_pauses_the_run_and_offers_the_remedy(tmp_path: Path) -> None:
     def on_step(run, step):
         if step == 12:
-            run.checkpointer.wait()
-            with torch.no_grad():
-                for p in run.model.parameters():
-                    p.fill_(float("nan"))
+            poison_weights(run)
         if step == 13:
             run.writer.flush()  # the guard reads the NaN loss now (the writer would, within 0.25 s)
 
@@ -358,10 +363,7 @@ def test_divergence_pauses_the_run_and_offers_the_remedy(tmp_path: Path) -> None
 def test_auto_remedy_rolls_back_with_half_the_lr(tmp_path: Path) -> None:
     def on_step(run, step):
         if run.branch == 1 and step == 12:
-            run.checkpointer.wait()
-            with torch.no_grad():
-                for p in run.model.parameters():
-                    p.fill_(float("nan"))
+            poison_weights(run)
         if run.branch == 1 and step == 13:
             run.writer.flush()
 
@@ -380,10 +382,9 @@ def test_weights_gone_nan_before_the_guard_reads_the_loss_still_get_the_auto_rem
     # That used to queue a plain pause that no remedy followed, and it could land on the new branch.
     def on_step(run, step):
         if run.branch == 1 and step == 12:
-            run.checkpointer.wait()
-            with torch.no_grad():
-                for p in run.model.parameters():
-                    p.fill_(float("nan"))
+            poison_weights(run)
+        if run.branch == 1 and step == 17:  # the checkpoint thread is niced: let it report first
+            wait_for(lambda: any(c["kind"] == cmd.ROLLBACK for c in run.store.commands()), what="the remedy")
 
     run, _ = tiny_job(tmp_path / "r", epochs=3, guard=GuardConfig(warmup_steps=0, auto_remedy_max=1),
                       on_step=on_step, flush_interval=3600.0)
