@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import commands as cmd
+from . import serving
 from .store import LOG_NAME, RunStore, StoreError, list_runs
 
 DEFAULT_RUN_DIR = "checkpoints/demo"
@@ -201,12 +202,11 @@ def app_path() -> Path:
 
 
 def check_serving(address: str, port: int, token: str | None) -> None:
-    """Refuse to serve off localhost without a token, or on a busy port (before starting anything)."""
-    if address not in (LOCALHOST, "localhost", "::1") and not token:
-        raise CliError(
-            f"serving on {address!r} needs an access token: pass --token T or set {TOKEN_ENV}; "
-            f"without one, serve on {LOCALHOST} and reach it through an SSH tunnel"
-        )
+    """Refuse to serve off loopback without a token, with a weak token, or on a busy port (before
+    starting anything)."""
+    problem = serving.token_problem(token, address)
+    if problem:
+        raise CliError(problem)
     if _port_in_use(address, port):
         raise CliError(f"port {port} on {address} is already in use; pass --port with a free port")
 
@@ -217,24 +217,28 @@ def serve_dashboard(*, root: str, run: str | None, address: str, port: int, toke
     env = dict(os.environ)
     if token:
         env[TOKEN_ENV] = token
+    hosts = [arg for host in serving.allowed_hosts(address) for arg in ("--server.allowedHosts", host)]
     command = [
         sys.executable, "-m", "streamlit", "run", str(app_path()),
         "--server.address", address, "--server.port", str(port), "--server.headless", "true",
         "--browser.gatherUsageStats", "false", "--server.enableXsrfProtection", "true",
         "--server.enableCORS", "true", "--server.fileWatcherType", "none", "--global.developmentMode", "false",
-        "--client.toolbarMode", "minimal",
+        "--client.toolbarMode", "minimal", *hosts,
         "--", "--root", root,
     ] + (["--run", run] if run else [])
     server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              preexec_fn=_die_with_parent)
+                              errors="replace", preexec_fn=_die_with_parent)
+    output = serving.OutputPump(server.stdout)  # read for as long as it runs: a full pipe freezes it
     # SIGTERM (a service manager, `kill`) ends the server with us instead of orphaning it.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     url = f"http://{'127.0.0.1' if address in ('0.0.0.0', '::') else address}:{port}"
     try:
         if not _wait_healthy(url, server, timeout=60):
-            output = server.stdout.read() if server.stdout else ""
-            raise CliError(f"the dashboard did not start:\n{output}")
+            if server.poll() is not None:
+                output.join(timeout=5)
+            raise CliError(f"the dashboard did not start:\n{output.text()}")
         print(f"babysit: dashboard at {url}" + ("  (token required)" if token else ""), flush=True)
+        output.forward()
         return server.wait()
     except KeyboardInterrupt:
         return 0
