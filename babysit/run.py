@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import fcntl
 import json
 import os
 import socket
@@ -38,8 +37,10 @@ from .checkpoint import (
     read_verified, remove_stale_temps, rng_state, set_rng_state,
 )
 from .guard import Divergence, DivergenceGuard, GuardConfig
+from .rundir import RunLockedError, unlink_in
+from .rundir import acquire_run_lock as _acquire_run_lock
 from .store import (
-    CRASHED, FINISHED, LOCK_NAME, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore,
+    CRASHED, FINISHED, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore,
 )
 from .writer import MetricsWriter, to_float
 
@@ -47,10 +48,6 @@ from .writer import MetricsWriter, to_float
 # rather than applied out of the blue when a trainer next starts.
 PENDING_COMMAND_TTL_S = 600.0
 EPOCH_DONE = "epoch"
-
-
-class RunLockedError(RuntimeError):
-    """Another trainer owns this run directory."""
 
 
 class Run:
@@ -596,7 +593,7 @@ class Run:
         for old in listed[: max(0, len(listed) - self.keep_last)]:
             if old["id"] in keep_origins:
                 continue
-            (self.run_dir / old["file"]).unlink(missing_ok=True)
+            unlink_in(self.run_dir, old["file"])
             self.store.mark_checkpoint_deleted(old["id"])
 
     def _finish_rollback(self) -> None:
@@ -740,23 +737,3 @@ def _momentum_reader(optimizer: torch.optim.Optimizer) -> Any:
     if key == "momentum":
         return lambda group: group["momentum"]
     return lambda group: None
-
-
-def _acquire_run_lock(run_dir: Path) -> Any:
-    """Hold an exclusive lock on the run directory for the life of this process."""
-    handle = open(run_dir / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise RunLockedError(
-            f"run directory {str(run_dir)!r} is already used by another trainer ({owner}); "
-            f"stop it first (`python -m babysit stop --run-dir {run_dir}`) or use another --run-dir"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    handle.flush()
-    return handle
