@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import commands as cmd
-from . import serving
-from .store import LOG_NAME, RunStore, StoreError, list_runs
+from . import rundir, serving
+from .store import LOG_NAME, RunStore, StoreError, disk_full, disk_full_message, list_runs
 
 DEFAULT_RUN_DIR = "checkpoints/demo"
 DEFAULT_PORT = 8501
@@ -288,7 +288,7 @@ def _wait_healthy(url: str, server: subprocess.Popen[str], timeout: float) -> bo
 def start_trainer(run_dir: str, extra: Sequence[str] = ()) -> int:
     """Start ``python -m babysit train`` detached (its own session), logging to the run directory."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    log = open(Path(run_dir) / LOG_NAME, "ab")
+    log = rundir.open_file(Path(run_dir) / LOG_NAME, "ab")  # a planted link is refused, never appended to
     process = subprocess.Popen(
         [sys.executable, "-m", "babysit", "train", "--run-dir", run_dir, *extra],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -414,6 +414,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "run_dir", None) is not None:
+            unusable = rundir.usable_run_dir(args.run_dir, must_exist=args.command not in ("train", "demo"))
+            if unusable:
+                raise CliError(unusable)
+            if args.command in ("train", "demo") and Path(args.run_dir).is_dir() and rundir.read_only(args.run_dir):
+                raise CliError(f"run directory {args.run_dir!r} is read-only; a trainer needs to write there")
         if args.command == "demo":
             return demo_command(args)
         if args.command == "dashboard":
@@ -435,8 +441,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as error:
         print(f"babysit: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except sqlite3.DatabaseError as error:  # a run.db damaged past its first page
+    except rundir.RunDirError as error:
+        print(f"babysit: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except sqlite3.DatabaseError as error:
         run_dir = getattr(args, "run_dir", None) or getattr(args, "root", "")
-        print(f"babysit: error: {str(Path(run_dir) / 'run.db')!r} is not a readable babysit run database ({error}); "
-              "restore it from a backup or start a new run in another directory", file=sys.stderr)
+        if disk_full(error):
+            print(f"babysit: error: nothing was queued: {disk_full_message(Path(run_dir))} (a running trainer "
+                  "pauses by itself meanwhile; Ctrl-C or `kill PID` stops it)", file=sys.stderr)
+        elif rundir.read_only(run_dir):
+            print(f"babysit: error: run directory {run_dir!r} is read-only; babysit needs to write there",
+                  file=sys.stderr)
+        else:  # a run.db damaged past its first page
+            print(f"babysit: error: {str(Path(run_dir) / 'run.db')!r} is not a readable babysit run database "
+                  f"({error}); restore it from a backup or start a new run in another directory", file=sys.stderr)
         return EXIT_USAGE

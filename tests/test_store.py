@@ -548,7 +548,7 @@ def test_events_are_read_incrementally(store: RunStore):
     ]
     assert [e["id"] for e in store.events(since_id=first)] == [second]
     assert store.events(since_id=second) == []
-    assert [e["id"] for e in store.events(limit=1)] == [first]
+    assert [e["id"] for e in store.events(limit=1)] == [second]  # the newest, not the oldest
 
 
 def test_epochs(store: RunStore):
