@@ -17,6 +17,7 @@ item  attack                                                 test
 4     checkpoint rows naming /abs/path or ../x, retention    test_item4_checkpoint_rows_naming_files_...
 4     links planted at the temporary checkpoint names        test_item4_links_at_the_temporary_name_...
 4     run.db or a checkpoint file planted as a link          test_item4_a_database_or_checkpoint_link_...
+4     trainer.log planted as a link (demo)                   test_item4_the_demo_never_appends_...
 5     DNS rebinding (websocket and Chromium)                 test_attacks_server.py::test_item5_*
 5/8   weak, one-letter or blank tokens                       test_attacks_server.py::test_item5_item8_...
 6     a disk with not one byte left                          test_disk_full.py::test_item6_...
@@ -72,6 +73,15 @@ def victim(tmp_path: Path, name: str = "victim.txt") -> Path:
     return path
 
 
+def planted_link(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A run directory whose ``name`` is a link to a file outside it: (the outside file, the run dir)."""
+    target = victim(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / name).symlink_to(target)
+    return target, run_dir
+
+
 def new_run(run_dir: Path) -> None:
     import babysit
 
@@ -81,10 +91,7 @@ def new_run(run_dir: Path) -> None:
 
 # -- item 4: a hostile or copied run directory -------------------------------------------------
 def test_item4_a_run_lock_link_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
-    target = victim(tmp_path)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "run.lock").symlink_to(target)
+    target, run_dir = planted_link(tmp_path, "run.lock")
     with pytest.raises(RunDirError, match=rf"^'{run_dir / 'run.lock'}' is a symbolic link; babysit opens only "
                                           r"regular files in a run directory and never follows links there"):
         new_run(run_dir)
@@ -92,10 +99,7 @@ def test_item4_a_run_lock_link_is_refused_and_its_target_untouched(tmp_path: Pat
 
 
 def test_item4_a_signal_file_link_is_refused_by_the_trainer(tmp_path: Path) -> None:
-    target = victim(tmp_path)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "commands.signal").symlink_to(target)
+    target, run_dir = planted_link(tmp_path, "commands.signal")
     with pytest.raises(RunDirError, match=rf"^'{run_dir / 'commands.signal'}' is a symbolic link"):
         new_run(run_dir)
     assert target.read_bytes() == PRECIOUS
@@ -180,6 +184,15 @@ def test_item4_a_database_or_checkpoint_link_is_refused(tmp_path: Path) -> None:
     (run_dir / "epoch-0001-step-00000001-b1.pt").symlink_to(outside)
     with pytest.raises(CheckpointError, match=r"is a symbolic link"):
         read_verified(run_dir / "epoch-0001-step-00000001-b1.pt", sha)
+
+
+def test_item4_the_demo_never_appends_its_trainer_log_through_a_link(tmp_path: Path) -> None:
+    from babysit.cli import start_trainer
+
+    target, run_dir = planted_link(tmp_path, "trainer.log")
+    with pytest.raises(RunDirError, match=r"trainer\.log' is a symbolic link"):
+        start_trainer(str(run_dir))
+    assert target.read_bytes() == PRECIOUS
 
 
 # -- item 7: long histories ----------------------------------------------------------------------

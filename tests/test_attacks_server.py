@@ -141,7 +141,7 @@ def test_item5_dns_rebinding_in_chromium_reads_nothing_and_sends_nothing(dashboa
     assert store.commands() == []
 
 
-def test_item5_serving_beyond_loopback_needs_a_strong_token(tmp_path: Path) -> None:
+def test_item5_item8_serving_beyond_loopback_needs_a_strong_token_and_none_may_be_weak(tmp_path: Path) -> None:
     from tests.conftest import babysit_cli
 
     port = str(free_port())

@@ -60,10 +60,11 @@ def code_span(text: Any) -> str:
 
 
 def plain(text: Any) -> str:
-    """``text`` with markdown's punctuation escaped, for messages that quote what a run directory
-    or its database holds (paths, event messages)."""
+    """``text`` for a message that quotes what a run directory or its database holds (paths, event
+    messages): what could make a link, an image, a colour or an icon (``[``, ``]``, ``<`` before a
+    letter), or a formula (``$``), is escaped, and control characters become spaces."""
     text = "".join(" " if unicodedata.category(c).startswith("C") else c for c in str(text))
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~:$])", r"\\\1", text)
+    return re.sub(r"([\\\[\]$]|<(?=[A-Za-z]))", r"\\\1", text)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
