@@ -211,13 +211,19 @@ def check_serving(address: str, port: int, token: str | None) -> None:
         raise CliError(f"port {port} on {address} is already in use; pass --port with a free port")
 
 
-def serve_dashboard(*, root: str, run: str | None, address: str, port: int, token: str | None) -> int:
-    """Run the Streamlit dashboard in the foreground until Ctrl-C."""
+def serve_dashboard(*, root: str, run: str | None, address: str, port: int, token: str | None,
+                    allow_hosts: Sequence[str] = ()) -> int:
+    """Run the Streamlit dashboard in the foreground until Ctrl-C. ``allow_hosts``: more names it
+    answers to (besides loopback and ``address``), such as the machine's DNS name."""
     check_serving(address, port, token)
+    for host in allow_hosts:
+        problem = serving.host_name_problem(host)
+        if problem:
+            raise CliError(problem)
     env = dict(os.environ)
     if token:
         env[TOKEN_ENV] = token
-    hosts = [arg for host in serving.allowed_hosts(address) for arg in ("--server.allowedHosts", host)]
+    hosts = [arg for host in serving.allowed_hosts(address, allow_hosts) for arg in ("--server.allowedHosts", host)]
     command = [
         sys.executable, "-m", "streamlit", "run", str(app_path()),
         "--server.address", address, "--server.port", str(port), "--server.headless", "true",
@@ -310,7 +316,8 @@ def demo_command(args: argparse.Namespace) -> int:
     print("babysit: stopping the dashboard (Ctrl-C) leaves the trainer training, so the run outlives the page; "
           f"stop the trainer with `python -m babysit stop --run-dir {run_dir}`", flush=True)
     root = str(Path(run_dir).parent)
-    code = serve_dashboard(root=root, run=run_dir, address=args.address, port=args.port, token=args.token)
+    code = serve_dashboard(root=root, run=run_dir, address=args.address, port=args.port, token=args.token,
+                           allow_hosts=args.allow_host)
     print(f"\nbabysit: dashboard stopped; the trainer (pid {pid}) keeps training in {run_dir}. "
           f"Stop it with `python -m babysit stop --run-dir {run_dir}`", flush=True)
     return code
@@ -360,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default=LOCALHOST, help=f"address to listen on (default {LOCALHOST})")
         p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                        help=f"access token, required off localhost (or set {TOKEN_ENV})")
+        p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="another host name the page may be opened at (repeatable), e.g. this machine's DNS name")
 
     p = sub.add_parser("demo", help="start (or resume) the demo trainer and serve its dashboard")
     run_dir_arg(p)
@@ -423,7 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return demo_command(args)
         if args.command == "dashboard":
-            return serve_dashboard(root=args.root, run=None, address=args.address, port=args.port, token=args.token)
+            return serve_dashboard(root=args.root, run=None, address=args.address, port=args.port, token=args.token,
+                                   allow_hosts=args.allow_host)
         if args.command == "train":
             return train_command(args)
         if args.command == "status":

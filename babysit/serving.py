@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import re
 import sys
 import threading
-from typing import IO
+from typing import IO, Sequence
 
 TOKEN_MIN_LENGTH = 16
 TOKEN_MIN_DISTINCT = 8
@@ -47,8 +48,9 @@ def token_problem(token: str | None, address: str) -> str | None:
     return None
 
 
-def allowed_hosts(address: str) -> list[str]:
-    """The host names the server's websocket answers to (Streamlit's ``server.allowedHosts``).
+def allowed_hosts(address: str, extra: Sequence[str] = ()) -> list[str]:
+    """The host names the server's websocket answers to (Streamlit's ``server.allowedHosts``):
+    loopback, ``address`` and ``extra``.
 
     A page served from any other name is refused, even when that name resolves to this machine
     (DNS rebinding). Served on every interface, the names it is reached by cannot be known; the
@@ -57,9 +59,18 @@ def allowed_hosts(address: str) -> list[str]:
     if address in WILDCARDS:
         return ["*"]
     hosts = list(LOOPBACK_NAMES)
-    if address.strip("[]") not in hosts:
-        hosts.append(address.strip("[]"))
+    for host in (address, *extra):
+        if host.strip("[]") not in hosts:
+            hosts.append(host.strip("[]"))
     return hosts
+
+
+def host_name_problem(host: str) -> str | None:
+    """Why ``host`` is not a host name or address for --allow-host (None when it is)."""
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?\.?|\[?[0-9A-Fa-f:.]+\]?", host or ""):
+        return (f"--allow-host must be a host name or an address such as gpu-box.example.org or 10.0.0.5 "
+                f"(no wildcard, port or scheme), got {host!r}")
+    return None
 
 
 class OutputPump:
