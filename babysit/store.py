@@ -5,6 +5,11 @@ CLI read them and write only commands. Metrics are stored as chunks of up to ``C
 points per series (steps, values and wall times as packed arrays, plus the chunk's min, max and
 sum), so the trainer writes a few rows per flush instead of one per point, and a reader can draw a
 million steps from a few thousand chunk summaries without touching the raw points.
+
+Nothing read from the database is trusted: a checkpoint row whose file is not a plain name in the
+run directory is left out, status fields of the wrong type read as None, and SQLite is never
+pointed at a run.db that is a link. The trainer's store (``create=True``) keeps in memory the writes
+a full disk refuses, for the metrics writer to store once there is room.
 """
 
 from __future__ import annotations

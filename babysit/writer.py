@@ -4,6 +4,11 @@ The training thread's share of ``run.log(loss=...)`` is one ``deque.append`` of 
 times a second this thread turns the queued values into floats (a tensor's ``.item()`` happens
 here, so a GPU loss never forces a sync on the training thread), packs them into chunks, feeds
 the divergence guard and writes chunks and heartbeat in one transaction.
+
+When the store stops taking writes (a disk with no byte left) or run.db is deleted under it, this
+thread says so on stderr once and pauses the run with a command held in memory (no command could
+reach the trainer through the database then); what could not be stored is kept and written first
+once there is room again.
 """
 
 from __future__ import annotations
