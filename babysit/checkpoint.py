@@ -1,9 +1,9 @@
 """Checkpoints: snapshot on the training thread, write atomically off it, load only when verified.
 
 A checkpoint file is written to a temporary name, hashed while it is written, fsynced and renamed
-into place; only then is it listed in the run store, with its SHA-256. Loading reads the bytes
-once, checks the hash while ``torch.load(weights_only=True)`` decodes them, and refuses the file if
-either fails. The training thread only pays for an in-memory copy of the state.
+into place (never over an existing checkpoint); only then is it listed in the run store, with its
+SHA-256. Loading checks the hash before ``torch.load(weights_only=True)`` decodes anything, and
+refuses the file if either fails. The training thread only pays for an in-memory copy of the state.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ import pickle
 import queue
 import random
 import threading
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from .rundir import RunDirError, open_file
 
 FORMAT = "babysit-checkpoint-1"
 
@@ -157,24 +160,75 @@ class _HashingWriter(io.RawIOBase):
 
 
 def write_atomic(path: Path, state: dict[str, Any]) -> tuple[str, int]:
-    """Write ``state`` to ``path`` atomically; return (sha256 hex, size in bytes).
+    """Write ``state`` to ``path`` atomically, replacing what is there; return (sha256 hex, size).
 
     On any failure (a full disk included) the temporary file is removed and the error re-raised;
     a file at ``path`` only ever appears complete and flushed to disk.
     """
+    _, sha256, size = _write(path, state, replace=True)
+    return sha256, size
+
+
+def write_new(path: Path, state: dict[str, Any]) -> tuple[Path, str, int]:
+    """Like :func:`write_atomic`, but never replaces an existing file: when ``path`` is taken (a run
+    whose run.db was lost and restarted from scratch reaches the same epoch and step), the file is
+    written as ``<name>-2.pt``, ``-3``, … Returns (the path written, sha256 hex, size)."""
+    return _write(path, state, replace=False)
+
+
+def _write(path: Path, state: dict[str, Any], *, replace: bool) -> tuple[Path, str, int]:
     temp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
     try:
-        with open(temp, "wb") as handle:
+        with _create_temp(temp) as handle:
             writer = _HashingWriter(handle)
             torch.save(state, writer)
             writer.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, path)
+        if replace:
+            os.replace(temp, path)
+        else:
+            path = _link_unused_name(temp, path)
+            temp.unlink()
         _fsync_dir(path.parent)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    return writer.digest.hexdigest(), writer.size
+    return path, writer.digest.hexdigest(), writer.size
+
+
+def _create_temp(temp: Path) -> Any:
+    """Create the temporary file with O_EXCL and O_NOFOLLOW: whatever sits at the predictable name
+    (a leftover, or a link planted to receive the checkpoint's bytes) is removed, never written through."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(temp, flags, 0o644)
+    except FileExistsError:
+        temp.unlink()  # removes the entry itself; a link's target is left alone
+        fd = os.open(temp, flags, 0o644)
+    return os.fdopen(fd, "wb")
+
+
+def _link_unused_name(temp: Path, path: Path) -> Path:
+    """Give ``temp`` the name ``path`` (or the first free ``-N`` variant) without ever replacing a
+    file: a hard link fails when the name exists, atomically."""
+    for n in range(1, 1000):
+        candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        try:
+            os.link(temp, candidate)
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            # A file system without hard links: check, then rename (the lock keeps other
+            # trainers out, so nothing else creates checkpoint names here meanwhile).
+            if os.path.lexists(candidate):
+                continue
+            os.rename(temp, candidate)
+            temp.touch()  # the caller unlinks the temporary name
+            return candidate
+    raise FileExistsError(errno.EEXIST, "no free checkpoint file name", str(path))
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -207,30 +261,29 @@ def disk_full_error(error: BaseException | None) -> OSError | None:
 def read_verified(path: Path, sha256: str | None) -> dict[str, Any]:
     """Load a checkpoint with ``torch.load(weights_only=True)`` after checking its SHA-256.
 
-    The file is memory-mapped: a second thread hashes the mapping while torch decodes it (both
-    release the GIL) and nothing is copied before ``load_state_dict`` copies the weights into the
-    model, so verifying costs little more than a plain load. Raises :class:`CheckpointError`
-    naming the file when it is missing, altered, truncated or holds anything but plain data.
+    Nothing is decoded before the hash matches (and a record torch.save would not have written,
+    a compressed one, is refused from the zip directory alone). A large file is memory-mapped:
+    hashing it brings its pages into the cache and torch maps its records lazily, so nothing is
+    copied before ``load_state_dict`` copies the weights into the model. Raises
+    :class:`CheckpointError` naming the file when it is missing, a link or not a regular file,
+    altered, truncated or holds anything but plain data.
     """
     try:
-        handle = open(path, "rb")
+        handle = open_file(path, "rb")  # never through a link, never a FIFO or a device
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {str(path)!r} is missing") from None
+    except RunDirError as error:
+        raise CheckpointError(f"checkpoint file refused: {error}") from None
     with handle:
         identity = os.fstat(handle.fileno())
-        if identity.st_size == 0:  # nothing to map; the hash check below still names it
+        if identity.st_size == 0:  # nothing to map
             digest = {"hex": hashlib.sha256(b"").hexdigest()}
+            _check_hash(path, digest["hex"], sha256)
             state, load_error = None, EOFError("empty file")
         elif identity.st_size < MAP_ABOVE_BYTES:
-            state, load_error, digest = _load_read(handle)
+            state, load_error, digest = _load_read(path, handle, sha256)
         else:
-            state, load_error, digest = _load_mapped(path, handle)
-    if sha256 is not None and digest["hex"] != sha256:
-        raise CheckpointError(
-            f"checkpoint file {str(path)!r} does not match the hash recorded when it was written "
-            f"(recorded {sha256[:12]}…, found {digest['hex'][:12]}…): it was truncated or altered; "
-            "it was not loaded"
-        )
+            state, load_error, digest = _load_mapped(path, handle, sha256)
     try:
         replaced = os.stat(path).st_ino != identity.st_ino
     except FileNotFoundError:
@@ -256,26 +309,56 @@ def _starts_like_zip(path: Path) -> bool:
         return handle.read(4) == b"PK\x03\x04"
 
 
-def _load_read(handle: Any) -> tuple[Any, BaseException | None, dict[str, str]]:
+def _check_hash(path: Path, found: str, sha256: str | None) -> None:
+    """Refuse a file whose bytes are not the ones recorded, before anything decodes them (a small
+    file can hold a compressed record that inflates to gigabytes)."""
+    if sha256 is not None and found != sha256:
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} does not match the hash recorded when it was written "
+            f"(recorded {sha256[:12]}…, found {found[:12]}…): it was truncated or altered; "
+            "it was not loaded"
+        )
+
+
+def _only_stored_records(data: Any) -> str | None:
+    """Why ``data`` is not a zip that torch.save could have written, judged from its directory
+    alone: torch.save stores every record uncompressed, so a compressed one is refused unread."""
+    try:
+        with zipfile.ZipFile(data if isinstance(data, mmap.mmap) else io.BytesIO(data)) as archive:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    return f"its record {info.filename!r} is compressed, which torch.save never does"
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None  # not a zip at all: torch.load refuses it with its own reason
+    return None
+
+
+def _load_read(path: Path, handle: Any, sha256: str | None) -> tuple[Any, BaseException | None, dict[str, str]]:
     data = handle.read()
     digest = {"hex": hashlib.sha256(data).hexdigest()}
+    _check_hash(path, digest["hex"], sha256)
+    compressed = _only_stored_records(data)
+    if compressed:
+        raise CheckpointError(f"checkpoint file {str(path)!r} was refused: {compressed}; it was not loaded")
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), None, digest
     except Exception as error:  # a damaged file fails in many ways (IndexError, struct.error, ...)
         return None, error, digest
 
 
-def _load_mapped(path: Path, handle: Any) -> tuple[Any, BaseException | None, dict[str, str]]:
+def _load_mapped(path: Path, handle: Any, sha256: str | None) -> tuple[Any, BaseException | None, dict[str, str]]:
+    # Hashed before torch reads it; torch then maps the records lazily, so the load itself reads
+    # little more than the pickle, and the pages the hash read are in the page cache.
     with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        digest: dict[str, str] = {}
-        hasher = threading.Thread(target=lambda: digest.setdefault("hex", hashlib.sha256(mapped).hexdigest()))
-        hasher.start()
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), None, digest
-        except Exception as error:  # a damaged file fails in many ways (IndexError, struct.error, ...)
-            return None, error, digest
-        finally:
-            hasher.join()
+        digest = {"hex": hashlib.sha256(mapped).hexdigest()}
+        _check_hash(path, digest["hex"], sha256)
+        compressed = _only_stored_records(mapped)
+    if compressed:
+        raise CheckpointError(f"checkpoint file {str(path)!r} was refused: {compressed}; it was not loaded")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), None, digest
+    except Exception as error:  # a damaged file fails in many ways (IndexError, struct.error, ...)
+        return None, error, digest
 
 
 # -- the background writer ---------------------------------------------------------------------
@@ -339,7 +422,7 @@ class AsyncCheckpointer:
             bad = first_non_finite(state[KEY_MODEL])
             if bad is not None:
                 raise CheckpointError(f"not written: parameter {bad!r} holds NaN or infinity")
-            sha256, size = write_atomic(job.path, state)
+            job.path, sha256, size = write_new(job.path, state)
             job.result = {"sha256": sha256, "size": size}
             self._on_written(job)
         except BaseException as error:  # reported, never allowed to kill the writer thread

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import commands as cmd
-from .store import LOG_NAME, RunStore, StoreError, list_runs
+from . import rundir, serving
+from .store import LOG_NAME, RunStore, StoreError, disk_full, disk_full_message, list_runs
 
 DEFAULT_RUN_DIR = "checkpoints/demo"
 DEFAULT_PORT = 8501
@@ -186,40 +187,49 @@ def app_path() -> Path:
 
 
 def check_serving(address: str, port: int, token: str | None) -> None:
-    """Refuse to serve off localhost without a token, or on a busy port (before starting anything)."""
-    if address not in (LOCALHOST, "localhost", "::1") and not token:
-        raise CliError(
-            f"serving on {address!r} needs an access token: pass --token T or set {TOKEN_ENV}; "
-            f"without one, serve on {LOCALHOST} and reach it through an SSH tunnel"
-        )
+    """Refuse to serve off loopback without a token, with a weak token, or on a busy port (before
+    starting anything)."""
+    problem = serving.token_problem(token, address)
+    if problem:
+        raise CliError(problem)
     if _port_in_use(address, port):
         raise CliError(f"port {port} on {address} is already in use; pass --port with a free port")
 
 
-def serve_dashboard(*, root: str, run: str | None, address: str, port: int, token: str | None) -> int:
-    """Run the Streamlit dashboard in the foreground until Ctrl-C."""
+def serve_dashboard(*, root: str, run: str | None, address: str, port: int, token: str | None,
+                    allow_hosts: Sequence[str] = ()) -> int:
+    """Run the Streamlit dashboard in the foreground until Ctrl-C. ``allow_hosts``: more names it
+    answers to (besides loopback and ``address``), such as the machine's DNS name."""
     check_serving(address, port, token)
+    for host in allow_hosts:
+        problem = serving.host_name_problem(host)
+        if problem:
+            raise CliError(problem)
     env = dict(os.environ)
     if token:
         env[TOKEN_ENV] = token
+    hosts = [arg for host in serving.allowed_hosts(address, allow_hosts) for arg in ("--server.allowedHosts", host)]
     command = [
         sys.executable, "-m", "streamlit", "run", str(app_path()),
         "--server.address", address, "--server.port", str(port), "--server.headless", "true",
         "--browser.gatherUsageStats", "false", "--server.enableXsrfProtection", "true",
         "--server.enableCORS", "true", "--server.fileWatcherType", "none", "--global.developmentMode", "false",
-        "--client.toolbarMode", "minimal",
+        "--client.toolbarMode", "minimal", *hosts,
         "--", "--root", root,
     ] + (["--run", run] if run else [])
     server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              preexec_fn=_die_with_parent)
+                              errors="replace", preexec_fn=_die_with_parent)
+    output = serving.OutputPump(server.stdout)  # read for as long as it runs: a full pipe freezes it
     # SIGTERM (a service manager, `kill`) ends the server with us instead of orphaning it.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     url = f"http://{'127.0.0.1' if address in ('0.0.0.0', '::') else address}:{port}"
     try:
         if not _wait_healthy(url, server, timeout=60):
-            output = server.stdout.read() if server.stdout else ""
-            raise CliError(f"the dashboard did not start:\n{output}")
+            if server.poll() is not None:
+                output.join(timeout=5)
+            raise CliError(f"the dashboard did not start:\n{output.text()}")
         print(f"babysit: dashboard at {url}" + ("  (token required)" if token else ""), flush=True)
+        output.forward()
         return server.wait()
     except KeyboardInterrupt:
         return 0
@@ -269,7 +279,7 @@ def _wait_healthy(url: str, server: subprocess.Popen[str], timeout: float) -> bo
 def start_trainer(run_dir: str, extra: Sequence[str] = ()) -> int:
     """Start ``python -m babysit train`` detached (its own session), logging to the run directory."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    log = open(Path(run_dir) / LOG_NAME, "ab")
+    log = rundir.open_file(Path(run_dir) / LOG_NAME, "ab")  # a planted link is refused, never appended to
     process = subprocess.Popen(
         [sys.executable, "-m", "babysit", "train", "--run-dir", run_dir, *extra],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -291,7 +301,8 @@ def demo_command(args: argparse.Namespace) -> int:
     print("babysit: stopping the dashboard (Ctrl-C) leaves the trainer training, so the run outlives the page; "
           f"stop the trainer with `python -m babysit stop --run-dir {run_dir}`", flush=True)
     root = str(Path(run_dir).parent)
-    code = serve_dashboard(root=root, run=run_dir, address=args.address, port=args.port, token=args.token)
+    code = serve_dashboard(root=root, run=run_dir, address=args.address, port=args.port, token=args.token,
+                           allow_hosts=args.allow_host)
     print(f"\nbabysit: dashboard stopped; the trainer (pid {pid}) keeps training in {run_dir}. "
           f"Stop it with `python -m babysit stop --run-dir {run_dir}`", flush=True)
     return code
@@ -341,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default=LOCALHOST, help=f"address to listen on (default {LOCALHOST})")
         p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                        help=f"access token, required off localhost (or set {TOKEN_ENV})")
+        p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="another host name the page may be opened at (repeatable), e.g. this machine's DNS name")
 
     p = sub.add_parser("demo", help="start (or resume) the demo trainer and serve its dashboard")
     run_dir_arg(p)
@@ -395,10 +408,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "run_dir", None) is not None:
+            unusable = rundir.usable_run_dir(args.run_dir, must_exist=args.command not in ("train", "demo"))
+            if unusable:
+                raise CliError(unusable)
+            if args.command in ("train", "demo") and Path(args.run_dir).is_dir() and rundir.read_only(args.run_dir):
+                raise CliError(f"run directory {args.run_dir!r} is read-only; a trainer needs to write there")
         if args.command == "demo":
             return demo_command(args)
         if args.command == "dashboard":
-            return serve_dashboard(root=args.root, run=None, address=args.address, port=args.port, token=args.token)
+            return serve_dashboard(root=args.root, run=None, address=args.address, port=args.port, token=args.token,
+                                   allow_hosts=args.allow_host)
         if args.command == "train":
             return train_command(args)
         if args.command == "status":
@@ -416,8 +436,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as error:
         print(f"babysit: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except sqlite3.DatabaseError as error:  # a run.db damaged past its first page
+    except rundir.RunDirError as error:
+        print(f"babysit: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except sqlite3.DatabaseError as error:
         run_dir = getattr(args, "run_dir", None) or getattr(args, "root", "")
-        print(f"babysit: error: {str(Path(run_dir) / 'run.db')!r} is not a readable babysit run database ({error}); "
-              "restore it from a backup or start a new run in another directory", file=sys.stderr)
+        if disk_full(error):
+            print(f"babysit: error: nothing was queued: {disk_full_message(Path(run_dir))} (a running trainer "
+                  "pauses by itself meanwhile; Ctrl-C or `kill PID` stops it)", file=sys.stderr)
+        elif rundir.read_only(run_dir):
+            print(f"babysit: error: run directory {run_dir!r} is read-only; babysit needs to write there",
+                  file=sys.stderr)
+        else:  # a run.db damaged past its first page
+            print(f"babysit: error: {str(Path(run_dir) / 'run.db')!r} is not a readable babysit run database "
+                  f"({error}); restore it from a backup or start a new run in another directory", file=sys.stderr)
         return EXIT_USAGE

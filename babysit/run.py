@@ -22,7 +22,6 @@ from __future__ import annotations
 import atexit
 import collections
 import enum
-import fcntl
 import json
 import os
 import socket
@@ -44,20 +43,18 @@ from .guard import DivergenceGuard, GuardConfig
 from .hparam_watch import COMMAND, LOOP, HparamWatch
 from .position import ResumePosition
 from .remedy import DivergenceRemedy
+from .rundir import RunLockedError
+from .rundir import acquire_run_lock as _acquire_run_lock
 from .signals import install_stop_handlers
 from .snapshots import EPOCH_DONE, Snapshots
 from .store import (
-    CRASHED, FINISHED, LOCK_NAME, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore,
+    CRASHED, FINISHED, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore,
 )
 from .writer import MetricsWriter, to_float
 
 # A command that waited this long for a trainer (one that died or froze before applying it) is
 # expired rather than applied out of the blue.
 PENDING_COMMAND_TTL_S = 600.0
-
-
-class RunLockedError(RuntimeError):
-    """Another trainer owns this run directory."""
 
 
 class Interrupt(enum.Enum):
@@ -780,23 +777,3 @@ def _optimizer_or_loop_hparams(optimizer: Any, lr: float | None, momentum: float
 
 def _optimizer_name(optimizer: Any) -> str:
     return "hand-written updates (run.lr)" if isinstance(optimizer, optim.LoopHparams) else type(optimizer).__name__
-
-
-def _acquire_run_lock(run_dir: Path) -> Any:
-    """Hold an exclusive lock on the run directory for the life of this process."""
-    handle = open(run_dir / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise RunLockedError(
-            f"run directory {str(run_dir)!r} is already used by another trainer ({owner}); "
-            f"stop it first (`python -m babysit stop --run-dir {run_dir}`) or use another --run-dir"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    handle.flush()
-    return handle

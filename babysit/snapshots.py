@@ -23,6 +23,8 @@ from .checkpoint import (
     clone_tree, disk_full_error, rng_state,
 )
 
+from .rundir import unlink_in
+
 if TYPE_CHECKING:
     from .run import Run
 
@@ -190,7 +192,7 @@ class Snapshots:
         for old in listed[: max(0, len(listed) - run.keep_last)]:
             if old["id"] in keep_origins:
                 continue
-            (run.run_dir / old["file"]).unlink(missing_ok=True)
+            unlink_in(run.run_dir, old["file"])
             run.store.mark_checkpoint_deleted(old["id"])
 
     def lineage_before(self, branch_id: int, before_step: int) -> list[dict[str, Any]]:

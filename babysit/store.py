@@ -5,10 +5,16 @@ CLI read them and write only commands. Metrics are stored as chunks of up to ``C
 points per series (steps, values and wall times as packed arrays, plus the chunk's min, max and
 sum), so the trainer writes a few rows per flush instead of one per point, and a reader can draw a
 million steps from a few thousand chunk summaries without touching the raw points.
+
+Nothing read from the database is trusted: a checkpoint row whose file is not a plain name in the
+run directory is left out, status fields of the wrong type read as None, and SQLite is never
+pointed at a run.db that is a link. The trainer's store (``create=True``) keeps in memory the writes
+a full disk refuses, for the metrics writer to store once there is room.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -16,16 +22,18 @@ import socket
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 from . import commands as cmd
+from . import rundir
+from .rundir import LOCK_NAME, RunDirError
 
 DB_NAME = "run.db"
-LOCK_NAME = "run.lock"
+DB_FILES = (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", DB_NAME + "-journal")
 SIGNAL_NAME = "commands.signal"
 LOG_NAME = "trainer.log"
 SCHEMA_VERSION = 1
@@ -168,15 +176,16 @@ class CommandSignal:
 
     The trainer maps it and compares it with the last value it saw at every step boundary
     (~0.2 µs), so it notices a new command at the next step without querying SQLite per step.
-    Writers store random bytes, so two writers racing still change it.
+    Writers store random bytes, so two writers racing still change it. Neither side follows a
+    link planted under its name (see :mod:`babysit.rundir`).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        if not path.exists() or path.stat().st_size != 8:
-            with open(path, "wb") as f:
-                f.write(b"\0" * 8)
-        self._file = open(path, "r+b")
+        self._file = rundir.open_file(path, "c+b")  # created if missing; a link is refused
+        if os.fstat(self._file.fileno()).st_size != 8:
+            os.ftruncate(self._file.fileno(), 0)
+            os.pwrite(self._file.fileno(), b"\0" * 8, 0)
         self._map = mmap.mmap(self._file.fileno(), 8)
         self.seen = self._map[:8]
 
@@ -192,11 +201,20 @@ class CommandSignal:
 
     @staticmethod
     def ring(path: Path) -> None:
+        """Tell the trainer a command is queued. Best effort: without a usable signal file (none
+        yet, or something that is not babysit's own 8-byte file) the trainer still finds the
+        command by polling the database within a fraction of a second."""
         try:
-            with open(path, "r+b") as f:
-                f.write(os.urandom(8))
-        except FileNotFoundError:
-            pass  # no trainer has ever run here; it polls the database when it starts
+            fd = rundir.open_fd(path, os.O_WRONLY)
+        except (OSError, RunDirError):
+            return
+        try:
+            if os.fstat(fd).st_size == 8:
+                os.pwrite(fd, os.urandom(8), 0)
+        except OSError:
+            pass  # a full disk cannot stop a command that is already committed
+        finally:
+            os.close(fd)
 
 
 class RunStore:
@@ -206,6 +224,9 @@ class RunStore:
         self.run_dir = Path(run_dir)
         self.db_path = self.run_dir / DB_NAME
         self.signal_path = self.run_dir / SIGNAL_NAME
+        unusable = rundir.usable_run_dir(self.run_dir, must_exist=not create)
+        if unusable:
+            raise StoreError(unusable)
         if create:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         elif not self.run_dir.is_dir():
@@ -214,8 +235,15 @@ class RunStore:
             raise StoreError(
                 f"{str(self.run_dir)!r} is not a babysit run (it has no {DB_NAME}); {self._runs_hint()}"
             )
+        try:  # SQLite follows links: a run.db planted as one would be read and written elsewhere
+            rundir.refuse_links(self.run_dir, DB_FILES)
+        except RunDirError as error:
+            raise StoreError(str(error)) from None
         self._local = threading.local()
         self._series_ids: dict[tuple[str, int, str, int], int] = {}
+        # The trainer's store (the one that creates the run) keeps what a full disk refused.
+        self.keeps_refused_writes = create
+        self._held = _HeldWrites()
         self._check_or_create_schema(create)
 
     def _runs_hint(self) -> str:
@@ -266,6 +294,14 @@ class RunStore:
             row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as error:
             self.close()
+            if rundir.read_only(self.run_dir):
+                raise StoreError(
+                    f"run directory {str(self.run_dir)!r} is read-only: babysit needs to write there (its "
+                    f"database keeps a write-ahead log next to {DB_NAME}, and commands are rows in it); "
+                    "make it writable, or copy the run somewhere writable to look at it"
+                ) from None
+            if disk_full(error):
+                raise StoreError(f"{str(self.db_path)!r} cannot be opened: {disk_full_message(self.run_dir)}") from None
             raise StoreError(
                 f"{str(self.db_path)!r} is not a readable babysit run database ({error}); "
                 "restore it from a backup or start a new run in another directory"
@@ -298,8 +334,8 @@ class RunStore:
             return
         connection = self.conn()
         sets = ", ".join(f"{key} = ?" for key in fields)
-        updated = connection.execute(f"UPDATE status SET {sets} WHERE id = 1", tuple(fields.values())).rowcount
-        if not updated:  # the first write of a new run
+        cursor = self._execute_or_hold(f"UPDATE status SET {sets} WHERE id = 1", tuple(fields.values()))
+        if cursor is not None and not cursor.rowcount:  # the first write of a new run
             fields.setdefault("state", RUNNING)
             columns = ", ".join(["id", *fields])
             marks = ", ".join("?" * (len(fields) + 1))
@@ -315,7 +351,7 @@ class RunStore:
             connection.row_factory = None
         if row is None:
             return {"state": "new", "effective_state": "new", "alive": False}
-        status = dict(row)
+        status = _typed_status(dict(row))
         status["alive"] = trainer_alive(status)
         live = status["state"] in LIVE_STATES
         if status["alive"] or not live:
@@ -504,19 +540,23 @@ class RunStore:
         self, kind: str, message: str, *, branch: int | None = None, step: int | None = None,
         epoch: int | None = None, data: dict[str, Any] | None = None,
     ) -> int:
-        cur = self.conn().execute(
+        """Record an event; returns its id (0 when a full disk made the trainer's store hold it)."""
+        cur = self._execute_or_hold(
             "INSERT INTO events (wall, branch, step, epoch, kind, message, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (_now(), branch, step, epoch, kind, message, json.dumps(data or {})),
         )
-        return int(cur.lastrowid)
+        return int(cur.lastrowid) if cur is not None else 0
 
-    def events(self, since_id: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
+    def events(self, since_id: int = 0, limit: int = 10_000, *, kinds: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` events with an id above ``since_id`` (of the given ``kinds``), oldest first."""
+        where, params = _newest_filter(since_id, kinds)
         rows = self.conn().execute(
-            "SELECT id, wall, branch, step, epoch, kind, message, data FROM events WHERE id > ? ORDER BY id LIMIT ?",
-            (since_id, limit),
+            "SELECT * FROM (SELECT id, wall, branch, step, epoch, kind, message, data FROM events"
+            f" WHERE {where} ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (*params, limit),
         ).fetchall()
         keys = ("id", "wall", "branch", "step", "epoch", "kind", "message")
-        return [dict(zip(keys, row[:-1]), data=json.loads(row[-1])) for row in rows]
+        return [dict(zip(keys, row[:-1]), data=_json_object(row[-1])) for row in rows]
 
     # -- commands ----------------------------------------------------------------------------
     def enqueue_command(
@@ -530,12 +570,81 @@ class RunStore:
             raise cmd.CommandError(self._not_running_message(status))
         if command.kind == cmd.ROLLBACK:
             self.checkpoint(command.args["checkpoint"], must_exist=True)
-        cur = self.conn().execute(
-            "INSERT INTO commands (created, source, kind, args, state) VALUES (?, ?, ?, ?, ?)",
-            (_now(), source, command.kind, json.dumps(command.args), cmd.PENDING),
-        )
+        try:
+            cur = self.conn().execute(
+                "INSERT INTO commands (created, source, kind, args, state) VALUES (?, ?, ?, ?, ?)",
+                (_now(), source, command.kind, json.dumps(command.args), cmd.PENDING),
+            )
+        except sqlite3.OperationalError as error:
+            if not (self.keeps_refused_writes and disk_full(error)):
+                raise
+            return self.hold_command(command.kind, command.args, source=source)
         CommandSignal.ring(self.signal_path)
         return int(cur.lastrowid)
+
+    def hold_command(self, kind: str, args: dict[str, Any] | None = None, *, source: str) -> int:
+        """Queue a command of the trainer's own (a pause) in memory only, under a negative id: for
+        when the database cannot take it (a full disk, run.db gone). The trainer applies it like
+        any other; it is written to the database, with its fate, once there is room."""
+        command = cmd.validate(kind, args)
+        with self._held.lock:
+            command_id = self._held.next_id
+            self._held.next_id -= 1
+            self._held.commands.append({"id": command_id, "created": _now(), "source": source, "kind": command.kind,
+                                        "args": command.args, "state": cmd.PENDING, "branch": None, "step": None,
+                                        "done_at": None, "result": None, "reason": None})
+        CommandSignal.ring(self.signal_path)
+        return command_id
+
+    def _execute_or_hold(self, sql: str, params: tuple[Any, ...], *, finishes: int | None = None) -> sqlite3.Cursor | None:
+        """Execute one write; in the trainer's store, a write a full disk refuses (outside a
+        transaction) is kept and written later by :meth:`take_held`'s caller, and None returned."""
+        connection = self.conn()
+        try:
+            return connection.execute(sql, params)
+        except sqlite3.OperationalError as error:
+            if not (self.keeps_refused_writes and disk_full(error) and not connection.in_transaction):
+                raise
+        with self._held.lock:
+            self._held.writes.append((sql, params))
+            if finishes is not None:
+                self._held.finished.add(finishes)
+        return None
+
+    def held_count(self) -> int:
+        """How many writes (and commands of its own) the trainer's store holds for lack of space."""
+        with self._held.lock:
+            return len(self._held.writes) + len(self._held.commands)
+
+    def take_held(self) -> tuple[list[Any], set[int], list[dict[str, Any]]]:
+        """Take what a full disk refused earlier, to write with :meth:`write_held` (and give back
+        with :meth:`restore_held` if the disk refuses again)."""
+        with self._held.lock:
+            taken = (self._held.writes, self._held.finished, self._held.commands)
+            self._held.writes, self._held.finished, self._held.commands = [], set(), []
+        return taken
+
+    def write_held(self, taken: tuple[list[Any], set[int], list[dict[str, Any]]]) -> None:
+        """Write what :meth:`take_held` took, in order (inside the caller's transaction)."""
+        writes, _, held = taken
+        connection = self.conn()
+        for sql, params in writes:
+            connection.execute(sql, params)
+        for c in held:
+            connection.execute(
+                "INSERT INTO commands (created, source, kind, args, state, branch, step, done_at, result, reason)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (c["created"], c["source"], c["kind"], json.dumps(c["args"]), c["state"], c["branch"], c["step"],
+                 c["done_at"], json.dumps(c["result"]) if c["result"] is not None else None, c["reason"]),
+            )
+
+    def restore_held(self, taken: tuple[list[Any], set[int], list[dict[str, Any]]]) -> None:
+        """Keep what :meth:`take_held` took for the next try (its transaction failed)."""
+        writes, finished, held = taken
+        with self._held.lock:
+            self._held.writes[:0] = writes
+            self._held.finished |= finished
+            self._held.commands[:0] = held
 
     def _not_running_message(self, status: dict[str, Any]) -> str:
         state = status.get("effective_state", "new")
@@ -559,9 +668,14 @@ class RunStore:
         rows = self.conn().execute(
             "SELECT id, created, source, kind, args FROM commands WHERE state = ? ORDER BY id", (cmd.PENDING,)
         ).fetchall()
+        with self._held.lock:
+            finished = set(self._held.finished)
+            held = [{k: c[k] for k in ("id", "created", "source", "kind", "args")}
+                    for c in self._held.commands if c["state"] == cmd.PENDING]
         return [
-            {"id": r[0], "created": r[1], "source": r[2], "kind": r[3], "args": _json_or_text(r[4])} for r in rows
-        ]
+            {"id": r[0], "created": r[1], "source": r[2], "kind": r[3], "args": _json_or_text(r[4])}
+            for r in rows if r[0] not in finished
+        ] + held
 
     def last_handled_command_id(self) -> int:
         """The highest id of a command that is no longer pending (0 if none)."""
@@ -572,31 +686,32 @@ class RunStore:
         self, command_id: int, state: str, *, branch: int | None = None, step: int | None = None,
         result: dict[str, Any] | None = None, reason: str | None = None,
     ) -> None:
-        self.conn().execute(
+        if command_id < 0:  # one held in memory (see hold_command)
+            with self._held.lock:
+                for held in self._held.commands:
+                    if held["id"] == command_id and held["state"] == cmd.PENDING:
+                        held.update(state=state, branch=branch, step=step, done_at=_now(), result=result, reason=reason)
+            return
+        self._execute_or_hold(
             "UPDATE commands SET state = ?, branch = ?, step = ?, done_at = ?, result = ?, reason = ?"
             " WHERE id = ? AND state = ?",
             (state, branch, step, _now(), json.dumps(result) if result is not None else None, reason,
              command_id, cmd.PENDING),
+            finishes=command_id,
         )
 
-    def commands(self, since_id: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
+    def commands(self, since_id: int = 0, limit: int = 10_000, *, kinds: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` commands with an id above ``since_id`` (of the given ``kinds``), oldest first."""
+        where, params = _newest_filter(since_id, kinds)
         rows = self.conn().execute(
-            "SELECT id, created, source, kind, args, state, branch, step, done_at, result, reason"
-            " FROM commands WHERE id > ? ORDER BY id LIMIT ?",
-            (since_id, limit),
+            f"SELECT * FROM (SELECT {_COMMAND_COLUMNS} FROM commands WHERE {where} ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (*params, limit),
         ).fetchall()
-        out = []
-        for r in rows:
-            out.append({
-                "id": r[0], "created": r[1], "source": r[2], "kind": r[3], "args": _json_or_text(r[4]),
-                "state": r[5], "branch": r[6], "step": r[7], "done_at": r[8],
-                "result": _json_or_text(r[9]) if r[9] else None, "reason": r[10],
-            })
-        return out
+        return [_command_row(r) for r in rows]
 
     def command(self, command_id: int) -> dict[str, Any] | None:
-        found = self.commands(since_id=command_id - 1, limit=1)
-        return found[0] if found and found[0]["id"] == command_id else None
+        row = self.conn().execute(f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE id = ?", (command_id,)).fetchone()
+        return None if row is None else _command_row(row)
 
     def applied_commands_after(self, branch: int, step: int, command_id: int | None) -> list[dict[str, Any]]:
         """Commands applied on ``branch`` after a checkpoint at ``step`` that had handled commands
@@ -624,30 +739,40 @@ class RunStore:
         )
         return int(cur.lastrowid)
 
-    def checkpoints(self, include_deleted: bool = False) -> list[dict[str, Any]]:
+    def checkpoints(self, include_deleted: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
+        """The run's checkpoints, oldest first (with ``limit``: only the newest ``limit``).
+
+        A row whose file is not a plain name inside the run directory (``/abs/path``, ``../x``: a
+        forged or foreign row) is left out: nothing reads, lists or deletes a file through it.
+        """
+        where = "" if include_deleted else " WHERE deleted = 0"
         rows = self.conn().execute(
-            "SELECT id, created, branch, epoch, step, step_in_epoch, file, sha256, size, hparams, metrics,"
-            " reason, deleted FROM checkpoints ORDER BY id"
+            f"SELECT * FROM (SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints{where} ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (-1 if limit is None else limit,),
         ).fetchall()
-        out = []
-        for r in rows:
-            if r[12] and not include_deleted:
-                continue
-            out.append({
-                "id": r[0], "created": r[1], "branch": r[2], "epoch": r[3], "step": r[4],
-                "step_in_epoch": r[5], "file": r[6], "sha256": r[7], "size": r[8],
-                "hparams": json.loads(r[9]), "metrics": json.loads(r[10]), "reason": r[11],
-                "deleted": bool(r[12]),
-            })
-        return out
+        return [c for c in map(_checkpoint_row, rows) if rundir.is_plain_name(c["file"])]
+
+    def checkpoint_count(self) -> int:
+        """How many checkpoints are listed (not deleted)."""
+        return int(self.conn().execute("SELECT count(*) FROM checkpoints WHERE deleted = 0").fetchone()[0])
 
     def checkpoint(self, checkpoint_id: int, *, must_exist: bool = False) -> dict[str, Any] | None:
-        found = next((c for c in self.checkpoints(include_deleted=True) if c["id"] == checkpoint_id), None)
+        row = self.conn().execute(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE id = ?", (checkpoint_id,)
+        ).fetchone()
+        found = None if row is None else _checkpoint_row(row)
+        if found is not None and not rundir.is_plain_name(found["file"]):
+            if must_exist:
+                raise cmd.CommandError(
+                    f"checkpoint #{checkpoint_id} names a file outside the run directory ({found['file']!r}); "
+                    "it is never used: pick another checkpoint"
+                )
+            return None
         if not must_exist:
             return found
         if found is None or found["deleted"]:
-            known = [c["id"] for c in self.checkpoints()]
-            listing = ", ".join(f"#{i}" for i in known[-12:]) if known else "none yet"
+            known = [c["id"] for c in self.checkpoints(limit=12)]
+            listing = ", ".join(f"#{i}" for i in known) if known else "none yet"
             what = "was deleted" if found else "does not exist"
             raise cmd.CommandError(
                 f"checkpoint #{checkpoint_id} {what} in run {str(self.run_dir)!r}; available: {listing}"
@@ -667,6 +792,17 @@ class RunStore:
         return int(self.conn().execute("PRAGMA data_version").fetchone()[0])
 
 
+@dataclass
+class _HeldWrites:
+    """What the trainer's store could not write for lack of space, in order, until there is room."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    writes: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+    finished: set[int] = field(default_factory=set)   # commands whose held write finishes them
+    commands: list[dict[str, Any]] = field(default_factory=list)  # its own, under negative ids
+    next_id: int = -1
+
+
 class _Transaction:
     def __init__(self, connection: sqlite3.Connection) -> None:
         self.connection = connection
@@ -683,6 +819,45 @@ class _Transaction:
         self.connection.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
+_CHECKPOINT_COLUMNS = ("id, created, branch, epoch, step, step_in_epoch, file, sha256, size, hparams, metrics, reason,"
+                       " deleted")
+
+
+def _checkpoint_row(r: tuple[Any, ...]) -> dict[str, Any]:
+    return {
+        "id": r[0], "created": r[1], "branch": r[2], "epoch": r[3], "step": r[4], "step_in_epoch": r[5],
+        "file": r[6], "sha256": r[7], "size": r[8], "hparams": _json_object(r[9]), "metrics": _json_object(r[10]),
+        "reason": r[11], "deleted": bool(r[12]),
+    }
+
+
+_COMMAND_COLUMNS = "id, created, source, kind, args, state, branch, step, done_at, result, reason"
+
+
+def _command_row(r: tuple[Any, ...]) -> dict[str, Any]:
+    return {
+        "id": r[0], "created": r[1], "source": r[2], "kind": r[3], "args": _json_or_text(r[4]),
+        "state": r[5], "branch": r[6], "step": r[7], "done_at": r[8],
+        "result": _json_or_text(r[9]) if r[9] else None, "reason": r[10],
+    }
+
+
+def _newest_filter(since_id: int, kinds: Iterable[str] | None) -> tuple[str, tuple[Any, ...]]:
+    if kinds is None:
+        return "id > ?", (since_id,)
+    kinds = tuple(kinds)
+    return f"id > ? AND kind IN ({', '.join('?' * len(kinds))})", (since_id, *kinds)
+
+
+def _json_object(text: Any) -> dict[str, Any]:
+    """A JSON object column as a dict; anything else (damaged or forged) as an empty one."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _json_or_text(text: str) -> Any:
     """Command rows can be written by anyone: text that is not JSON is passed on as it is, and the
     trainer rejects it with a message instead of choking on it."""
@@ -690,6 +865,34 @@ def _json_or_text(text: str) -> Any:
         return json.loads(text)
     except (TypeError, ValueError):
         return text
+
+
+_STATUS_TYPES = {
+    "state": str, "pid": int, "host": str, "heartbeat": float, "started": float, "epoch": int, "step": int,
+    "step_in_epoch": int, "steps_per_epoch": int, "max_epochs": int, "branch": int, "lr": float,
+    "momentum": float, "optimizer": str, "message": str,
+}
+
+
+def _typed(value: Any, kind: type) -> Any:
+    """``value`` as ``kind``, or None when it is not one (SQLite stores whatever a writer gives it)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if kind is str:
+        return value if isinstance(value, str) else None
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value if isinstance(value, int) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _typed_status(row: dict[str, Any]) -> dict[str, Any]:
+    """The status row with each field of its declared type, or None: a forged or damaged value
+    (text where a number belongs) shows as unknown instead of breaking every reader."""
+    return {key: _typed(value, _STATUS_TYPES[key]) if key in _STATUS_TYPES else value for key, value in row.items()}
 
 
 def process_gone(status: dict[str, Any]) -> bool:
@@ -710,6 +913,25 @@ def trainer_alive(status: dict[str, Any]) -> bool:
     host, the process still exists)."""
     if status.get("state") not in LIVE_STATES or status.get("heartbeat") is None:
         return False
-    if _now() - float(status["heartbeat"]) > HEARTBEAT_STALE_S:
+    # A heartbeat from the future is not one either (a forged row, or a clock far off).
+    if abs(_now() - float(status["heartbeat"])) > HEARTBEAT_STALE_S:
         return False
     return not process_gone(status)
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """True when ``error`` (or what caused it) says the disk is full: SQLite's SQLITE_FULL or an
+    OSError with ENOSPC / EDQUOT."""
+    while error is not None:
+        if isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        if isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error):
+            return True
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_message(run_dir: Path) -> str:
+    return f"the disk holding {str(run_dir)!r} is full; free some space and try again"

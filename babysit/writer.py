@@ -4,11 +4,18 @@ The training thread's share of ``run.log(loss=...)`` is one ``deque.append`` of 
 times a second this thread turns the queued values into floats (a tensor's ``.item()`` happens
 here, so a GPU loss never forces a sync on the training thread), packs them into chunks, feeds
 the divergence guard and writes chunks and heartbeat in one transaction.
+
+When the store stops taking writes (a disk with no byte left) or run.db is deleted under it, this
+thread says so on stderr once and pauses the run with a command held in memory (no command could
+reach the trainer through the database then); what could not be stored is kept and written first
+once there is room again.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -17,7 +24,12 @@ import numpy as np
 import torch
 
 from .guard import Divergence, DivergenceGuard
-from .store import CHUNK_POINTS, RunStore
+from .commands import PAUSE
+from .store import CHUNK_POINTS, RunStore, disk_full, disk_full_message
+
+log = logging.getLogger("babysit")
+DISK_FULL = "disk full"
+DB_LOST = "run.db lost"
 
 # (per, branch, step, wall, {name: value})
 LogItem = tuple[str, int, int, float, dict[str, Any]]
@@ -70,6 +82,9 @@ class MetricsWriter:
         self._wake = threading.Event()
         self._stopping = False
         self.last_flush_error: BaseException | None = None
+        self._store_trouble: str | None = None  # DISK_FULL or DB_LOST while the store fails
+        identity = os.stat(store.db_path)
+        self._db_identity = (identity.st_dev, identity.st_ino)
         self._thread = threading.Thread(target=self._loop, name="babysit-writer", daemon=True)
         self._thread.start()
 
@@ -80,20 +95,57 @@ class MetricsWriter:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=30)
-        self.flush()
+        try:
+            self.flush()
+        except Exception as error:
+            if not disk_full(error):
+                raise
+            unstored = sum(len(chunk.steps) for chunk in self._open.values()) + len(self.queue)
+            log.error("babysit: %s: the last %d logged values (and the final status) could not be stored",
+                      disk_full_message(self.store.run_dir), unstored)
 
     def _loop(self) -> None:
         while not self._stopping:
             self._wake.wait(self._interval)
             self._wake.clear()
             try:
+                self._check_database()
                 self.flush()
                 if self._on_tick is not None:
                     self._on_tick()
                 self.last_flush_error = None
+                if self._store_trouble is not None and self._store_trouble != DB_LOST:
+                    log.warning("babysit: the run's store takes writes again; what was held is stored")
+                    self._store_trouble = None
             except Exception as error:  # a busy or full disk must not kill the writer; retry next tick
                 self.last_flush_error = error
+                if disk_full(error):
+                    self._store_failed(DISK_FULL, f"storing the run's values failed: {disk_full_message(self.store.run_dir)}")
                 time.sleep(self._interval)
+
+    def _check_database(self) -> None:
+        """Notice run.db deleted or replaced under the trainer (its writes would go nowhere)."""
+        try:
+            found = os.stat(self.store.db_path)
+            same = (found.st_dev, found.st_ino) == self._db_identity
+        except OSError:
+            same = False
+        if not same:
+            self._store_failed(DB_LOST, f"{str(self.store.db_path)!r} was deleted or replaced under this trainer: "
+                               "nothing it does can be seen or commanded any more; its checkpoint files are kept")
+
+    def _store_failed(self, trouble: str, message: str) -> None:
+        """Once per outage: say so where a person looks (the trainer's stderr), and pause the run
+        with a command held in memory, since none can reach it through the database now."""
+        if self._store_trouble is not None:
+            return
+        self._store_trouble = trouble
+        advice = ("stop the trainer (Ctrl-C, or kill its pid): its checkpoints are kept" if trouble == DB_LOST
+                  else "free some space, then resume (`python -m babysit resume`)")
+        log.error("babysit: %s; the run pauses at its next step: %s", message, advice)
+        reason = ("run.db was deleted or replaced: stop the trainer" if trouble == DB_LOST
+                  else "the disk is full, nothing can be recorded: free some space, then resume")
+        self.store.hold_command(PAUSE, {"reason": reason}, source="guard")
 
     def flush(self) -> None:
         """Store everything queued so far, plus the heartbeat."""
@@ -136,14 +188,20 @@ class MetricsWriter:
             pending.append((series, np.array(chunk.steps, dtype=np.int64), np.array(chunk.vals, dtype=np.float64),
                             np.array(chunk.walls, dtype=np.float64)))
         connection = self.store.conn()
-        connection.execute("BEGIN IMMEDIATE")
+        held = self.store.take_held()  # what a full disk refused before: first, in order
         try:
-            self.store.write_chunks(pending)
-            self.store.write_status(**self._status(), heartbeat=time.time())
-            connection.execute("COMMIT")
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                self.store.write_held(held)
+                self.store.write_chunks(pending)
+                self.store.write_status(**self._status(), heartbeat=time.time())
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise  # the points stay in their open chunks and are written by the next flush
         except BaseException:
-            connection.execute("ROLLBACK")
-            raise  # the points stay in their open chunks and are written by the next flush
+            self.store.restore_held(held)
+            raise
         self._full.clear()
         for key in self._dirty:
             if len(self._open[key].steps) >= CHUNK_POINTS:

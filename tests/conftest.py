@@ -25,12 +25,14 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 @contextmanager
-def chromium_page(width: int = 1400, height: int = 1000, timeout_s: float = 45.0) -> Iterator[tuple[Any, list[str]]]:
-    """A page in a fresh headless Chromium, and the list its uncaught errors are collected in."""
+def chromium_page(width: int = 1400, height: int = 1000, timeout_s: float = 45.0,
+                  args: list[str] | None = None) -> Iterator[tuple[Any, list[str]]]:
+    """A page in a fresh headless Chromium (``args``: its command line, CHROMIUM_ARGS by default),
+    and the list its uncaught errors are collected in."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args or CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
             page.set_default_timeout(timeout_s * 1000)

@@ -83,11 +83,11 @@ def test_with_a_token_the_page_shows_nothing_until_it_is_given(serve, tmp_path: 
     store = fake_trainer(tmp_path / "run")
     stop = threading.Event()
     threading.Thread(target=keep_heartbeat, args=(RunStore(tmp_path / "run"), stop), daemon=True).start()
-    dashboard, port = serve("--address", "0.0.0.0", "--token", "open-sesame")
+    dashboard, port = serve("--address", "0.0.0.0", "--token", "open-sesame-4f9c2a71")
     assert listening_addresses(port) == {"0.0.0.0"}
     # The token reaches the Streamlit server through its environment, not its command line (ps).
     children = Path(f"/proc/{dashboard.pid}/task/{dashboard.pid}/children").read_text().split()
-    assert children and all(b"open-sesame" not in Path(f"/proc/{c}/cmdline").read_bytes() for c in children)
+    assert children and all(b"open-sesame-4f9c2a71" not in Path(f"/proc/{c}/cmdline").read_bytes() for c in children)
     with chromium_page(timeout_s=60) as (page, errors):
         try:
             page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
@@ -97,7 +97,7 @@ def test_with_a_token_the_page_shows_nothing_until_it_is_given(serve, tmp_path: 
             page.goto(f"http://127.0.0.1:{port}/?token=wrong", timeout=60_000)
             expect(page.get_by_text("That access token is not the one")).to_be_visible(timeout=60_000)
             assert page.locator('[data-testid="stMetric"]').count() == 0
-            page.goto(f"http://127.0.0.1:{port}/?token=open-sesame", timeout=60_000)
+            page.goto(f"http://127.0.0.1:{port}/?token=open-sesame-4f9c2a71", timeout=60_000)
             expect(page.locator('[data-testid="stMetric"]').first).to_be_visible(timeout=60_000)
             page.locator(".st-key-pause button").click()
             wait_for(lambda: store.commands(), what="the pause sent with the token")

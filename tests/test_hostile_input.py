@@ -6,6 +6,10 @@ Most cases go through the CLI against one real ``python -m babysit train`` subpr
 module; dashboard-only cases go through Streamlit's AppTest; and where the point is that the
 trainer validates again ("the queue is a file anyone can write"), rows are written straight into
 the run database.
+
+The attacks of issue 11 (a frozen dashboard, hostile run directories, DNS rebinding, a disk with
+no byte left, long histories, compressed checkpoints, ...) are listed, item by item, with their
+tests, in tests/test_attacks.py.
 """
 
 from __future__ import annotations

@@ -552,7 +552,7 @@ def test_events_are_read_incrementally(store: RunStore):
     ]
     assert [e["id"] for e in store.events(since_id=first)] == [second]
     assert store.events(since_id=second) == []
-    assert [e["id"] for e in store.events(limit=1)] == [first]
+    assert [e["id"] for e in store.events(limit=1)] == [second]  # the newest, not the oldest
 
 
 def test_epochs(store: RunStore):
@@ -618,3 +618,23 @@ def test_starting_mean_is_the_first_chunk_of_the_first_branch(store: RunStore):
                         (first, np.arange(257, 513), np.full(256, 0.5), np.zeros(256))])
     store.write_chunks([(store.series_id("loss", 2, st.PER_STEP), np.arange(501, 757), np.full(256, 9.0), np.zeros(256))])
     assert store.starting_mean("loss") == 2.0
+
+
+def test_a_command_held_in_memory_is_applied_like_any_other_and_stored_with_its_fate(tmp_path: Path):
+    """What the trainer's store does when the database cannot take a row (a full disk, run.db gone)."""
+    store = RunStore(tmp_path / "run", create=True)
+    held = store.hold_command(cmd.PAUSE, {"reason": "the disk is full"}, source="guard")
+    assert held < 0 and store.commands() == []
+    assert [(c["id"], c["kind"], c["args"]) for c in store.pending_commands()] == [
+        (held, cmd.PAUSE, {"reason": "the disk is full"})]
+    store.finish_command(held, cmd.APPLIED, branch=1, step=7, result={"state": "paused"})
+    assert store.pending_commands() == [] and store.held_count() == 1
+    taken = store.take_held()
+    with store.transaction():
+        store.write_held(taken)
+    assert store.held_count() == 0
+    [row] = store.commands()
+    assert (row["kind"], row["state"], row["step"], row["result"], row["source"]) == (
+        cmd.PAUSE, cmd.APPLIED, 7, {"state": "paused"}, "guard")
+    store.restore_held(taken)  # a transaction that failed gives everything back, in order
+    assert store.held_count() == 1

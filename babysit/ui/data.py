@@ -167,7 +167,7 @@ def read_view(store: RunStore, status: dict[str, Any], lo: float | None = None, 
 
 def markers(store: RunStore, branches: list[dict[str, Any]]) -> list[Marker]:
     out = []
-    for row in store.commands():
+    for row in store.commands(kinds=(cmd.SET_LR, cmd.SET_MOMENTUM)):  # the newest 10,000 nudges
         if row["state"] != cmd.APPLIED:
             continue
         result = row.get("result") or {}
@@ -177,9 +177,7 @@ def markers(store: RunStore, branches: list[dict[str, Any]]) -> list[Marker]:
             text = f"{what} {_fmt(before)} → {_fmt(after)} at step {row['step']} (#{row['id']}, {row['source']})"
             out.append(Marker(what, row["branch"], row["step"], text, after, row.get("done_at")))
     by_id = {b["id"]: b for b in branches}
-    for event in store.events():
-        if event["kind"] != "rollback":
-            continue
+    for event in store.events(kinds=("rollback",)):
         data = event["data"]
         before, after = data.get("before", {}), data.get("after", {})
         branch = by_id.get(event["branch"], {})

@@ -11,8 +11,10 @@ import argparse
 import hmac
 import math
 import os
+import re
 import sqlite3
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,12 +38,33 @@ STATE_BADGES = {
     "not responding": ("red", ":material/heart_broken:", "not responding"),
     "new": ("gray", ":material/hourglass_empty:", "not started"),
 }
+# The page shows the newest of these, so that a run with thousands of them loads as fast as a new one.
+CHECKPOINTS_SHOWN = 100
+COMMANDS_SHOWN = 200
+ALERT_EVENTS = 50
 _NICE = (1, 2, 3, 5)  # a log scale with round numbers: 1, 2, 3, 5, 10, 20, ...
 # lr on a log scale from 1e-6 to 10.
 LR_CHOICES = [round(m * 10.0 ** e, 12) for e in range(-6, 1) for m in _NICE] + [10.0]
 # Momentum moved as 1-β on a log scale (1 down to 1e-4), as the course notes advise.
 ONE_MINUS_BETA_CHOICES = sorted({round(m * 10.0 ** e, 12) for e in range(-4, 0) for m in _NICE} | {0.5, 1.0},
                                 reverse=True)
+
+
+def code_span(text: Any) -> str:
+    """``text`` as inline code that nothing in it can break out of: a run's name comes from a
+    directory anyone may have named (backticks, links, images), and must show as the text it is."""
+    text = "".join("\ufffd" if unicodedata.category(c).startswith("C") else c for c in str(text))
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def plain(text: Any) -> str:
+    """``text`` for a message that quotes what a run directory or its database holds (paths, event
+    messages): what could make a link, an image, a colour or an icon (``[``, ``]``, ``<`` before a
+    letter), or a formula (``$``), is escaped, and control characters become spaces."""
+    text = "".join(" " if unicodedata.category(c).startswith("C") else c for c in str(text))
+    return re.sub(r"([\\\[\]$]|<(?=[A-Za-z]))", r"\\\1", text)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -78,13 +101,13 @@ def pick_run(root: str, preferred: str | None) -> RunStore | None:
     runs = list_runs(root)
     if preferred and not Path(preferred, "run.db").exists():
         found = ", ".join(str(r) for r in runs[:8]) or "none"
-        st.error(f"{preferred!r} is not a babysit run (it has no run.db); runs found: {found}")
+        st.error(plain(f"{preferred!r} is not a babysit run (it has no run.db); runs found: {found}"))
         return None
     if preferred and Path(preferred).resolve() not in [r.resolve() for r in runs]:
         runs.insert(0, Path(preferred))
     if not runs:
         st.title("babysit")
-        st.info(f"No run under `{root}` yet. Start one with `python -m babysit demo`, or babysit your own loop "
+        st.info(f"No run under {code_span(root)} yet. Start one with `python -m babysit demo`, or babysit your own loop "
                 "with `babysit.Run(...)` (see the README).")
         return None
     names = [str(r) for r in runs]
@@ -99,10 +122,10 @@ def pick_run(root: str, preferred: str | None) -> RunStore | None:
         store.status()  # a database damaged past its first page fails here, not mid-page
         return store
     except StoreError as error:
-        st.error(str(error))
+        st.error(plain(error))
     except sqlite3.DatabaseError as error:
-        st.error(f"{str(Path(chosen) / 'run.db')!r} is not a readable babysit run database ({error}); restore it "
-                 "from a backup or start a new run in another directory")
+        st.error(plain(f"{str(Path(chosen) / 'run.db')!r} is not a readable babysit run database ({error}); restore "
+                       "it from a backup or start a new run in another directory"))
     return None
 
 
@@ -178,16 +201,16 @@ def show_flash() -> None:
     toast_flash()
     flash = st.session_state.get("_flash")
     if flash is not None and flash[0] == "error":
-        st.error(flash[1], icon=":material/block:")
+        st.error(plain(flash[1]), icon=":material/block:")
 
 
 # -- the live part -----------------------------------------------------------------------------
 def header(store: RunStore, status: dict[str, Any]) -> None:
     colour, icon, label = STATE_BADGES.get(status.get("effective_state", "new"),
                                            ("gray", ":material/help:", status.get("effective_state")))
-    st.markdown(f"### `{store.run_dir.name}` :{colour}-badge[{icon} {label}]")
+    st.markdown(f"### {code_span(store.run_dir.name)} :{colour}-badge[{icon} {label}]")
     if status.get("message"):
-        st.caption(status["message"])
+        st.caption(plain(status["message"]))
     cols = st.columns(5)
     cols[0].metric("epoch", f"{status.get('epoch') or 0} / {status.get('max_epochs') or '?'}")
     cols[1].metric("step", f"{status.get('step') or 0:,}")
@@ -231,20 +254,20 @@ def _short(value: Any) -> str:
 
 def divergence_alert(store: RunStore, status: dict[str, Any]) -> None:
     """The latest divergence, unless a rollback or a resume has answered it, with its remedy."""
-    events = store.events()
+    events = store.events(kinds=("divergence", "rollback", "resume"), limit=ALERT_EVENTS)
     open_alert = None
     for event in events:
         if event["kind"] == "divergence":
             open_alert = event
         elif event["kind"] in ("rollback", "resume") and open_alert is not None:
             open_alert = None
-    commands = store.commands()
+    commands = store.commands(kinds=(cmd.RESUME,), limit=ALERT_EVENTS)
     if open_alert is not None and any(c["kind"] == cmd.RESUME and c["state"] == cmd.APPLIED
                                       and (c["done_at"] or 0) > open_alert["wall"] for c in commands):
         open_alert = None
     if open_alert is None:
         return
-    st.error(f"**Divergence.** {open_alert['message']}", icon=":material/warning:")
+    st.error(f"**Divergence.** {plain(open_alert['message'])}", icon=":material/warning:")
     data = open_alert["data"]
     if data.get("checkpoint") and status.get("alive"):
         lr = data.get("suggested_lr")
@@ -254,9 +277,9 @@ def divergence_alert(store: RunStore, status: dict[str, Any]) -> None:
 
 
 def other_alerts(store: RunStore) -> None:
-    for event in store.events()[-50:]:
-        if event["kind"] in ("checkpoint_failed", "checkpoint_refused", "error") and time.time() - event["wall"] < 3600:
-            st.warning(f"{event['kind'].replace('_', ' ')} at step {event['step']}: {event['message']}")
+    for event in store.events(kinds=("checkpoint_failed", "checkpoint_refused", "error"), limit=ALERT_EVENTS):
+        if time.time() - event["wall"] < 3600:
+            st.warning(f"{event['kind'].replace('_', ' ')} at step {event['step']}: {plain(event['message'])}")
 
 
 def chart(store: RunStore, status: dict[str, Any], options: ChartOptions, x_range: list[Any] | None,
@@ -289,7 +312,7 @@ def step_window(store: RunStore, status: dict[str, Any], options: ChartOptions,
 
 
 def command_history(store: RunStore) -> None:
-    rows = store.commands()[-200:]
+    rows = store.commands(limit=COMMANDS_SHOWN)
     if not rows:
         st.caption("No commands yet.")
         return
@@ -307,7 +330,7 @@ def trainer_hint(store: RunStore, status: dict[str, Any]) -> None:
         return
     state = status.get("effective_state", "new")
     st.info(f"No trainer is running this run ({state}), so commands are refused until one is. Resume it with "
-            f"`python -m babysit train --run-dir {store.run_dir}` (the demo), or by running your script again.",
+            f"{code_span(f'python -m babysit train --run-dir {store.run_dir}')} (the demo), or by running your script again.",
             icon=":material/info:")
 
 
@@ -383,7 +406,7 @@ def follow_trainer(key: str, choices: list[float], value: float | None) -> None:
 
 # -- checkpoints and rollback -------------------------------------------------------------------
 def checkpoints(store: RunStore, status: dict[str, Any]) -> None:
-    listed = store.checkpoints()
+    listed = store.checkpoints(limit=CHECKPOINTS_SHOWN)
     if not listed:
         st.caption("No checkpoint yet: the first one is written at the end of epoch 1.")
         return
@@ -396,6 +419,9 @@ def checkpoints(store: RunStore, status: dict[str, Any]) -> None:
         row["written"] = time.strftime("%H:%M:%S", time.localtime(c["created"]))
         rows.append(row)
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", height=min(36 * (len(rows) + 1), 320))
+    if len(listed) == CHECKPOINTS_SHOWN and (total := store.checkpoint_count()) > CHECKPOINTS_SHOWN:
+        st.caption(f"The newest {CHECKPOINTS_SHOWN} of {total:,} checkpoints; roll back to an older one by id with "
+                   "`python -m babysit rollback ID`.")
     by_id = {c["id"]: c for c in listed}
     ids = [c["id"] for c in reversed(listed)]
     if st.session_state.get("rollback_target") not in ids:

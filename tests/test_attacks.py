@@ -1,0 +1,381 @@
+"""Issue 11, "Tried to break it": each attack, and the test that shows it no longer works.
+
+Every test named ``test_itemN_...`` failed on the code the issue was filed against and passes now.
+
+====  =====================================================  ===========================================
+item  attack                                                 test
+====  =====================================================  ===========================================
+1     ~250 garbage websocket frames fill the pipe the        test_attacks_server.py::test_item1_garbage_
+      dashboard's server logs to: it freezes for good        websocket_frames_do_not_freeze_the_dashboard
+2     a checkpoint-command flood                             (babysit/run.py: the lead's restructuring)
+3     rollback to a damaged/missing origin; tensors that     (babysit/run.py: the lead's restructuring)
+      do not fit
+4     run.lock planted as a link                             test_item4_a_run_lock_link_...
+4     commands.signal planted as a link (trainer side)       test_item4_a_signal_file_link_...
+4     forged far-future heartbeat + planted signal link      test_item4_the_cli_never_writes_through_...
+      (CLI side)
+4     checkpoint rows naming /abs/path or ../x, retention    test_item4_checkpoint_rows_naming_files_...
+4     links planted at the temporary checkpoint names        test_item4_links_at_the_temporary_name_...
+4     run.db or a checkpoint file planted as a link          test_item4_a_database_or_checkpoint_link_...
+4     trainer.log planted as a link (demo)                   test_item4_the_demo_never_appends_...
+5     DNS rebinding (websocket and Chromium)                 test_attacks_server.py::test_item5_*
+5/8   weak, one-letter or blank tokens                       test_attacks_server.py::test_item5_item8_...
+6     a disk with not one byte left                          test_disk_full.py::test_item6_...
+7     history capped at the oldest 10,000 rows               test_item7_the_newest_commands_and_events_...
+7     every checkpoint sent on each page load                test_item7_the_page_sends_a_bounded_...
+8     a compressed checkpoint that inflates 1000× before     test_item8_a_compressed_bomb_...
+      its hash is checked
+8     SIGSTOP past the command expiry                        (babysit/run.py: the lead's restructuring)
+8     markdown in a run's name                               test_item8_markdown_in_a_run_name_...
+8     a run dir that is a file; a 300-character name         test_item8_a_run_dir_that_is_a_file_...
+8     wrong-typed values in the status row                   test_item8_wrong_typed_status_values_...
+8     a read-only run directory                              test_item8_a_read_only_run_directory_...
+8     run.db deleted under a running trainer; the restart    test_item8_run_db_deleted_under_a_running_...
+      overwrote an existing checkpoint
+9     the auto-remedy hang, sleep-ordered tests              (babysit/run.py: the lead's restructuring)
+====  =====================================================  ===========================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from markdown_it import MarkdownIt
+from streamlit.testing.v1 import AppTest
+from torch import nn
+
+from babysit import commands as cmd
+from babysit.checkpoint import FORMAT, CheckpointError, read_verified, write_atomic
+from babysit.rundir import RunDirError
+from babysit.store import RunStore, StoreError
+from tests.conftest import REPO, Trainer, babysit_cli, tiny_job, wait_for
+from tests.test_app import fake_trainer
+
+PRECIOUS = b"a file outside the run directory that must not change\n"
+FAST = ("--epoch-passes", "1", "--batch-size", "64")
+
+
+def victim(tmp_path: Path, name: str = "victim.txt") -> Path:
+    path = tmp_path / name
+    path.write_bytes(PRECIOUS)
+    return path
+
+
+def planted_link(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A run directory whose ``name`` is a link to a file outside it: (the outside file, the run dir)."""
+    target = victim(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / name).symlink_to(target)
+    return target, run_dir
+
+
+def new_run(run_dir: Path) -> None:
+    import babysit
+
+    model = nn.Linear(2, 1)
+    babysit.Run(run_dir, model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+
+
+# -- item 4: a hostile or copied run directory -------------------------------------------------
+def test_item4_a_run_lock_link_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    target, run_dir = planted_link(tmp_path, "run.lock")
+    with pytest.raises(RunDirError, match=rf"^'{run_dir / 'run.lock'}' is a symbolic link; babysit opens only "
+                                          r"regular files in a run directory and never follows links there"):
+        new_run(run_dir)
+    assert target.read_bytes() == PRECIOUS
+
+
+def test_item4_a_signal_file_link_is_refused_by_the_trainer(tmp_path: Path) -> None:
+    target, run_dir = planted_link(tmp_path, "commands.signal")
+    with pytest.raises(RunDirError, match=rf"^'{run_dir / 'commands.signal'}' is a symbolic link"):
+        new_run(run_dir)
+    assert target.read_bytes() == PRECIOUS
+
+
+def test_item4_the_cli_never_writes_through_a_planted_signal_link(tmp_path: Path) -> None:
+    target = victim(tmp_path)
+    run_dir = tmp_path / "run"
+    store = fake_trainer(run_dir)
+    (run_dir / "commands.signal").symlink_to(target)
+    # A forged status row: a heartbeat a day in the future used to pass for a live trainer.
+    store.write_status(heartbeat=time.time() + 86_400)
+    forged = babysit_cli("pause", "--run-dir", str(run_dir))
+    assert forged.returncode == 2 and "is not running" in forged.stderr, forged.stderr
+    assert store.pending_commands() == []
+    # With a heartbeat that looks live, the command is queued, and the link is still not followed.
+    store.write_status(heartbeat=time.time())
+    queued = babysit_cli("pause", "--run-dir", str(run_dir))
+    assert queued.returncode == 0, queued.stderr
+    assert [c["kind"] for c in store.pending_commands()] == [cmd.PAUSE]
+    assert target.read_bytes() == PRECIOUS and (run_dir / "commands.signal").is_symlink()
+
+
+def forge_checkpoint_rows(run_dir: Path, files: list[str]) -> list[int]:
+    connection = sqlite3.connect(run_dir / "run.db")
+    try:
+        ids = []
+        for n, name in enumerate(files):
+            cursor = connection.execute(
+                "INSERT INTO checkpoints (id, created, branch, epoch, step, step_in_epoch, file, sha256, size, hparams,"
+                " metrics, reason) VALUES (?, ?, 1, 1, 8, 0, ?, ?, 1, '{}', '{}', 'epoch')",
+                (1000 + n, time.time(), name, "0" * 64))
+            ids.append(cursor.lastrowid)
+        connection.commit()
+        return ids
+    finally:
+        connection.close()
+
+
+def test_item4_checkpoint_rows_naming_files_outside_are_never_used_or_deleted(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    tiny_job(run_dir, epochs=2)
+    outside = victim(tmp_path, "absolute.txt")
+    beside = victim(tmp_path, "relative.txt")
+    forged = forge_checkpoint_rows(run_dir, [str(outside), "../relative.txt"])
+    # Retention keeps the newest checkpoint only: the forged rows are the oldest-but-one to it.
+    tiny_job(run_dir, epochs=4, keep_last=1)
+    assert outside.read_bytes() == PRECIOUS and beside.read_bytes() == PRECIOUS
+    store = RunStore(run_dir)
+    assert not {c["id"] for c in store.checkpoints(include_deleted=True)} & set(forged)
+    with pytest.raises(cmd.CommandError, match=rf"^checkpoint #{forged[1]} names a file outside the run directory "
+                                               r"\('\.\./relative\.txt'\); it is never used: pick another checkpoint$"):
+        store.checkpoint(forged[1], must_exist=True)
+    listed = json.loads(babysit_cli("status", "--run-dir", str(run_dir), "--json", check=True).stdout)
+    assert all(Path(c["path"]).parent == run_dir for c in listed["checkpoints"])
+
+
+def test_item4_links_at_the_temporary_name_receive_nothing(tmp_path: Path) -> None:
+    target = victim(tmp_path)
+    path = tmp_path / "run" / "epoch-0001-step-00000008-b1.pt"
+    path.parent.mkdir()
+    (path.parent / f".{path.name}.tmp-{os.getpid()}").symlink_to(target)
+    sha, _ = write_atomic(path, {"format": FORMAT, "model": {"w": torch.ones(3)}})
+    assert target.read_bytes() == PRECIOUS
+    assert read_verified(path, sha)["model"]["w"].tolist() == [1.0, 1.0, 1.0]
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_item4_a_database_or_checkpoint_link_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "elsewhere"
+    fake_trainer(real)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.db").symlink_to(real / "run.db")
+    with pytest.raises(StoreError, match=rf"^'{run_dir / 'run.db'}' is a symbolic link"):
+        RunStore(run_dir)
+    status = babysit_cli("status", "--run-dir", str(run_dir))
+    assert status.returncode == 2 and "is a symbolic link" in status.stderr and "Traceback" not in status.stderr
+    # A checkpoint file that is a link to another file, even one whose hash was recorded, is not read.
+    outside = tmp_path / "outside.pt"
+    sha, _ = write_atomic(outside, {"format": FORMAT, "model": {"w": torch.ones(1)}})
+    (run_dir / "epoch-0001-step-00000001-b1.pt").symlink_to(outside)
+    with pytest.raises(CheckpointError, match=r"is a symbolic link"):
+        read_verified(run_dir / "epoch-0001-step-00000001-b1.pt", sha)
+
+
+def test_item4_the_demo_never_appends_its_trainer_log_through_a_link(tmp_path: Path) -> None:
+    from babysit.cli import start_trainer
+
+    target, run_dir = planted_link(tmp_path, "trainer.log")
+    with pytest.raises(RunDirError, match=r"trainer\.log' is a symbolic link"):
+        start_trainer(str(run_dir))
+    assert target.read_bytes() == PRECIOUS
+
+
+# -- item 7: long histories ----------------------------------------------------------------------
+def many_rows(store: RunStore, n: int) -> None:
+    now = time.time()
+    with store.transaction() as connection:
+        connection.executemany(
+            "INSERT INTO commands (created, source, kind, args, state, step, done_at, result) VALUES (?, 'cli', ?,"
+            " '{\"value\": 0.01}', 'applied', ?, ?, '{}')", [(now, cmd.SET_LR, i, now) for i in range(n)])
+        connection.executemany(
+            "INSERT INTO events (wall, branch, step, kind, message) VALUES (?, 1, ?, 'resume', 'resumed')",
+            [(now, i) for i in range(n)])
+
+
+@pytest.fixture
+def page_of(monkeypatch: pytest.MonkeyPatch):
+    def start(root: Path, run: Path) -> AppTest:
+        monkeypatch.setattr(sys, "argv", ["app.py", "--root", str(root), "--run", str(run)])
+        monkeypatch.delenv("BABYSIT_TOKEN", raising=False)
+        at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+        at.run()
+        assert not at.exception, at.exception
+        return at
+
+    return start
+
+
+def test_item7_the_newest_commands_and_events_past_10000_are_read_and_shown(tmp_path: Path, page_of) -> None:
+    store = fake_trainer(tmp_path / "run")
+    many_rows(store, 10_050)
+    newest_command = store.enqueue_command(cmd.SET_LR, {"value": 0.02}, source="dashboard")
+    divergence = store.add_event("divergence", "divergence: loss became nan at step 99", branch=1, step=99,
+                                 data={"checkpoint": 1, "suggested_lr": 0.025})
+    assert store.commands()[-1]["id"] == newest_command == 10_051
+    assert store.events()[-1]["id"] == divergence == 10_051
+    assert store.commands(since_id=10_049, limit=1)[0]["id"] == newest_command
+    at = page_of(tmp_path, tmp_path / "run")
+    history = at.dataframe[-1].value
+    assert history["#"].iloc[0] == newest_command and len(history) == 200
+    assert any("loss became nan at step 99" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_item7_the_page_sends_a_bounded_number_of_checkpoints(tmp_path: Path, page_of) -> None:
+    store = fake_trainer(tmp_path / "run")
+    listed = store.checkpoints()
+    with store.transaction() as connection:
+        connection.executemany(
+            "INSERT INTO checkpoints (created, branch, epoch, step, step_in_epoch, file, sha256, size, hparams,"
+            " metrics, reason) SELECT created, branch, epoch, step, step_in_epoch, file, sha256, size, hparams,"
+            " metrics, reason FROM checkpoints WHERE id = ?", [(listed[-1]["id"],)] * 3000)
+    newest = store.checkpoints()[-1]["id"]
+    at = page_of(tmp_path, tmp_path / "run")
+    table = next(d.value for d in at.dataframe if "reason" in d.value.columns)
+    picker = at.selectbox(key="rollback_target")
+    assert len(table) == 100 and len(picker.options) == 100
+    assert table["id"].iloc[0] == newest and picker.value == newest
+    assert any("The newest 100 of 3,002 checkpoints" in c.value for c in at.caption)
+
+
+# -- item 8: smaller ones -----------------------------------------------------------------------------
+def compressed_bomb(path: Path, megabytes: int) -> tuple[str, str]:
+    """A checkpoint whose tensor record is deflated: a few hundred KB that torch.load would inflate
+    to ``megabytes`` MiB. Returns (sha256 of the honest file, sha256 of the bomb)."""
+    honest = path.with_name("honest.pt")
+    torch.save({"format": FORMAT, "model": {"w": torch.zeros(megabytes * 2**18)}}, honest)
+    with zipfile.ZipFile(honest) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bomb:
+        for info in source.infolist():
+            with source.open(info) as src, bomb.open(info.filename, "w") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    honest_sha = hashlib.sha256(honest.read_bytes()).hexdigest()
+    honest.unlink()
+    return honest_sha, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+MEASURE = """
+import resource, sys, json
+from pathlib import Path
+from babysit.checkpoint import CheckpointError, read_verified
+out = []
+for sha in sys.argv[2:]:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        read_verified(Path(sys.argv[1]), sha)
+        message = None
+    except CheckpointError as error:
+        message = str(error)
+    out.append([message, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024])
+print(json.dumps(out))
+"""
+
+
+def test_item8_a_compressed_bomb_is_refused_before_it_inflates(tmp_path: Path) -> None:
+    bomb = tmp_path / "epoch-0001-step-00000008-b1.pt"
+    honest_sha, bomb_sha = compressed_bomb(bomb, megabytes=256)
+    assert bomb.stat().st_size < 2 * 2**20
+    (wrong_hash, grown_a), (forged_hash, grown_b) = (
+        json.loads(subprocess.run([sys.executable, "-c", MEASURE, str(bomb), sha], cwd=REPO, capture_output=True,
+                                  text=True, timeout=300, check=True).stdout)[0]
+        for sha in (honest_sha, bomb_sha)  # each in a process of its own: the peak is per process
+    )
+    assert "does not match the hash recorded when it was written" in wrong_hash
+    assert "is compressed, which torch.save never does; it was not loaded" in forged_hash
+    assert grown_a < 64 and grown_b < 64, (grown_a, grown_b)  # MiB; inflating would take 256
+
+
+def test_item8_markdown_in_a_run_name_is_shown_as_text(tmp_path: Path, page_of) -> None:
+    name = "x` [click](evil.example) ![pixel](evil.png) `y"
+    fake_trainer(tmp_path / name)
+    at = page_of(tmp_path, tmp_path / name)
+    header = next(m.value for m in at.markdown if m.value.startswith("### "))
+    tokens = [t for block in MarkdownIt().parse(header) if block.children for t in block.children]
+    assert [t.type for t in tokens] == ["code_inline", "text"], header
+    assert tokens[0].content == name
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_text("not a directory"), "is a file, not a directory"),
+    (lambda p: None, "has a name part of 300 bytes; file systems allow at most 255: use a shorter name"),
+], ids=["file", "300-characters"])
+def test_item8_a_run_dir_that_is_a_file_or_has_a_300_character_name(tmp_path: Path, make, message: str) -> None:
+    run_dir = tmp_path / ("r" * 300 if "300" in message else "a-file")
+    make(run_dir)
+    for args in (("status",), ("train", "--epochs", "1"), ("set", "lr", "0.1"), ("pause",)):
+        result = babysit_cli(*args, "--run-dir", str(run_dir))
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_item8_wrong_typed_status_values_break_neither_the_cli_nor_the_page(tmp_path: Path, page_of) -> None:
+    store = fake_trainer(tmp_path / "run")
+    connection = sqlite3.connect(tmp_path / "run" / "run.db")
+    connection.execute("UPDATE status SET lr = 'fast', momentum = x'00ff', heartbeat = 'soon', epoch = 'three',"
+                       " step = 1.5, steps_per_epoch = 'many', message = 42 WHERE id = 1")
+    connection.commit()
+    connection.close()
+    for args in (("status",), ("status", "--json")):
+        result = babysit_cli(*args, "--run-dir", str(tmp_path / "run"))
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert json.loads(babysit_cli("status", "--json", "--run-dir", str(tmp_path / "run")).stdout)["lr"] is None
+    at = page_of(tmp_path, tmp_path / "run")
+    assert {m.label: m.value for m in at.metric}["lr"] == "–"
+    assert store.status()["effective_state"] == "not responding"  # no trustworthy heartbeat
+
+
+def test_item8_a_read_only_run_directory_is_reported_as_such(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    fake_trainer(run_dir).close()  # its last connection closed: no write-ahead log files beside run.db
+    assert shutil.which("unshare"), "util-linux's unshare is needed to mount the run directory read-only"
+    commands = "; ".join(f"{sys.executable} -m babysit {c} --run-dir {run_dir}; echo exit $?"
+                         for c in ("status", "pause", "train"))
+    script = f"mount --bind {run_dir} {run_dir} && mount -o remount,bind,ro {run_dir} && {{ {commands}; }}"
+    result = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stdout.count("exit 2") == 3, result.stdout + result.stderr
+    assert result.stderr.count(f"run directory {str(run_dir)!r} is read-only") == 3, result.stderr
+    assert "not a readable babysit run database" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_item8_run_db_deleted_under_a_running_trainer_is_noticed_and_nothing_is_overwritten(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    trainer = Trainer(run_dir, "--epochs", "6", *FAST)
+    try:
+        trainer.wait_running()
+        store = RunStore(run_dir)
+        wait_for(lambda: len(store.checkpoints()) >= 2, timeout=300, what="two checkpoints")
+        for name in ("run.db", "run.db-wal", "run.db-shm"):
+            (run_dir / name).unlink(missing_ok=True)
+        wait_for(lambda: "was deleted or replaced under this trainer" in trainer.output(), timeout=120,
+                 what="the trainer noticing")
+        before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in run_dir.glob("epoch-*.pt")}
+        trainer.process.send_signal(signal.SIGTERM)
+        assert trainer.wait_exit(timeout=120) == 0, trainer.output()
+    finally:
+        trainer.kill()
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in run_dir.glob("epoch-*.pt")}
+    assert before.items() <= kept.items()
+    # A new trainer here starts a new run (nothing lists the old files) and overwrites none of them.
+    again = Trainer(run_dir, "--epochs", "3", *FAST)
+    try:
+        assert again.wait_exit(timeout=300) == 0, again.output()
+    finally:
+        again.kill()
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in run_dir.glob("epoch-*.pt")}
+    assert kept.items() <= after.items()
+    new = [c["file"] for c in RunStore(run_dir).checkpoints()]
+    assert len(new) >= 3 and not set(new) & set(kept), (new, sorted(kept))
