@@ -49,6 +49,8 @@ KEY_METRICS = "metrics"
 KEY_LAST_COMMAND = "last_command"
 # The loop's own state (run.state): plain values and the state of its Stateful objects.
 KEY_USER_STATE = "user_state"
+# The states of the loader's own torch.Generator(s), at the epoch's start and at the cut.
+KEY_LOADER_RNG = "loader_rng"
 
 TEMP_MARK = ".tmp-"
 # Below this size a checkpoint is read and hashed in one go; above, it is memory-mapped and hashed

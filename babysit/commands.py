@@ -107,6 +107,12 @@ def validate_momentum(raw: Any) -> float:
     return value
 
 
+def validate_branch(raw: Any, kind: str) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise CommandError(f"{kind} branch must be a branch id, a whole number >= 1, got {_show(raw)}")
+    return raw
+
+
 def validate_checkpoint_id(raw: Any) -> int:
     """Checkpoints are named by their id only; anything shaped like a path is refused."""
     accepted = "a checkpoint id, a whole number such as 3 (see `python -m babysit status`)"
@@ -145,6 +151,8 @@ def validate(kind: Any, args: dict[str, Any] | None = None) -> Command:
             normalised["lr"] = validate_lr(args["lr"])
         if args.get("momentum") is not None:
             normalised["momentum"] = validate_momentum(args["momentum"])
+        if args.get("branch") is not None:  # the guard's remedy names the branch it is for
+            normalised["branch"] = validate_branch(args["branch"], "rollback")
         return Command(kind, normalised)
     if kind == PAUSE and (args.get("reason") is not None or args.get("branch") is not None):
         # The guard says why it paused the run, and for which branch; a person's pause needs neither.
@@ -154,11 +162,8 @@ def validate(kind: Any, args: dict[str, Any] | None = None) -> Command:
             if not isinstance(reason, str) or len(reason) > 300:
                 raise CommandError(f"pause reason must be text of at most 300 characters, got {_show(reason)}")
             paused["reason"] = reason
-        branch = args.get("branch")
-        if branch is not None:
-            if isinstance(branch, bool) or not isinstance(branch, int) or branch < 1:
-                raise CommandError(f"pause branch must be a branch id, a whole number >= 1, got {_show(branch)}")
-            paused["branch"] = branch
+        if args.get("branch") is not None:
+            paused["branch"] = validate_branch(args["branch"], "pause")
         extra = sorted(k for k in args if k not in ("reason", "branch") and args[k] is not None)
         if extra:
             raise CommandError(f"pause takes only a reason and a branch, got {', '.join(extra)}")

@@ -10,9 +10,13 @@ batches already trained are skipped, and then the generators are put back as the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-from .checkpoint import KEY_EPOCH, KEY_EPOCH_START_RNG, KEY_RNG, KEY_STEP, KEY_STEP_IN_EPOCH, rng_state, set_rng_state
+import torch
+
+from .checkpoint import (
+    KEY_EPOCH, KEY_EPOCH_START_RNG, KEY_LOADER_RNG, KEY_RNG, KEY_STEP, KEY_STEP_IN_EPOCH, rng_state, set_rng_state,
+)
 
 
 @dataclass
@@ -27,6 +31,22 @@ class ResumePosition:
     epoch_start_rng: dict[str, Any] | None = None
     rng_after_skip: dict[str, Any] | None = None
     rng_at_epoch_end: dict[str, Any] | None = None
+    # A loader with a torch.Generator of its own (PyTorch's reproducibility recipe) shuffles from
+    # it, not from the global generator: its states travel too, set when the loader is next used.
+    loader_generators: tuple[torch.Generator, ...] = ()
+    loader_rng_epoch_start: list[torch.Tensor] | None = None
+    loader_rng_to_set: list[torch.Tensor] | None = None
+    loader_rng_after_skip: list[torch.Tensor] | None = None
+
+    def use_loader(self, loader: Iterable[Any]) -> None:
+        """Before ``iter(loader)``: find its generators, put back a checkpoint's states."""
+        self.loader_generators = loader_generators(loader)
+        states, self.loader_rng_to_set = self.loader_rng_to_set, None
+        if states is not None and len(states) == len(self.loader_generators):
+            for generator, state in zip(self.loader_generators, states):
+                generator.set_state(state)
+        if self.skip_batches == 0:
+            self.loader_rng_epoch_start = [g.get_state() for g in self.loader_generators]
 
     def begin_epoch(self) -> int:
         """Enter the next epoch; return its number."""
@@ -48,6 +68,10 @@ class ResumePosition:
         if self.rng_after_skip is not None:
             set_rng_state(self.rng_after_skip)
             self.rng_after_skip = None
+        after, self.loader_rng_after_skip = self.loader_rng_after_skip, None
+        if after is not None and len(after) == len(self.loader_generators):
+            for generator, state in zip(self.loader_generators, after):
+                generator.set_state(state)
 
     def end_epoch(self, rng_at_end: dict[str, Any]) -> None:
         self.rng_at_epoch_end = rng_at_end
@@ -59,6 +83,8 @@ class ResumePosition:
             KEY_RNG: rng_now,
             KEY_EPOCH_START_RNG: self.epoch_start_rng if self.epoch_start_rng is not None else rng_now,
             KEY_EPOCH: self.epoch, KEY_STEP: self.step, KEY_STEP_IN_EPOCH: self.step_in_epoch,
+            KEY_LOADER_RNG: {"epoch_start": self.loader_rng_epoch_start,
+                             "now": [g.get_state() for g in self.loader_generators]},
         }
 
     def restore(self, state: dict[str, Any], *, epoch_done: bool) -> None:
@@ -66,7 +92,9 @@ class ResumePosition:
         self.step = int(state[KEY_STEP])
         self.epoch = int(state[KEY_EPOCH])
         self.rng_at_epoch_end = None
+        loader_rng = state.get(KEY_LOADER_RNG) or {}
         if epoch_done:
+            self.loader_rng_to_set, self.loader_rng_after_skip = loader_rng.get("now"), None
             self.next_epoch = self.epoch + 1
             self.step_in_epoch = self.skip_batches = 0
             self.rng_after_skip = None
@@ -74,6 +102,17 @@ class ResumePosition:
         else:
             self.next_epoch = self.epoch
             self.step_in_epoch = self.skip_batches = int(state[KEY_STEP_IN_EPOCH])
+            self.loader_rng_to_set, self.loader_rng_after_skip = loader_rng.get("epoch_start"), loader_rng.get("now")
             self.epoch_start_rng = state[KEY_EPOCH_START_RNG]
             set_rng_state(state[KEY_EPOCH_START_RNG])
             self.rng_after_skip = state[KEY_RNG]
+
+
+def loader_generators(loader: Any) -> tuple[torch.Generator, ...]:
+    """The torch.Generator objects a DataLoader (its sampler, its batch sampler's sampler) draws from."""
+    found: list[torch.Generator] = []
+    for holder in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        generator = getattr(holder, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return tuple(found)

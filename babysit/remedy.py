@@ -62,7 +62,7 @@ class DivergenceRemedy:
                        f"{lr / 2:g} (automatic remedy {self.used} of {limit})")
             run.store.add_event("divergence", message, branch=branch, step=step, data=data)
             run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": healthy["id"], "hparams": cmd.HPARAMS_CURRENT,
-                                                     "lr": lr / 2}, source="guard", require_live=False)
+                                                     "lr": lr / 2, "branch": branch}, source="guard", require_live=False)
         else:
             remedy = (f"; remedy: roll back to checkpoint #{healthy['id']} with lr {lr / 2:g}" if healthy
                       else "; no checkpoint to roll back to yet")

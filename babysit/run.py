@@ -124,6 +124,9 @@ class Run:
         self.model = model
         self.scheduler = scheduler
         self.state: dict[str, Any] = dict(state or {})
+        # What a checkpoint from before run.state existed restores (and a check, before anything
+        # is created, that a checkpoint can hold these values).
+        self._initial_state = user_state.capture(self.state)
         self.config = dict(config or {})
         json.dumps(self.config)  # fail now, not at the first checkpoint
         self.keep_last = keep_last
@@ -148,6 +151,7 @@ class Run:
         self._rollback: PendingRollback | None = None
         self._stop_command: dict[str, Any] | None = None
         self._stop_job: PendingCheckpoint | None = None
+        self._final_hparams: dict[str, Any] | None = None
         self._stop_reason: str | None = None      # request_stop(): a signal, not a queued command
         self._replay: list[dict[str, Any]] = []
         self._last_command_id = 0                 # the last command handled (see KEY_LAST_COMMAND)
@@ -241,7 +245,11 @@ class Run:
                     break
                 self.position.begin_epoch()
                 self._epoch_metrics = {}
-                yield self.epoch
+                try:
+                    yield self.epoch
+                except GeneratorExit:
+                    self._left_epochs()
+                    raise
                 if self._interrupt is Interrupt.ROLLBACK:
                     self._finish_rollback()
                     continue
@@ -256,6 +264,17 @@ class Run:
             if restore_signals is not None:
                 restore_signals()
 
+    def _left_epochs(self) -> None:
+        """The loop broke out of ``run.epochs`` (or an error did): say so, write nothing — the
+        state at a break is whatever the loop left, and after an error it may be half a step.
+        ``run.request_stop()`` is the way to stop early with a final checkpoint."""
+        if self._closed or self._interrupt is not None:
+            return
+        self.status = STOPPED
+        self.message = (f"the loop left run.epochs at step {self.step} (epoch {self.epoch}); it resumes from the "
+                        "latest checkpoint")
+        self.store.add_event(STOPPED, self.message, branch=self.branch, step=self.step, epoch=self.epoch)
+
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
         """Yield the batches of ``loader``; between two batches, call :meth:`step_boundary`.
 
@@ -267,8 +286,9 @@ class Run:
             self.steps_per_epoch = None
         if self.items_per_step is None and isinstance(getattr(loader, "batch_size", None), int):
             self.items_per_step = loader.batch_size  # type: ignore[attr-defined]
-        iterator = iter(loader)
         position = self.position
+        position.use_loader(loader)
+        iterator = iter(loader)
         if position.skip_batches:
             position.skip_trained(iterator)
         self._wake = True
@@ -284,7 +304,12 @@ class Run:
     def step_boundary(self) -> Interrupt | None:
         """Apply what is due between two steps: replays, queued commands, a pause; record an lr or
         momentum the loop or its scheduler changed. Returns the interrupt (stop, rollback) that
-        now cuts the epoch short, if any. Cheap when nothing is due (a flag and a memory read)."""
+        now cuts the epoch short, if any. Cheap when nothing is due (a flag and a memory read).
+
+        The caller counts its steps in ``run.position`` first (``run.batches`` does); once it
+        returns an interrupt, the caller leaves the epoch: nothing more is applied until then."""
+        if self._interrupt is not None:
+            return self._interrupt
         if self._wake or self.signal.changed() or self._replay:
             self._apply_due()
         watch = self._hparams
@@ -505,7 +530,7 @@ class Run:
         self.optimizer.load_state_dict(state[KEY_OPTIMIZER])
         if self.scheduler is not None and state.get(KEY_SCHEDULER) is not None:
             self.scheduler.load_state_dict(state[KEY_SCHEDULER])
-        for note in user_state.restore(self.state, state.get(KEY_USER_STATE)):
+        for note in user_state.restore(self.state, state.get(KEY_USER_STATE) or self._initial_state):
             self.store.add_event("state_not_restored", note, branch=self.branch, step=int(record["step"]))
         self.position.restore(state, epoch_done=record["reason"] == EPOCH_DONE)
         self._hparams.restored()
@@ -522,7 +547,7 @@ class Run:
     def _apply_due(self) -> None:
         """Replays, then queued commands, then a pause."""
         self._wake = False
-        if self._stop_reason is not None:
+        if self._stop_reason is not None and not self._at_last_boundary():
             self._begin_stop(None)
             return
         while self._replay and self._replay[0]["step"] <= self.step:
@@ -594,11 +619,11 @@ class Run:
                 result["warning"] = (f"{type(self.scheduler).__name__} cycles momentum and will overwrite this "
                                      "at its next step (the chart shows what it sets)")
             return result
+        for_branch = command.args.get("branch")
+        if for_branch is not None and for_branch != self.branch:  # a remedy for a branch the run has left
+            raise cmd.CommandError(f"this {command.kind} was for a divergence on branch {for_branch}; the run has "
+                                   f"moved on to branch {self.branch}")
         if command.kind == cmd.PAUSE:
-            for_branch = command.args.get("branch")
-            if for_branch is not None and for_branch != self.branch:
-                raise cmd.CommandError(f"this pause was for a divergence on branch {for_branch}; the run has moved on "
-                                       f"to branch {self.branch}")
             if self.status == PAUSED:
                 raise cmd.CommandError("the run is already paused")
             why = command.args.get("reason") or f"by {pending['source']}"
@@ -612,10 +637,16 @@ class Run:
             self.remedy.person_resumed()
             return {"state": RUNNING}
         if command.kind == cmd.CHECKPOINT:
-            self.snapshots.take_for_command(pending["id"])
+            if self._at_last_boundary():  # the epoch's own checkpoint, of this step, answers it
+                self.snapshots.answer_at_epoch_end(pending["id"])
+            else:
+                self.snapshots.take_for_command(pending["id"])
             return None
         if command.kind == cmd.STOP:
-            self._begin_stop(pending)
+            if self._at_last_boundary():  # let the epoch end as usual; stop before the next one
+                self._stop_command, self._stop_reason = pending, self._stop_reason or "stop command"
+            else:
+                self._begin_stop(pending)
             return None
         if command.kind == cmd.ROLLBACK:
             record = self.store.checkpoint(command.args["checkpoint"], must_exist=True)
@@ -628,12 +659,17 @@ class Run:
             return None
         raise cmd.CommandError(f"unknown command {command.kind!r}")
 
+    def _at_last_boundary(self) -> bool:
+        """After the epoch's last batch: a cut here would leave an epoch with nothing to train but
+        its end (evaluation, anneal) still to run; a stop or a checkpoint waits for that end."""
+        return self.steps_per_epoch is not None and self.position.step_in_epoch >= self.steps_per_epoch
+
     def _begin_stop(self, pending: dict[str, Any] | None) -> None:
         """A stop is checkpointed here, at the step boundary, so that nothing the loop runs after
         the cut (its evaluation, its lr anneal) reaches the final checkpoint."""
+        self._stop_job = self.snapshots.take("stop", reuse_same_step=True)  # may refuse: nothing is set yet
         self._stop_command = pending
         self._interrupt = Interrupt.STOP
-        self._stop_job = self.snapshots.take("stop")
 
     def _check_fits(self, state: dict[str, Any], record: dict[str, Any]) -> None:
         """Refuse a checkpoint whose tensors do not fit this model or optimizer before anything
@@ -705,6 +741,7 @@ class Run:
 
     def _finish_stop(self) -> None:
         job = self._stop_job or self.snapshots.take("stop", reuse_same_step=True)
+        self._final_hparams = job.meta["hparams"]
         self.snapshots.wait()
         pending = self._stop_command
         if pending is not None:
@@ -712,7 +749,7 @@ class Run:
             if job.error is not None:
                 result = {"checkpoint": None, "warning": str(job.error)}
             self.store.finish_command(pending["id"], cmd.APPLIED, branch=self.branch, step=self.step, result=result)
-        why = f" ({self._stop_reason})" if self._stop_reason and pending is None else ""
+        why = f" ({self._stop_reason})" if self._stop_reason and self._stop_reason != "stop command" else ""
         self._finish(STOPPED, f"stopped at step {self.step}{why} with a final checkpoint")
 
     def _finish(self, status: str, message: str) -> None:
@@ -723,7 +760,9 @@ class Run:
 
     # -- writer-thread callbacks --------------------------------------------------------------
     def _status_fields(self) -> dict[str, Any]:
-        hparams = optim.read_hparams(self.optimizer)
+        # After a stop, what the final checkpoint holds (and a resume uses), not what the loop
+        # may have set after the cut.
+        hparams = self._final_hparams or optim.read_hparams(self.optimizer)
         position = self.position
         return {
             "state": self.status, "epoch": position.epoch, "step": position.step,

@@ -7,6 +7,7 @@ framework) that handles these signals itself keeps its own behaviour.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -22,8 +23,11 @@ def install_stop_handlers(request_stop: Callable[[str], None], stop_requested: C
     if threading.current_thread() is not threading.main_thread():
         return None
     previous: dict[int, Any] = {}
+    owner = os.getpid()
 
     def handler(signum: int, _frame: Any) -> None:
+        if os.getpid() != owner:  # a forked DataLoader worker: the trainer itself handles the stop
+            return
         if stop_requested():
             raise KeyboardInterrupt
         print("\nbabysit: stopping at the next step with a final checkpoint (Ctrl-C again to abort)",

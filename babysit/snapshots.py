@@ -11,6 +11,7 @@ never overwritten.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,8 @@ from .rundir import unlink_in
 if TYPE_CHECKING:
     from .run import Run
 
+log = logging.getLogger(__name__)
+
 EPOCH_DONE = "epoch"   # the reason recorded for an epoch's own checkpoint (resume at the next epoch)
 
 
@@ -41,11 +44,14 @@ class Snapshots:
         self._names_in_flight: set[str] = set()
         self._command_job: PendingCheckpoint | None = None   # the "checkpoint now" being written
         self._last_job: PendingCheckpoint | None = None
+        self._refused_keys: set[str] = set()
+        self._for_epoch_end: list[int] = []               # "checkpoint now" at the epoch's last boundary
 
     # -- taking ------------------------------------------------------------------------------
-    def take(self, reason: str, *, reuse_same_step: bool = False) -> PendingCheckpoint:
+    def take(self, reason: str, *, reuse_same_step: bool = False, commands: list[int] | None = None) -> PendingCheckpoint:
         """Snapshot now and hand it to the writer; ``reuse_same_step``: if the last snapshot was
-        taken at this very step of this branch (nothing trained since), answer with that one."""
+        taken at this very step of this branch (nothing trained since), answer with that one.
+        ``commands``: the "checkpoint now" requests it answers (set before the writer sees it)."""
         run = self.run
         last = self._last_job
         if (reuse_same_step and last is not None and last.meta["branch"] == run.branch
@@ -58,20 +64,34 @@ class Snapshots:
             KEY_MODEL: clone_tree(run.model.state_dict()),
             KEY_OPTIMIZER: clone_tree(run.optimizer.state_dict()),
             KEY_SCHEDULER: clone_tree(run.scheduler.state_dict()) if run.scheduler is not None else None,
-            KEY_USER_STATE: user_state.capture(run.state),
+            KEY_USER_STATE: user_state.capture(run.state, on_refused=self._state_refused),
             **run.position.to_checkpoint(rng_now),
             KEY_BRANCH: run.branch, KEY_HPARAMS: hparams, KEY_CONFIG: run.config,
             KEY_METRICS: dict(run._epoch_metrics), KEY_LAST_COMMAND: run._last_command_id,
         }
         meta = {"branch": run.branch, "epoch": run.epoch, "step": run.step, "step_in_epoch": run.step_in_epoch,
-                "hparams": hparams, "metrics": dict(run._epoch_metrics), "reason": reason, "commands": [],
-                "rng": rng_now}
+                "hparams": hparams, "metrics": dict(run._epoch_metrics), "reason": reason,
+                "commands": list(commands or []), "rng": rng_now}
         job = PendingCheckpoint(path=self._unique_path(run.branch, run.epoch, run.step), state=state, meta=meta)
         self._last_job = job
+        if commands:
+            with self._lock:
+                self._command_job = job
         return self.writer.submit(job)
 
+    def _state_refused(self, key: str, message: str) -> None:
+        """A run.state value no checkpoint can hold: left out, said once (the run goes on)."""
+        if key in self._refused_keys:
+            return
+        self._refused_keys.add(key)
+        run = self.run
+        log.warning("babysit: %s; it is left out of the checkpoints", message)
+        run.store.add_event("state_not_saved", f"{message}; it is left out of the checkpoints until it changes",
+                            branch=run.branch, step=run.step, epoch=run.epoch, data={"key": key})
+
     def end_epoch(self) -> None:
-        job = self.take(EPOCH_DONE)  # the epoch's end is recorded by the writer thread too
+        waiting, self._for_epoch_end = self._for_epoch_end, []
+        job = self.take(EPOCH_DONE, commands=waiting)  # the epoch's end is recorded by the writer thread too
         self.run.position.end_epoch(job.meta["rng"])
 
     def take_for_command(self, command_id: int) -> None:
@@ -84,10 +104,7 @@ class Snapshots:
                 if job.meta["branch"] == run.branch and job.meta["step"] == run.step:
                     job.meta["commands"].append(command_id)
                 return
-        job = self.take("command")
-        with self._lock:
-            job.meta["commands"].append(command_id)
-            self._command_job = job
+        self.take("command", commands=[command_id])
 
     def answer_waiting(self) -> None:
         """As the run ends: answer the "checkpoint now" requests still waiting for a write with the
@@ -101,8 +118,15 @@ class Snapshots:
                 run.store.finish_command(pending["id"], cmd.APPLIED, branch=run.branch, step=run.step,
                                          result={"checkpoint": last.meta["id"]})
 
+    def answer_at_epoch_end(self, command_id: int) -> None:
+        if command_id not in self._for_epoch_end:
+            self._for_epoch_end.append(command_id)
+
     def is_carrying_out(self, command_id: int) -> bool:
-        """True for a "checkpoint now" whose snapshot is being written (it must not run again)."""
+        """True for a "checkpoint now" whose snapshot is being written, or that the epoch's own
+        checkpoint will answer (it must not be carried out again)."""
+        if command_id in self._for_epoch_end:
+            return True
         with self._lock:
             job = self._command_job
             return job is not None and not job.done.is_set() and command_id in job.meta["commands"]

@@ -13,14 +13,11 @@ hidden state on the GPU stays on the GPU), else on the CPU.
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
-from .checkpoint import clone_tree
-
-log = logging.getLogger(__name__)
 
 PLAIN = "plain"
 STATEFUL = "stateful"
@@ -34,20 +31,28 @@ def is_stateful(value: Any) -> bool:
     return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
 
 
-def _check_plain(value: Any, where: str) -> None:
-    if isinstance(value, _SCALARS) or isinstance(value, torch.Tensor):
-        return
-    if isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check_plain(item, f"{where}[{index}]")
-        return
-    if isinstance(value, dict):
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as the checkpoint will hold it: NumPy scalars (``np.mean(losses)``) become Python
+    numbers; exact types only, since a subclass of float (np.float64 is one) is not plain data to
+    ``weights_only`` loading. Raises TypeError naming where the refused value is."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, np.generic) and value.shape == ():
+        return value.item()
+    if kind in (list, tuple):
+        return kind(_plain(item, f"{where}[{index}]") for index, item in enumerate(value))
+    if kind is dict:
+        out = {}
         for key, item in value.items():
-            if not isinstance(key, _SCALARS):
-                raise TypeError(f"{where} has a key of type {type(key).__name__}; a checkpoint holds {ACCEPTED}")
-            _check_plain(item, f"{where}[{key!r}]")
-        return
-    raise TypeError(f"{where} holds a {type(value).__module__}.{type(value).__name__}, which a checkpoint "
+            if type(key) not in _SCALARS:
+                raise TypeError(f"{where} has a key of type {type(key).__name__}, which a checkpoint cannot hold "
+                                f"safely; accepted: {ACCEPTED}")
+            out[key] = _plain(item, f"{where}[{key!r}]")
+        return out
+    raise TypeError(f"{where} holds a {kind.__module__}.{kind.__name__}, which a checkpoint "
                     f"cannot hold safely; accepted: {ACCEPTED}")
 
 
@@ -63,21 +68,29 @@ def _devices(value: Any, path: tuple[Any, ...], found: dict[str, str]) -> None:
             _devices(item, (*path, key), found)
 
 
-def capture(state: dict[str, Any]) -> dict[str, Any]:
-    """A checkpointable copy of ``run.state`` (tensors cloned on their device); raises TypeError
-    naming the key of a value a checkpoint cannot hold."""
+def check(state: dict[str, Any]) -> None:
+    """Raise TypeError naming the first value of ``state`` a checkpoint could not hold."""
+    capture(state, on_refused=None)
+
+
+def capture(state: dict[str, Any], on_refused: Callable[[str, str], None] | None = None) -> dict[str, Any]:
+    """A checkpointable copy of ``run.state`` (tensors cloned on their device). A value a
+    checkpoint cannot hold raises TypeError naming its key, or — with ``on_refused(key, message)``
+    — is left out of this checkpoint, so that training goes on and everything else is saved."""
     plain: dict[str, Any] = {}
     stateful: dict[str, Any] = {}
     for key, value in state.items():
-        if not isinstance(key, str):
-            raise TypeError(f"run.state keys must be strings, got {key!r}")
-        if is_stateful(value) and not isinstance(value, torch.Tensor):
-            saved = value.state_dict()
-            _check_plain(saved, f"run.state[{key!r}].state_dict()")
-            stateful[key] = clone_tree(saved)
-        else:
-            _check_plain(value, f"run.state[{key!r}]")
-            plain[key] = clone_tree(value)
+        try:
+            if type(key) is not str:
+                raise TypeError(f"run.state keys must be strings, got {key!r}")
+            if is_stateful(value) and not isinstance(value, torch.Tensor):
+                stateful[key] = _plain(value.state_dict(), f"run.state[{key!r}].state_dict()")
+            else:
+                plain[key] = _plain(value, f"run.state[{key!r}]")
+        except TypeError as error:
+            if on_refused is None:
+                raise
+            on_refused(str(key), str(error))
     devices: dict[str, str] = {}
     _devices({PLAIN: plain, STATEFUL: stateful}, (), devices)
     return {PLAIN: plain, STATEFUL: stateful, DEVICES: devices}
@@ -99,9 +112,10 @@ def _to_devices(value: Any, path: tuple[Any, ...], devices: dict[str, str]) -> A
 
 
 def _device_available(device: str) -> bool:
-    kind = torch.device(device).type
-    return kind == "cpu" or (kind == "cuda" and torch.cuda.is_available()) or (
-        kind == "mps" and torch.backends.mps.is_available())
+    place = torch.device(device)
+    if place.type == "cuda":
+        return torch.cuda.is_available() and (place.index or 0) < torch.cuda.device_count()
+    return place.type == "cpu" or (place.type == "mps" and torch.backends.mps.is_available())
 
 
 def restore(live: dict[str, Any], saved: dict[str, Any] | None) -> list[str]:
@@ -111,7 +125,7 @@ def restore(live: dict[str, Any], saved: dict[str, Any] | None) -> list[str]:
     the loop added after that checkpoint are removed (they did not exist at that point of the run).
     Returns the notes worth an event: saved Stateful state with no live object to load it into.
     """
-    if saved is None:  # a checkpoint from before run.state existed
+    if saved is None:  # a checkpoint from before run.state existed: the caller passes the initial state
         return []
     devices = saved.get(DEVICES, {})
     saved = _to_devices({PLAIN: saved.get(PLAIN, {}), STATEFUL: saved.get(STATEFUL, {})}, (), devices)

@@ -24,7 +24,7 @@ from babysit import checkpoint as checkpoint_module
 from babysit.checkpoint import KEY_MODEL, KEY_OPTIMIZER, KEY_USER_STATE, read_verified
 from babysit.store import RunStore
 from tests import stateful_lm
-from tests.conftest import REPO, tiny_job, wait_for
+from tests.conftest import REPO, tiny_data, tiny_job, wait_for
 
 
 def series(store: RunStore, name: str, branch: int = 1, segment: int = 0) -> list[tuple[int, float]]:
@@ -114,11 +114,17 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical_for_a_stateful_loop(tmp_p
     run_dir = tmp_path / "killed"
     process = start_script(run_dir, "--epochs", "3")
     try:
-        store = wait_alive(run_dir, process, min_step=80)  # inside epoch 2 (64 steps an epoch)
+        store = wait_alive(run_dir, process, min_step=70)  # inside epoch 2 (64 steps an epoch)
+        while True:  # paused inside an epoch, not at its first boundary: no epoch end before the kill
+            store.enqueue_command(cmd.PAUSE, source="test")
+            wait_for(lambda: store.status()["state"] == "paused", timeout=120, what="the pause")
+            if store.status()["step_in_epoch"] > 0:
+                break
+            store.enqueue_command(cmd.RESUME, source="test")
+            wait_for(lambda: store.status()["state"] == "running", timeout=120, what="the resume")
         checkpoint_id = store.enqueue_command(cmd.CHECKPOINT, source="test")
-        store.enqueue_command(cmd.PAUSE, source="test")  # applied at the same boundary: no epoch end before the kill
-        wait_for(lambda: store.status()["state"] == "paused" and store.command(checkpoint_id)["state"] == cmd.APPLIED,
-                 timeout=120, what="the mid-epoch checkpoint, then the pause")
+        wait_for(lambda: store.command(checkpoint_id)["state"] == cmd.APPLIED, timeout=120,
+                 what="the mid-epoch checkpoint")
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
     finally:
@@ -128,8 +134,7 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical_for_a_stateful_loop(tmp_p
     saved_hidden = read_verified(run_dir / cut["file"], cut["sha256"])[KEY_USER_STATE]["plain"]["hidden"]
     assert saved_hidden is not None and saved_hidden[0].abs().sum() > 0  # the LSTM state at the cut, not zeros
 
-    store.enqueue_command(cmd.RESUME, source="test", require_live=False)
-    again = start_script(run_dir, "--epochs", "3")
+    again = start_script(run_dir, "--epochs", "3")  # a restarted trainer runs (a pause is not carried over)
     assert again.wait(timeout=300) == 0, (run_dir.parent / "killed.log").read_text()
     assert "resumed from checkpoint" in store.status()["message"] or any(e["kind"] == "resume" for e in store.events())
     assert series(store, "loss") == series(RunStore(tmp_path / "straight"), "loss")
@@ -187,14 +192,108 @@ def test_a_stateful_object_in_run_state_is_saved_and_loaded_into_the_live_object
     assert final_state(tmp_path / "r")[KEY_USER_STATE]["stateful"] == {"counter": {"seen": 12}}
 
 
-def test_run_state_refuses_what_a_checkpoint_cannot_hold_naming_the_key(tmp_path: Path) -> None:
+def test_run_state_refuses_at_once_what_a_checkpoint_cannot_hold_naming_the_key(tmp_path: Path) -> None:
     model = nn.Linear(2, 1)
-    run = babysit.Run(tmp_path / "r", model, torch.optim.SGD(model.parameters(), lr=0.1), state={"bad": np.zeros(3)})
     with pytest.raises(TypeError, match=r"^run.state\['bad'\] holds a numpy.ndarray, which a checkpoint cannot hold "
                                         r"safely; accepted: numbers, strings"):
-        run.checkpoint_now()
-    run.close()
-    assert RunStore(tmp_path / "r").checkpoints() == []
+        babysit.Run(tmp_path / "r", model, torch.optim.SGD(model.parameters(), lr=0.1), state={"bad": np.zeros(3)})
+    assert not (tmp_path / "r").exists()
+
+
+def test_numpy_numbers_are_kept_as_numbers_and_a_bad_value_set_later_is_left_out_not_fatal(tmp_path: Path) -> None:
+    def on_step(run: babysit.Run) -> None:
+        if run.step == 2:
+            run.state["best"] = np.mean([1.0, 2.0])             # np.float64: a float subclass
+            run.state["where"] = np.argmin([3, 1, 2])           # np.int64
+            run.state["history"] = np.array([0.5, 0.25])       # an array: no checkpoint can hold it safely
+
+    run = stateful_lm.train(tmp_path / "r", 1, on_step=on_step)
+    assert run.status == "finished"
+    saved = final_state(tmp_path / "r")[KEY_USER_STATE]["plain"]  # loaded with weights_only=True
+    assert (saved["best"], type(saved["best"]), saved["where"], type(saved["where"])) == (1.5, float, 1, int)
+    assert "history" not in saved
+    refused = [e for e in RunStore(tmp_path / "r").events() if e["kind"] == "state_not_saved"]
+    assert [e["data"]["key"] for e in refused] == ["history"]
+
+
+def test_a_loader_with_its_own_generator_resumes_mid_epoch_exactly(tmp_path: Path) -> None:
+    def job(run_dir: Path, on_step: Any = None) -> babysit.Run:
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(tiny_data(), batch_size=8, shuffle=True,
+                                             generator=torch.Generator().manual_seed(7))
+        model = nn.Linear(4, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with babysit.Run(run_dir, model, optimizer) as run:
+            for _ in run.epochs(3):
+                for x, y in run.batches(loader):
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    run.log(loss=loss)
+                    if on_step is not None:
+                        on_step(run)
+        return run
+
+    def stop_mid_epoch_2(run: babysit.Run) -> None:
+        if run.step == 11:
+            run.store.enqueue_command(cmd.STOP, source="test")
+
+    straight = job(tmp_path / "straight")
+    job(tmp_path / "cut", stop_mid_epoch_2)
+    resumed = job(tmp_path / "cut")
+    assert RunStore(tmp_path / "cut").checkpoints()[1]["reason"] == "stop"
+    assert series(RunStore(tmp_path / "cut"), "loss") == series(RunStore(tmp_path / "straight"), "loss")
+    assert same_tensors(resumed.model.state_dict(), straight.model.state_dict())
+
+
+def test_a_stop_or_checkpoint_at_an_epoch_s_last_boundary_waits_for_the_epoch_s_end(tmp_path: Path) -> None:
+    ids: dict[str, int] = {}
+
+    def on_step(run: babysit.Run) -> None:
+        if run.step == 16:  # the last batch of epoch 2
+            ids["checkpoint"] = run.store.enqueue_command(cmd.CHECKPOINT, source="test")
+            ids["stop"] = run.store.enqueue_command(cmd.STOP, source="test")
+
+    run, interrupted = annealing_loop(tmp_path / "r", epochs=5, on_step=on_step)
+    store = RunStore(tmp_path / "r")
+    assert interrupted == [False, False] and run.status == "stopped" and run.step == 16
+    assert [(c["reason"], c["step"]) for c in store.checkpoints()] == [("epoch", 8), ("epoch", 16)]
+    assert store.command(ids["checkpoint"])["result"]["checkpoint"] == 2
+    assert store.command(ids["stop"])["result"]["checkpoint"] == 2
+    assert store.status()["message"] == "stopped at step 16 with a final checkpoint"
+
+
+def test_a_stop_command_during_the_epoch_s_evaluation_reuses_the_epoch_checkpoint(tmp_path: Path) -> None:
+    def evaluation(run: babysit.Run, epoch: int) -> None:
+        if epoch == 1:
+            run.store.enqueue_command(cmd.STOP, source="test")
+
+    run, _ = tiny_job(tmp_path / "r", epochs=3, on_epoch_end=evaluation)
+    store = RunStore(tmp_path / "r")
+    assert run.status == "stopped" and [(c["reason"], c["step"]) for c in store.checkpoints()] == [("epoch", 8)]
+
+
+def test_the_status_after_a_stop_shows_the_lr_of_the_final_checkpoint(tmp_path: Path) -> None:
+    def on_step(run: babysit.Run) -> None:
+        if run.step == 12:
+            run.store.enqueue_command(cmd.STOP, source="test")
+
+    annealing_loop(tmp_path / "r", epochs=5, on_step=on_step)
+    assert RunStore(tmp_path / "r").status()["lr"] == 0.025  # not the 0.00625 the loop set after the cut
+
+
+def test_breaking_out_of_run_epochs_says_where_the_run_resumes(tmp_path: Path) -> None:
+    model = nn.Linear(2, 1)
+    with babysit.Run(tmp_path / "r", model, torch.optim.SGD(model.parameters(), lr=0.1)) as run:
+        for epoch in run.epochs(10):
+            for _x in run.batches(range(4)):
+                pass
+            if epoch == 2:
+                break  # early stopping, written the usual way
+    status = RunStore(tmp_path / "r").status()
+    assert (status["state"], status["message"]) == (
+        "stopped", "the loop left run.epochs at step 8 (epoch 2); it resumes from the latest checkpoint")
 
 
 # -- 3. any legitimate lr -------------------------------------------------------------------------
@@ -217,15 +316,15 @@ def test_checkpoint_now_while_a_large_write_is_in_flight_gives_one_checkpoint_ea
                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
     writing = threading.Event()
-    real_write = checkpoint_module.write_atomic
+    real_write = checkpoint_module.write_new
 
-    def held_write(path: Path, state: dict[str, Any]) -> tuple[str, int]:
+    def held_write(path: Path, state: dict[str, Any]) -> tuple[Path, str, int]:
         if not release.is_set():
             writing.set()
             assert release.wait(timeout=120)
         return real_write(path, state)
 
-    monkeypatch.setattr(checkpoint_module, "write_atomic", held_write)
+    monkeypatch.setattr(checkpoint_module, "write_new", held_write)
     model = nn.Sequential(nn.Linear(1024, 4096), nn.Linear(4096, 2))  # 17 MB of weights, 34 MB with momentum
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     ids: list[int] = []

@@ -409,3 +409,18 @@ def test_a_guard_pause_for_a_branch_the_run_has_left_is_rejected(tmp_path: Path)
     assert run.status == "finished" and run.branch == 2
     assert pause["state"] == cmd.REJECTED
     assert pause["reason"] == "this pause was for a divergence on branch 1; the run has moved on to branch 2"
+
+
+def test_a_guard_rollback_for_a_branch_the_run_has_left_is_rejected(tmp_path: Path) -> None:
+    def on_step(run, step):
+        if run.branch == 1 and step == 10:
+            run.checkpointer.wait()
+            run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": 1, "lr": 0.01}, source="test")
+            run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": 1, "hparams": "current", "lr": 0.05, "branch": 1},
+                                      source="guard")
+
+    run, _ = tiny_job(tmp_path / "r", epochs=2, on_step=on_step)
+    person, guard = [c for c in RunStore(tmp_path / "r").commands() if c["kind"] == cmd.ROLLBACK]
+    assert person["state"] == cmd.APPLIED and run.branch == 2 and run.hparams["lr"] == 0.01
+    assert guard["state"] == cmd.REJECTED
+    assert guard["reason"] == "this rollback was for a divergence on branch 1; the run has moved on to branch 2"
