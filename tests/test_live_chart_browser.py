@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
@@ -101,6 +102,21 @@ def test_figure_json_is_strict_json() -> None:
         figure_json({"data": [], "config": {}})
     with pytest.raises(TypeError, match="figure must be a Plotly figure dict, got list"):
         figure_json([])
+
+
+def test_the_committed_plotly_bundle_is_the_wheels_plotly_js_version() -> None:
+    """live_chart/plotly-basic.min.js is fetched by hand (live_chart/PLOTLY.md): it must be the
+    plotly.js version of the plotly wheel that requirements.txt pins."""
+    import plotly
+
+    def version(path: Path) -> str:
+        head = path.read_text(errors="replace")[:300]
+        found = re.search(r"plotly\.js (?:\(basic - minified\) )?v(\d+\.\d+\.\d+)", head)
+        assert found, head
+        return found.group(1)
+
+    wheel = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    assert version(ROOT / "babysit" / "ui" / "live_chart" / "plotly-basic.min.js") == version(wheel)
 
 
 class Traffic:
@@ -271,8 +287,8 @@ def test_zoom_log_and_legend_survive_live_updates(server: str) -> None:
             assert runs <= elapsed / REFRESH_S + 10, f"{runs} runs in {elapsed:.0f} s: a rerun loop"
             assert page.locator('[data-testid="stException"]').count() == 0
             assert traffic.errors == []
-            plotly_fetches = [u for u in traffic.requests if "plotly.min.js" in u]
-            assert len(plotly_fetches) == 1, plotly_fetches
+            plotly_fetches = [u for u in traffic.requests if "plotly" in u.rsplit("/", 1)[-1]]
+            assert len(plotly_fetches) == 1 and "plotly-basic.min.js?v=" in plotly_fetches[0], plotly_fetches
             assert max(traffic.frames) < 200_000, f"a {max(traffic.frames)} byte websocket frame"
         finally:
             browser.close()
