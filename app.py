@@ -14,7 +14,7 @@ import streamlit as st
 from streamlit import config
 
 from babysit.ui import page
-from babysit.ui.live_chart import live_chart, live_chart_view
+from babysit.ui.live_chart import live_chart, live_chart_view, preload_plotly
 
 # Streamlit runs gc.collect(2) after every script run by default: 60 % of the server's CPU at a
 # refresh a second on a long run, for garbage this script does not make (it holds no cycles).
@@ -23,6 +23,7 @@ config.set_option("runner.postScriptGC", False)
 args = page.parse_args(sys.argv[1:])
 st.set_page_config(page_title="babysit", page_icon="🍼", layout="wide", initial_sidebar_state="collapsed")
 page.compact_style()
+preload_plotly()  # plotly.js loads in the browser while the rest of the page is built
 if not page.access_granted():
     st.stop()
 

@@ -10,7 +10,7 @@ import pytest
 
 from babysit import commands as cmd
 from babysit.store import CHUNK_POINTS, PER_EPOCH, PER_STEP, RunStore
-from babysit.ui.data import (MAX_POINTS, aligned_minmax, epoch_lines, epochs_to_steps, read_view, read_window,
+from babysit.ui.data import (MAX_POINTS, RAW_CHUNK_BUDGET, SummaryCache, aligned_minmax, epoch_lines, epochs_to_steps, read_view, read_window,
                              steps_to_epochs, throughput)
 from babysit.ui.figure_delta import apply_delta, common_prefix, figure_delta
 from babysit.ui.figures import ChartOptions, branch_dash, build_figure, lr_ticks, metric_colour, momentum_range
@@ -290,3 +290,28 @@ def test_common_prefix() -> None:
     assert common_prefix([1, 2, 3], [1, 5, 3]) == 1
     assert common_prefix([], [1]) == 0 and common_prefix([None, 1.0], [None, 1.0]) == 2
     assert all(common_prefix(list(range(50)), list(range(k)) + [-1] * (50 - k)) == k for k in range(51))
+
+
+def test_cached_summaries_follow_new_points_and_a_crash(store: RunStore) -> None:
+    """Whole-series reads re-read only the last known chunk and newer ones, and start afresh when
+    a crash moves points to a superseded series."""
+    store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    n = (RAW_CHUNK_BUDGET + 40) * CHUNK_POINTS
+    write_series(store, "loss", 1, np.arange(1, n + 1), np.linspace(5.0, 1.0, n))
+    cache = SummaryCache()
+    series = store.series()[0].id
+    first = cache.read(store, series)
+    assert first.tolist() == store.chunk_summaries(series).tolist()
+    # The trainer fills the last chunk and starts new ones: the cache sees both.
+    write_series(store, "loss", 1, np.arange(n + 1, n + 3 * CHUNK_POINTS + 11), np.full(3 * CHUNK_POINTS + 10, 0.5))
+    grown = cache.read(store, series)
+    assert grown.tolist() == store.chunk_summaries(series).tolist() and len(grown) == len(first) + 4
+    store.supersede_after(1, n // 2)  # a crash: points after the checkpoint move to a new series
+    assert cache.read(store, series).tolist() == store.chunk_summaries(series).tolist()
+    assert len(cache.read(store, series)) < len(first)
+
+
+def test_typed_arrays_are_sent_whole() -> None:
+    old = {"data": [{"x": {"dtype": "f8", "bdata": "AAAA"}, "y": [1.0]}], "layout": {}}
+    new = {"data": [{"x": {"dtype": "f8", "bdata": "AAAB"}, "y": [1.0]}], "layout": {}}
+    assert figure_delta(old, new) == {"traces": [{"i": 0, "trace": new["data"][0]}], "layout": None}

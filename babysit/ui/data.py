@@ -14,6 +14,7 @@ in length and the grid coarsens), so a refresh can send what changed rather than
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +107,48 @@ class SeriesWindow:
         return self.info.segment > 0
 
 
+class SummaryCache:
+    """The chunk summaries of whole series already read, per run database.
+
+    A chunk is rewritten only while the trainer fills it (the same first step, more points), so
+    a refresh re-reads the last chunk it knows and any newer ones, not the thousands before: at a
+    million steps that is most of a refresh's reading. Older chunks change only when a crash's
+    points are moved to a new superseded series, so a new series in the run drops what is cached
+    for it. Shared by every browser session of the server (hence the lock).
+    """
+
+    def __init__(self, max_runs: int = 16) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[tuple[str, int], tuple[frozenset[int], dict[int, np.ndarray]]] = {}
+        self._max_runs = max_runs
+
+    def read(self, store: RunStore, series: int) -> np.ndarray:
+        key = (str(store.db_path.resolve()), store.db_path.stat().st_ino)
+        ids = frozenset(info.id for info in store.series())
+        with self._lock:
+            known_ids, cached = self._runs.get(key, (None, {}))
+            if known_ids != ids:  # a new branch or superseded piece: start afresh
+                cached = {}
+                if len(self._runs) >= self._max_runs:
+                    self._runs.clear()
+                self._runs[key] = (ids, cached)
+            rows = cached.get(series)
+        if rows is None or len(rows) == 0:
+            rows = store.chunk_summaries(series)
+        else:
+            tail = store.chunk_summaries(series, rows[-1, _FIRST], None)
+            if len(tail) == 0 or tail[0, _FIRST] != rows[-1, _FIRST]:
+                rows = store.chunk_summaries(series)  # not the chunks we knew: read them all
+            else:
+                rows = np.concatenate([rows[:-1], tail])
+        with self._lock:
+            cached[series] = rows
+        return rows
+
+
+SUMMARIES = SummaryCache()
+
+
 def read_window(
     store: RunStore, info: SeriesInfo, lo: float | None = None, hi: float | None = None,
     max_points: int = MAX_POINTS,
@@ -115,7 +158,7 @@ def read_window(
     The last point before ``lo`` is kept too, so a stepwise series (lr, momentum) is drawn from
     the left edge of the window.
     """
-    summaries = store.chunk_summaries(info.id, lo, hi)
+    summaries = SUMMARIES.read(store, info.id) if lo is None and hi is None else store.chunk_summaries(info.id, lo, hi)
     if len(summaries) == 0:
         empty = np.empty(0)
         return SeriesWindow(info, empty, empty, empty, empty, empty, 0, False)

@@ -31,6 +31,7 @@ OTHER_COLOURS = ("#d62728", "#17becf", "#e377c2", "#bcbd22", "#7f7f7f", "#aec7e8
 # One dash per branch; dotted belongs to superseded points.
 BRANCH_DASHES = ("solid", "dash", "dashdot", "longdash", "longdashdot")
 SUPERSEDED_DASH = "dot"
+EPOCH_MARKERS_MAX = 300
 UIREVISION = "babysit"  # constant per run and x axis: the chart keeps the user's zoom across updates
 # How each kind of marker looks: (panel, symbol, colour, legend name).
 MARKER_STYLES = {
@@ -163,7 +164,9 @@ def _series_traces(window: SeriesWindow, panel: str, view: RunView, options: Cha
         return [_trace(window, panel, x, y, name=label, colour=colour, width=width, opacity=opacity,
                        shape="hv", dash=dash, hover=hover)]
     if window.info.per == PER_EPOCH:
-        return [_trace(window, panel, x, y, name=label, colour=colour, width=width, mode="lines+markers",
+        # A marker per epoch while they are few; past that, SVG markers cost more than they tell.
+        mode = "lines+markers" if len(x) <= EPOCH_MARKERS_MAX else "lines"
+        return [_trace(window, panel, x, y, name=label, colour=colour, width=width, mode=mode,
                        opacity=opacity, dash=dash, hover=hover)]
     if window.superseded:
         return [_trace(window, panel, x, y, name=label, colour=colour, width=1.4, opacity=opacity, dash=dash,

@@ -58,12 +58,39 @@ _PLOTLY_URL = (
 
 MIN_HEIGHT = 120
 
-# All the component sends on each rerun, besides the figure: fetch the real module once (the
-# browser keeps one instance per URL, and with it every chart's state) and hand over. The URL is
-# made absolute here because this code runs from a blob: URL.
-_STUB_JS = f"""
+# Loading plotly.js: one <script> per page, its promise on window. Both stubs below start it as
+# soon as they run, so plotly.js downloads and evaluates while the rest of the page (and the
+# chart's own module) is still on its way; after a failure the next update tries again.
+_ENSURE_PLOTLY_JS = f"""
+function ensurePlotly() {{
+  if (window.__babysitPlotly) return;
+  const src = new URL({json.dumps(_PLOTLY_URL)}, document.baseURI).href;
+  window.__babysitPlotly = new Promise((resolve, reject) => {{
+    const script = document.createElement("script");
+    script.src = src;
+    script.async = true;
+    script.onload = () => {{
+      performance.mark("babysit:plotly-loaded"); // for bench/first_chart.py's timeline
+      window.Plotly ? resolve(window.Plotly) : reject(new Error(`${{src}} did not define Plotly`));
+    }};
+    script.onerror = () => {{
+      window.__babysitPlotly = null;
+      script.remove();
+      reject(new Error(`could not load plotly.js from ${{src}}`));
+    }};
+    document.head.appendChild(script);
+  }});
+  window.__babysitPlotly.catch(() => {{}}); // reported by the chart that awaits it
+}}
+"""
+
+# All the chart sends on each rerun, besides the figure: start plotly.js, fetch the real module
+# once (the browser keeps one instance per URL, and with it every chart's state) and hand over.
+# The URLs are made absolute here because this code runs from a blob: URL.
+_STUB_JS = _ENSURE_PLOTLY_JS + f"""
 const url = new URL({json.dumps(_JS_URL)}, document.baseURI).href;
 export default async function (component) {{
+  ensurePlotly();
   const module = await import(url);
   return module.default(component);
 }}
@@ -76,6 +103,23 @@ _chart = st.components.v2.component(
     # not see.
     isolate_styles=False,
 )
+
+
+# A data-free component placed first on the page: it starts loading plotly.js while the server
+# still builds the page and the figure.
+_preloader = st.components.v2.component("babysit.plotly_preload", js=_ENSURE_PLOTLY_JS + """
+export default function () {
+  ensurePlotly();
+}
+""", isolate_styles=False)
+PRELOAD_KEY = "babysit_plotly_preload"
+
+
+def preload_plotly() -> None:
+    """Start loading plotly.js in the browser now; call it as early in the script as possible.
+    It draws nothing (st-key-babysit_plotly_preload, for CSS that hides its empty slot)."""
+    _serve_assets()
+    _preloader(key=PRELOAD_KEY, data={})
 
 
 def _ignore() -> None:
@@ -107,8 +151,8 @@ def _plain(figure: Mapping[str, Any] | Any) -> dict[str, Any]:
 def _is_plain(node: Any) -> bool:
     if isinstance(node, Mapping):
         return isinstance(node, dict) and all(_is_plain(v) for v in node.values())
-    if isinstance(node, list):  # the point arrays: their items are numbers or None, not checked
-        return all(_is_plain(v) for v in node if isinstance(v, (Mapping, list, tuple)) or hasattr(v, "shape"))
+    if isinstance(node, list):  # point arrays are long and of one kind: their ends tell
+        return not node or (_is_plain(node[0]) and _is_plain(node[-1]))
     return isinstance(node, (str, int, float, bool, type(None)))
 
 
@@ -175,7 +219,7 @@ def live_chart(figure: Mapping[str, Any], *, key: str, height: int = 640, fit_vi
     message = _message(key, plain, resync)
     result = _chart(
         key=key,
-        data={**message, "height": height, "fit": fit_viewport, "key": key, "plotly_url": _PLOTLY_URL},
+        data={**message, "height": height, "fit": fit_viewport, "key": key},
         height="content" if fit_viewport else height,
         on_view_change=_ignore,
         on_resync_change=_ignore,

@@ -65,6 +65,7 @@ COMPACT_CSS = """<style>
 [data-testid="stMetricLabel"] p { font-size: 0.8rem; }
 .st-key-cockpit_controls [data-testid="stWidgetLabel"] p { font-size: 0.85rem; }
 .st-key-cockpit_controls hr { margin: 0.15rem 0; }
+.st-key-babysit_plotly_preload { display: none; }
 </style>"""
 
 

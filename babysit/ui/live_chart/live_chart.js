@@ -31,24 +31,11 @@ const LOG_ICON = {
     "M260 740 C340 420 540 250 920 220 V340 C600 370 430 500 380 760 Z",
 };
 
-function loadPlotly(url) {
-  // On window, not in this module: a new JS revision is a new module, but the page keeps one plotly.
-  if (!window.__babysitPlotly) {
-    window.__babysitPlotly = new Promise((resolve, reject) => {
-      const script = document.createElement("script");
-      script.src = url;
-      script.async = true;
-      script.onload = () =>
-        window.Plotly ? resolve(window.Plotly) : reject(new Error(`${url} did not define Plotly`));
-      script.onerror = () => {
-        window.__babysitPlotly = null; // let the next update try again
-        script.remove();
-        reject(new Error(`could not load plotly.js from ${url}`));
-      };
-      document.head.appendChild(script);
-    });
-  }
-  return window.__babysitPlotly;
+// plotly.js is loaded by the component's stub (babysit/ui/live_chart.py: _ENSURE_PLOTLY_JS), which
+// runs before this module is even fetched and leaves its promise on window (one per page, shared
+// by every chart and every revision of this module).
+function plotlyLoaded() {
+  return window.__babysitPlotly || Promise.reject(new Error("plotly.js could not be loaded; retrying on the next update"));
 }
 
 // "updatemenus[0].active" -> ["updatemenus", 0, "active"]
@@ -153,7 +140,7 @@ function createView(parentElement) {
     model: null, // the figure the server has sent so far ({data, layout}), deltas applied
     rev: undefined, // its revision
     dirty: false, // model changed since it was last drawn
-    settings: null, // the newest message's height, fit and plotly_url
+    settings: null, // the newest message's height and fit
     fitted: null, // the height a fitted chart was given
   };
   views.set(parentElement, view);
@@ -323,6 +310,7 @@ async function render(view, Plotly) {
   } else {
     await Plotly.react(view.gd, figure.data || [], layout, view.config);
   }
+  if (view.renders === 0) performance.mark("babysit:first-chart");
   view.renders += 1;
   view.root.dataset.renders = String(view.renders);
 }
@@ -332,7 +320,7 @@ async function render(view, Plotly) {
 async function pump(view) {
   view.busy = true;
   try {
-    const Plotly = await loadPlotly(new URL(view.settings.plotly_url, document.baseURI).href);
+    const Plotly = await plotlyLoaded();
     while (view.dirty) {
       view.dirty = false;
       await render(view, Plotly);
@@ -364,6 +352,7 @@ function destroy(parentElement) {
 
 export default function liveChart(component) {
   const { data, parentElement } = component;
+  if (!views.has(parentElement)) performance.mark("babysit:first-figure-message");
   const view = views.get(parentElement) || createView(parentElement);
   view.component = component; // the newest setStateValue (its fragment and form ids may change)
   view.root.dataset.key = data.key;
