@@ -252,3 +252,14 @@ def test_the_page_opens_the_run_being_trained(tmp_path: Path, monkeypatch: pytes
     assert not at.exception, at.exception
     assert at.selectbox(key="run_choice").value == str(tmp_path / "a-training")
     assert {m.label: m.value for m in at.metric}["lr"] == "0.3"
+
+
+def test_exp_of_a_loss_is_offered_for_loss_like_metrics_only(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run")
+    for name in ("loss", "val_loss", "val_acc"):
+        store.series_id(name, 1, "epoch")
+    at = app()
+    choice = at.multiselect(key="exp_of")
+    assert choice.options == ["loss", "val_loss"]
+    choice.select("val_loss").run()
+    assert not at.exception and at.multiselect(key="exp_of").value == ["val_loss"]

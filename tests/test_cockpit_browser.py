@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from playwright.sync_api import Page, sync_playwright
 
 from babysit import commands as cmd
 from babysit.store import CHUNK_POINTS, PER_EPOCH, PER_STEP, RunStore
-from tests.conftest import CHROMIUM, CHROMIUM_ARGS, REPO
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, REPO, wait_healthy
 
 PLOT = ".babysit-live-chart .js-plotly-plot"
 WAIT_S = 60.0
@@ -119,16 +118,7 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, (root / "streamlit.log").read_text()
-            time.sleep(0.2)
+        wait_healthy(url, server, root / "streamlit.log")
         yield url
     finally:
         stop.set()

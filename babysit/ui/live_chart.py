@@ -134,9 +134,8 @@ def _serve_assets() -> None:
         declare_component(name, path=str(folder))
 
 
-def _plain(figure: Mapping[str, Any] | Any) -> dict[str, Any]:
-    """The figure as plain lists and dicts, comparable with the one sent before. babysit's own
-    figures already are; anything holding numpy or pandas goes through plotly's JSON encoder."""
+def _checked(figure: Mapping[str, Any] | Any) -> Mapping[str, Any]:
+    """A Plotly figure (a Figure or its dict) as a mapping of data and layout, or a clear error."""
     if hasattr(figure, "to_plotly_json"):
         figure = figure.to_plotly_json()
     if not isinstance(figure, Mapping):
@@ -144,6 +143,13 @@ def _plain(figure: Mapping[str, Any] | Any) -> dict[str, Any]:
     unknown = set(figure) - {"data", "layout"}
     if unknown:
         raise ValueError(f"figure must have only data and layout, got {sorted(unknown)}")
+    return figure
+
+
+def _plain(figure: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """The figure as plain lists and dicts, comparable with the one sent before. babysit's own
+    figures already are; anything holding numpy or pandas goes through plotly's JSON encoder."""
+    figure = _checked(figure)
     plain = {"data": list(figure.get("data", [])), "layout": figure.get("layout", {})}
     return plain if _is_plain(plain) else json.loads(figure_json(plain))
 
@@ -159,13 +165,7 @@ def _is_plain(node: Any) -> bool:
 def figure_json(figure: Mapping[str, Any] | Any) -> str:
     """The figure as JSON that the browser can parse: numpy arrays, pandas, dates, NaN and inf are
     converted by plotly's own encoder (NaN becomes null, which plotly draws as a gap)."""
-    if hasattr(figure, "to_plotly_json"):
-        figure = figure.to_plotly_json()
-    if not isinstance(figure, Mapping):
-        raise TypeError(f"figure must be a Plotly figure dict, got {type(figure).__name__}")
-    unknown = set(figure) - {"data", "layout"}
-    if unknown:
-        raise ValueError(f"figure must have only data and layout, got {sorted(unknown)}")
+    figure = _checked(figure)
     return plotly_json.to_json_plotly({"data": figure.get("data", []), "layout": figure.get("layout", {})})
 
 
