@@ -30,7 +30,10 @@ if not page.access_granted():
 store, runs = page.pick_run(args.root, args.run)
 if store is None:
     st.stop()
-options, frozen, refresh_every = page.chart_options(store)
+# A session's first run draws the curve (and the status) alone and reruns at once for the rest:
+# the browser starts the chart's script only once it has rendered what came before it.
+opening = page.opening()
+options, frozen, refresh_every = page.chart_options(store) if not opening else page.DEFAULT_CHART
 slow_every = max(2.0, refresh_every)
 chart_column, controls_column = st.columns([0.63, 0.37], gap="small")
 
@@ -77,6 +80,8 @@ def nudges() -> None:
 
 with controls_column:
     live_status()
+    if opening:
+        st.rerun()
     with st.container(key="cockpit_controls"):
         nudges()
 

@@ -148,6 +148,17 @@ def freshest(runs: list[Path]) -> int:
     return max(range(len(runs)), key=lambda i: beats[i]) if runs else 0
 
 
+DEFAULT_CHART = (ChartOptions(), False, 1.0)  # what chart_options gives before anyone touched it
+
+
+def opening() -> bool:
+    """True in a browser session's first run only."""
+    if st.session_state.get("_opened"):
+        return False
+    st.session_state["_opened"] = True
+    return True
+
+
 def chart_options(store: RunStore) -> tuple[ChartOptions, bool, float]:
     st.sidebar.subheader("Chart")
     x_axis = st.sidebar.radio("x axis", X_AXES, horizontal=True, key="x_axis")
