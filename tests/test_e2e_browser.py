@@ -383,11 +383,18 @@ def _settled_draws(page: Page, quiet_s: float = 3.0) -> int:
     raise AssertionError(f"the chart kept redrawing for {WAIT_S:g} s after Freeze was switched on")
 
 
+def _open_sidebar(page: Page) -> None:
+    """The chart options live in the sidebar, collapsed at first so the cockpit has the width."""
+    page.locator('[data-testid="stExpandSidebarButton"]').click()
+    expect(page.get_by_text("Freeze (stop refreshing)")).to_be_in_viewport()
+
+
 def test_freeze_stops_the_chart_while_status_and_commands_stay_live(demo: Demo) -> None:
     with chromium_page(timeout_s=WAIT_S) as (page, errors):
         page.goto(demo.url)
         _until("branch 1's curve past step 30", lambda: (b := _loss_traces(page).get(1)) and b["max_x"] >= 30,
                page, timeout=90)
+        _open_sidebar(page)
         page.get_by_text("Freeze (stop refreshing)").click()
         draws = _settled_draws(page)  # the toggle's own rerun draws the chart once more, then no more
         frozen = max(page.evaluate(VIEW, PLOT)["steps"])

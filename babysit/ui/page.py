@@ -173,11 +173,12 @@ def chart_options(store: RunStore) -> tuple[ChartOptions, bool, float]:
     every = st.sidebar.select_slider("Refresh every", options=[0.5, 1.0, 2.0, 5.0], value=1.0, key="refresh",
                                      format_func=lambda s: f"{s:g} s")
     losses = sorted({info.name for info in store.series() if is_loss_like(info.name)})
+    if "exp_of" in st.session_state:  # another run may not have the metrics chosen before
+        st.session_state["exp_of"] = [n for n in st.session_state["exp_of"] if n in losses]
     exp_of = st.sidebar.multiselect("Show exp() (perplexity) of", losses, key="exp_of",
                                     help="Draws exp(loss) in the metrics panel: the perplexity of a "
                                     "cross-entropy loss, the number a language model is judged by.")
-    options = ChartOptions(x_axis=x_axis, smoothing=beta, log_loss=log_loss,
-                           exp_of=tuple(n for n in exp_of if n in losses))
+    options = ChartOptions(x_axis=x_axis, smoothing=beta, log_loss=log_loss, exp_of=tuple(exp_of))
     return options, frozen, every
 
 
