@@ -108,6 +108,32 @@ def test_the_committed_plotly_bundle_is_the_wheels_plotly_js_version() -> None:
     assert version(ROOT / "babysit" / "ui" / "live_chart" / "plotly-basic.min.js") == version(wheel)
 
 
+def test_refreshes_are_deltas_until_the_browser_asks_for_the_whole_figure(monkeypatch: pytest.MonkeyPatch) -> None:
+    from babysit.ui import live_chart as chart
+    from babysit.ui.figure_delta import apply_delta
+
+    monkeypatch.setattr(chart.st, "session_state", {})
+    figures = [{"data": [{"type": "scatter", "x": list(range(n)), "y": [0.5] * n}], "layout": {"title": "t"}}
+               for n in (1000, 1010, 1010, 1020)]
+
+    def send(figure: dict, resync: object = None) -> dict:
+        message = chart._message("c", figure, resync)
+        chart._remember("c", message, figure, resync)
+        return message
+
+    first = send(figures[0])
+    assert first["rev"] == 1 and json.loads(first["full"]) == figures[0]
+    second = send(figures[1])
+    assert (second["rev"], second["base"]) == (2, 1) and len(second["delta"]) < 200
+    assert apply_delta(figures[0], json.loads(second["delta"])) == figures[1]
+    assert send(figures[2]) is second  # nothing changed: the very same message, which the browser skips
+    resent = send(figures[2], resync="lost-one")  # the browser held another revision
+    assert resent["rev"] == 3 and json.loads(resent["full"]) == figures[2]
+    assert send(figures[3], resync="lost-one")["base"] == 3  # deltas again, on the new base
+    chart.forget_sent("c")
+    assert "full" in send(figures[1], resync="lost-one")
+
+
 class Traffic:
     """What went over the wire: websocket frames from the server, HTTP requests, page errors."""
 

@@ -16,8 +16,8 @@ from what it last sent, so the report neither resets the view nor starts a rerun
 Getting plotly.js into the page, no CDN: a v2 component's inline `js` travels inside the element's
 message on *every* rerun, so the files are served over HTTP by Streamlit's own component file
 server instead: `declare_component(path=...)` (the public v1 API, never mounted) serves our
-live_chart/ folder under ./component/<name>/, and a rerun carries only a 236-byte stub that
-imports the real module by a content-versioned URL, plus the figure. The plotly.js served is the
+live_chart/ folder under ./component/<name>/, and a rerun carries only a ~1 KB stub that starts
+loading plotly.js and imports the real module by a content-versioned URL, plus the figure. The plotly.js served is the
 official "basic" partial bundle committed in live_chart/ (see live_chart/PLOTLY.md): the chart
 uses SVG scatter traces only, and the basic bundle is a quarter of the full plotly.min.js to
 download and to evaluate, which is most of the time to the first chart.
@@ -184,6 +184,12 @@ def _message(key: str, figure: dict[str, Any], resync: Any) -> dict[str, Any]:
     return {"delta": plotly_json.to_json_plotly(delta), "rev": sent["rev"] + 1, "base": sent["rev"]}
 
 
+def _remember(key: str, message: dict[str, Any], figure: dict[str, Any], resync: Any) -> None:
+    """What the browser holds once ``message`` arrives: the next delta is made against it."""
+    st.session_state[_sent_key(key)] = {"rev": message["rev"], "figure": figure, "message": message,
+                                        "resync": resync}
+
+
 def _sent_key(key: str) -> str:
     return f"_babysit_live_chart_sent_{key}"
 
@@ -225,8 +231,7 @@ def live_chart(figure: Mapping[str, Any], *, key: str, height: int = 640, fit_vi
         on_resync_change=_ignore,
     )
     # Recorded once the message is on its way; if it never arrives, the browser asks again.
-    st.session_state[_sent_key(key)] = {"rev": message["rev"], "figure": plain, "message": message,
-                                        "resync": resync}
+    _remember(key, message, plain, resync)
     # Streamlit lists every key that has a callback, as None until the browser first sets it.
     view = result.get("view")
     return dict(view) if view is not None else None
