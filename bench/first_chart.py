@@ -287,7 +287,9 @@ READING = """## Reading it
   gzip-compressed, against 4.8 MB / 1.48 MB; babysit/ui/live_chart/PLOTLY.md), SVG traces only,
   plotly.js started by a data-free component placed first on the page and by the chart's stub
   before its module is fetched, and a session's first run drawing the curve and the status alone
-  (the controls and tables follow in an immediate rerun).
+  (the controls and tables follow in an immediate rerun). A revisit takes plotly.js from the
+  browser's Cache Storage (Streamlit's component file server sends no max-age or validators);
+  this benchmark opens a fresh Chromium every time, so it measures first visits only.
 - What it does for each refresh: Streamlit's `gc.collect(2)` after every run is off
   (`runner.postScriptGC`, set by app.py), whole-series chunk summaries are cached (only the last
   chunk and newer are read again), and the chart is sent as a delta on the previous figure

@@ -245,3 +245,22 @@ def test_the_chart_reads_colours_ticks_and_markers(dashboard: str, browser: Any)
         assert page.__errors == []  # type: ignore[attr-defined]
     finally:
         page.close()
+
+
+def test_a_second_visit_does_not_fetch_plotly_again(dashboard: str, browser: Any) -> None:
+    """plotly.js is kept in the browser's Cache Storage under its content-versioned URL."""
+    context = browser.new_context(viewport={"width": 1366, "height": 768})
+    try:
+        fetched: list[str] = []
+        context.on("request", lambda request: fetched.append(request.url) if "plotly-basic" in request.url else None)
+        for visit in (1, 2):
+            page = context.new_page()
+            page.goto(dashboard)
+            page.wait_for_function("(sel) => { const gd = document.querySelector(sel); return gd && gd._fullLayout"
+                                   " && gd.data && gd.data.length > 10; }", arg=PLOT, timeout=WAIT_S * 1000)
+            if visit == 1:
+                assert len(fetched) == 1, fetched
+            page.close()
+        assert len(fetched) == 1, fetched  # the second visit drew from the cached copy
+    finally:
+        context.close()

@@ -62,24 +62,30 @@ MIN_HEIGHT = 120
 # soon as they run, so plotly.js downloads and evaluates while the rest of the page (and the
 # chart's own module) is still on its way; after a failure the next update tries again.
 _ENSURE_PLOTLY_JS = f"""
-function ensurePlotly() {{
+function ensurePlotly(source) {{
   if (window.__babysitPlotly) return;
-  const src = new URL({json.dumps(_PLOTLY_URL)}, document.baseURI).href;
-  window.__babysitPlotly = new Promise((resolve, reject) => {{
-    const script = document.createElement("script");
-    script.src = src;
-    script.async = true;
-    script.onload = () => {{
-      performance.mark("babysit:plotly-loaded"); // for bench/first_chart.py's timeline
-      window.Plotly ? resolve(window.Plotly) : reject(new Error(`${{src}} did not define Plotly`));
-    }};
-    script.onerror = () => {{
-      window.__babysitPlotly = null;
-      script.remove();
-      reject(new Error(`could not load plotly.js from ${{src}}`));
-    }};
-    document.head.appendChild(script);
-  }});
+  const url = new URL({json.dumps(_PLOTLY_URL)}, document.baseURI).href;
+  window.__babysitPlotly = (async () => {{
+    const src = source ? await source(url) : url; // the preload's may come from Cache Storage
+    return new Promise((resolve, reject) => {{
+      const script = document.createElement("script");
+      script.src = src;
+      script.async = true;
+      const done = () => src !== url && URL.revokeObjectURL(src);
+      script.onload = () => {{
+        done();
+        performance.mark("babysit:plotly-loaded"); // for bench/first_chart.py's timeline
+        window.Plotly ? resolve(window.Plotly) : reject(new Error(`${{url}} did not define Plotly`));
+      }};
+      script.onerror = () => {{
+        done();
+        window.__babysitPlotly = null;
+        script.remove();
+        reject(new Error(`could not load plotly.js from ${{url}}`));
+      }};
+      document.head.appendChild(script);
+    }});
+  }})();
   window.__babysitPlotly.catch(() => {{}}); // reported by the chart that awaits it
 }}
 """
@@ -106,10 +112,30 @@ _chart = st.components.v2.component(
 
 
 # A data-free component placed first on the page: it starts loading plotly.js while the server
-# still builds the page and the figure.
-_preloader = st.components.v2.component("babysit.plotly_preload", js=_ENSURE_PLOTLY_JS + """
+# still builds the page and the figure. It keeps a copy in the browser's Cache Storage (Streamlit's
+# component file server sends no max-age and no validators, so the browser would fetch the 1.2 MB
+# again on every visit); the URL carries the file's hash, so a new file is a new entry and the old
+# ones are dropped. Where there is no Cache Storage (plain http to another host) it loads as usual.
+_CACHED_PLOTLY_JS = """
+async function cachedPlotly(src) {
+  try {
+    const cache = await caches.open("babysit-plotly");
+    let response = await cache.match(src);
+    if (!response) {
+      response = await fetch(src);
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      await cache.put(src, response.clone());
+      for (const old of await cache.keys()) if (old.url !== src) cache.delete(old);
+    }
+    return URL.createObjectURL(await response.blob());
+  } catch (err) {
+    return src;
+  }
+}
+"""
+_preloader = st.components.v2.component("babysit.plotly_preload", js=_ENSURE_PLOTLY_JS + _CACHED_PLOTLY_JS + """
 export default function () {
-  ensurePlotly();
+  ensurePlotly(cachedPlotly);
 }
 """, isolate_styles=False)
 PRELOAD_KEY = "babysit_plotly_preload"
