@@ -57,8 +57,10 @@ def test_page_shows_the_run(app, tmp_path: Path) -> None:
     fake_trainer(tmp_path / "run")
     at = app()
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics == {"epoch": "3 / 10", "step": "120", "branch": "1", "lr": "0.05", "momentum": "0.9"}
+    assert metrics == {"epoch": "3 / 10", "step": "120", "lr": "0.05", "momentum": "0.9"}
     assert any("running" in md.value for md in at.markdown)
+    # Branch and throughput share the progress line (no step logged here: no rate yet).
+    assert "epoch 3: 20 / 45 steps · branch 1 · – steps/s" in [p.text for p in at.get("progress")]
 
 
 def test_lr_buttons_and_exact_value(app, tmp_path: Path) -> None:
@@ -214,4 +216,50 @@ def test_the_lr_slider_follows_the_trainer_until_moved(app, tmp_path: Path) -> N
     store.write_status(lr=0.3)
     at.run()
     assert at.select_slider(key="lr_choice").value == 0.001  # the person's choice waits for them
-    assert any("now `0.3`" in md.value for md in at.markdown)
+    assert "now 0.3" in at.select_slider(key="lr_choice").label
+
+
+def test_the_lr_slider_says_the_real_lr(app, tmp_path: Path) -> None:
+    fake_trainer(tmp_path / "run", lr=0.025)  # not one of the slider's round numbers
+    at = app()
+    slider = at.select_slider(key="lr_choice")
+    assert slider.value == 0.025 and slider.format_func(slider.value) == "0.025"
+
+
+def test_lr_controls_reach_any_legitimate_lr(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run", lr=20.0)
+    at = app()
+    assert at.select_slider(key="lr_choice").value == 20.0
+    at.button(key="lr_double").click().run()
+    at.text_input(key="lr_exact").input("50").run()
+    at.button(key="lr_set").click().run()
+    at.text_input(key="lr_exact").input("").run()
+    at.select_slider(key="lr_choice").set_value(500.0).run()
+    at.button(key="lr_set").click().run()
+    assert not at.error, [e.value for e in at.error]
+    assert queued(store) == [(cmd.SET_LR, {"value": 40.0}, "dashboard"), (cmd.SET_LR, {"value": 50.0}, "dashboard"),
+                             (cmd.SET_LR, {"value": 500.0}, "dashboard")]
+
+
+def test_the_page_opens_the_run_being_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not the newest run: the one whose trainer's heartbeat is the freshest."""
+    monkeypatch.setattr(sys, "argv", ["app.py", "--root", str(tmp_path)])
+    monkeypatch.delenv("BABYSIT_TOKEN", raising=False)
+    fake_trainer(tmp_path / "a-training", lr=0.3)
+    fake_trainer(tmp_path / "b-stale", lr=0.2, alive=False)  # created later, its trainer long gone
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="run_choice").value == str(tmp_path / "a-training")
+    assert {m.label: m.value for m in at.metric}["lr"] == "0.3"
+
+
+def test_exp_of_a_loss_is_offered_for_loss_like_metrics_only(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run")
+    for name in ("loss", "val_loss", "val_acc"):
+        store.series_id(name, 1, "epoch")
+    at = app()
+    choice = at.multiselect(key="exp_of")
+    assert choice.options == ["loss", "val_loss"]
+    choice.select("val_loss").run()
+    assert not at.exception and at.multiselect(key="exp_of").value == ["val_loss"]

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import pytest
 from playwright.sync_api import Page, sync_playwright
 
 from babysit.ui.live_chart import figure_json
-from tests.conftest import CHROMIUM, CHROMIUM_ARGS
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "apps" / "live_chart_app.py"
@@ -62,17 +62,7 @@ def server(tmp_path: Path) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not come up:\n{log_path.read_text()}")
-            time.sleep(0.1)
+        wait_healthy(url, proc, log_path, timeout=30)
         yield url
     finally:
         proc.terminate()
@@ -101,6 +91,47 @@ def test_figure_json_is_strict_json() -> None:
         figure_json({"data": [], "config": {}})
     with pytest.raises(TypeError, match="figure must be a Plotly figure dict, got list"):
         figure_json([])
+
+
+def test_the_committed_plotly_bundle_is_the_wheels_plotly_js_version() -> None:
+    """live_chart/plotly-basic.min.js is fetched by hand (live_chart/PLOTLY.md): it must be the
+    plotly.js version of the plotly wheel that requirements.txt pins."""
+    import plotly
+
+    def version(path: Path) -> str:
+        head = path.read_text(errors="replace")[:300]
+        found = re.search(r"plotly\.js (?:\(basic - minified\) )?v(\d+\.\d+\.\d+)", head)
+        assert found, head
+        return found.group(1)
+
+    wheel = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    assert version(ROOT / "babysit" / "ui" / "live_chart" / "plotly-basic.min.js") == version(wheel)
+
+
+def test_refreshes_are_deltas_until_the_browser_asks_for_the_whole_figure(monkeypatch: pytest.MonkeyPatch) -> None:
+    from babysit.ui import live_chart as chart
+    from babysit.ui.figure_delta import apply_delta
+
+    monkeypatch.setattr(chart.st, "session_state", {})
+    figures = [{"data": [{"type": "scatter", "x": list(range(n)), "y": [0.5] * n}], "layout": {"title": "t"}}
+               for n in (1000, 1010, 1010, 1020)]
+
+    def send(figure: dict, resync: object = None) -> dict:
+        message = chart._message("c", figure, resync)
+        chart._remember("c", message, figure, resync)
+        return message
+
+    first = send(figures[0])
+    assert first["rev"] == 1 and json.loads(first["full"]) == figures[0]
+    second = send(figures[1])
+    assert (second["rev"], second["base"]) == (2, 1) and len(second["delta"]) < 200
+    assert apply_delta(figures[0], json.loads(second["delta"])) == figures[1]
+    assert send(figures[2]) is second  # nothing changed: the very same message, which the browser skips
+    resent = send(figures[2], resync="lost-one")  # the browser held another revision
+    assert resent["rev"] == 3 and json.loads(resent["full"]) == figures[2]
+    assert send(figures[3], resync="lost-one")["base"] == 3  # deltas again, on the new base
+    chart.forget_sent("c")
+    assert "full" in send(figures[1], resync="lost-one")
 
 
 class Traffic:
@@ -271,8 +302,8 @@ def test_zoom_log_and_legend_survive_live_updates(server: str) -> None:
             assert runs <= elapsed / REFRESH_S + 10, f"{runs} runs in {elapsed:.0f} s: a rerun loop"
             assert page.locator('[data-testid="stException"]').count() == 0
             assert traffic.errors == []
-            plotly_fetches = [u for u in traffic.requests if "plotly.min.js" in u]
-            assert len(plotly_fetches) == 1, plotly_fetches
+            plotly_fetches = [u for u in traffic.requests if "plotly" in u.rsplit("/", 1)[-1]]
+            assert len(plotly_fetches) == 1 and "plotly-basic.min.js?v=" in plotly_fetches[0], plotly_fetches
             assert max(traffic.frames) < 200_000, f"a {max(traffic.frames)} byte websocket frame"
         finally:
             browser.close()

@@ -10,8 +10,10 @@ import pytest
 
 from babysit import commands as cmd
 from babysit.store import CHUNK_POINTS, PER_EPOCH, PER_STEP, RunStore
-from babysit.ui.data import (MAX_POINTS, epoch_lines, epochs_to_steps, read_view, read_window, steps_to_epochs)
-from babysit.ui.figures import SUPERSEDED_COLOUR, ChartOptions, branch_colour, build_figure
+from babysit.ui.data import (MAX_POINTS, RAW_CHUNK_BUDGET, SummaryCache, aligned_minmax, epoch_lines, epochs_to_steps, read_view, read_window,
+                             steps_to_epochs, throughput)
+from babysit.ui.figure_delta import apply_delta, common_prefix, figure_delta
+from babysit.ui.figures import ChartOptions, branch_dash, build_figure, lr_ticks, metric_colour, momentum_range
 
 
 def write_series(store: RunStore, name: str, branch: int, steps: np.ndarray, values: np.ndarray,
@@ -82,13 +84,17 @@ def test_superseded_pieces_and_branches_get_their_own_traces(store: RunStore) ->
     assert names.index("loss · branch 1 · superseded") < names.index("loss · branch 1 (smoothed)") \
         < names.index("loss · branch 2 (smoothed)")  # superseded underneath, current branch on top
     superseded = next(t for t in figure["data"] if t["name"] == "loss · branch 1 · superseded")
-    assert superseded["line"]["color"] == SUPERSEDED_COLOUR and superseded["line"]["dash"] == "dot"
     current = next(t for t in figure["data"] if t["name"] == "loss · branch 2 (smoothed)")
     old = next(t for t in figure["data"] if t["name"] == "loss · branch 1 (smoothed)")
-    assert current["line"]["color"] == branch_colour(2) != old["line"]["color"]
+    # One colour per metric, one dash per branch; superseded points dotted and faint, not hidden.
+    assert superseded["line"]["color"] == current["line"]["color"] == old["line"]["color"] == metric_colour("loss")
+    assert superseded["line"]["dash"] == "dot" and 0.3 <= superseded["opacity"] < old["opacity"] < current["opacity"]
+    assert (old["line"]["dash"], current["line"]["dash"]) == (branch_dash(1), branch_dash(2)) == ("solid", "dash")
     assert current["line"]["width"] > old["line"]["width"]
+    assert all(t["type"] == "scatter" for t in figure["data"])  # SVG: the chart's plotly.js has no WebGL
     val = next(t for t in figure["data"] if t["name"] == "val_loss · branch 2")
     assert val["x"] == [100.0, 150.0] and val["mode"] == "lines+markers"
+    assert val["line"]["color"] == metric_colour("val_loss") != metric_colour("loss")
 
 
 def test_nudges_and_rollbacks_are_marked_with_before_and_after(store: RunStore) -> None:
@@ -142,3 +148,170 @@ def test_chart_options_are_checked() -> None:
         ChartOptions(x_axis="time")
     with pytest.raises(ValueError, match="smoothing must be >= 0 and < 1, got 1.0"):
         ChartOptions(smoothing=1.0)
+
+
+def test_lr_ticks_are_one_and_three_of_each_decade() -> None:
+    values, texts, (lo, hi) = lr_ticks([0.025, 0.0125, 0.05])
+    assert texts == ["0.01", "0.03", "0.1"] and values == [0.01, 0.03, 0.1]
+    assert lo < np.log10(0.0125) and hi > np.log10(0.05)
+    _, texts, _ = lr_ticks([2e-4, 5e-3])
+    assert texts == ["1e-4", "3e-4", "1e-3", "3e-3", "0.01"]
+    _, texts, _ = lr_ticks([1e-6, 20.0])  # seven decades: decades alone, still readable
+    assert texts == ["1e-6", "1e-5", "1e-4", "1e-3", "0.01", "0.1", "1", "10"]
+    assert lr_ticks([]) is None
+
+
+def test_the_momentum_axis_fits_beta() -> None:
+    assert momentum_range([0.9]) == pytest.approx([0.88, 0.92])
+    assert momentum_range([0.5, 0.99]) == pytest.approx([0.5 - 0.0735, 1.0])  # never above 1
+    assert momentum_range([0.0, 0.01])[0] == 0.0
+
+
+def _lifecycle_store(store: RunStore) -> RunStore:
+    store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    write_series(store, "loss", 1, np.arange(1, 301), np.linspace(2.0, 0.5, 300))
+    write_series(store, "lr", 1, np.array([0, 120]), np.array([0.1, 0.05]))
+    write_series(store, "momentum", 1, np.array([0, 120]), np.array([0.9, 0.95]))
+    store.add_event("start", "run started", branch=1, step=0)
+    store.add_event("stopped", "stopped at step 100 with a final checkpoint", branch=1, step=100)
+    store.add_event("resume", "resumed from checkpoint #1 after a clean stop", branch=1, step=100)
+    store.add_event("hparams", "set by the scheduler", branch=1, step=120,
+                    data={"before": {"lr": 0.1, "momentum": 0.9}, "after": {"lr": 0.05, "momentum": 0.95},
+                          "by": "scheduler"})
+    store.add_event("resume", "resumed from checkpoint #2 after the trainer died", branch=1, step=200)
+    store.add_event("error", "RuntimeError: boom", branch=1, step=250)
+    store.add_event("resume", "resumed from checkpoint #3 after the trainer died", branch=1, step=240)
+    store.add_event("divergence", "divergence: loss became nan at step 290; run paused", branch=1, step=290)
+    return store
+
+
+def test_stops_crashes_restarts_and_changes_no_command_made_are_marked(store: RunStore) -> None:
+    _lifecycle_store(store)
+    figure = build_figure(read_view(store, {"branch": 1, "step": 300}), ChartOptions(smoothing=0))
+    marks = {t["meta"]["markers"]: t for t in figure["data"] if "markers" in t.get("meta", {})}
+    assert marks["stop"]["x"] == [100.0] and marks["restart"]["x"] == [100.0, 240.0]  # after a stop, after an error
+    assert marks["crash"]["x"] == [200.0, 250.0]  # died without a word (seen at its restart), and an error
+    assert marks["crash"]["text"][0].startswith("the trainer died; resumed from checkpoint #2")
+    assert marks["divergence"]["x"] == [290.0]
+    assert marks["stop"]["yaxis"] == "y" and marks["stop"]["y"] == [pytest.approx(2.0 - 1.5 * 100 / 299, abs=0.01)]
+    assert marks["auto_lr"]["x"] == [120.0] and marks["auto_lr"]["y"] == [0.05] and marks["auto_lr"]["yaxis"] == "y3"
+    assert marks["auto_lr"]["text"] == ["lr 0.1 → 0.05 at step 120 (by scheduler, no command)"]
+    assert marks["auto_momentum"]["text"] == ["momentum 0.9 → 0.95 at step 120 (by scheduler, no command)"]
+    assert marks["auto_lr"]["marker"]["symbol"] != "triangle-up"  # not drawn like a person's nudge
+    assert len({t["marker"]["symbol"] for k, t in marks.items() if k != "auto_momentum"}) == 5  # one per kind
+    # A scheduler stepping every epoch would fill the chart with lines: its changes get markers only.
+    assert sorted(s["x0"] for s in figure["layout"]["shapes"]) == [100.0, 100.0, 200.0, 240.0, 250.0, 290.0]
+
+
+def test_a_run_without_events_or_hparams_changes_has_no_such_markers(store: RunStore) -> None:
+    store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    write_series(store, "loss", 1, np.arange(1, 11), np.ones(10))
+    figure = build_figure(read_view(store, {"branch": 1}), ChartOptions())
+    assert [t for t in figure["data"] if "markers" in t.get("meta", {})] == []
+    # Panels with nothing to draw give their height to the loss.
+    assert figure["layout"]["yaxis"]["domain"] == [0.0, 1.0] and figure["layout"]["xaxis"]["anchor"] == "y"
+    assert figure["layout"]["yaxis3"]["visible"] is False
+
+
+def test_exp_of_a_loss_is_its_perplexity_in_the_metrics_panel(store: RunStore) -> None:
+    store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    write_series(store, "loss", 1, np.arange(1, 4), np.array([1.0, 2.0, 1000.0]))
+    write_series(store, "val_loss", 1, np.array([3]), np.array([np.log(42.0)]), per=PER_EPOCH)
+    figure = build_figure(read_view(store, {"branch": 1}), ChartOptions(smoothing=0, exp_of=("val_loss",)))
+    by_name = {t["name"]: t for t in figure["data"]}
+    assert by_name["exp(val_loss) · branch 1"]["y"] == [pytest.approx(42.0)]
+    assert by_name["exp(val_loss) · branch 1"]["yaxis"] == "y2"
+    assert by_name["loss · branch 1 (raw)"]["y"] == [1.0, 2.0, 1000.0]  # the others stay as they are
+    overflow = build_figure(read_view(store, {"branch": 1}), ChartOptions(smoothing=0, exp_of=("loss",)))
+    assert next(t for t in overflow["data"] if t["name"] == "exp(loss) · branch 1 (raw)")["y"][2] is None  # inf: a gap
+    with pytest.raises(ValueError, match="exp\\(\\) is for loss-like metrics .*got 'val_acc'"):
+        ChartOptions(exp_of=("val_acc",))
+
+
+def test_throughput_comes_from_the_logged_steps_and_wall_times(store: RunStore) -> None:
+    store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    series = store.series_id("loss", 1, PER_STEP)
+    steps = np.arange(1, 1001)
+    store.write_chunks([(series, steps[i:i + CHUNK_POINTS], np.ones(len(steps[i:i + CHUNK_POINTS])),
+                         1000.0 + steps[i:i + CHUNK_POINTS] / 40.0) for i in range(0, 1000, CHUNK_POINTS)])
+    rate = throughput(store, {"branch": 1, "step": 1000})
+    assert rate is not None and rate.steps_per_s == pytest.approx(40.0) and rate.items_per_s is None
+    rate = throughput(store, {"branch": 1, "step": 1000, "items_per_step": 64, "item_unit": "tokens"})
+    assert rate.items_per_s == pytest.approx(2560.0) and rate.item_unit == "tokens"
+    assert throughput(store, {"branch": 2, "step": 1000}) is None  # nothing logged there
+
+
+@pytest.mark.parametrize("n", [20_000, 200_000])
+def test_downsampled_points_stay_put_as_the_run_grows(store: RunStore, n: int) -> None:
+    """Aligned buckets: a refresh changes only the end of the curve, so it can send only that."""
+    rng = np.random.default_rng(1)
+    values = rng.random(n + 3000)
+    write_series(store, "loss", 1, np.arange(1, n + 1), values[:n])
+    before = read_window(store, store.series()[0])
+    write_series(store, "loss", 1, np.arange(n + 1, n + 3001), values[n:])
+    after = read_window(store, store.series()[0])
+    assert before.downsampled and after.downsampled
+    kept = common_prefix(before.steps.tolist(), after.steps.tolist())
+    assert kept >= len(before.steps) - 4 and len(after.steps) > kept
+    assert common_prefix(before.mean_values.tolist(), after.mean_values.tolist()) >= len(before.mean_values) - 2
+
+
+def test_aligned_minmax_keeps_spikes_and_gaps() -> None:
+    x = np.arange(100_000)
+    y = np.ones(100_000)
+    y[31_337], y[77_001] = 50.0, -5.0
+    y[90_000:90_100] = np.nan
+    xs, ys = aligned_minmax(x, y, 1000)
+    assert len(xs) <= 1000 and 31_337 in xs and 77_001 in xs and np.isnan(ys).sum() == 0
+    y[60_000:] = np.nan  # buckets with no finite value keep their first point: a gap in the line
+    xs, ys = aligned_minmax(x, y, 1000)
+    assert np.isnan(ys).any() and np.isfinite(ys[xs < 60_000]).all()
+
+
+def test_a_refresh_sends_only_what_changed(store: RunStore) -> None:
+    store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    write_series(store, "loss", 1, np.arange(1, 30_001), np.random.default_rng(2).random(30_000))
+    write_series(store, "lr", 1, np.array([0]), np.array([0.1]))
+    first = build_figure(read_view(store, {"branch": 1, "step": 30_000}), ChartOptions())
+    write_series(store, "loss", 1, np.arange(30_001, 30_301), np.random.default_rng(3).random(300))
+    second = build_figure(read_view(store, {"branch": 1, "step": 30_300}), ChartOptions())
+    delta = figure_delta(first, second)
+    assert delta is not None and apply_delta(first, delta) == second
+    assert delta["layout"] is None or delta["layout"] == second["layout"]
+    sent = sum(len(change.get(k, {}).get("add", [])) for change in delta["traces"] for k in ("x", "y"))
+    whole = sum(len(t["x"]) + len(t["y"]) for t in second["data"])
+    assert 0 < sent < whole / 20
+    assert figure_delta(first, first) == {"traces": [], "layout": None}
+    assert figure_delta(first, {"data": second["data"][:1], "layout": {}}) is None  # other traces: send it whole
+
+
+def test_common_prefix() -> None:
+    assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix([1, 2, 3], [1, 5, 3]) == 1
+    assert common_prefix([], [1]) == 0 and common_prefix([None, 1.0], [None, 1.0]) == 2
+    assert all(common_prefix(list(range(50)), list(range(k)) + [-1] * (50 - k)) == k for k in range(51))
+
+
+def test_cached_summaries_follow_new_points_and_a_crash(store: RunStore) -> None:
+    """Whole-series reads re-read only the last known chunk and newer ones, and start afresh when
+    a crash moves points to a superseded series."""
+    store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    n = (RAW_CHUNK_BUDGET + 40) * CHUNK_POINTS
+    write_series(store, "loss", 1, np.arange(1, n + 1), np.linspace(5.0, 1.0, n))
+    cache = SummaryCache()
+    series = store.series()[0].id
+    first = cache.read(store, series)
+    assert first.tolist() == store.chunk_summaries(series).tolist()
+    # The trainer fills the last chunk and starts new ones: the cache sees both.
+    write_series(store, "loss", 1, np.arange(n + 1, n + 3 * CHUNK_POINTS + 11), np.full(3 * CHUNK_POINTS + 10, 0.5))
+    grown = cache.read(store, series)
+    assert grown.tolist() == store.chunk_summaries(series).tolist() and len(grown) == len(first) + 4
+    store.supersede_after(1, n // 2)  # a crash: points after the checkpoint move to a new series
+    assert cache.read(store, series).tolist() == store.chunk_summaries(series).tolist()
+    assert len(cache.read(store, series)) < len(first)
+
+
+def test_typed_arrays_are_sent_whole() -> None:
+    old = {"data": [{"x": {"dtype": "f8", "bdata": "AAAA"}, "y": [1.0]}], "layout": {}}
+    new = {"data": [{"x": {"dtype": "f8", "bdata": "AAAB"}, "y": [1.0]}], "layout": {}}
+    assert figure_delta(old, new) == {"traces": [{"i": 0, "trace": new["data"][0]}], "layout": None}

@@ -13,20 +13,18 @@ again to each new figure, unless the server has changed that attribute itself. I
 visible x range back (`setStateValue`), only when the user changed it and only when it differs
 from what it last sent, so the report neither resets the view nor starts a rerun loop.
 
-Getting plotly.js (the 4.8 MB plotly.min.js inside the plotly wheel) into the page, no CDN:
-a v2 component's inline `js` travels inside the element's message on *every* rerun, so inlining
-plotly.js sent 4.85 MB per rerun (measured in Chromium, websocket payload bytes). A second,
-data-free "loader" component with plotly.js inline is deduplicated by Streamlit's ForwardMsg
-cache after the first run (~33 KB/rerun, as without it), but that rests on hidden cache settings
-and still pushes 4.8 MB through the websocket on every page load. A v2 `asset_dir` needs a
-`[tool.streamlit.component]` manifest in pyproject.toml and an installed package. So the files
-are served over HTTP by Streamlit's own component file server: `declare_component(path=...)`
-(the public v1 API, never mounted) serves the plotly wheel's package_data folder and our
-live_chart/ folder under ./component/<name>/. The browser fetches each once per page load
-(plotly.min.js: 1.48 MB gzip-compressed), and a rerun carries only a 236-byte stub that imports
-the real module by a content-versioned URL, plus the figure: ~1.3 KB per rerun in all for a
-three-point figure (the stub, the data envelope and Streamlit's own messages), versus ~13 KB with
-the 11.9 KB module inline. plotly.js then takes ~3 s to start in headless Chromium, once per page.
+Getting plotly.js into the page, no CDN: a v2 component's inline `js` travels inside the element's
+message on *every* rerun, so the files are served over HTTP by Streamlit's own component file
+server instead: `declare_component(path=...)` (the public v1 API, never mounted) serves our
+live_chart/ folder under ./component/<name>/, and a rerun carries only a ~1 KB stub that starts
+loading plotly.js and imports the real module by a content-versioned URL, plus the figure. The plotly.js served is the
+official "basic" partial bundle committed in live_chart/ (see live_chart/PLOTLY.md): the chart
+uses SVG scatter traces only, and the basic bundle is a quarter of the full plotly.min.js to
+download and to evaluate, which is most of the time to the first chart.
+
+Refreshes send what changed, not the whole figure: see babysit/ui/figure_delta.py. The browser
+module keeps the figure it drew and applies each delta in order; a delta that does not follow the
+figure it holds (a lost message) makes it ask for the whole figure again.
 """
 
 from __future__ import annotations
@@ -37,33 +35,68 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import plotly
 import plotly.io.json as plotly_json
 import streamlit as st
 from streamlit.components.v1 import declare_component
 
+from .figure_delta import figure_delta
+
 _ASSETS = Path(__file__).with_name("live_chart")
 _JS_FILE = "live_chart.js"
-# plotly.min.js ships inside the plotly wheel; serve that folder rather than a copy of 4.8 MB.
-_PLOTLY_DIR = Path(plotly.__file__).parent / "package_data"
-_PLOTLY_FILE = "plotly.min.js"
+_PLOTLY_FILE = "plotly-basic.min.js"  # plotly.js's basic bundle, committed (live_chart/PLOTLY.md)
 # declare_component serves each folder at ./component/<this module>.<name>/ (see _serve_assets).
-_SERVED = {"assets": _ASSETS, "plotly_js": _PLOTLY_DIR}
+_SERVED = {"assets": _ASSETS}
 # Versioned URLs, so a browser never mixes a cached old file with a new server.
 _JS_URL = (
     f"./component/{__name__}.assets/{_JS_FILE}"
     f"?v={hashlib.sha256((_ASSETS / _JS_FILE).read_bytes()).hexdigest()[:12]}"
 )
-_PLOTLY_URL = f"./component/{__name__}.plotly_js/{_PLOTLY_FILE}?v={plotly.__version__}"
+_PLOTLY_URL = (
+    f"./component/{__name__}.assets/{_PLOTLY_FILE}"
+    f"?v={hashlib.sha256((_ASSETS / _PLOTLY_FILE).read_bytes()).hexdigest()[:12]}"
+)
 
 MIN_HEIGHT = 120
 
-# All the component sends on each rerun, besides the figure: fetch the real module once (the
-# browser keeps one instance per URL, and with it every chart's state) and hand over. The URL is
-# made absolute here because this code runs from a blob: URL.
-_STUB_JS = f"""
+# Loading plotly.js: one <script> per page, its promise on window. Both stubs below start it as
+# soon as they run, so plotly.js downloads and evaluates while the rest of the page (and the
+# chart's own module) is still on its way; after a failure the next update tries again.
+_ENSURE_PLOTLY_JS = f"""
+function ensurePlotly(source) {{
+  if (window.__babysitPlotly) return;
+  const url = new URL({json.dumps(_PLOTLY_URL)}, document.baseURI).href;
+  window.__babysitPlotly = (async () => {{
+    const src = source ? await source(url) : url; // the preload's may come from Cache Storage
+    return new Promise((resolve, reject) => {{
+      const script = document.createElement("script");
+      script.src = src;
+      script.async = true;
+      const done = () => src !== url && URL.revokeObjectURL(src);
+      script.onload = () => {{
+        done();
+        performance.mark("babysit:plotly-loaded"); // for bench/first_chart.py's timeline
+        window.Plotly ? resolve(window.Plotly) : reject(new Error(`${{url}} did not define Plotly`));
+      }};
+      script.onerror = () => {{
+        done();
+        window.__babysitPlotly = null;
+        script.remove();
+        reject(new Error(`could not load plotly.js from ${{url}}`));
+      }};
+      document.head.appendChild(script);
+    }});
+  }})();
+  window.__babysitPlotly.catch(() => {{}}); // reported by the chart that awaits it
+}}
+"""
+
+# All the chart sends on each rerun, besides the figure: start plotly.js, fetch the real module
+# once (the browser keeps one instance per URL, and with it every chart's state) and hand over.
+# The URLs are made absolute here because this code runs from a blob: URL.
+_STUB_JS = _ENSURE_PLOTLY_JS + f"""
 const url = new URL({json.dumps(_JS_URL)}, document.baseURI).href;
 export default async function (component) {{
+  ensurePlotly();
   const module = await import(url);
   return module.default(component);
 }}
@@ -78,6 +111,43 @@ _chart = st.components.v2.component(
 )
 
 
+# A data-free component placed first on the page: it starts loading plotly.js while the server
+# still builds the page and the figure. It keeps a copy in the browser's Cache Storage (Streamlit's
+# component file server sends no max-age and no validators, so the browser would fetch the 1.2 MB
+# again on every visit); the URL carries the file's hash, so a new file is a new entry and the old
+# ones are dropped. Where there is no Cache Storage (plain http to another host) it loads as usual.
+_CACHED_PLOTLY_JS = """
+async function cachedPlotly(src) {
+  try {
+    const cache = await caches.open("babysit-plotly");
+    let response = await cache.match(src);
+    if (!response) {
+      response = await fetch(src);
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      await cache.put(src, response.clone());
+      for (const old of await cache.keys()) if (old.url !== src) cache.delete(old);
+    }
+    return URL.createObjectURL(await response.blob());
+  } catch (err) {
+    return src;
+  }
+}
+"""
+_preloader = st.components.v2.component("babysit.plotly_preload", js=_ENSURE_PLOTLY_JS + _CACHED_PLOTLY_JS + """
+export default function () {
+  ensurePlotly(cachedPlotly);
+}
+""", isolate_styles=False)
+PRELOAD_KEY = "babysit_plotly_preload"
+
+
+def preload_plotly() -> None:
+    """Start loading plotly.js in the browser now; call it as early in the script as possible.
+    It draws nothing (st-key-babysit_plotly_preload, for CSS that hides its empty slot)."""
+    _serve_assets()
+    _preloader(key=PRELOAD_KEY, data={})
+
+
 def _ignore() -> None:
     """Streamlit reports a state key only if it has a change callback; we have nothing to do."""
 
@@ -90,9 +160,8 @@ def _serve_assets() -> None:
         declare_component(name, path=str(folder))
 
 
-def figure_json(figure: Mapping[str, Any] | Any) -> str:
-    """The figure as JSON that the browser can parse: numpy arrays, pandas, dates, NaN and inf are
-    converted by plotly's own encoder (NaN becomes null, which plotly draws as a gap)."""
+def _checked(figure: Mapping[str, Any] | Any) -> Mapping[str, Any]:
+    """A Plotly figure (a Figure or its dict) as a mapping of data and layout, or a clear error."""
     if hasattr(figure, "to_plotly_json"):
         figure = figure.to_plotly_json()
     if not isinstance(figure, Mapping):
@@ -100,10 +169,63 @@ def figure_json(figure: Mapping[str, Any] | Any) -> str:
     unknown = set(figure) - {"data", "layout"}
     if unknown:
         raise ValueError(f"figure must have only data and layout, got {sorted(unknown)}")
+    return figure
+
+
+def _plain(figure: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """The figure as plain lists and dicts, comparable with the one sent before. babysit's own
+    figures already are; anything holding numpy or pandas goes through plotly's JSON encoder."""
+    figure = _checked(figure)
+    plain = {"data": list(figure.get("data", [])), "layout": figure.get("layout", {})}
+    return plain if _is_plain(plain) else json.loads(figure_json(plain))
+
+
+def _is_plain(node: Any) -> bool:
+    if isinstance(node, Mapping):
+        return isinstance(node, dict) and all(_is_plain(v) for v in node.values())
+    if isinstance(node, list):  # point arrays are long and of one kind: their ends tell
+        return not node or (_is_plain(node[0]) and _is_plain(node[-1]))
+    return isinstance(node, (str, int, float, bool, type(None)))
+
+
+def figure_json(figure: Mapping[str, Any] | Any) -> str:
+    """The figure as JSON that the browser can parse: numpy arrays, pandas, dates, NaN and inf are
+    converted by plotly's own encoder (NaN becomes null, which plotly draws as a gap)."""
+    figure = _checked(figure)
     return plotly_json.to_json_plotly({"data": figure.get("data", []), "layout": figure.get("layout", {})})
 
 
-def live_chart(figure: Mapping[str, Any], *, key: str, height: int = 640) -> dict | None:
+def _message(key: str, figure: dict[str, Any], resync: Any) -> dict[str, Any]:
+    """This run's figure message: the whole figure the first time (or when the browser asked for
+    it), else a delta on the last one sent, or the very same message when nothing changed."""
+    sent = st.session_state.get(_sent_key(key))
+    delta = None
+    if sent is not None and resync == sent["resync"]:
+        delta = figure_delta(sent["figure"], figure)
+    if delta is None:
+        rev = sent["rev"] + 1 if sent else 1
+        return {"full": figure_json(figure), "rev": rev}
+    if not delta["traces"] and delta["layout"] is None:
+        return sent["message"]
+    return {"delta": plotly_json.to_json_plotly(delta), "rev": sent["rev"] + 1, "base": sent["rev"]}
+
+
+def _remember(key: str, message: dict[str, Any], figure: dict[str, Any], resync: Any) -> None:
+    """What the browser holds once ``message`` arrives: the next delta is made against it."""
+    st.session_state[_sent_key(key)] = {"rev": message["rev"], "figure": figure, "message": message,
+                                        "resync": resync}
+
+
+def _sent_key(key: str) -> str:
+    return f"_babysit_live_chart_sent_{key}"
+
+
+def forget_sent(key: str) -> None:
+    """Call when the chart is not drawn in a run: the next one sends the whole figure."""
+    st.session_state.pop(_sent_key(key), None)
+
+
+def live_chart(figure: Mapping[str, Any], *, key: str, height: int = 640, fit_viewport: bool = False) -> dict | None:
     """Draw `figure` and update it in place on later reruns; return what the user looks at.
 
     `figure` is a Plotly figure dict (``go.Figure(...).to_plotly_json()``; a Figure works too).
@@ -111,9 +233,11 @@ def live_chart(figure: Mapping[str, Any], *, key: str, height: int = 640) -> dic
     (data units, also on a log axis; date strings on a date axis), or ``{"x_range": None}`` after
     an autoscale or reset, so the caller can send a denser view of just that window (use
     `live_chart_view` to read it before building the figure). Subplots are expected to share one
-    x axis. The chart takes the column's width and `height` pixels; its colours and font follow
+    x axis. The chart takes the column's width and `height` pixels (with ``fit_viewport``, at most
+    that: the height from its top to the bottom of the window); its colours and font follow
     the Streamlit theme wherever the figure's layout does not set them. A new ``layout.uirevision``
     resets the user's view; the mode bar's log button toggles the top y axis (``yaxis``).
+    Only the first figure is sent whole; later ones as what changed (babysit/ui/figure_delta.py).
     ``st.session_state[key]`` belongs to the chart.
     """
     if not isinstance(key, str) or not key:
@@ -121,12 +245,19 @@ def live_chart(figure: Mapping[str, Any], *, key: str, height: int = 640) -> dic
     if isinstance(height, bool) or not isinstance(height, int) or height < MIN_HEIGHT:
         raise ValueError(f"height must be an int >= {MIN_HEIGHT} pixels, got {height!r}")
     _serve_assets()
+    plain = _plain(figure)
+    state = st.session_state.get(key)
+    resync = state.get("resync") if isinstance(state, Mapping) else None
+    message = _message(key, plain, resync)
     result = _chart(
         key=key,
-        data={"figure": figure_json(figure), "height": height, "key": key, "plotly_url": _PLOTLY_URL},
-        height=height,
+        data={**message, "height": height, "fit": fit_viewport, "key": key},
+        height="content" if fit_viewport else height,
         on_view_change=_ignore,
+        on_resync_change=_ignore,
     )
+    # Recorded once the message is on its way; if it never arrives, the browser asks again.
+    _remember(key, message, plain, resync)
     # Streamlit lists every key that has a callback, as None until the browser first sets it.
     view = result.get("view")
     return dict(view) if view is not None else None

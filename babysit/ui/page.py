@@ -24,8 +24,9 @@ import streamlit as st
 
 from .. import commands as cmd
 from ..store import RunStore, StoreError, list_runs
-from .data import epoch_lines, epochs_to_steps, read_view
-from .figures import X_AXES, X_EPOCH, X_WALL, ChartOptions, build_figure
+from .data import epoch_lines, epochs_to_steps, read_view, throughput
+from .live_chart import forget_sent
+from .figures import X_AXES, X_EPOCH, X_WALL, ChartOptions, build_figure, is_loss_like
 
 TOKEN_ENV = "BABYSIT_TOKEN"
 # Streamlit's own icon font: it renders everywhere, unlike emoji.
@@ -43,8 +44,9 @@ CHECKPOINTS_SHOWN = 100
 COMMANDS_SHOWN = 200
 ALERT_EVENTS = 50
 _NICE = (1, 2, 3, 5)  # a log scale with round numbers: 1, 2, 3, 5, 10, 20, ...
-# lr on a log scale from 1e-6 to 10.
-LR_CHOICES = [round(m * 10.0 ** e, 12) for e in range(-6, 1) for m in _NICE] + [10.0]
+# lr on a log scale from 1e-6 to 1000 (the trainer takes any finite lr > 0; the exact value reaches
+# the rest), plus the trainer's own lr, so the slider's label is the real lr.
+LR_CHOICES = [round(m * 10.0 ** e, 12) for e in range(-6, 3) for m in _NICE] + [1000.0]
 # Momentum moved as 1-β on a log scale (1 down to 1e-4), as the course notes advise.
 ONE_MINUS_BETA_CHOICES = sorted({round(m * 10.0 ** e, 12) for e in range(-4, 0) for m in _NICE} | {0.5, 1.0},
                                 reverse=True)
@@ -74,6 +76,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_known_args(argv)[0]
 
 
+# -- the cockpit's shape ---------------------------------------------------------------------------
+# Streamlit's spacing is made for reading pages; a cockpit must show the curve and its controls on
+# one laptop screen (1366×768), so the top padding, the gaps and the metric font are tightened.
+COMPACT_CSS = """<style>
+[data-testid="stHeader"] { height: 2.25rem; background: transparent; }
+[data-testid="stMainBlockContainer"] { padding: 2.25rem 1.2rem 1rem 1.2rem; }
+[data-testid="stMainBlockContainer"] [data-testid="stVerticalBlock"] { gap: 0.45rem; }
+[data-testid="stMetric"] { padding: 0; }
+[data-testid="stMetricValue"] { font-size: 1.2rem; }
+[data-testid="stMetricLabel"] p { font-size: 0.8rem; }
+.st-key-cockpit_controls [data-testid="stWidgetLabel"] p { font-size: 0.85rem; }
+.st-key-cockpit_controls hr { margin: 0.15rem 0; }
+.st-key-babysit_plotly_preload { display: none; }
+</style>"""
+
+
+def compact_style() -> None:
+    st.html(COMPACT_CSS)
+
+
 # -- access ---------------------------------------------------------------------------------------
 def access_granted() -> bool:
     """With BABYSIT_TOKEN set (required off localhost), nothing of the run shows without it."""
@@ -96,40 +118,71 @@ def access_granted() -> bool:
 
 
 # -- run picker -----------------------------------------------------------------------------------
-def pick_run(root: str, preferred: str | None) -> RunStore | None:
-    """The run to show: the one asked for, or a choice among the runs under ``root``."""
+def pick_run(root: str, preferred: str | None) -> tuple[RunStore | None, int]:
+    """The run to show (the one asked for, else the one with the freshest heartbeat, or the
+    person's choice among the runs under ``root``), and how many runs there are to choose from."""
     runs = list_runs(root)
     if preferred and not Path(preferred, "run.db").exists():
         found = ", ".join(str(r) for r in runs[:8]) or "none"
         st.error(plain(f"{preferred!r} is not a babysit run (it has no run.db); runs found: {found}"))
-        return None
+        return None, len(runs)
     if preferred and Path(preferred).resolve() not in [r.resolve() for r in runs]:
         runs.insert(0, Path(preferred))
     if not runs:
         st.title("babysit")
         st.info(f"No run under {code_span(root)} yet. Start one with `python -m babysit demo`, or babysit your own loop "
                 "with `babysit.Run(...)` (see the README).")
-        return None
+        return None, len(runs)
     names = [str(r) for r in runs]
-    default = 0
     if preferred:
         resolved = [str(r.resolve()) for r in runs]
         target = str(Path(preferred).resolve())
         default = resolved.index(target) if target in resolved else 0
+    elif "run_choice" not in st.session_state:  # opening the page: the run being trained
+        default = freshest(runs)
+    else:
+        default = 0  # the picker keeps the person's choice
     chosen = st.sidebar.selectbox("Run", names, index=default, key="run_choice") if len(runs) > 1 else names[0]
     try:
         store = RunStore(chosen)
         store.status()  # a database damaged past its first page fails here, not mid-page
-        return store
+        return store, len(runs)
     except StoreError as error:
         st.error(plain(error))
     except sqlite3.DatabaseError as error:
         st.error(plain(f"{str(Path(chosen) / 'run.db')!r} is not a readable babysit run database ({error}); restore "
                        "it from a backup or start a new run in another directory"))
-    return None
+    return None, len(runs)
 
 
-def chart_options() -> tuple[ChartOptions, bool, float]:
+def freshest(runs: list[Path]) -> int:
+    """The index of the run whose trainer's heartbeat is the newest: the one being trained."""
+    def heartbeat(run: Path) -> float:
+        try:
+            store = RunStore(run)
+            try:
+                return float(store.status().get("heartbeat") or 0.0)
+            finally:
+                store.close()
+        except (StoreError, sqlite3.DatabaseError):
+            return 0.0
+
+    beats = [heartbeat(r) for r in runs]
+    return max(range(len(runs)), key=lambda i: beats[i]) if runs else 0
+
+
+DEFAULT_CHART = (ChartOptions(), False, 1.0)  # what chart_options gives before anyone touched it
+
+
+def opening() -> bool:
+    """True in a browser session's first run only."""
+    if st.session_state.get("_opened"):
+        return False
+    st.session_state["_opened"] = True
+    return True
+
+
+def chart_options(store: RunStore) -> tuple[ChartOptions, bool, float]:
     st.sidebar.subheader("Chart")
     x_axis = st.sidebar.radio("x axis", X_AXES, horizontal=True, key="x_axis")
     beta = st.sidebar.select_slider(
@@ -142,7 +195,14 @@ def chart_options() -> tuple[ChartOptions, bool, float]:
                                "and the fate of every command stay live.")
     every = st.sidebar.select_slider("Refresh every", options=[0.5, 1.0, 2.0, 5.0], value=1.0, key="refresh",
                                      format_func=lambda s: f"{s:g} s")
-    return ChartOptions(x_axis=x_axis, smoothing=beta, log_loss=log_loss), frozen, every
+    losses = sorted({info.name for info in store.series() if is_loss_like(info.name)})
+    if "exp_of" in st.session_state:  # another run may not have the metrics chosen before
+        st.session_state["exp_of"] = [n for n in st.session_state["exp_of"] if n in losses]
+    exp_of = st.sidebar.multiselect("Show exp() (perplexity) of", losses, key="exp_of",
+                                    help="Draws exp(loss) in the metrics panel: the perplexity of a "
+                                    "cross-entropy loss, the number a language model is judged by.")
+    options = ChartOptions(x_axis=x_axis, smoothing=beta, log_loss=log_loss, exp_of=tuple(exp_of))
+    return options, frozen, every
 
 
 # -- acknowledgements ------------------------------------------------------------------------------
@@ -205,23 +265,41 @@ def show_flash() -> None:
 
 
 # -- the live part -----------------------------------------------------------------------------
-def header(store: RunStore, status: dict[str, Any]) -> None:
+def header(store: RunStore, status: dict[str, Any], runs: int = 1) -> None:
+    """The run's name and state, its numbers, epoch progress and throughput, in little height."""
     colour, icon, label = STATE_BADGES.get(status.get("effective_state", "new"),
                                            ("gray", ":material/help:", status.get("effective_state")))
-    st.markdown(f"### {code_span(store.run_dir.name)} :{colour}-badge[{icon} {label}]")
+    picker = f" · {runs} runs: pick another in the sidebar (›)" if runs > 1 else ""
+    st.markdown(f"**{code_span(store.run_dir.name)}** :{colour}-badge[{icon} {label}]{picker}")
     if status.get("message"):
         st.caption(plain(status["message"]))
-    cols = st.columns(5)
+    cols = st.columns(4)
     cols[0].metric("epoch", f"{status.get('epoch') or 0} / {status.get('max_epochs') or '?'}")
     cols[1].metric("step", f"{status.get('step') or 0:,}")
-    cols[2].metric("branch", status.get("branch") or "–")
-    cols[3].metric("lr", f"{status['lr']:.4g}" if status.get("lr") is not None else "–")
+    cols[2].metric("lr", f"{status['lr']:.4g}" if status.get("lr") is not None else "–")
     momentum = status.get("momentum")
-    cols[4].metric("momentum", f"{momentum:.4g}" if momentum is not None else "–",
+    cols[3].metric("momentum", f"{momentum:.4g}" if momentum is not None else "–",
                    help=f"averages over ~{1 / (1 - momentum):.0f} steps" if momentum is not None and momentum < 1 else None)
     per_epoch, done = status.get("steps_per_epoch"), status.get("step_in_epoch") or 0
+    facts = [f"branch {status.get('branch') or '–'}"]
+    if status.get("effective_state") == "running":
+        facts.append(throughput_text(store, status))
     if per_epoch:
-        st.progress(min(1.0, done / per_epoch), text=f"epoch {status.get('epoch')}: {done} / {per_epoch} steps")
+        st.progress(min(1.0, done / per_epoch), text=f"epoch {status.get('epoch')}: {done} / {per_epoch} steps · "
+                    + " · ".join(facts))
+    else:
+        st.caption(" · ".join(facts))
+
+
+def throughput_text(store: RunStore, status: dict[str, Any]) -> str:
+    """"41.2 steps/s · 1,318 samples/s" (items only when the loop gave its batch size)."""
+    rate = throughput(store, status)
+    if rate is None:
+        return "– steps/s"
+    text = f"{rate.steps_per_s:,.3g} steps/s"
+    if rate.items_per_s is not None:
+        text += f" · {rate.items_per_s:,.0f} {rate.item_unit}/s"
+    return text
 
 
 def last_command_fate(store: RunStore) -> None:
@@ -289,6 +367,7 @@ def chart(store: RunStore, status: dict[str, Any], options: ChartOptions, x_rang
     view = read_view(store, status, lo, hi)
     if not view.windows and lo is None:
         st.info("Waiting for the first logged values…")
+        forget_sent("curve")  # the chart is not on the page: its next figure goes whole
         return
     figure = build_figure(view, options)
     figure["layout"]["uirevision"] += f"-{store.run_dir.resolve()}"  # a new run starts unzoomed
@@ -336,22 +415,28 @@ def trainer_hint(store: RunStore, status: dict[str, Any]) -> None:
 
 def lr_controls(store: RunStore, status: dict[str, Any]) -> None:
     lr = status.get("lr")
-    st.markdown("**Learning rate**" + (f" — now `{lr:.4g}`" if lr is not None else ""))
-    cols = st.columns([1, 1, 3])
+    cols = st.columns([1, 1, 2.2, 1], vertical_alignment="bottom")
     # Halve or double the lr the page shows (refreshed every few seconds), so a click means what
     # the person saw, and a click delivered twice sends the same command twice (dropped above).
     command_button(cols[0], "× ½", "lr_half", store, cmd.SET_LR, {"value": lr / 2} if lr else None,
                    disabled=lr is None, width="stretch")
     command_button(cols[1], "× 2", "lr_double", store, cmd.SET_LR, {"value": lr * 2} if lr else None,
                    disabled=lr is None, width="stretch")
-    follow_trainer("lr_choice", LR_CHOICES, lr)
-    cols[2].select_slider("lr (log scale)", options=LR_CHOICES, key="lr_choice", format_func=lambda v: f"{v:g}",
-                          label_visibility="collapsed")
-    cols = st.columns([3, 1])
-    exact = cols[0].text_input("Exact lr", key="lr_exact", placeholder="e.g. 0.003 (empty: use the slider)")
-    command_button(cols[1], "Set lr", "lr_set", store, cmd.SET_LR,
+    exact = cols[2].text_input("Exact lr", key="lr_exact", placeholder="exact lr, e.g. 0.003",
+                               label_visibility="collapsed")
+    choices = lr_choices(lr, st.session_state.get("lr_choice"))
+    follow_trainer("lr_choice", choices, lr)
+    command_button(cols[3], "Set lr", "lr_set", store, cmd.SET_LR,
                    lambda: {"value": exact if exact.strip() else st.session_state["lr_choice"]},
-                   width="stretch", type="primary")
+                   width="stretch", type="primary", help="Sends the exact value when one is typed, else the slider's.")
+    st.select_slider("Learning rate" + (f" — now {lr:.4g}" if lr is not None else "") + " (log scale)",
+                     options=choices, key="lr_choice", format_func=lambda v: f"{v:.4g}")
+
+
+def lr_choices(lr: float | None, chosen: Any = None) -> list[float]:
+    """The slider's stops: round numbers on a log scale, the trainer's lr, and the person's choice."""
+    extra = {v for v in (lr, chosen) if isinstance(v, (int, float)) and math.isfinite(v) and v > 0}
+    return sorted(set(LR_CHOICES) | extra)
 
 
 def momentum_controls(store: RunStore, status: dict[str, Any]) -> None:
@@ -359,15 +444,15 @@ def momentum_controls(store: RunStore, status: dict[str, Any]) -> None:
     if momentum is None and status.get("effective_state") != "new":
         st.caption("This optimizer has no momentum to nudge.")
         return
-    now = f" — now `{momentum:.4g}` (window ≈ {1 / (1 - momentum):.0f} steps)" if momentum is not None and momentum < 1 else ""
-    st.markdown("**Momentum β**" + now)
+    now = f" — now {momentum:.4g}" if momentum is not None else ""
     follow_trainer("one_minus_beta", ONE_MINUS_BETA_CHOICES, 1 - momentum if momentum is not None else None)
     st.select_slider(
-        "1 − β (log scale)", options=ONE_MINUS_BETA_CHOICES, key="one_minus_beta",
-        format_func=lambda v: f"β {1 - v:.4g} · 1−β {v:.2g} · window ≈ {1 / v:.0f} steps",
+        f"Momentum β{now}, moved as 1 − β (log scale)", options=ONE_MINUS_BETA_CHOICES, key="one_minus_beta",
+        format_func=lambda v: f"β {1 - v:.4g} · window ≈ {1 / v:.0f} steps",
     )
-    cols = st.columns([3, 1])
-    exact = cols[0].text_input("Exact momentum", key="momentum_exact", placeholder="e.g. 0.95 (empty: use the slider)")
+    cols = st.columns([3.2, 1], vertical_alignment="bottom")
+    exact = cols[0].text_input("Exact momentum", key="momentum_exact", placeholder="exact β, e.g. 0.95 (empty: the slider's)",
+                               label_visibility="collapsed")
     chosen = lambda: exact if exact.strip() else round(1 - st.session_state["one_minus_beta"], 12)  # noqa: E731
     command_button(cols[1], "Set β", "momentum_set", store, cmd.SET_MOMENTUM, lambda: {"value": chosen()},
                    width="stretch", type="primary")
@@ -375,12 +460,12 @@ def momentum_controls(store: RunStore, status: dict[str, Any]) -> None:
 
 def run_controls(store: RunStore, status: dict[str, Any]) -> None:
     paused = status.get("effective_state") == "paused"
-    cols = st.columns(4)
+    cols = st.columns(3)
     if paused:
         command_button(cols[0], "Resume", "resume", store, cmd.RESUME, icon=":material/play_arrow:", width="stretch")
     else:
         command_button(cols[0], "Pause", "pause", store, cmd.PAUSE, icon=":material/pause:", width="stretch")
-    command_button(cols[1], "Checkpoint now", "checkpoint", store, cmd.CHECKPOINT, icon=":material/save:",
+    command_button(cols[1], "Checkpoint", "checkpoint", store, cmd.CHECKPOINT, icon=":material/save:",
                    width="stretch")
     command_button(cols[2], "Stop", "stop", store, cmd.STOP, icon=":material/stop:", width="stretch",
                    help="Writes a final checkpoint and ends the trainer; `python -m babysit train` resumes it.")
@@ -405,7 +490,8 @@ def follow_trainer(key: str, choices: list[float], value: float | None) -> None:
 
 
 # -- checkpoints and rollback -------------------------------------------------------------------
-def checkpoints(store: RunStore, status: dict[str, Any]) -> None:
+def checkpoint_table(store: RunStore) -> None:
+    """The newest checkpoints with their hyperparameters and metrics, newest first."""
     listed = store.checkpoints(limit=CHECKPOINTS_SHOWN)
     if not listed:
         st.caption("No checkpoint yet: the first one is written at the end of epoch 1.")
@@ -422,22 +508,32 @@ def checkpoints(store: RunStore, status: dict[str, Any]) -> None:
     if len(listed) == CHECKPOINTS_SHOWN and (total := store.checkpoint_count()) > CHECKPOINTS_SHOWN:
         st.caption(f"The newest {CHECKPOINTS_SHOWN} of {total:,} checkpoints; roll back to an older one by id with "
                    "`python -m babysit rollback ID`.")
+
+
+def rollback_controls(store: RunStore, status: dict[str, Any]) -> None:
+    """Roll back to a checkpoint (newest first), with its hyperparameters or the current ones."""
+    listed = store.checkpoints(limit=CHECKPOINTS_SHOWN)
+    if not listed:
+        st.caption("Roll back: no checkpoint yet (the first is written at the end of epoch 1).")
+        return
     by_id = {c["id"]: c for c in listed}
     ids = [c["id"] for c in reversed(listed)]
     if st.session_state.get("rollback_target") not in ids:
         st.session_state.pop("rollback_target", None)
-    cols = st.columns([2, 2, 1])
+    cols = st.columns([3.2, 1], vertical_alignment="bottom")
     target = cols[0].selectbox("Roll back to", ids, key="rollback_target", format_func=lambda i: _checkpoint_label(by_id[i]))
     chosen = by_id[target]
     lr_now, momentum_now = status.get("lr"), status.get("momentum")
-    hparams = cols[1].radio(
-        "Hyperparameters after the rollback", cmd.HPARAMS_CHOICES, key="rollback_hparams",
-        format_func=lambda h: (f"the checkpoint's (lr {_short(chosen['hparams'].get('lr'))}, momentum "
-                               f"{_short(chosen['hparams'].get('momentum'))})") if h == cmd.HPARAMS_CHECKPOINT
-        else f"the current ones (lr {_short(lr_now)}, momentum {_short(momentum_now)})",
-    )
-    command_button(cols[2], "Roll back", "rollback", store, cmd.ROLLBACK, {"checkpoint": target, "hparams": hparams},
+    command_button(cols[1], "Roll back", "rollback", store, cmd.ROLLBACK,
+                   lambda: {"checkpoint": target, "hparams": st.session_state.get("rollback_hparams", cmd.HPARAMS_CHECKPOINT)},
                    icon=":material/undo:", type="primary", width="stretch")
+    st.radio(
+        "Hyperparameters after the rollback", cmd.HPARAMS_CHOICES, key="rollback_hparams", horizontal=True,
+        label_visibility="collapsed",
+        format_func=lambda h: (f"checkpoint's (lr {_short(chosen['hparams'].get('lr'))}, β "
+                               f"{_short(chosen['hparams'].get('momentum'))})") if h == cmd.HPARAMS_CHECKPOINT
+        else f"current (lr {_short(lr_now)}, β {_short(momentum_now)})",
+    )
 
 
 def _checkpoint_label(c: dict[str, Any]) -> str:

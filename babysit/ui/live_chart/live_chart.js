@@ -2,9 +2,12 @@
 //
 // Streamlit imports this module once per page and calls the default export again whenever the
 // element's data (or the theme) changes, with the same parentElement for as long as the element
-// stays mounted. So the plot div and everything the user did to it live in `views`, keyed by that
-// element, and each call only hands over the newest figure. plotly.js is loaded once per page, from
-// the URL the server sends, and shared by every chart.
+// stays mounted. So the plot div, the figure it draws and everything the user did to it live in
+// `views`, keyed by that element. The server sends the whole figure once and then deltas (what
+// changed: babysit/ui/figure_delta.py); each is applied at once, in order, and the newest figure
+// drawn when plotly is free. A delta that does not follow the figure held here (a lost message, a
+// remount) asks the server for the whole figure again. plotly.js is loaded once per page, from the
+// URL the server sends, and shared by every chart.
 
 const views = new WeakMap();
 
@@ -15,6 +18,9 @@ const KEPT_BY_PLOTLY = /(^|\.)(range(\[\d+\])?|autorange)$|^(autosize|width|heig
 const X_RANGE_EDIT = /^(xaxis\d*)\.(range(\[[01]\])?|autorange)$/;
 const AXIS_KEY = /^[xy]axis\d*$/;
 const DEFAULT_UIREVISION = "babysit-live-chart";
+const POINT_KEYS = ["x", "y", "text"];
+const MIN_FIT_HEIGHT = 360; // px: below this a fitted chart stops shrinking and the page scrolls
+const FIT_MARGIN = 12; // px left under a chart fitted to the window
 
 // A small "log scale" glyph for the mode bar: an axis corner and a concave curve (SVG coordinates).
 const LOG_ICON = {
@@ -25,24 +31,11 @@ const LOG_ICON = {
     "M260 740 C340 420 540 250 920 220 V340 C600 370 430 500 380 760 Z",
 };
 
-function loadPlotly(url) {
-  // On window, not in this module: a new JS revision is a new module, but the page keeps one plotly.
-  if (!window.__babysitPlotly) {
-    window.__babysitPlotly = new Promise((resolve, reject) => {
-      const script = document.createElement("script");
-      script.src = url;
-      script.async = true;
-      script.onload = () =>
-        window.Plotly ? resolve(window.Plotly) : reject(new Error(`${url} did not define Plotly`));
-      script.onerror = () => {
-        window.__babysitPlotly = null; // let the next update try again
-        script.remove();
-        reject(new Error(`could not load plotly.js from ${url}`));
-      };
-      document.head.appendChild(script);
-    });
-  }
-  return window.__babysitPlotly;
+// plotly.js is loaded by the component's stub (babysit/ui/live_chart.py: _ENSURE_PLOTLY_JS), which
+// runs before this module is even fetched and leaves its promise on window (one per page, shared
+// by every chart and every revision of this module).
+function plotlyLoaded() {
+  return window.__babysitPlotly || Promise.reject(new Error("plotly.js could not be loaded; retrying on the next update"));
 }
 
 // "updatemenus[0].active" -> ["updatemenus", 0, "active"]
@@ -135,7 +128,6 @@ function createView(parentElement) {
   const view = {
     root,
     gd: null,
-    pending: null,
     busy: false,
     component: null,
     uirevision: undefined,
@@ -145,6 +137,11 @@ function createView(parentElement) {
     renders: 0,
     observer: null,
     config: null,
+    model: null, // the figure the server has sent so far ({data, layout}), deltas applied
+    rev: undefined, // its revision
+    dirty: false, // model changed since it was last drawn
+    settings: null, // the newest message's height and fit
+    fitted: null, // the height a fitted chart was given
   };
   views.set(parentElement, view);
   return view;
@@ -201,8 +198,58 @@ function makeConfig(Plotly) {
   };
 }
 
-async function render(view, Plotly, data) {
-  const figure = JSON.parse(data.figure);
+// Apply one delta to the figure held (see babysit/ui/figure_delta.py: apply_delta).
+function applyDelta(model, delta) {
+  for (const change of delta.traces) {
+    if (change.trace) {
+      model.data[change.i] = change.trace;
+      continue;
+    }
+    const trace = { ...model.data[change.i] }; // a new object with new arrays: Plotly.react redraws it
+    for (const key of POINT_KEYS) {
+      if (change[key]) trace[key] = (trace[key] || []).slice(0, change[key].keep).concat(change[key].add);
+    }
+    model.data[change.i] = trace;
+  }
+  if (delta.layout) model.layout = delta.layout;
+}
+
+// Take one message from the server: the whole figure, a delta on the figure held, or the same
+// message again (nothing to do).
+function accept(view, data) {
+  view.settings = data;
+  if (data.rev === view.rev) return;
+  if (data.full !== undefined) {
+    view.model = JSON.parse(data.full);
+    view.rev = data.rev;
+    view.dirty = true;
+  } else if (data.delta !== undefined) {
+    if (view.model && view.rev === data.base) {
+      applyDelta(view.model, JSON.parse(data.delta));
+      view.rev = data.rev;
+      view.dirty = true;
+    } else {
+      // A unique value: each request reruns the server's chart once, which then sends it all.
+      view.component.setStateValue("resync", `${Date.now()}-${Math.random()}`);
+    }
+  }
+}
+
+// A chart fitted to the window takes the height from its top to the window's bottom (never more
+// than the server's height, never less than MIN_FIT_HEIGHT); measured when it first appears and
+// when the window is resized, not on every update, so it never jumps while being read.
+function chartHeight(view) {
+  const { height, fit } = view.settings;
+  if (!fit) return height;
+  if (view.fitted === null) {
+    const top = view.root.getBoundingClientRect().top + window.scrollY;
+    view.fitted = Math.round(Math.max(MIN_FIT_HEIGHT, Math.min(height, window.innerHeight - top - FIT_MARGIN)));
+  }
+  return view.fitted;
+}
+
+async function render(view, Plotly) {
+  const figure = { data: [...view.model.data], layout: view.model.layout };
   const serverLayout = figure.layout || {};
   const layout = themeLayout(view.root, JSON.parse(JSON.stringify(serverLayout)));
   if (layout.uirevision === undefined || layout.uirevision === null) layout.uirevision = DEFAULT_UIREVISION;
@@ -219,11 +266,11 @@ async function render(view, Plotly, data) {
     else view.sticky.delete(key);
   }
   view.serverLayout = serverLayout;
-  // The element's height is fixed by Streamlit; the width follows the column.
+  // The element's height is the server's (or fitted to the window); the width follows the column.
   delete layout.width;
   delete layout.height;
   layout.autosize = true;
-  view.root.style.height = `${data.height}px`;
+  view.root.style.height = `${chartHeight(view)}px`;
 
   if (!view.gd) {
     view.gd = document.createElement("div");
@@ -255,22 +302,28 @@ async function render(view, Plotly, data) {
       });
     });
     view.observer.observe(view.root);
+    window.addEventListener("resize", () => {
+      if (!view.settings || !view.settings.fit || !view.root.isConnected) return;
+      view.fitted = null;
+      view.root.style.height = `${chartHeight(view)}px`;
+    });
   } else {
     await Plotly.react(view.gd, figure.data || [], layout, view.config);
   }
+  if (view.renders === 0) performance.mark("babysit:first-chart");
   view.renders += 1;
   view.root.dataset.renders = String(view.renders);
 }
 
-// Draw the newest figure; updates that arrive while one is drawn collapse into the latest.
+// Draw the newest figure; updates that arrive while one is drawn are applied to it meanwhile and
+// drawn together next.
 async function pump(view) {
   view.busy = true;
   try {
-    const Plotly = await loadPlotly(new URL(view.pending.plotly_url, document.baseURI).href);
-    while (view.pending) {
-      const data = view.pending;
-      view.pending = null;
-      await render(view, Plotly, data);
+    const Plotly = await plotlyLoaded();
+    while (view.dirty) {
+      view.dirty = false;
+      await render(view, Plotly);
     }
     view.root.querySelector(".babysit-live-chart-error")?.remove();
   } catch (err) {
@@ -299,11 +352,12 @@ function destroy(parentElement) {
 
 export default function liveChart(component) {
   const { data, parentElement } = component;
+  if (!views.has(parentElement)) performance.mark("babysit:first-figure-message");
   const view = views.get(parentElement) || createView(parentElement);
   view.component = component; // the newest setStateValue (its fragment and form ids may change)
   view.root.dataset.key = data.key;
-  view.pending = data;
-  if (!view.busy) pump(view);
+  accept(view, data);
+  if (!view.busy && view.dirty) pump(view);
   // Streamlit keeps only the last cleanup and runs it on unmount, but it also runs a cleanup at
   // once when a newer update won the race for the module import; only the first means "gone".
   return () => {

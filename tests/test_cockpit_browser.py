@@ -1,0 +1,266 @@
+"""The dashboard as a cockpit, in Chromium: what fits on a laptop screen, and a chart one can read.
+
+One Streamlit server on app.py and one browser serve every test here (each page load costs seconds
+on two cores). The run is made with the store's own writes, as a trainer makes it: two branches
+(a rollback), a piece superseded by a crash, a clean stop and restart, a restart after the trainer
+died, a person's lr nudge and an lr change by a scheduler; a thread keeps the heartbeat fresh and
+logs a step every 20 ms, so the page shows a running trainer and its throughput.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from playwright.sync_api import Page, sync_playwright
+
+from babysit import commands as cmd
+from babysit.store import CHUNK_POINTS, PER_EPOCH, PER_STEP, RunStore
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, REPO, wait_healthy
+
+PLOT = ".babysit-live-chart .js-plotly-plot"
+WAIT_S = 60.0
+SHOTS = Path(os.environ.get("BABYSIT_SCREENSHOTS", "")) if os.environ.get("BABYSIT_SCREENSHOTS") else None
+
+
+def _write(store: RunStore, name: str, branch: int, steps: np.ndarray, values: np.ndarray, per: str = PER_STEP,
+           segment: int = 0, wall0: float | None = None) -> None:
+    series = store.series_id(name, branch, per, segment)
+    walls = (wall0 if wall0 is not None else time.time() - 600) + steps * 0.02
+    store.write_chunks([(series, steps[i:i + CHUNK_POINTS], values[i:i + CHUNK_POINTS], walls[i:i + CHUNK_POINTS])
+                        for i in range(0, len(steps), CHUNK_POINTS)])
+
+
+def build_run(run_dir: Path) -> RunStore:
+    store = RunStore(run_dir, create=True)
+    one = store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    store.add_event("start", "run started", branch=one, step=0, epoch=0)
+    x = np.arange(1, 601)
+    _write(store, "loss", one, x, 2.5 * np.exp(-x / 200) + 0.3)
+    _write(store, "loss", one, np.arange(401, 441), np.full(40, 1.4), segment=1)  # a crash superseded these
+    _write(store, "lr", one, np.array([0, 100, 250]), np.array([0.05, 0.025, 0.0125]))
+    _write(store, "momentum", one, np.array([0]), np.array([0.9]))
+    for epoch, end in enumerate(range(100, 601, 100), start=1):
+        store.add_epoch(one, epoch, end)
+    _write(store, "val_loss", one, np.arange(100, 601, 100), 2.4 * np.exp(-np.arange(100, 601, 100) / 220) + 0.35,
+           per=PER_EPOCH)
+    command = store.enqueue_command(cmd.SET_LR, {"value": 0.025}, source="dashboard", require_live=False)
+    store.finish_command(command, cmd.APPLIED, branch=one, step=100, result={"before": 0.05, "after": 0.025})
+    store.add_event("hparams", "lr changed by the scheduler", branch=one, step=250,
+                    data={"before": {"lr": 0.025, "momentum": 0.9}, "after": {"lr": 0.0125, "momentum": 0.9},
+                          "by": "scheduler"})
+    store.add_event("stopped", "stopped at step 200 with a final checkpoint", branch=one, step=200)
+    store.add_event("resume", "resumed from checkpoint #2 (epoch 2, step 200) after a clean stop", branch=one, step=200)
+    store.add_event("resume", "resumed from checkpoint #4 (epoch 4, step 400) after the trainer died", branch=one,
+                    step=400)
+    for epoch in (1, 2, 3, 4, 5):
+        store.add_checkpoint(branch=one, epoch=epoch, step=100 * epoch, step_in_epoch=100, file=f"e{epoch}.pt",
+                             sha256="0" * 64, size=1, hparams={"lr": 0.05, "momentum": 0.9},
+                             metrics={"val_loss": 1.0 / epoch}, reason="epoch")
+    two = store.new_branch(parent=one, from_checkpoint=3, start_step=300, start_epoch=3)
+    store.add_event("rollback", "rolled back to checkpoint #3", branch=two, step=300,
+                    data={"checkpoint": 3, "from_step": 600, "from_branch": one,
+                          "before": {"lr": 0.0125, "momentum": 0.9}, "after": {"lr": 0.05, "momentum": 0.9}})
+    x2 = np.arange(301, 700)
+    _write(store, "loss", two, x2, 2.5 * np.exp(-x2 / 150) + 0.25)
+    _write(store, "lr", two, np.array([300]), np.array([0.05]))
+    _write(store, "momentum", two, np.array([300]), np.array([0.9]))
+    store.add_epoch(two, 4, 400)
+    _write(store, "val_loss", two, np.array([400]), np.array([0.9]), per=PER_EPOCH)
+    store.write_status(state="running", pid=os.getpid(), host=socket.gethostname(), started=time.time(),
+                       heartbeat=time.time(), epoch=7, max_epochs=30, step=699, step_in_epoch=99,
+                       steps_per_epoch=100, branch=two, lr=0.05, momentum=0.9, optimizer="SGD", message="")
+    return store
+
+
+def _keep_training(run_dir: Path, stop: threading.Event) -> None:
+    """Log a step every 20 ms (50 steps/s) on branch 2 and keep the heartbeat fresh."""
+    store = RunStore(run_dir)
+    step = 699
+    while not stop.wait(0.2):
+        steps = np.arange(step + 1, step + 11)
+        series = store.series_id("loss", 2, PER_STEP)
+        store.write_chunks([(series, steps, 0.3 + 0.01 * np.sin(steps), time.time() - 0.2 + 0.02 * np.arange(1, 11))])
+        step += 10
+        store.write_status(heartbeat=time.time(), step=step, step_in_epoch=step % 100)
+    store.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("cockpit")
+    build_run(root / "run").close()
+    stop = threading.Event()
+    trainer = threading.Thread(target=_keep_training, args=(root / "run", stop), daemon=True)
+    trainer.start()
+    port = _free_port()
+    log = (root / "streamlit.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal", "--", "--root", str(root)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, server, root / "streamlit.log")
+        yield url
+    finally:
+        stop.set()
+        server.terminate()
+        server.wait(timeout=20)
+        log.close()
+        trainer.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def _open(browser: Any, url: str, width: int, height: int) -> Page:
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(WAIT_S * 1000)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.__errors = errors  # type: ignore[attr-defined]
+    page.goto(url)
+    page.wait_for_function("(sel) => { const gd = document.querySelector(sel); return gd && gd._fullLayout"
+                           " && gd.data && gd.data.length > 10; }", arg=PLOT, timeout=WAIT_S * 1000)
+    page.locator(".st-key-rollback button").wait_for()
+    page.locator('[data-testid="stMetric"]').first.wait_for()
+    return page
+
+
+def _inside(page: Page, selector: str, viewport: dict[str, int]) -> dict[str, float]:
+    locator = page.locator(selector).first
+    box = locator.bounding_box()
+    assert box is not None, f"{selector} is not on the page"
+    assert box["x"] >= 0 and box["y"] >= 0, (selector, box)
+    assert box["x"] + box["width"] <= viewport["width"] + 0.5, (selector, box, viewport)
+    assert box["y"] + box["height"] <= viewport["height"] + 0.5, (selector, box, viewport)
+    return box
+
+
+COCKPIT = {
+    "chart": PLOT,
+    "lr × ½": ".st-key-lr_half button",
+    "lr × 2": ".st-key-lr_double button",
+    "exact lr": ".st-key-lr_exact input",
+    "set lr": ".st-key-lr_set button",
+    "lr slider": '.st-key-lr_choice [data-testid="stSlider"]',
+    "momentum slider": '.st-key-one_minus_beta [data-testid="stSlider"]',
+    "set β": ".st-key-momentum_set button",
+    "pause": ".st-key-pause button",
+    "roll back to": ".st-key-rollback_target",
+    "roll back": ".st-key-rollback button",
+    "status": '[data-testid="stMetric"]',
+}
+
+
+@pytest.mark.parametrize("width,height", [(1366, 768), (1920, 1080)])
+def test_the_curve_and_its_controls_fit_one_screen(dashboard: str, browser: Any, width: int, height: int,
+                                                   tmp_path: Path) -> None:
+    page = _open(browser, dashboard, width, height)
+    try:
+        viewport = {"width": width, "height": height}
+        boxes = {name: _inside(page, selector, viewport) for name, selector in COCKPIT.items()}
+        # The fate of a command shows in the same column, also in sight: click × ½ and look.
+        page.locator(".st-key-lr_half button").click()
+        fate = page.locator('[data-testid="stAlert"]').filter(has_text=re.compile(r"#\d+ set lr 0\.025: pending"))
+        fate.first.wait_for()
+        _inside(page, '[data-testid="stAlert"] >> text=/set lr 0.025: pending/', viewport)
+        # The chart takes most of the width, and the height of the window.
+        assert boxes["chart"]["width"] > 0.55 * width
+        assert boxes["chart"]["height"] > 0.75 * height
+        assert page.evaluate("() => document.scrollingElement.scrollTop") == 0
+        shot = (SHOTS or tmp_path) / f"cockpit-{width}x{height}.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot))
+        assert page.__errors == []  # type: ignore[attr-defined]
+    finally:
+        page.close()
+
+
+def test_the_chart_reads_colours_ticks_and_markers(dashboard: str, browser: Any) -> None:
+    page = _open(browser, dashboard, 1366, 768)
+    try:
+        chart = page.evaluate("""(sel) => {
+            const gd = document.querySelector(sel);
+            const legend = Array.from(gd.querySelectorAll('g.legend g.traces')).map((g) => ({
+                name: g.querySelector('text.legendtext').textContent,
+                stroke: (g.querySelector('path.js-line') || {getAttribute: () => null}).getAttribute('style') || '',
+            }));
+            const ticks = (ax) => Array.from(gd.querySelectorAll(`g.${ax}tick text`)).map((t) => t.textContent);
+            return {legend, lrTicks: ticks('y3'), betaRange: gd._fullLayout.yaxis4.range,
+                    markers: gd._fullData.filter((t) => t.meta && t.meta.markers).map((t) => ({
+                        kind: t.meta.markers, symbol: t.marker.symbol, n: t.x.length, text: t.text}))};
+        }""", PLOT)
+        legend = {entry["name"]: entry["stroke"] for entry in chart["legend"]}
+        # One colour per metric, one dash per branch, both visible in the legend's line samples.
+        loss1, loss2 = legend["loss · branch 1 (smoothed)"], legend["loss · branch 2 (smoothed)"]
+        val1 = legend["val_loss · branch 1"]
+        colour = lambda style: re.search(r"stroke: (rgb\([^)]*\))", style).group(1)  # noqa: E731
+        dashed = lambda style: "stroke-dasharray" in style and "stroke-dasharray: none" not in style  # noqa: E731
+        assert colour(loss1) == colour(loss2) != colour(val1)
+        assert dashed(loss1) != dashed(loss2)  # branch 2 is solid, branch 1 dashed
+        assert "loss · branch 1 · superseded" in legend and dashed(legend["loss · branch 1 · superseded"])
+        # Log-lr ticks a person can read: 1 and 3 of each decade.
+        assert chart["lrTicks"] and all(re.fullmatch(r"[13](e-\d+)?|0\.0*[13]", t) for t in chart["lrTicks"]), \
+            chart["lrTicks"]
+        assert {"0.01", "0.03"} <= set(chart["lrTicks"])
+        # The momentum axis fits β.
+        lo, hi = chart["betaRange"]
+        assert 0.8 <= lo < 0.9 < hi <= 1.0
+        # Markers: nudge, scheduler change, rollback, stop, restart, crash, each its own kind.
+        by_kind = {m["kind"]: m for m in chart["markers"]}
+        assert set(by_kind) == {"lr", "auto_lr", "rollback", "stop", "restart", "crash"}
+        assert by_kind["lr"]["symbol"] != by_kind["auto_lr"]["symbol"]
+        assert by_kind["auto_lr"]["text"] == ["lr 0.025 → 0.0125 at step 250 (by scheduler, no command)"]
+        assert "the trainer died" in by_kind["crash"]["text"][0] and by_kind["stop"]["n"] == 1
+        # The lr slider says what the lr is.
+        assert page.locator(".st-key-lr_choice input[type=range]").get_attribute("aria-valuetext") == "0.05"
+        # Throughput in the status.
+        status = page.locator('[data-testid="stProgress"]').inner_text()
+        rate = float(re.search(r"([\d.]+) steps/s", status).group(1))
+        assert 20 < rate < 80, status
+        assert page.__errors == []  # type: ignore[attr-defined]
+    finally:
+        page.close()
+
+
+def test_a_second_visit_does_not_fetch_plotly_again(dashboard: str, browser: Any) -> None:
+    """plotly.js is kept in the browser's Cache Storage under its content-versioned URL."""
+    context = browser.new_context(viewport={"width": 1366, "height": 768})
+    try:
+        fetched: list[str] = []
+        context.on("request", lambda request: fetched.append(request.url) if "plotly-basic" in request.url else None)
+        for visit in (1, 2):
+            page = context.new_page()
+            page.goto(dashboard)
+            page.wait_for_function("(sel) => { const gd = document.querySelector(sel); return gd && gd._fullLayout"
+                                   " && gd.data && gd.data.length > 10; }", arg=PLOT, timeout=WAIT_S * 1000)
+            if visit == 1:
+                assert len(fetched) == 1, fetched
+            page.close()
+        assert len(fetched) == 1, fetched  # the second visit drew from the cached copy
+    finally:
+        context.close()
