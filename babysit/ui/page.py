@@ -270,7 +270,7 @@ def header(store: RunStore, status: dict[str, Any], runs: int = 1) -> None:
     colour, icon, label = STATE_BADGES.get(status.get("effective_state", "new"),
                                            ("gray", ":material/help:", status.get("effective_state")))
     picker = f" · {runs} runs: pick another in the sidebar (›)" if runs > 1 else ""
-    st.markdown(f"**{code_span(store.run_dir.name)}** :{colour}-badge[{icon} {label}]{picker}")
+    st.markdown(f"{code_span(store.run_dir.name)} :{colour}-badge[{icon} {label}]{picker}")
     if status.get("message"):
         st.caption(plain(status["message"]))
     cols = st.columns(4)
