@@ -64,6 +64,8 @@ class Run:
         keep_last: keep only the newest N checkpoints (those a branch started from are kept too);
             ``None`` keeps them all.
         flush_interval: seconds between writes of logged values (and heartbeats) to the store.
+        items_per_step, item_unit: what one step trains on, for the throughput shown (for example
+            ``batch_size * seq_len`` "tokens"); ``None``: the loader's ``batch_size`` "samples".
     """
 
     def __init__(
@@ -77,6 +79,8 @@ class Run:
         guard: GuardConfig | None = None,
         keep_last: int | None = None,
         flush_interval: float = 0.25,
+        items_per_step: int | None = None,
+        item_unit: str = "samples",
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise ValueError(f"keep_last must be a whole number >= 1 or None, got {keep_last!r}")
@@ -87,6 +91,8 @@ class Run:
         self.config = dict(config or {})
         json.dumps(self.config)  # fail now, not at the first checkpoint
         self.keep_last = keep_last
+        self.items_per_step = items_per_step  # throughput: what one step trains on (e.g. tokens)
+        self.item_unit = item_unit
         self.guard_config = guard or GuardConfig()
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
