@@ -35,7 +35,7 @@ FAST_CONFIG = DigitsConfig(epochs=8, epoch_passes=1, batch_size=64)  # 23 steps 
 
 def train_args(config: DigitsConfig) -> list[str]:
     return ["--epochs", str(config.epochs), "--epoch-passes", str(config.epoch_passes),
-            "--batch-size", str(config.batch_size), "--seed", str(config.seed)]
+            "--batch-size", str(config.batch_size), "--seed", str(config.seed), "--job", "digits"]
 
 
 @dataclass

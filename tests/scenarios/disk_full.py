@@ -37,7 +37,7 @@ def main(mount: Path) -> dict:
     run_dir = mount / "run"
     log = open(mount.parent / "disk-full-trainer.log", "wb") if os.access(mount.parent, os.W_OK) else subprocess.DEVNULL
     trainer = subprocess.Popen([sys.executable, "-m", "babysit", "train", "--run-dir", str(run_dir), "--epochs", "400",
-                                "--epoch-passes", "1", "--batch-size", "64"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                                "--job", "digits", "--epoch-passes", "1", "--batch-size", "64"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         store = wait_for(lambda: (run_dir / "run.db").exists() and RunStore(run_dir), what="run store")
         first = wait_for(lambda: store.checkpoints(), what="first checkpoint")[0]
