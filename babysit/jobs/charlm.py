@@ -16,7 +16,6 @@ The five babysit lines are marked ``# babysit``.
 
 from __future__ import annotations
 
-import math
 import random
 import sysconfig
 from dataclasses import asdict, dataclass
@@ -29,8 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 import babysit
-from babysit.commands import CommandError, validate_lr, validate_momentum
-from babysit.jobs.digits import OPTIMIZERS, configure_threads
+from babysit.commands import CommandError
+from babysit.jobs.common import build_optimizer, check_settings, configure_threads
 
 # The vocabulary is fixed, not read from the text, so a checkpoint fits any Python's stdlib:
 # tab, newline and printable ASCII; anything else (a few accented letters in comments) is one token.
@@ -56,18 +55,9 @@ class CharLMConfig:
     n_embd: int = 64
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise CommandError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        validate_lr(self.lr)
-        validate_momentum(self.momentum)
-        for name in ("epochs", "batch_size", "seq_len", "steps_per_epoch", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise CommandError(f"{name} must be a whole number >= 1, got {value!r}")
+        check_settings(self, ("batch_size", "seq_len", "steps_per_epoch", "n_layer", "n_head", "n_embd"))
         if self.n_embd % self.n_head:
             raise CommandError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        if not isinstance(self.seed, int):
-            raise CommandError(f"seed must be a whole number, got {self.seed!r}")
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -161,12 +151,6 @@ class CharGPT(nn.Module):
         return self.head(self.ln_f(self.blocks(x)))
 
 
-def build_optimizer(config: CharLMConfig, model: nn.Module) -> torch.optim.Optimizer:
-    if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.momentum, 0.999))
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-
-
 def next_char_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the next character, in nats (exp() of it is the perplexity)."""
     logits = model(inputs)
@@ -178,7 +162,7 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> f
     model.eval()
     loss = next_char_loss(model, inputs, targets).item()
     model.train()
-    return loss if math.isfinite(loss) else float("nan")
+    return loss
 
 
 # -- training ----------------------------------------------------------------------------------
