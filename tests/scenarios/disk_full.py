@@ -41,7 +41,7 @@ def main(mount: Path) -> dict:
     try:
         store = wait_for(lambda: (run_dir / "run.db").exists() and RunStore(run_dir), what="run store")
         first = wait_for(lambda: store.checkpoints(), what="first checkpoint")[0]
-        # Leave less room than one checkpoint needs (the demo's is 1.25 MB).
+        # Leave less room than one checkpoint needs (the digits job's is 1.25 MB).
         ballast = mount / "ballast"
         stat = os.statvfs(mount)
         ballast.write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - 700_000))
