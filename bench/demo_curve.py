@@ -77,9 +77,37 @@ def epoch_seconds(store: RunStore, branch: int) -> list[float]:
     return [b - a for a, b in zip(ends, ends[1:])]
 
 
+def step_seconds(steps: int = 60) -> list[float]:
+    """Seconds per training step of the job's model at the defaults, with nothing else of babysit's
+    in this process (one thread, as the job runs): the floor under an epoch's length."""
+    import torch
+
+    from babysit.jobs import charlm
+
+    charlm.configure_threads()
+    torch.manual_seed(0)
+    model = charlm.CharGPT(DEFAULTS)
+    optimizer = charlm.build_optimizer(DEFAULTS, model)
+    tokens = charlm.read_tokens(charlm.source_files()[0][:5])
+    windows = charlm.Windows(tokens, DEFAULTS.seq_len)
+    times = []
+    for i in range(steps + 5):
+        batch = [windows[j] for j in range(i * DEFAULTS.batch_size, (i + 1) * DEFAULTS.batch_size)]
+        inputs, targets = (torch.stack(t) for t in zip(*batch))
+        begin = time.perf_counter()
+        loss = charlm.next_char_loss(model, inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - begin)
+    return times[5:]
+
+
 def measure(scratch: Path) -> dict[str, Any]:
     main_dir, bad_dir = scratch / "default", scratch / "x4"
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    steps = step_seconds()
     babysit("train", "--run-dir", str(main_dir), "--epochs", str(PLATEAU_EPOCH + AFTER))
     store = RunStore(main_dir)
     control = val_losses(store, 1)
@@ -111,7 +139,7 @@ def measure(scratch: Path) -> dict[str, Any]:
     return {"control": control, "halved": halved, "halved_branch": branch, "rollback": rollback.strip(),
             "epoch_seconds": seconds, "bad_val": val_losses(bad_store, 1), "bad_state": bad_status.get("state"),
             "bad_message": bad_status.get("message"), "divergences": divergences,
-            "wall_s": time.monotonic() - started}
+            "wall_s": time.monotonic() - started, "step_seconds": steps, "load": (load_before, os.getloadavg()[0])}
 
 
 def facts(result: dict[str, Any]) -> dict[str, Any]:
@@ -152,8 +180,14 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"(charlm) with its defaults: `{json.dumps(asdict(DEFAULTS))}`.",
         "",
         f"Epoch length ({DEFAULTS.steps_per_epoch} steps of {DEFAULTS.batch_size}×{DEFAULTS.seq_len} tokens, and "
-        f"the validation pass): median {statistics.median(seconds):.1f} s "
-        f"({min(seconds):.1f}–{max(seconds):.1f} s) here, on cores shared with other work.",
+        f"the validation pass), between the run's checkpoints: median {statistics.median(seconds):.1f} s "
+        f"({min(seconds):.1f}–{max(seconds):.1f} s), on cores shared with other work (load average "
+        f"{result['load'][0]:.1f} at the start, {result['load'][1]:.1f} at the end). One training step alone, "
+        f"timed in this process before the runs: median {1000 * statistics.median(result['step_seconds']):.0f} ms "
+        f"({1000 * min(result['step_seconds']):.0f}–{1000 * max(result['step_seconds']):.0f} ms, "
+        f"{len(result['step_seconds'])} steps), so {DEFAULTS.steps_per_epoch} steps take "
+        f"{DEFAULTS.steps_per_epoch * min(result['step_seconds']):.1f}–"
+        f"{DEFAULTS.steps_per_epoch * statistics.median(result['step_seconds']):.1f} s.",
         "",
         "| claim | measured | |",
         "|---|---|---|",
