@@ -29,6 +29,11 @@ EXIT_USAGE = 2
 EXIT_NOT_APPLIED = 1
 
 
+# The `train` options that set a job's config field of the same name (each job takes some of them).
+TRAIN_OPTIONS = ("epochs", "lr", "momentum", "optimizer", "seed", "batch_size", "seq_len", "steps_per_epoch",
+                 "epoch_passes")
+
+
 class CliError(Exception):
     """A problem the user can fix; printed as ``babysit: error: ...`` with exit status 2."""
 
@@ -135,23 +140,31 @@ def _open_store(run_dir: str) -> RunStore:
 
 # -- train -------------------------------------------------------------------------------------
 def train_command(args: argparse.Namespace) -> int:
-    from .jobs.digits import DigitsConfig, train
+    from .jobs import JOBS
     from .run import RunLockedError
 
-    given = {f.name: getattr(args, f.name) for f in fields(DigitsConfig) if getattr(args, f.name, None) is not None}
-    config_values = dict(asdict(DigitsConfig()))
     stored = _stored_config(args.run_dir)
+    job = _choose_job(args, stored)
+    config_class, train = JOBS[job].load()
+    names = [f.name for f in fields(config_class)]
+    given = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name, None) is not None}
+    foreign = [name for name in given if name not in names]
+    if foreign:
+        accepted = ", ".join(_option(name) for name in TRAIN_OPTIONS if name in names)
+        raise CliError(f"{', '.join(map(_option, foreign))} is not an option of job {job} "
+                       f"(its options: {accepted})")
+    config_values = dict(asdict(config_class()))
     if stored:
         ignored = {k: v for k, v in given.items() if k != "epochs" and stored.get(k, v) != v}
         for key, value in ignored.items():
-            print(f"babysit: --{key.replace('_', '-')} {value} ignored: this run was started with "
+            print(f"babysit: {_option(key)} {value} ignored: this run was started with "
                   f"{key} {stored[key]} and keeps it (nudge lr and momentum with `python -m babysit set`)")
         config_values.update({k: v for k, v in stored.items() if k in config_values})
         config_values.update({k: v for k, v in given.items() if k == "epochs"})
     else:
         config_values.update(given)
     try:
-        config = DigitsConfig(**config_values)
+        config = config_class(**config_values)
     except cmd.CommandError as error:
         raise CliError(str(error)) from None
     if stored:
@@ -170,6 +183,26 @@ def train_command(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     print(f"babysit: {run.status}: {run.message}", flush=True)
     return 0
+
+
+def _choose_job(args: argparse.Namespace, stored: dict[str, Any] | None) -> str:
+    """The job a run directory holds (a resumed run keeps its own), else ``--job``, else the default."""
+    from .jobs import DEFAULT_JOB, JOB_OF_UNNAMED_RUNS, JOBS
+
+    if not stored:
+        return args.job or DEFAULT_JOB
+    job = stored.get("job", JOB_OF_UNNAMED_RUNS)
+    if job not in JOBS:
+        raise CliError(f"the run in {args.run_dir} was started by job {job!r}, which is not one of babysit's "
+                       f"({', '.join(sorted(JOBS))}); resume it by running its own training script")
+    if args.job and args.job != job:
+        raise CliError(f"--job {args.job}: the run in {args.run_dir} is a {job} run and can only resume as one; "
+                       f"pass --job {job}, or another --run-dir for a new {args.job} run")
+    return job
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _stored_config(run_dir: str) -> dict[str, Any] | None:
@@ -295,7 +328,8 @@ def demo_command(args: argparse.Namespace) -> int:
         pid = existing.get("pid")
         print(f"babysit: demo trainer already running in {run_dir} (pid {pid})")
     else:
-        pid = start_trainer(run_dir, ["--epochs", str(args.epochs)] if args.epochs else [])
+        extra = (["--job", args.job] if args.job else []) + (["--epochs", str(args.epochs)] if args.epochs else [])
+        pid = start_trainer(run_dir, extra)
         _wait_for_trainer(run_dir, pid)
         print(f"babysit: demo trainer started in {run_dir} (pid {pid}, log {Path(run_dir) / LOG_NAME})")
     print("babysit: stopping the dashboard (Ctrl-C) leaves the trainer training, so the run outlives the page; "
@@ -355,8 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                        help="another host name the page may be opened at (repeatable), e.g. this machine's DNS name")
 
+    def job_arg(p: argparse.ArgumentParser) -> None:
+        from .jobs import DEFAULT_JOB, JOBS
+
+        p.add_argument("--job", choices=sorted(JOBS), help=f"what to train (default {DEFAULT_JOB}): " + "; ".join(
+            f"{job.name}, {job.summary}" for job in JOBS.values()) + "; a resumed run keeps its own")
+
     p = sub.add_parser("demo", help="start (or resume) the demo trainer and serve its dashboard")
     run_dir_arg(p)
+    job_arg(p)
     serve_args(p)
     p.add_argument("--epochs", type=int, help="epochs for the demo trainer (default 100)")
 
@@ -364,15 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="checkpoints", help="directory holding run directories (default checkpoints)")
     serve_args(p)
 
-    p = sub.add_parser("train", help="train (or resume) the demo job in the foreground")
+    p = sub.add_parser("train", help="train (or resume) a built-in job in the foreground")
     run_dir_arg(p)
+    job_arg(p)
     p.add_argument("--epochs", type=int, help="number of epochs (default 100; raise it to train further)")
-    p.add_argument("--lr", type=float, help="initial learning rate (default 0.05)")
+    p.add_argument("--lr", type=float, help="initial learning rate (default: the job's; charlm 0.3, digits 0.05)")
     p.add_argument("--momentum", type=float, help="initial momentum, SGD momentum or Adam beta1 (default 0.9)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), help="optimizer (default sgd)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--batch-size", type=int, help="batch size (default 32)")
-    p.add_argument("--epoch-passes", type=int, help="passes over the training images per epoch (default 6)")
+    p.add_argument("--seq-len", type=int, help="charlm: characters per training window (default 64)")
+    p.add_argument("--steps-per-epoch", type=int, help="charlm: batches per epoch (default 100)")
+    p.add_argument("--epoch-passes", type=int, help="digits: passes over the training images per epoch (default 6)")
 
     p = sub.add_parser("status", help="show the run's state, hyperparameters and checkpoints")
     run_dir_arg(p)

@@ -1,4 +1,4 @@
-"""Kill a real demo trainer with SIGKILL at random moments, restart it, and compare the result
+"""Kill a real digits trainer with SIGKILL at random moments, restart it, and compare the result
 with a plain PyTorch loop that was never interrupted and got the same nudges at the same steps.
 
 Used by tests/test_crash.py (a few kills in CI) and tests/soak_kills.py (50+ kills, written down in
@@ -35,7 +35,7 @@ FAST_CONFIG = DigitsConfig(epochs=8, epoch_passes=1, batch_size=64)  # 23 steps 
 
 def train_args(config: DigitsConfig) -> list[str]:
     return ["--epochs", str(config.epochs), "--epoch-passes", str(config.epoch_passes),
-            "--batch-size", str(config.batch_size), "--seed", str(config.seed)]
+            "--batch-size", str(config.batch_size), "--seed", str(config.seed), "--job", "digits"]
 
 
 @dataclass
@@ -180,7 +180,7 @@ def _wait_for_temp_file(run_dir: Path, process: subprocess.Popen[bytes], timeout
 
 
 def plain_reference(config: DigitsConfig, nudges: dict[int, list[tuple[str, float]]]) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """The demo job as a plain PyTorch loop with no babysit at all, nudged at the given steps
+    """The digits job as a plain PyTorch loop with no babysit at all, nudged at the given steps
     (after that step's optimizer.step, as babysit does): the ground truth for a killed run."""
     configure_threads()  # the trainer's thread count: float sums depend on it
     torch.manual_seed(config.seed)

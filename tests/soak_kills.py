@@ -1,4 +1,4 @@
-"""The crash soak: SIGKILL a real demo trainer many times, then check it against a plain loop.
+"""The crash soak: SIGKILL a real digits trainer many times, then check it against a plain loop.
 
     python tests/soak_kills.py [--kills 50] [--seed 2026] [--epochs 40]
 
@@ -58,7 +58,7 @@ def main() -> None:
         f"`python tests/soak_kills.py --kills {args.kills} --seed {args.seed} --epochs {args.epochs}` — {verdict}.",
         "",
         f"Run on {started}, commit {commit}, {platform.processor() or platform.machine()}, Python "
-        f"{platform.python_version()}. The demo job (CNN on the bundled digits, 23 steps per epoch here) is "
+        f"{platform.python_version()}. The digits job (CNN on the bundled digits, 23 steps per epoch here) is "
         "started with `python -m babysit train`, killed with SIGKILL at seeded random moments (during start-up, "
         "while a checkpoint's temporary file exists, or after a nudge sent with `--wait`), started again, and "
         "finally left to finish. Its final checkpoint and per-step losses are then compared with a plain "

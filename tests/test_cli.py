@@ -9,7 +9,7 @@ from pathlib import Path
 from babysit.store import RunStore
 from tests.conftest import babysit_cli, wait_for
 
-FAST = ("--epoch-passes", "1", "--batch-size", "64")  # 23 steps per epoch
+FAST = ("--job", "digits", "--epoch-passes", "1", "--batch-size", "64")  # 23 steps per epoch
 
 
 def status(run_dir: Path) -> dict:
@@ -118,3 +118,56 @@ def test_train_refuses_a_second_trainer_on_the_same_run(tmp_path: Path, trainers
     assert result.returncode == 2
     assert f"already used by another trainer (pid {first.process.pid}" in result.stderr
     assert first.process.poll() is None
+
+
+# -- choosing the job ----------------------------------------------------------------------------
+def test_train_runs_the_character_model_by_default_and_a_resume_keeps_the_job(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    babysit_cli("train", "--run-dir", str(run_dir), "--epochs", "1", "--steps-per-epoch", "3", check=True)
+    store = RunStore(run_dir)
+    assert store.get_meta("config")["job"] == "charlm"
+    assert [(c["epoch"], c["step"]) for c in store.checkpoints()] == [(1, 3)]
+    # Resumed without --job, it stays a character model (and --steps-per-epoch is still its option).
+    babysit_cli("train", "--run-dir", str(run_dir), "--epochs", "2", check=True)
+    assert [(c["epoch"], c["step"]) for c in RunStore(run_dir).checkpoints()] == [(1, 3), (2, 6)]
+
+    result = babysit_cli("train", "--run-dir", str(run_dir), "--job", "digits", "--epochs", "3")
+    assert result.returncode == 2
+    assert (f"--job digits: the run in {run_dir} is a charlm run and can only resume as one; pass --job charlm, "
+            "or another --run-dir for a new digits run") in result.stderr
+    assert len(RunStore(run_dir).checkpoints()) == 2
+
+
+def test_digits_is_still_a_job_and_each_job_takes_only_its_own_options(tmp_path: Path) -> None:
+    run_dir = tmp_path / "digits"
+    babysit_cli("train", "--run-dir", str(run_dir), "--epochs", "1", *FAST, check=True)
+    store = RunStore(run_dir)
+    assert store.get_meta("config")["epoch_passes"] == 1 and "seq_len" not in store.get_meta("config")
+    assert [(c["epoch"], c["step"]) for c in store.checkpoints()] == [(1, 23)]
+
+    result = babysit_cli("train", "--run-dir", str(tmp_path / "new"), "--epoch-passes", "2")
+    assert result.returncode == 2
+    assert ("--epoch-passes is not an option of job charlm (its options: --epochs, --lr, --momentum, --optimizer, "
+            "--seed, --batch-size, --seq-len, --steps-per-epoch)") in result.stderr
+    result = babysit_cli("train", "--run-dir", str(tmp_path / "new"), "--job", "digits", "--seq-len", "8")
+    assert result.returncode == 2 and "--seq-len is not an option of job digits" in result.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_unknown_job_is_refused_naming_it_and_the_jobs_there_are(tmp_path: Path) -> None:
+    result = babysit_cli("train", "--run-dir", str(tmp_path / "run"), "--job", "mnist")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.endswith("argument --job: invalid choice: 'mnist' (choose from 'charlm', 'digits')\n")
+    result = babysit_cli("demo", "--run-dir", str(tmp_path / "run"), "--job", "mnist")
+    assert result.returncode == 2 and "invalid choice: 'mnist' (choose from 'charlm', 'digits')" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_of_someone_elses_job_is_not_resumed_by_train(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "mine", create=True)
+    store.set_meta("config", {"job": "my-gan", "lr": 0.1})
+    store.close()
+    result = babysit_cli("train", "--run-dir", str(tmp_path / "mine"))
+    assert result.returncode == 2
+    assert ("the run in {} was started by job 'my-gan', which is not one of babysit's (charlm, digits); resume it "
+            "by running its own training script").format(tmp_path / "mine") in result.stderr

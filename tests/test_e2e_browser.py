@@ -96,7 +96,8 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
     run_dir = tmp_path / "demo"
     output: list[str] = []
     process = subprocess.Popen(
-        [sys.executable, "-m", "babysit", "demo", "--run-dir", str(run_dir), "--port", str(_free_port())],
+        [sys.executable, "-m", "babysit", "demo", "--job", "digits", "--run-dir", str(run_dir),
+         "--port", str(_free_port())],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

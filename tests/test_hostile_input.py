@@ -40,7 +40,7 @@ from babysit.checkpoint import FORMAT, TEMP_MARK
 from babysit.store import CommandSignal, RunStore
 from tests.conftest import REPO, Trainer, babysit_cli, tiny_job, wait_for
 
-FAST = ("--epoch-passes", "1", "--batch-size", "64")  # 23 steps per epoch
+FAST = ("--job", "digits", "--epoch-passes", "1", "--batch-size", "64")  # 23 steps per epoch
 LIVE_LR = 1e-6
 LR_ACCEPTED = "lr must be a finite number > 0 (for example 0.01)"
 MOMENTUM_ACCEPTED = "momentum must be a finite number >= 0 and < 1 (for example 0.9)"

@@ -1,7 +1,9 @@
-"""The README's promises that can be run: its own-loop example trains, resumes and is nudged."""
+"""The README's promises that can be run: its own-loop example trains, resumes and is nudged; its
+pictures are in the repo and the script that makes them goes through a real session."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -57,3 +59,32 @@ def test_the_own_loop_example_trains_resumes_and_obeys(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
     assert store.status()["state"] == "stopped"
+
+
+def test_every_picture_the_readme_shows_is_in_the_repo_and_made_by_the_script() -> None:
+    pictures = re.findall(r"\]\((docs/[^)]+\.png)\)", README)
+    assert "docs/dashboard.png" in pictures and len(pictures) >= 4, pictures
+    script = (REPO / "docs" / "make_pictures.py").read_text()
+    for picture in pictures:
+        assert (REPO / picture).is_file(), picture
+        assert f'"{Path(picture).name}"' in script, f"{picture} is not made by docs/make_pictures.py"
+
+
+def test_the_walk_through_script_goes_through_a_real_session(tmp_path: Path) -> None:
+    """docs/make_pictures.py --fast: a real trainer (20-step epochs), a real dashboard, Chromium."""
+    from PIL import Image
+
+    result = subprocess.run([sys.executable, "docs/make_pictures.py", "--fast", "--out", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout)
+    names = ["walkthrough-1-plateau.png", "walkthrough-2-halved.png", "walkthrough-3-bad-x4.png", "dashboard.png"]
+    assert summary["pictures"] == names and summary["page_errors"] == []
+    assert re.search(r"set lr 0\.15: applied at step \d+", summary["halve"]), summary["halve"]
+    assert re.search(r"set lr 0\.6: applied at step \d+", summary["bad"]), summary["bad"]
+    assert re.search(r"rollback to #\d+ \(checkpoint hparams\): applied at step \d+ \(branch 2, ", summary["rollback"])
+    for name in names:
+        with Image.open(tmp_path / name) as image:
+            assert list(image.size) == summary["viewport"] and image.mode == "P", (name, image.size, image.mode)
+            assert len(image.getcolors(256) or []) > 8, f"{name} looks blank"
+        assert 10_000 < (tmp_path / name).stat().st_size < 250_000, name

@@ -37,11 +37,11 @@ def main(mount: Path) -> dict:
     run_dir = mount / "run"
     log = open(mount.parent / "disk-full-trainer.log", "wb") if os.access(mount.parent, os.W_OK) else subprocess.DEVNULL
     trainer = subprocess.Popen([sys.executable, "-m", "babysit", "train", "--run-dir", str(run_dir), "--epochs", "400",
-                                "--epoch-passes", "1", "--batch-size", "64"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                                "--job", "digits", "--epoch-passes", "1", "--batch-size", "64"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         store = wait_for(lambda: (run_dir / "run.db").exists() and RunStore(run_dir), what="run store")
         first = wait_for(lambda: store.checkpoints(), what="first checkpoint")[0]
-        # Leave less room than one checkpoint needs (the demo's is 1.25 MB).
+        # Leave less room than one checkpoint needs (the digits job's is 1.25 MB).
         ballast = mount / "ballast"
         stat = os.statvfs(mount)
         ballast.write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - 700_000))

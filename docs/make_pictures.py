@@ -1,0 +1,201 @@
+"""The README's pictures, made from a real first session with the demo: regenerate them all with
+
+    python docs/make_pictures.py            # about as long as 45 demo epochs
+    python docs/make_pictures.py --fast     # a smoke run with 20-step epochs
+
+It starts a real trainer (`python -m babysit train`, the default job at its default settings) and
+a real dashboard (`python -m babysit dashboard`), opens the page in Chromium, and goes through the
+README's walk-through, nudging with the CLI (the same commands the page's buttons queue):
+
+1. watch the curve until it flattens (epoch ``PLATEAU_EPOCH``)      -> walkthrough-1-plateau.png
+2. lr × ½, and two epochs later the drop (zoomed on the last epochs)  -> walkthrough-2-halved.png
+3. a bad lr × 4: the divergence guard pauses the run, or the loss rises -> walkthrough-3-bad-x4.png
+4. roll back to the checkpoint taken before it, with its lr           -> dashboard.png
+
+Each picture is the page at a laptop's width, taken once the chart has drawn the latest step, and
+stored as a small palette PNG. A JSON summary of what happened goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from babysit.jobs.charlm import CharLMConfig  # noqa: E402
+from babysit.store import RunStore  # noqa: E402
+from bench.browser_render import free_port  # noqa: E402
+from bench.demo_curve import AFTER, PLATEAU_EPOCH, babysit  # noqa: E402
+from bench.demo_curve import wait_until as until  # noqa: E402
+from tests.conftest import chromium_page  # noqa: E402
+
+VIEWPORT = (1440, 1150)  # a laptop's width; tall enough for the lr and momentum panels
+URL_LINE = re.compile(r"babysit: dashboard at (http://127\.0\.0\.1:\d+)")
+WAIT_S = 600.0
+FAST_STEPS = 20  # steps per epoch in --fast
+# The largest step drawn on any chart of the page (whatever the layout and the trace names).
+DRAWN_UP_TO = """() => Math.max(-1, ...Array.from(document.querySelectorAll('.js-plotly-plot')).flatMap(
+    (gd) => (gd.data || []).flatMap((t) => Array.from(t.x || []).filter((v) => typeof v === 'number'))))"""
+
+
+@contextmanager
+def background(command: list[str], log: Path) -> Iterator[subprocess.Popen[str]]:
+    """A babysit process for the length of the block; its output is kept in ``log``."""
+    lines: list[str] = []
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def keep() -> None:
+        with open(log, "w") as out:
+            for line in process.stdout:  # type: ignore[union-attr]
+                lines.append(line)
+                out.write(line)
+                out.flush()
+
+    threading.Thread(target=keep, daemon=True).start()
+    process.lines = lines  # type: ignore[attr-defined]
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def dashboard_url(server: subprocess.Popen[str]) -> str | None:
+    found = next((m.group(1) for line in server.lines if (m := URL_LINE.search(line))), None)  # type: ignore[attr-defined]
+    if not found and server.poll() is not None:
+        raise RuntimeError(f"the dashboard ended:\n{''.join(server.lines)}")  # type: ignore[attr-defined]
+    return found
+
+
+def epoch_checkpoint(store: RunStore, epoch: int, branch: int) -> dict[str, Any] | None:
+    return next((c for c in store.checkpoints() if c["reason"] == "epoch" and c["epoch"] == epoch
+                 and c["branch"] == branch), None)
+
+
+def completed_epochs(store: RunStore, branch: int) -> int:
+    return max((c["epoch"] for c in store.checkpoints() if c["reason"] == "epoch" and c["branch"] == branch), default=0)
+
+
+def shoot(page: Any, store: RunStore, path: Path) -> None:
+    """Wait until the chart has drawn the trainer's current step, let the page settle, take the picture."""
+    step = store.status()["step"] or 0
+    until(f"the chart to draw step {step}", lambda: page.evaluate(DRAWN_UP_TO) >= step - 2, timeout=120)
+    page.wait_for_timeout(2500)  # the status box and controls refresh every second or two
+    page.screenshot(path=str(path))
+    shrink(path)
+
+
+def zoom(page: Any, store: RunStore, from_epoch: int) -> None:
+    """Zoom the chart as a person would (a drag box) onto the steps since ``from_epoch`` ended, with
+    the loss axis fitted to them: a drop of a few hundredths of a nat is lost on an axis that
+    starts at the first step's 4.6. The chart keeps the zoom while new points arrive."""
+    import numpy as np
+
+    start = max((end for branch, epoch, end in store.epochs() if branch == 1 and epoch == from_epoch), default=0)
+    step = store.status()["step"] or 0
+    values = [store.chunk_points(s.id)[:2] for s in store.series() if s.name in ("loss", "val_loss")]
+    recent = np.concatenate([v[s >= start] for s, v in values] or [np.empty(0)])
+    recent = recent[np.isfinite(recent)]
+    low, high = np.percentile(recent, [0.5, 99.5]) if len(recent) else (0.0, 5.0)
+    page.evaluate("""(r) => window.Plotly.relayout(document.querySelector('.js-plotly-plot'),
+                     {'xaxis.range': r.x, 'yaxis.range': r.y})""",
+                  {"x": [start, step + 60], "y": [float(low) - 0.05, min(float(high), 5.0) + 0.05]})
+
+
+def shrink(path: Path) -> None:
+    """A palette PNG: a screenshot of a chart has few colours, so this keeps it sharp and small."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    small.save(path, optimize=True)
+
+
+def walk_through(out: Path, scratch: Path, fast: bool) -> dict[str, Any]:
+    defaults = CharLMConfig()
+    plateau = 3 if fast else PLATEAU_EPOCH
+    run_dir = scratch / "demo"
+    train = [sys.executable, "-m", "babysit", "train", "--run-dir", str(run_dir)]
+    # Fast epochs end while the pictures are taken: give them room to run on.
+    train += ["--steps-per-epoch", str(FAST_STEPS), "--epochs", "1000"] if fast else ["--epochs", "100"]
+    dashboard = [sys.executable, "-m", "babysit", "dashboard", "--root", str(scratch), "--port", str(free_port())]
+    summary: dict[str, Any] = {"fast": fast, "plateau_epoch": plateau, "viewport": VIEWPORT, "pictures": []}
+    with background(train, scratch / "trainer.log") as trainer, \
+            background(dashboard, scratch / "dashboard.log") as server, \
+            chromium_page(*VIEWPORT, timeout_s=120) as (page, errors):
+        store = until("the run store", lambda: (run_dir / "run.db").exists() and RunStore(run_dir))
+        url = until("the dashboard's URL", lambda: dashboard_url(server))
+        page.goto(url)
+
+        def picture(name: str, zoom_from: int | None = None) -> None:
+            if trainer.poll() is not None:
+                raise RuntimeError(f"the trainer ended early:\n{''.join(trainer.lines)}")
+            if zoom_from is not None:
+                zoom(page, store, zoom_from)
+            shoot(page, store, out / name)
+            summary["pictures"].append(name)
+
+        def cli(*args: str) -> str:
+            return babysit(*args, "--run-dir", str(run_dir), "--wait", "--timeout", str(WAIT_S)).strip()
+
+        # 1. Watch until the curve flattens (the picture is taken during the epoch before the
+        # plateau's checkpoint, so that the nudge can follow that checkpoint on a busy machine).
+        until(f"epoch {plateau - 1}", lambda: epoch_checkpoint(store, plateau - 1, 1))
+        picture("walkthrough-1-plateau.png")
+        # 2. lr × ½, then the drop: two whole epochs at the new lr (a nudge lands inside an epoch).
+        until(f"epoch {plateau}", lambda: epoch_checkpoint(store, plateau, 1))
+        summary["halve"] = cli("set", "lr", f"{defaults.lr / 2:g}")
+        halved_in = completed_epochs(store, 1) + 1
+        before_bad = until("two epochs at the halved lr", lambda: epoch_checkpoint(store, halved_in + AFTER, 1))
+        picture("walkthrough-2-halved.png", zoom_from=max(1, plateau - 10))
+        # 3. A bad × 4: the guard pauses the run, or (if it does not trip) an epoch of worse loss.
+        summary["bad"] = cli("set", "lr", f"{4 * defaults.lr / 2:g}")
+        bad_in = completed_epochs(store, 1) + 1
+        until("the guard to pause the run, or the epoch to end", lambda: store.status().get("state") == "paused"
+              or epoch_checkpoint(store, bad_in, 1))
+        summary["guard_paused"] = store.status().get("state") == "paused"
+        picture("walkthrough-3-bad-x4.png", zoom_from=max(1, plateau - 10))
+        # 4. Roll back to the checkpoint before it, with that checkpoint's lr; watch the new branch.
+        summary["rollback"] = cli("rollback", str(before_bad["id"]), "--hparams", "checkpoint")
+        until("two epochs on the new branch", lambda: epoch_checkpoint(store, before_bad["epoch"] + AFTER, 2))
+        picture("dashboard.png", zoom_from=max(1, plateau - 10))
+        summary["page_errors"] = errors
+        babysit("stop", "--run-dir", str(run_dir), "--wait")
+        trainer.wait(timeout=WAIT_S)
+    summary["sizes"] = {name: (out / name).stat().st_size for name in summary["pictures"]}
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fast", action="store_true", help="20-step epochs, the plateau at epoch 3 (a smoke run)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs", help="where the PNGs go (default docs/)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="babysit-pictures-") as scratch:
+        summary = walk_through(args.out, Path(scratch), args.fast)
+    print(json.dumps(summary, indent=2))
+    return 1 if summary["page_errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
