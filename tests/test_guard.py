@@ -278,46 +278,11 @@ def test_the_scale_survives_a_reset_and_a_blow_up_does_not_raise_it() -> None:
 
 
 # -- chunks: the same verdicts as step by step, at a bounded cost per chunk -------------------
-class _StepByStep:
-    """The guard's rule applied one value at a time, as plainly as it can be written: what the
-    guard's chunked numpy code must agree with."""
-
-    def __init__(self, config: GuardConfig, peak: float = 0.0) -> None:
-        self.c = config
-        self.count, self.short, self.long, self.short_power, self.long_power = 0, 0.0, 0.0, 1.0, 1.0
-        self.gap_square, self.gap_weight, self.peak = 0.0, 0.0, peak
-        self.tripped = False
-
-    def averages(self) -> tuple[float | None, float | None]:
-        if not self.count:
-            return None, None
-        return self.short / (1 - self.short_power), self.long / (1 - self.long_power)
-
-    def feed(self, step: int, value: float | None) -> Divergence | None:
-        c = self.c
-        if not c.enabled or self.tripped or value is None:
-            return None
-        if not math.isfinite(value):
-            self.tripped = True
-            return Divergence(step, value, *self.averages())
-        self.count += 1
-        self.short = c.short_beta * self.short + (1 - c.short_beta) * value
-        self.long = c.long_beta * self.long + (1 - c.long_beta) * value
-        self.short_power *= c.short_beta
-        self.long_power *= c.long_beta
-        short, long = self.averages()
-        gap = short - long
-        if short > c.spike_factor * long:
-            usual = self.gap_square / self.gap_weight if self.gap_weight > 0 else 0.0
-            if self.count > c.warmup_steps and long > 0 and gap * gap > c.noise_gate**2 * usual \
-                    and gap > c.min_rise * self.peak:
-                self.tripped = True
-                return Divergence(step, value, short, long)
-        else:
-            self.gap_square = c.long_beta * self.gap_square + (1 - c.long_beta) * gap * gap
-            self.gap_weight = c.long_beta * self.gap_weight + (1 - c.long_beta)
-            self.peak = max(self.peak, long)
+def _one_by_one(guard: DivergenceGuard, step: int, value: float | None) -> Divergence | None:
+    """Feed one value through the guard's value-by-value path, whatever SCALAR_UP_TO says."""
+    if not guard.config.enabled or guard.tripped:
         return None
+    return guard._judge_one_by_one([step], [value])
 
 
 def _scenarios() -> dict[str, list[Any]]:
@@ -361,29 +326,34 @@ def _chunks(n: int, rng: random.Random) -> list[tuple[int, int]]:
     return bounds
 
 
+@pytest.mark.parametrize("scalar_up_to", [0, guard_module.SCALAR_UP_TO])
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("scenario", list(_scenarios()))
-def test_chunks_of_any_size_reach_the_step_by_step_verdict(scenario: str, config_name: str) -> None:
+def test_chunks_of_any_size_reach_the_value_by_value_verdict(scenario: str, config_name: str, scalar_up_to: int,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # scalar_up_to 0: every chunk goes through numpy; the default: short chunks value by value.
+    monkeypatch.setattr(guard_module, "SCALAR_UP_TO", scalar_up_to)
     values = _scenarios()[scenario]
     config = CONFIGS[config_name]
     steps = list(range(1, len(values) + 1))
-    reference = _StepByStep(config, peak=0.5)
-    expected = [d for d in (reference.feed(s, v) for s, v in zip(steps, values)) if d is not None]
+    reference = DivergenceGuard(config)
+    reference.remember_scale(0.5)
+    expected = [d for d in (_one_by_one(reference, s, v) for s, v in zip(steps, values)) if d is not None]
     for seed in range(3):
         guard = DivergenceGuard(config)
         guard.remember_scale(0.5)
-        shadow = _StepByStep(config, peak=0.5)
+        shadow = DivergenceGuard(config)
+        shadow.remember_scale(0.5)
         found = []
         for start, end in _chunks(len(values), random.Random(seed)):
             result = guard.feed_many(steps[start:end], values[start:end])
             if result is not None:
                 found.append(result)
             for s, v in zip(steps[start:end], values[start:end]):
-                if shadow.feed(s, v) is not None:
-                    break  # the chunk is judged up to its first divergence, not beyond
-            # The state the next chunk starts from is the one step-by-step feeding reaches.
+                _one_by_one(shadow, s, v)
+            # The state the next chunk starts from is the one value-by-value feeding reaches.
             assert guard.averages() == pytest.approx(shadow.averages(), rel=1e-9)
-            assert guard._peak == pytest.approx(shadow.peak, rel=1e-9)
+            assert guard._peak == pytest.approx(shadow._peak, rel=1e-9)
             assert guard.tripped == shadow.tripped
         assert [d.step for d in found] == [d.step for d in expected]
         for got, want in zip(found, expected):
@@ -392,7 +362,10 @@ def test_chunks_of_any_size_reach_the_step_by_step_verdict(scenario: str, config
                                                                           rel=1e-9)
 
 
-def test_a_nan_or_a_spike_is_caught_at_the_same_step_in_one_chunk_as_value_by_value() -> None:
+@pytest.mark.parametrize("scalar_up_to", [0, guard_module.SCALAR_UP_TO])
+def test_a_nan_or_a_spike_is_caught_at_the_same_step_in_one_chunk_as_value_by_value(
+        scalar_up_to: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guard_module, "SCALAR_UP_TO", scalar_up_to)
     # Fed as one flush, the guard trips at the very step the step-by-step rule trips at: a NaN at
     # the step it appears, the steady-then-1.5x-per-step blow-up 8 steps into the rise (step 108),
     # a hundredfold jump on its first step. So the guard catches them within the flush that
@@ -402,7 +375,8 @@ def test_a_nan_or_a_spike_is_caught_at_the_same_step_in_one_chunk_as_value_by_va
     for name, (values, step) in cases.items():
         steps = list(range(1, len(values) + 1))
         whole = DivergenceGuard(GuardConfig()).feed_many(steps, values)
-        one_by_one = _feed(DivergenceGuard(GuardConfig()), values)
+        reference = DivergenceGuard(GuardConfig())
+        one_by_one = [d for d in (_one_by_one(reference, s, v) for s, v in zip(steps, values)) if d]
         assert whole is not None and [whole.step] == [d.step for d in one_by_one] == [step], name
 
 
@@ -431,9 +405,10 @@ def _lines_run_in_guard(feed: Any) -> int:
 @pytest.mark.parametrize("values_name", ["healthy", "spiking"])
 def test_the_guards_python_work_per_chunk_does_not_grow_with_the_chunk(values_name: str) -> None:
     # The guard runs on the writer thread and the training thread waits for the GIL while it
-    # runs Python; so a chunk must cost a fixed handful of Python lines plus numpy calls, not
-    # lines per value (the step-by-step loop ran ~20 lines per value). Counting lines instead of
-    # timing keeps this test independent of the machine's speed and load.
+    # runs; so a long chunk must cost a fixed handful of Python lines plus numpy calls, not lines
+    # per value (the value-by-value loop runs ~20 lines per value, and is used only up to
+    # SCALAR_UP_TO values). Counting lines instead of timing keeps this test independent of the
+    # machine's speed and load.
     rng = random.Random(3)
 
     def chunk(n: int) -> tuple[list[int], list[float]]:
@@ -442,7 +417,8 @@ def test_the_guards_python_work_per_chunk_does_not_grow_with_the_chunk(values_na
         return list(range(n)), [1.0 + (k % 50 == 49) * 20.0 for k in range(n)]  # spikes that never trip
 
     counts = {}
-    for n in (100, 10_000):
+    small, large = 4 * guard_module.SCALAR_UP_TO, 400 * guard_module.SCALAR_UP_TO
+    for n in (small, large):
         guard = DivergenceGuard(GuardConfig())
         steps, values = chunk(n)
         guard.feed_many(steps, values)  # warmed up: the chunk judged is past the warm-up
@@ -450,5 +426,5 @@ def test_the_guards_python_work_per_chunk_does_not_grow_with_the_chunk(values_na
         counts[n] = _lines_run_in_guard(lambda: guard.feed_many(steps, values))
         assert not guard.tripped
     # 100x the values: each of the two doubling scans takes 7 more passes (log2), nothing else grows.
-    assert counts[10_000] - counts[100] <= 2 * 7 * 5, counts
-    assert counts[10_000] < 0.02 * 10_000, counts
+    assert counts[large] - counts[small] <= 2 * 9 * 5, counts
+    assert counts[large] < 0.01 * large, counts
