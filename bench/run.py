@@ -25,6 +25,7 @@ SECTIONS = ("step", "nudge", "checkpoint", "rollback", "dashboard", "whatif")
 
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {
+        "whole_loop": {"steps": 2_000, "rounds": 15, "threads": [1, 2]},
         "isolated": {"steps": 20_000, "rounds": 10},
         "reference": {"steps": 500, "rounds": 90},
         "digits": {"steps": 50, "rounds": 16},
@@ -37,6 +38,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                    "load_reps": 5},
     },
     "quick": {
+        "whole_loop": {"steps": 50, "rounds": 2, "threads": [1, 2]},
         "isolated": {"steps": 2_000, "rounds": 2},
         "reference": {"steps": 100, "rounds": 3},
         "digits": {"steps": 10, "rounds": 2},
@@ -69,7 +71,11 @@ def _sections(cfg: dict[str, Any], quick: bool, out: Path, scratch: Scratch) -> 
 
     def step() -> dict[str, Any]:
         digits, loader = make_digits_workload()
+        loop = cfg["whole_loop"]
         return {
+            "whole_loop": step_overhead.measure_whole_loop(
+                step_overhead.whole_loop_workload(), scratch, steps=loop["steps"], rounds=loop["rounds"],
+                threads=tuple(loop["threads"])),
             "isolated": step_overhead.measure_isolated(scratch, **cfg["isolated"]),
             "reference": step_overhead.measure_reference(mlp(), scratch, **cfg["reference"]),
             "digits": step_overhead.measure_digits(digits, loader, scratch, **cfg["digits"]),

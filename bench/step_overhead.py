@@ -1,6 +1,14 @@
 """1. Per-step overhead: a training step bare, babysat, and logged with TensorBoard.
 
-Each variant runs in blocks of ``steps`` training steps; blocks of the variants alternate (the
+**Whole loops** (:func:`measure_whole_loop`, the figure the targets use) measure what a user pays:
+a loop of ``steps`` training steps timed from its first batch until the tool has stored the
+block's values, divided by the steps (a mean, so the writer's bursts count in full), with
+babysit's writer thread running at its default pace, as in a real run. Variants are paired per
+round, the order shuffled every round, for 1 and 2 torch threads; overheads are medians of the
+per-round differences and ratios. The median step inside the loop is kept as a secondary figure:
+it cannot see the writer's bursts, which land on a few steps.
+
+**Blocks with a sleeping writer** (:func:`measure_reference`, the earlier method) follow. Each variant runs in blocks of ``steps`` training steps; blocks of the variants alternate (the
 order rotated every round) and every block starts from the same weights. Each tool is set up
 once and warmed up (one babysit ``Run``, one ``SummaryWriter``), as in a real run, so a block
 pays the steady-state per-step cost, not the first writes of a new run.
@@ -24,7 +32,10 @@ synchronised by the step) and the lr and momentum read from the optimizer's firs
 
 from __future__ import annotations
 
+import random
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from .common import Scratch, Workload, interleave, now_ns, summarize
@@ -310,3 +321,246 @@ def measure_isolated(scratch: Scratch, *, steps: int, rounds: int) -> dict[str, 
     result = _analyse(raw)
     result.update(steps_per_block=steps, rounds=rounds)
     return result
+
+
+# -- whole loops -----------------------------------------------------------------------------
+WHOLE_LOOP_SEED = 15
+WHOLE_LOOP_MLP = (64, 256, 10, 64)  # in, hidden, out, batch: a fast step (~0.5-0.9 ms on one core)
+# Distinct random-labelled batches: the loss stays near log(10). With a few batches repeated, this
+# MLP learns them by heart within a block (2.1 -> 0.03), and the next block, back at the starting
+# weights, is a 70x jump that the guard rightly calls a divergence.
+WHOLE_LOOP_BATCHES = 500
+
+
+def whole_loop_workload() -> Workload:
+    """The fast step of the whole-loop measurement, with a loss that never trips the guard."""
+    import torch
+
+    from .common import make_mlp_workload
+
+    d_in, _, d_out, batch = WHOLE_LOOP_MLP
+    work = make_mlp_workload(seed=2, dims=WHOLE_LOOP_MLP)
+    gen = torch.Generator().manual_seed(3)
+    work.batches = [(torch.randn(batch, d_in, generator=gen), torch.randint(0, d_out, (batch,), generator=gen))
+                    for _ in range(WHOLE_LOOP_BATCHES)]
+    return work
+DRAIN_SETTLE_S = 0.05  # between blocks: lets a parked writer thread fall asleep before the next block
+
+
+class LiveBabysat:
+    """One babysit Run whose writer thread runs at its own pace during a block and sleeps between
+    blocks, so no variant's block pays for another's values."""
+
+    def __init__(self, scratch: Scratch, model: Any, optimizer: Any, guard: Any = None) -> None:
+        from babysit import Run
+
+        self.run = Run(scratch.fresh("live"), model, optimizer, config={"bench": "whole_loop"}, guard=guard)
+        self.interval = self.run.writer._interval
+        # The guard judges every value as usual, but a divergence must not pause the run (the
+        # bench would wait forever): it is recorded, and the block that saw it fails.
+        self.divergences: list[Any] = []
+        self.run.writer._on_divergence = lambda found, branch: self.divergences.append(found)
+        self.park()
+
+    def check(self) -> None:
+        if self.divergences:
+            raise RuntimeError(f"the bench's loss tripped the divergence guard ({self.divergences[0].describe()}); "
+                               "the measurement would not be of a healthy run")
+
+    def park(self) -> None:
+        self.run.writer._interval = ASLEEP_S
+        self.run.writer.wake()
+
+    def unpark(self) -> None:
+        self.run.writer._interval = self.interval
+        self.run.writer.wake()
+
+    def close(self) -> None:
+        self.unpark()
+        self.run.close()
+
+
+def _loop_row(steps: int, t0: int, t1: int, t2: int, marks: list[int]) -> dict[str, float]:
+    """µs per step of one whole loop: ``mean`` (until the tool stored the block's values),
+    ``loop`` (until the last step ended) and ``median_step`` (the in-loop median)."""
+    marks.append(t1)
+    gaps = sorted(b - a for a, b in zip(marks, marks[1:]))
+    return {"mean": (t2 - t0) / steps / 1e3, "loop": (t1 - t0) / steps / 1e3,
+            "median_step": gaps[len(gaps) // 2] / 1e3}
+
+
+def _whole_loop_variants(work: Workload, scratch: Scratch, steps: int, tools: list[Any]
+                         ) -> dict[str, Callable[[], dict[str, float]]]:
+    from babysit import GuardConfig
+
+    step = work.step
+    data = [work.batches[i % len(work.batches)] for i in range(steps)]
+
+    def bare() -> dict[str, float]:
+        marks: list[int] = []
+        mark = marks.append
+        t0 = now_ns()
+        for b in data:
+            mark(now_ns())
+            step(b)
+        t1 = now_ns()
+        return _loop_row(steps, t0, t1, t1, marks)
+
+    def babysat(guard: Any) -> Callable[[], dict[str, float]]:
+        tool = LiveBabysat(scratch, work.model, work.optimizer, guard)
+        tools.append(tool)
+        run = tool.run
+
+        def block() -> dict[str, float]:
+            marks: list[int] = []
+            mark = marks.append
+            tool.unpark()
+            t0 = now_ns()
+            for b in run.batches(data):
+                mark(now_ns())
+                run.log(loss=step(b))
+            t1 = now_ns()
+            run.writer.flush()  # the values the writer thread had not stored yet
+            t2 = now_ns()
+            tool.park()
+            tool.check()
+            return _loop_row(steps, t0, t1, t2, marks)
+        return block
+
+    variants = {"bare": bare, "babysit": babysat(None),
+                "babysit_guard_off": babysat(GuardConfig(enabled=False))}
+    SummaryWriter = _tensorboard()
+    if SummaryWriter is not None:
+        writer = SummaryWriter(log_dir=str(scratch.fresh("tb-loop")))
+        tools.append(writer)
+        counter = [0]
+
+        def tensorboard() -> dict[str, float]:
+            add = writer.add_scalar
+            i = counter[0]
+            marks: list[int] = []
+            mark = marks.append
+            t0 = now_ns()
+            for b in data:
+                mark(now_ns())
+                i += 1
+                add("loss", step(b), i)
+            t1 = now_ns()
+            writer.flush()
+            t2 = now_ns()
+            counter[0] = i
+            return _loop_row(steps, t0, t1, t2, marks)
+
+        variants["tensorboard"] = tensorboard
+    return variants
+
+
+def _shuffled_rounds(variants: dict[str, Callable[[], dict[str, float]]], work: Workload, rounds: int,
+                     rng: random.Random) -> dict[str, list[dict[str, float]]]:
+    """One block per variant per round, in a fresh random order each round (one warm-up round
+    first); every block starts from the same weights."""
+    raw: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    for r in range(1 + rounds):
+        order = list(variants)
+        rng.shuffle(order)
+        for name in order:
+            work.reset()
+            row = variants[name]()
+            if r:
+                raw[name].append(row)
+            time.sleep(DRAIN_SETTLE_S)
+    return raw
+
+
+def _analyse_whole_loop(raw: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """Per variant and per figure (``mean``, ``loop``, ``median_step``): µs per step, and against
+    the bare block of the same round the overhead in µs and in % (medians of per-round values)."""
+    bare = raw["bare"]
+    out: dict[str, Any] = {}
+    for name, rows in raw.items():
+        entry: dict[str, Any] = {}
+        for key in ("mean", "loop", "median_step"):
+            entry[key] = {"us_per_step": summarize([r[key] for r in rows])}
+            if name != "bare":
+                entry[key]["overhead_us"] = summarize([r[key] - b[key] for r, b in zip(rows, bare)])
+                entry[key]["overhead_pct"] = summarize([100 * (r[key] / b[key] - 1) for r, b in zip(rows, bare)])
+        out[name] = entry
+    if "tensorboard" in raw:
+        tb = raw["tensorboard"]
+        for name in raw:
+            if name in ("bare", "tensorboard"):
+                continue
+            ratios = {}
+            for key in ("mean", "loop", "median_step"):
+                own = out[name][key]["overhead_us"]["median"]
+                theirs = out["tensorboard"][key]["overhead_us"]["median"]
+                ratios[key] = {
+                    "of_medians": own / theirs if theirs > 0 else float("nan"),
+                    "per_round": summarize([(r[key] - b[key]) / (t[key] - b[key]) for r, t, b in
+                                            zip(raw[name], tb, bare) if t[key] - b[key] > 0]),
+                }
+            out[name]["over_tensorboard"] = ratios
+    return out
+
+
+def measure_whole_loop(work: Workload, scratch: Scratch, *, steps: int, rounds: int,
+                       threads: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
+    """Whole-loop µs per step of the bare loop, babysit (default guard, and guard off, to show the
+    guard's share) and TensorBoard, logging the loss every step; for each torch thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    rng = random.Random(WHOLE_LOOP_SEED)
+    tools: list[Any] = []
+    by_threads: dict[str, Any] = {}
+    try:
+        variants = _whole_loop_variants(work, scratch, steps, tools)
+        for n in threads:
+            torch.set_num_threads(n)
+            raw = _shuffled_rounds(variants, work, rounds, rng)
+            by_threads[str(n)] = {"variants": _analyse_whole_loop(raw), "raw": raw}
+    finally:
+        torch.set_num_threads(before)
+        _close(tools)
+    return {"workload": work.description, "steps_per_block": steps, "rounds": rounds, "threads": list(threads),
+            "logged": ["loss"], "by_threads": by_threads, "tensorboard_installed": _tensorboard() is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.step_overhead``: the whole-loop measurement alone (the step targets'
+    figures), printed as RESULTS.md's tables; raw numbers in bench/out/whole-loop-<time>.json."""
+    import argparse
+    import json
+
+    from . import report
+    from .common import BENCH_DIR, load_average, machine_info
+
+    parser = argparse.ArgumentParser(prog="python -m bench.step_overhead", description=main.__doc__)
+    parser.add_argument("--steps", type=int, default=2_000, help="steps per loop (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=15, help="paired rounds per thread count (default %(default)s)")
+    parser.add_argument("--threads", default="1,2", help="torch thread counts (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="raw results and scratch (git-ignored)")
+    args = parser.parse_args(argv)
+    threads = tuple(int(t) for t in args.threads.split(","))
+    if args.steps < 2 or args.rounds < 1 or min(threads) < 1:
+        parser.error(f"--steps must be >= 2, --rounds and --threads >= 1; got {args.steps}, {args.rounds}, {args.threads}")
+    machine = machine_info(threads[0])
+    machine["command"] = "python -m bench.step_overhead " + " ".join(sys.argv[1:] if argv is None else argv)
+    scratch = Scratch(args.out, "loop-")
+    try:
+        loop = measure_whole_loop(whole_loop_workload(), scratch, steps=args.steps, rounds=args.rounds, threads=threads)
+    finally:
+        scratch.cleanup()
+    machine["load_average_end"] = load_average()
+    results = {"mode": "whole_loop", "machine": machine, "sections": {"step": {"whole_loop": loop}}}
+    raw_path = args.out / f"whole-loop-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    raw_path.write_text(json.dumps(results, indent=1, default=float))
+    print(f"`{machine['command']}` at `{machine['git_commit'][:12]}`, {machine['started_utc']} UTC, load average "
+          f"{machine['load_average_start']} → {machine['load_average_end']}; raw: {raw_path}\n")
+    print(report.whole_loop_text(loop))
+    print(report.targets_text(report.evaluate_targets(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 import random
+import sys
+from typing import Any
 
 import pytest
 
+from babysit import guard as guard_module
 from babysit.commands import CommandError
 from babysit.guard import Divergence, DivergenceGuard, GuardConfig
 
@@ -272,3 +275,156 @@ def test_the_scale_survives_a_reset_and_a_blow_up_does_not_raise_it() -> None:
     guard.remember_scale(float("nan"))
     guard.remember_scale(0.5)
     assert guard._peak == peak
+
+
+# -- chunks: the same verdicts as step by step, at a bounded cost per chunk -------------------
+def _one_by_one(guard: DivergenceGuard, step: int, value: float | None) -> Divergence | None:
+    """Feed one value through the guard's value-by-value path, whatever SCALAR_UP_TO says."""
+    if not guard.config.enabled or guard.tripped:
+        return None
+    return guard._judge_one_by_one([step], [value])
+
+
+def _scenarios() -> dict[str, list[Any]]:
+    rng = random.Random(7)
+    noisy = [rng.uniform(0.5, 1.5) for _ in range(3000)]
+    converging = [2.3 * 0.998**i * rng.uniform(0.8, 1.2) for i in range(2500)]
+    hard_batches = [1.0] * 100 + [1.0 if rng.random() < 0.02 else 0.05 for _ in range(2000)]
+    late_blow_up = converging + [converging[-1] * 1.2**k for k in range(1, 60)]
+    with_gaps = [None if rng.random() < 0.1 else v for v in STEADY * 3 + BLOW_UP]
+    return {
+        "steady, then a blow-up": STEADY + BLOW_UP,
+        "a hundredfold jump": STEADY + [100.0] * 50,
+        "single spikes": STEADY + [10.0] + [1.0] * 300 + [5.0] + [1.0] * 300,
+        "noise": noisy,
+        "hard batches near convergence": hard_batches,
+        "a blow-up late in training": late_blow_up,
+        "nan in the middle": noisy[:1234] + [math.nan] + noisy[:100],
+        "inf after a spike": STEADY + [50.0] * 3 + [math.inf],
+        "values that were not numbers": with_gaps,
+        "negative losses": [-1.0 + 0.01 * rng.random() for _ in range(500)] + BLOW_UP,
+        "huge losses": STEADY + [1e300, 1e305, 1e308, 1e308],
+    }
+
+
+CONFIGS = {
+    "default": GuardConfig(),
+    "no warm-up, no gates": GuardConfig(warmup_steps=0, noise_gate=0, min_rise=0),
+    "short_beta 0": GuardConfig(short_beta=0.0, long_beta=0.95, spike_factor=5),
+    "lenient": GuardConfig(spike_factor=5, noise_gate=10, min_rise=0.5),
+    "long warm-up": GuardConfig(warmup_steps=1000),
+}
+
+
+def _chunks(n: int, rng: random.Random) -> list[tuple[int, int]]:
+    """Random chunk boundaries over n values: sizes from 1 to 700, as flushes of any length."""
+    bounds, start = [], 0
+    while start < n:
+        size = rng.choice([1, 2, 3, rng.randint(4, 60), rng.randint(60, 700)])
+        bounds.append((start, min(n, start + size)))
+        start += size
+    return bounds
+
+
+@pytest.mark.parametrize("scalar_up_to", [0, guard_module.SCALAR_UP_TO])
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("scenario", list(_scenarios()))
+def test_chunks_of_any_size_reach_the_value_by_value_verdict(scenario: str, config_name: str, scalar_up_to: int,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # scalar_up_to 0: every chunk goes through numpy; the default: short chunks value by value.
+    monkeypatch.setattr(guard_module, "SCALAR_UP_TO", scalar_up_to)
+    values = _scenarios()[scenario]
+    config = CONFIGS[config_name]
+    steps = list(range(1, len(values) + 1))
+    reference = DivergenceGuard(config)
+    reference.remember_scale(0.5)
+    expected = [d for d in (_one_by_one(reference, s, v) for s, v in zip(steps, values)) if d is not None]
+    for seed in range(3):
+        guard = DivergenceGuard(config)
+        guard.remember_scale(0.5)
+        shadow = DivergenceGuard(config)
+        shadow.remember_scale(0.5)
+        found = []
+        for start, end in _chunks(len(values), random.Random(seed)):
+            result = guard.feed_many(steps[start:end], values[start:end])
+            if result is not None:
+                found.append(result)
+            for s, v in zip(steps[start:end], values[start:end]):
+                _one_by_one(shadow, s, v)
+            # The state the next chunk starts from is the one value-by-value feeding reaches.
+            assert guard.averages() == pytest.approx(shadow.averages(), rel=1e-9)
+            assert guard._peak == pytest.approx(shadow._peak, rel=1e-9)
+            assert guard.tripped == shadow.tripped
+        assert [d.step for d in found] == [d.step for d in expected]
+        for got, want in zip(found, expected):
+            assert got.value == want.value or (math.isnan(got.value) and math.isnan(want.value))
+            assert (got.short_average, got.long_average) == pytest.approx((want.short_average, want.long_average),
+                                                                          rel=1e-9)
+
+
+@pytest.mark.parametrize("scalar_up_to", [0, guard_module.SCALAR_UP_TO])
+def test_a_nan_or_a_spike_is_caught_at_the_same_step_in_one_chunk_as_value_by_value(
+        scalar_up_to: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guard_module, "SCALAR_UP_TO", scalar_up_to)
+    # Fed as one flush, the guard trips at the very step the step-by-step rule trips at: a NaN at
+    # the step it appears, the steady-then-1.5x-per-step blow-up 8 steps into the rise (step 108),
+    # a hundredfold jump on its first step. So the guard catches them within the flush that
+    # carries them, as before, whatever the flush's length.
+    cases = {"nan": (STEADY * 3 + [math.nan] + STEADY, 301), "blow-up": (STEADY + BLOW_UP, 108),
+             "jump": (STEADY + [100.0] * 50, 101)}
+    for name, (values, step) in cases.items():
+        steps = list(range(1, len(values) + 1))
+        whole = DivergenceGuard(GuardConfig()).feed_many(steps, values)
+        reference = DivergenceGuard(GuardConfig())
+        one_by_one = [d for d in (_one_by_one(reference, s, v) for s, v in zip(steps, values)) if d]
+        assert whole is not None and [whole.step] == [d.step for d in one_by_one] == [step], name
+
+
+def _lines_run_in_guard(feed: Any) -> int:
+    """How many lines of babysit/guard.py run during ``feed()`` (Python's own trace hook)."""
+    lines = 0
+    guard_file = guard_module.__file__
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal lines
+        if event == "line":
+            lines += 1
+        return local
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        return local if frame.f_code.co_filename == guard_file else None
+
+    sys.settrace(trace)
+    try:
+        feed()
+    finally:
+        sys.settrace(None)
+    return lines
+
+
+@pytest.mark.parametrize("values_name", ["healthy", "spiking"])
+def test_the_guards_python_work_per_chunk_does_not_grow_with_the_chunk(values_name: str) -> None:
+    # The guard runs on the writer thread and the training thread waits for the GIL while it
+    # runs; so a long chunk must cost a fixed handful of Python lines plus numpy calls, not lines
+    # per value (the value-by-value loop runs ~20 lines per value, and is used only up to
+    # SCALAR_UP_TO values). Counting lines instead of timing keeps this test independent of the
+    # machine's speed and load.
+    rng = random.Random(3)
+
+    def chunk(n: int) -> tuple[list[int], list[float]]:
+        if values_name == "healthy":
+            return list(range(n)), [rng.uniform(0.9, 1.1) for _ in range(n)]
+        return list(range(n)), [1.0 + (k % 50 == 49) * 20.0 for k in range(n)]  # spikes that never trip
+
+    counts = {}
+    small, large = 4 * guard_module.SCALAR_UP_TO, 400 * guard_module.SCALAR_UP_TO
+    for n in (small, large):
+        guard = DivergenceGuard(GuardConfig())
+        steps, values = chunk(n)
+        guard.feed_many(steps, values)  # warmed up: the chunk judged is past the warm-up
+        steps, values = chunk(n)
+        counts[n] = _lines_run_in_guard(lambda: guard.feed_many(steps, values))
+        assert not guard.tripped
+    # 100x the values: each of the two doubling scans takes 7 more passes (log2), nothing else grows.
+    assert counts[large] - counts[small] <= 2 * 9 * 5, counts
+    assert counts[large] < 0.01 * large, counts

@@ -194,6 +194,29 @@ def test_guard_watches_the_configured_metric(store: RunStore):
     assert [(d.step, b) for d, b in harness.divergences] == [(2, 1)]
 
 
+def test_the_guard_judges_each_flush_in_one_call(store: RunStore):
+    # The guard's cost must stay per flush, not per value (it holds the GIL on the writer thread):
+    # all of a flush's losses reach it in one call, and a jump in the middle of a long flush is
+    # still reported at the step it happened.
+    calls: list[int] = []
+
+    class CountingGuard(DivergenceGuard):
+        def feed_many(self, steps: Any, values: Any) -> Divergence | None:
+            calls.append(len(values))
+            return super().feed_many(steps, values)
+
+    harness = _Harness(store, guard=CountingGuard(GuardConfig()))
+    for step in range(1, 2001):
+        harness.log(step, loss=1.0 + (step % 7) * 0.01, lr=0.1)
+    harness.writer.flush()
+    for step in range(2001, 2101):
+        harness.log(step, loss=100.0 if step >= 2050 else 1.0, lr=0.1)
+    harness.writer.flush()
+    harness.writer.close()
+    assert calls == [2000, 100]
+    assert [(d.step, d.value, b) for d, b in harness.divergences] == [(2050, 100.0, 1)]
+
+
 def test_close_flushes_what_is_queued_and_stops_the_thread(store: RunStore):
     harness = _Harness(store)
     harness.log(1, loss=1.0)
