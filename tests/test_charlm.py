@@ -84,7 +84,7 @@ def test_a_short_real_run_learns_the_text(tmp_path: Path) -> None:
     below the uniform guess (ln 98 = 4.58 nats) and the validation loss falls every epoch."""
     config = CharLMConfig(epochs=3, steps_per_epoch=30)
     run = charlm.train(tmp_path / "run", config)
-    assert run.state == "finished"
+    assert run.status == "finished"
     store = RunStore(tmp_path / "run")
     steps, values = losses(store)
     assert len(steps) == 90 and np.isfinite(values).all()
