@@ -42,7 +42,7 @@ from bench.demo_curve import AFTER, PLATEAU_EPOCH, babysit  # noqa: E402
 from bench.demo_curve import wait_until as until  # noqa: E402
 from tests.conftest import chromium_page  # noqa: E402
 
-VIEWPORT = (1440, 1150)  # a laptop's width; tall enough for the lr and momentum panels
+VIEWPORT = (1440, 900)  # a laptop screen: the cockpit fits the curve and the controls in it
 URL_LINE = re.compile(r"babysit: dashboard at (http://127\.0\.0\.1:\d+)")
 WAIT_S = 600.0
 FAST_STEPS = 20  # steps per epoch in --fast

@@ -139,6 +139,23 @@ def test_rollback_with_the_chosen_hyperparameters(app, tmp_path: Path) -> None:
     assert queued(store) == [(cmd.ROLLBACK, {"checkpoint": 1, "hparams": "current"}, "dashboard")]
 
 
+def test_the_rollback_choice_follows_the_newest_checkpoint_until_a_person_picks_one(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run")
+    at = app()
+    assert at.selectbox(key="rollback_target").value == 2
+    sha, size = write_atomic(tmp_path / "run" / "epoch-0003-step-00000135-b1.pt", {"format": "x", "model": {}})
+    store.add_checkpoint(branch=1, epoch=3, step=135, step_in_epoch=45, file="epoch-0003-step-00000135-b1.pt",
+                         sha256=sha, size=size, hparams={"lr": 0.1, "momentum": 0.9}, metrics={}, reason="epoch")
+    at.run()
+    assert at.selectbox(key="rollback_target").value == 3  # a new checkpoint: the choice moves with it
+    at.selectbox(key="rollback_target").set_value(1).run()
+    sha, size = write_atomic(tmp_path / "run" / "epoch-0004-step-00000180-b1.pt", {"format": "x", "model": {}})
+    store.add_checkpoint(branch=1, epoch=4, step=180, step_in_epoch=45, file="epoch-0004-step-00000180-b1.pt",
+                         sha256=sha, size=size, hparams={"lr": 0.1, "momentum": 0.9}, metrics={}, reason="epoch")
+    at.run()
+    assert at.selectbox(key="rollback_target").value == 1  # picked by a person: it stays
+
+
 def test_commands_to_a_run_that_is_not_running_show_why(app, tmp_path: Path) -> None:
     store = fake_trainer(tmp_path / "run", alive=False)
     at = app()

@@ -518,10 +518,13 @@ def rollback_controls(store: RunStore, status: dict[str, Any]) -> None:
         return
     by_id = {c["id"]: c for c in listed}
     ids = [c["id"] for c in reversed(listed)]
-    if st.session_state.get("rollback_target") not in ids:
-        st.session_state.pop("rollback_target", None)
+    # The newest checkpoint, as new ones arrive, until a person picks one (then theirs stays).
+    if not st.session_state.get("rollback_picked") or st.session_state.get("rollback_target") not in ids:
+        st.session_state["rollback_target"] = ids[0]
+        st.session_state["rollback_picked"] = False
     cols = st.columns([3.2, 1], vertical_alignment="bottom")
-    target = cols[0].selectbox("Roll back to", ids, key="rollback_target", format_func=lambda i: _checkpoint_label(by_id[i]))
+    target = cols[0].selectbox("Roll back to", ids, key="rollback_target", format_func=lambda i: _checkpoint_label(by_id[i]),
+                               on_change=lambda: st.session_state.update(rollback_picked=True))
     chosen = by_id[target]
     lr_now, momentum_now = status.get("lr"), status.get("momentum")
     command_button(cols[1], "Roll back", "rollback", store, cmd.ROLLBACK,
