@@ -64,7 +64,7 @@ from tests.conftest import REPO, Trainer, babysit_cli, tiny_job, wait_for
 from tests.test_app import fake_trainer
 
 PRECIOUS = b"a file outside the run directory that must not change\n"
-FAST = ("--epoch-passes", "1", "--batch-size", "64")
+FAST = ("--job", "digits", "--epoch-passes", "1", "--batch-size", "64")  # 23 steps per epoch
 
 
 def victim(tmp_path: Path, name: str = "victim.txt") -> Path:

@@ -41,7 +41,7 @@ def fill(path: Path) -> None:
 def main(mount: Path) -> dict:
     run_dir = mount / "run"
     log_path = mount.parent / "disk-zero-trainer.log"
-    args = [sys.executable, "-m", "babysit", "train", "--run-dir", str(run_dir), "--epochs", "400",
+    args = [sys.executable, "-m", "babysit", "train", "--job", "digits", "--run-dir", str(run_dir), "--epochs", "400",
             "--epoch-passes", "1", "--batch-size", "64"]
 
     def start() -> subprocess.Popen:
