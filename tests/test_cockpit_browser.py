@@ -247,6 +247,16 @@ def test_the_chart_reads_colours_ticks_and_markers(dashboard: str, browser: Any)
         page.close()
 
 
+# True once the browser's Cache Storage holds the plotly.js bundle (it is stored after the first draw).
+CACHED_PLOTLY = """async () => {
+    for (const name of await caches.keys()) {
+        const requests = await (await caches.open(name)).keys();
+        if (requests.some((r) => r.url.includes("plotly-basic"))) return true;
+    }
+    return false;
+}"""
+
+
 def test_a_second_visit_does_not_fetch_plotly_again(dashboard: str, browser: Any) -> None:
     """plotly.js is kept in the browser's Cache Storage under its content-versioned URL."""
     context = browser.new_context(viewport={"width": 1366, "height": 768})
@@ -260,6 +270,7 @@ def test_a_second_visit_does_not_fetch_plotly_again(dashboard: str, browser: Any
                                    " && gd.data && gd.data.length > 10; }", arg=PLOT, timeout=WAIT_S * 1000)
             if visit == 1:
                 assert len(fetched) == 1, fetched
+                page.wait_for_function(CACHED_PLOTLY, timeout=WAIT_S * 1000)  # stored before the page goes
             page.close()
         assert len(fetched) == 1, fetched  # the second visit drew from the cached copy
     finally:
