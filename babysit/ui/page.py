@@ -518,13 +518,14 @@ def rollback_controls(store: RunStore, status: dict[str, Any]) -> None:
         return
     by_id = {c["id"]: c for c in listed}
     ids = [c["id"] for c in reversed(listed)]
-    # The newest checkpoint, as new ones arrive, until a person picks one (then theirs stays).
-    if not st.session_state.get("rollback_picked") or st.session_state.get("rollback_target") not in ids:
+    # The newest checkpoint, as new ones arrive, until a person picks another (then theirs stays).
+    # Told apart by value, not by a change callback: new options alone can fire one.
+    chosen_id = st.session_state.get("rollback_target")
+    if chosen_id not in ids or chosen_id == st.session_state.get("rollback_default"):
         st.session_state["rollback_target"] = ids[0]
-        st.session_state["rollback_picked"] = False
+    st.session_state["rollback_default"] = ids[0]
     cols = st.columns([3.2, 1], vertical_alignment="bottom")
-    target = cols[0].selectbox("Roll back to", ids, key="rollback_target", format_func=lambda i: _checkpoint_label(by_id[i]),
-                               on_change=lambda: st.session_state.update(rollback_picked=True))
+    target = cols[0].selectbox("Roll back to", ids, key="rollback_target", format_func=lambda i: _checkpoint_label(by_id[i]))
     chosen = by_id[target]
     lr_now, momentum_now = status.get("lr"), status.get("momentum")
     command_button(cols[1], "Roll back", "rollback", store, cmd.ROLLBACK,
