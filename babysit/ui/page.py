@@ -531,13 +531,16 @@ def rollback_controls(store: RunStore, status: dict[str, Any]) -> None:
     command_button(cols[1], "Roll back", "rollback", store, cmd.ROLLBACK,
                    lambda: {"checkpoint": target, "hparams": st.session_state.get("rollback_hparams", cmd.HPARAMS_CHECKPOINT)},
                    icon=":material/undo:", type="primary", width="stretch")
-    st.radio(
-        "Hyperparameters after the rollback", cmd.HPARAMS_CHOICES, key="rollback_hparams", horizontal=True,
-        label_visibility="collapsed",
-        format_func=lambda h: (f"checkpoint's (lr {_short(chosen['hparams'].get('lr'))}, β "
-                               f"{_short(chosen['hparams'].get('momentum'))})") if h == cmd.HPARAMS_CHECKPOINT
-        else f"current (lr {_short(lr_now)}, β {_short(momentum_now)})",
-    )
+    # Fixed labels, the numbers beside them: labels that change with the chosen checkpoint make a
+    # new widget for Streamlit, which then forgets the choice.
+    if st.session_state.get("rollback_hparams") not in cmd.HPARAMS_CHOICES:
+        st.session_state["rollback_hparams"] = cmd.HPARAMS_CHECKPOINT
+    cols = st.columns([1.3, 2], vertical_alignment="center")
+    cols[0].radio("Hyperparameters after the rollback", cmd.HPARAMS_CHOICES, key="rollback_hparams", horizontal=True,
+                  label_visibility="collapsed", format_func=lambda h: "checkpoint's" if h == cmd.HPARAMS_CHECKPOINT
+                  else "current")
+    cols[1].caption(f"checkpoint's: lr {_short(chosen['hparams'].get('lr'))}, β {_short(chosen['hparams'].get('momentum'))}"
+                    f" · current: lr {_short(lr_now)}, β {_short(momentum_now)}")
 
 
 def _checkpoint_label(c: dict[str, Any]) -> str:
