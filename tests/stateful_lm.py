@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,8 +135,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=20.0)
     parser.add_argument("--optimizer", choices=("hand", "adamw"), default="hand")
+    parser.add_argument("--signal-at-step", type=int, metavar="N",
+                        help="for the tests: send this process --signal after step N, as a person's Ctrl-C would")
+    parser.add_argument("--signal", choices=("INT", "TERM"), default="INT")
+    parser.add_argument("--pause-at-step", type=int, metavar="N",
+                        help="for the tests: queue a pause after step N, as a person's click would")
     args = parser.parse_args()
-    run = train(args.run_dir, args.epochs, lr=args.lr, optimizer_name=args.optimizer)
+
+    def test_hooks(run: babysit.Run) -> None:
+        if run.step == args.signal_at_step:
+            os.kill(os.getpid(), getattr(signal, f"SIG{args.signal}"))
+        if run.step == args.pause_at_step:
+            run.store.enqueue_command("pause", source="test")
+
+    hooked = args.signal_at_step is not None or args.pause_at_step is not None
+    run = train(args.run_dir, args.epochs, lr=args.lr, optimizer_name=args.optimizer,
+                on_step=test_hooks if hooked else None)
     print(f"stateful_lm: {run.status}: {run.message}", flush=True)
 
 

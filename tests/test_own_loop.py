@@ -49,17 +49,6 @@ def start_script(run_dir: Path, *args: str) -> subprocess.Popen[bytes]:
                             env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
 
 
-def wait_alive(run_dir: Path, process: subprocess.Popen[bytes], min_step: int = 1) -> RunStore:
-    def ready() -> RunStore | None:
-        assert process.poll() is None, (run_dir.parent / f"{run_dir.name}.log").read_text()
-        if not (run_dir / "run.db").exists():
-            return None
-        store = RunStore(run_dir)
-        status = store.status()
-        return store if status["alive"] and status["pid"] == process.pid and (status["step"] or 0) >= min_step else None
-    return wait_for(ready, timeout=180, what=f"the trainer past step {min_step}")
-
-
 def annealing_loop(run_dir: Path, *, epochs: int, on_step: Any = None, **kwargs: Any) -> tuple[babysit.Run, list[bool]]:
     """The tiny job, dividing its lr by 4 after every epoch as many scripts do by hand, without
     looking at run.interrupted (that is the point: babysit must keep the anneal out of the cut)."""
@@ -112,16 +101,12 @@ def test_a_rollback_keeping_current_hparams_keeps_those_of_the_cut(tmp_path: Pat
 def test_kill_9_mid_epoch_then_resume_is_bit_identical_for_a_stateful_loop(tmp_path: Path) -> None:
     straight = stateful_lm.train(tmp_path / "straight", 3)
     run_dir = tmp_path / "killed"
-    process = start_script(run_dir, "--epochs", "3")
+    # The run pauses itself after step 80 (inside epoch 2 of 64 steps each), whatever this
+    # machine's speed: no epoch end comes between the checkpoint and the kill.
+    process = start_script(run_dir, "--epochs", "3", "--pause-at-step", "80")
     try:
-        store = wait_alive(run_dir, process, min_step=70)  # inside epoch 2 (64 steps an epoch)
-        while True:  # paused inside an epoch, not at its first boundary: no epoch end before the kill
-            store.enqueue_command(cmd.PAUSE, source="test")
-            wait_for(lambda: store.status()["state"] == "paused", timeout=120, what="the pause")
-            if store.status()["step_in_epoch"] > 0:
-                break
-            store.enqueue_command(cmd.RESUME, source="test")
-            wait_for(lambda: store.status()["state"] == "running", timeout=120, what="the resume")
+        store = wait_for(lambda: (run_dir / "run.db").exists() and RunStore(run_dir), timeout=180, what="the store")
+        wait_for(lambda: store.status()["state"] == "paused", timeout=180, what="the pause")
         checkpoint_id = store.enqueue_command(cmd.CHECKPOINT, source="test")
         wait_for(lambda: store.command(checkpoint_id)["state"] == cmd.APPLIED, timeout=120,
                  what="the mid-epoch checkpoint")
@@ -375,16 +360,17 @@ def test_two_checkpoints_at_one_step_never_share_a_file(tmp_path: Path) -> None:
 def test_ctrl_c_in_your_own_loop_stops_with_a_final_checkpoint_and_resumes_exactly(tmp_path: Path, signum: int) -> None:
     straight = stateful_lm.train(tmp_path / "straight", 2)
     run_dir = tmp_path / "r"
-    process = start_script(run_dir, "--epochs", "2")
+    # The process signals itself after step 70 (a real SIGINT/SIGTERM through the real handler),
+    # so the moment does not depend on how fast this machine trains.
+    process = start_script(run_dir, "--epochs", "2", "--signal-at-step", "70", "--signal", signal.Signals(signum).name[3:])
     try:
-        store = wait_alive(run_dir, process, min_step=70)
-        process.send_signal(signum)
-        assert process.wait(timeout=120) == 0
+        assert process.wait(timeout=300) == 0
     finally:
         process.kill()
+    store = RunStore(run_dir)
     status = store.status()
     last = store.checkpoints()[-1]
-    assert status["state"] == "stopped" and last["reason"] == "stop" and last["step"] == status["step"]
+    assert status["state"] == "stopped" and last["reason"] == "stop" and last["step"] == status["step"] == 70
     assert status["message"] == f"stopped at step {last['step']} (signal {signal.Signals(signum).name}) with a final checkpoint"
     again = start_script(run_dir, "--epochs", "2")
     assert again.wait(timeout=300) == 0
