@@ -335,13 +335,19 @@ def _only_stored_records(data: Any) -> str | None:
     return None
 
 
-def _load_read(path: Path, handle: Any, sha256: str | None) -> tuple[Any, BaseException | None, dict[str, str]]:
-    data = handle.read()
+def _verify_before_decoding(path: Path, data: Any, sha256: str | None) -> dict[str, str]:
+    """Hash the bytes and refuse compressed records, before torch decodes anything."""
     digest = {"hex": hashlib.sha256(data).hexdigest()}
     _check_hash(path, digest["hex"], sha256)
     compressed = _only_stored_records(data)
     if compressed:
         raise CheckpointError(f"checkpoint file {str(path)!r} was refused: {compressed}; it was not loaded")
+    return digest
+
+
+def _load_read(path: Path, handle: Any, sha256: str | None) -> tuple[Any, BaseException | None, dict[str, str]]:
+    data = handle.read()
+    digest = _verify_before_decoding(path, data, sha256)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), None, digest
     except Exception as error:  # a damaged file fails in many ways (IndexError, struct.error, ...)
@@ -352,11 +358,7 @@ def _load_mapped(path: Path, handle: Any, sha256: str | None) -> tuple[Any, Base
     # Hashed before torch reads it; torch then maps the records lazily, so the load itself reads
     # little more than the pickle, and the pages the hash read are in the page cache.
     with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        digest = {"hex": hashlib.sha256(mapped).hexdigest()}
-        _check_hash(path, digest["hex"], sha256)
-        compressed = _only_stored_records(mapped)
-    if compressed:
-        raise CheckpointError(f"checkpoint file {str(path)!r} was refused: {compressed}; it was not loaded")
+        digest = _verify_before_decoding(path, mapped, sha256)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True), None, digest
     except Exception as error:  # a damaged file fails in many ways (IndexError, struct.error, ...)
