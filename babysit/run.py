@@ -239,30 +239,56 @@ class Run:
         self.max_epochs = max_epochs
         restore_signals = None if self._restore_signals else self._install_signals()
         try:
-            while self._interrupt is not Interrupt.STOP and self.position.next_epoch <= max_epochs:
-                if self._stop_reason is not None:
+            while self.position.next_epoch <= max_epochs:
+                if self._stop_reason is not None:  # Ctrl-C or request_stop() between two epochs
                     self._interrupt = Interrupt.STOP
-                    break
-                self.position.begin_epoch()
-                self._epoch_metrics = {}
+                    self._finish_stop()
+                    return
+                self.begin_epoch()
                 try:
                     yield self.epoch
                 except GeneratorExit:
                     self._left_epochs()
                     raise
-                if self._interrupt is Interrupt.ROLLBACK:
-                    self._finish_rollback()
-                    continue
-                if self._interrupt is Interrupt.STOP:
-                    break
-                self.snapshots.end_epoch()
-            if self._interrupt is Interrupt.STOP:
-                self._finish_stop()
-            else:
-                self._finish(FINISHED, f"finished {max_epochs} epochs")
+                if not self.end_epoch():
+                    return
+            self.finish()
         finally:
             if restore_signals is not None:
                 restore_signals()
+
+    # The pieces of ``epochs`` and ``batches``, for a framework's callback that drives the run
+    # from its own loop: begin_epoch, then per step begin_step and step_boundary, then end_epoch;
+    # finish when the framework's loop ends.
+    def begin_epoch(self) -> int:
+        """Enter the next epoch; returns its number (1-based)."""
+        self.position.begin_epoch()
+        self._epoch_metrics = {}
+        return self.epoch
+
+    def begin_step(self) -> int:
+        """Count the step about to be trained (what ``run.log`` records values at); returns it."""
+        position = self.position
+        position.step += 1
+        position.step_in_epoch += 1
+        return position.step
+
+    def end_epoch(self) -> bool:
+        """Leave the epoch: carry out a rollback applied in it (the model, optimizer, scheduler,
+        ``run.state`` and position are the checkpoint's; a new branch starts), or a stop (final
+        checkpoint; the run ends), or else checkpoint the epoch. False when the run has ended."""
+        if self._interrupt is Interrupt.ROLLBACK:
+            self._finish_rollback()
+            return True
+        if self._interrupt is Interrupt.STOP:
+            self._finish_stop()
+            return False
+        self.snapshots.end_epoch()
+        return True
+
+    def finish(self) -> None:
+        """The loop trained all its epochs: the run is finished (the last epoch's checkpoint is its end)."""
+        self._finish(FINISHED, f"finished {self.max_epochs} epochs" if self.max_epochs else f"finished at step {self.step}")
 
     def _left_epochs(self) -> None:
         """The loop broke out of ``run.epochs`` (or an error did): say so, write nothing — the
@@ -295,8 +321,7 @@ class Run:
         if self.step_boundary() is not None:
             return
         for batch in iterator:
-            position.step += 1
-            position.step_in_epoch += 1
+            self.begin_step()
             yield batch
             if self.step_boundary() is not None:  # the step is done: this is a step boundary
                 return
