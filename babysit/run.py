@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from . import commands as cmd
-from . import optim, user_state
+from . import optim, ranks as ranks_module, user_state
 from .checkpoint import (
     KEY_LAST_COMMAND, KEY_MODEL, KEY_OPTIMIZER, KEY_SCHEDULER, KEY_USER_STATE, CheckpointError, PendingCheckpoint,
     read_verified, remove_stale_temps,
@@ -134,11 +134,19 @@ class Run:
         self.items_per_step = items_per_step
         self.item_unit = item_unit.strip()
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_file = _acquire_run_lock(self.run_dir)
-        self.store = RunStore(self.run_dir, create=True)
-        remove_stale_temps(self.run_dir)
-        self.signal = CommandSignal(self.store.signal_path)
+        # Under torch.distributed, rank 0 leads (the run directory and the store are its own) and
+        # the other ranks follow it (see babysit.ranks); a single process is its own leader.
+        self._ranks = ranks_module.join()
+        self._follows = self._ranks is not None and not self._ranks.leads
+        if self._follows:
+            self.store: RunStore = None  # type: ignore[assignment]
+            self.signal: CommandSignal = None  # type: ignore[assignment]
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock_file = _acquire_run_lock(self.run_dir)
+            self.store = RunStore(self.run_dir, create=True)
+            remove_stale_temps(self.run_dir)
+            self.signal = CommandSignal(self.store.signal_path)
 
         self.position = ResumePosition()
         self.steps_per_epoch: int | None = None
@@ -162,11 +170,16 @@ class Run:
         self._hparams = HparamWatch(self)
 
         self._guard = DivergenceGuard(self.guard_config)
+        if self._follows:  # rank 0 logs, checkpoints and answers commands for the whole job
+            self._log: Any = lambda _item: None
+            self._meet(self._restore_on_start)
+            atexit.register(self._at_exit)
+            return
         self.snapshots = Snapshots(self)
         self.remedy = DivergenceRemedy(self)
         queue: collections.deque[Any] = collections.deque()
         self._log = queue.append  # the training thread's share of storing a value: one append
-        self._restore_on_start()
+        self._meet(self._restore_on_start)
         self.writer = MetricsWriter(
             self.store, queue=queue, status=self._status_fields, guard=self._guard,
             on_divergence=self.remedy.on_divergence, on_tick=self._on_tick, interval=flush_interval,
@@ -206,7 +219,8 @@ class Run:
     def lr(self, value: float) -> None:
         """The loop's own change of lr (its anneal): applied and marked as the loop's."""
         optim.set_lr(self.optimizer, cmd.validate_lr(value), self.scheduler)
-        self._hparams.record(by=LOOP)
+        if not self._follows:
+            self._hparams.record(by=LOOP)
 
     @property
     def momentum(self) -> float | None:
@@ -215,7 +229,8 @@ class Run:
     @momentum.setter
     def momentum(self, value: float) -> None:
         optim.set_momentum(self.optimizer, cmd.validate_momentum(value))
-        self._hparams.record(by=LOOP)
+        if not self._follows:
+            self._hparams.record(by=LOOP)
 
     @property
     def hparams(self) -> dict[str, float | None]:
@@ -240,9 +255,7 @@ class Run:
         restore_signals = None if self._restore_signals else self._install_signals()
         try:
             while self.position.next_epoch <= max_epochs:
-                if self._stop_reason is not None:  # Ctrl-C or request_stop() between two epochs
-                    self._interrupt = Interrupt.STOP
-                    self._finish_stop()
+                if self._meet(self._stop_between_epochs):
                     return
                 self.begin_epoch()
                 try:
@@ -277,6 +290,9 @@ class Run:
         """Leave the epoch: carry out a rollback applied in it (the model, optimizer, scheduler,
         ``run.state`` and position are the checkpoint's; a new branch starts), or a stop (final
         checkpoint; the run ends), or else checkpoint the epoch. False when the run has ended."""
+        return bool(self._meet(self._end_epoch_here))
+
+    def _end_epoch_here(self) -> bool:
         if self._interrupt is Interrupt.ROLLBACK:
             self._finish_rollback()
             return True
@@ -284,17 +300,49 @@ class Run:
             self._finish_stop()
             return False
         self.snapshots.end_epoch()
+        self._tell("epoch_end")
         return True
 
     def finish(self) -> None:
         """The loop trained all its epochs: the run is finished (the last epoch's checkpoint is its end)."""
-        self._finish(FINISHED, f"finished {self.max_epochs} epochs" if self.max_epochs else f"finished at step {self.step}")
+        message = f"finished {self.max_epochs} epochs" if self.max_epochs else f"finished at step {self.step}"
+        self._meet(lambda: self._finish(FINISHED, message))
+
+    # -- together with the other ranks (see babysit.ranks) ------------------------------------
+    def _meet(self, body: Any) -> Any:
+        """Run ``body`` here, or, under torch.distributed, on the leader while the followers
+        carry out what it tells them."""
+        return body() if self._ranks is None else self._ranks.meet(self, body)
+
+    def _tell(self, *op: Any) -> None:
+        if self._ranks is not None:
+            self._ranks.tell(*op)
+
+    def _sync_ranks(self) -> None:
+        """A sync step: every rank learns whether the leader has commands to apply (and whether a
+        follower got a stop signal); if so, they apply them together, at this step."""
+        ranks = self._ranks
+        assert ranks is not None
+        wants = ranks.leads and bool(self._wake or self.signal.changed() or self._replay)
+        work, stop_asked = ranks.sync_step(self.position.step, work=wants, stop_asked=self._stop_reason is not None)
+        if stop_asked and ranks.leads and self._stop_reason is None:
+            self.request_stop("a signal on another rank")
+        if work or stop_asked:
+            self._meet(self._apply_due)
+
+    def _stop_between_epochs(self) -> bool:
+        """Ctrl-C, request_stop() or a stop deferred to the epoch's end: stop now; True if so."""
+        if self._stop_reason is None:
+            return False
+        self._interrupt = Interrupt.STOP
+        self._finish_stop()
+        return True
 
     def _left_epochs(self) -> None:
         """The loop broke out of ``run.epochs`` (or an error did): say so, write nothing — the
         state at a break is whatever the loop left, and after an error it may be half a step.
         ``run.request_stop()`` is the way to stop early with a final checkpoint."""
-        if self._closed or self._interrupt is not None:
+        if self._closed or self._interrupt is not None or self._follows:
             return
         self.status = STOPPED
         self.message = (f"the loop left run.epochs at step {self.step} (epoch {self.epoch}); it resumes from the "
@@ -335,8 +383,14 @@ class Run:
         returns an interrupt, the caller leaves the epoch: nothing more is applied until then."""
         if self._interrupt is not None:
             return self._interrupt
-        if self._wake or self.signal.changed() or self._replay:
-            self._apply_due()
+        if self._ranks is None:
+            if self._wake or self.signal.changed() or self._replay:
+                self._apply_due()
+        else:
+            if self.position.step >= self._ranks.next_sync:
+                self._sync_ranks()
+            if self._follows:
+                return self._interrupt
         watch = self._hparams
         group = self.optimizer.param_groups[0]
         if group["lr"] != watch.lr or watch.read_momentum(group) != watch.momentum:
@@ -370,19 +424,23 @@ class Run:
         self._stop_reason = reason
         self._wake = True
 
-    def checkpoint_now(self, reason: str = "command") -> PendingCheckpoint:
-        """Snapshot now (mid-epoch if need be) and write it in the background."""
-        return self.snapshots.take(reason)
+    def checkpoint_now(self, reason: str = "command") -> PendingCheckpoint | None:
+        """Snapshot now (mid-epoch if need be) and write it in the background. Under
+        torch.distributed, every rank calls it at the same point; rank 0 gets the pending write."""
+        return self._meet(lambda: self.snapshots.take(reason))
 
     @property
     def checkpointer(self) -> Any:
-        return self.snapshots.writer
+        return None if self._follows else self.snapshots.writer
 
     def close(self) -> None:
         """Flush, wait for checkpoint writes and release the run directory."""
         if self._closed:
             return
         self._closed = True
+        if self._follows:
+            self._release_signals()
+            return
         self.snapshots.close()
         self.writer.close()
         if self.status in (RUNNING, PAUSED):
@@ -391,6 +449,9 @@ class Run:
         self.store.write_status(**self._status_fields(), heartbeat=time.time())
         self.signal.close()
         self._lock_file.close()
+        self._release_signals()
+
+    def _release_signals(self) -> None:
         if self._restore_signals is not None:
             self._restore_signals()
             self._restore_signals = None
@@ -401,7 +462,7 @@ class Run:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is not None and not self._closed:
+        if exc is not None and not self._closed and not self._follows:
             if isinstance(exc, KeyboardInterrupt):
                 self.status = STOPPED
                 self.message = f"aborted (Ctrl-C) at step {self.step}; resumes from the latest checkpoint"
@@ -474,7 +535,7 @@ class Run:
         state = self._verified_or_event(origin) if origin is not None else None
         if origin is not None and state is not None:
             self._load_state(state, origin)
-            optim.restore_hparams(self.optimizer, branch["hparams"], self.scheduler)
+            self._restore_hparams(branch["hparams"])
             return origin, ""
         # What the rollback meant comes first (before the fork, on its line of descent); then any
         # other intact checkpoint, newest first, rather than no run at all.
@@ -550,16 +611,9 @@ class Run:
 
     def _load_state(self, state: dict[str, Any], record: dict[str, Any]) -> None:
         """Put a verified checkpoint's state into the model, optimizer, scheduler, loop state, RNGs
-        and counters, and pick up command handling where it was."""
-        self.model.load_state_dict(state[KEY_MODEL])
-        self.optimizer.load_state_dict(state[KEY_OPTIMIZER])
-        if self.scheduler is not None and state.get(KEY_SCHEDULER) is not None:
-            self.scheduler.load_state_dict(state[KEY_SCHEDULER])
-        for note in user_state.restore(self.state, state.get(KEY_USER_STATE) or self._initial_state):
-            self.store.add_event("state_not_restored", note, branch=self.branch, step=int(record["step"]))
-        self.position.restore(state, epoch_done=record["reason"] == EPOCH_DONE)
-        self._hparams.restored()
-        self._guard.reset()
+        and counters (on every rank), and pick up command handling where it was."""
+        self._tell("load", {key: record[key] for key in ("id", "file", "sha256", "reason", "step")})
+        self._load_training_state(state, record)
         recorded = state.get(KEY_LAST_COMMAND)
         self._resumed_last_command = None if recorded is None else int(recorded)
         # A checkpoint written before checkpoints recorded this: count every command handled so
@@ -567,6 +621,20 @@ class Run:
         # by their step, which is past any checkpoint taken before they happen).
         self._last_command_id = (self._resumed_last_command if recorded is not None
                                  else self.store.last_handled_command_id())
+
+    def _load_training_state(self, state: dict[str, Any], record: dict[str, Any]) -> None:
+        self.model.load_state_dict(state[KEY_MODEL])
+        self.optimizer.load_state_dict(state[KEY_OPTIMIZER])
+        if self.scheduler is not None and state.get(KEY_SCHEDULER) is not None:
+            self.scheduler.load_state_dict(state[KEY_SCHEDULER])
+        for note in user_state.restore(self.state, state.get(KEY_USER_STATE) or self._initial_state):
+            if not self._follows:
+                self.store.add_event("state_not_restored", note, branch=self.branch, step=int(record["step"]))
+        self.position.restore(state, epoch_done=record["reason"] == EPOCH_DONE)
+        if self._ranks is not None:  # the step went back: meet at the next boundary, then as usual
+            self._ranks.next_sync = 0
+        self._hparams.restored()
+        self._guard.reset()
 
     # -- step boundary -----------------------------------------------------------------------
     def _apply_due(self) -> None:
@@ -596,6 +664,7 @@ class Run:
             deadline = time.monotonic() + 0.5
             while time.monotonic() < deadline and not self.signal.changed() and not self._wake:
                 time.sleep(0.005)
+            self._tell("ping")  # the other ranks wait with it; a collective now and then keeps them
             self._wake = False
             if self._stop_reason is not None:
                 self._begin_stop(None)
@@ -630,6 +699,7 @@ class Run:
         before = self.hparams
         if command.kind == cmd.SET_LR:
             after = optim.set_lr(self.optimizer, command.args["value"], self.scheduler)
+            self._tell("set_lr", command.args["value"])
             self._hparams.record(by=COMMAND)
             result: dict[str, Any] = {"before": before["lr"], "after": after}
             warning = cmd.lr_warning(after)
@@ -638,6 +708,7 @@ class Run:
             return result
         if command.kind == cmd.SET_MOMENTUM:
             after = optim.set_momentum(self.optimizer, command.args["value"])
+            self._tell("set_momentum", command.args["value"])
             self._hparams.record(by=COMMAND)
             result = {"before": before["momentum"], "after": after}
             if optim.cycles_momentum(self.scheduler):
@@ -711,13 +782,19 @@ class Run:
             raise cmd.CommandError(f"checkpoint #{record['id']} does not fit this model ({'; '.join(problems)}); "
                                    "nothing was changed")
 
+    def _restore_hparams(self, hparams: dict[str, Any]) -> None:
+        optim.restore_hparams(self.optimizer, hparams, self.scheduler)
+        self._tell("restore_hparams", hparams)
+
     def _replay_command(self, applied: dict[str, Any]) -> None:
         self._last_command_id = max(self._last_command_id, applied["id"])
         value = applied["args"]["value"]
         if applied["kind"] == cmd.SET_LR:
             optim.set_lr(self.optimizer, value, self.scheduler)
+            self._tell("set_lr", value)
         else:
             optim.set_momentum(self.optimizer, value)
+            self._tell("set_momentum", value)
         self._hparams.record(by=COMMAND)
 
     # -- rollback and stop, as the loop leaves the epoch ---------------------------------------
@@ -741,9 +818,8 @@ class Run:
                                       reason=f"checkpoint #{record['id']} could not be loaded: {error}")
             raise
         if command.args["hparams"] == cmd.HPARAMS_CURRENT:
-            optim.restore_hparams(self.optimizer, before, self.scheduler)
-        overrides = {k: command.args[k] for k in ("lr", "momentum") if k in command.args}
-        optim.restore_hparams(self.optimizer, overrides, self.scheduler)
+            self._restore_hparams(before)
+        self._restore_hparams({k: command.args[k] for k in ("lr", "momentum") if k in command.args})
         after = self.hparams
         self.status = RUNNING
         self.message = f"rolled back to checkpoint #{record['id']} (epoch {record['epoch']}, step {record['step']})"
@@ -781,6 +857,7 @@ class Run:
         self.snapshots.answer_waiting()
         self.status, self.message = status, message
         self.store.add_event(status, message, branch=self.branch, step=self.step, epoch=self.epoch)
+        self._tell("close")
         self.close()
 
     # -- writer-thread callbacks --------------------------------------------------------------

@@ -24,6 +24,7 @@ from .checkpoint import (
     clone_tree, disk_full_error, rng_state,
 )
 
+from .ranks import KEY_RANKS
 from .rundir import unlink_in
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ class Snapshots:
             KEY_BRANCH: run.branch, KEY_HPARAMS: hparams, KEY_CONFIG: run.config,
             KEY_METRICS: dict(run._epoch_metrics), KEY_LAST_COMMAND: run._last_command_id,
         }
+        if run._ranks is not None:  # what differs per rank, handed in by every other rank now
+            state[KEY_RANKS] = run._ranks.gather_for_snapshot(run)
         meta = {"branch": run.branch, "epoch": run.epoch, "step": run.step, "step_in_epoch": run.step_in_epoch,
                 "hparams": hparams, "metrics": dict(run._epoch_metrics), "reason": reason,
                 "commands": list(commands or []), "rng": rng_now}

@@ -1,0 +1,162 @@
+"""babysit under torchrun against plain DDP: the cost per step, and how many steps a nudge takes
+to reach every rank.
+
+    python -m bench.overhead_torchrun [--rounds 12] [--steps 400]
+
+Starts ``torchrun --standalone --nproc_per_node=2`` (gloo, CPU, one torch thread per rank) on
+this file. Each rank trains the same DDP model (the MLP 64→256→10, batch 64 per rank) for
+``steps`` steps per block, once as a plain DDP loop and once inside ``run.batches`` with
+``run.log(loss=loss)`` every step; the two variants alternate, the order shuffled every round
+(the same order on every rank). A block is timed on rank 0 from its first batch to its last step
+(the epoch's checkpoint is not in it: bench/checkpoint_stall.py measures those); its wall time
+divided by the steps is the mean step the user pays. Overheads are per-round differences, as
+medians with their spread.
+
+In every babysat block rank 0 queues an lr nudge (the store call the CLI makes) after step
+``steps // 2``; each rank notes the step at which its optimizer first uses the new lr. Every rank
+must see it at the same step; the lag is that step minus the step it was queued at, bounded by
+babysit.ranks.MAX_INTERVAL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("TORCHRUN.md")
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    import babysit
+    from babysit import commands as cmd
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    generator = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(64, 64, generator=generator), torch.randint(0, 10, (64,), generator=generator))
+               for _ in range(args.steps)]
+
+    def train(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(model(xb), yb)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def plain(_round: int) -> dict[str, float]:
+        start = time.perf_counter()
+        for xb, yb in batches:
+            train(xb, yb)
+        return {"per_step_us": (time.perf_counter() - start) / len(batches) * 1e6}
+
+    def babysat(round_: int) -> dict[str, float]:
+        lr_before = 0.01 * (1 + round_ % 2)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_before
+        queued_at = seen_at = None
+        with babysit.Run(Path(args.scratch) / f"round-{round_}", model, optimizer) as run:
+            for _ in run.epochs(1):
+                start = time.perf_counter()
+                for xb, yb in run.batches(batches):
+                    if seen_at is None and optimizer.param_groups[0]["lr"] != lr_before:
+                        seen_at = run.step - 1  # the boundary after that step applied it
+                    run.log(loss=train(xb, yb))
+                    if rank == 0 and run.step == len(batches) // 2:
+                        run.store.enqueue_command(cmd.SET_LR, {"value": lr_before / 2}, source="bench")
+                        queued_at = run.step
+                elapsed = time.perf_counter() - start
+        seen = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, seen_at)
+        queued = [queued_at]
+        dist.broadcast_object_list(queued, src=0)
+        return {"per_step_us": elapsed / len(batches) * 1e6, "seen_at": seen, "queued_at": queued[0]}
+
+    variants = {"plain DDP": plain, "babysit": babysat}
+    order = random.Random(12345)  # the same shuffles on every rank: both run the same variant together
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    for round_ in range(args.rounds + 1):
+        names = list(variants)
+        order.shuffle(names)
+        for name in names:
+            dist.barrier()
+            result = variants[name](round_)
+            if round_ > 0:  # the first round warms up
+                results[name].append(result)
+    if rank == 0:
+        Path(args.out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> str:
+    from babysit.ranks import MAX_INTERVAL
+    from bench.common import fmt_range, summarize
+
+    plain = [r["per_step_us"] for r in results["plain DDP"]]
+    babysat = [r["per_step_us"] for r in results["babysit"]]
+    extra = summarize([b - p for b, p in zip(babysat, plain)])
+    percent = summarize([(b - p) / p * 100 for b, p in zip(babysat, plain)])
+    lags = [r["seen_at"][0] - r["queued_at"] for r in results["babysit"]]
+    agreed = all(len(set(r["seen_at"])) == 1 and r["seen_at"][0] is not None for r in results["babysit"])
+    return "\n".join([
+        "# babysit under torchrun against plain DDP",
+        "",
+        f"`python -m bench.overhead_torchrun --rounds {args.rounds} --steps {args.steps}` — 2 ranks (gloo, CPU, one "
+        f"torch thread each) on this {os.cpu_count()}-core machine, {args.rounds} paired rounds of {args.steps} steps "
+        "in shuffled order; medians (min–max) of the per-round figures, measured side by side in one run.",
+        "",
+        "| | µs per step |",
+        "|---|---|",
+        f"| plain DDP | {fmt_range(summarize(plain))} |",
+        f"| babysit (`run.batches`, `run.log` every step) | {fmt_range(summarize(babysat))} |",
+        f"| babysit − plain, same round | {fmt_range(extra)} |",
+        f"| overhead, % of the plain step | {fmt_range(percent, 2)} % |",
+        "",
+        f"An lr nudge queued after step {args.steps // 2} reached both ranks at the same step in "
+        f"{'every' if agreed else 'NOT every'} round, {fmt_range(summarize(lags), 0)} steps after it was queued "
+        f"(bound: {MAX_INTERVAL} steps; sync steps are about 20 ms apart).",
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="babysit-torchrun-bench-") as scratch:
+        out = Path(scratch) / "results.json"
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        __file__, "--worker", "--rounds", str(args.rounds), "--steps", str(args.steps),
+                        "--scratch", scratch, "--out", str(out)],
+                       check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        text = report(json.loads(out.read_text()), args)
+    RESULTS.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
