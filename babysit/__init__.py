@@ -9,10 +9,14 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = ["Run", "GuardConfig", "CommandError", "RunLockedError"]
+__all__ = [
+    "Run", "GuardConfig", "Interrupt",
+    "BabysitError", "SettingsError", "CommandError", "StoreError", "CheckpointError", "RunDirError", "RunLockedError",
+]
 __version__ = "0.1.0"
 
-_HOMES = {"Run": "run", "RunLockedError": "run", "GuardConfig": "guard", "CommandError": "commands"}
+_HOMES = {"Run": "run", "Interrupt": "run", "GuardConfig": "guard"}
+_HOMES.update({name: "errors" for name in __all__ if name.endswith("Error")})  # the tree: babysit/errors.py
 
 
 def __getattr__(name: str) -> Any:

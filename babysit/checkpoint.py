@@ -25,7 +25,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .rundir import RunDirError, open_file
+from .errors import CheckpointError, RunDirError
+from .rundir import open_file
 
 FORMAT = "babysit-checkpoint-1"
 
@@ -57,10 +58,6 @@ TEMP_MARK = ".tmp-"
 # by a second thread while torch decodes it (a thread and a mapping cost more than they save on
 # small files).
 MAP_ABOVE_BYTES = 8 * 2**20
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that is missing, damaged, tampered with or not a babysit checkpoint."""
 
 
 def checkpoint_filename(branch: int, epoch: int, step: int) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from . import commands as cmd
 from . import rundir, serving
+from .errors import CliError, SettingsError
 from .store import LOG_NAME, RunStore, StoreError, disk_full, disk_full_message, list_runs
 
 DEFAULT_RUN_DIR = "checkpoints/demo"
@@ -32,10 +33,6 @@ EXIT_NOT_APPLIED = 1
 # The `train` options that set a job's config field of the same name (each job takes some of them).
 TRAIN_OPTIONS = ("epochs", "lr", "momentum", "optimizer", "seed", "batch_size", "seq_len", "steps_per_epoch",
                  "epoch_passes")
-
-
-class CliError(Exception):
-    """A problem the user can fix; printed as ``babysit: error: ...`` with exit status 2."""
 
 
 # -- status ----------------------------------------------------------------------------------------
@@ -165,7 +162,7 @@ def train_command(args: argparse.Namespace) -> int:
         config_values.update(given)
     try:
         config = config_class(**config_values)
-    except cmd.CommandError as error:
+    except (SettingsError, cmd.CommandError) as error:  # a bad setting, or a bad lr/momentum in it
         raise CliError(str(error)) from None
     if stored:
         status = _open_store(args.run_dir).status()

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import CommandError
+
 SET_LR = "set_lr"
 SET_MOMENTUM = "set_momentum"
 PAUSE = "pause"
@@ -41,10 +43,6 @@ EXPIRED = "expired"
 _CHECKPOINT_ID = re.compile(r"^[0-9]{1,12}$")
 # What a person types as a number: float() alone would also read "0_001" as 1.0 and "١" as 1.
 _DECIMAL = re.compile(r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
-
-
-class CommandError(ValueError):
-    """A command that cannot be queued or applied; the message names the bad value."""
 
 
 @dataclass(frozen=True)

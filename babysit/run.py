@@ -36,14 +36,14 @@ import torch
 from . import commands as cmd
 from . import optim, ranks as ranks_module, user_state
 from .checkpoint import (
-    KEY_LAST_COMMAND, KEY_MODEL, KEY_OPTIMIZER, KEY_SCHEDULER, KEY_USER_STATE, CheckpointError, PendingCheckpoint,
+    KEY_LAST_COMMAND, KEY_MODEL, KEY_OPTIMIZER, KEY_SCHEDULER, KEY_USER_STATE, PendingCheckpoint,
     read_verified, remove_stale_temps,
 )
 from .guard import DivergenceGuard, GuardConfig
 from .hparam_watch import COMMAND, LOOP, HparamWatch
 from .position import ResumePosition
 from .remedy import DivergenceRemedy
-from .rundir import RunLockedError
+from .errors import CheckpointError, CommandError, RunLockedError, SettingsError
 from .rundir import acquire_run_lock as _acquire_run_lock
 from .signals import install_stop_handlers
 from .snapshots import EPOCH_DONE, Snapshots
@@ -114,11 +114,11 @@ class Run:
         item_unit: str = "samples",
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-            raise ValueError(f"keep_last must be a whole number >= 1 or None, got {keep_last!r}")
+            raise SettingsError(f"keep_last must be a whole number >= 1 or None, got {keep_last!r}")
         if items_per_step is not None and (not isinstance(items_per_step, int) or items_per_step < 1):
-            raise ValueError(f"items_per_step must be a whole number >= 1 or None, got {items_per_step!r}")
+            raise SettingsError(f"items_per_step must be a whole number >= 1 or None, got {items_per_step!r}")
         if not isinstance(item_unit, str) or not item_unit.strip() or len(item_unit) > 20:
-            raise ValueError(f"item_unit must be a short word such as 'samples' or 'tokens', got {item_unit!r}")
+            raise SettingsError(f"item_unit must be a short word such as 'samples' or 'tokens', got {item_unit!r}")
         self.optimizer = _optimizer_or_loop_hparams(optimizer, lr, momentum)
         self.run_dir = Path(run_dir)
         self.model = model
@@ -250,7 +250,7 @@ class Run:
         boundary with a final checkpoint (unless the loop handles those signals itself).
         """
         if not isinstance(max_epochs, int) or max_epochs < 1:
-            raise ValueError(f"max_epochs must be a whole number >= 1, got {max_epochs!r}")
+            raise SettingsError(f"max_epochs must be a whole number >= 1, got {max_epochs!r}")
         self.max_epochs = max_epochs
         restore_signals = None if self._restore_signals else self._install_signals()
         try:
@@ -681,7 +681,7 @@ class Run:
         try:
             command = cmd.validate(pending["kind"], pending["args"])
             result = self._execute(command, pending)
-        except cmd.CommandError as error:
+        except CommandError as error:
             self.store.finish_command(command_id, cmd.REJECTED, branch=self.branch, step=self.step, reason=str(error))
             return
         except CheckpointError as error:
@@ -717,17 +717,17 @@ class Run:
             return result
         for_branch = command.args.get("branch")
         if for_branch is not None and for_branch != self.branch:  # a remedy for a branch the run has left
-            raise cmd.CommandError(f"this {command.kind} was for a divergence on branch {for_branch}; the run has "
+            raise CommandError(f"this {command.kind} was for a divergence on branch {for_branch}; the run has "
                                    f"moved on to branch {self.branch}")
         if command.kind == cmd.PAUSE:
             if self.status == PAUSED:
-                raise cmd.CommandError("the run is already paused")
+                raise CommandError("the run is already paused")
             why = command.args.get("reason") or f"by {pending['source']}"
             self.status, self.message = PAUSED, f"paused at step {self.step}: {why}"
             return {"state": PAUSED}
         if command.kind == cmd.RESUME:
             if self.status != PAUSED:
-                raise cmd.CommandError(f"the run is not paused (it is {self.status}); nothing to resume")
+                raise CommandError(f"the run is not paused (it is {self.status}); nothing to resume")
             self.status, self.message = RUNNING, f"resumed at step {self.step}"
             self._guard.reset()
             self.remedy.person_resumed()
@@ -753,7 +753,7 @@ class Run:
                                              branch_at_cut=self.branch, step_at_cut=self.step)
             self._interrupt = Interrupt.ROLLBACK
             return None
-        raise cmd.CommandError(f"unknown command {command.kind!r}")
+        raise CommandError(f"unknown command {command.kind!r}")
 
     def _at_last_boundary(self) -> bool:
         """After the epoch's last batch: a cut here would leave an epoch with nothing to train but
@@ -779,7 +779,7 @@ class Run:
         if [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
             problems.append("the optimizer's parameter groups differ")
         if problems:
-            raise cmd.CommandError(f"checkpoint #{record['id']} does not fit this model ({'; '.join(problems)}); "
+            raise CommandError(f"checkpoint #{record['id']} does not fit this model ({'; '.join(problems)}); "
                                    "nothing was changed")
 
     def _restore_hparams(self, hparams: dict[str, Any]) -> None:
@@ -904,14 +904,14 @@ def _read_tensors(metrics: dict[str, Any]) -> None:
 def _optimizer_or_loop_hparams(optimizer: Any, lr: float | None, momentum: float | None) -> Any:
     if optimizer is not None:
         if lr is not None or momentum is not None:
-            raise ValueError("give either an optimizer or lr= (and momentum=) for hand-written updates, not both: "
+            raise SettingsError("give either an optimizer or lr= (and momentum=) for hand-written updates, not both: "
                              "with an optimizer, babysit nudges the lr in its param_groups")
         if not getattr(optimizer, "param_groups", None):
-            raise ValueError(f"optimizer must be a torch optimizer (with param_groups), got {type(optimizer).__name__}; "
+            raise SettingsError(f"optimizer must be a torch optimizer (with param_groups), got {type(optimizer).__name__}; "
                              "a loop that updates its parameters by hand passes lr= instead and reads run.lr")
         return optimizer
     if lr is None:
-        raise ValueError("Run needs an optimizer, or lr= for a loop that updates its parameters by hand "
+        raise SettingsError("Run needs an optimizer, or lr= for a loop that updates its parameters by hand "
                          "(it reads run.lr every step, so nudges reach it)")
     return optim.LoopHparams(cmd.validate_lr(lr), None if momentum is None else cmd.validate_momentum(momentum))
 

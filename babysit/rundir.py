@@ -26,16 +26,10 @@ import stat
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import RunDirError, RunLockedError
+
 LOCK_NAME = "run.lock"
 _BASE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # O_NONBLOCK: opening a FIFO never blocks
-
-
-class RunDirError(RuntimeError):
-    """A path in a run directory that babysit refuses to use; the message names it and says why."""
-
-
-class RunLockedError(RunDirError):
-    """Another trainer owns this run directory."""
 
 
 def plain_name(name: Any) -> str:

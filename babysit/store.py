@@ -30,7 +30,8 @@ import numpy as np
 
 from . import commands as cmd
 from . import rundir
-from .rundir import LOCK_NAME, RunDirError
+from .errors import RunDirError, StoreError
+from .rundir import LOCK_NAME
 
 DB_NAME = "run.db"
 DB_FILES = (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", DB_NAME + "-journal")
@@ -115,10 +116,6 @@ def _add_missing_columns(connection: sqlite3.Connection, table: str, columns: di
     for name, kind in columns.items():
         if name not in present:
             connection.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-
-
-class StoreError(RuntimeError):
-    """The run directory or its database is missing, foreign or damaged; the message says which."""
 
 
 @dataclass(frozen=True)

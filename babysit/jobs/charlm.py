@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 import babysit
-from babysit.commands import CommandError
+from babysit.errors import SettingsError
 from babysit.jobs.common import build_optimizer, check_settings, configure_threads
 
 # The vocabulary is fixed, not read from the text, so a checkpoint fits any Python's stdlib:
@@ -57,7 +57,7 @@ class CharLMConfig:
     def __post_init__(self) -> None:
         check_settings(self, ("batch_size", "seq_len", "steps_per_epoch", "n_layer", "n_head", "n_embd"))
         if self.n_embd % self.n_head:
-            raise CommandError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+            raise SettingsError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
 
 
 # -- data --------------------------------------------------------------------------------------

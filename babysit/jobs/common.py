@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from babysit.commands import CommandError, validate_lr, validate_momentum
+from babysit.commands import validate_lr, validate_momentum
+from babysit.errors import SettingsError
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -17,15 +18,15 @@ def check_settings(config: Any, whole_numbers: Sequence[str]) -> None:
     """Refuse a job config with an unknown optimizer, a bad lr or momentum, a seed that is not a
     whole number, or one of ``whole_numbers`` below 1; the message names the value."""
     if config.optimizer not in OPTIMIZERS:
-        raise CommandError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}")
+        raise SettingsError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}")
     validate_lr(config.lr)
     validate_momentum(config.momentum)
     for name in ("epochs", *whole_numbers):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
-            raise CommandError(f"{name} must be a whole number >= 1, got {value!r}")
+            raise SettingsError(f"{name} must be a whole number >= 1, got {value!r}")
     if not isinstance(config.seed, int):
-        raise CommandError(f"seed must be a whole number, got {config.seed!r}")
+        raise SettingsError(f"seed must be a whole number, got {config.seed!r}")
 
 
 def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
