@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import logging
 import mmap
 import os
 import pickle
@@ -27,6 +28,8 @@ import torch
 
 from .errors import CheckpointError, RunDirError
 from .rundir import open_file
+
+log = logging.getLogger(__name__)
 
 FORMAT = "babysit-checkpoint-1"
 
@@ -428,10 +431,12 @@ class AsyncCheckpointer:
             self._on_written(job)
         except BaseException as error:  # reported, never allowed to kill the writer thread
             job.error = error
+            log.warning("babysit: checkpoint %s not written: %s: %s", job.path.name, type(error).__name__, error)
             try:
-                self._on_failed(job)
+                self._on_failed(job)  # an event the page shows, a pause or a remedy
             except Exception:
-                pass
+                log.exception("babysit: checkpoint %s failed and the failure could not be recorded in the store",
+                              job.path.name)
         finally:
             job.state = {}  # free the snapshot
             job.done.set()

@@ -23,6 +23,7 @@ import atexit
 import collections
 import enum
 import json
+import logging
 import os
 import socket
 import time
@@ -51,6 +52,8 @@ from .store import (
     CRASHED, FINISHED, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore,
 )
 from .writer import MetricsWriter, to_float
+
+log = logging.getLogger(__name__)
 
 # A command that waited this long for a trainer (one that died or froze before applying it) is
 # expired rather than applied out of the blue.
@@ -884,8 +887,9 @@ class Run:
     def _at_exit(self) -> None:
         try:
             self.close()
-        except Exception:
-            pass
+        except Exception:  # the interpreter is exiting: say why the last status may be missing
+            log.exception("babysit: closing the run in %s at exit failed; its status may say 'not responding' "
+                          "(the checkpoints already listed are intact)", self.run_dir)
 
 
 # Bound once: run.log runs every step, and module attribute lookups add up there.
