@@ -56,6 +56,12 @@ KEY_USER_STATE = "user_state"
 # The states of the loader's own torch.Generator(s), at the epoch's start and at the cut.
 KEY_LOADER_RNG = "loader_rng"
 
+# Why a checkpoint was taken (its ``reason`` in the store): an epoch's own checkpoint resumes at the
+# next epoch; the others ("checkpoint now", a stop) resume inside their epoch.
+REASON_EPOCH = "epoch"
+REASON_COMMAND = "command"
+REASON_STOP = "stop"
+
 TEMP_MARK = ".tmp-"
 # Below this size a checkpoint is read and hashed in one go; above, it is memory-mapped and hashed
 # by a second thread while torch decodes it (a thread and a mapping cost more than they save on

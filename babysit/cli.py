@@ -19,13 +19,13 @@ from typing import Any, Sequence
 
 from . import commands as cmd
 from . import rundir, serving
+from .serving import TOKEN_ENV
 from .errors import CliError, SettingsError
-from .store import LOG_NAME, RunStore, StoreError, disk_full, disk_full_message, list_runs
+from .store import DB_NAME, LOG_NAME, RunStore, StoreError, disk_full, disk_full_message, list_runs
 
 DEFAULT_RUN_DIR = "checkpoints/demo"
 DEFAULT_PORT = 8501
 LOCALHOST = "127.0.0.1"
-TOKEN_ENV = "BABYSIT_TOKEN"
 EXIT_USAGE = 2
 EXIT_NOT_APPLIED = 1
 
@@ -119,13 +119,9 @@ def send(run_dir: str, kind: str, args: dict[str, Any], *, wait: bool, timeout: 
 
 
 def _report(row: dict[str, Any], description: str) -> int:
-    if row["state"] == cmd.APPLIED:
-        result = row.get("result") or {}
-        details = ", ".join(f"{k} {v}" for k, v in result.items() if k != "before" and v is not None)
-        print(f"#{row['id']} {description}: applied at step {row['step']}" + (f" ({details})" if details else ""))
-        return 0
-    print(f"#{row['id']} {description}: {row['state']}: {row.get('reason')}", file=sys.stderr)
-    return EXIT_NOT_APPLIED
+    applied = row["state"] == cmd.APPLIED
+    print(f"#{row['id']} {description}: {cmd.outcome(row)}", file=sys.stdout if applied else sys.stderr)
+    return 0 if applied else EXIT_NOT_APPLIED
 
 
 def _open_store(run_dir: str) -> RunStore:
@@ -203,7 +199,7 @@ def _option(name: str) -> str:
 
 
 def _stored_config(run_dir: str) -> dict[str, Any] | None:
-    if not (Path(run_dir) / "run.db").exists():
+    if not (Path(run_dir) / DB_NAME).exists():
         return None
     return _open_store(run_dir).get_meta("config")
 
@@ -320,7 +316,7 @@ def start_trainer(run_dir: str, extra: Sequence[str] = ()) -> int:
 def demo_command(args: argparse.Namespace) -> int:
     run_dir = args.run_dir
     check_serving(args.address, args.port, args.token)
-    existing = RunStore(run_dir).status() if (Path(run_dir) / "run.db").exists() else {"alive": False}
+    existing = RunStore(run_dir).status() if (Path(run_dir) / DB_NAME).exists() else {"alive": False}
     if existing.get("alive"):
         pid = existing.get("pid")
         print(f"babysit: demo trainer already running in {run_dir} (pid {pid})")
@@ -346,7 +342,7 @@ def _wait_for_trainer(run_dir: str, pid: int, timeout: float = 120.0) -> None:
             os.kill(pid, 0)
         except ProcessLookupError:
             break
-        if (Path(run_dir) / "run.db").exists():
+        if (Path(run_dir) / DB_NAME).exists():
             try:
                 status = RunStore(run_dir).status()
             except StoreError:
@@ -489,6 +485,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"babysit: error: run directory {run_dir!r} is read-only; babysit needs to write there",
                   file=sys.stderr)
         else:  # a run.db damaged past its first page
-            print(f"babysit: error: {str(Path(run_dir) / 'run.db')!r} is not a readable babysit run database "
+            print(f"babysit: error: {str(Path(run_dir) / DB_NAME)!r} is not a readable babysit run database "
                   f"({error}); restore it from a backup or start a new run in another directory", file=sys.stderr)
         return EXIT_USAGE

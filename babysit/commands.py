@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .errors import CommandError
 
@@ -195,3 +195,15 @@ def _describe(kind: str, args: dict[str, Any]) -> str:
     if kind == PAUSE and isinstance(args, dict) and args.get("reason"):
         return f"pause ({args['reason']})"
     return kind
+
+
+def outcome(row: dict[str, Any], number: Callable[[Any], str] = str) -> str:
+    """A queued command's fate, as the CLI and the page say it: "applied at step N (what it
+    changed)", "pending", or "rejected: why" / "expired: why"; ``number`` formats the values."""
+    if row["state"] == APPLIED:
+        result = row.get("result") or {}
+        details = ", ".join(f"{k} {number(v)}" for k, v in result.items() if k != "before" and v is not None)
+        return f"applied at step {row['step']}" + (f" ({details})" if details else "")
+    if row["state"] == PENDING:
+        return "pending"
+    return f"{row['state']}: {row.get('reason')}"

@@ -37,17 +37,17 @@ import torch
 from . import commands as cmd
 from . import optim, ranks as ranks_module, user_state
 from .checkpoint import (
-    KEY_LAST_COMMAND, KEY_MODEL, KEY_OPTIMIZER, KEY_SCHEDULER, KEY_USER_STATE, PendingCheckpoint,
-    read_verified, remove_stale_temps,
+    KEY_LAST_COMMAND, KEY_MODEL, KEY_OPTIMIZER, KEY_SCHEDULER, KEY_USER_STATE, REASON_EPOCH, REASON_STOP,
+    PendingCheckpoint, read_verified, remove_stale_temps,
 )
+from .errors import CheckpointError, CommandError, RunLockedError, SettingsError
 from .guard import DivergenceGuard, GuardConfig
 from .hparam_watch import COMMAND, LOOP, HparamWatch
 from .position import ResumePosition
 from .remedy import DivergenceRemedy
-from .errors import CheckpointError, CommandError, RunLockedError, SettingsError
 from .rundir import acquire_run_lock as _acquire_run_lock
 from .signals import install_stop_handlers
-from .snapshots import EPOCH_DONE, Snapshots
+from .snapshots import Snapshots
 from .store import (
     CRASHED, FINISHED, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore,
 )
@@ -633,7 +633,7 @@ class Run:
         for note in user_state.restore(self.state, state.get(KEY_USER_STATE) or self._initial_state):
             if not self._follows:
                 self.store.add_event("state_not_restored", note, branch=self.branch, step=int(record["step"]))
-        self.position.restore(state, epoch_done=record["reason"] == EPOCH_DONE)
+        self.position.restore(state, epoch_done=record["reason"] == REASON_EPOCH)
         if self._ranks is not None:  # the step went back: meet at the next boundary, then as usual
             self._ranks.next_sync = 0
         self._hparams.restored()
@@ -766,7 +766,7 @@ class Run:
     def _begin_stop(self, pending: dict[str, Any] | None) -> None:
         """A stop is checkpointed here, at the step boundary, so that nothing the loop runs after
         the cut (its evaluation, its lr anneal) reaches the final checkpoint."""
-        self._stop_job = self.snapshots.take("stop", reuse_same_step=True)  # may refuse: nothing is set yet
+        self._stop_job = self.snapshots.take(REASON_STOP, reuse_same_step=True)  # may refuse: nothing is set yet
         self._stop_command = pending
         self._interrupt = Interrupt.STOP
 
@@ -844,7 +844,7 @@ class Run:
         self._hparams.record(force=True)
 
     def _finish_stop(self) -> None:
-        job = self._stop_job or self.snapshots.take("stop", reuse_same_step=True)
+        job = self._stop_job or self.snapshots.take(REASON_STOP, reuse_same_step=True)
         self._final_hparams = job.meta["hparams"]
         self.snapshots.wait()
         pending = self._stop_command

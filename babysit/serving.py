@@ -18,6 +18,8 @@ TOKEN_RULE = (f"at least {TOKEN_MIN_LENGTH} characters, at least {TOKEN_MIN_DIST
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 WILDCARDS = ("0.0.0.0", "::", "")
 
+TOKEN_ENV = "BABYSIT_TOKEN"  # where the CLI hands the dashboard its access token
+
 
 def is_loopback(address: str) -> bool:
     """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""

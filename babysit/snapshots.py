@@ -20,7 +20,7 @@ from . import commands as cmd
 from . import user_state
 from .checkpoint import (
     FORMAT, KEY_BRANCH, KEY_CONFIG, KEY_FORMAT, KEY_HPARAMS, KEY_LAST_COMMAND, KEY_METRICS, KEY_MODEL, KEY_OPTIMIZER,
-    KEY_SCHEDULER, KEY_USER_STATE, AsyncCheckpointer, CheckpointError, PendingCheckpoint, checkpoint_filename,
+    KEY_SCHEDULER, KEY_USER_STATE, REASON_COMMAND, REASON_EPOCH, AsyncCheckpointer, CheckpointError, PendingCheckpoint, checkpoint_filename,
     clone_tree, disk_full_error, rng_state,
 )
 
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EPOCH_DONE = "epoch"   # the reason recorded for an epoch's own checkpoint (resume at the next epoch)
 
 
 class Snapshots:
@@ -94,7 +93,7 @@ class Snapshots:
 
     def end_epoch(self) -> None:
         waiting, self._for_epoch_end = self._for_epoch_end, []
-        job = self.take(EPOCH_DONE, commands=waiting)  # the epoch's end is recorded by the writer thread too
+        job = self.take(REASON_EPOCH, commands=waiting)  # the epoch's end is recorded by the writer thread too
         self.run.position.end_epoch(job.meta["rng"])
 
     def take_for_command(self, command_id: int) -> None:
@@ -107,7 +106,7 @@ class Snapshots:
                 if job.meta["branch"] == run.branch and job.meta["step"] == run.step:
                     job.meta["commands"].append(command_id)
                 return
-        self.take("command", commands=[command_id])
+        self.take(REASON_COMMAND, commands=[command_id])
 
     def answer_waiting(self) -> None:
         """As the run ends: answer the "checkpoint now" requests still waiting for a write with the
@@ -175,7 +174,7 @@ class Snapshots:
         self._apply_retention()
 
     def _record_epoch_end(self, meta: dict[str, Any]) -> None:
-        if meta["reason"] == EPOCH_DONE:
+        if meta["reason"] == REASON_EPOCH:
             self.run.store.add_epoch(meta["branch"], meta["epoch"], meta["step"])
 
     def _failed(self, job: PendingCheckpoint) -> None:

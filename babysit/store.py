@@ -34,6 +34,7 @@ from .errors import RunDirError, StoreError
 from .rundir import LOCK_NAME
 
 DB_NAME = "run.db"
+NEW = "new"   # the state of a run directory no trainer has written a status to yet
 DB_FILES = (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", DB_NAME + "-journal")
 SIGNAL_NAME = "commands.signal"
 LOG_NAME = "trainer.log"
@@ -347,7 +348,7 @@ class RunStore:
         finally:
             connection.row_factory = None
         if row is None:
-            return {"state": "new", "effective_state": "new", "alive": False}
+            return {"state": NEW, "effective_state": NEW, "alive": False}
         status = _typed_status(dict(row))
         status["alive"] = trainer_alive(status)
         live = status["state"] in LIVE_STATES
@@ -644,8 +645,8 @@ class RunStore:
             self._held.commands[:0] = held
 
     def _not_running_message(self, status: dict[str, Any]) -> str:
-        state = status.get("effective_state", "new")
-        if state == "new":
+        state = status.get("effective_state", NEW)
+        if state == NEW:
             detail = "no trainer has started in it yet"
         elif status.get("state") in LIVE_STATES and process_gone(status):
             detail = f"its trainer (pid {status.get('pid')}) is no longer running"

@@ -23,12 +23,12 @@ import pandas as pd
 import streamlit as st
 
 from .. import commands as cmd
-from ..store import RunStore, StoreError, list_runs
+from ..serving import TOKEN_ENV
+from ..store import DB_NAME, NEW, RunStore, StoreError, list_runs
 from .data import epoch_lines, epochs_to_steps, read_view, throughput
 from .live_chart import forget_sent
 from .figures import X_AXES, X_EPOCH, X_WALL, ChartOptions, build_figure, is_loss_like
 
-TOKEN_ENV = "BABYSIT_TOKEN"
 # Streamlit's own icon font: it renders everywhere, unlike emoji.
 STATE_BADGES = {
     "running": ("green", ":material/play_circle:", "running"),
@@ -37,7 +37,7 @@ STATE_BADGES = {
     "stopped": ("gray", ":material/stop_circle:", "stopped"),
     "crashed": ("red", ":material/error:", "crashed"),
     "not responding": ("red", ":material/heart_broken:", "not responding"),
-    "new": ("gray", ":material/hourglass_empty:", "not started"),
+    NEW: ("gray", ":material/hourglass_empty:", "not started"),
 }
 # The page shows the newest of these, so that a run with thousands of them loads as fast as a new one.
 CHECKPOINTS_SHOWN = 100
@@ -122,7 +122,7 @@ def pick_run(root: str, preferred: str | None) -> tuple[RunStore | None, int]:
     """The run to show (the one asked for, else the one with the freshest heartbeat, or the
     person's choice among the runs under ``root``), and how many runs there are to choose from."""
     runs = list_runs(root)
-    if preferred and not Path(preferred, "run.db").exists():
+    if preferred and not Path(preferred, DB_NAME).exists():
         found = ", ".join(str(r) for r in runs[:8]) or "none"
         st.error(plain(f"{preferred!r} is not a babysit run (it has no run.db); runs found: {found}"))
         return None, len(runs)
@@ -150,7 +150,7 @@ def pick_run(root: str, preferred: str | None) -> tuple[RunStore | None, int]:
     except StoreError as error:
         st.error(plain(error))
     except sqlite3.DatabaseError as error:
-        st.error(plain(f"{str(Path(chosen) / 'run.db')!r} is not a readable babysit run database ({error}); restore "
+        st.error(plain(f"{str(Path(chosen) / DB_NAME)!r} is not a readable babysit run database ({error}); restore "
                        "it from a backup or start a new run in another directory"))
     return None, len(runs)
 
@@ -267,7 +267,7 @@ def show_flash() -> None:
 # -- the live part -----------------------------------------------------------------------------
 def header(store: RunStore, status: dict[str, Any], runs: int = 1) -> None:
     """The run's name and state, its numbers, epoch progress and throughput, in little height."""
-    colour, icon, label = STATE_BADGES.get(status.get("effective_state", "new"),
+    colour, icon, label = STATE_BADGES.get(status.get("effective_state", NEW),
                                            ("gray", ":material/help:", status.get("effective_state")))
     picker = f" · {runs} runs: pick another in the sidebar (›)" if runs > 1 else ""
     st.markdown(f"{code_span(store.run_dir.name)} :{colour}-badge[{icon} {label}]{picker}")
@@ -317,13 +317,7 @@ def last_command_fate(store: RunStore) -> None:
 
 
 def fate(row: dict[str, Any]) -> str:
-    if row["state"] == cmd.APPLIED:
-        result = row.get("result") or {}
-        details = ", ".join(f"{k} {_short(v)}" for k, v in result.items() if k != "before" and v is not None)
-        return f"applied at step {row['step']}" + (f" ({details})" if details else "")
-    if row["state"] == cmd.PENDING:
-        return "pending"
-    return f"{row['state']}: {row.get('reason')}"
+    return cmd.outcome(row, number=_short)
 
 
 def _short(value: Any) -> str:
@@ -407,7 +401,7 @@ def trainer_hint(store: RunStore, status: dict[str, Any]) -> None:
     """Say up front why the controls will refuse, rather than only after a click."""
     if status.get("alive"):
         return
-    state = status.get("effective_state", "new")
+    state = status.get("effective_state", NEW)
     st.info(f"No trainer is running this run ({state}), so commands are refused until one is. Resume it with "
             f"{code_span(f'python -m babysit train --run-dir {store.run_dir}')} (the demo), or by running your script again.",
             icon=":material/info:")
@@ -441,7 +435,7 @@ def lr_choices(lr: float | None, chosen: Any = None) -> list[float]:
 
 def momentum_controls(store: RunStore, status: dict[str, Any]) -> None:
     momentum = status.get("momentum")
-    if momentum is None and status.get("effective_state") != "new":
+    if momentum is None and status.get("effective_state") != NEW:
         st.caption("This optimizer has no momentum to nudge.")
         return
     now = f" — now {momentum:.4g}" if momentum is not None else ""
