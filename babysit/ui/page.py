@@ -2,7 +2,8 @@
 
 Every control validates its value with the same functions as the CLI and the trainer, queues a
 command row, and says so at once (a toast plus the command history, which shows the command's
-fate as the trainer acknowledges it). The page never talks to the trainer any other way.
+fate as the trainer acknowledges it; babysit/ui/clicks.py). The page never talks to the trainer any
+other way.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ import argparse
 import hmac
 import math
 import os
-import re
 import sqlite3
 import time
-import unicodedata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,8 +24,10 @@ import streamlit as st
 from .. import commands as cmd
 from ..serving import TOKEN_ENV
 from ..store import DB_NAME, NEW, RunStore, StoreError, list_runs
+from .clicks import command_button, fate, last_command_fate, short_number, show_flash, toast_flash  # noqa: F401 (app.py calls them here)
 from .data import epoch_lines, epochs_to_steps, read_view, throughput
 from .live_chart import forget_sent
+from .text import code_span, plain
 from .figures import X_AXES, X_EPOCH, X_WALL, ChartOptions, build_figure, is_loss_like
 
 # Streamlit's own icon font: it renders everywhere, unlike emoji.
@@ -50,23 +51,6 @@ LR_CHOICES = [round(m * 10.0 ** e, 12) for e in range(-6, 3) for m in _NICE] + [
 # Momentum moved as 1-β on a log scale (1 down to 1e-4), as the course notes advise.
 ONE_MINUS_BETA_CHOICES = sorted({round(m * 10.0 ** e, 12) for e in range(-4, 0) for m in _NICE} | {0.5, 1.0},
                                 reverse=True)
-
-
-def code_span(text: Any) -> str:
-    """``text`` as inline code that nothing in it can break out of: a run's name comes from a
-    directory anyone may have named (backticks, links, images), and must show as the text it is."""
-    text = "".join("\ufffd" if unicodedata.category(c).startswith("C") else c for c in str(text))
-    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") or not text.strip() else ""
-    return f"{fence}{pad}{text}{pad}{fence}"
-
-
-def plain(text: Any) -> str:
-    """``text`` for a message that quotes what a run directory or its database holds (paths, event
-    messages): what could make a link, an image, a colour or an icon (``[``, ``]``, ``<`` before a
-    letter), or a formula (``$``), is escaped, and control characters become spaces."""
-    text = "".join(" " if unicodedata.category(c).startswith("C") else c for c in str(text))
-    return re.sub(r"([\\\[\]$]|<(?=[A-Za-z]))", r"\\\1", text)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -205,65 +189,6 @@ def chart_options(store: RunStore) -> tuple[ChartOptions, bool, float]:
     return options, frozen, every
 
 
-# -- acknowledgements ------------------------------------------------------------------------------
-# Streamlit 1.67 can deliver one click twice when the page is busy (the click's trigger also rides
-# on a fragment's automatic rerun): the same button sending the same command again this soon is
-# that, not a person ("× 2" twice would make it × 4; "Roll back" twice, two branches).
-DOUBLE_FIRE_S = 1.5
-
-
-def send(store: RunStore, kind: str, args: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
-         *, key: str) -> None:
-    """Queue a command from the page and acknowledge it (or show why it was refused).
-
-    ``args`` may be a function, called here so that a value read at click time (the trainer's
-    current lr for × 2) is checked like any other.
-    """
-    serial = st.session_state.get("_flash_serial", 0) + 1
-    try:
-        args = args() if callable(args) else args
-        fired = (kind, repr(args), time.monotonic())
-        last = st.session_state.get(f"_fired_{key}")
-        if last is not None and last[:2] == fired[:2] and fired[2] - last[2] < DOUBLE_FIRE_S:
-            return
-        st.session_state[f"_fired_{key}"] = fired
-        st.session_state["_flash_serial"] = serial
-        command_id = store.enqueue_command(kind, args or {}, source="dashboard")
-    except cmd.CommandError as error:
-        st.session_state["_flash_serial"] = serial
-        st.session_state["_flash"] = ("error", f"Not sent: {error}", serial)
-        return
-    text = cmd.describe(kind, cmd.validate(kind, args).args)
-    st.session_state["_flash"] = ("sent", f"Sent #{command_id}: {text}", serial)
-    st.session_state["_last_command"] = command_id
-
-
-def command_button(column: Any, label: str, key: str, store: RunStore, kind: str,
-                   args: dict[str, Any] | Callable[[], dict[str, Any]] | None = None, **options: Any) -> None:
-    """A button that sends one command when clicked."""
-    column.button(label, key=key, on_click=send, args=(store, kind, args), kwargs={"key": key}, **options)
-
-
-def toast_flash() -> None:
-    """The latest click's toast, once. Every part of the page with buttons calls this first: the
-    part that was clicked reruns at once, so the toast does not wait for the next live refresh."""
-    flash = st.session_state.get("_flash")
-    if flash is None:
-        return
-    kind, text, serial = flash
-    if st.session_state.get("_flash_shown") != serial:
-        st.session_state["_flash_shown"] = serial
-        st.toast(text, icon=":material/block:" if kind == "error" else ":material/send:")
-
-
-def show_flash() -> None:
-    """The toast, and a refused command's message, which stays on screen until the next click."""
-    toast_flash()
-    flash = st.session_state.get("_flash")
-    if flash is not None and flash[0] == "error":
-        st.error(plain(flash[1]), icon=":material/block:")
-
-
 # -- the live part -----------------------------------------------------------------------------
 def header(store: RunStore, status: dict[str, Any], runs: int = 1) -> None:
     """The run's name and state, its numbers, epoch progress and throughput, in little height."""
@@ -300,28 +225,6 @@ def throughput_text(store: RunStore, status: dict[str, Any]) -> str:
     if rate.items_per_s is not None:
         text += f" · {rate.items_per_s:,.0f} {rate.item_unit}/s"
     return text
-
-
-def last_command_fate(store: RunStore) -> None:
-    command_id = st.session_state.get("_last_command")
-    row = store.command(command_id) if command_id else None
-    if row is None:
-        return
-    text = f"#{row['id']} {cmd.describe(row['kind'], row['args'])}: {fate(row)}"
-    if row["state"] == cmd.APPLIED:
-        st.success(text, icon=":material/check_circle:")
-    elif row["state"] == cmd.PENDING:
-        st.info(text, icon=":material/hourglass_top:")
-    else:
-        st.error(text, icon=":material/block:")
-
-
-def fate(row: dict[str, Any]) -> str:
-    return cmd.outcome(row, number=_short)
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def divergence_alert(store: RunStore, status: dict[str, Any]) -> None:
@@ -533,8 +436,8 @@ def rollback_controls(store: RunStore, status: dict[str, Any]) -> None:
     cols[0].radio("Hyperparameters after the rollback", cmd.HPARAMS_CHOICES, key="rollback_hparams", horizontal=True,
                   label_visibility="collapsed", format_func=lambda h: "checkpoint's" if h == cmd.HPARAMS_CHECKPOINT
                   else "current")
-    cols[1].caption(f"checkpoint's: lr {_short(chosen['hparams'].get('lr'))}, β {_short(chosen['hparams'].get('momentum'))}"
-                    f" · current: lr {_short(lr_now)}, β {_short(momentum_now)}")
+    cols[1].caption(f"checkpoint's: lr {short_number(chosen['hparams'].get('lr'))}, β {short_number(chosen['hparams'].get('momentum'))}"
+                    f" · current: lr {short_number(lr_now)}, β {short_number(momentum_now)}")
 
 
 def _checkpoint_label(c: dict[str, Any]) -> str:
