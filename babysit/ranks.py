@@ -171,7 +171,7 @@ class Ranks:
     def load(self, run: "Run", record: dict[str, Any]) -> None:
         """Follower: load the checkpoint the leader loaded, with this rank's own share."""
         state = read_verified(run.run_dir / record["file"], record["sha256"])
-        run._load_training_state(for_rank(state, self.rank), record)
+        run._resume.load_training_state(for_rank(state, self.rank), record)
 
 
 def for_rank(state: dict[str, Any], rank: int) -> dict[str, Any]:

@@ -13,22 +13,21 @@ waits while paused, and cuts the epoch short for a rollback or a stop — the on
 which the framework callbacks call too. ``run.epochs`` checkpoints at the end of every epoch,
 restores a rollback's checkpoint and starts its branch, and resumes from the latest checkpoint when
 the run directory already holds one. ``run.state`` (the loop's own values and Stateful objects)
-travels in every checkpoint; :mod:`babysit.position` owns the counters and RNG states of an exact
-resume; :mod:`babysit.snapshots` owns the checkpoint policy.
+travels in every checkpoint. The rooms around it: :mod:`babysit.resume` (starting, resuming,
+loading a checkpoint), :mod:`babysit.command_runner` (applying queued commands, carrying out a
+rollback or a stop), :mod:`babysit.position` (the counters and RNG states of an exact resume),
+:mod:`babysit.snapshots` (the checkpoint policy), :mod:`babysit.ranks` (torch.distributed).
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
-import enum
 import json
 import logging
 import os
-import socket
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -36,48 +35,21 @@ import torch
 
 from . import commands as cmd
 from . import optim, ranks as ranks_module, user_state
-from .checkpoint import (
-    KEY_LAST_COMMAND, KEY_MODEL, KEY_OPTIMIZER, KEY_SCHEDULER, KEY_USER_STATE, REASON_EPOCH, REASON_STOP,
-    PendingCheckpoint, read_verified, remove_stale_temps,
-)
-from .errors import CheckpointError, CommandError, RunLockedError, SettingsError
+from .checkpoint import PendingCheckpoint, remove_stale_temps
+from .command_runner import Interrupt, PendingRollback, CommandRunner  # noqa: F401 (Interrupt is public here)
+from .errors import RunLockedError, SettingsError  # noqa: F401 (RunLockedError, as before the error tree)
 from .guard import DivergenceGuard, GuardConfig
-from .hparam_watch import COMMAND, LOOP, HparamWatch
+from .hparam_watch import LOOP, HparamWatch
 from .position import ResumePosition
 from .remedy import DivergenceRemedy
+from .resume import Resume
 from .rundir import acquire_run_lock as _acquire_run_lock
 from .signals import install_stop_handlers
 from .snapshots import Snapshots
-from .store import (
-    CRASHED, FINISHED, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore,
-)
+from .store import CRASHED, FINISHED, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore
 from .writer import MetricsWriter, to_float
 
 log = logging.getLogger(__name__)
-
-# A command that waited this long for a trainer (one that died or froze before applying it) is
-# expired rather than applied out of the blue.
-PENDING_COMMAND_TTL_S = 600.0
-
-
-class Interrupt(enum.Enum):
-    """Why the current epoch is being cut short."""
-
-    STOP = "stop"
-    ROLLBACK = "rollback"
-
-
-@dataclass
-class PendingRollback:
-    """A rollback applied at a step boundary, carried out when the loop leaves the epoch."""
-
-    command: dict[str, Any]
-    checkpoint: dict[str, Any]
-    state: dict[str, Any]
-    hparams_at_cut: dict[str, Any]   # what "keep the current hyperparameters" keeps
-    branch_at_cut: int
-    step_at_cut: int
-
 
 class Run:
     """Babysit one training run in ``run_dir`` (created if new, resumed if it holds checkpoints).
@@ -173,16 +145,18 @@ class Run:
         self._hparams = HparamWatch(self)
 
         self._guard = DivergenceGuard(self.guard_config)
+        self._resume = Resume(self)          # starting, resuming, loading a checkpoint
+        self._commands = CommandRunner(self)  # applying what is queued
         if self._follows:  # rank 0 logs, checkpoints and answers commands for the whole job
             self._log: Any = lambda _item: None
-            self._meet(self._restore_on_start)
+            self._meet(self._resume.restore_on_start)
             atexit.register(self._at_exit)
             return
         self.snapshots = Snapshots(self)
         self.remedy = DivergenceRemedy(self)
         queue: collections.deque[Any] = collections.deque()
         self._log = queue.append  # the training thread's share of storing a value: one append
-        self._meet(self._restore_on_start)
+        self._meet(self._resume.restore_on_start)
         self.writer = MetricsWriter(
             self.store, queue=queue, status=self._status_fields, guard=self._guard,
             on_divergence=self.remedy.on_divergence, on_tick=self._on_tick, interval=flush_interval,
@@ -297,10 +271,10 @@ class Run:
 
     def _end_epoch_here(self) -> bool:
         if self._interrupt is Interrupt.ROLLBACK:
-            self._finish_rollback()
+            self._commands.finish_rollback()
             return True
         if self._interrupt is Interrupt.STOP:
-            self._finish_stop()
+            self._commands.finish_stop()
             return False
         self.snapshots.end_epoch()
         self._tell("epoch_end")
@@ -331,14 +305,14 @@ class Run:
         if stop_asked and ranks.leads and self._stop_reason is None:
             self.request_stop("a signal on another rank")
         if work or stop_asked:
-            self._meet(self._apply_due)
+            self._meet(self._commands.apply_due)
 
     def _stop_between_epochs(self) -> bool:
         """Ctrl-C, request_stop() or a stop deferred to the epoch's end: stop now; True if so."""
         if self._stop_reason is None:
             return False
         self._interrupt = Interrupt.STOP
-        self._finish_stop()
+        self._commands.finish_stop()
         return True
 
     def _left_epochs(self) -> None:
@@ -388,7 +362,7 @@ class Run:
             return self._interrupt
         if self._ranks is None:
             if self._wake or self.signal.changed() or self._replay:
-                self._apply_due()
+                self._commands.apply_due()
         else:
             if self.position.step >= self._ranks.next_sync:
                 self._sync_ranks()
@@ -480,381 +454,15 @@ class Run:
         return install_stop_handlers(self.request_stop, lambda: self.stop_requested)
 
     # -- start and resume ---------------------------------------------------------------------
-    def _restore_on_start(self) -> None:
-        status = self.store.status()
-        branch_id = status.get("branch")
-        branch = self.store.branch(branch_id) if branch_id else None
-        if branch is None:
-            self.branch = self.store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
-            self._hparams.record(force=True)
-            self._initial_status("started")
-            self.store.add_event("start", "run started", branch=self.branch, step=0, epoch=0,
-                                 data={"config": self.config})
-            self._expire_stale_commands()
-            return
-        self.branch = branch["id"]
-        resumed_from, fallback_note = self._load_latest_usable(branch)
-        resume_step = resumed_from["step"] if resumed_from else 0
-        moved = self.store.supersede_after(self.branch, resume_step)
-        scale = self.store.starting_mean(self.guard_config.metric)
-        if scale is not None:  # the guard judges a rise against the loss the run started from
-            self._guard.remember_scale(scale)
-        self._hparams.record(force=True)
-        self._replay = [
-            c for c in self.store.applied_commands_after(self.branch, resume_step, self._resumed_last_command)
-            if c["kind"] in (cmd.SET_LR, cmd.SET_MOMENTUM)
-        ]
-        where = (f"checkpoint #{resumed_from['id']} (epoch {resumed_from['epoch']}, step {resume_step})"
-                 if resumed_from else "the start (no checkpoint yet)")
-        clean = status.get("state") in (STOPPED, FINISHED) and status.get("step") == resume_step
-        how = ("after a clean stop" if clean else
-               f"after the trainer stopped at step {status.get('step')}" if status.get("state") == STOPPED else
-               "after the trainer died")
-        message = f"resumed from {where} {how}"
-        if fallback_note:
-            message += f"; {fallback_note}"
-        if moved:
-            message += f"; {moved} values logged after that step are marked superseded"
-        if self._replay:
-            message += f"; {len(self._replay)} applied nudges will be re-applied at their steps"
-        self._initial_status(message)
-        self.store.add_event("resume", message, branch=self.branch, step=resume_step, epoch=self.epoch,
-                             data={"checkpoint": resumed_from["id"] if resumed_from else None, "superseded": moved})
-        self._warn_config_change(resumed_from)
-        self._expire_stale_commands()
-
-    def _load_latest_usable(self, branch: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
-        """Load the newest verified checkpoint of this branch, else its origin; if the origin is
-        damaged or gone too, the newest intact one on the line of descent, as a new branch."""
-        own = [c for c in self.store.checkpoints() if c["branch"] == self.branch]
-        for candidate in reversed(own):
-            state = self._verified_or_event(candidate)
-            if state is not None:
-                self._load_state(state, candidate)
-                return candidate, ""
-        if not branch["from_checkpoint"] and not own:
-            return None, ""  # killed before its first checkpoint: it starts again
-        origin = self.store.checkpoint(branch["from_checkpoint"]) if branch["from_checkpoint"] else None
-        state = self._verified_or_event(origin) if origin is not None else None
-        if origin is not None and state is not None:
-            self._load_state(state, origin)
-            self._restore_hparams(branch["hparams"])
-            return origin, ""
-        # What the rollback meant comes first (before the fork, on its line of descent); then any
-        # other intact checkpoint, newest first, rather than no run at all.
-        before_fork = self.snapshots.lineage_before(self.branch, branch["start_step"] + 1)
-        others = sorted((c for c in self.store.checkpoints() if c not in before_fork),
-                        key=lambda c: (c["step"], c["id"]), reverse=True)
-        tried = {c["id"] for c in own} | {branch["from_checkpoint"]}
-        for candidate in before_fork + others:
-            if candidate["id"] in tried:
-                continue
-            state = self._verified_or_event(candidate)
-            if state is None:
-                continue
-            self._load_state(state, candidate)
-            damaged = self.branch
-            self.branch = self.store.new_branch(parent=candidate["branch"], from_checkpoint=candidate["id"],
-                                                start_step=self.step, start_epoch=self.epoch, hparams=self.hparams)
-            lost = (f"branch {damaged}'s origin checkpoint #{branch['from_checkpoint']}" if branch["from_checkpoint"]
-                    else f"no checkpoint of branch {damaged}")
-            note = f"{lost} could not be loaded, so the run goes on from checkpoint #{candidate['id']} as branch {self.branch}"
-            self.store.add_event("checkpoint_refused", note, branch=self.branch, step=self.step, epoch=self.epoch)
-            return candidate, note
-        raise CheckpointError(
-            f"no checkpoint of branch {self.branch} or of the branches it came from in {str(self.run_dir)!r} can be "
-            "loaded (see the checkpoint_refused events); restore one from a backup, or start a new run in another "
-            "directory"
-        )
-
-    def _verified_or_event(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        try:
-            return read_verified(self.run_dir / record["file"], record["sha256"])
-        except CheckpointError as error:
-            self.store.add_event("checkpoint_refused", str(error), branch=self.branch,
-                                 data={"checkpoint": record["id"]})
-            return None
-
-    def _initial_status(self, message: str) -> None:
-        self.message = message
-        self.store.write_status(
-            **self._status_fields(), pid=os.getpid(), host=socket.gethostname(), started=time.time(),
-            heartbeat=time.time(), optimizer=_optimizer_name(self.optimizer),
-        )
-
-    def _warn_config_change(self, checkpoint: dict[str, Any] | None) -> None:
-        if checkpoint is None:
-            return
-        before = self.store.get_meta("config", {})
-        changed = sorted(k for k in set(before) | set(self.config) if before.get(k) != self.config.get(k))
-        if changed:
-            self.store.add_event(
-                "config", "config differs from the one the run was started with in "
-                + ", ".join(changed) + "; model, optimizer and hyperparameters come from the checkpoint, "
-                "the new config is used for everything else and is recorded",
-                branch=self.branch, step=self.step, data={"before": before, "after": self.config},
-            )
-        self.store.set_meta("config", self.config)
-
-    def _expire_stale_commands(self) -> None:
-        if self.store.get_meta("config") is None:
-            self.store.set_meta("config", self.config)
-        for pending in self.store.pending_commands():
-            self._expired(pending)
-
-    def _expired(self, pending: dict[str, Any]) -> bool:
-        """Expire a command that waited too long (its trainer died or froze); True if it did."""
-        if time.time() - pending["created"] <= PENDING_COMMAND_TTL_S:
-            return False
-        self.store.finish_command(
-            pending["id"], cmd.EXPIRED, branch=self.branch, step=self.step,
-            reason=f"no trainer applied it within {PENDING_COMMAND_TTL_S:.0f} s; send it again",
-        )
-        return True
-
-    def _load_state(self, state: dict[str, Any], record: dict[str, Any]) -> None:
-        """Put a verified checkpoint's state into the model, optimizer, scheduler, loop state, RNGs
-        and counters (on every rank), and pick up command handling where it was."""
-        self._tell("load", {key: record[key] for key in ("id", "file", "sha256", "reason", "step")})
-        self._load_training_state(state, record)
-        recorded = state.get(KEY_LAST_COMMAND)
-        self._resumed_last_command = None if recorded is None else int(recorded)
-        # A checkpoint written before checkpoints recorded this: count every command handled so
-        # far as seen, so later checkpoints record a true bound (replays still waiting are found
-        # by their step, which is past any checkpoint taken before they happen).
-        self._last_command_id = (self._resumed_last_command if recorded is not None
-                                 else self.store.last_handled_command_id())
-
-    def _load_training_state(self, state: dict[str, Any], record: dict[str, Any]) -> None:
-        self.model.load_state_dict(state[KEY_MODEL])
-        self.optimizer.load_state_dict(state[KEY_OPTIMIZER])
-        if self.scheduler is not None and state.get(KEY_SCHEDULER) is not None:
-            self.scheduler.load_state_dict(state[KEY_SCHEDULER])
-        for note in user_state.restore(self.state, state.get(KEY_USER_STATE) or self._initial_state):
-            if not self._follows:
-                self.store.add_event("state_not_restored", note, branch=self.branch, step=int(record["step"]))
-        self.position.restore(state, epoch_done=record["reason"] == REASON_EPOCH)
-        if self._ranks is not None:  # the step went back: meet at the next boundary, then as usual
-            self._ranks.next_sync = 0
-        self._hparams.restored()
-        self._guard.reset()
 
     # -- step boundary -----------------------------------------------------------------------
-    def _apply_due(self) -> None:
-        """Replays, then queued commands, then a pause."""
-        self._wake = False
-        if self._stop_reason is not None and not self._at_last_boundary():
-            self._begin_stop(None)
-            return
-        while self._replay and self._replay[0]["step"] <= self.step:
-            self._replay_command(self._replay.pop(0))
-        self._apply_pending()
-        if self.status == PAUSED and not self._interrupt:
-            self._wait_while_paused()
-
-    def _apply_pending(self) -> None:
-        self.signal.mark_seen()
-        for pending in self.store.pending_commands():
-            if self.snapshots.is_carrying_out(pending["id"]):
-                continue
-            self._apply(pending)
-            if self._interrupt:
-                return
-
-    def _wait_while_paused(self) -> None:
-        self.writer.wake()
-        while self.status == PAUSED and not self._interrupt:
-            deadline = time.monotonic() + 0.5
-            while time.monotonic() < deadline and not self.signal.changed() and not self._wake:
-                time.sleep(0.005)
-            self._tell("ping")  # the other ranks wait with it; a collective now and then keeps them
-            self._wake = False
-            if self._stop_reason is not None:
-                self._begin_stop(None)
-                break
-            self._apply_pending()
-        self.writer.wake()
-
-    def _apply(self, pending: dict[str, Any]) -> None:
-        """Check a queued command again and apply it; record what it changed or why not."""
-        command_id = pending["id"]
-        self._last_command_id = max(self._last_command_id, command_id)
-        if self._expired(pending):
-            return
-        try:
-            command = cmd.validate(pending["kind"], pending["args"])
-            result = self._execute(command, pending)
-        except CommandError as error:
-            self.store.finish_command(command_id, cmd.REJECTED, branch=self.branch, step=self.step, reason=str(error))
-            return
-        except CheckpointError as error:
-            reason = f"{error}; the run continues on branch {self.branch}; pick another checkpoint"
-            self.store.finish_command(command_id, cmd.REJECTED, branch=self.branch, step=self.step, reason=reason)
-            return
-        except Exception as error:  # an unexpected failure rejects this command, never the run
-            self.store.finish_command(command_id, cmd.REJECTED, branch=self.branch, step=self.step,
-                                      reason=f"{type(error).__name__}: {error}")
-            return
-        if result is not None:  # None: acknowledged later (checkpoint written, rollback done, stop)
-            self.store.finish_command(command_id, cmd.APPLIED, branch=self.branch, step=self.step, result=result)
-
-    def _execute(self, command: cmd.Command, pending: dict[str, Any]) -> dict[str, Any] | None:
-        before = self.hparams
-        if command.kind == cmd.SET_LR:
-            after = optim.set_lr(self.optimizer, command.args["value"], self.scheduler)
-            self._tell("set_lr", command.args["value"])
-            self._hparams.record(by=COMMAND)
-            result: dict[str, Any] = {"before": before["lr"], "after": after}
-            warning = cmd.lr_warning(after)
-            if warning:
-                result["warning"] = warning
-            return result
-        if command.kind == cmd.SET_MOMENTUM:
-            after = optim.set_momentum(self.optimizer, command.args["value"])
-            self._tell("set_momentum", command.args["value"])
-            self._hparams.record(by=COMMAND)
-            result = {"before": before["momentum"], "after": after}
-            if optim.cycles_momentum(self.scheduler):
-                result["warning"] = (f"{type(self.scheduler).__name__} cycles momentum and will overwrite this "
-                                     "at its next step (the chart shows what it sets)")
-            return result
-        for_branch = command.args.get("branch")
-        if for_branch is not None and for_branch != self.branch:  # a remedy for a branch the run has left
-            raise CommandError(f"this {command.kind} was for a divergence on branch {for_branch}; the run has "
-                                   f"moved on to branch {self.branch}")
-        if command.kind == cmd.PAUSE:
-            if self.status == PAUSED:
-                raise CommandError("the run is already paused")
-            why = command.args.get("reason") or f"by {pending['source']}"
-            self.status, self.message = PAUSED, f"paused at step {self.step}: {why}"
-            return {"state": PAUSED}
-        if command.kind == cmd.RESUME:
-            if self.status != PAUSED:
-                raise CommandError(f"the run is not paused (it is {self.status}); nothing to resume")
-            self.status, self.message = RUNNING, f"resumed at step {self.step}"
-            self._guard.reset()
-            self.remedy.person_resumed()
-            return {"state": RUNNING}
-        if command.kind == cmd.CHECKPOINT:
-            if self._at_last_boundary():  # the epoch's own checkpoint, of this step, answers it
-                self.snapshots.answer_at_epoch_end(pending["id"])
-            else:
-                self.snapshots.take_for_command(pending["id"])
-            return None
-        if command.kind == cmd.STOP:
-            if self._at_last_boundary():  # let the epoch end as usual; stop before the next one
-                self._stop_command, self._stop_reason = pending, self._stop_reason or "stop command"
-            else:
-                self._begin_stop(pending)
-            return None
-        if command.kind == cmd.ROLLBACK:
-            record = self.store.checkpoint(command.args["checkpoint"], must_exist=True)
-            assert record is not None
-            state = read_verified(self.run_dir / record["file"], record["sha256"])
-            self._check_fits(state, record)
-            self._rollback = PendingRollback(pending, record, state, hparams_at_cut=before,
-                                             branch_at_cut=self.branch, step_at_cut=self.step)
-            self._interrupt = Interrupt.ROLLBACK
-            return None
-        raise CommandError(f"unknown command {command.kind!r}")
 
     def _at_last_boundary(self) -> bool:
         """After the epoch's last batch: a cut here would leave an epoch with nothing to train but
         its end (evaluation, anneal) still to run; a stop or a checkpoint waits for that end."""
         return self.steps_per_epoch is not None and self.position.step_in_epoch >= self.steps_per_epoch
 
-    def _begin_stop(self, pending: dict[str, Any] | None) -> None:
-        """A stop is checkpointed here, at the step boundary, so that nothing the loop runs after
-        the cut (its evaluation, its lr anneal) reaches the final checkpoint."""
-        self._stop_job = self.snapshots.take(REASON_STOP, reuse_same_step=True)  # may refuse: nothing is set yet
-        self._stop_command = pending
-        self._interrupt = Interrupt.STOP
-
-    def _check_fits(self, state: dict[str, Any], record: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose tensors do not fit this model or optimizer before anything
-        is changed (loading it would fail half-way)."""
-        live = self.model.state_dict()
-        saved = state.get(KEY_MODEL) or {}
-        problems = sorted(set(live) ^ set(saved))[:3]
-        problems += [f"{name} {tuple(saved[name].shape)} vs {tuple(tensor.shape)} here" for name, tensor in live.items()
-                     if name in saved and hasattr(saved[name], "shape") and saved[name].shape != tensor.shape][:3]
-        groups = (state.get(KEY_OPTIMIZER) or {}).get("param_groups", [])
-        if [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
-            problems.append("the optimizer's parameter groups differ")
-        if problems:
-            raise CommandError(f"checkpoint #{record['id']} does not fit this model ({'; '.join(problems)}); "
-                                   "nothing was changed")
-
-    def _restore_hparams(self, hparams: dict[str, Any]) -> None:
-        optim.restore_hparams(self.optimizer, hparams, self.scheduler)
-        self._tell("restore_hparams", hparams)
-
-    def _replay_command(self, applied: dict[str, Any]) -> None:
-        self._last_command_id = max(self._last_command_id, applied["id"])
-        value = applied["args"]["value"]
-        if applied["kind"] == cmd.SET_LR:
-            optim.set_lr(self.optimizer, value, self.scheduler)
-            self._tell("set_lr", value)
-        else:
-            optim.set_momentum(self.optimizer, value)
-            self._tell("set_momentum", value)
-        self._hparams.record(by=COMMAND)
-
     # -- rollback and stop, as the loop leaves the epoch ---------------------------------------
-    def _finish_rollback(self) -> None:
-        rollback = self._rollback
-        assert rollback is not None
-        self._rollback = None
-        self._interrupt = None
-        self._replay = []  # nudges of the old branch still waiting to be replayed stay there
-        pending, record = rollback.command, rollback.checkpoint
-        command = cmd.validate(pending["kind"], pending["args"])
-        before = rollback.hparams_at_cut
-        old_branch, old_step = rollback.branch_at_cut, rollback.step_at_cut
-        try:
-            self._load_state(rollback.state, record)
-        except Exception as error:
-            # Checked to fit when applied; if loading still fails the model may be half-loaded:
-            # end this process (a restart resumes from the latest checkpoint) but never leave the
-            # command pending, or every restart would fail on it again.
-            self.store.finish_command(pending["id"], cmd.REJECTED, branch=old_branch, step=old_step,
-                                      reason=f"checkpoint #{record['id']} could not be loaded: {error}")
-            raise
-        if command.args["hparams"] == cmd.HPARAMS_CURRENT:
-            self._restore_hparams(before)
-        self._restore_hparams({k: command.args[k] for k in ("lr", "momentum") if k in command.args})
-        after = self.hparams
-        self.status = RUNNING
-        self.message = f"rolled back to checkpoint #{record['id']} (epoch {record['epoch']}, step {record['step']})"
-        self._guard.reset()
-        with self.store.transaction():  # one commit: the branch, its status, the event, the acknowledgement
-            self.branch = self.store.new_branch(
-                parent=record["branch"], from_checkpoint=record["id"], start_step=self.step,
-                start_epoch=self.epoch, hparams=after,
-            )
-            self.store.write_status(**self._status_fields(), heartbeat=time.time())
-            self.store.add_event("rollback", self.message + f" as branch {self.branch}", branch=self.branch,
-                                 step=self.step, epoch=self.epoch,
-                                 data={"from_branch": old_branch, "from_step": old_step, "checkpoint": record["id"],
-                                       "before": before, "after": after, "hparams": command.args["hparams"]})
-            self.store.finish_command(pending["id"], cmd.APPLIED, branch=old_branch, step=old_step, result={
-                "branch": self.branch, "epoch": self.epoch, "step": self.step, "checkpoint": record["id"],
-                "lr": after["lr"], "momentum": after["momentum"], "before": before,
-            })
-        self._hparams.record(force=True)
-
-    def _finish_stop(self) -> None:
-        job = self._stop_job or self.snapshots.take(REASON_STOP, reuse_same_step=True)
-        self._final_hparams = job.meta["hparams"]
-        self.snapshots.wait()
-        pending = self._stop_command
-        if pending is not None:
-            result: dict[str, Any] = {"checkpoint": job.meta.get("id")}
-            if job.error is not None:
-                result = {"checkpoint": None, "warning": str(job.error)}
-            self.store.finish_command(pending["id"], cmd.APPLIED, branch=self.branch, step=self.step, result=result)
-        why = f" ({self._stop_reason})" if self._stop_reason and self._stop_reason != "stop command" else ""
-        self._finish(STOPPED, f"stopped at step {self.step}{why} with a final checkpoint")
 
     def _finish(self, status: str, message: str) -> None:
         self.snapshots.answer_waiting()
@@ -879,9 +487,7 @@ class Run:
 
     def _on_tick(self) -> None:
         # A fallback for the signal file (a missed write, a filesystem without shared mmap).
-        if not self._wake and self.store.conn().execute(
-            "SELECT 1 FROM commands WHERE state = ? LIMIT 1", (cmd.PENDING,)
-        ).fetchone():
+        if not self._wake and self.store.has_pending_commands():
             self._wake = True
 
     def _at_exit(self) -> None:
@@ -918,7 +524,3 @@ def _optimizer_or_loop_hparams(optimizer: Any, lr: float | None, momentum: float
         raise SettingsError("Run needs an optimizer, or lr= for a loop that updates its parameters by hand "
                          "(it reads run.lr every step, so nudges reach it)")
     return optim.LoopHparams(cmd.validate_lr(lr), None if momentum is None else cmd.validate_momentum(momentum))
-
-
-def _optimizer_name(optimizer: Any) -> str:
-    return "hand-written updates (run.lr)" if isinstance(optimizer, optim.LoopHparams) else type(optimizer).__name__

@@ -675,6 +675,9 @@ class RunStore:
             for r in rows if r[0] not in finished
         ] + held
 
+    def has_pending_commands(self) -> bool:
+        return self.conn().execute("SELECT 1 FROM commands WHERE state = ? LIMIT 1", (cmd.PENDING,)).fetchone() is not None
+
     def last_handled_command_id(self) -> int:
         """The highest id of a command that is no longer pending (0 if none)."""
         row = self.conn().execute("SELECT MAX(id) FROM commands WHERE state != ?", (cmd.PENDING,)).fetchone()

@@ -284,12 +284,12 @@ def test_a_checkpoint_without_a_command_record_replays_only_later_steps(tmp_path
     # Checkpoints written before they recorded the last command: on resume, only nudges applied
     # after the checkpoint's step are replayed, not the branch's whole history (with a scheduler,
     # replaying the step-5 nudge at step 8 would undo the scheduler's halving).
-    import babysit.run
+    import babysit.resume
 
     _, straight = tiny_job(tmp_path / "straight", epochs=3, scheduler=True, on_step=_nudge_lr_at(5))
     cut = tmp_path / "cut"
     with monkeypatch.context() as patch:
-        patch.setattr(babysit.run, "KEY_LAST_COMMAND", "not_recorded")
+        patch.setattr(babysit.resume, "KEY_LAST_COMMAND", "not_recorded")
         tiny_job(cut, epochs=3, scheduler=True, on_step=_nudge_lr_at(5, stop_at=13))
     store = RunStore(cut)
     _crash_at_the_last_checkpoint(store)

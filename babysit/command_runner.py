@@ -1,0 +1,290 @@
+"""How a run obeys: the queued commands applied at a step boundary (lr, momentum, pause, resume,
+checkpoint now, stop, rollback), replays of applied nudges after a resume, and the rollback and
+stop carried out as the loop leaves the epoch. Every outcome is recorded on the command's row.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import commands as cmd
+from . import optim
+from .checkpoint import KEY_MODEL, KEY_OPTIMIZER, REASON_STOP, read_verified
+from .errors import CheckpointError, CommandError
+from .hparam_watch import COMMAND
+from .store import PAUSED, RUNNING, STOPPED
+
+if TYPE_CHECKING:
+    from .run import Run
+
+# A command that waited this long for a trainer (one that died or froze before applying it) is
+# expired rather than applied out of the blue.
+PENDING_COMMAND_TTL_S = 600.0
+
+
+class Interrupt(enum.Enum):
+    """Why the current epoch is being cut short."""
+
+    STOP = "stop"
+    ROLLBACK = "rollback"
+
+
+@dataclass
+class PendingRollback:
+    """A rollback applied at a step boundary, carried out when the loop leaves the epoch."""
+
+    command: dict[str, Any]
+    checkpoint: dict[str, Any]
+    state: dict[str, Any]
+    hparams_at_cut: dict[str, Any]   # what "keep the current hyperparameters" keeps
+    branch_at_cut: int
+    step_at_cut: int
+
+
+class CommandRunner:
+    """Applies the queued commands of one :class:`~babysit.run.Run`."""
+
+    def __init__(self, run: "Run") -> None:
+        self.run = run
+
+    def apply_due(self) -> None:
+        """Replays, then queued commands, then a pause."""
+        run = self.run
+        run._wake = False
+        if run._stop_reason is not None and not run._at_last_boundary():
+            self.begin_stop(None)
+            return
+        while run._replay and run._replay[0]["step"] <= run.step:
+            self._replay_command(run._replay.pop(0))
+        self._apply_pending()
+        if run.status == PAUSED and not run._interrupt:
+            self._wait_while_paused()
+
+    def _apply_pending(self) -> None:
+        run = self.run
+        run.signal.mark_seen()
+        for pending in run.store.pending_commands():
+            if run.snapshots.is_carrying_out(pending["id"]):
+                continue
+            self._apply(pending)
+            if run._interrupt:
+                return
+
+    def _wait_while_paused(self) -> None:
+        run = self.run
+        run.writer.wake()
+        while run.status == PAUSED and not run._interrupt:
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline and not run.signal.changed() and not run._wake:
+                time.sleep(0.005)
+            run._tell("ping")  # the other ranks wait with it; a collective now and then keeps them
+            run._wake = False
+            if run._stop_reason is not None:
+                self.begin_stop(None)
+                break
+            self._apply_pending()
+        run.writer.wake()
+
+    def _apply(self, pending: dict[str, Any]) -> None:
+        """Check a queued command again and apply it; record what it changed or why not."""
+        run = self.run
+        command_id = pending["id"]
+        run._last_command_id = max(run._last_command_id, command_id)
+        if self._expired(pending):
+            return
+        try:
+            command = cmd.validate(pending["kind"], pending["args"])
+            result = self._execute(command, pending)
+        except CommandError as error:
+            run.store.finish_command(command_id, cmd.REJECTED, branch=run.branch, step=run.step, reason=str(error))
+            return
+        except CheckpointError as error:
+            reason = f"{error}; the run continues on branch {run.branch}; pick another checkpoint"
+            run.store.finish_command(command_id, cmd.REJECTED, branch=run.branch, step=run.step, reason=reason)
+            return
+        except Exception as error:  # an unexpected failure rejects this command, never the run
+            run.store.finish_command(command_id, cmd.REJECTED, branch=run.branch, step=run.step,
+                                     reason=f"{type(error).__name__}: {error}")
+            return
+        if result is not None:  # None: acknowledged later (checkpoint written, rollback done, stop)
+            run.store.finish_command(command_id, cmd.APPLIED, branch=run.branch, step=run.step, result=result)
+
+    def _execute(self, command: cmd.Command, pending: dict[str, Any]) -> dict[str, Any] | None:
+        run = self.run
+        before = run.hparams
+        if command.kind == cmd.SET_LR:
+            after = optim.set_lr(run.optimizer, command.args["value"], run.scheduler)
+            run._tell("set_lr", command.args["value"])
+            run._hparams.record(by=COMMAND)
+            result: dict[str, Any] = {"before": before["lr"], "after": after}
+            warning = cmd.lr_warning(after)
+            if warning:
+                result["warning"] = warning
+            return result
+        if command.kind == cmd.SET_MOMENTUM:
+            after = optim.set_momentum(run.optimizer, command.args["value"])
+            run._tell("set_momentum", command.args["value"])
+            run._hparams.record(by=COMMAND)
+            result = {"before": before["momentum"], "after": after}
+            if optim.cycles_momentum(run.scheduler):
+                result["warning"] = (f"{type(run.scheduler).__name__} cycles momentum and will overwrite this "
+                                     "at its next step (the chart shows what it sets)")
+            return result
+        for_branch = command.args.get("branch")
+        if for_branch is not None and for_branch != run.branch:  # a remedy for a branch the run has left
+            raise CommandError(f"this {command.kind} was for a divergence on branch {for_branch}; the run has "
+                                   f"moved on to branch {run.branch}")
+        if command.kind == cmd.PAUSE:
+            if run.status == PAUSED:
+                raise CommandError("the run is already paused")
+            why = command.args.get("reason") or f"by {pending['source']}"
+            run.status, run.message = PAUSED, f"paused at step {run.step}: {why}"
+            return {"state": PAUSED}
+        if command.kind == cmd.RESUME:
+            if run.status != PAUSED:
+                raise CommandError(f"the run is not paused (it is {run.status}); nothing to resume")
+            run.status, run.message = RUNNING, f"resumed at step {run.step}"
+            run._guard.reset()
+            run.remedy.person_resumed()
+            return {"state": RUNNING}
+        if command.kind == cmd.CHECKPOINT:
+            if run._at_last_boundary():  # the epoch's own checkpoint, of this step, answers it
+                run.snapshots.answer_at_epoch_end(pending["id"])
+            else:
+                run.snapshots.take_for_command(pending["id"])
+            return None
+        if command.kind == cmd.STOP:
+            if run._at_last_boundary():  # let the epoch end as usual; stop before the next one
+                run._stop_command, run._stop_reason = pending, run._stop_reason or "stop command"
+            else:
+                self.begin_stop(pending)
+            return None
+        if command.kind == cmd.ROLLBACK:
+            record = run.store.checkpoint(command.args["checkpoint"], must_exist=True)
+            assert record is not None
+            state = read_verified(run.run_dir / record["file"], record["sha256"])
+            self._check_fits(state, record)
+            run._rollback = PendingRollback(pending, record, state, hparams_at_cut=before,
+                                            branch_at_cut=run.branch, step_at_cut=run.step)
+            run._interrupt = Interrupt.ROLLBACK
+            return None
+        raise CommandError(f"unknown command {command.kind!r}")
+
+    def begin_stop(self, pending: dict[str, Any] | None) -> None:
+        """A stop is checkpointed here, at the step boundary, so that nothing the loop runs after
+        the cut (its evaluation, its lr anneal) reaches the final checkpoint."""
+        run = self.run
+        run._stop_job = run.snapshots.take(REASON_STOP, reuse_same_step=True)  # may refuse: nothing is set yet
+        run._stop_command = pending
+        run._interrupt = Interrupt.STOP
+
+    def _check_fits(self, state: dict[str, Any], record: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose tensors do not fit this model or optimizer before anything
+        is changed (loading it would fail half-way)."""
+        run = self.run
+        live = run.model.state_dict()
+        saved = state.get(KEY_MODEL) or {}
+        problems = sorted(set(live) ^ set(saved))[:3]
+        problems += [f"{name} {tuple(saved[name].shape)} vs {tuple(tensor.shape)} here" for name, tensor in live.items()
+                     if name in saved and hasattr(saved[name], "shape") and saved[name].shape != tensor.shape][:3]
+        groups = (state.get(KEY_OPTIMIZER) or {}).get("param_groups", [])
+        if [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in run.optimizer.param_groups]:
+            problems.append("the optimizer's parameter groups differ")
+        if problems:
+            raise CommandError(f"checkpoint #{record['id']} does not fit this model ({'; '.join(problems)}); "
+                                   "nothing was changed")
+
+    def restore_hparams(self, hparams: dict[str, Any]) -> None:
+        run = self.run
+        optim.restore_hparams(run.optimizer, hparams, run.scheduler)
+        run._tell("restore_hparams", hparams)
+
+    def _replay_command(self, applied: dict[str, Any]) -> None:
+        run = self.run
+        run._last_command_id = max(run._last_command_id, applied["id"])
+        value = applied["args"]["value"]
+        if applied["kind"] == cmd.SET_LR:
+            optim.set_lr(run.optimizer, value, run.scheduler)
+            run._tell("set_lr", value)
+        else:
+            optim.set_momentum(run.optimizer, value)
+            run._tell("set_momentum", value)
+        run._hparams.record(by=COMMAND)
+
+    def finish_rollback(self) -> None:
+        run = self.run
+        rollback = run._rollback
+        assert rollback is not None
+        run._rollback = None
+        run._interrupt = None
+        run._replay = []  # nudges of the old branch still waiting to be replayed stay there
+        pending, record = rollback.command, rollback.checkpoint
+        command = cmd.validate(pending["kind"], pending["args"])
+        before = rollback.hparams_at_cut
+        old_branch, old_step = rollback.branch_at_cut, rollback.step_at_cut
+        try:
+            run._resume.load_state(rollback.state, record)
+        except Exception as error:
+            # Checked to fit when applied; if loading still fails the model may be half-loaded:
+            # end this process (a restart resumes from the latest checkpoint) but never leave the
+            # command pending, or every restart would fail on it again.
+            run.store.finish_command(pending["id"], cmd.REJECTED, branch=old_branch, step=old_step,
+                                     reason=f"checkpoint #{record['id']} could not be loaded: {error}")
+            raise
+        if command.args["hparams"] == cmd.HPARAMS_CURRENT:
+            self.restore_hparams(before)
+        self.restore_hparams({k: command.args[k] for k in ("lr", "momentum") if k in command.args})
+        after = run.hparams
+        run.status = RUNNING
+        run.message = f"rolled back to checkpoint #{record['id']} (epoch {record['epoch']}, step {record['step']})"
+        run._guard.reset()
+        with run.store.transaction():  # one commit: the branch, its status, the event, the acknowledgement
+            run.branch = run.store.new_branch(
+                parent=record["branch"], from_checkpoint=record["id"], start_step=run.step,
+                start_epoch=run.epoch, hparams=after,
+            )
+            run.store.write_status(**run._status_fields(), heartbeat=time.time())
+            run.store.add_event("rollback", run.message + f" as branch {run.branch}", branch=run.branch,
+                                step=run.step, epoch=run.epoch,
+                                data={"from_branch": old_branch, "from_step": old_step, "checkpoint": record["id"],
+                                       "before": before, "after": after, "hparams": command.args["hparams"]})
+            run.store.finish_command(pending["id"], cmd.APPLIED, branch=old_branch, step=old_step, result={
+                "branch": run.branch, "epoch": run.epoch, "step": run.step, "checkpoint": record["id"],
+                "lr": after["lr"], "momentum": after["momentum"], "before": before,
+            })
+        run._hparams.record(force=True)
+
+    def finish_stop(self) -> None:
+        run = self.run
+        job = run._stop_job or run.snapshots.take(REASON_STOP, reuse_same_step=True)
+        run._final_hparams = job.meta["hparams"]
+        run.snapshots.wait()
+        pending = run._stop_command
+        if pending is not None:
+            result: dict[str, Any] = {"checkpoint": job.meta.get("id")}
+            if job.error is not None:
+                result = {"checkpoint": None, "warning": str(job.error)}
+            run.store.finish_command(pending["id"], cmd.APPLIED, branch=run.branch, step=run.step, result=result)
+        why = f" ({run._stop_reason})" if run._stop_reason and run._stop_reason != "stop command" else ""
+        run._finish(STOPPED, f"stopped at step {run.step}{why} with a final checkpoint")
+
+    def expire_stale(self) -> None:
+        run = self.run
+        if run.store.get_meta("config") is None:
+            run.store.set_meta("config", run.config)
+        for pending in run.store.pending_commands():
+            self._expired(pending)
+
+    def _expired(self, pending: dict[str, Any]) -> bool:
+        """Expire a command that waited too long (its trainer died or froze); True if it did."""
+        run = self.run
+        if time.time() - pending["created"] <= PENDING_COMMAND_TTL_S:
+            return False
+        run.store.finish_command(
+            pending["id"], cmd.EXPIRED, branch=run.branch, step=run.step,
+            reason=f"no trainer applied it within {PENDING_COMMAND_TTL_S:.0f} s; send it again",
+        )
+        return True
