@@ -119,7 +119,8 @@ class Ranks:
         finally:
             self._in_meeting = False
             # Sent on errors too, or the followers would wait for it until their collectives time out.
-            self._broadcast(("done", _picklable(result), run.branch, run.status, run.message, run._interrupt))
+            self._broadcast(("done", _picklable(result), run.branch, run.status, run.message, run._interrupt,
+                             run._ended))
         return result
 
     def follow(self, run: "Run") -> Any:
@@ -128,7 +129,7 @@ class Ranks:
             op = self._broadcast()
             kind = op[0]
             if kind == "done":
-                _, result, run.branch, run.status, run.message, run._interrupt = op
+                _, result, run.branch, run.status, run.message, run._interrupt, run._ended = op
                 return result
             if kind == "set_lr":
                 optim.set_lr(run.optimizer, op[1], run.scheduler)
@@ -143,10 +144,15 @@ class Ranks:
                 run.position.end_epoch(self._handed_in[KEY_RNG])
             elif kind == "load":
                 self.load(run, op[1])
-            elif kind == "close":
-                run.close()
             elif kind != "ping":
                 raise RuntimeError(f"babysit: rank {self.rank} was told {kind!r}, which it does not know")
+
+    def leave(self) -> None:
+        """The run is closed: release babysit's group now, in order, rather than at interpreter
+        exit (where gloo's threads may be torn down after what they use, and abort the process)."""
+        if self.group is not None:
+            group, self.group = self.group, None
+            self._dist.destroy_process_group(group)
 
     # -- snapshots: what differs between ranks -------------------------------------------------
     def gather_for_snapshot(self, run: "Run") -> list[dict[str, Any] | None]:

@@ -141,6 +141,7 @@ class Run:
         self._resumed_last_command: int | None = 0  # the resumed checkpoint's; None if it has none
         self._wake = True                         # look at the queue before the first batch
         self._closed = False
+        self._ended = False                       # finished or stopped: close once the ranks have met
         self._restore_signals: Any = None
         self._hparams = HparamWatch(self)
 
@@ -289,7 +290,10 @@ class Run:
     def _meet(self, body: Any) -> Any:
         """Run ``body`` here, or, under torch.distributed, on the leader while the followers
         carry out what it tells them."""
-        return body() if self._ranks is None else self._ranks.meet(self, body)
+        result = body() if self._ranks is None else self._ranks.meet(self, body)
+        if self._ended and not self._closed:
+            self.close()
+        return result
 
     def _tell(self, *op: Any) -> None:
         if self._ranks is not None:
@@ -415,6 +419,8 @@ class Run:
         if self._closed:
             return
         self._closed = True
+        if self._ranks is not None:
+            self._ranks.leave()
         if self._follows:
             self._release_signals()
             return
@@ -468,8 +474,7 @@ class Run:
         self.snapshots.answer_waiting()
         self.status, self.message = status, message
         self.store.add_event(status, message, branch=self.branch, step=self.step, epoch=self.epoch)
-        self._tell("close")
-        self.close()
+        self._ended = True  # closed as the meeting ends (see _meet): every rank, after its last collective
 
     # -- writer-thread callbacks --------------------------------------------------------------
     def _status_fields(self) -> dict[str, Any]:

@@ -202,7 +202,8 @@ def test_a_signal_to_one_rank_stops_the_whole_job_with_a_final_checkpoint(tmp_pa
     store = job.store()
     status, last = store.status(), store.checkpoints()[-1]
     assert status["state"] == "stopped" and "a signal on another rank" in status["message"]
-    assert last["reason"] == "stop" and 10 <= last["step"] == status["step"] <= 10 + MAX_INTERVAL
+    # (A stop that lands at an epoch's last step is answered by that epoch's own checkpoint.)
+    assert last["reason"] in ("stop", "epoch") and 10 <= last["step"] == status["step"] <= 10 + MAX_INTERVAL
     assert [json.loads((job.record / f"end-rank{r}.json").read_text())["status"] for r in (0, 1)] == ["stopped"] * 2
 
 
