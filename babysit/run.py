@@ -240,9 +240,7 @@ class Run:
         restore_signals = None if self._restore_signals else self._install_signals()
         try:
             while self.position.next_epoch <= max_epochs:
-                if self._stop_reason is not None:  # Ctrl-C or request_stop() between two epochs
-                    self._interrupt = Interrupt.STOP
-                    self._finish_stop()
+                if self.stop_if_requested():  # Ctrl-C or request_stop() between two epochs
                     return
                 self.begin_epoch()
                 try:
@@ -289,6 +287,15 @@ class Run:
     def finish(self) -> None:
         """The loop trained all its epochs: the run is finished (the last epoch's checkpoint is its end)."""
         self._finish(FINISHED, f"finished {self.max_epochs} epochs" if self.max_epochs else f"finished at step {self.step}")
+
+    def stop_if_requested(self) -> bool:
+        """Between two epochs: carry out a stop that waited for the epoch's end (a stop command at
+        its last boundary, Ctrl-C): the final checkpoint, then the run ends. True if it stopped."""
+        if self._stop_reason is None:
+            return False
+        self._interrupt = Interrupt.STOP
+        self._finish_stop()
+        return True
 
     def _left_epochs(self) -> None:
         """The loop broke out of ``run.epochs`` (or an error did): say so, write nothing — the
