@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -208,3 +209,30 @@ def test_a_bare_trainer_train_says_how_to_resume(tmp_path: Path) -> None:
     result = babysit.hf.train(trainer)
     assert result.global_step == 32
     assert [c["step"] for c in RunStore(tmp_path / "run").checkpoints()] == [16, 32]
+
+
+def readme_example() -> str:
+    section = (REPO / "README.md").read_text().split("### Hugging Face Trainer", 1)[1].split("\n### ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_example_trains_and_resumes(tmp_path: Path) -> None:
+    example = readme_example()
+    assert "babysit.hf.BabysitCallback(" in example and "babysit.hf.train(trainer)" in example
+    script = tmp_path / "train.py"
+    script.write_text("import sys\nimport torch\ntorch.set_num_threads(1)\n"
+                      + example.replace("num_train_epochs=20", "num_train_epochs=int(sys.argv[1])"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    for epochs in (1, 2):
+        done = subprocess.run([sys.executable, str(script), str(epochs)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+    store = RunStore(tmp_path / "checkpoints" / "my-hf-run")
+    steps_per_epoch = 448 // 8  # the Trainer's default batch size
+    assert [(c["epoch"], c["step"]) for c in store.checkpoints()] == [(1, steps_per_epoch), (2, 2 * steps_per_epoch)]
+    assert all("eval_loss" in c["metrics"] for c in store.checkpoints())
+    assert store.status()["state"] == "finished"
+    assert [e["kind"] for e in store.events()].count("resume") == 1
+    losses = next(s for s in store.series() if s.name == "loss")
+    steps, _, _ = store.chunk_points(losses.id)
+    assert steps.tolist() == list(range(1, 2 * steps_per_epoch + 1))
