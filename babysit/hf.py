@@ -87,6 +87,10 @@ class RestartNeeded(RuntimeError):
     ``babysit.hf.train`` does that; a bare ``trainer.train()`` cannot, and raises this."""
 
 
+class _Stopped(Exception):
+    """The run stopped before the Trainer's next step (its final checkpoint is written)."""
+
+
 class _AlreadyTrained(Exception):
     """The resumed run had trained all its steps: nothing is left to train."""
 
@@ -152,12 +156,18 @@ class BabysitCallback(TrainerCallback):
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._epoch_open and self._end_epoch():
-            control.should_training_stop = True  # stopped between epochs (Ctrl-C during the evaluation)
+            self._stopped_before_a_step(control)  # stopped between epochs (Ctrl-C during the evaluation)
             return
         if self._ended:
             return
         self.run.begin_epoch()
         self._epoch_open = True
+        # What was queued during the evaluation (or before the trainer started), and nudges to
+        # replay at this very step, are applied before the epoch's first step, as run.batches does.
+        self._cut = self.run.step_boundary()
+        if self._cut is not None:
+            self._carry_out_cut(state)
+            self._stopped_before_a_step(control)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._ended:
@@ -204,16 +214,7 @@ class BabysitCallback(TrainerCallback):
         if self._cut is None or self._ended:
             return
         control.should_evaluate = control.should_save = control.should_log = False
-        cut, self._cut = self._cut, None
-        run = self.run
-        self._epoch_open = False
-        run.end_epoch()  # a stop: its final checkpoint, the run ends; a rollback: the checkpoint is loaded
-        if cut is Interrupt.STOP:
-            self._ended = True
-            self._put_signals_back()
-            return
-        self._restart(state, f"babysit rolled the run in {str(self.run_dir)!r} back to step {run.step} "
-                             f"(epoch {run.position.next_epoch}) as branch {run.branch}")
+        self._carry_out_cut(state)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._ended or self.run is None:
@@ -225,6 +226,27 @@ class BabysitCallback(TrainerCallback):
         self._put_signals_back()
 
     # -- the pieces ----------------------------------------------------------------------------
+    def _carry_out_cut(self, state: TrainerState) -> None:
+        """A stop: its final checkpoint, the run ends. A rollback: the checkpoint is loaded and the
+        Trainer's loop starts again from it (this train() call ends here)."""
+        cut, self._cut = self._cut, None
+        run = self.run
+        self._epoch_open = False
+        run.end_epoch()
+        if cut is Interrupt.STOP:
+            self._ended = True
+            self._put_signals_back()
+            return
+        self._restart(state, f"babysit rolled the run in {str(self.run_dir)!r} back to step {run.step} "
+                             f"(epoch {run.position.next_epoch}) as branch {run.branch}")
+
+    def _stopped_before_a_step(self, control: TrainerControl) -> None:
+        """The run stopped where the Trainer is about to train a step that it cannot be kept from:
+        ``babysit.hf.train`` ends the train() call here; a bare train() trains that one step, which
+        no checkpoint and no chart will see."""
+        control.should_training_stop = True
+        if self._driven:
+            raise _Stopped
     def _end_epoch(self) -> bool:
         """Checkpoint the epoch (its evaluation included); carry out a stop that waited for its
         end. True if the run has ended."""
@@ -350,7 +372,9 @@ def train(trainer: Any, **train_kwargs: Any) -> TrainOutput:
                 continue
             except _AlreadyTrained as done:
                 log.info("babysit: %s", done)
-                return TrainOutput(callback.run.step if callback.run else 0, math.nan, {})
+                return TrainOutput(callback.run.step, math.nan, {})
+            except _Stopped:
+                return TrainOutput(callback.run.step, math.nan, {})
     except BaseException as error:
         callback._crashed(error)
         raise

@@ -236,3 +236,48 @@ def test_the_readme_example_trains_and_resumes(tmp_path: Path) -> None:
     losses = next(s for s in store.series() if s.name == "loss")
     steps, _, _ = store.chunk_points(losses.id)
     assert steps.tolist() == list(range(1, 2 * steps_per_epoch + 1))
+
+
+def test_a_stop_at_an_epochs_last_step_lets_the_epoch_end_and_its_checkpoint_is_the_final_one(tmp_path: Path) -> None:
+    """In process: a "checkpoint now" and a stop queued at the last step of epoch 1 are answered
+    by the epoch's own checkpoint (taken after its evaluation); the run then resumes at epoch 2."""
+    from transformers import TrainerCallback
+
+    import babysit.hf
+    from tests import hf_script
+
+    torch.set_num_threads(1)
+    run_dir = tmp_path / "run"
+    queued: dict[str, int] = {}
+
+    class AtTheLastStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == STEPS_PER_EPOCH:
+                store = RunStore(run_dir)
+                queued["checkpoint"] = store.enqueue_command(cmd.CHECKPOINT, source="test")
+                queued["stop"] = store.enqueue_command(cmd.STOP, source="test")
+
+    trainer, _ = hf_script.make_trainer(str(run_dir), epochs=3, extra=[AtTheLastStep()])
+    result = babysit.hf.train(trainer)
+    assert result.global_step == STEPS_PER_EPOCH
+    store = RunStore(run_dir)
+    [epoch_1] = store.checkpoints()
+    assert (epoch_1["step"], epoch_1["reason"]) == (STEPS_PER_EPOCH, "epoch") and "eval_loss" in epoch_1["metrics"]
+    for kind in ("checkpoint", "stop"):
+        row = store.command(queued[kind])
+        assert (row["state"], row["step"], row["result"]["checkpoint"]) == (cmd.APPLIED, STEPS_PER_EPOCH, epoch_1["id"])
+    assert store.status()["state"] == "stopped"
+
+    # A stop queued while no trainer runs is applied before the resumed run's first step: not one
+    # step is trained after it (the weights are the checkpoint's).
+    stop = store.enqueue_command(cmd.STOP, source="test", require_live=False)
+    trainer, _ = hf_script.make_trainer(str(run_dir), epochs=3)
+    assert babysit.hf.train(trainer).global_step == STEPS_PER_EPOCH
+    assert store.command(stop)["state"] == cmd.APPLIED and store.status()["state"] == "stopped"
+    saved = read_verified(run_dir / epoch_1["file"], epoch_1["sha256"])[KEY_MODEL]
+    assert same(trainer.model.state_dict(), saved)
+
+    trainer, _ = hf_script.make_trainer(str(run_dir), epochs=3)
+    assert babysit.hf.train(trainer).global_step == 3 * STEPS_PER_EPOCH
+    assert [c["step"] for c in RunStore(run_dir).checkpoints() if c["reason"] == "epoch"] == [16, 32, 48]
+    assert RunStore(run_dir).status()["state"] == "finished"
