@@ -16,7 +16,9 @@ How the Trainer's hooks drive :class:`babysit.Run` (the same pieces ``run.epochs
 - ``on_step_begin`` counts the step; ``on_step_end`` — after the optimizer and scheduler stepped —
   is the step boundary: queued commands are applied there, a pause waits there, and a stop or a
   rollback cuts the run there (``control.should_training_stop``; the cut step's evaluation and
-  save are cancelled, its loss is still logged).
+  save are cancelled, its loss is still logged; the cut is carried out in ``on_epoch_end``).
+  ``on_epoch_begin`` is a step boundary too, before the epoch's first step (what was queued during
+  the evaluation); a stop there ends ``babysit.hf.train`` before the Trainer trains that step.
 - ``on_log`` records what the Trainer logs (``loss``, ``grad_norm``, …; ``logging_steps=1`` gives
   a point per step), ``on_evaluate`` the evaluation metrics (``run.log_epoch``).
 - An epoch is checkpointed when the next one begins (or training ends), so the evaluation the
@@ -43,6 +45,11 @@ the seed and the epoch, so a resumed run (after kill -9, a stop, or "checkpoint 
 batches in the same order, and the random generators (dropout) are put back as they were at the
 checkpoint: on CPU the losses and weights match a run that was never interrupted. A rollback
 continues on a new branch from the checkpoint's epoch and batch, with its data order.
+
+The Trainer has no hook between fetching a batch and training on it, and looks at
+``should_training_stop`` only after a step. So where a rollback, a resume or a stop must end a
+train() call before its next step, the callback raises an exception that ``babysit.hf.train``
+catches (a bare ``trainer.train()`` gets :class:`RestartNeeded`, which says what to do).
 
 Under torchrun every rank makes the same callback and Run (babysit's Run decides what each rank
 does); nothing here looks at the rank.
@@ -247,6 +254,7 @@ class BabysitCallback(TrainerCallback):
         control.should_training_stop = True
         if self._driven:
             raise _Stopped
+
     def _end_epoch(self) -> bool:
         """Checkpoint the epoch (its evaluation included); carry out a stop that waited for its
         end. True if the run has ended."""
