@@ -281,3 +281,36 @@ def test_a_stop_at_an_epochs_last_step_lets_the_epoch_end_and_its_checkpoint_is_
     assert babysit.hf.train(trainer).global_step == 3 * STEPS_PER_EPOCH
     assert [c["step"] for c in RunStore(run_dir).checkpoints() if c["reason"] == "epoch"] == [16, 32, 48]
     assert RunStore(run_dir).status()["state"] == "finished"
+
+
+def test_a_resume_inside_an_epoch_with_gradient_accumulation_matches_a_run_never_interrupted(tmp_path: Path) -> None:
+    """In process: SIGTERM at step 5 of 8 (two batches a step) stops there with a final
+    checkpoint; the resumed run ends with the very weights of a run that was never stopped."""
+    import signal
+
+    from transformers import TrainerCallback
+
+    import babysit.hf
+    from tests import hf_script
+
+    torch.set_num_threads(1)
+
+    class TermAt5(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == 5:
+                signal.raise_signal(signal.SIGTERM)  # as `kill` does: a stop at this step's boundary
+
+    reference, _ = hf_script.make_trainer(str(tmp_path / "reference"), epochs=2, accumulation=2)
+    babysit.hf.train(reference)
+
+    run_dir = tmp_path / "run"
+    trainer, _ = hf_script.make_trainer(str(run_dir), epochs=2, accumulation=2, extra=[TermAt5()])
+    assert babysit.hf.train(trainer).global_step == 5
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back once the run ended
+    last = RunStore(run_dir).checkpoints()[-1]
+    assert (last["step"], last["step_in_epoch"], last["reason"]) == (5, 5, "stop")
+    assert "SIGTERM" in RunStore(run_dir).status()["message"]
+
+    trainer, _ = hf_script.make_trainer(str(run_dir), epochs=2, accumulation=2)
+    assert babysit.hf.train(trainer).global_step == 16
+    assert same(trainer.model.state_dict(), reference.model.state_dict())
