@@ -64,6 +64,11 @@ class ResumePosition:
         """Resuming inside an epoch: skip the batches already trained, then restore the RNG."""
         for _ in range(self.skip_batches):
             next(batches)
+        self.batches_skipped()
+
+    def batches_skipped(self) -> None:
+        """The batches already trained are skipped (by ``skip_trained``, or by a framework's own
+        loader when it resumes): put the generators back as they were at the cut."""
         self.skip_batches = 0
         if self.rng_after_skip is not None:
             set_rng_state(self.rng_after_skip)

@@ -233,7 +233,7 @@ class Run:
         restore_signals = None if self._restore_signals else self._install_signals()
         try:
             while self.position.next_epoch <= max_epochs:
-                if self._meet(self._stop_between_epochs):
+                if self.stop_if_requested():  # Ctrl-C or request_stop() between two epochs
                     return
                 self.begin_epoch()
                 try:
@@ -318,6 +318,11 @@ class Run:
         self._interrupt = Interrupt.STOP
         self._commands.finish_stop()
         return True
+
+    def stop_if_requested(self) -> bool:
+        """Between two epochs: carry out a stop that waited for the epoch's end (a stop command at
+        its last boundary, Ctrl-C): the final checkpoint, then the run ends. True if it stopped."""
+        return bool(self._meet(self._stop_between_epochs))
 
     def _left_epochs(self) -> None:
         """The loop broke out of ``run.epochs`` (or an error did): say so, write nothing — the
