@@ -43,6 +43,9 @@ class ForTheTests(TrainerCallback):
     def __init__(self, babysat: babysit.hf.BabysitCallback, record: Path, dump_at: set[int],
                  pause_at: set[tuple[int, int]]) -> None:
         self.babysat, self.dump_at, self.pause_at = babysat, dump_at, pause_at
+        self.rank = int(os.environ.get("RANK", "0"))  # under torchrun: each rank keeps its own record
+        if self.rank:
+            record = record.with_name(f"{record.stem}-rank{self.rank}{record.suffix}")
         self.record = open(record, "a")
         self.weights_stem = str(record.with_suffix(""))
 
@@ -63,7 +66,8 @@ class ForTheTests(TrainerCallback):
             torch.save(model.state_dict(), f"{self.weights_stem}-b{run.branch}-s{step}.pt")
         if (run.branch, step) in self.pause_at:  # applied at this step's boundary, like a person's click
             self.pause_at.discard((run.branch, step))
-            RunStore(run.run_dir).enqueue_command(cmd.PAUSE, {"reason": f"the script, at step {step}"}, source="script")
+            if self.rank == 0:  # one person, one click
+                RunStore(run.run_dir).enqueue_command(cmd.PAUSE, {"reason": f"the script, at step {step}"}, source="script")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:

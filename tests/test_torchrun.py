@@ -228,3 +228,54 @@ def test_the_readme_torchrun_example_trains_checkpoints_once_and_resumes(tmp_pat
     torchrun(3)  # resumes after epoch 2 on both ranks, trains epoch 3 only
     assert [c["epoch"] for c in store.checkpoints()] == [1, 2, 3]
     assert [e["kind"] for e in store.events() if e["kind"] in ("start", "resume")] == ["start", "resume"]
+
+
+def test_the_hugging_face_trainer_under_torchrun_obeys_on_every_rank(tmp_path: Path) -> None:
+    """babysit.hf's callback under torchrun (DDP, gloo): the same Run on every rank, so a nudge
+    sent while paused reaches both ranks' optimizers at the same step, through the schedule."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from tests.hf_script import WARMUP_STEPS
+
+    run_dir, record = tmp_path / "hf", tmp_path / "hf.jsonl"
+    with open(tmp_path / "hf.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(REPO / "tests" / "hf_script.py"), "--run-dir", str(run_dir), "--epochs", "2", "--record", str(record),
+             "--pause-at", "1:5"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+    try:
+        store = wait_for(lambda: (run_dir / "run.db").exists() and RunStore(run_dir), timeout=240, what="the store")
+        wait_for(lambda: store.status()["state"] == "paused", timeout=240, what="the pause")
+        paused = store.status()["step"]
+        result = babysit_cli("set", "lr", "0.001", "--run-dir", str(run_dir), "--wait", "--timeout", "120", timeout=180)
+        assert result.returncode == 0, result.stderr
+        result = babysit_cli("checkpoint", "--run-dir", str(run_dir), "--wait", "--timeout", "120", timeout=180)
+        assert result.returncode == 0, result.stderr
+        cut = store.checkpoints()[-1]
+        saved = read_verified(run_dir / cut["file"], cut["sha256"])
+        assert cut["step"] == paused and saved[KEY_RANKS][1] is not None  # rank 1's own generators in it
+        assert babysit_cli("resume", "--run-dir", str(run_dir), "--wait").returncode == 0
+        assert process.wait(timeout=300) == 0, (tmp_path / "hf.log").read_text()
+    finally:
+        if process.poll() is None:
+            for pid in _with_descendants(process.pid):
+                _kill_9(pid)
+
+    def lrs(path: Path) -> dict[int, float]:
+        return {r["step"]: r["lr"] for r in map(json.loads, path.read_text().splitlines()) if r["event"] == "step"}
+
+    rank0, rank1 = lrs(record), lrs(tmp_path / "hf-rank1.jsonl")
+    assert rank0 == rank1 and sorted(rank0) == list(range(1, 17))  # 2 epochs of 8 steps per rank
+    # The schedule as it would have run, against the nudged one: from the nudge on, the ratio is
+    # the nudge's (0.001 over the lr it replaced), so the schedule's next steps did not undo it.
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=3e-3)
+    schedule = get_linear_schedule_with_warmup(optimizer, WARMUP_STEPS, 16)
+    planned = {}
+    for step in range(1, 17):
+        planned[step] = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        schedule.step()
+    assert all(rank0[s] == planned[s] for s in range(1, paused + 1))
+    ratio = 0.001 / planned[paused + 1]
+    assert all(abs(rank0[s] - planned[s] * ratio) <= 1e-12 for s in range(paused + 1, 16))
