@@ -213,11 +213,7 @@ class Snapshots:
         run = self.run
         if run.keep_last is None:
             return
-        keep_origins = {b["from_checkpoint"] for b in run.store.branches() if b["from_checkpoint"]}
-        listed = run.store.checkpoints()
-        for old in listed[: max(0, len(listed) - run.keep_last)]:
-            if old["id"] in keep_origins:
-                continue
+        for old in run.store.checkpoints_to_retire(run.keep_last):
             unlink_in(run.run_dir, old["file"])
             run.store.mark_checkpoint_deleted(old["id"])
 

@@ -1,0 +1,110 @@
+"""The run database's names and schema: file names, states, the tables, and where runs are."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+DB_NAME = "run.db"
+NEW = "new"   # the state of a run directory no trainer has written a status to yet
+DB_FILES = (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", DB_NAME + "-journal")
+SIGNAL_NAME = "commands.signal"
+LOG_NAME = "trainer.log"
+SCHEMA_VERSION = 1
+CHUNK_POINTS = 256
+# A trainer writes its heartbeat several times a second; after this long without one it is
+# shown as "not responding" and new commands are refused.
+HEARTBEAT_STALE_S = 10.0
+
+RUNNING = "running"
+PAUSED = "paused"
+FINISHED = "finished"
+STOPPED = "stopped"
+CRASHED = "crashed"
+NOT_RESPONDING = "not responding"
+LIVE_STATES = (RUNNING, PAUSED)
+
+PER_STEP = "step"
+PER_EPOCH = "epoch"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS status (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    state TEXT NOT NULL, pid INTEGER, host TEXT, heartbeat REAL, started REAL,
+    epoch INTEGER, step INTEGER, step_in_epoch INTEGER, steps_per_epoch INTEGER,
+    max_epochs INTEGER, branch INTEGER, lr REAL, momentum REAL, optimizer TEXT, message TEXT,
+    items_per_step INTEGER, item_unit TEXT
+);
+CREATE TABLE IF NOT EXISTS branches (
+    id INTEGER PRIMARY KEY, parent INTEGER, from_checkpoint INTEGER,
+    start_step INTEGER NOT NULL, start_epoch INTEGER NOT NULL, created REAL NOT NULL,
+    hparams TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL, branch INTEGER NOT NULL, per TEXT NOT NULL,
+    segment INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (name, branch, per, segment)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    series INTEGER NOT NULL, first_step INTEGER NOT NULL, last_step INTEGER NOT NULL,
+    n INTEGER NOT NULL, vmin REAL, vmax REAL, vsum REAL, min_step INTEGER, max_step INTEGER,
+    first_wall REAL NOT NULL, last_wall REAL NOT NULL,
+    steps BLOB NOT NULL, vals BLOB NOT NULL, walls BLOB NOT NULL,
+    PRIMARY KEY (series, first_step)
+) WITHOUT ROWID;
+-- The summaries alone, so that drawing a long run reads this index and none of the packed points.
+CREATE INDEX IF NOT EXISTS chunk_summaries ON chunks (
+    series, first_step, last_step, n, vmin, vmax, vsum, min_step, max_step, first_wall, last_wall
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, wall REAL NOT NULL, branch INTEGER, step INTEGER, epoch INTEGER,
+    kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS commands (
+    id INTEGER PRIMARY KEY, created REAL NOT NULL, source TEXT NOT NULL, kind TEXT NOT NULL,
+    args TEXT NOT NULL, state TEXT NOT NULL, branch INTEGER, step INTEGER, done_at REAL,
+    result TEXT, reason TEXT
+);
+CREATE INDEX IF NOT EXISTS commands_pending ON commands (state, id);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id INTEGER PRIMARY KEY, created REAL NOT NULL, branch INTEGER NOT NULL, epoch INTEGER NOT NULL,
+    step INTEGER NOT NULL, step_in_epoch INTEGER NOT NULL, file TEXT NOT NULL, sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL, hparams TEXT NOT NULL, metrics TEXT NOT NULL, reason TEXT NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    branch INTEGER NOT NULL, epoch INTEGER NOT NULL, end_step INTEGER NOT NULL, wall REAL NOT NULL,
+    PRIMARY KEY (branch, epoch)
+);
+"""
+
+
+# Status columns added after schema version 1 was first written; a trainer adds them to older runs.
+STATUS_ADDED_COLUMNS = {"items_per_step": "INTEGER", "item_unit": "TEXT"}
+
+
+def add_missing_columns(connection: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
+    present = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+    for name, kind in columns.items():
+        if name not in present:
+            connection.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+
+def is_run_dir(path: Path | str) -> bool:
+    return (Path(path) / DB_NAME).is_file()
+
+
+def list_runs(root: Path | str) -> list[Path]:
+    """Run directories directly under ``root`` (or ``root`` itself), newest activity first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [root] if is_run_dir(root) else []
+    found += [p for p in root.iterdir() if p.is_dir() and is_run_dir(p)]
+    return sorted(found, key=lambda p: (p / DB_NAME).stat().st_mtime, reverse=True)
+
+
+def now() -> float:
+    return time.time()
