@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from tests.conftest import REPO
 
 PACKAGE = REPO / "babysit"
