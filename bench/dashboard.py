@@ -9,16 +9,10 @@ per-step series: loss with injected spikes and dips, lr, momentum) and cached un
 worker ...``) so that its memory is that of one dashboard reading one run; the sizes' processes
 are interleaved, round after round.
 
-Two data layers are measured side by side, each in its own reader processes:
-
-- ``bench``: :func:`read_window`, a stand-in written against the store's ``chunk_summaries`` /
-  ``chunk_points`` with a min/max-per-bucket numpy downsampler, and one ``go.Scattergl`` per
-  series serialised with ``fig.to_json()``. THE ONE FUNCTION TO SWITCH, should the dashboard's
-  data layer move or be renamed, is :func:`read_window`.
-- ``babysit``: the dashboard's own code, exactly as ``babysit/ui/page.py: chart`` runs it:
-  ``babysit.ui.data.read_view`` (every series, markers, branches, epochs), then
-  ``babysit.ui.figures.build_figure``, then ``babysit.ui.live_chart.figure_json`` (the payload
-  sent to the browser).
+What is timed is the dashboard's own code, exactly as ``babysit/ui/page.py: chart`` runs it:
+``babysit.ui.data.read_view`` (every series, markers, branches, epochs), then
+``babysit.ui.figures.build_figure``, then ``babysit.ui.live_chart.figure_json`` (the payload sent
+to the browser). :func:`refresh` is the one place that names them.
 """
 
 from __future__ import annotations
@@ -38,98 +32,10 @@ from .common import REPO, summarize
 
 DB_VERSION = 2                  # bump when the generated data changes
 MAX_POINTS = 5_000              # per trace, the target
-RAW_POINTS_LIMIT = 262_144      # windows with more points than this (1 024 chunks) are drawn from chunk summaries
 TAIL_STEPS = 10_000             # the "live" view: the last 10 k steps
 NEW_ROWS_STEPS = 500            # an incremental refresh: what ~1 s of training adds
 SERIES = ("loss", "lr", "momentum")
-DATA_LAYERS = ("bench", "babysit")
 N_SPIKES, N_DIPS = 20, 10
-
-
-# -- the data function under test ----------------------------------------------------------------
-def read_window(store: Any, series: int, lo: float | None, hi: float | None, max_points: int = MAX_POINTS
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of ``series`` in [lo, hi], at most ``max_points`` of them, spikes kept.
-
-    SWITCH HERE to measure the dashboard's real data layer, e.g.::
-
-        from babysit.ui.data import series_window          # whatever it ends up being called
-        return series_window(store, series, lo, hi, max_points)
-    """
-    return bench_read_window(store, series, lo, hi, max_points)
-
-
-def bench_read_window(store: Any, series: int, lo: float | None, hi: float | None, max_points: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    summaries = store.chunk_summaries(series, lo, hi)
-    if len(summaries) == 0:
-        return np.empty(0, dtype=np.int64), np.empty(0)
-    if summaries[:, 2].sum() <= RAW_POINTS_LIMIT:
-        steps, values, _walls = store.chunk_points(series, lo, hi)
-        keep = np.ones(len(steps), dtype=bool)
-        if lo is not None:
-            keep &= steps >= lo
-        if hi is not None:
-            keep &= steps <= hi
-        return minmax_downsample(steps[keep], values[keep], max_points)
-    return summary_downsample(summaries, lo, hi, max_points)
-
-
-def _bucket_extremes(low: np.ndarray, high: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the minimum of ``low`` and the maximum of ``high`` in each of ``buckets``
-    equal runs of consecutive elements (non-finite values never win unless a bucket has nothing else)."""
-    n = len(low)
-    size = -(-n // buckets)
-    pad = buckets * size - n
-    low = np.where(np.isfinite(low), low, np.inf)
-    high = np.where(np.isfinite(high), high, -np.inf)
-    if pad:
-        low = np.concatenate([low, np.full(pad, np.inf)])
-        high = np.concatenate([high, np.full(pad, -np.inf)])
-    base = np.arange(buckets) * size
-    i_min = low.reshape(buckets, size).argmin(axis=1) + base
-    i_max = high.reshape(buckets, size).argmax(axis=1) + base
-    return i_min[i_min < n], i_max[i_max < n]
-
-
-def minmax_downsample(steps: np.ndarray, values: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the minimum and the maximum of each of ``max_points // 2`` buckets, in step order."""
-    if len(steps) <= max_points:
-        return steps, values
-    i_min, i_max = _bucket_extremes(values, values, max_points // 2)
-    idx = np.unique(np.concatenate([i_min, i_max]))
-    return steps[idx], values[idx]
-
-
-def summary_downsample(summaries: np.ndarray, lo: float | None, hi: float | None, max_points: int
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """The same from chunk summaries alone: each chunk's (min_step, vmin) and (max_step, vmax),
-    merged over runs of consecutive chunks when there are more than ``max_points // 2`` chunks.
-    Extremes of the edge chunks that fall outside [lo, hi] are dropped."""
-    vmin, vmax = summaries[:, 3], summaries[:, 4]
-    min_step, max_step = summaries[:, 6], summaries[:, 7]
-    buckets = min(len(summaries), max_points // 2)
-    i_min, i_max = _bucket_extremes(vmin, vmax, buckets)
-    steps = np.concatenate([min_step[i_min], max_step[i_max]])
-    values = np.concatenate([vmin[i_min], vmax[i_max]])
-    ok = np.isfinite(steps)
-    if lo is not None:
-        ok &= steps >= lo
-    if hi is not None:
-        ok &= steps <= hi
-    steps, values = steps[ok], values[ok]
-    order = np.argsort(steps, kind="stable")
-    steps, values = steps[order].astype(np.int64), values[order]
-    first = np.ones(len(steps), dtype=bool)
-    first[1:] = steps[1:] != steps[:-1]   # a chunk whose min and max are one point
-    return steps[first], values[first]
-
-
-def build_figure(traces: dict[str, tuple[np.ndarray, np.ndarray]]) -> Any:
-    """A stand-in for the dashboard's figure builder: one WebGL line per series."""
-    import plotly.graph_objects as go
-
-    return go.Figure([go.Scattergl(x=s, y=v, name=name, mode="lines") for name, (s, v) in traces.items()])
 
 
 # -- run databases --------------------------------------------------------------------------------
@@ -206,35 +112,27 @@ def _peak_mb() -> float:
     return float("nan")
 
 
-def _bench_refresh(store: Any, ids: dict[str, int], lo: float | None, hi: float | None, max_points: int
-                   ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], Callable[[], Any], Callable[[Any], str]]:
-    traces = {name: read_window(store, ids[name], lo, hi, max_points) for name in SERIES}
-    return traces, lambda: build_figure(traces), lambda fig: fig.to_json()
-
-
-def _babysit_refresh(store: Any, ids: dict[str, int], lo: float | None, hi: float | None, max_points: int
-                     ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], Callable[[], Any], Callable[[Any], str]]:
+def refresh(store: Any, lo: float | None, hi: float | None, max_points: int
+            ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], Callable[[], Any], Callable[[Any], str]]:
+    """One refresh of the chart as the page makes it: the traces read (for the checks), and the
+    figure builder and serialiser to time after the read."""
     from babysit.ui.data import read_view
-    from babysit.ui.figures import ChartOptions, build_figure as babysit_figure
+    from babysit.ui.figures import ChartOptions, build_figure
     from babysit.ui.live_chart import figure_json
 
     view = read_view(store, store.status(), lo, hi, max_points)
     traces = {w.name: (w.steps, w.values) for w in view.windows if not w.superseded}
-    return traces, lambda: babysit_figure(view, ChartOptions()), figure_json
+    return traces, lambda: build_figure(view, ChartOptions()), figure_json
 
 
-def worker(path: Path, reps: int, max_points: int, data: str = "bench") -> dict[str, Any]:
-    import plotly.graph_objects  # noqa: F401  (imported before the baseline, as a dashboard has it)
-
+def worker(path: Path, reps: int, max_points: int) -> dict[str, Any]:
+    # Imported before the baseline, as a dashboard has them: streamlit, the chart component, plotly.
     from babysit.store import RunStore
+    from babysit.ui.live_chart import figure_json
 
-    refresh = _babysit_refresh if data == "babysit" else _bench_refresh
-    if data == "babysit":
-        import babysit.ui.live_chart  # noqa: F401  (streamlit and the component, as the dashboard has them)
     info = json.loads((path / "bench-data.json").read_text())
     n = info["n_steps"]
-    warm = build_figure({"w": (np.arange(3), np.arange(3.0))}).to_json()  # plotly's lazy imports
-    del warm
+    figure_json({"data": [{"x": np.arange(3), "y": np.arange(3.0)}], "layout": {}})  # plotly's lazy imports
     rss_base = _rss_mb()
     t_open = time.perf_counter()
     store = RunStore(path)
@@ -250,7 +148,7 @@ def worker(path: Path, reps: int, max_points: int, data: str = "bench") -> dict[
     for rep in range(reps + 1):
         for view, (lo, hi) in views.items():
             t0 = time.perf_counter()
-            traces, make_figure, to_json = refresh(store, ids, lo, hi, max_points)
+            traces, make_figure, to_json = refresh(store, lo, hi, max_points)
             t1 = time.perf_counter()
             fig = make_figure()
             t2 = time.perf_counter()
@@ -260,8 +158,7 @@ def worker(path: Path, reps: int, max_points: int, data: str = "bench") -> dict[
                 cold[view] = (t3 - t0) * 1e3
                 points[view] = {name: int(len(traces[name][0])) for name in SERIES if name in traces}
                 json_kb[view] = len(payload) / 1e3
-                figure_traces = fig["data"] if isinstance(fig, dict) else [t.to_plotly_json() for t in fig.data]
-                trace_points[view] = max((len(t.get("x") if t.get("x") is not None else []) for t in figure_traces),
+                trace_points[view] = max((len(t.get("x") if t.get("x") is not None else []) for t in fig["data"]),
                                          default=0)
                 steps, values = traces["loss"]
                 # The dashboard's own windows keep the last point before lo (so a stepwise series
@@ -280,7 +177,7 @@ def worker(path: Path, reps: int, max_points: int, data: str = "bench") -> dict[
             for key, value in (("read_ms", t1 - t0), ("figure_ms", t2 - t1), ("json_ms", t3 - t2), ("total_ms", t3 - t0)):
                 timings[view][key].append(value * 1e3)
     rss_after = _rss_mb()
-    return {"n_steps": n, "data": data, "open_ms": open_ms, "cold_total_ms": cold, "timings": timings, "points": points,
+    return {"n_steps": n, "open_ms": open_ms, "cold_total_ms": cold, "timings": timings, "points": points,
             "json_kb": json_kb, "max_trace_points": trace_points, "spikes": spikes_kept, "rss_base_mb": rss_base, "rss_after_mb": rss_after,
             "rss_peak_mb": _peak_mb(), "db_mb": info["db_mb"]}
 
@@ -304,62 +201,45 @@ def _raw_extreme(store: Any, series: int, lo: float | None, fn: Any) -> float:
 
 
 # -- the parent side ----------------------------------------------------------------------------
-def measure(out: Path, sizes: list[int], *, rounds: int, reps: int, max_points: int = MAX_POINTS,
-            data_layers: tuple[str, ...] = DATA_LAYERS) -> dict[str, Any]:
+def measure(out: Path, sizes: list[int], *, rounds: int, reps: int, max_points: int = MAX_POINTS) -> dict[str, Any]:
     cache = out / "dash-cache"
     cache.mkdir(parents=True, exist_ok=True)
     built = {n: build_db(cache, n) for n in sizes}
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    jobs = [(data, n) for data in data_layers for n in sizes]
-    runs: dict[tuple[str, int], list[dict[str, Any]]] = {job: [] for job in jobs}
-    errors: dict[str, str] = {}
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
     for r in range(rounds):
-        order = jobs[r % len(jobs):] + jobs[:r % len(jobs)]
-        for data, n in order:
-            if data in errors:
-                continue
-            result_path = cache / f"worker-{data}-{n}.json"
+        for n in sizes[r % len(sizes):] + sizes[:r % len(sizes)]:
+            result_path = cache / f"worker-{n}.json"
             proc = subprocess.run(
                 [sys.executable, "-m", "bench.dashboard", "worker", str(db_dir(cache, n)), str(result_path),
-                 "--reps", str(reps), "--max-points", str(max_points), "--data", data],
+                 "--reps", str(reps), "--max-points", str(max_points)],
                 cwd=REPO, env=env, timeout=600, capture_output=True, text=True,
             )
             if proc.returncode != 0:
-                errors[data] = proc.stderr[-3000:]
-                continue
-            runs[(data, n)].append(json.loads(result_path.read_text()))
+                raise RuntimeError(f"the dashboard reader failed on {n:,} steps:\n{proc.stderr[-3000:]}")
+            runs[n].append(json.loads(result_path.read_text()))
             result_path.unlink()
-    results: dict[str, Any] = {"max_points": max_points, "raw_points_limit": RAW_POINTS_LIMIT, "tail_steps": TAIL_STEPS,
-                               "new_rows_steps": NEW_ROWS_STEPS, "rounds": rounds, "reps": reps, "errors": errors,
-                               "data_layers": {}}
-    for data in data_layers:
-        if data in errors:
-            continue
-        sizes_out: dict[str, Any] = {}
-        for n in sizes:
-            workers = runs[(data, n)]
-            entry: dict[str, Any] = {
-                "db_mb": built[n]["db_mb"], "build_s": built[n]["build_s"] if built[n]["built_now"] else None,
-                "points": workers[0]["points"], "json_kb": workers[0]["json_kb"], "spikes": workers[0]["spikes"],
-                "max_trace_points": workers[0].get("max_trace_points", {}),
-                "rss_base_mb": summarize([w["rss_base_mb"] for w in workers]),
-                "rss_after_mb": summarize([w["rss_after_mb"] for w in workers]),
-                "rss_growth_mb": summarize([w["rss_after_mb"] - w["rss_base_mb"] for w in workers]),
-                "rss_peak_mb": summarize([w["rss_peak_mb"] for w in workers]),
-                "cold_total_ms": {v: summarize([w["cold_total_ms"][v] for w in workers]) for v in workers[0]["cold_total_ms"]},
-                "views": {},
-            }
-            for view in workers[0]["timings"]:
-                entry["views"][view] = {key: summarize([x for w in workers for x in w["timings"][view][key]])
-                                        for key in ("read_ms", "figure_ms", "json_ms", "total_ms")}
-            sizes_out[str(n)] = entry
-        results["data_layers"][data] = {"sizes": sizes_out}
-    # The dashboard's own code is what the targets are about, when it ran; else the stand-in.
-    primary = "babysit" if "babysit" in results["data_layers"] else "bench"
-    results["primary"] = primary
-    results["sizes"] = results["data_layers"].get(primary, {}).get("sizes", {})
-    return results
+    sizes_out: dict[str, Any] = {}
+    for n in sizes:
+        workers = runs[n]
+        entry: dict[str, Any] = {
+            "db_mb": built[n]["db_mb"], "build_s": built[n]["build_s"] if built[n]["built_now"] else None,
+            "points": workers[0]["points"], "json_kb": workers[0]["json_kb"], "spikes": workers[0]["spikes"],
+            "max_trace_points": workers[0]["max_trace_points"],
+            "rss_base_mb": summarize([w["rss_base_mb"] for w in workers]),
+            "rss_after_mb": summarize([w["rss_after_mb"] for w in workers]),
+            "rss_growth_mb": summarize([w["rss_after_mb"] - w["rss_base_mb"] for w in workers]),
+            "rss_peak_mb": summarize([w["rss_peak_mb"] for w in workers]),
+            "cold_total_ms": {v: summarize([w["cold_total_ms"][v] for w in workers]) for v in workers[0]["cold_total_ms"]},
+            "views": {},
+        }
+        for view in workers[0]["timings"]:
+            entry["views"][view] = {key: summarize([x for w in workers for x in w["timings"][view][key]])
+                                    for key in ("read_ms", "figure_ms", "json_ms", "total_ms")}
+        sizes_out[str(n)] = entry
+    return {"max_points": max_points, "tail_steps": TAIL_STEPS, "new_rows_steps": NEW_ROWS_STEPS, "rounds": rounds,
+            "reps": reps, "sizes": sizes_out}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -369,9 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--max-points", type=int, default=MAX_POINTS)
-    parser.add_argument("--data", choices=DATA_LAYERS, default="bench")
     args = parser.parse_args(argv)
-    args.out.write_text(json.dumps(worker(args.db, args.reps, args.max_points, args.data)))
+    args.out.write_text(json.dumps(worker(args.db, args.reps, args.max_points)))
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if dash and dash.get("sizes"):
         sizes = sorted(dash["sizes"], key=int)
         top = dash["sizes"][sizes[-1]]
-        label = f"{int(sizes[-1]):,} steps ({dash.get('primary', 'bench')} data layer)"
+        label = f"{int(sizes[-1]):,} steps"
         read = top["views"]["full"]["read_ms"]["median"]
         total = top["views"]["full"]["total_ms"]["median"]
         out.append(_target("refresh_read", f"dashboard refresh (read + downsample, 3 series, whole run) ≤ 100 ms at {label}",
@@ -148,8 +148,7 @@ def _previous_analysis(previous: Path | None) -> str:
 def _step_table(section: dict[str, Any], percent: bool = True) -> str:
     rows = []
     names = {"bare": "bare step", "babysit": "babysit", "tensorboard": "TensorBoard SummaryWriter",
-             "babysit_batches_only": "babysit, run.batches only (no log)",
-             "babysit_prototype_writer": "babysit + prototype to_float (bench/prototypes.py)"}
+             "babysit_batches_only": "babysit, run.batches only (no log)"}
     for name, v in section["variants"].items():
         over = v.get("overhead_us_paired")
         rows.append([
@@ -351,92 +350,31 @@ def render(results: dict[str, Any], *, raw_path: Path | None = None, previous: P
     if dash:
         add("## 5. Dashboard refresh\n")
         add(f"Run databases built with `RunStore.write_chunks` (chunks of 256 points; loss with 20 spikes and 10 dips, "
-            f"lr, momentum). Each (data layer, size) is read by fresh processes ({dash['rounds']} rounds, interleaved, "
-            f"{dash['reps']} warm refreshes each after one cold one). Views: **full** = the whole run; **tail** = the "
-            f"last {dash['tail_steps']:,} steps; **new rows** = the last {dash['new_rows_steps']} steps (an incremental "
-            "refresh). Data layers: **babysit** = the dashboard's own code as `babysit/ui/page.py` runs it "
-            "(`ui.data.read_view` → `ui.figures.build_figure` → `ui.live_chart.figure_json`); **bench** = the stand-in "
-            f"`bench.dashboard.read_window` (min/max per bucket from raw points up to {dash['raw_points_limit']:,} points "
-            "in the window, from chunk summaries beyond; one `go.Scattergl` per series, `fig.to_json()`). The targets "
-            f"use **{dash.get('primary', 'bench')}**.\n")
-        if dash.get("errors"):
-            add("Data layers that failed: " + ", ".join(f"{k}: `{v.strip().splitlines()[-1] if v.strip() else '?'}`"
-                                                         for k, v in dash["errors"].items()) + "\n")
-        layers = dash.get("data_layers") or {"bench": {"sizes": dash["sizes"]}}
+            f"lr, momentum). Each size is read by fresh processes ({dash['rounds']} rounds, interleaved, "
+            f"{dash['reps']} warm refreshes each after one cold one), running the dashboard's own code as "
+            "`babysit/ui/page.py` does (`ui.data.read_view` → `ui.figures.build_figure` → `ui.live_chart.figure_json`). "
+            f"Views: **full** = the whole run; **tail** = the last {dash['tail_steps']:,} steps; **new rows** = the "
+            f"last {dash['new_rows_steps']} steps (an incremental refresh).\n")
         rows = []
-        for data, layer in layers.items():
-            for n, e in sorted(layer["sizes"].items(), key=lambda kv: int(kv[0])):
-                for view, t in e["views"].items():
-                    rows.append([data if view == "full" else "", f"{int(n):,}" if view == "full" else "", view,
-                                 fmt_range(t["read_ms"], 1), fmt_range(t["figure_ms"], 1), fmt_range(t["json_ms"], 1),
-                                 f"**{fmt_range(t['total_ms'], 1)}**", fmt(e["cold_total_ms"][view]["median"], 1),
-                                 " / ".join(str(p) for p in e["points"][view].values()), fmt(e["json_kb"][view], 0)])
-        add(_table(["data layer", "steps", "view", "read + downsample ms", "figure ms", "JSON ms", "total ms",
+        for n, e in sorted(dash["sizes"].items(), key=lambda kv: int(kv[0])):
+            for view, t in e["views"].items():
+                rows.append([f"{int(n):,}" if view == "full" else "", view,
+                             fmt_range(t["read_ms"], 1), fmt_range(t["figure_ms"], 1), fmt_range(t["json_ms"], 1),
+                             f"**{fmt_range(t['total_ms'], 1)}**", fmt(e["cold_total_ms"][view]["median"], 1),
+                             " / ".join(str(p) for p in e["points"][view].values()), fmt(e["json_kb"][view], 0)])
+        add(_table(["steps", "view", "read + downsample ms", "figure ms", "JSON ms", "total ms",
                     "cold total ms", "points loss / lr / momentum", "JSON kB"], rows))
         add("")
         rows = []
-        for data, layer in layers.items():
-            for n, e in sorted(layer["sizes"].items(), key=lambda kv: int(kv[0])):
-                sp = e["spikes"]["full"]
-                rows.append([data, f"{int(n):,}", fmt(e["db_mb"], 1), fmt(e["rss_base_mb"]["median"], 1),
-                             fmt(e["rss_after_mb"]["median"], 1), fmt(e["rss_growth_mb"]["median"], 1),
-                             fmt(e["rss_peak_mb"]["median"], 1),
-                             f"{sp['spikes_kept']}/{sp['spikes']} spikes, {sp['dips_kept']}/{sp['dips']} dips"])
-        add(_table(["data layer", "steps", "database MB", "RSS before reading MB", "RSS after refreshes MB", "growth MB",
+        for n, e in sorted(dash["sizes"].items(), key=lambda kv: int(kv[0])):
+            sp = e["spikes"]["full"]
+            rows.append([f"{int(n):,}", fmt(e["db_mb"], 1), fmt(e["rss_base_mb"]["median"], 1),
+                         fmt(e["rss_after_mb"]["median"], 1), fmt(e["rss_growth_mb"]["median"], 1),
+                         fmt(e["rss_peak_mb"]["median"], 1),
+                         f"{sp['spikes_kept']}/{sp['spikes']} spikes, {sp['dips_kept']}/{sp['dips']} dips"])
+        add(_table(["steps", "database MB", "RSS before reading MB", "RSS after refreshes MB", "growth MB",
                     "peak RSS MB", "kept in the full view"], rows))
         add("")
-
-    wi = s.get("whatif")
-    if wi:
-        add("## Profiling and what-if measurements\n")
-        add("Timing wrappers around babysit's own functions, and prototype fixes (`bench/prototypes.py`, patched onto "
-            "single instances or run on a copy of a database; `babysit/` is untouched), measured side by side with the "
-            "code as it is.\n")
-        wf = wi["writer_flush"]
-        add(f"**W1. Background writer, µs per logged step** (3 metrics, one a fresh 0-d tensor; {wf['steps_per_flush']} "
-            f"steps per flush; {wf['rounds']} rounds; same store content: {wf['same_store_content']}):\n")
-        add(_table(["writer", "µs per step"], [[k, fmt_range(v, 2)] for k, v in wf["us_per_step"].items()]))
-        add("")
-        sp = wi["step_with_prototype_writer"]
-        add(f"**W2. Reference step with the prototype `to_float`** ({sp['rounds']} rounds × {sp['steps_per_block']} steps):\n")
-        add(_step_table(sp))
-        add("")
-        st = wi["stall_anatomy"]
-        add("**W3. The small model's checkpoint boundary taken apart** (training thread, ms per call, calls per "
-            "boundary in brackets):\n")
-        rows = []
-        for mode, v in st.items():
-            parts = ", ".join(f"{k} {fmt(p['median'], 3)} [{fmt(v['calls_per_boundary'][k], 1)}]" for k, p in v["parts_ms"].items() if p["n"])
-            rows.append([mode, fmt_range(v["stall_ms"], 3), parts])
-        add(_table(["boundary", "stall ms", "parts"], rows))
-        add("")
-        ra = wi["rollback_anatomy"]
-        add(f"**W4. The small model's rollback taken apart** ({ra['reps']} rollbacks; rollback "
-            f"{fmt_range(ra['ms_rollback'], 1)} ms vs plain {fmt_range(ra['ms_plain_load_plus_step'], 1)} ms, of which "
-            f"torch.load {fmt(ra['ms_plain_parts']['load_ms']['median'], 2)} ms): training-thread ms per rollback in "
-            "each function, between the commit and the end of the first restored step (nested: the lines overlap)\n")
-        add(_table(["function (training thread)", "ms per rollback"],
-                   [[k, fmt_range(v, 3)] for k, v in ra["ms_per_rollback"].items()]))
-        add("")
-        si = wi["summary_index"]
-        add(f"**W5. Reading chunk summaries at {si['n_steps']:,} steps, with a covering index** "
-            f"(`bench/prototypes.py: SUMMARY_INDEX`; database {fmt(si['db_mb_as_is'], 1)} MB → "
-            f"{fmt(si['db_mb_with_index'], 1)} MB; plan: {'; '.join(si['query_plan_with_index'])}), 3 series, {si['rounds']} rounds:\n")
-        add(_table(["", "ms"], [[k, fmt_range(v, 2)] for k, v in si["ms_three_series"].items()]))
-        add("")
-        if "sql_buckets_same_extremes" in si:
-            add(f"The SQL-bucket view (`bench/prototypes.py: sql_bucket_window`) sends "
-                f"{si['sql_buckets_points_first_series']:,} points for the loss and keeps the same minimum and maximum "
-                f"as the bench's downsampler on every series: {si['sql_buckets_same_extremes']}.\n")
-        cl = wi.get("checkpoint_load")
-        if cl:
-            add(f"**W7. Loading the large model's checkpoint** ({fmt(cl['file_mb'], 1)} MB file, {cl['reps']} interleaved "
-                "reps; ms):\n")
-            add(_table(["", "ms"], [[k, fmt_range(v, 1)] for k, v in cl["ms"].items()]))
-            add("")
-        rc = wi["ring"]
-        add(f"**W6. Signalling a command** (µs; {rc['reps']} interleaved reps): "
-            + "; ".join(f"{k} {fmt_range(v, 1)}" for k, v in rc["us"].items()) + "\n")
 
     add("## Analysis\n")
     add(ANALYSIS_START)

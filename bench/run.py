@@ -3,7 +3,7 @@
     python -m bench            # the full suite (~10 min on 2 cores): bench/RESULTS.md + bench/out/
     python -m bench --quick    # everything at tiny sizes (< 1 min): bench/out/RESULTS-quick.md
 
-Options: ``--only step,nudge,checkpoint,rollback,dashboard,whatif``, ``--threads N`` (torch
+Options: ``--only step,nudge,checkpoint,rollback,dashboard``, ``--threads N`` (torch
 threads for the training steps, default 1), ``--out DIR`` (raw numbers, scratch run directories,
 cached dashboard databases), ``--results FILE`` (the Markdown report).
 """
@@ -21,7 +21,7 @@ from typing import Any, Callable
 from . import report
 from .common import BENCH_DIR, DEFAULT_THREADS, Scratch, load_average, machine_info, set_threads
 
-SECTIONS = ("step", "nudge", "checkpoint", "rollback", "dashboard", "whatif")
+SECTIONS = ("step", "nudge", "checkpoint", "rollback", "dashboard")
 
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {
@@ -33,9 +33,6 @@ PROFILES: dict[str, dict[str, Any]] = {
         "checkpoint": {"small_reps": 30, "big_reps": 8},
         "rollback": {"small_reps": 20, "big_reps": 6},
         "dashboard": {"sizes": [10_000, 100_000, 1_000_000], "rounds": 3, "reps": 10},
-        "whatif": {"flush_rounds": 30, "flush_steps": 500, "step_rounds": 30, "stall_epochs": 20,
-                   "rollback_reps": 15, "index_steps": 1_000_000, "index_rounds": 15, "ring_reps": 200,
-                   "load_reps": 5},
     },
     "quick": {
         "whole_loop": {"steps": 50, "rounds": 2, "threads": [1, 2]},
@@ -46,15 +43,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "checkpoint": {"small_reps": 3, "big_reps": 2},
         "rollback": {"small_reps": 3, "big_reps": 2},
         "dashboard": {"sizes": [10_000, 50_000], "rounds": 1, "reps": 2},
-        "whatif": {"flush_rounds": 2, "flush_steps": 100, "step_rounds": 2, "stall_epochs": 3,
-                   "rollback_reps": 2, "index_steps": 50_000, "index_rounds": 2, "ring_reps": 10,
-                   "load_reps": 2},
     },
 }
 
 
 def _sections(cfg: dict[str, Any], quick: bool, out: Path, scratch: Scratch) -> dict[str, Callable[[], Any]]:
-    from . import checkpoint_stall, dashboard, nudge, rollback, step_overhead, whatif
+    from . import checkpoint_stall, dashboard, nudge, rollback, step_overhead
     from .common import make_big_workload, make_digits_workload, make_mlp_workload
 
     cache: dict[str, Any] = {}
@@ -99,21 +93,7 @@ def _sections(cfg: dict[str, Any], quick: bool, out: Path, scratch: Scratch) -> 
     def dash() -> dict[str, Any]:
         return dashboard.measure(out, **cfg["dashboard"])
 
-    def what_if() -> dict[str, Any]:
-        c = cfg["whatif"]
-        return {
-            "writer_flush": whatif.writer_flush(scratch, steps=c["flush_steps"], rounds=c["flush_rounds"]),
-            "step_with_prototype_writer": whatif.step_with_prototype_writer(
-                mlp(), scratch, steps=cfg["reference"]["steps"], rounds=c["step_rounds"]),
-            "stall_anatomy": whatif.stall_anatomy(mlp(), scratch, epochs=c["stall_epochs"]),
-            "rollback_anatomy": whatif.rollback_anatomy(mlp(), scratch, reps=c["rollback_reps"]),
-            "summary_index": whatif.summary_index(out, c["index_steps"], rounds=c["index_rounds"]),
-            "ring": whatif.ring_cost(scratch, reps=c["ring_reps"]),
-            "checkpoint_load": whatif.checkpoint_load(big(), scratch, reps=c["load_reps"]),
-        }
-
-    return {"step": step, "nudge": nudges, "checkpoint": checkpoints, "rollback": rollbacks, "dashboard": dash,
-            "whatif": what_if}
+    return {"step": step, "nudge": nudges, "checkpoint": checkpoints, "rollback": rollbacks, "dashboard": dash}
 
 
 def main(argv: list[str] | None = None) -> int:

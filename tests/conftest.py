@@ -93,6 +93,27 @@ def babysit_cli(*args: str, timeout: float = 120, check: bool = False, cwd: Path
     return result
 
 
+def cli_here(*args: str) -> subprocess.CompletedProcess[str]:
+    """``babysit.cli.main(ARGS)`` in this process, its output captured as ``babysit_cli`` returns it.
+
+    The same parser, validation and messages as ``python -m babysit``, without a Python start-up
+    (about a second on a busy machine): for the many cases where what is checked is the CLI's
+    answer, not the process around it. A few cases per command still run the real subprocess.
+    """
+    import contextlib
+    import io
+
+    from babysit import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess(["babysit", *args], code, out.getvalue(), err.getvalue())
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -143,19 +143,21 @@ def test_item5_dns_rebinding_in_chromium_reads_nothing_and_sends_nothing(dashboa
 
 
 def test_item5_item8_serving_beyond_loopback_needs_a_strong_token_and_none_may_be_weak(tmp_path: Path) -> None:
-    from tests.conftest import babysit_cli
+    from tests.conftest import babysit_cli, cli_here
 
     port = str(free_port())
-    for token in ("a", "open-sesame", "aaaaaaaaaaaaaaaaaaaa", " ", ""):
-        result = babysit_cli("dashboard", "--root", str(tmp_path), "--address", "0.0.0.0", "--port", port,
-                             "--token", token)
+    # The first through a real `python -m babysit`, the others through cli.main in this process
+    # (refused before anything starts: the same parser and checks, no Python start-up each).
+    for token, cli in (("open-sesame", babysit_cli), ("a", cli_here), ("aaaaaaaaaaaaaaaaaaaa", cli_here),
+                       (" ", cli_here), ("", cli_here)):
+        result = cli("dashboard", "--root", str(tmp_path), "--address", "0.0.0.0", "--port", port, "--token", token)
         assert result.returncode == 2, (token, result.stdout, result.stderr)
         assert "a token must have at least 16 characters, at least 8 of them different, and no spaces" in result.stderr
         assert len(token) < 5 or token not in result.stderr  # a secret is never echoed
-    blank = babysit_cli("dashboard", "--root", str(tmp_path), "--port", port, "--token", "")
+    blank = cli_here("dashboard", "--root", str(tmp_path), "--port", port, "--token", "")
     assert blank.returncode == 2 and "the access token (--token or BABYSIT_TOKEN) is blank" in blank.stderr
-    weak = babysit_cli("demo", "--run-dir", str(tmp_path / "demo"), "--port", port, "--token", "a")
+    weak = cli_here("demo", "--run-dir", str(tmp_path / "demo"), "--port", port, "--token", "a")
     assert weak.returncode == 2 and "the access token given is too weak (1 characters, 1 different)" in weak.stderr
     assert not (tmp_path / "demo").exists()  # refused before anything started
-    wildcard = babysit_cli("dashboard", "--root", str(tmp_path), "--port", port, "--allow-host", "*")
+    wildcard = cli_here("dashboard", "--root", str(tmp_path), "--port", port, "--allow-host", "*")
     assert wildcard.returncode == 2 and "--allow-host must be a host name or an address" in wildcard.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("step", "nudge", "checkpoint", "rollback", "dashboard", "whatif")
+SECTIONS = ("step", "nudge", "checkpoint", "rollback", "dashboard")
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,7 @@ def test_quick_mode_writes_a_markdown_report_with_targets(quick_run: tuple[subpr
     text = (out / "RESULTS.md").read_text()
     assert text.startswith("# babysit benchmark results (QUICK mode")
     for heading in ("## Machine and command", "## Targets", "## 1. Per-step overhead", "## 2. Nudge latency",
-                    "## 3. Checkpoint stall", "## 4. Rollback latency", "## 5. Dashboard refresh",
-                    "## Profiling and what-if measurements", "## Analysis"):
+                    "## 3. Checkpoint stall", "## 4. Rollback latency", "## 5. Dashboard refresh", "## Analysis"):
         assert heading in text, heading
     results = json.loads((out / "latest-quick.json").read_text())
     assert len(results["targets"]) >= 10

@@ -53,8 +53,14 @@ def _entries(directory: Path) -> list[str]:
 
 
 # -- names and trees -------------------------------------------------------------------------
-def test_checkpoint_filename():
-    assert ck.checkpoint_filename(branch=3, epoch=12, step=4567) == "epoch-0012-step-00004567-b3.pt"
+def test_checkpoint_file_names_sort_in_training_order_and_name_their_branch():
+    # `ls` of a run directory lists its checkpoints in the order they were trained (zero-padded
+    # epoch and step), and two branches that reach the same step never share a file.
+    trained = [(1, 1, 9), (1, 2, 18), (1, 10, 90), (2, 10, 90), (1, 999, 8_991), (1, 1000, 12_345_678)]
+    names = [ck.checkpoint_filename(branch=b, epoch=e, step=s) for b, e, s in trained]
+    assert sorted(names) == names and len(set(names)) == len(names)
+    assert names[3] == "epoch-0010-step-00000090-b2.pt"
+    assert all("/" not in name and name.endswith(".pt") and ck.TEMP_MARK not in name for name in names)
 
 
 def test_clone_tree_copies_tensors_and_keeps_the_rest():

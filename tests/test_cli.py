@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
+import os
+import subprocess
 from pathlib import Path
 
+from babysit.rundir import LOCK_NAME
 from babysit.store import RunStore
-from tests.conftest import babysit_cli, wait_for
+from tests.conftest import babysit_cli, cli_here, tiny_job, wait_for
 
 FAST = ("--job", "digits", "--epoch-passes", "1", "--batch-size", "64")  # 23 steps per epoch
 
@@ -28,14 +30,12 @@ def test_the_panda_loop_through_the_cli(tmp_path: Path, trainers) -> None:
     assert {"state", "pid", "epoch", "step", "branch", "lr", "momentum", "checkpoints", "pending_commands"} <= set(info)
     assert (info["lr"], info["momentum"], info["branch"]) == (0.05, 0.9, 1)
 
-    # lr and momentum: applied, and read back from the optimizer.
+    # lr: applied, and read back from the optimizer.
     result = babysit_cli("set", "lr", "0.02", *d, "--wait")
     assert result.returncode == 0, result.stderr
     assert "set lr 0.02: applied at step" in result.stdout
-    result = babysit_cli("set", "momentum", "0.95", *d, "--wait")
-    assert result.returncode == 0, result.stderr
-    info = status(run_dir)
-    assert (info["lr"], info["momentum"]) == (0.02, 0.95)
+    wait_for(lambda: RunStore(run_dir).status()["lr"] == 0.02, what="the new lr in the status")
+    assert status(run_dir)["lr"] == 0.02
 
     # A bad value is refused before anything is queued.
     before = len(RunStore(run_dir).commands())
@@ -44,14 +44,19 @@ def test_the_panda_loop_through_the_cli(tmp_path: Path, trainers) -> None:
     assert "lr must be a finite number > 0" in result.stderr and "'-1'" in result.stderr
     assert len(RunStore(run_dir).commands()) == before
 
-    # Pause holds the step; resume lets it go on.
-    assert babysit_cli("pause", *d, "--wait").returncode == 0
-    held = status(run_dir)
-    assert held["state"] == "paused"
-    time.sleep(1.0)
-    assert status(run_dir)["step"] == held["step"]
+    # Pause holds the step: a nudge sent while paused is applied by the waiting trainer at the
+    # held step (so its loop went round without stepping), then resume lets it go on.
+    result = babysit_cli("pause", *d, "--wait")
+    assert result.returncode == 0, result.stderr
+    held = int(result.stdout.split("applied at step ")[1].split()[0])
+    result = babysit_cli("set", "momentum", "0.95", *d, "--wait")
+    assert result.returncode == 0, result.stderr
+    assert f"set momentum 0.95: applied at step {held}" in result.stdout
+    wait_for(lambda: RunStore(run_dir).status()["momentum"] == 0.95, what="the new momentum in the status")
+    info = status(run_dir)
+    assert (info["state"], info["step"], info["lr"], info["momentum"]) == ("paused", held, 0.02, 0.95)
     assert babysit_cli("resume", *d, "--wait").returncode == 0
-    wait_for(lambda: status(run_dir)["step"] > held["step"], what="steps after resume")
+    wait_for(lambda: status(run_dir)["step"] > held, what="steps after resume")
 
     # Checkpoint now.
     result = babysit_cli("checkpoint", *d, "--wait")
@@ -97,29 +102,34 @@ def test_the_panda_loop_through_the_cli(tmp_path: Path, trainers) -> None:
     assert again.wait_exit(timeout=60) == 0
 
 
-def test_cli_misuse_is_explained(tmp_path: Path) -> None:
-    result = babysit_cli("frobnicate")
-    assert result.returncode == 2 and "invalid choice: 'frobnicate'" in result.stderr
-    result = babysit_cli("set", "lr")
-    assert result.returncode == 2 and "the following arguments are required: value" in result.stderr
-    result = babysit_cli("status", "--run-dir", str(tmp_path / "nothing"))
-    assert result.returncode == 2 and "does not exist" in result.stderr
-    (tmp_path / "plain").mkdir()
-    result = babysit_cli("pause", "--run-dir", str(tmp_path / "plain"))
-    assert result.returncode == 2 and "is not a babysit run (it has no run.db)" in result.stderr
+def test_train_refuses_a_bad_lr_before_making_the_run(tmp_path: Path) -> None:
+    # Other misuse (unknown commands, missing values, directories that are not runs) is in
+    # tests/test_hostile_input.py.
     result = babysit_cli("train", "--run-dir", str(tmp_path / "t"), "--lr", "0")
     assert result.returncode == 2 and "lr must be a finite number > 0" in result.stderr
     assert not (tmp_path / "t" / "run.db").exists()
 
 
-def test_train_refuses_a_second_trainer_on_the_same_run(tmp_path: Path, trainers) -> None:
+def test_train_refuses_a_second_trainer_on_the_same_run(tmp_path: Path) -> None:
+    # The first trainer is a loop in this process (holding the run's lock as every trainer does),
+    # stopped at its first step boundary while `python -m babysit train` tries the same run.
     run_dir = tmp_path / "run"
-    first = trainers(run_dir, "--epochs", "500", *FAST)
-    first.wait_running(min_step=1)
-    result = babysit_cli("train", "--run-dir", str(run_dir), *FAST)
-    assert result.returncode == 2
-    assert f"already used by another trainer (pid {first.process.pid}" in result.stderr
-    assert first.process.poll() is None
+    seen: dict[str, object] = {}
+
+    def second_trainer(run: object, step: int) -> None:
+        if step == 1:
+            seen["result"] = babysit_cli("train", "--run-dir", str(run_dir), *FAST)
+            seen["lock"] = (run_dir / LOCK_NAME).read_text()
+
+    run, _ = tiny_job(run_dir, epochs=1, on_step=second_trainer)
+    result = seen["result"]
+    assert isinstance(result, subprocess.CompletedProcess)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert f"already used by another trainer (pid {os.getpid()} on " in result.stderr
+    # The refused trainer left the run alone: the lock still names this process, which trained on.
+    assert str(seen["lock"]).startswith(f"pid {os.getpid()} on ")
+    assert run.status == "finished" and RunStore(run_dir).status()["pid"] == os.getpid()
+    assert [c["step"] for c in RunStore(run_dir).checkpoints()] == [8]
 
 
 # -- choosing the job ----------------------------------------------------------------------------
@@ -147,11 +157,12 @@ def test_digits_is_still_a_job_and_each_job_takes_only_its_own_options(tmp_path:
     assert store.get_meta("config")["epoch_passes"] == 1 and "seq_len" not in store.get_meta("config")
     assert [(c["epoch"], c["step"]) for c in store.checkpoints()] == [(1, 23)]
 
-    result = babysit_cli("train", "--run-dir", str(tmp_path / "new"), "--epoch-passes", "2")
+    # In this process (cli.main): each refusal would otherwise start Python and import torch.
+    result = cli_here("train", "--run-dir", str(tmp_path / "new"), "--epoch-passes", "2")
     assert result.returncode == 2
     assert ("--epoch-passes is not an option of job charlm (its options: --epochs, --lr, --momentum, --optimizer, "
             "--seed, --batch-size, --seq-len, --steps-per-epoch)") in result.stderr
-    result = babysit_cli("train", "--run-dir", str(tmp_path / "new"), "--job", "digits", "--seq-len", "8")
+    result = cli_here("train", "--run-dir", str(tmp_path / "new"), "--job", "digits", "--seq-len", "8")
     assert result.returncode == 2 and "--seq-len is not an option of job digits" in result.stderr
     assert not (tmp_path / "new").exists()
 

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,10 +91,9 @@ def _stop_trainer(run_dir: Path, output: list[str]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture
-def demo(tmp_path: Path) -> Iterator[Demo]:
+@contextmanager
+def running_demo(run_dir: Path) -> Iterator[Demo]:
     """`python -m babysit demo` on a fresh run directory; dashboard and trainer stopped at the end."""
-    run_dir = tmp_path / "demo"
     output: list[str] = []
     process = subprocess.Popen(
         [sys.executable, "-m", "babysit", "demo", "--job", "digits", "--run-dir", str(run_dir),
@@ -125,6 +125,21 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
                     process.wait(timeout=10)
         finally:
             _stop_trainer(run_dir, output)
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[Demo]:
+    """A demo of the test's own: the nudge-and-rollback test moves it to branch 2."""
+    with running_demo(tmp_path / "demo") as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def watched_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+    """One demo for the tests that only watch the chart and nudge lr (zoom, freeze): each opens its
+    own browser session on it, so what one does to its page's view is not seen by the other."""
+    with running_demo(tmp_path_factory.mktemp("watched") / "demo") as started:
+        yield started
 
 
 # -- reading the page ------------------------------------------------------------------------------
@@ -340,9 +355,9 @@ def _refreshes(page: Page, after: int, count: int = 2) -> None:
     _until(f"{count} refreshes of the chart", lambda: page.evaluate(COUNT_DRAWS, PLOT) >= after + count, page)
 
 
-def test_zoom_and_log_scale_survive_live_refreshes(demo: Demo) -> None:
+def test_zoom_and_log_scale_survive_live_refreshes(watched_demo: Demo) -> None:
     with chromium_page(timeout_s=WAIT_S) as (page, errors):
-        page.goto(demo.url)
+        page.goto(watched_demo.url)
         first = _until("branch 1's curve past step 60", lambda: (b := _loss_traces(page).get(1))
                        and b["max_x"] >= 60 and b, page, timeout=90)
         # Zoom to a window that reaches past the last step, so the trainer keeps filling it.
@@ -390,9 +405,10 @@ def _open_sidebar(page: Page) -> None:
     expect(page.get_by_text("Freeze (stop refreshing)")).to_be_in_viewport()
 
 
-def test_freeze_stops_the_chart_while_status_and_commands_stay_live(demo: Demo) -> None:
+def test_freeze_stops_the_chart_while_status_and_commands_stay_live(watched_demo: Demo) -> None:
+    # The zoom test, on the same demo, leaves lr at the demo's 0.05: halved here.
     with chromium_page(timeout_s=WAIT_S) as (page, errors):
-        page.goto(demo.url)
+        page.goto(watched_demo.url)
         _until("branch 1's curve past step 30", lambda: (b := _loss_traces(page).get(1)) and b["max_x"] >= 30,
                page, timeout=90)
         _open_sidebar(page)

@@ -7,6 +7,12 @@ module; dashboard-only cases go through Streamlit's AppTest; and where the point
 trainer validates again ("the queue is a file anyone can write"), rows are written straight into
 the run database.
 
+The table of bad values is tests/test_commands.py's (the CLI, the dashboard and the trainer all
+validate with babysit.commands). Here a few values per command go through a real ``python -m
+babysit`` process, to check the wiring: the exit code, the one line on stderr, nothing queued and
+nothing changed; the CLI's own parsing (argparse's usage errors, a run that is not running) is
+checked with ``cli_here``, the same ``cli.main`` without a Python start-up per case.
+
 The attacks of issue 11 (a frozen dashboard, hostile run directories, DNS rebinding, a disk with
 no byte left, long histories, compressed checkpoints, ...) are listed, item by item, with their
 tests, in tests/test_attacks.py.
@@ -38,7 +44,7 @@ from streamlit.testing.v1 import AppTest
 from babysit import commands as cmd
 from babysit.checkpoint import FORMAT, TEMP_MARK
 from babysit.store import CommandSignal, RunStore
-from tests.conftest import REPO, Trainer, babysit_cli, tiny_job, wait_for
+from tests.conftest import REPO, Trainer, babysit_cli, cli_here, tiny_job, wait_for
 
 FAST = ("--job", "digits", "--epoch-passes", "1", "--batch-size", "64")  # 23 steps per epoch
 LIVE_LR = 1e-6
@@ -47,6 +53,7 @@ MOMENTUM_ACCEPTED = "momentum must be a finite number >= 0 and < 1 (for example 
 CHECKPOINT_ACCEPTED = "checkpoint must be a checkpoint id, a whole number such as 3 (see `python -m babysit status`)"
 KINDS_ACCEPTED = "set_lr, set_momentum, pause, resume, checkpoint, stop, rollback"
 SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
+LONG_DIGITS = "1" + "0" * 400  # 10**400 typed out: too large even to be a float
 
 
 # -- the shared trainer ------------------------------------------------------------------------
@@ -208,31 +215,12 @@ AVAILABLE = r"available: (#\d+, )*#\d+"
 
 
 # -- lr and momentum through the CLI ------------------------------------------------------------
-LONG_DIGITS = "1" + "0" * 400  # 10**400 typed out: too large even to be a float
-
-
 @pytest.mark.parametrize(("name", "value", "message"), [
-    ("lr", "0", f"{LR_ACCEPTED}, got '0'"),
-    ("lr", "-1", f"{LR_ACCEPTED}, got '-1'"),
-    ("lr", "nan", f"{LR_ACCEPTED}, got 'nan'"),
-    ("lr", "inf", f"{LR_ACCEPTED}, got 'inf'"),
-    ("lr", "abc", f"{LR_ACCEPTED}, got 'abc'"),
-    ("lr", "", f"{LR_ACCEPTED}, got ''"),
-    ("lr", "   ", f"{LR_ACCEPTED}, got '   '"),
-    ("lr", "0_001", f"{LR_ACCEPTED}, got '0_001'"),
-    ("lr", "1e400", f"{LR_ACCEPTED}, got '1e400'"),
-    ("lr", LONG_DIGITS, f"{LR_ACCEPTED}, got '{LONG_DIGITS[:56]}..."),  # the value, cut at 60 characters
-    ("lr", "0,01", f"{LR_ACCEPTED}, got '0,01'"),
-    # A negative number in scientific notation, or -inf: argparse takes them for options and says
-    # "the following arguments are required: value" although a value was given.
+    # A negative number in scientific notation: argparse would take it for an option and say "the
+    # following arguments are required: value" although a value was given.
     ("lr", "-1e-3", f"{LR_ACCEPTED}, got '-1e-3'"),
-    ("lr", "-inf", f"{LR_ACCEPTED}, got '-inf'"),
-    ("momentum", "-0.1", f"{MOMENTUM_ACCEPTED}, got '-0.1'"),
     ("momentum", "1", f"{MOMENTUM_ACCEPTED}, got '1'"),
-    ("momentum", "1.5", f"{MOMENTUM_ACCEPTED}, got '1.5'"),
-    ("momentum", "nan", f"{MOMENTUM_ACCEPTED}, got 'nan'"),
-    ("momentum", "ninety", f"{MOMENTUM_ACCEPTED}, got 'ninety'"),
-], ids=lambda v: v[:12] if isinstance(v, str) else v)
+])
 def test_cli_set_refuses_a_bad_value(live: Live, name: str, value: str, message: str) -> None:
     before = snapshot(live)
     result = babysit_cli("set", name, value, "--run-dir", str(live.run_dir), "--wait")
@@ -241,19 +229,18 @@ def test_cli_set_refuses_a_bad_value(live: Live, name: str, value: str, message:
 
 
 # -- rollback through the CLI -------------------------------------------------------------------
-@pytest.mark.parametrize("checkpoint", [
-    "../x", "/etc/passwd", "epoch-0001-step-00000023-b1.pt", "0", "2.5", "#3", "9999999999999",
-])
-def test_cli_rollback_refuses_anything_but_an_id(live: Live, checkpoint: str) -> None:
+def test_cli_rollback_refuses_anything_but_an_id(live: Live) -> None:
+    # A path where an id belongs: refused before any path is formed, and no file outside changes
+    # (assert_unchanged looks at ../x beside the run, the repository and the working directory).
     before = snapshot(live)
-    result = babysit_cli("rollback", checkpoint, "--run-dir", str(live.run_dir), "--wait")
-    refused(result, f"{CHECKPOINT_ACCEPTED}, got {checkpoint!r}")
+    result = babysit_cli("rollback", "../x", "--run-dir", str(live.run_dir), "--wait")
+    refused(result, f"{CHECKPOINT_ACCEPTED}, got '../x'")
     assert_unchanged(live, before)
 
 
 def test_cli_rollback_to_an_unknown_id_lists_the_available_ones(live: Live) -> None:
     before = snapshot(live)
-    result = babysit_cli("rollback", "999999", "--run-dir", str(live.run_dir), "--wait")
+    result = cli_here("rollback", "999999", "--run-dir", str(live.run_dir), "--wait")
     refused_matching(result, f"checkpoint #999999 does not exist in run {re.escape(repr(str(live.run_dir)))}; "
                              + AVAILABLE)
     assert_unchanged(live, before)
@@ -263,7 +250,7 @@ def test_cli_rollback_to_a_checkpoint_whose_file_was_deleted(live: Live) -> None
     target = live.spare_checkpoint()
     (live.run_dir / target["file"]).unlink()
     before = snapshot(live)
-    result = babysit_cli("rollback", str(target["id"]), "--run-dir", str(live.run_dir), "--wait")
+    result = cli_here("rollback", str(target["id"]), "--run-dir", str(live.run_dir), "--wait")
     refused(result, f"checkpoint #{target['id']}: its file {target['file']!r} is missing from "
                     f"{str(live.run_dir)!r}; pick another checkpoint")
     assert_unchanged(live, before)
@@ -274,23 +261,18 @@ def test_cli_rollback_to_a_checkpoint_removed_by_retention(live: Live) -> None:
     (live.run_dir / target["file"]).unlink()  # what keep_last does: the file goes, the row is marked
     live.store.mark_checkpoint_deleted(target["id"])
     before = snapshot(live)
-    result = babysit_cli("rollback", str(target["id"]), "--run-dir", str(live.run_dir), "--wait")
+    result = cli_here("rollback", str(target["id"]), "--run-dir", str(live.run_dir), "--wait")
     refused_matching(result, f"checkpoint #{target['id']} was deleted in run "
                              f"{re.escape(repr(str(live.run_dir)))}; " + AVAILABLE)
     assert f"#{target['id']}," not in result.stderr and not result.stderr.endswith(f"#{target['id']}\n")
     assert_unchanged(live, before)
 
 
-@pytest.mark.parametrize(("option", "value", "message"), [
-    ("--lr", "0", f"{LR_ACCEPTED}, got '0'"),
-    ("--lr", "nan", f"{LR_ACCEPTED}, got 'nan'"),
-    ("--momentum", "1", f"{MOMENTUM_ACCEPTED}, got '1'"),
-])
-def test_cli_rollback_with_a_bad_new_hyperparameter(live: Live, option: str, value: str, message: str) -> None:
+def test_cli_rollback_with_a_bad_new_hyperparameter(live: Live) -> None:
     before = snapshot(live)
-    result = babysit_cli("rollback", str(live.good_checkpoint()["id"]), option, value, "--run-dir",
+    result = babysit_cli("rollback", str(live.good_checkpoint()["id"]), "--lr", "0", "--run-dir",
                          str(live.run_dir), "--wait")
-    refused(result, message)
+    refused(result, f"{LR_ACCEPTED}, got '0'")
     assert_unchanged(live, before)
 
 
@@ -510,11 +492,12 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("command", [("set", "lr", "0.1"), ("rollback", "1"), ("pause",), ("stop",)],
-                         ids=lambda c: c[0])
-def test_commands_for_a_finished_run(finished_run: Path, command: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("command", "cli"), [(("set", "lr", "0.1"), babysit_cli), (("rollback", "1"), cli_here),
+                                             (("pause",), cli_here), (("stop",), cli_here)],
+                         ids=["set-in-a-process", "rollback", "pause", "stop"])
+def test_commands_for_a_finished_run(finished_run: Path, command: tuple[str, ...], cli: Any) -> None:
     before = files_of(finished_run)
-    result = babysit_cli(*command, "--run-dir", str(finished_run), "--wait")
+    result = cli(*command, "--run-dir", str(finished_run), "--wait")
     refused(result, not_running(finished_run, "its trainer is finished"))
     assert RunStore(finished_run).commands() == []
     assert_dir_unchanged(finished_run, before)
@@ -541,12 +524,12 @@ def test_commands_for_a_run_whose_trainer_was_killed(live: Live) -> None:
     assert store.status()["effective_state"] == "crashed"  # known at once: its pid is gone
     before = files_of(live.victim_dir)
     commands_before = store.commands()
-    for command in (("set", "lr", "0.01"), ("rollback", "1")):
-        result = babysit_cli(*command, "--run-dir", str(live.victim_dir), "--wait")
+    for command, cli in ((("set", "lr", "0.01"), babysit_cli), (("rollback", "1"), cli_here)):
+        result = cli(*command, "--run-dir", str(live.victim_dir), "--wait")
         refused(result, not_running(live.victim_dir, f"its trainer (pid {pid}) is no longer running"))
     assert store.commands() == commands_before
     assert_dir_unchanged(live.victim_dir, before)
-    shown = babysit_cli("status", "--run-dir", str(live.victim_dir))
+    shown = cli_here("status", "--run-dir", str(live.victim_dir))
     assert shown.returncode == 0 and "state        crashed" in shown.stdout
 
 
@@ -557,8 +540,8 @@ def test_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
     (plain / "notes.txt").write_text("not a run")
     before = files_of(plain)
     hint = "start one with `python -m babysit train --run-dir DIR` or pass the directory of an existing run"
-    for command in (("status",), ("set", "lr", "0.1"), ("rollback", "1")):
-        result = babysit_cli(*command, "--run-dir", str(plain))
+    for command, cli in ((("status",), babysit_cli), (("set", "lr", "0.1"), cli_here), (("rollback", "1"), cli_here)):
+        result = cli(*command, "--run-dir", str(plain))
         refused(result, f"{str(plain)!r} is not a babysit run (it has no run.db); {hint}")
     assert files_of(plain) == before
 
@@ -611,8 +594,8 @@ def test_a_damaged_run_database_gets_a_clear_message_from_cli_and_dashboard(
     damaged_bytes = db.read_bytes()
     message = (f"{str(db)!r} is not a readable babysit run database ({sqlite_says}); "
                "restore it from a backup or start a new run in another directory")
-    for command in (("status",), ("set", "lr", "0.1")):
-        refused(babysit_cli(*command, "--run-dir", str(db.parent)), message)
+    for command, cli in ((("status",), babysit_cli), (("set", "lr", "0.1"), cli_here)):
+        refused(cli(*command, "--run-dir", str(db.parent)), message)
     at = dashboard(monkeypatch, tmp_path, db.parent)
     assert shows_error(at, message), [e.value for e in at.error]
     assert db.read_bytes() == damaged_bytes
@@ -622,12 +605,13 @@ def test_a_damaged_run_database_gets_a_clear_message_from_cli_and_dashboard(
 
 # -- CLI misuse -------------------------------------------------------------------------------
 @pytest.mark.parametrize(("args", "message"), [
+    # Through a real `python -m babysit` (the usage reaches stderr, exit 2), then in this process.
     (("frobnicate",), "python -m babysit: error: argument COMMAND: invalid choice: 'frobnicate' (choose from "
                       "'demo', 'dashboard', 'train', 'status', 'set', 'rollback', 'pause', 'resume', 'checkpoint', "
                       "'stop')"),
-    (("set", "lr"), "python -m babysit set: error: the following arguments are required: value"),
     (("set", "speed", "0.1"), "python -m babysit set: error: argument name: invalid choice: 'speed' "
                               "(choose from 'lr', 'momentum')"),
+    (("set", "lr"), "python -m babysit set: error: the following arguments are required: value"),
     (("rollback",), "python -m babysit rollback: error: the following arguments are required: checkpoint"),
     (("rollback", "1", "--hparams", "mine"), "python -m babysit rollback: error: argument --hparams: invalid choice: "
                                              "'mine' (choose from 'checkpoint', 'current')"),
@@ -640,7 +624,8 @@ def test_a_damaged_run_database_gets_a_clear_message_from_cli_and_dashboard(
 ], ids=lambda v: "-".join(v) if isinstance(v, tuple) else None)
 def test_cli_misuse_is_explained(live: Live, args: tuple[str, ...], message: str) -> None:
     before = snapshot(live)
-    result = babysit_cli(*args, "--run-dir", str(live.run_dir)) if args[0] != "frobnicate" else babysit_cli(*args)
+    cli = babysit_cli if args in (("frobnicate",), ("set", "speed", "0.1")) else cli_here
+    result = cli(*args, "--run-dir", str(live.run_dir)) if args[0] != "frobnicate" else cli(*args)
     assert result.returncode == 2 and result.stdout == "", (result.returncode, result.stdout, result.stderr)
     assert result.stderr.startswith("usage: python -m babysit"), result.stderr  # what is accepted
     assert result.stderr.endswith(f"\n{message}\n"), result.stderr
