@@ -240,9 +240,7 @@ class Run:
         restore_signals = None if self._restore_signals else self._install_signals()
         try:
             while self.position.next_epoch <= max_epochs:
-                if self._stop_reason is not None:  # Ctrl-C or request_stop() between two epochs
-                    self._interrupt = Interrupt.STOP
-                    self._finish_stop()
+                if self.stop_if_requested():
                     return
                 self.begin_epoch()
                 try:
@@ -284,6 +282,15 @@ class Run:
             self._finish_stop()
             return False
         self.snapshots.end_epoch()
+        return True
+
+    def stop_if_requested(self) -> bool:
+        """Between two epochs: carry out a stop that waited for the last epoch's end (a stop command
+        at its last boundary, Ctrl-C, ``request_stop()``): final checkpoint, the run ends. True if it did."""
+        if self._stop_reason is None:
+            return False
+        self._interrupt = Interrupt.STOP
+        self._finish_stop()
         return True
 
     def finish(self) -> None:
