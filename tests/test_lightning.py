@@ -1,0 +1,181 @@
+"""babysit.lightning end to end: a real Lightning trainer subprocess (tests/lightning_script.py: 20
+steps an epoch, 3 epochs, SGD with momentum, a per-step LambdaLR) driven only through the CLI.
+
+One babysat run goes through every command — pause, set lr / set momentum (read back from what
+the optimizer holds as the next step trains), checkpoint now, a rollback to a mid-epoch checkpoint,
+a kill -9 and a restart, a stop — and is compared with an untouched run of the same script: the
+new branch and the restarted trainer must train the very same batches with the very same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from babysit.checkpoint import KEY_MODEL, KEY_OPTIMIZER, read_verified
+from babysit.store import RunStore
+from tests.conftest import REPO, babysit_cli, wait_for
+from tests.lightning_script import weights_fingerprint
+
+SCRIPT = REPO / "tests" / "lightning_script.py"
+STEPS = 20     # per epoch
+EPOCHS = 3
+TIMEOUT = 240  # seconds for anything a trainer on a busy machine has to reach
+
+
+class Script:
+    """tests/lightning_script.py in a subprocess, recording its steps into ``<run>.jsonl``."""
+
+    def __init__(self, run_dir: Path, *args: str) -> None:
+        self.run_dir, self.record = run_dir, run_dir.parent / f"{run_dir.name}.jsonl"
+        self.log = run_dir.parent / f"{run_dir.name}.log"
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(SCRIPT), "--run-dir", str(run_dir), "--record", str(self.record),
+                 "--epochs", str(EPOCHS), "--steps-per-epoch", str(STEPS), *args],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.record.read_text().splitlines()] if self.record.exists() else []
+
+    def store(self) -> RunStore:
+        return wait_for(lambda: (self.run_dir / "run.db").exists() and RunStore(self.run_dir), TIMEOUT,
+                        what="the run store")
+
+    def wait_paused(self, step: int, branch: int) -> dict[str, Any]:
+        def paused() -> dict[str, Any] | None:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the trainer exited ({self.process.returncode}):\n{self.log.read_text()}")
+            status = self.store().status()
+            return status if (status.get("state"), status.get("step"), status.get("branch")) == ("paused", step, branch) else None
+        return wait_for(paused, TIMEOUT, what=f"the pause at step {step} of branch {branch}")
+
+    def exit_code(self) -> int:
+        try:
+            return self.process.wait(timeout=TIMEOUT)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+def cli(run_dir: Path, *args: str) -> str:
+    result = babysit_cli(*args, "--run-dir", str(run_dir), "--wait", "--timeout", str(TIMEOUT), timeout=TIMEOUT + 30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def checkpoint_state(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    return read_verified(run_dir / record["file"], record["sha256"])
+
+
+def by_step(rows: list[dict[str, Any]], branch: int) -> dict[int, dict[str, Any]]:
+    """The last record of each step on ``branch`` (a restarted trainer trains a step again)."""
+    return {row["step"]: row for row in rows if row["branch"] == branch}
+
+
+TRAINED = ("batch", "weights", "lr", "momentum", "epoch", "batch_idx", "global_step")
+
+
+def same_training(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a[key] == b[key] for key in TRAINED)
+
+
+@pytest.fixture
+def scripts() -> Any:
+    started: list[Script] = []
+
+    def start(run_dir: Path, *args: str) -> Script:
+        started.append(Script(run_dir, *args))
+        return started[-1]
+
+    yield start
+    for script in started:
+        script.kill()
+
+
+def test_a_lightning_run_obeys_every_command_and_replays_exactly_after_rollback_and_kill_9(tmp_path: Path,
+                                                                                           scripts: Any) -> None:
+    straight = scripts(tmp_path / "straight")  # the same script, untouched, alongside
+    run_dir = tmp_path / "run"
+    # The run pauses itself after step 10 (inside epoch 1) and after step 45 (inside epoch 3), on
+    # any branch, whatever this machine's speed.
+    first = scripts(run_dir, "--pause-at-step", "10", "--pause-at-step", "45")
+    store = first.store()
+
+    # -- paused at step 10: one "checkpoint now", then nudges applied at the next boundary ---------
+    first.wait_paused(10, branch=1)
+    assert cli(run_dir, "checkpoint").strip().endswith("(checkpoint 1)")
+    mid_epoch = store.checkpoints()
+    assert [(c["id"], c["reason"], c["step"], c["step_in_epoch"]) for c in mid_epoch] == [(1, "command", 10, 10)]
+    scheduled_lr = mid_epoch[0]["hparams"]["lr"]
+    assert scheduled_lr == pytest.approx(0.05 / 1.10)  # LambdaLR after 10 steps
+    assert re.search(r"set lr 0.02: applied at step 10 \(after 0.02\)", cli(run_dir, "set", "lr", "0.02"))
+    assert re.search(r"set momentum 0.5: applied at step 10 \(after 0.5\)", cli(run_dir, "set", "momentum", "0.5"))
+    assert max(row["step"] for row in first.rows()) == 10  # nothing trained while paused
+    cli(run_dir, "resume")
+
+    # -- paused at step 45 (epoch 3): the nudged lr survived the schedule; roll back to step 10 ----
+    first.wait_paused(45, branch=1)
+    nudged = by_step(first.rows(), branch=1)
+    assert (nudged[11]["lr"], nudged[11]["momentum"]) == (0.02, 0.5)  # what the optimizer held at step 11
+    for step in (12, 30, 45):  # the LambdaLR decay goes on from the nudged value instead of undoing it
+        assert nudged[step]["lr"] == pytest.approx(0.02 * 1.10 / (1 + 0.01 * (step - 1)))
+        assert nudged[step]["momentum"] == 0.5
+    # The epochs' own checkpoints are the only others (written in the background: waited for).
+    wait_for(lambda: [c["step"] for c in store.checkpoints()] == [10, 20, 40], TIMEOUT, what="epoch checkpoints")
+    cli(run_dir, "rollback", "1")
+    # The new branch starts from the checkpoint, with its weights and hparams, and pauses at 45 again.
+    first.wait_paused(45, branch=2)
+    branch = store.branch(2)
+    assert (branch["from_checkpoint"], branch["start_step"]) == (1, 10)
+    rolled = by_step(first.rows(), branch=2)
+    assert min(rolled) == 11 and rolled[11]["weights"] == weights_fingerprint(
+        checkpoint_state(run_dir, mid_epoch[0])[KEY_MODEL])
+    assert (rolled[11]["lr"], rolled[11]["momentum"]) == (scheduled_lr, 0.9)
+    assert (rolled[11]["epoch"], rolled[11]["batch_idx"], rolled[11]["global_step"]) == (0, 10, 10)
+
+    # -- kill -9 after a checkpoint at step 45 of branch 2, then restart the same script ----------
+    cli(run_dir, "checkpoint")
+    first.process.kill()
+    first.exit_code()
+    second = scripts(run_dir, "--pause-at-step", "50")
+    second.wait_paused(50, branch=2)
+    resume = [e for e in store.events() if e["kind"] == "resume"]
+    assert len(resume) == 1 and re.search(r"resumed from checkpoint #\d+ \(epoch 3, step 45\)", resume[0]["message"])
+    # -- stop: the run ends with a final checkpoint of its last step --------------------------------
+    cli(run_dir, "stop")
+    assert second.exit_code() == 0, second.log.read_text()
+    assert store.status()["state"] == "stopped"
+    last = store.checkpoints()[-1]
+    assert (last["reason"], last["branch"], last["step"]) == ("stop", 2, 50)
+    saved = checkpoint_state(run_dir, last)
+    assert saved[KEY_OPTIMIZER]["param_groups"][0]["momentum"] == 0.9
+
+    # Branch 2 and the restarted trainer trained exactly what the untouched run trained: the same
+    # batches in the same order, the same weights, lr and momentum, the same Lightning counters.
+    assert straight.exit_code() == 0, straight.log.read_text()
+    reference = by_step(straight.rows(), branch=1)
+    assert len(reference) == EPOCHS * STEPS
+    replayed = by_step(first.rows() + second.rows(), branch=2)
+    assert sorted(replayed) == list(range(11, 51))
+    mismatched = [step for step in replayed if not same_training(replayed[step], reference[step])]
+    assert mismatched == []
+    # ...and the curve shows the loss and what the module logged, per step, on both branches.
+    names = {(s.name, s.branch) for s in store.series()}
+    assert {("loss", 1), ("loss", 2), ("train_loss", 1), ("train_loss", 2)} <= names
+    reference_store = RunStore(tmp_path / "straight")
+    assert [c["metrics"]["val_loss"] for c in reference_store.checkpoints()][0] == pytest.approx(
+        next(c for c in store.checkpoints() if (c["branch"], c["step"]) == (2, 20))["metrics"]["val_loss"])
