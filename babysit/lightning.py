@@ -8,8 +8,11 @@ Where babysit acts
     loss and the values the module ``self.log``-ged at this step, then calls ``run.step_boundary``:
     nudges of lr and momentum reach ``trainer.optimizers[0]`` there (scaled into its first lr
     scheduler so the schedule keeps them), a pause blocks there, "checkpoint now" snapshots there.
-    Validation metrics go to ``run.log_epoch`` when validation ends; ``on_train_epoch_end`` calls
-    ``run.end_epoch`` (the epoch's checkpoint, or a rollback, or a stop's end). A stop or a rollback
+    Validation metrics go to ``run.log_epoch`` when validation ends. An epoch trained to its end is
+    checkpointed (``run.end_epoch``) once Lightning is done with it — at the next epoch's start or
+    as training ends — so the module's ``on_train_epoch_end`` and a ReduceLROnPlateau step are in
+    the checkpoint; a cut epoch's ``run.end_epoch`` (a rollback, a stop's end) runs in
+    ``on_train_epoch_end``. A stop or a rollback
     cuts the epoch at the boundary: the next ``on_train_batch_start`` raises StopIteration, which
     ends Lightning's epoch loop before that batch is trained (no scheduler step, no validation for
     the cut). A finished stop sets ``trainer.should_stop``.

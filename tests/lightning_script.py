@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from babysit import GuardConfig
 from babysit.lightning import BabysitCallback
 
 BATCH = 16
@@ -38,6 +39,7 @@ class Regressor(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1))
         self.record: list[dict] | None = None
         self.babysit: BabysitCallback | None = None
+        self.nan_at_step: int | None = None
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -50,6 +52,8 @@ class Regressor(pl.LightningModule):
                 "batch": float(x.double().sum()), "weights": weights_fingerprint(self.state_dict()),
             })
         loss = nn.functional.mse_loss(self.net(x), y)
+        if self.babysit.run.step == self.nan_at_step and self.babysit.run.branch == 1:
+            loss = loss * float("nan")  # for the tests: the run diverges here (once, on its first branch)
         self.log("train_loss", loss, on_step=True, on_epoch=False)
         return loss
 
@@ -97,16 +101,22 @@ def main() -> None:
     parser.add_argument("--record", help="for the tests: append a JSON line per trained step to this file")
     parser.add_argument("--pause-at-step", type=int, metavar="N", action="append", default=[],
                         help="for the tests: queue a pause after step N (on any branch; may be repeated)")
+    parser.add_argument("--nan-at-step", type=int, metavar="N", help="for the tests: the loss is NaN at step N")
+    parser.add_argument("--guard-auto-remedy", type=int, default=0, metavar="N",
+                        help="let the divergence guard roll back by itself up to N times")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     train, val = make_data(args.steps_per_epoch)
     model = Regressor()
-    babysit = BabysitCallback(args.run_dir, config={"steps_per_epoch": args.steps_per_epoch})
+    model.nan_at_step = args.nan_at_step
+    babysit = BabysitCallback(args.run_dir, config={"steps_per_epoch": args.steps_per_epoch},
+                              guard=GuardConfig(auto_remedy_max=args.guard_auto_remedy))
+    model.babysit = babysit
     callbacks: list[pl.Callback] = [babysit]
     if args.record:
-        model.record, model.babysit = [], babysit
+        model.record = []
         callbacks.insert(0, _Record(model, args.record, args.pause_at_step))
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -179,3 +179,35 @@ def test_a_lightning_run_obeys_every_command_and_replays_exactly_after_rollback_
     reference_store = RunStore(tmp_path / "straight")
     assert [c["metrics"]["val_loss"] for c in reference_store.checkpoints()][0] == pytest.approx(
         next(c for c in store.checkpoints() if (c["branch"], c["step"]) == (2, 20))["metrics"]["val_loss"])
+
+
+def test_the_divergence_guard_rolls_a_lightning_run_back_by_itself(tmp_path: Path, scripts: Any) -> None:
+    """The loss goes NaN at step 25 (epoch 2) on the first branch; the guard, allowed one automatic
+    remedy, rolls back to the last healthy checkpoint (epoch 1's) with the lr halved, and the new
+    branch trains to the end with finite weights."""
+    run_dir = tmp_path / "run"
+    script = scripts(run_dir, "--nan-at-step", "25", "--guard-auto-remedy", "1", "--pause-at-step", "22")
+    # Paused at step 22 until epoch 1's checkpoint is listed (it is written in the background), so
+    # that the guard has a healthy checkpoint to go back to whatever this machine's speed.
+    script.wait_paused(22, branch=1)
+    store = script.store()
+    wait_for(lambda: len(store.checkpoints()) == 1, TIMEOUT, what="epoch 1's checkpoint")
+    cli(run_dir, "resume")
+    script.wait_paused(22, branch=2)  # the script's own pause, again on the guard's new branch
+    cli(run_dir, "resume")
+    assert script.exit_code() == 0, script.log.read_text()
+    assert store.status()["state"] == "finished"
+    divergence = [e for e in store.events() if e["kind"] == "divergence"]
+    assert len(divergence) == 1 and "rolling back to checkpoint #1" in divergence[0]["message"]
+    guard_rollback = next(c for c in store.commands() if c["kind"] == "rollback")
+    assert (guard_rollback["source"], guard_rollback["state"], guard_rollback["result"]["branch"]) == ("guard", "applied", 2)
+    branch = store.branch(2)
+    assert (branch["from_checkpoint"], branch["start_step"]) == (1, 20)
+    rows = by_step(script.rows(), branch=2)
+    halved = guard_rollback["args"]["lr"]
+    # half the lr of the step the guard saw it at (a few steps after 25: when its writer looked)
+    assert 0.7 < halved / (by_step(script.rows(), branch=1)[25]["lr"] / 2) <= 1
+    assert sorted(rows) == list(range(21, 61)) and rows[21]["lr"] == halved
+    assert rows[21]["weights"] == weights_fingerprint(checkpoint_state(run_dir, store.checkpoints()[0])[KEY_MODEL])
+    final = checkpoint_state(run_dir, store.checkpoints()[-1])[KEY_MODEL]
+    assert store.checkpoints()[-1]["branch"] == 2 and all(torch.isfinite(t).all() for t in final.values())
