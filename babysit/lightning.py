@@ -44,6 +44,10 @@ Resume and rollback: babysit's position wins, Lightning's counters follow it
     workers, and ``reload_dataloaders_every_n_epochs`` do not (resume is then at the right epoch and
     step, with other batches).
 
+Ctrl-C and SIGTERM stop at the next step boundary with a final checkpoint (a second Ctrl-C
+aborts); after SIGTERM, once babysit's stop is done, Lightning still ends the process with its
+SIGTERMException (a SystemExit), as it does without babysit.
+
 A "step" is a training batch (one ``on_train_batch_end``). With several optimizers babysit nudges
 and restores the first as its optimizer; the others, their schedulers and Lightning's counters
 travel in ``run.state``. Do not pass ``ckpt_path`` to ``fit``: the run directory is the resume.
@@ -58,10 +62,12 @@ from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .checkpoint import rng_state, set_rng_state
 from .guard import GuardConfig
 from .run import Interrupt, Run
+from .signals import install_stop_handlers
 
 _LIGHTNING_STATE = "_lightning"   # the run.state key of Lightning's counters and other optimizers
 
@@ -104,6 +110,7 @@ class BabysitCallback(pl.Callback):
         self._rng_at_fit_start: dict[str, Any] | None = None
         self._epoch_to_end = False     # an epoch trained to its end, checkpointed once Lightning is done with it
         self._trainer: pl.Trainer | None = None
+        self._restore_signals: Any = None
 
     # -- start: the Run, and Lightning's counters set to its position ----------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -124,6 +131,10 @@ class BabysitCallback(pl.Callback):
         self._counters.loaded = None
         self.run = Run(self.run_dir, pl_module, first, scheduler, state=state, **self._run_kwargs)
         self.run.max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        # Ctrl-C and SIGTERM: a stop at the next step boundary with a final checkpoint, as in your
+        # own loop. Lightning, registering its SIGTERM handler after this hook, calls this one too.
+        run = self.run
+        self._restore_signals = install_stop_handlers(run.request_stop, lambda: run.stop_requested)
         self._sync_counters(trainer, at_epoch_end=False)
         # Lightning's first iter() of the train loader comes before any hook; it is made again at
         # epoch 0's start from the generators as they are now (see on_train_start).
@@ -205,11 +216,27 @@ class BabysitCallback(pl.Callback):
         run = self._live()
         if run is not None:  # fit had nothing left to train (a finished run resumed)
             run.finish()
+        self._put_signals_back()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        run = self.run
-        if run is not None:
+        run = self._live()
+        if run is not None and isinstance(exception, SIGTERMException):
+            # Lightning ends fit with SIGTERMException right after the step boundary where babysit
+            # began the stop (or after the epoch, when the signal came at its last boundary):
+            # finish that stop, final checkpoint included; Lightning then exits as it always does.
+            if run.interrupt is Interrupt.STOP:
+                run.end_epoch()
+            else:
+                self._end_trained_epoch()
+                run.stop_if_requested()
+        if run is not None and not run._closed:
             run.__exit__(type(exception), exception, exception.__traceback__)  # crashed or aborted, then closed
+        self._put_signals_back()
+
+    def _put_signals_back(self) -> None:
+        if self._restore_signals is not None:
+            self._restore_signals()
+            self._restore_signals = None
 
     # -- steps -----------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

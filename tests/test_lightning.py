@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -181,10 +182,10 @@ def test_a_lightning_run_obeys_every_command_and_replays_exactly_after_rollback_
         next(c for c in store.checkpoints() if (c["branch"], c["step"]) == (2, 20))["metrics"]["val_loss"])
 
 
-def test_the_divergence_guard_rolls_a_lightning_run_back_by_itself(tmp_path: Path, scripts: Any) -> None:
+def test_the_guard_rolls_a_lightning_run_back_by_itself_and_sigterm_stops_it_with_a_checkpoint(tmp_path: Path, scripts: Any) -> None:
     """The loss goes NaN at step 25 (epoch 2) on the first branch; the guard, allowed one automatic
     remedy, rolls back to the last healthy checkpoint (epoch 1's) with the lr halved, and the new
-    branch trains to the end with finite weights."""
+    branch trains with finite weights until a SIGTERM stops it with a final checkpoint."""
     run_dir = tmp_path / "run"
     script = scripts(run_dir, "--nan-at-step", "25", "--guard-auto-remedy", "1", "--pause-at-step", "22")
     # Paused at step 22 until epoch 1's checkpoint is listed (it is written in the background), so
@@ -194,9 +195,12 @@ def test_the_divergence_guard_rolls_a_lightning_run_back_by_itself(tmp_path: Pat
     wait_for(lambda: len(store.checkpoints()) == 1, TIMEOUT, what="epoch 1's checkpoint")
     cli(run_dir, "resume")
     script.wait_paused(22, branch=2)  # the script's own pause, again on the guard's new branch
-    cli(run_dir, "resume")
-    assert script.exit_code() == 0, script.log.read_text()
-    assert store.status()["state"] == "finished"
+    # SIGTERM (a scheduler ending the job) stops even a paused trainer, with a final checkpoint;
+    # Lightning then ends the process with its SIGTERMException (a SystemExit), as without babysit.
+    script.process.send_signal(signal.SIGTERM)
+    assert script.exit_code() == 0 and "lightning_script:" not in script.log.read_text()
+    assert store.status()["state"] == "stopped" and "signal SIGTERM" in store.status()["message"]
+    assert (store.checkpoints()[-1]["reason"], store.checkpoints()[-1]["step"]) == ("stop", 22)
     divergence = [e for e in store.events() if e["kind"] == "divergence"]
     assert len(divergence) == 1 and "rolling back to checkpoint #1" in divergence[0]["message"]
     guard_rollback = next(c for c in store.commands() if c["kind"] == "rollback")
@@ -207,7 +211,56 @@ def test_the_divergence_guard_rolls_a_lightning_run_back_by_itself(tmp_path: Pat
     halved = guard_rollback["args"]["lr"]
     # half the lr of the step the guard saw it at (a few steps after 25: when its writer looked)
     assert 0.7 < halved / (by_step(script.rows(), branch=1)[25]["lr"] / 2) <= 1
-    assert sorted(rows) == list(range(21, 61)) and rows[21]["lr"] == halved
+    assert sorted(rows) == [21, 22] and rows[21]["lr"] == halved
     assert rows[21]["weights"] == weights_fingerprint(checkpoint_state(run_dir, store.checkpoints()[0])[KEY_MODEL])
     final = checkpoint_state(run_dir, store.checkpoints()[-1])[KEY_MODEL]
     assert store.checkpoints()[-1]["branch"] == 2 and all(torch.isfinite(t).all() for t in final.values())
+
+
+def test_bad_arguments_are_refused_naming_the_value() -> None:
+    from babysit.lightning import BabysitCallback
+
+    with pytest.raises(ValueError, match=r"run_dir must be a directory path, got ''"):
+        BabysitCallback("")
+    with pytest.raises(ValueError, match=r"state must be a dict without the key '_lightning', got \{'_lightning': 1\}"):
+        BabysitCallback("checkpoints/x", state={"_lightning": 1})
+
+
+# -- the README's example ------------------------------------------------------------------------
+def readme_example() -> str:
+    section = (REPO / "README.md").read_text().split("### PyTorch Lightning\n", 1)[1].split("\n### ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_example_trains_resumes_and_obeys(tmp_path: Path) -> None:
+    code = readme_example()
+    assert "max_epochs=50" in code and code.count("# babysit") == 2  # the import and the callback
+    script = tmp_path / "train.py"
+    script.write_text("import sys\n" + code.replace("max_epochs=50", "max_epochs=int(sys.argv[1])"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    first = subprocess.run([sys.executable, str(script), "2"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=TIMEOUT, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    run_dir = tmp_path / "checkpoints" / "my-lightning-run"
+    store = RunStore(run_dir)
+    assert store.status()["state"] == "finished"
+    assert [(c["epoch"], c["step"]) for c in store.checkpoints()] == [(1, 28), (2, 56)]
+    assert all(c["metrics"]["val_loss"] > 0 for c in store.checkpoints())
+
+    # The same script again, for more epochs: it resumes at epoch 3, takes a nudge, stops.
+    log = open(tmp_path / "again.log", "wb")
+    again = subprocess.Popen([sys.executable, str(script), "400"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                             env=env)
+    try:
+        wait_for(lambda: store.status().get("alive") and store.status()["epoch"] >= 3, TIMEOUT, what="the resumed run")
+        assert re.search(r"set lr 0.005: applied at step \d+ \(after 0.005\)", cli(run_dir, "set", "lr", "0.005"))
+        cli(run_dir, "stop")
+        assert again.wait(timeout=TIMEOUT) == 0, (tmp_path / "again.log").read_text()
+    finally:
+        if again.poll() is None:
+            again.kill()
+        log.close()
+    assert store.status()["state"] == "stopped"
+    assert [e["kind"] for e in store.events()].count("resume") == 1
+    last = store.checkpoints()[-1]
+    assert last["reason"] in ("stop", "epoch") and last["step"] > 56 and last["hparams"]["lr"] == 0.005
