@@ -68,6 +68,7 @@ from .checkpoint import rng_state, set_rng_state
 from .guard import GuardConfig
 from .run import Interrupt, Run
 from .signals import install_stop_handlers
+from .store import PAUSED, RUNNING
 
 _LIGHTNING_STATE = "_lightning"   # the run.state key of Lightning's counters and other optimizers
 
@@ -106,7 +107,6 @@ class BabysitCallback(pl.Callback):
         self.run: Run | None = None
         self._counters = _LightningCounters(self)
         self._cut = False              # a stop or rollback was applied: end the epoch at the next batch
-        self._epochs_started = 0       # in this process
         self._rng_at_fit_start: dict[str, Any] | None = None
         self._epoch_to_end = False     # an epoch trained to its end, checkpointed once Lightning is done with it
         self._trainer: pl.Trainer | None = None
@@ -170,7 +170,6 @@ class BabysitCallback(pl.Callback):
         batches = trainer.num_training_batches
         run.steps_per_epoch = int(batches) if math.isfinite(batches) else None
         run.begin_epoch()
-        self._epochs_started += 1
         if trainer.current_epoch == 0:
             # Lightning makes epoch 0's iterator in setup_data, before any hook (and not again
             # after a rollback to epoch 0): make it now, from the generators the epoch starts with.
@@ -229,7 +228,7 @@ class BabysitCallback(pl.Callback):
             else:
                 self._end_trained_epoch()
                 run.stop_if_requested()
-        if run is not None and not run._closed:
+        if self._live() is not None:
             run.__exit__(type(exception), exception, exception.__traceback__)  # crashed or aborted, then closed
         self._put_signals_back()
 
@@ -241,16 +240,16 @@ class BabysitCallback(pl.Callback):
     # -- steps -----------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._cut or self.run is None or self.run._closed:
+        if self._cut or self._live() is None:
             # A stop or a rollback cut the epoch: end it before this batch is trained. (A
             # callback's -1 is ignored, only the module's counts; the epoch loop ends on
             # StopIteration alike, without stepping schedulers or validating.)
             raise StopIteration
-        self.run.begin_step()
+        self.run.begin_step()  # type: ignore[union-attr]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        run = self.run
+        run = self._live()
         if run is None:
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -272,8 +271,9 @@ class BabysitCallback(pl.Callback):
             self.run.end_epoch()
 
     def _live(self) -> Run | None:
+        """The run, while it runs (not yet made, or stopped, finished, crashed: None)."""
         run = self.run
-        return None if run is None or run._closed else run
+        return run if run is not None and run.status in (RUNNING, PAUSED) else None
 
     def _sync_counters(self, trainer: pl.Trainer, *, at_epoch_end: bool) -> None:
         """Make Lightning's loop counters say what babysit's restored position says: ``current_epoch``
