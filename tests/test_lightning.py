@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from babysit.checkpoint import KEY_MODEL, KEY_OPTIMIZER, read_verified
+from babysit.lightning import BabysitCallback
 from babysit.store import RunStore
 from tests.conftest import REPO, babysit_cli, wait_for
 from tests.lightning_script import weights_fingerprint
@@ -218,8 +221,6 @@ def test_the_guard_rolls_a_lightning_run_back_by_itself_and_sigterm_stops_it_wit
 
 
 def test_bad_arguments_are_refused_naming_the_value() -> None:
-    from babysit.lightning import BabysitCallback
-
     with pytest.raises(ValueError, match=r"run_dir must be a directory path, got ''"):
         BabysitCallback("")
     with pytest.raises(ValueError, match=r"state must be a dict without the key '_lightning', got \{'_lightning': 1\}"):
@@ -264,3 +265,63 @@ def test_the_readme_example_trains_resumes_and_obeys(tmp_path: Path) -> None:
     assert [e["kind"] for e in store.events()].count("resume") == 1
     last = store.checkpoints()[-1]
     assert last["reason"] in ("stop", "epoch") and last["step"] > 56 and last["hparams"]["lr"] == 0.005
+
+
+# -- several optimizers, manual optimization (in this process: no command has to reach it live) --
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization with two optimizers (a GAN's shape): two optimizer steps per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.a, self.b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (x,) = batch
+        for net, optimizer in zip((self.a, self.b), self.optimizers()):
+            loss = net(x).pow(2).mean()
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return (torch.optim.SGD(self.a.parameters(), lr=0.1, momentum=0.9),
+                torch.optim.Adam(self.b.parameters(), lr=0.01))
+
+
+def fit_two_optimizers(run_dir: Path, epochs: int, *callbacks: pl.Callback) -> pl.Trainer:
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=8, shuffle=True)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[*callbacks, BabysitCallback(run_dir, flush_interval=0.05)])
+    trainer.fit(TwoOptimizers(), loader)
+    return trainer
+
+
+class LookAtTheStart(pl.Callback):
+    """What the trainer holds once babysit has resumed the run (its on_fit_start is done)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.global_step = trainer.global_step
+        self.adam = [state["exp_avg"].clone() for state in trainer.optimizers[1].state.values()]
+
+
+def test_with_two_optimizers_babysit_nudges_the_first_and_restores_both(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    run_dir = tmp_path / "run"
+    first = fit_two_optimizers(run_dir, 1)
+    assert first.global_step == 16  # 8 batches, two optimizer steps each
+    saved_adam = [state["exp_avg"].clone() for state in first.optimizers[1].state.values()]
+    # A nudge queued while no trainer runs is applied at the resumed run's first step boundary.
+    command = RunStore(run_dir).enqueue_command("set_lr", {"value": 0.05}, source="test", require_live=False)
+
+    look = LookAtTheStart()
+    second = fit_two_optimizers(run_dir, 2, look)
+    assert (look.global_step, second.global_step) == (16, 32)
+    assert len(look.adam) == 2 and all(torch.equal(a, b) for a, b in zip(look.adam, saved_adam))
+    store = RunStore(run_dir)
+    assert (store.command(command)["state"], store.command(command)["result"]["after"]) == ("applied", 0.05)
+    assert [o.param_groups[0]["lr"] for o in second.optimizers] == [0.05, 0.01]  # the first only
+    assert [(c["epoch"], c["step"]) for c in store.checkpoints()] == [(1, 8), (2, 16)]
