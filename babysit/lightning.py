@@ -12,8 +12,7 @@ Where babysit acts
     checkpointed (``run.end_epoch``) once Lightning is done with it — at the next epoch's start or
     as training ends — so the module's ``on_train_epoch_end`` and a ReduceLROnPlateau step are in
     the checkpoint; a cut epoch's ``run.end_epoch`` (a rollback, a stop's end) runs in
-    ``on_train_epoch_end``. A stop or a rollback
-    cuts the epoch at the boundary: the next ``on_train_batch_start`` raises StopIteration, which
+    ``on_train_epoch_end``. A stop or a rollback cuts the epoch at the boundary: the next ``on_train_batch_start`` raises StopIteration, which
     ends Lightning's epoch loop before that batch is trained (no scheduler step, no validation for
     the cut). A finished stop sets ``trainer.should_stop``.
 
@@ -21,9 +20,10 @@ Resume and rollback: babysit's position wins, Lightning's counters follow it
     babysit's checkpoint is the one source of truth (model, optimizers, schedulers, ``run.state``,
     RNGs, epoch and step). The :class:`~babysit.Run` is made in ``on_fit_start``, when Lightning has
     built the optimizers and not yet drawn the first batch, and loads the latest checkpoint there;
-    a rollback loads its checkpoint in ``on_train_epoch_end`` of the epoch it cut, after Lightning
-    has stepped its schedulers for that epoch (so nothing Lightning does to the cut epoch reaches the
-    restored state). Either way the callback then writes the restored position into Lightning's
+    a rollback loads its checkpoint in ``on_train_epoch_end`` of the epoch it cut, after whatever
+    Lightning still did at the cut (a last batch's validation, an epoch scheduler's step), so none
+    of it reaches the restored state; the batch counters are reset there too, so the plateau
+    schedulers Lightning steps after that hook leave the restored state alone. Either way the callback then writes the restored position into Lightning's
     loop counters — ``fit_loop.epoch_progress`` (so ``current_epoch`` is the number of finished
     epochs), the optimizer-step progress behind ``global_step`` (saved in babysit's checkpoint, so it
     is Lightning's own count), the batches-stepped count loggers use — and training continues in the
