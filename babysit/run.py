@@ -320,8 +320,8 @@ class Run:
         return True
 
     def stop_if_requested(self) -> bool:
-        """Between two epochs: carry out a stop that waited for the epoch's end (a stop command at
-        its last boundary, Ctrl-C): the final checkpoint, then the run ends. True if it stopped."""
+        """Between two epochs: carry out a stop that waited for the last epoch's end (a stop command
+        at its last boundary, Ctrl-C, ``request_stop()``): final checkpoint, the run ends. True if it did."""
         return bool(self._meet(self._stop_between_epochs))
 
     def _left_epochs(self) -> None:
