@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytorch_lightning as pl
 import torch
@@ -89,7 +90,7 @@ class _Record(pl.Callback):
         self.file.flush()
         self.model.record = []
         run = self.model.babysit.run
-        if run.step in self.pause_at_steps:
+        if run.step in self.pause_at_steps and run.store is not None:  # rank 0's store: one click
             run.store.enqueue_command("pause", source="test")
 
 
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--pause-at-step", type=int, metavar="N", action="append", default=[],
                         help="for the tests: queue a pause after step N (on any branch; may be repeated)")
     parser.add_argument("--nan-at-step", type=int, metavar="N", help="for the tests: the loss is NaN at step N")
+    parser.add_argument("--devices", type=int, default=1, help="CPU processes (DDP when more than one)")
     parser.add_argument("--guard-auto-remedy", type=int, default=0, metavar="N",
                         help="let the divergence guard roll back by itself up to N times")
     args = parser.parse_args()
@@ -117,8 +119,12 @@ def main() -> None:
     callbacks: list[pl.Callback] = [babysit]
     if args.record:
         model.record = []
-        callbacks.insert(0, _Record(model, args.record, args.pause_at_step))
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
+        rank = int(os.environ.get("LOCAL_RANK", "0"))  # Lightning's DDP: each rank keeps its own record
+        path = args.record if rank == 0 else f"{args.record}.rank{rank}"
+        callbacks.insert(0, _Record(model, path, args.pause_at_step))
+    ddp = {"strategy": "ddp"} if args.devices > 1 else {}
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=args.devices, **ddp, callbacks=callbacks,
+                         logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)
     trainer.fit(model, train, val)

@@ -1,6 +1,8 @@
-"""babysit under ``torchrun --nproc_per_node=2`` (gloo, CPU), driven only through the CLI: every
-rank applies each command at the same step, checkpoints hold every rank's RNG and run.state, and a
-kill -9 of the whole job resumes bit-identically (tests/ddp_script.py is the job)."""
+"""babysit under torch.distributed (2 CPU processes, gloo), driven only through the CLI: a plain
+loop under ``torchrun --nproc_per_node=2`` (tests/ddp_script.py), the Hugging Face Trainer under
+torchrun and a Lightning Trainer with its DDP strategy. Every rank applies each command at the same
+step, checkpoints hold every rank's RNG and run.state, and a kill -9 of the whole job resumes
+bit-identically."""
 
 from __future__ import annotations
 
@@ -279,3 +281,55 @@ def test_the_hugging_face_trainer_under_torchrun_obeys_on_every_rank(tmp_path: P
     assert all(rank0[s] == planned[s] for s in range(1, paused + 1))
     ratio = 0.001 / planned[paused + 1]
     assert all(abs(rank0[s] - planned[s] * ratio) <= 1e-12 for s in range(paused + 1, 16))
+
+
+def test_a_lightning_trainer_with_the_ddp_strategy_obeys_on_every_rank(tmp_path: Path) -> None:
+    """babysit.lightning's callback under Lightning's own DDP (2 CPU processes, gloo): nudges,
+    a checkpoint with rank 1's share, and a rollback, each at the same step on both ranks."""
+    run_dir, record = tmp_path / "pl", tmp_path / "pl.jsonl"
+    with open(tmp_path / "pl.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "lightning_script.py"), "--run-dir", str(run_dir), "--devices", "2",
+             "--epochs", "3", "--steps-per-epoch", "20", "--record", str(record), "--pause-at-step", "5",
+             "--pause-at-step", "15"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+
+    def cli_ok(*args: str) -> None:
+        done = babysit_cli(*args, "--run-dir", str(run_dir), "--wait", "--timeout", "120", timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def rows(rank: int) -> list[dict[str, Any]]:
+        path = record if rank == 0 else Path(f"{record}.rank{rank}")
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    try:
+        store = wait_for(lambda: (run_dir / "run.db").exists() and RunStore(run_dir), timeout=240, what="the store")
+        wait_for(lambda: store.status()["state"] == "paused", timeout=240, what="the first pause")
+        paused = store.status()["step"]
+        cli_ok("set", "lr", "0.02")
+        cli_ok("set", "momentum", "0.5")
+        cli_ok("checkpoint")
+        cut = store.checkpoints()[-1]
+        assert cut["step"] == paused and read_verified(run_dir / cut["file"], cut["sha256"])[KEY_RANKS][1] is not None
+        cli_ok("resume")
+        wait_for(lambda: store.status()["state"] == "paused" and store.status()["step"] > paused, timeout=240,
+                 what="the second pause")
+        cli_ok("rollback", str(cut["id"]))
+        wait_for(lambda: all(any(r["branch"] == 2 for r in rows(rank)) for rank in (0, 1)), timeout=240,
+                 what="both ranks on branch 2")
+        cli_ok("stop")
+        assert process.wait(timeout=300) == 0, (tmp_path / "pl.log").read_text()
+    finally:
+        if process.poll() is None:
+            for pid in _with_descendants(process.pid):
+                _kill_9(pid)
+
+    by_rank = [rows(0), rows(1)]
+    keyed = [{(r["branch"], r["step"]): (r["lr"], r["momentum"], r["weights"]) for r in rank} for rank in by_rank]
+    assert keyed[0] == keyed[1]  # every step, on both ranks: the same lr, momentum and weights
+    first = {rank: next(r for r in by_rank[rank] if (r["branch"], r["step"]) == (1, paused + 1)) for rank in (0, 1)}
+    assert all((first[rank]["lr"], first[rank]["momentum"]) == (0.02, 0.5) for rank in (0, 1))
+    again = [next(r for r in rows if r["branch"] == 2) for rows in by_rank]
+    # Branch 2 starts from the checkpoint: its step, its weights, its lr and momentum, on both ranks.
+    assert all((r["step"], r["weights"], r["lr"], r["momentum"]) == (paused + 1, first[0]["weights"], 0.02, 0.5)
+               for r in again)
