@@ -347,14 +347,46 @@ def whole_loop_workload() -> Workload:
 DRAIN_SETTLE_S = 0.05  # between blocks: lets a parked writer thread fall asleep before the next block
 
 
+def modules_at(rev: str) -> tuple[Any, Any]:
+    """``babysit/guard.py`` and ``babysit/writer.py`` as they were at git revision ``rev``, loaded
+    beside the current ones (as ``babysit._guard_at_rev`` and ``babysit._writer_at_rev``), so one
+    process can time the code before and after a change in the same paired rounds."""
+    import subprocess
+    import types
+
+    from .common import REPO
+
+    loaded = {}
+    for name in ("guard", "writer"):
+        path = f"babysit/{name}.py"
+        source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout
+        source = source.replace("from .guard import", "from ._guard_at_rev import")
+        module = types.ModuleType(f"babysit._{name}_at_rev")
+        module.__package__, module.__file__ = "babysit", f"{rev}:{path}"
+        sys.modules[module.__name__] = module
+        exec(compile(source, module.__file__, "exec"), module.__dict__)
+        loaded[name] = module
+    return loaded["guard"], loaded["writer"]
+
+
 class LiveBabysat:
     """One babysit Run whose writer thread runs at its own pace during a block and sleeps between
-    blocks, so no variant's block pays for another's values."""
+    blocks, so no variant's block pays for another's values. ``modules``: a (guard, writer) pair
+    from :func:`modules_at` to build the Run's guard and writer from instead of the current ones."""
 
-    def __init__(self, scratch: Scratch, model: Any, optimizer: Any, guard: Any = None) -> None:
+    def __init__(self, scratch: Scratch, model: Any, optimizer: Any, guard: Any = None,
+                 modules: tuple[Any, Any] | None = None) -> None:
         from babysit import Run
+        from babysit import run as run_module
 
-        self.run = Run(scratch.fresh("live"), model, optimizer, config={"bench": "whole_loop"}, guard=guard)
+        current = run_module.DivergenceGuard, run_module.MetricsWriter
+        if modules is not None:
+            run_module.DivergenceGuard, run_module.MetricsWriter = modules[0].DivergenceGuard, modules[1].MetricsWriter
+        try:
+            self.run = Run(scratch.fresh("live"), model, optimizer, config={"bench": "whole_loop"}, guard=guard)
+        finally:
+            run_module.DivergenceGuard, run_module.MetricsWriter = current
         self.interval = self.run.writer._interval
         # The guard judges every value as usual, but a divergence must not pause the run (the
         # bench would wait forever): it is recorded, and the block that saw it fails.
@@ -389,7 +421,7 @@ def _loop_row(steps: int, t0: int, t1: int, t2: int, marks: list[int]) -> dict[s
             "median_step": gaps[len(gaps) // 2] / 1e3}
 
 
-def _whole_loop_variants(work: Workload, scratch: Scratch, steps: int, tools: list[Any]
+def _whole_loop_variants(work: Workload, scratch: Scratch, steps: int, tools: list[Any], compare: str | None = None
                          ) -> dict[str, Callable[[], dict[str, float]]]:
     from babysit import GuardConfig
 
@@ -406,8 +438,8 @@ def _whole_loop_variants(work: Workload, scratch: Scratch, steps: int, tools: li
         t1 = now_ns()
         return _loop_row(steps, t0, t1, t1, marks)
 
-    def babysat(guard: Any) -> Callable[[], dict[str, float]]:
-        tool = LiveBabysat(scratch, work.model, work.optimizer, guard)
+    def babysat(guard: Any, modules: tuple[Any, Any] | None = None) -> Callable[[], dict[str, float]]:
+        tool = LiveBabysat(scratch, work.model, work.optimizer, guard, modules)
         tools.append(tool)
         run = tool.run
 
@@ -429,6 +461,8 @@ def _whole_loop_variants(work: Workload, scratch: Scratch, steps: int, tools: li
 
     variants = {"bare": bare, "babysit": babysat(None),
                 "babysit_guard_off": babysat(GuardConfig(enabled=False))}
+    if compare is not None:  # the same loop with the guard and writer of another revision
+        variants["babysit_at_rev"] = babysat(None, modules_at(compare))
     SummaryWriter = _tensorboard()
     if SummaryWriter is not None:
         writer = SummaryWriter(log_dir=str(scratch.fresh("tb-loop")))
@@ -504,9 +538,10 @@ def _analyse_whole_loop(raw: dict[str, list[dict[str, float]]]) -> dict[str, Any
 
 
 def measure_whole_loop(work: Workload, scratch: Scratch, *, steps: int, rounds: int,
-                       threads: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
+                       threads: tuple[int, ...] = (1, 2), compare: str | None = None) -> dict[str, Any]:
     """Whole-loop µs per step of the bare loop, babysit (default guard, and guard off, to show the
-    guard's share) and TensorBoard, logging the loss every step; for each torch thread count."""
+    guard's share) and TensorBoard, logging the loss every step; for each torch thread count.
+    ``compare``: a git revision whose guard and writer run as one more variant (before → after)."""
     import torch
 
     before = torch.get_num_threads()
@@ -514,7 +549,7 @@ def measure_whole_loop(work: Workload, scratch: Scratch, *, steps: int, rounds: 
     tools: list[Any] = []
     by_threads: dict[str, Any] = {}
     try:
-        variants = _whole_loop_variants(work, scratch, steps, tools)
+        variants = _whole_loop_variants(work, scratch, steps, tools, compare)
         for n in threads:
             torch.set_num_threads(n)
             raw = _shuffled_rounds(variants, work, rounds, rng)
@@ -523,7 +558,8 @@ def measure_whole_loop(work: Workload, scratch: Scratch, *, steps: int, rounds: 
         torch.set_num_threads(before)
         _close(tools)
     return {"workload": work.description, "steps_per_block": steps, "rounds": rounds, "threads": list(threads),
-            "logged": ["loss"], "by_threads": by_threads, "tensorboard_installed": _tensorboard() is not None}
+            "logged": ["loss"], "by_threads": by_threads, "tensorboard_installed": _tensorboard() is not None,
+            "compare_rev": compare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2_000, help="steps per loop (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=15, help="paired rounds per thread count (default %(default)s)")
     parser.add_argument("--threads", default="1,2", help="torch thread counts (default %(default)s)")
+    parser.add_argument("--compare", metavar="REV", help="also time babysit with babysit/guard.py and "
+                        "babysit/writer.py of this git revision, in the same paired rounds (before → after)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="raw results and scratch (git-ignored)")
     args = parser.parse_args(argv)
     threads = tuple(int(t) for t in args.threads.split(","))
@@ -548,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     machine["command"] = "python -m bench.step_overhead " + " ".join(sys.argv[1:] if argv is None else argv)
     scratch = Scratch(args.out, "loop-")
     try:
-        loop = measure_whole_loop(whole_loop_workload(), scratch, steps=args.steps, rounds=args.rounds, threads=threads)
+        loop = measure_whole_loop(whole_loop_workload(), scratch, steps=args.steps, rounds=args.rounds, threads=threads,
+                                  compare=args.compare)
     finally:
         scratch.cleanup()
     machine["load_average_end"] = load_average()
