@@ -181,13 +181,18 @@ class DivergenceGuard:
         short_power, long_power = self._short_power, self._long_power
         gap_square, gap_weight, peak = self._gap_square, self._gap_weight, self._peak
         found = None
+        try:  # one C call for the chunk instead of one per value: a NaN or an infinity makes the sum one
+            checked = math.isfinite(sum(values))
+        except TypeError:  # a None among them
+            checked = False
         for step, value in zip(steps, values):
-            if value is None:
-                continue
-            if not math.isfinite(value):
-                averages = (short / (1 - short_power), long / (1 - long_power)) if count else (None, None)
-                found = Divergence(step, value, *averages)
-                break
+            if not checked:
+                if value is None:
+                    continue
+                if not math.isfinite(value):
+                    averages = (short / (1 - short_power), long / (1 - long_power)) if count else (None, None)
+                    found = Divergence(step, value, *averages)
+                    break
             count += 1
             short = short_beta * short + short_rest * value
             long = long_beta * long + long_rest * value
