@@ -7,9 +7,9 @@ feeds the divergence guard and writes chunks and heartbeat in one transaction.
 
 Whatever this thread does while it holds the GIL, the training thread waits for: it needs the GIL
 back between any two torch calls, so a flush costs the loop about its own CPU time. Hence a flush
-does its per-value work in C, a fixed number of calls per flush whatever its length (the queue
-emptied by ``starmap(popleft)``, the items transposed by ``zip``, each metric's values gathered
-by ``itemgetter`` and converted by one ``np.array``, chunks kept as numpy buffers);
+does its per-value work in C, with a number of calls that grows with its chunks, not its values
+(the queue emptied by ``starmap(popleft)``, the items transposed by ``zip``, each metric's values
+gathered by ``itemgetter`` and converted by one ``np.array``, chunks kept as numpy buffers);
 ``tests/test_writer.py`` counts the Python lines a flush runs to keep it that way.
 
 When the store stops taking writes (a disk with no byte left) or run.db is deleted under it, this
