@@ -1,9 +1,16 @@
 """The background metrics writer: the training thread appends to a deque, this thread stores.
 
 The training thread's share of ``run.log(loss=...)`` is one ``deque.append`` of a tuple. Several
-times a second this thread turns the queued values into floats (a tensor's ``.item()`` happens
-here, so a GPU loss never forces a sync on the training thread), packs them into chunks, feeds
-the divergence guard and writes chunks and heartbeat in one transaction.
+times a second this thread turns the queued values into floats (a GPU tensor's ``.item()``
+happens here, so a GPU loss never forces a sync on the training thread), packs them into chunks,
+feeds the divergence guard and writes chunks and heartbeat in one transaction.
+
+Whatever this thread does while it holds the GIL, the training thread waits for: it needs the GIL
+back between any two torch calls, so a flush costs the loop about its own CPU time. Hence a flush
+does its per-value work in C, with a number of calls that grows with its chunks, not its values
+(the queue emptied by ``starmap(popleft)``, the items transposed by ``zip``, each metric's values
+gathered by ``itemgetter`` and converted by one ``np.array``, chunks kept as numpy buffers);
+``tests/test_writer.py`` counts the Python lines a flush runs to keep it that way.
 
 When the store stops taking writes (a disk with no byte left) or run.db is deleted under it, this
 thread says so on stderr once and pauses the run with a command held in memory (no command could
@@ -18,14 +25,16 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable
+from itertools import repeat, starmap
+from operator import itemgetter
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from .guard import Divergence, DivergenceGuard
 from .commands import PAUSE
-from .store import CHUNK_POINTS, RunStore, disk_full, disk_full_message
+from .store import CHUNK_POINTS, PER_STEP, RunStore, disk_full, disk_full_message
 
 log = logging.getLogger("babysit")
 DISK_FULL = "disk full"
@@ -33,6 +42,9 @@ DB_LOST = "run.db lost"
 
 # (per, branch, step, wall, {name: value})
 LogItem = tuple[str, int, int, float, dict[str, Any]]
+# Values of these types become floats in one np.array call, exactly as float() makes them; any
+# other (a GPU tensor, a numpy scalar, something that is not a number) goes value by value.
+_PLAIN_NUMBERS = frozenset((float, int))
 
 
 def to_float(value: Any) -> float:
@@ -44,12 +56,26 @@ def to_float(value: Any) -> float:
 
 
 class _OpenChunk:
-    __slots__ = ("steps", "vals", "walls")
+    """A chunk being filled: numpy buffers of CHUNK_POINTS points, the first ``n`` of them used."""
+
+    __slots__ = ("steps", "vals", "walls", "n")
 
     def __init__(self) -> None:
-        self.steps: list[int] = []
-        self.vals: list[float] = []
-        self.walls: list[float] = []
+        self.steps = np.empty(CHUNK_POINTS, dtype=np.int64)
+        self.vals = np.empty(CHUNK_POINTS, dtype=np.float64)
+        self.walls = np.empty(CHUNK_POINTS, dtype=np.float64)
+        self.n = 0
+
+    def extend(self, steps: np.ndarray, vals: np.ndarray, walls: np.ndarray) -> None:
+        start, end = self.n, self.n + len(steps)
+        self.steps[start:end] = steps
+        self.vals[start:end] = vals
+        self.walls[start:end] = walls
+        self.n = end
+
+    def points(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = self.n
+        return self.steps[:n], self.vals[:n], self.walls[:n]
 
 
 class MetricsWriter:
@@ -100,7 +126,7 @@ class MetricsWriter:
         except Exception as error:
             if not disk_full(error):
                 raise
-            unstored = sum(len(chunk.steps) for chunk in self._open.values()) + len(self.queue)
+            unstored = sum(chunk.n for chunk in self._open.values()) + len(self.queue)
             log.error("babysit: %s: the last %d logged values (and the final status) could not be stored",
                       disk_full_message(self.store.run_dir), unstored)
 
@@ -154,29 +180,30 @@ class MetricsWriter:
 
     def _flush_locked(self) -> None:
         queue = self.queue
-        items = [queue.popleft() for _ in range(len(queue))]
+        # Exactly what is queued now (the training thread may append meanwhile), popped in C.
+        items = list(starmap(queue.popleft, repeat((), len(queue))))
         divergences: list[tuple[Divergence, int]] = []
-        # Work column by column over runs of items that logged the same names (a loop logs the
-        # same ones step after step): a few list operations per run instead of per value.
-        start = 0
-        while start < len(items):
-            per, branch, _, _, first = items[start]
-            names = first.keys()
-            end = start + 1
-            while end < len(items) and items[end][0] == per and items[end][1] == branch and items[end][4].keys() == names:
-                end += 1
-            run = items[start:end]
-            steps = [item[2] for item in run]
-            walls = [item[3] for item in run]
-            for name in names:
-                values = self._floats(name, [item[4][name] for item in run], branch, steps)
-                self._append((name, branch, per), steps, values, walls)
-                guard = self._guard
-                if guard is not None and per == "step" and name == guard.config.metric:
-                    found = guard.feed_many(steps, values)
+        guard = self._guard
+        for per, branch, steps, walls, columns in _runs(items):
+            step_array = np.array(steps, dtype=np.int64)
+            wall_array = np.array(walls, dtype=np.float64)
+            for name, raw in columns.items():
+                values, bad = self._floats(name, raw, branch, steps)
+                if bad is None:
+                    self._append((name, branch, per), step_array, values, wall_array)
+                else:  # values that were not numbers: stored nowhere
+                    kept = np.ones(len(values), dtype=bool)
+                    kept[bad] = False
+                    self._append((name, branch, per), step_array[kept], values[kept], wall_array[kept])
+                if guard is not None and per == PER_STEP and name == guard.config.metric:
+                    judged: Sequence[float | None] = values
+                    if bad is not None:  # the guard skips a None
+                        judged = values.tolist()
+                        for i in bad:
+                            judged[i] = None
+                    found = guard.feed_many(steps, judged)
                     if found is not None:
                         divergences.append((found, branch))
-            start = end
         if self._on_divergence is not None:
             for found, branch in divergences:
                 self._on_divergence(found, branch)
@@ -185,8 +212,7 @@ class MetricsWriter:
             series = self._series.get(key)
             if series is None:
                 series = self._series[key] = self.store.series_id(key[0], key[1], key[2])
-            pending.append((series, np.array(chunk.steps, dtype=np.int64), np.array(chunk.vals, dtype=np.float64),
-                            np.array(chunk.walls, dtype=np.float64)))
+            pending.append((series, *chunk.points()))
         connection = self.store.conn()
         held = self.store.take_held()  # what a full disk refused before: first, in order
         try:
@@ -204,41 +230,42 @@ class MetricsWriter:
             raise
         self._full.clear()
         for key in self._dirty:
-            if len(self._open[key].steps) >= CHUNK_POINTS:
+            if self._open[key].n >= CHUNK_POINTS:
                 del self._open[key]  # full, and now stored for good
         self._dirty.clear()
 
-    def _append(self, key: tuple[str, int, str], steps: list[int], values: list[float | None], walls: list[float]) -> None:
+    def _append(self, key: tuple[str, int, str], steps: np.ndarray, values: np.ndarray, walls: np.ndarray) -> None:
         """Add points to the series' open chunk, starting a new chunk every CHUNK_POINTS points."""
-        if None in values:  # values that were not numbers: stored nowhere
-            kept = [i for i, v in enumerate(values) if v is not None]
-            steps, values, walls = [steps[i] for i in kept], [values[i] for i in kept], [walls[i] for i in kept]
-        done = 0
-        while done < len(steps):
+        done, total = 0, len(steps)
+        while done < total:
             chunk = self._open.get(key)
-            if chunk is None or len(chunk.steps) >= CHUNK_POINTS:
+            if chunk is None or chunk.n >= CHUNK_POINTS:
                 if chunk is not None:  # full: stored under its own entry until written
                     self._full.append((key, chunk))
                 chunk = self._open[key] = _OpenChunk()
-            take = min(len(steps) - done, CHUNK_POINTS - len(chunk.steps))
-            chunk.steps.extend(steps[done:done + take])
-            chunk.vals.extend(values[done:done + take])
-            chunk.walls.extend(walls[done:done + take])
-            done += take
+            end = done + min(total - done, CHUNK_POINTS - chunk.n)
+            chunk.extend(steps[done:end], values[done:end], walls[done:end])
+            done = end
             self._dirty.add(key)
 
-    def _floats(self, name: str, raw: list[Any], branch: int, steps: list[int]) -> list[float | None]:
-        try:
-            return [value if type(value) is float else to_float(value) for value in raw]
-        except (TypeError, ValueError, RuntimeError):
-            out: list[float | None] = []
-            for value, step in zip(raw, steps):
-                try:
-                    out.append(to_float(value))
-                except (TypeError, ValueError, RuntimeError):
-                    self._report_bad_value(name, value, branch, step)
-                    out.append(None)
-            return out
+    def _floats(self, name: str, raw: list[Any], branch: int, steps: Sequence[int]) -> tuple[np.ndarray, list[int] | None]:
+        """The values as floats, and the positions of those that are not numbers (NaN in the
+        array, reported once per metric), or None when all are."""
+        if set(map(type, raw)) <= _PLAIN_NUMBERS:
+            try:
+                return np.array(raw, dtype=np.float64), None
+            except OverflowError:  # an int too large for a float: the value-by-value path decides
+                pass
+        out = np.empty(len(raw), dtype=np.float64)
+        bad = []
+        for i, value in enumerate(raw):
+            try:
+                out[i] = to_float(value)
+            except (TypeError, ValueError, RuntimeError):
+                self._report_bad_value(name, value, branch, steps[i])
+                out[i] = np.nan
+                bad.append(i)
+        return out, bad or None
 
     def _report_bad_value(self, name: str, raw: Any, branch: int, step: int) -> None:
         if name in self._bad_names:
@@ -248,3 +275,34 @@ class MetricsWriter:
             "error", f"metric {name!r}: value {raw!r} is not a number; such values are not stored "
             "(log numbers or one-element tensors)", branch=branch, step=step,
         )
+
+
+_LogRun = tuple[str, int, tuple[int, ...], tuple[float, ...], dict[str, list[Any]]]  # see _runs
+
+
+def _runs(items: list[LogItem]) -> list[_LogRun]:
+    """The items as runs that logged the same names at the same per and branch: (per, branch,
+    steps, walls, {name: its values}). A loop logs the same names step after step, so usually
+    all the items are one run, recognised and gathered with a few calls in C; otherwise they are
+    split into runs first."""
+    if not items:
+        return []
+    pers, branches, steps, walls, dicts = zip(*items)
+    n = len(items)
+    names = dicts[0].keys()
+    if pers.count(pers[0]) == n and branches.count(branches[0]) == n and sum(map(len, dicts)) == n * len(names):
+        # As many names in all as the first item's times the items: one run if every item has
+        # each of the first item's names, which gathering them checks (a KeyError otherwise).
+        try:
+            return [(pers[0], branches[0], steps, walls, {name: list(map(itemgetter(name), dicts)) for name in names})]
+        except KeyError:
+            pass
+    runs = []
+    start = 0
+    for end in range(1, n + 1):
+        if end == n or pers[end] != pers[start] or branches[end] != branches[start] or dicts[end].keys() != dicts[start].keys():
+            run = dicts[start:end]
+            runs.append((pers[start], branches[start], steps[start:end], walls[start:end],
+                         {name: list(map(itemgetter(name), run)) for name in dicts[start]}))
+            start = end
+    return runs

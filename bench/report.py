@@ -170,6 +170,7 @@ def _step_table(section: dict[str, Any], percent: bool = True) -> str:
 def whole_loop_text(loop: dict[str, Any]) -> str:
     """The whole-loop tables, one per torch thread count (what the step targets use)."""
     names = {"bare": "bare loop", "babysit": "babysit (default guard)", "babysit_guard_off": "babysit, guard off",
+             "babysit_at_rev": f"babysit at `{loop.get('compare_rev')}` (its guard and writer; default guard)",
              "tensorboard": "TensorBoard SummaryWriter"}
     parts = [f"**Whole loops** (what the user pays; the targets): {loop['workload']}; {loop['rounds']} paired rounds "
              f"of one {loop['steps_per_block']:,}-step loop per variant, the order shuffled every round. babysit: "

@@ -347,14 +347,46 @@ def whole_loop_workload() -> Workload:
 DRAIN_SETTLE_S = 0.05  # between blocks: lets a parked writer thread fall asleep before the next block
 
 
+def modules_at(rev: str) -> tuple[Any, Any]:
+    """``babysit/guard.py`` and ``babysit/writer.py`` as they were at git revision ``rev``, loaded
+    beside the current ones (as ``babysit._guard_at_rev`` and ``babysit._writer_at_rev``), so one
+    process can time the code before and after a change in the same paired rounds."""
+    import subprocess
+    import types
+
+    from .common import REPO
+
+    loaded = {}
+    for name in ("guard", "writer"):
+        path = f"babysit/{name}.py"
+        source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout
+        source = source.replace("from .guard import", "from ._guard_at_rev import")
+        module = types.ModuleType(f"babysit._{name}_at_rev")
+        module.__package__, module.__file__ = "babysit", f"{rev}:{path}"
+        sys.modules[module.__name__] = module
+        exec(compile(source, module.__file__, "exec"), module.__dict__)
+        loaded[name] = module
+    return loaded["guard"], loaded["writer"]
+
+
 class LiveBabysat:
     """One babysit Run whose writer thread runs at its own pace during a block and sleeps between
-    blocks, so no variant's block pays for another's values."""
+    blocks, so no variant's block pays for another's values. ``modules``: a (guard, writer) pair
+    from :func:`modules_at` to build the Run's guard and writer from instead of the current ones."""
 
-    def __init__(self, scratch: Scratch, model: Any, optimizer: Any, guard: Any = None) -> None:
+    def __init__(self, scratch: Scratch, model: Any, optimizer: Any, guard: Any = None,
+                 modules: tuple[Any, Any] | None = None) -> None:
         from babysit import Run
+        from babysit import run as run_module
 
-        self.run = Run(scratch.fresh("live"), model, optimizer, config={"bench": "whole_loop"}, guard=guard)
+        current = run_module.DivergenceGuard, run_module.MetricsWriter
+        if modules is not None:
+            run_module.DivergenceGuard, run_module.MetricsWriter = modules[0].DivergenceGuard, modules[1].MetricsWriter
+        try:
+            self.run = Run(scratch.fresh("live"), model, optimizer, config={"bench": "whole_loop"}, guard=guard)
+        finally:
+            run_module.DivergenceGuard, run_module.MetricsWriter = current
         self.interval = self.run.writer._interval
         # The guard judges every value as usual, but a divergence must not pause the run (the
         # bench would wait forever): it is recorded, and the block that saw it fails.
@@ -389,7 +421,7 @@ def _loop_row(steps: int, t0: int, t1: int, t2: int, marks: list[int]) -> dict[s
             "median_step": gaps[len(gaps) // 2] / 1e3}
 
 
-def _whole_loop_variants(work: Workload, scratch: Scratch, steps: int, tools: list[Any]
+def _whole_loop_variants(work: Workload, scratch: Scratch, steps: int, tools: list[Any], compare: str | None = None
                          ) -> dict[str, Callable[[], dict[str, float]]]:
     from babysit import GuardConfig
 
@@ -406,8 +438,8 @@ def _whole_loop_variants(work: Workload, scratch: Scratch, steps: int, tools: li
         t1 = now_ns()
         return _loop_row(steps, t0, t1, t1, marks)
 
-    def babysat(guard: Any) -> Callable[[], dict[str, float]]:
-        tool = LiveBabysat(scratch, work.model, work.optimizer, guard)
+    def babysat(guard: Any, modules: tuple[Any, Any] | None = None) -> Callable[[], dict[str, float]]:
+        tool = LiveBabysat(scratch, work.model, work.optimizer, guard, modules)
         tools.append(tool)
         run = tool.run
 
@@ -429,6 +461,8 @@ def _whole_loop_variants(work: Workload, scratch: Scratch, steps: int, tools: li
 
     variants = {"bare": bare, "babysit": babysat(None),
                 "babysit_guard_off": babysat(GuardConfig(enabled=False))}
+    if compare is not None:  # the same loop with the guard and writer of another revision
+        variants["babysit_at_rev"] = babysat(None, modules_at(compare))
     SummaryWriter = _tensorboard()
     if SummaryWriter is not None:
         writer = SummaryWriter(log_dir=str(scratch.fresh("tb-loop")))
@@ -504,9 +538,10 @@ def _analyse_whole_loop(raw: dict[str, list[dict[str, float]]]) -> dict[str, Any
 
 
 def measure_whole_loop(work: Workload, scratch: Scratch, *, steps: int, rounds: int,
-                       threads: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
+                       threads: tuple[int, ...] = (1, 2), compare: str | None = None) -> dict[str, Any]:
     """Whole-loop µs per step of the bare loop, babysit (default guard, and guard off, to show the
-    guard's share) and TensorBoard, logging the loss every step; for each torch thread count."""
+    guard's share) and TensorBoard, logging the loss every step; for each torch thread count.
+    ``compare``: a git revision whose guard and writer run as one more variant (before → after)."""
     import torch
 
     before = torch.get_num_threads()
@@ -514,7 +549,7 @@ def measure_whole_loop(work: Workload, scratch: Scratch, *, steps: int, rounds: 
     tools: list[Any] = []
     by_threads: dict[str, Any] = {}
     try:
-        variants = _whole_loop_variants(work, scratch, steps, tools)
+        variants = _whole_loop_variants(work, scratch, steps, tools, compare)
         for n in threads:
             torch.set_num_threads(n)
             raw = _shuffled_rounds(variants, work, rounds, rng)
@@ -523,7 +558,123 @@ def measure_whole_loop(work: Workload, scratch: Scratch, *, steps: int, rounds: 
         torch.set_num_threads(before)
         _close(tools)
     return {"workload": work.description, "steps_per_block": steps, "rounds": rounds, "threads": list(threads),
-            "logged": ["loss"], "by_threads": by_threads, "tensorboard_installed": _tensorboard() is not None}
+            "logged": ["loss"], "by_threads": by_threads, "tensorboard_installed": _tensorboard() is not None,
+            "compare_rev": compare}
+
+
+def measure_flush_cost(*, sizes: tuple[int, ...] = (100, 500, 2_000), reps: int = 60, compare: str | None = None
+                       ) -> dict[str, Any]:
+    """What one writer flush of n logged losses costs, without the machine's noise: the Python lines
+    it runs in writer.py and guard.py, its C-level calls, its thread CPU time, and the part of that
+    spent outside SQLite calls and ``os.stat`` (which release the GIL): an estimate of how long the
+    training thread waits for it. Guard on and off; with ``compare``, the same for the guard and
+    writer of that revision, all interleaved."""
+    import collections
+    import statistics
+    import tempfile
+
+    from babysit import guard as guard_now, writer as writer_now
+    from babysit.store import PER_STEP, RunStore
+
+    codes = {compare: modules_at(compare)} if compare is not None else {}
+    codes["now"] = (guard_now, writer_now)
+    thread_ns = time.thread_time_ns
+    rng = random.Random(WHOLE_LOOP_SEED)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        writers = {}
+        for label, (guard_mod, writer_mod) in codes.items():
+            for on in (True, False):
+                store = RunStore(Path(scratch) / f"{label}-{on}", create=True)
+                guard = guard_mod.DivergenceGuard(guard_mod.GuardConfig(enabled=on))
+                writer = writer_mod.MetricsWriter(store, status=lambda: {"state": "running", "step": 1}, guard=guard,
+                                                  interval=ASLEEP_S)
+                writers[f"{label}, guard {'on' if on else 'off'}"] = (writer, store, (writer_mod.__file__, guard_mod.__file__))
+        step = 0
+        for n in sizes:
+            losses = [rng.uniform(0.9, 1.1) for _ in range(n)]
+            samples: dict[str, dict[str, Any]] = collections.defaultdict(lambda: collections.defaultdict(list))
+            for rep in range(3 + 2 * reps):
+                for name in rng.sample(list(writers), len(writers)):
+                    writer, _, files = writers[name]
+                    for loss in losses:
+                        step += 1
+                        writer.queue.append((PER_STEP, 1, step, 1000.0 + step, {"loss": loss}))
+                    if rep == 0:  # warm-up: the guard past its warm-up, the series known to the store
+                        writer.flush()
+                    elif rep == 1:
+                        samples[name]["lines"] = _lines_run(files, writer.flush)
+                    elif rep == 2:
+                        samples[name]["c_calls"] = _c_calls_and_release_time(writer.flush)[0]
+                    elif rep % 2:
+                        samples[name]["released_us"].append(_c_calls_and_release_time(writer.flush)[1] / 1e3)
+                    else:
+                        c0 = thread_ns()
+                        writer.flush()
+                        samples[name]["cpu_us"].append((thread_ns() - c0) / 1e3)
+            for name in writers:
+                got = samples[name]
+                writer_file, guard_file = writers[name][2]
+                cpu, released = statistics.median(got["cpu_us"]), statistics.median(got["released_us"])
+                out.setdefault(name, {})[str(n)] = {
+                    "lines_writer": got["lines"][writer_file], "lines_guard": got["lines"][guard_file],
+                    "c_calls": got["c_calls"], "cpu_us": cpu, "released_us": released, "gil_held_us": cpu - released}
+        for writer, store, _ in writers.values():
+            writer.close()
+            store.close()
+    return out
+
+
+def _lines_run(files: tuple[str, ...], call: Callable[[], Any]) -> dict[str, int]:
+    """How many lines of each of ``files`` run during ``call()`` (Python's trace hook)."""
+    counts = dict.fromkeys(files, 0)
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            counts[frame.f_code.co_filename] += 1
+        return local
+
+    sys.settrace(lambda frame, event, arg: local if frame.f_code.co_filename in counts else None)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return counts
+
+
+_RELEASE_GIL = frozenset({"execute", "executemany", "stat"})  # SQLite's steps and os.stat run without the GIL
+
+
+def _c_calls_and_release_time(call: Callable[[], Any]) -> tuple[int, int]:
+    """C-level calls made during ``call()``, and the thread CPU ns spent inside the GIL-releasing ones."""
+    thread_ns = time.thread_time_ns
+    state = [0, 0, 0]  # calls, ns inside, start
+
+    def hook(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_call":
+            state[0] += 1
+            if getattr(arg, "__name__", "") in _RELEASE_GIL:
+                state[2] = thread_ns()
+        elif event in ("c_return", "c_exception") and getattr(arg, "__name__", "") in _RELEASE_GIL:
+            state[1] += thread_ns() - state[2]
+
+    sys.setprofile(hook)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return state[0], state[1]
+
+
+def flush_cost_text(cost: dict[str, Any]) -> str:
+    rows = []
+    for name, by_n in cost.items():
+        for n, c in by_n.items():
+            rows.append(f"| {name} | {int(n):,} | {c['lines_writer']:,} ({c['lines_writer'] / int(n):.2f}) | "
+                        f"{c['lines_guard']:,} ({c['lines_guard'] / int(n):.2f}) | {c['c_calls']:,} ({c['c_calls'] / int(n):.2f}) | "
+                        f"{c['cpu_us']:,.0f} | {c['gil_held_us']:,.0f} |")
+    return "\n".join(["| code | values per flush | lines in writer.py (per value) | lines in guard.py (per value) | "
+                      "C calls (per value) | writer CPU µs | of which GIL held, µs |", "|---|---|---|---|---|---|---|", *rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,8 +690,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2_000, help="steps per loop (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=15, help="paired rounds per thread count (default %(default)s)")
     parser.add_argument("--threads", default="1,2", help="torch thread counts (default %(default)s)")
+    parser.add_argument("--compare", metavar="REV", help="also time babysit with babysit/guard.py and "
+                        "babysit/writer.py of this git revision, in the same paired rounds (before → after)")
+    parser.add_argument("--flush-cost", action="store_true", help="instead of whole loops: what one writer flush "
+                        "costs (lines, C calls, CPU, GIL held), with --compare for the code before")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="raw results and scratch (git-ignored)")
     args = parser.parse_args(argv)
+    if args.flush_cost:
+        print(flush_cost_text(measure_flush_cost(compare=args.compare)))
+        return 0
     threads = tuple(int(t) for t in args.threads.split(","))
     if args.steps < 2 or args.rounds < 1 or min(threads) < 1:
         parser.error(f"--steps must be >= 2, --rounds and --threads >= 1; got {args.steps}, {args.rounds}, {args.threads}")
@@ -548,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     machine["command"] = "python -m bench.step_overhead " + " ".join(sys.argv[1:] if argv is None else argv)
     scratch = Scratch(args.out, "loop-")
     try:
-        loop = measure_whole_loop(whole_loop_workload(), scratch, steps=args.steps, rounds=args.rounds, threads=threads)
+        loop = measure_whole_loop(whole_loop_workload(), scratch, steps=args.steps, rounds=args.rounds, threads=threads,
+                                  compare=args.compare)
     finally:
         scratch.cleanup()
     machine["load_average_end"] = load_average()

@@ -428,3 +428,18 @@ def test_the_guards_python_work_per_chunk_does_not_grow_with_the_chunk(values_na
     # 100x the values: each of the two doubling scans takes 7 more passes (log2), nothing else grows.
     assert counts[large] - counts[small] <= 2 * 9 * 5, counts
     assert counts[large] < 0.01 * large, counts
+
+
+def test_the_value_by_value_loop_runs_a_bounded_number_of_lines_per_value() -> None:
+    # Short chunks (a slow loop's flushes) go value by value: there the Python work per value
+    # must stay a small fixed number of lines (the rule's arithmetic), whatever the chunk's length.
+    rng = random.Random(5)
+    counts = {}
+    for n in (100, guard_module.SCALAR_UP_TO):
+        guard = DivergenceGuard(GuardConfig())
+        guard.feed_many(list(range(200)), [rng.uniform(0.9, 1.1) for _ in range(200)])
+        steps, values = list(range(200, 200 + n)), [rng.uniform(0.9, 1.1) for _ in range(n)]
+        counts[n] = _lines_run_in_guard(lambda: guard.feed_many(steps, values))
+        assert not guard.tripped
+    per_value = (counts[guard_module.SCALAR_UP_TO] - counts[100]) / (guard_module.SCALAR_UP_TO - 100)
+    assert per_value <= 16, counts

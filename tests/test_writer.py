@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -309,3 +310,88 @@ def test_a_divergence_found_during_a_failed_flush_is_still_reported(store: RunSt
     harness.writer.flush()
     harness.writer.close()
     assert [(d.step, b) for d, b in harness.divergences] == [(2, 1)]
+
+
+# -- what a flush costs the training thread ----------------------------------------------------
+def test_names_logged_on_some_steps_only_are_each_stored_at_their_steps(harness: _Harness):
+    # The usual flush is one run of items with the same names, gathered in C; anything else
+    # (a metric every third step, one that appears later, a different set of the same size)
+    # must still land in its own series at its own steps.
+    for step in range(1, 13):
+        metrics: dict[str, Any] = {"loss": float(step)}
+        if step % 3 == 0:
+            metrics["acc"] = step / 100
+        if step == 7:
+            metrics = {"lr": 0.5, "momentum": 0.9}  # as many names as {loss, acc}, not the same ones
+        harness.log(step, **metrics)
+    harness.writer.flush()
+    assert harness.points("loss") == ([1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12], [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12])
+    assert harness.points("acc") == ([3, 6, 9, 12], [0.03, 0.06, 0.09, 0.12])
+    assert harness.points("lr") == ([7], [0.5]) and harness.points("momentum") == ([7], [0.9])
+
+
+def test_a_nan_in_the_middle_of_a_long_flush_is_reported_at_its_step(store: RunStore):
+    # Fed a whole flush at once, the guard still reports the very step of a NaN or of a jump,
+    # at the end of the flush that carries it (within one flush interval of being logged).
+    harness = _Harness(store, guard=DivergenceGuard(GuardConfig()))
+    for step in range(1, 3001):
+        harness.log(step, loss=math.nan if step == 2345 else 1.0 + (step % 5) * 0.01)
+    harness.writer.flush()
+    harness.writer.close()
+    assert [(d.step, math.isnan(d.value), b) for d, b in harness.divergences] == [(2345, True, 1)]
+    assert harness.points("loss")[0] == list(range(1, 3001))
+
+
+def _lines_run(files: tuple[str, ...], call: Callable[[], Any]) -> dict[str, int]:
+    """How many lines of each of ``files`` run during ``call()`` (Python's own trace hook)."""
+    counts = dict.fromkeys(files, 0)
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            counts[frame.f_code.co_filename] += 1
+        return local
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        return local if frame.f_code.co_filename in counts else None
+
+    sys.settrace(trace)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return counts
+
+
+def test_a_flushs_python_work_grows_with_its_chunks_not_with_its_values(store: RunStore):
+    # Whatever the writer thread runs while holding the GIL, the training thread waits for (it
+    # needs the GIL between any two torch calls), so a flush must not run Python per logged
+    # value: the values are gathered, converted and packed in C, and Python runs per chunk of
+    # CHUNK_POINTS values (its summary row) plus a fixed amount per flush. Counting the lines
+    # run instead of timing keeps this independent of the machine's speed and load. (The
+    # guard's own short-chunk loop is bounded in tests/test_guard.py.)
+    from babysit import guard as guard_module, writer as writer_module
+
+    files = (writer_module.__file__, guard_module.__file__, st.__file__)
+    harness = _Harness(store, guard=DivergenceGuard(GuardConfig()))
+    step = 0
+
+    def flush_of(n: int) -> dict[str, int]:
+        nonlocal step
+        for _ in range(n):
+            step += 1
+            harness.log(step, loss=1.0 + (step % 7) * 0.01, lr=0.1)
+        return _lines_run(files, harness.writer.flush)
+
+    flush_of(3000)  # past the guard's warm-up, the series known to the store
+    sizes = (1_000, 10_000)
+    lines = {n: flush_of(n) for n in sizes}
+    harness.writer.close()
+    assert harness.divergences == []
+    chunks = {n: 2 * math.ceil(n / CHUNK_POINTS) for n in sizes}  # two metrics
+    per_chunk = 45  # measured: ~25 in writer.py (fill, then pack the chunk), ~15 in store.py (its row)
+    grew = sum(lines[10_000].values()) - sum(lines[1_000].values())
+    # Beyond the chunks, only the guard's doubling scans grow (log2 of the chunk, ~4 lines a pass).
+    assert grew <= per_chunk * (chunks[10_000] - chunks[1_000]) + 2 * 4 * 4, lines
+    writer_lines = lines[10_000][writer_module.__file__]
+    assert writer_lines <= 60 + 30 * chunks[10_000], lines
+    assert sum(lines[10_000].values()) < 0.25 * 2 * 10_000, lines  # a quarter of a line per logged value (was 7)
