@@ -440,9 +440,9 @@ class AsyncCheckpointer:
             log.warning("babysit: checkpoint %s not written: %s: %s", job.path.name, type(error).__name__, error)
             try:
                 self._on_failed(job)  # an event the page shows, a pause or a remedy
-            except Exception:
-                log.exception("babysit: checkpoint %s failed and the failure could not be recorded in the store",
-                              job.path.name)
+            except Exception as unrecorded:  # a full disk refuses the event too: the log is all there is
+                log.error("babysit: checkpoint %s failed and the failure could not be recorded in the store "
+                          "(%s: %s)", job.path.name, type(unrecorded).__name__, unrecorded)
         finally:
             job.state = {}  # free the snapshot
             job.done.set()

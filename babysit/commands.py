@@ -62,20 +62,20 @@ def _show(raw: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def parse_number(raw: Any, what: str, accepted: str) -> float:
-    """Turn ``raw`` (a number or the text a person typed) into a finite float, or explain."""
-    if isinstance(raw, bool):
-        raise CommandError(f"{what} must be {accepted}, got {_show(raw)}")
-    if not isinstance(raw, (int, float, str)):
-        raise CommandError(f"{what} must be {accepted}, got {_show(raw)}")
+def parse_number(raw: Any, what: str, accepted: str, error: type[Exception] = CommandError) -> float:
+    """Turn ``raw`` (a number or the text a person typed) into a finite float, or raise ``error``
+    (a CommandError for a command's value, a SettingsError for a setting's) saying what is accepted."""
+    refused = error(f"{what} must be {accepted}, got {_show(raw)}")
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise refused
     if isinstance(raw, str) and not _DECIMAL.match(raw.strip()):
-        raise CommandError(f"{what} must be {accepted}, got {_show(raw)}")
+        raise refused
     try:
         value = float(raw.strip() if isinstance(raw, str) else raw)
     except (ValueError, OverflowError):  # text, or an integer too large for a float
-        raise CommandError(f"{what} must be {accepted}, got {_show(raw)}") from None
+        raise refused from None
     if not math.isfinite(value):
-        raise CommandError(f"{what} must be {accepted}, got {_show(raw)}")
+        raise refused
     return value
 
 

@@ -21,7 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .commands import CommandError, parse_number
+from .commands import parse_number
+from .errors import SettingsError
 
 
 @dataclass(frozen=True)
@@ -41,36 +42,36 @@ class GuardConfig:
 
     def __post_init__(self) -> None:
         for name in ("short_beta", "long_beta"):
-            beta = parse_number(getattr(self, name), name, "a number >= 0 and < 1 (for example 0.9)")
+            beta = parse_number(getattr(self, name), name, "a number >= 0 and < 1 (for example 0.9)", SettingsError)
             if not 0 <= beta < 1:
-                raise CommandError(f"{name} must be a number >= 0 and < 1 (for example 0.9), got {getattr(self, name)!r}")
+                raise SettingsError(f"{name} must be a number >= 0 and < 1 (for example 0.9), got {getattr(self, name)!r}")
             object.__setattr__(self, name, beta)
         if self.short_beta >= self.long_beta:
-            raise CommandError(f"short_beta must be below long_beta, got {self.short_beta!r} and {self.long_beta!r}")
+            raise SettingsError(f"short_beta must be below long_beta, got {self.short_beta!r} and {self.long_beta!r}")
         # For losses >= 0 the short average can never exceed the long one by more than this.
         reachable = (1 - self.short_beta) / (1 - self.long_beta)
         accepted = f"a finite number > 1 and < {reachable:g} (for example 3)"
-        factor = parse_number(self.spike_factor, "spike_factor", accepted)
+        factor = parse_number(self.spike_factor, "spike_factor", accepted, SettingsError)
         if not 1 < factor < reachable:
-            raise CommandError(f"spike_factor must be {accepted}, got {self.spike_factor!r}")
+            raise SettingsError(f"spike_factor must be {accepted}, got {self.spike_factor!r}")
         object.__setattr__(self, "spike_factor", factor)
         if not isinstance(self.auto_remedy_max, int) or self.auto_remedy_max < 0:
-            raise CommandError(f"auto_remedy_max must be a whole number >= 0, got {self.auto_remedy_max!r}")
-        gate = parse_number(self.noise_gate, "noise_gate", "a finite number >= 0 (for example 6)")
+            raise SettingsError(f"auto_remedy_max must be a whole number >= 0, got {self.auto_remedy_max!r}")
+        gate = parse_number(self.noise_gate, "noise_gate", "a finite number >= 0 (for example 6)", SettingsError)
         if gate < 0:
-            raise CommandError(f"noise_gate must be a finite number >= 0 (for example 6), got {self.noise_gate!r}")
+            raise SettingsError(f"noise_gate must be a finite number >= 0 (for example 6), got {self.noise_gate!r}")
         object.__setattr__(self, "noise_gate", gate)
-        rise = parse_number(self.min_rise, "min_rise", "a finite number >= 0 (for example 0.1)")
+        rise = parse_number(self.min_rise, "min_rise", "a finite number >= 0 (for example 0.1)", SettingsError)
         if rise < 0:
-            raise CommandError(f"min_rise must be a finite number >= 0 (for example 0.1), got {self.min_rise!r}")
+            raise SettingsError(f"min_rise must be a finite number >= 0 (for example 0.1), got {self.min_rise!r}")
         object.__setattr__(self, "min_rise", rise)
         for name in ("enabled",):
             if not isinstance(getattr(self, name), bool):
-                raise CommandError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise SettingsError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.auto_remedy_max, bool):
-            raise CommandError(f"auto_remedy_max must be a whole number >= 0, got {self.auto_remedy_max!r}")
+            raise SettingsError(f"auto_remedy_max must be a whole number >= 0, got {self.auto_remedy_max!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise CommandError(f"warmup_steps must be a whole number >= 0, got {self.warmup_steps!r}")
+            raise SettingsError(f"warmup_steps must be a whole number >= 0, got {self.warmup_steps!r}")
 
 
 @dataclass(frozen=True)

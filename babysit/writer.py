@@ -36,7 +36,7 @@ from .guard import Divergence, DivergenceGuard
 from .commands import PAUSE
 from .store import CHUNK_POINTS, PER_STEP, RunStore, disk_full, disk_full_message
 
-log = logging.getLogger("babysit")
+log = logging.getLogger(__name__)
 DISK_FULL = "disk full"
 DB_LOST = "run.db lost"
 
@@ -108,6 +108,7 @@ class MetricsWriter:
         self._wake = threading.Event()
         self._stopping = False
         self.last_flush_error: BaseException | None = None
+        self._failing_since = 0.0
         self._store_trouble: str | None = None  # DISK_FULL or DB_LOST while the store fails
         identity = os.stat(store.db_path)
         self._db_identity = (identity.st_dev, identity.st_ino)
@@ -139,15 +140,32 @@ class MetricsWriter:
                 self.flush()
                 if self._on_tick is not None:
                     self._on_tick()
+                if self.last_flush_error is not None and not disk_full(self.last_flush_error):
+                    self._recovered(self.last_flush_error)
                 self.last_flush_error = None
                 if self._store_trouble is not None and self._store_trouble != DB_LOST:
                     log.warning("babysit: the run's store takes writes again; what was held is stored")
                     self._store_trouble = None
             except Exception as error:  # a busy or full disk must not kill the writer; retry next tick
+                if self.last_flush_error is None and not disk_full(error):  # once per outage (a full disk has its own)
+                    self._failing_since = time.time()
+                    log.warning("babysit: storing the run's values failed (%s: %s); retrying every %.2g s, the "
+                                "values are kept meanwhile", type(error).__name__, error, self._interval)
                 self.last_flush_error = error
                 if disk_full(error):
                     self._store_failed(DISK_FULL, f"storing the run's values failed: {disk_full_message(self.store.run_dir)}")
                 time.sleep(self._interval)
+
+    def _recovered(self, error: BaseException) -> None:
+        """The store takes writes again after an outage: say what it was, on the page too."""
+        lasted = time.time() - self._failing_since
+        message = (f"storing the run's values failed for {lasted:.0f} s ({type(error).__name__}: {error}); "
+                   "nothing was lost, they are stored now")
+        log.warning("babysit: %s", message)
+        try:
+            self.store.add_event("store_trouble", message)
+        except Exception:
+            log.exception("babysit: the event for the store's outage could not be written")
 
     def _check_database(self) -> None:
         """Notice run.db deleted or replaced under the trainer (its writes would go nowhere)."""
@@ -213,18 +231,12 @@ class MetricsWriter:
             if series is None:
                 series = self._series[key] = self.store.series_id(key[0], key[1], key[2])
             pending.append((series, *chunk.points()))
-        connection = self.store.conn()
         held = self.store.take_held()  # what a full disk refused before: first, in order
         try:
-            connection.execute("BEGIN IMMEDIATE")
-            try:
+            with self.store.transaction():  # one commit; on failure the points stay in their open chunks
                 self.store.write_held(held)
                 self.store.write_chunks(pending)
                 self.store.write_status(**self._status(), heartbeat=time.time())
-                connection.execute("COMMIT")
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise  # the points stay in their open chunks and are written by the next flush
         except BaseException:
             self.store.restore_held(held)
             raise

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from babysit import guard as guard_module
-from babysit.commands import CommandError
+from babysit.errors import SettingsError
 from babysit.guard import Divergence, DivergenceGuard, GuardConfig
 
 
@@ -106,7 +106,7 @@ def test_a_spike_factor_the_averages_can_never_reach_is_refused(factor: float):
     # short / long can never reach (1 - short_beta) / (1 - long_beta) = 10 for a finite loss (a jump
     # of any size moves short by 10 % of it and long by 1 %), so from 10 up the spike check is dead:
     # the guard would watch a loss grow 1.5x per step to 7e6 in silence. Refuse such a setting.
-    with pytest.raises(CommandError, match=rf"^spike_factor must be .*< 10.*, got {factor!r}$"):
+    with pytest.raises(SettingsError, match=rf"^spike_factor must be .*< 10.*, got {factor!r}$"):
         GuardConfig(spike_factor=factor)
 
 
@@ -193,25 +193,25 @@ def test_defaults():
 @pytest.mark.parametrize(("raw", "shown"), [(1, "1"), (1.0, "1.0"), (0.5, "0.5"), (-3, "-3"), (math.nan, "nan"),
                                             (math.inf, "inf"), ("big", "'big'"), (True, "True"), (None, "None")])
 def test_spike_factor_must_be_above_one(raw, shown):
-    with pytest.raises(CommandError, match=rf"^spike_factor must be a finite number > 1 and < 10 \(for example 3\), got {shown}$"):
+    with pytest.raises(SettingsError, match=rf"^spike_factor must be a finite number > 1 and < 10 \(for example 3\), got {shown}$"):
         GuardConfig(spike_factor=raw)
 
 
 @pytest.mark.parametrize(("raw", "shown"), [(-1, "-1"), (1.5, "1.5"), ("2", "'2'"), (None, "None")])
 def test_auto_remedy_max_must_be_a_whole_number(raw, shown):
-    with pytest.raises(CommandError, match=rf"^auto_remedy_max must be a whole number >= 0, got {shown}$"):
+    with pytest.raises(SettingsError, match=rf"^auto_remedy_max must be a whole number >= 0, got {shown}$"):
         GuardConfig(auto_remedy_max=raw)
 
 
 @pytest.mark.parametrize(("raw", "shown"), [(-1, "-1"), (2.5, "2.5"), ("10", "'10'"), (None, "None")])
 def test_warmup_steps_must_be_a_whole_number(raw, shown):
-    with pytest.raises(CommandError, match=rf"^warmup_steps must be a whole number >= 0, got {shown}$"):
+    with pytest.raises(SettingsError, match=rf"^warmup_steps must be a whole number >= 0, got {shown}$"):
         GuardConfig(warmup_steps=raw)
 
 
 @pytest.mark.parametrize(("raw", "shown"), [(-1, "-1"), (math.nan, "nan"), ("loud", "'loud'")])
 def test_noise_gate_must_be_a_number_at_least_zero(raw, shown):
-    with pytest.raises(CommandError, match=rf"^noise_gate must be a finite number >= 0 \(for example 6\), got {shown}$"):
+    with pytest.raises(SettingsError, match=rf"^noise_gate must be a finite number >= 0 \(for example 6\), got {shown}$"):
         GuardConfig(noise_gate=raw)
 
 
@@ -230,7 +230,7 @@ def test_spike_factor_given_as_text_is_usable():
 def test_betas_must_be_between_zero_and_one(field: str, raw: float):
     # short_beta=1 makes every bias correction divide by zero at the first loss: refuse it up front,
     # naming the setting and the value, like every other setting.
-    with pytest.raises(CommandError, match=rf"^{field} must be .*, got {raw!r}$"):
+    with pytest.raises(SettingsError, match=rf"^{field} must be .*, got {raw!r}$"):
         GuardConfig(**{field: raw})
 
 

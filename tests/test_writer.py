@@ -252,6 +252,26 @@ def _fail_once(store: RunStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def test_a_store_outage_is_logged_once_and_told_on_the_page_when_it_ends(store: RunStore, caplog: pytest.LogCaptureFixture):
+    ticked = threading.Event()
+    failures: list[int] = []
+
+    def status() -> dict[str, Any]:
+        if len(failures) < 3:  # three flushes in a row fail: one outage
+            failures.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        return {"state": st.RUNNING, "step": 7}
+
+    with caplog.at_level("WARNING", logger="babysit.writer"):
+        writer = MetricsWriter(store, status=status, on_tick=ticked.set, interval=0.01)
+        assert ticked.wait(30)
+        writer.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "babysit.writer"]
+    assert sum("storing the run's values failed (OperationalError: database is locked)" in m for m in said) == 1
+    event = store.events(kinds=["store_trouble"])[-1]
+    assert "database is locked" in event["message"] and "nothing was lost" in event["message"]
+
+
 def test_the_thread_survives_a_failed_flush(store: RunStore):
     ticked = threading.Event()
     failures: list[int] = []
