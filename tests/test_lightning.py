@@ -264,7 +264,9 @@ def test_the_readme_example_trains_resumes_and_obeys(tmp_path: Path) -> None:
     assert store.status()["state"] == "stopped"
     assert [e["kind"] for e in store.events()].count("resume") == 1
     last = store.checkpoints()[-1]
-    assert last["reason"] in ("stop", "epoch") and last["step"] > 56 and last["hparams"]["lr"] == 0.005
+    # The nudge, then the example's own StepLR halving it every 10 epochs (a slow machine may cross one).
+    assert last["reason"] in ("stop", "epoch") and last["step"] > 56
+    assert last["hparams"]["lr"] in [0.005 * 0.5 ** k for k in range(8)]
 
 
 # -- several optimizers, manual optimization (in this process: no command has to reach it live) --
