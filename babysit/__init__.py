@@ -12,11 +12,12 @@ from typing import Any
 __all__ = [
     "Run", "GuardConfig", "Interrupt",
     "BabysitError", "SettingsError", "CommandError", "StoreError", "CheckpointError", "RunDirError", "RunLockedError",
+    "RanksOutOfStep",
 ]
 __version__ = "0.1.0"
 
 _HOMES = {"Run": "run", "Interrupt": "run", "GuardConfig": "guard"}
-_HOMES.update({name: "errors" for name in __all__ if name.endswith("Error")})  # the tree: babysit/errors.py
+_HOMES.update({name: "errors" for name in __all__ if name.endswith("Error") or name == "RanksOutOfStep"})  # the tree: babysit/errors.py
 
 
 def __getattr__(name: str) -> Any:

@@ -59,6 +59,9 @@ class CommandRunner:
             return
         while run._replay and run._replay[0]["step"] <= run.step:
             self._replay_command(run._replay.pop(0))
+        if run._checkpoint_asked is not None:  # run.checkpoint_now() under torch.distributed: taken here, together
+            reason, run._checkpoint_asked = run._checkpoint_asked, None
+            run.snapshots.take(reason)
         self._apply_pending()
         if run.status == PAUSED and not run._interrupt:
             self._wait_while_paused()
@@ -80,7 +83,10 @@ class CommandRunner:
             deadline = time.monotonic() + 0.5
             while time.monotonic() < deadline and not run.signal.changed() and not run._wake:
                 time.sleep(0.005)
-            run._tell("ping")  # the other ranks wait with it; a collective now and then keeps them
+            # The other ranks wait in this meeting: a collective now and then keeps them, and tells
+            # of a stop one of them was asked for (a signal to that rank).
+            if run._ranks is not None and run._ranks.ping(run) and run._stop_reason is None:
+                run.request_stop("a stop asked on another rank")
             run._wake = False
             if run._stop_reason is not None:
                 self.begin_stop(None)

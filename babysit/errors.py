@@ -10,6 +10,8 @@ all, and each message names the bad value and what would be accepted.
     │                                    does not fit the model
     ├── RunDirError (RuntimeError)       a path in the run directory babysit refuses (a link, a FIFO)
     │   └── RunLockedError               another trainer holds the run directory
+    ├── RanksOutOfStep (RuntimeError)    under torch.distributed, the ranks are not at the same point
+    │                                    of the loop (babysit.Run built on rank 0 only, say)
     └── CliError                         (the CLI's) a problem the user can fix, exit status 2
 
 The standard bases (ValueError, RuntimeError) are kept so that code written against them before
@@ -45,6 +47,10 @@ class RunDirError(BabysitError, RuntimeError):
 
 class RunLockedError(RunDirError):
     """Another trainer owns this run directory."""
+
+
+class RanksOutOfStep(BabysitError, RuntimeError):
+    """Under torch.distributed, the ranks did not meet at the same point of the loop."""
 
 
 class CliError(BabysitError):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from . import optim, user_state
+from .errors import RanksOutOfStep
 from .checkpoint import (
     KEY_EPOCH_START_RNG, KEY_LOADER_RNG, KEY_RNG, KEY_USER_STATE, read_verified, rng_state,
 )
@@ -43,18 +44,54 @@ KEY_RANKS = "ranks"        # in a checkpoint: per rank, what differs between ran
 RANK_KEYS = (KEY_RNG, KEY_EPOCH_START_RNG, KEY_LOADER_RNG, KEY_USER_STATE)
 SYNC_EVERY_S = 0.02        # how far apart sync steps are, in time, when steps are fast
 MAX_INTERVAL = 64          # ... and in steps: a nudge reaches every rank within this many steps
-PING_S = 1.0               # while paused, how often the leader tells the followers it is there
+
+
+# The points where the ranks meet, checked to be the same on every rank (see Ranks.meet).
+START, SYNC, EPOCH_END, BETWEEN_EPOCHS, FINISH = 1, 2, 3, 4, 5
+_POINTS = {START: "babysit.Run()", SYNC: "a step boundary", EPOCH_END: "an epoch's end",
+           BETWEEN_EPOCHS: "the start of an epoch", FINISH: "the end of run.epochs"}
+ARRIVAL_TIMEOUT_S = 300.0  # how long a rank waits for the others to build their Run
+
+_joined = 0  # Runs built in this process: the n-th Run of every rank meets the n-th of the others
 
 
 def join() -> "Ranks | None":
     """The ranks of this job, or None for a single process (no process group, or a group of one).
 
-    Collective: under torch.distributed every rank must build its ``Run`` at the same point."""
+    Collective: under torch.distributed every rank must build its ``Run`` at the same point; a
+    rank whose peers do not is told so (rather than waiting without a word)."""
     import torch.distributed as dist
 
+    global _joined
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return None
-    return Ranks(dist.new_group(backend="gloo"), dist.get_rank(), dist.get_world_size())
+    _joined += 1
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _wait_for_every_rank(dist, f"babysit/run-{_joined}", world)
+    # Babysit's collectives wait as long as the training's own do (a long evaluation on rank 0).
+    group = dist.new_group(backend="gloo", timeout=_training_timeout(dist))
+    return Ranks(group, rank, world)
+
+
+def _wait_for_every_rank(dist: Any, key: str, world: int) -> None:
+    store = dist.distributed_c10d._get_default_store()
+    arrived = store.add(key, 1)
+    deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
+    while arrived < world:
+        if time.monotonic() > deadline:
+            raise RanksOutOfStep(
+                f"babysit.Run was built on {arrived} of the job's {world} ranks in {ARRIVAL_TIMEOUT_S:.0f} s: under "
+                "torch.distributed every rank builds the same babysit.Run (rank 0 leads, the others follow "
+                "its commands; do not build it on rank 0 only)")
+        time.sleep(0.05)
+        arrived = store.add(key, 0)
+
+
+def _training_timeout(dist: Any) -> Any:
+    try:
+        return dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout
+    except Exception:  # a backend without CPU options (NCCL only): its own default
+        return dist.distributed_c10d._get_default_timeout(dist.get_backend())
 
 
 class Ranks:
@@ -70,7 +107,9 @@ class Ranks:
         self.leads = rank == 0
         self.next_sync = 0                       # the step at or after which the next sync step falls
         self._last_sync = (0, time.perf_counter())
-        self._header = torch.zeros(3, dtype=torch.int64)
+        # Reduced with MAX: the leader's work flag and interval (the followers send 0), any rank's
+        # stop request, and (as x and -x) the point and the step, to check every rank is at the same one.
+        self._header = torch.zeros(7, dtype=torch.int64)
         self._in_meeting = False
         self._handed_in: dict[str, Any] | None = None  # a follower's share of the last snapshot
 
@@ -85,33 +124,63 @@ class Ranks:
         if self._in_meeting:
             self._broadcast(op)
 
-    def sync_step(self, step: int, *, work: bool, stop_asked: bool) -> tuple[bool, bool]:
-        """At a sync step: (the leader has work, some rank was asked to stop). Sets the next one."""
+    def _exchange(self, point: int, step: int, *, work: bool, stop_asked: bool, interval: int = 0) -> tuple[bool, bool]:
         header = self._header
         header[0] = int(work) if self.leads else 0
         header[1] = int(stop_asked)
-        header[2] = self._choose_interval(step) if self.leads else 0
-        self._dist.all_reduce(header, group=self.group)
-        self.next_sync = step + int(header[2])
+        header[2] = interval if self.leads else 0
+        header[3], header[4], header[5], header[6] = point, -point, step, -step
+        self._dist.all_reduce(header, op=self._dist.ReduceOp.MAX, group=self.group)
+        if header[3] != -header[4] or header[5] != -header[6]:
+            raise RanksOutOfStep(
+                f"the ranks of this job are not at the same point of the loop: rank {self.rank} is at "
+                f"{_POINTS[point]} after step {step}, and the ranks are between {_POINTS.get(int(-header[4]), '?')} "
+                f"and {_POINTS.get(int(header[3]), '?')}, after steps {int(-header[6])} to {int(header[5])}; every rank "
+                "must build babysit.Run and run the same loop (run.epochs, run.batches, run.end_epoch, "
+                "run.checkpoint_now) in the same order")
         return bool(header[0]), bool(header[1])
 
-    def _choose_interval(self, step: int) -> int:
+    def sync_step(self, step: int, *, work: bool, stop_asked: bool, due_at: int | None = None) -> tuple[bool, bool]:
+        """At a sync step: (the leader has work, some rank was asked to stop). Sets the next one,
+        at ``due_at`` at the latest (a replayed nudge's step: it is applied exactly there)."""
+        interval = self._choose_interval(step, due_at) if self.leads else 0
+        result = self._exchange(SYNC, step, work=work, stop_asked=stop_asked, interval=interval)
+        self.next_sync = step + int(self._header[2])
+        return result
+
+    def _choose_interval(self, step: int, due_at: int | None) -> int:
         last_step, last_time = self._last_sync
         now = time.perf_counter()
         self._last_sync = (step, now)
         if step <= last_step:
             return 1
         per_step = (now - last_time) / (step - last_step)
-        return max(1, min(MAX_INTERVAL, math.ceil(SYNC_EVERY_S / max(per_step, 1e-9))))
+        interval = max(1, min(MAX_INTERVAL, math.ceil(SYNC_EVERY_S / max(per_step, 1e-9))))
+        return min(interval, due_at - step) if due_at is not None and due_at > step else interval
+
+    def ping(self, run: "Run") -> bool:
+        """While the leader is paused in a meeting: keep the collectives alive, and learn whether
+        a follower was asked to stop (a signal to that rank)."""
+        if self.leads:
+            self.tell("ping")
+        flag = torch.tensor([int(run._stop_reason is not None)], dtype=torch.int64)
+        self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX, group=self.group)
+        return bool(flag[0])
 
     # -- meetings ----------------------------------------------------------------------------
-    def meet(self, run: "Run", body: Callable[[], Any]) -> Any:
+    def meet(self, run: "Run", body: Callable[[], Any], point: int | None = None) -> Any:
         """Every rank at the same point: the leader runs ``body`` telling its effects, the
-        followers carry them out; every rank returns the body's (picklable) result."""
+        followers carry them out; every rank returns the body's (picklable) result. ``point``:
+        which meeting, checked to be the same on every rank first, where the leader also learns
+        of a stop asked on another rank (None: a sync step's, already checked)."""
+        if self.leads and self._in_meeting:  # a meeting inside a meeting: one meeting
+            return body()
+        if point is not None:
+            _, stop_asked = self._exchange(point, run.step, work=False, stop_asked=run._stop_reason is not None)
+            if stop_asked and self.leads and run._stop_reason is None:
+                run.request_stop("a stop asked on another rank")
         if not self.leads:
             return self.follow(run)
-        if self._in_meeting:  # a meeting inside a meeting (a stop inside the epoch's end): one meeting
-            return body()
         result = None
         self._in_meeting = True
         try:
@@ -144,7 +213,9 @@ class Ranks:
                 run.position.end_epoch(self._handed_in[KEY_RNG])
             elif kind == "load":
                 self.load(run, op[1])
-            elif kind != "ping":
+            elif kind == "ping":
+                self.ping(run)
+            else:
                 raise RuntimeError(f"babysit: rank {self.rank} was told {kind!r}, which it does not know")
 
     def leave(self) -> None:

@@ -16,6 +16,7 @@ from .checkpoint import (
     KEY_LAST_COMMAND, KEY_MODEL, KEY_OPTIMIZER, KEY_SCHEDULER, KEY_USER_STATE, REASON_EPOCH, read_verified,
 )
 from .errors import CheckpointError
+from .ranks import KEY_RANKS
 from .store import FINISHED, STOPPED
 
 if TYPE_CHECKING:
@@ -155,6 +156,7 @@ class Resume:
         run = self.run
         run._tell("load", {key: record[key] for key in ("id", "file", "sha256", "reason", "step")})
         self.load_training_state(state, record)
+        self._say_if_ranks_changed(state, record)
         recorded = state.get(KEY_LAST_COMMAND)
         run._resumed_last_command = None if recorded is None else int(recorded)
         # A checkpoint written before checkpoints recorded this: count every command handled so
@@ -162,6 +164,23 @@ class Resume:
         # by their step, which is past any checkpoint taken before they happen).
         run._last_command_id = (run._resumed_last_command if recorded is not None
                                  else run.store.last_handled_command_id())
+
+    def _say_if_ranks_changed(self, state: dict[str, Any], record: dict[str, Any]) -> None:
+        """A checkpoint of a job with another number of ranks loads, but not exactly: say what differs."""
+        run = self.run
+        saved = len(state.get(KEY_RANKS) or []) or 1
+        now = run._ranks.world_size if run._ranks is not None else 1
+        if saved == now:
+            return
+        inexact = []
+        if now > saved:
+            inexact.append(f"ranks {saved}..{now - 1} start from rank 0's random generators and run.state")
+        if record["reason"] != REASON_EPOCH:
+            inexact.append("inside its epoch, the batches skipped are counted in the old job's shards")
+        run.store.add_event("ranks_changed", f"checkpoint #{record['id']} was written by a job of {saved} rank(s), this "
+                            f"one has {now}: it resumes, but not exactly" + (" (" + "; ".join(inexact) + ")" if inexact
+                                                                             else ""),
+                            branch=run.branch, step=int(record["step"]), data={"saved": saved, "now": now})
 
     def load_training_state(self, state: dict[str, Any], record: dict[str, Any]) -> None:
         run = self.run

@@ -142,6 +142,7 @@ class Run:
         self._wake = True                         # look at the queue before the first batch
         self._closed = False
         self._ended = False                       # finished or stopped: close once the ranks have met
+        self._checkpoint_asked: str | None = None  # run.checkpoint_now() under torch.distributed
         self._restore_signals: Any = None
         self._hparams = HparamWatch(self)
 
@@ -150,14 +151,14 @@ class Run:
         self._commands = CommandRunner(self)  # applying what is queued
         if self._follows:  # rank 0 logs, checkpoints and answers commands for the whole job
             self._log: Any = lambda _item: None
-            self._meet(self._resume.restore_on_start)
+            self._meet(self._resume.restore_on_start, ranks_module.START)
             atexit.register(self._at_exit)
             return
         self.snapshots = Snapshots(self)
         self.remedy = DivergenceRemedy(self)
         queue: collections.deque[Any] = collections.deque()
         self._log = queue.append  # the training thread's share of storing a value: one append
-        self._meet(self._resume.restore_on_start)
+        self._meet(self._resume.restore_on_start, ranks_module.START)
         self.writer = MetricsWriter(
             self.store, queue=queue, status=self._status_fields, guard=self._guard,
             on_divergence=self.remedy.on_divergence, on_tick=self._on_tick, interval=flush_interval,
@@ -268,7 +269,7 @@ class Run:
         """Leave the epoch: carry out a rollback applied in it (the model, optimizer, scheduler,
         ``run.state`` and position are the checkpoint's; a new branch starts), or a stop (final
         checkpoint; the run ends), or else checkpoint the epoch. False when the run has ended."""
-        return bool(self._meet(self._end_epoch_here))
+        return bool(self._meet(self._end_epoch_here, ranks_module.EPOCH_END))
 
     def _end_epoch_here(self) -> bool:
         if self._interrupt is Interrupt.ROLLBACK:
@@ -278,19 +279,20 @@ class Run:
             self._commands.finish_stop()
             return False
         self.snapshots.end_epoch()
+        self._checkpoint_asked = None  # a run.checkpoint_now() still waiting: the epoch's checkpoint answers it
         self._tell("epoch_end")
         return True
 
     def finish(self) -> None:
         """The loop trained all its epochs: the run is finished (the last epoch's checkpoint is its end)."""
         message = f"finished {self.max_epochs} epochs" if self.max_epochs else f"finished at step {self.step}"
-        self._meet(lambda: self._finish(FINISHED, message))
+        self._meet(lambda: self._finish(FINISHED, message), ranks_module.FINISH)
 
     # -- together with the other ranks (see babysit.ranks) ------------------------------------
-    def _meet(self, body: Any) -> Any:
+    def _meet(self, body: Any, point: int | None = None) -> Any:
         """Run ``body`` here, or, under torch.distributed, on the leader while the followers
-        carry out what it tells them."""
-        result = body() if self._ranks is None else self._ranks.meet(self, body)
+        carry out what it tells them (at ``point``, see babysit.ranks)."""
+        result = body() if self._ranks is None else self._ranks.meet(self, body, point)
         if self._ended and not self._closed:
             self.close()
         return result
@@ -304,10 +306,13 @@ class Run:
         follower got a stop signal); if so, they apply them together, at this step."""
         ranks = self._ranks
         assert ranks is not None
-        wants = ranks.leads and bool(self._wake or self.signal.changed() or self._replay)
-        work, stop_asked = ranks.sync_step(self.position.step, work=wants, stop_asked=self._stop_reason is not None)
+        step, replay = self.position.step, self._replay
+        replay_due = bool(replay) and replay[0]["step"] <= step
+        wants = ranks.leads and (self._wake or self.signal.changed() or replay_due)
+        work, stop_asked = ranks.sync_step(step, work=wants, stop_asked=self._stop_reason is not None,
+                                           due_at=replay[0]["step"] if replay else None)
         if stop_asked and ranks.leads and self._stop_reason is None:
-            self.request_stop("a signal on another rank")
+            self.request_stop("a stop asked on another rank")
         if work or stop_asked:
             self._meet(self._commands.apply_due)
 
@@ -322,7 +327,7 @@ class Run:
     def stop_if_requested(self) -> bool:
         """Between two epochs: carry out a stop that waited for the last epoch's end (a stop command
         at its last boundary, Ctrl-C, ``request_stop()``): final checkpoint, the run ends. True if it did."""
-        return bool(self._meet(self._stop_between_epochs))
+        return bool(self._meet(self._stop_between_epochs, ranks_module.BETWEEN_EPOCHS))
 
     def _left_epochs(self) -> None:
         """The loop broke out of ``run.epochs`` (or an error did): say so, write nothing — the
@@ -412,8 +417,14 @@ class Run:
 
     def checkpoint_now(self, reason: str = "command") -> PendingCheckpoint | None:
         """Snapshot now (mid-epoch if need be) and write it in the background. Under
-        torch.distributed, every rank calls it at the same point; rank 0 gets the pending write."""
-        return self._meet(lambda: self.snapshots.take(reason))
+        torch.distributed, the ranks take it together at their next meeting (within
+        ``babysit.ranks.MAX_INTERVAL`` steps, or the epoch's own checkpoint at its end), whichever
+        ranks call it (rank 0 only is fine); it returns None then."""
+        if self._ranks is None:
+            return self.snapshots.take(reason)
+        if not self._follows:
+            self._checkpoint_asked, self._wake = reason, True
+        return None
 
     @property
     def checkpointer(self) -> Any:

@@ -35,6 +35,10 @@ def main() -> None:
     parser.add_argument("--record", help="a directory for each rank's record of what its optimizer used")
     parser.add_argument("--pause-at-step", type=int, metavar="N",
                         help="for the tests: rank 0 queues a pause after step N, as a person's click would")
+    parser.add_argument("--nudge-at-step", type=int, metavar="N",
+                        help="for the tests: rank 0 queues 'set lr 0.01' after step N, as a person's click would")
+    parser.add_argument("--rank0-checkpoint-at", type=int, metavar="N",
+                        help="for the tests: rank 0 alone calls run.checkpoint_now() after step N")
     parser.add_argument("--signal-at-step", type=int, metavar="N",
                         help="for the tests: rank 1 sends itself SIGTERM after step N (a signal one rank gets)")
     args = parser.parse_args()
@@ -75,6 +79,10 @@ def main() -> None:
                 run.log(loss=loss)
                 if rank == 0 and run.step == args.pause_at_step:
                     run.store.enqueue_command("pause", source="test")
+                if rank == 0 and run.step == args.nudge_at_step:
+                    run.store.enqueue_command("set_lr", {"value": 0.01}, source="test")
+                if rank == 0 and run.step == args.rank0_checkpoint_at:  # as scripts that save on rank 0 only do
+                    run.checkpoint_now()
                 if rank == 1 and run.step == args.signal_at_step:
                     os.kill(os.getpid(), signal.SIGTERM)
             if not run.interrupted:

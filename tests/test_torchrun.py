@@ -174,8 +174,11 @@ def test_every_rank_obeys_each_cli_command_at_the_same_step(tmp_path: Path, jobs
 
 
 def test_a_kill_9_of_the_job_then_a_restart_resumes_bit_identically_on_every_rank(tmp_path: Path, jobs: Any) -> None:
-    straight = jobs(tmp_path, "straight", "--epochs", "3")
+    straight = jobs(tmp_path, "straight", "--epochs", "3", "--rank0-checkpoint-at", "5")
     straight.finish()
+    # run.checkpoint_now() on rank 0 alone: taken by both ranks together at their next meeting.
+    asked = [c for c in RunStore(straight.run_dir).checkpoints() if c["reason"] == "command"]
+    assert len(asked) == 1 and 5 <= asked[0]["step"] <= 5 + MAX_INTERVAL
     job = jobs(tmp_path, "killed", "--epochs", "3", "--pause-at-step", "20")  # inside epoch 2 of 16 steps
     store = job.store()
     job.wait_state("paused")
@@ -203,7 +206,7 @@ def test_a_signal_to_one_rank_stops_the_whole_job_with_a_final_checkpoint(tmp_pa
     job.finish()
     store = job.store()
     status, last = store.status(), store.checkpoints()[-1]
-    assert status["state"] == "stopped" and "a signal on another rank" in status["message"]
+    assert status["state"] == "stopped" and "a stop asked on another rank" in status["message"]
     # (A stop that lands at an epoch's last step is answered by that epoch's own checkpoint.)
     assert last["reason"] in ("stop", "epoch") and 10 <= last["step"] == status["step"] <= 10 + MAX_INTERVAL
     assert [json.loads((job.record / f"end-rank{r}.json").read_text())["status"] for r in (0, 1)] == ["stopped"] * 2
@@ -333,3 +336,24 @@ def test_a_lightning_trainer_with_the_ddp_strategy_obeys_on_every_rank(tmp_path:
     # Branch 2 starts from the checkpoint: its step, its weights, its lr and momentum, on both ranks.
     assert all((r["step"], r["weights"], r["lr"], r["momentum"]) == (paused + 1, first[0]["weights"], 0.02, 0.5)
                for r in again)
+
+
+def test_a_nudge_replayed_after_a_kill_lands_at_its_own_step_on_every_rank(tmp_path: Path, jobs: Any) -> None:
+    # The nudge comes after the epoch-2 checkpoint (step 32) and before the kill: the restarted job
+    # replays it, and must at the very step where the killed one applied it.
+    job = jobs(tmp_path, "run", "--epochs", "3", "--nudge-at-step", "35", "--pause-at-step", "40")
+    store = job.store()
+    paused = job.wait_state("paused")["step"]
+    applied = next(c for c in store.commands() if c["kind"] == "set_lr")
+    assert applied["state"] == "applied" and 35 <= applied["step"] <= paused
+    assert store.checkpoints()[-1]["step"] == 32
+    job.kill()
+    again = jobs(tmp_path, "run", "--epochs", "3")
+    again.finish()
+    for rank in (0, 1):
+        rows = job.records(rank)
+        killed = {r["step"]: r["lr"] for r in rows[:paused] if r["step"] > 32}  # one row per step until the kill
+        resumed = {r["step"]: r["lr"] for r in rows[paused:] if r["step"] in killed}
+        assert resumed == killed and len(killed) == paused - 32, rank  # the same lr at every step, both times
+        after = resumed
+        assert after[applied["step"] + 1] == 0.01 and after[applied["step"]] != 0.01
