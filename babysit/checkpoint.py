@@ -28,6 +28,7 @@ import torch
 
 from .errors import CheckpointError, RunDirError
 from .rundir import open_file
+from .store.liveness import disk_full
 
 log = logging.getLogger(__name__)
 
@@ -441,8 +442,10 @@ class AsyncCheckpointer:
             try:
                 self._on_failed(job)  # an event the page shows, a pause or a remedy
             except Exception as unrecorded:  # a full disk refuses the event too: the log is all there is
-                log.error("babysit: checkpoint %s failed and the failure could not be recorded in the store "
-                          "(%s: %s)", job.path.name, type(unrecorded).__name__, unrecorded)
+                why = ("the disk is full" if disk_full(unrecorded)
+                       else f"{type(unrecorded).__name__}: {unrecorded}")
+                log.error("babysit: checkpoint %s failed and the failure could not be recorded in the store (%s)",
+                          job.path.name, why)
         finally:
             job.state = {}  # free the snapshot
             job.done.set()
