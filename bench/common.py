@@ -41,6 +41,24 @@ def mono() -> float:
     return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
+
+def lines_run(files: tuple[str, ...], call: Callable[[], Any]) -> dict[str, int]:
+    """How many lines of each of ``files`` run during ``call()`` (Python's trace hook): a count of
+    Python-level work that does not depend on the machine's speed (the bench and the tests use it)."""
+    counts = dict.fromkeys(files, 0)
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            counts[frame.f_code.co_filename] += 1
+        return local
+
+    sys.settrace(lambda frame, event, arg: local if frame.f_code.co_filename in counts else None)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return counts
+
 # -- statistics ------------------------------------------------------------------------------
 def summarize(values: Sequence[float]) -> dict[str, float]:
     """Median, min, max, quartiles and count of ``values`` (NaNs dropped)."""

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .common import Scratch, Workload, interleave, now_ns, summarize
+from .common import Scratch, Workload, interleave, lines_run, now_ns, summarize
 
 cpu_ns = time.process_time_ns  # all threads of this process: the tools' background threads count too
 ASLEEP_S = 3600.0
@@ -603,7 +603,7 @@ def measure_flush_cost(*, sizes: tuple[int, ...] = (100, 500, 2_000), reps: int 
                     if rep == 0:  # warm-up: the guard past its warm-up, the series known to the store
                         writer.flush()
                     elif rep == 1:
-                        samples[name]["lines"] = _lines_run(files, writer.flush)
+                        samples[name]["lines"] = lines_run(files, writer.flush)
                     elif rep == 2:
                         samples[name]["c_calls"] = _c_calls_and_release_time(writer.flush)[0]
                     elif rep % 2:
@@ -623,23 +623,6 @@ def measure_flush_cost(*, sizes: tuple[int, ...] = (100, 500, 2_000), reps: int 
             writer.close()
             store.close()
     return out
-
-
-def _lines_run(files: tuple[str, ...], call: Callable[[], Any]) -> dict[str, int]:
-    """How many lines of each of ``files`` run during ``call()`` (Python's trace hook)."""
-    counts = dict.fromkeys(files, 0)
-
-    def local(frame: Any, event: str, arg: Any) -> Any:
-        if event == "line":
-            counts[frame.f_code.co_filename] += 1
-        return local
-
-    sys.settrace(lambda frame, event, arg: local if frame.f_code.co_filename in counts else None)
-    try:
-        call()
-    finally:
-        sys.settrace(None)
-    return counts
 
 
 _RELEASE_GIL = frozenset({"execute", "executemany", "stat"})  # SQLite's steps and os.stat run without the GIL

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 from typing import Any
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from babysit import guard as guard_module
 from babysit.errors import SettingsError
 from babysit.guard import Divergence, DivergenceGuard, GuardConfig
+from bench.common import lines_run
 
 
 def _feed(guard: DivergenceGuard, values: list[float], first_step: int = 1) -> list[Divergence]:
@@ -381,25 +381,8 @@ def test_a_nan_or_a_spike_is_caught_at_the_same_step_in_one_chunk_as_value_by_va
 
 
 def _lines_run_in_guard(feed: Any) -> int:
-    """How many lines of babysit/guard.py run during ``feed()`` (Python's own trace hook)."""
-    lines = 0
-    guard_file = guard_module.__file__
-
-    def local(frame: Any, event: str, arg: Any) -> Any:
-        nonlocal lines
-        if event == "line":
-            lines += 1
-        return local
-
-    def trace(frame: Any, event: str, arg: Any) -> Any:
-        return local if frame.f_code.co_filename == guard_file else None
-
-    sys.settrace(trace)
-    try:
-        feed()
-    finally:
-        sys.settrace(None)
-    return lines
+    """How many lines of babysit/guard.py run during ``feed()``."""
+    return lines_run((guard_module.__file__,), feed)[guard_module.__file__]
 
 
 @pytest.mark.parametrize("values_name", ["healthy", "spiking"])

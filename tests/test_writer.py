@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sqlite3
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from babysit import store as st
 from babysit.guard import Divergence, DivergenceGuard, GuardConfig
 from babysit.store import CHUNK_POINTS, RunStore
 from babysit.writer import MetricsWriter, to_float
+from bench.common import lines_run
 
 QUIET = 3600.0  # the background thread sleeps; the tests flush by hand
 
@@ -362,26 +362,6 @@ def test_a_nan_in_the_middle_of_a_long_flush_is_reported_at_its_step(store: RunS
     assert harness.points("loss")[0] == list(range(1, 3001))
 
 
-def _lines_run(files: tuple[str, ...], call: Callable[[], Any]) -> dict[str, int]:
-    """How many lines of each of ``files`` run during ``call()`` (Python's own trace hook)."""
-    counts = dict.fromkeys(files, 0)
-
-    def local(frame: Any, event: str, arg: Any) -> Any:
-        if event == "line":
-            counts[frame.f_code.co_filename] += 1
-        return local
-
-    def trace(frame: Any, event: str, arg: Any) -> Any:
-        return local if frame.f_code.co_filename in counts else None
-
-    sys.settrace(trace)
-    try:
-        call()
-    finally:
-        sys.settrace(None)
-    return counts
-
-
 def test_a_flushs_python_work_grows_with_its_chunks_not_with_its_values(store: RunStore):
     # Whatever the writer thread runs while holding the GIL, the training thread waits for (it
     # needs the GIL between any two torch calls), so a flush must not run Python per logged
@@ -400,7 +380,7 @@ def test_a_flushs_python_work_grows_with_its_chunks_not_with_its_values(store: R
         for _ in range(n):
             step += 1
             harness.log(step, loss=1.0 + (step % 7) * 0.01, lr=0.1)
-        return _lines_run(files, harness.writer.flush)
+        return lines_run(files, harness.writer.flush)
 
     flush_of(3000)  # past the guard's warm-up, the series known to the store
     sizes = (1_000, 10_000)
