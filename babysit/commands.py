@@ -22,8 +22,25 @@ RESUME = "resume"
 CHECKPOINT = "checkpoint"
 STOP = "stop"
 ROLLBACK = "rollback"
+PROBE = "probe"      # try K values of lr (or momentum) for N steps each, from a checkpoint or from now
+SWEEP = "sweep"      # the lr range test from the current weights, on a throwaway branch
+CANCEL = "cancel"    # end the probe set or sweep in progress; the run goes back to where it was
 
-KINDS = (SET_LR, SET_MOMENTUM, PAUSE, RESUME, CHECKPOINT, STOP, ROLLBACK)
+KINDS = (SET_LR, SET_MOMENTUM, PAUSE, RESUME, CHECKPOINT, STOP, ROLLBACK, PROBE, SWEEP, CANCEL)
+
+# Probes: what they vary, how many, how long; what the run does once they are done.
+PROBE_PARAMS = ("lr", "momentum")
+PROBE_DEFAULT_FACTORS = (0.5, 1.0, 2.0)
+PROBE_MAX_COUNT = 8
+PROBE_DEFAULT_STEPS = 100
+PROBE_MAX_STEPS = 100_000
+THEN_PAUSE = "pause"        # wait at the point the run left, for the person to choose
+THEN_CONTINUE = "continue"  # carry on as before; the results stay on the page
+THEN_CHOICES = (THEN_PAUSE, THEN_CONTINUE)
+# The lr sweep: how many steps, over which range (by default from the current lr ×1e-3 to ×1e2).
+SWEEP_DEFAULT_STEPS = 200
+SWEEP_STEPS_RANGE = (10, 10_000)
+SWEEP_DEFAULT_SPAN = (1e-3, 1e2)
 
 # Rollback: restore the checkpoint's own lr and momentum, or keep the ones in use now.
 HPARAMS_CHECKPOINT = "checkpoint"
@@ -152,6 +169,14 @@ def validate(kind: Any, args: dict[str, Any] | None = None) -> Command:
         if args.get("branch") is not None:  # the guard's remedy names the branch it is for
             normalised["branch"] = validate_branch(args["branch"], "rollback")
         return Command(kind, normalised)
+    if kind == PROBE:
+        return Command(kind, _validate_probe(args))
+    if kind == SWEEP:
+        return Command(kind, _validate_sweep(args))
+    if kind == CANCEL:
+        _only(kind, args, ("excursion",))
+        return Command(kind, {"excursion": validate_whole(args.get("excursion", ""), "cancel excursion",
+                                                          "an excursion id, a whole number >= 1", 1, None)})
     if kind == PAUSE and (args.get("reason") is not None or args.get("branch") is not None):
         # The guard says why it paused the run, and for which branch; a person's pause needs neither.
         paused: dict[str, Any] = {}
@@ -170,6 +195,83 @@ def validate(kind: Any, args: dict[str, Any] | None = None) -> Command:
     if extra:
         raise CommandError(f"{kind} takes no arguments, got {', '.join(extra)}")
     return Command(kind, {})
+
+
+def validate_whole(raw: Any, what: str, accepted: str, low: int, high: int | None) -> int:
+    """A whole number in [low, high] (a number or the text a person typed: "200", "2e2" is refused)."""
+    value: Any = raw
+    if isinstance(raw, str) and re.fullmatch(r"\s*[0-9]{1,12}\s*", raw):
+        value = int(raw)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise CommandError(f"{what} must be {accepted}, got {_show(raw)}")
+    return value
+
+
+def _only(kind: str, args: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    extra = sorted(k for k in args if k not in allowed and args[k] is not None)
+    if extra:
+        raise CommandError(f"{kind} takes only {', '.join(allowed)}; got {', '.join(extra)}")
+
+
+def _number_list(raw: Any, what: str) -> list[Any]:
+    """A list of values, or the text a person typed ("0.5, 1, 2" or "0.5 1 2")."""
+    if isinstance(raw, str):
+        raw = [part for part in re.split(r"[\s,]+", raw.strip()) if part]
+    if not isinstance(raw, (list, tuple)) or not 1 <= len(raw) <= PROBE_MAX_COUNT:
+        raise CommandError(f"{what} must be a list of 1 to {PROBE_MAX_COUNT} numbers (for example 0.5, 1, 2), "
+                           f"got {_show(raw)}")
+    return list(raw)
+
+
+def _validate_probe(args: dict[str, Any]) -> dict[str, Any]:
+    _only(PROBE, args, ("param", "factors", "values", "steps", "checkpoint", "then"))
+    param = args.get("param") or "lr"
+    if param not in PROBE_PARAMS:
+        raise CommandError(f"probe param must be one of {', '.join(PROBE_PARAMS)}, got {_show(param)}")
+    if args.get("factors") is not None and args.get("values") is not None:
+        raise CommandError("probe takes factors (of the value in use) or values, not both")
+    normalised: dict[str, Any] = {"param": param}
+    if args.get("values") is not None:
+        check = validate_lr if param == "lr" else validate_momentum
+        values = [check(v) for v in _number_list(args["values"], "probe values")]
+        if len(set(values)) != len(values):
+            raise CommandError(f"probe values must differ from each other, got {_show(args['values'])}")
+        normalised["values"] = values
+    else:
+        raw = PROBE_DEFAULT_FACTORS if args.get("factors") is None else args["factors"]
+        factors = [parse_number(f, "probe factor", "a finite number > 0 (for example 0.5)")
+                   for f in _number_list(raw, "probe factors")]
+        if any(f <= 0 for f in factors):
+            raise CommandError(f"probe factors must be finite numbers > 0 (for example 0.5, 1, 2), got {_show(raw)}")
+        if len(set(factors)) != len(factors):
+            raise CommandError(f"probe factors must differ from each other, got {_show(raw)}")
+        normalised["factors"] = factors
+    normalised["steps"] = validate_whole(args.get("steps", PROBE_DEFAULT_STEPS), "probe steps",
+                                         f"a whole number of steps from 1 to {PROBE_MAX_STEPS}", 1, PROBE_MAX_STEPS)
+    if args.get("checkpoint") is not None:
+        normalised["checkpoint"] = validate_checkpoint_id(args["checkpoint"])
+    then = args.get("then") or THEN_PAUSE
+    if then not in THEN_CHOICES:
+        raise CommandError(f"probe then must be one of {', '.join(THEN_CHOICES)}, got {_show(then)}")
+    normalised["then"] = then
+    return normalised
+
+
+def _validate_sweep(args: dict[str, Any]) -> dict[str, Any]:
+    _only(SWEEP, args, ("lr_min", "lr_max", "steps"))
+    low, high = SWEEP_STEPS_RANGE
+    normalised: dict[str, Any] = {
+        "steps": validate_whole(args.get("steps", SWEEP_DEFAULT_STEPS), "sweep steps",
+                                f"a whole number of steps from {low} to {high}", low, high)}
+    for end in ("lr_min", "lr_max"):
+        if args.get(end) is not None:
+            normalised[end] = validate_lr(args[end])
+    if "lr_min" in normalised and "lr_max" in normalised and not normalised["lr_min"] < normalised["lr_max"]:
+        raise CommandError(f"sweep lr_min must be below lr_max, got lr_min {normalised['lr_min']:g} and "
+                           f"lr_max {normalised['lr_max']:g}")
+    return normalised
 
 
 def describe(kind: str, args: Any) -> str:
@@ -194,6 +296,18 @@ def _describe(kind: str, args: dict[str, Any]) -> str:
         return text + ")"
     if kind == PAUSE and isinstance(args, dict) and args.get("reason"):
         return f"pause ({args['reason']})"
+    if kind == PROBE:
+        tried = (", ".join(f"{v:g}" for v in args["values"]) if "values" in args
+                 else ", ".join(f"×{f:g}" for f in args["factors"]))
+        origin = f"from #{args['checkpoint']}" if "checkpoint" in args else "from now"
+        return f"probe {args['param']} {tried} for {args['steps']} steps {origin}"
+    if kind == SWEEP:
+        span = ""
+        if "lr_min" in args or "lr_max" in args:
+            span = f" {args.get('lr_min', 'auto')!s:.8} to {args.get('lr_max', 'auto')!s:.8}"
+        return f"lr sweep{span} over {args['steps']} steps"
+    if kind == CANCEL:
+        return f"cancel excursion #{args['excursion']}"
     return kind
 
 

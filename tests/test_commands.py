@@ -225,7 +225,7 @@ def test_rollback_validates_its_optional_lr_and_momentum():
 def test_unknown_kind_is_refused_listing_the_accepted_ones(kind, shown):
     with pytest.raises(
         CommandError,
-        match=rf"^unknown command {shown}; accepted: set_lr, set_momentum, pause, resume, checkpoint, stop, rollback$",
+        match=rf"^unknown command {shown}; accepted: set_lr, set_momentum, pause, resume, checkpoint, stop, rollback, probe, sweep, cancel$",
     ):
         validate(kind, {})
 
@@ -277,3 +277,56 @@ def test_describe_validated_commands(kind, args, text):
     command = validate(kind, args)
     assert command.describe() == text
     assert cmd.describe(command.kind, command.args) == text
+
+
+# -- probes, sweeps and their cancel ----------------------------------------------------------------
+def test_probe_defaults_to_halving_and_doubling_the_lr_from_now_then_pausing():
+    command = validate(cmd.PROBE, {})
+    assert command.args == {"param": "lr", "factors": [0.5, 1.0, 2.0], "steps": 100, "then": "pause"}
+    assert command.describe() == "probe lr ×0.5, ×1, ×2 for 100 steps from now"
+
+
+def test_probe_reads_typed_values_steps_and_checkpoint():
+    command = validate(cmd.PROBE, {"param": "momentum", "values": "0.8, 0.9 0.99", "steps": "50",
+                                   "checkpoint": "3", "then": "continue"})
+    assert command.args == {"param": "momentum", "values": [0.8, 0.9, 0.99], "steps": 50, "checkpoint": 3,
+                            "then": "continue"}
+    assert command.describe() == "probe momentum 0.8, 0.9, 0.99 for 50 steps from #3"
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"factors": [0.5, 0]}, r"^probe factors must be finite numbers > 0 \(for example 0.5, 1, 2\), got \[0.5, 0\]$"),
+    ({"factors": [1, 1]}, r"^probe factors must differ from each other, got \[1, 1\]$"),
+    ({"factors": list(range(1, 10))}, r"^probe factors must be a list of 1 to 8 numbers"),
+    ({"factors": "x"}, r"^probe factor must be a finite number > 0 \(for example 0.5\), got 'x'$"),
+    ({"values": [0.1], "factors": [2]}, r"^probe takes factors \(of the value in use\) or values, not both$"),
+    ({"param": "momentum", "values": [0.9, 1.0]}, r"^momentum must be a finite number >= 0 and < 1"),
+    ({"values": [-0.1]}, r"^lr must be a finite number > 0"),
+    ({"steps": 0}, r"^probe steps must be a whole number of steps from 1 to 100000, got 0$"),
+    ({"steps": 2.5}, r"^probe steps must be a whole number of steps from 1 to 100000, got 2.5$"),
+    ({"steps": True}, r"^probe steps must be a whole number of steps from 1 to 100000, got True$"),
+    ({"param": "weight_decay"}, r"^probe param must be one of lr, momentum, got 'weight_decay'$"),
+    ({"then": "later"}, r"^probe then must be one of pause, continue, got 'later'$"),
+    ({"checkpoint": "../x.pt"}, r"^checkpoint must be a checkpoint id"),
+    ({"lr": 0.1}, r"^probe takes only param, factors, values, steps, checkpoint, then; got lr$"),
+])
+def test_a_bad_probe_is_refused_naming_the_value(args, message):
+    with pytest.raises(CommandError, match=message):
+        validate(cmd.PROBE, args)
+
+
+def test_sweep_defaults_and_bounds():
+    assert validate(cmd.SWEEP, {}).args == {"steps": 200}
+    assert validate(cmd.SWEEP, {"lr_min": "1e-5", "lr_max": 1, "steps": 300}).args == {
+        "steps": 300, "lr_min": 1e-5, "lr_max": 1.0}
+    with pytest.raises(CommandError, match=r"^sweep lr_min must be below lr_max, got lr_min 1 and lr_max 0.1$"):
+        validate(cmd.SWEEP, {"lr_min": 1, "lr_max": 0.1})
+    with pytest.raises(CommandError, match=r"^sweep steps must be a whole number of steps from 10 to 10000, got 5$"):
+        validate(cmd.SWEEP, {"steps": 5})
+
+
+def test_cancel_names_the_excursion():
+    assert validate(cmd.CANCEL, {"excursion": "4"}).args == {"excursion": 4}
+    assert validate(cmd.CANCEL, {"excursion": 4}).describe() == "cancel excursion #4"
+    with pytest.raises(CommandError, match=r"^cancel excursion must be an excursion id, a whole number >= 1, got 0$"):
+        validate(cmd.CANCEL, {"excursion": 0})

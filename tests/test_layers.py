@@ -28,8 +28,9 @@ PACKAGE = REPO / "babysit"
 LAYERS: dict[str, tuple[str, ...]] = {
     # Plain Python: values, paths, signals, the exception tree; no babysit imports but each other.
     "foundations": ("errors", "commands", "rundir", "signals", "serving", "downsample"),
-    # What is on disk and how an optimizer or a loss is read: the run store, checkpoints.
-    "records": ("store", "checkpoint", "optim", "guard"),
+    # What is on disk and how an optimizer or a loss is read: the run store, checkpoints; and the
+    # panda's instruments' readings of a run (hints, probe and sweep results, journals, comparisons).
+    "records": ("store", "checkpoint", "optim", "guard", "instruments"),
     # The trainer side: the Run and the pieces it is made of. `babysit` itself is the public face
     # of Run (its names load from here).
     "trainer": ("user_state", "position", "ranks", "snapshots", "hparam_watch", "remedy", "writer", "resume",
@@ -54,9 +55,9 @@ def layer_of(module: str) -> int | None:
 
 
 def dashboard_may_import(module: str) -> bool:
-    """The dashboard reads run directories only: the foundations, the store and its own modules;
-    nothing of the trainer side or the jobs (and so no torch)."""
-    return layer_of(module) == 0 or module.split(".")[0] in ("store", "ui")
+    """The dashboard reads run directories only: the foundations, the store, the instruments'
+    readings and its own modules; nothing of the trainer side or the jobs (and so no torch)."""
+    return layer_of(module) == 0 or module.split(".")[0] in ("store", "instruments", "ui")
 
 
 def module_name(path: Path) -> str:

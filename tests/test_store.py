@@ -638,3 +638,38 @@ def test_a_command_held_in_memory_is_applied_like_any_other_and_stored_with_its_
         cmd.PAUSE, cmd.APPLIED, 7, {"state": "paused"}, "guard")
     store.restore_held(taken)  # a transaction that failed gives everything back, in order
     assert store.held_count() == 1
+
+
+# -- excursions (probe sets and lr sweeps) ---------------------------------------------------------
+def test_an_excursion_and_its_branches_read_back_as_written(tmp_path):
+    store = RunStore(tmp_path, create=True)
+    main = store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    excursion = store.add_excursion(kind="probe", command=7, origin_branch=main, origin_step=40, from_checkpoint=2,
+                                    return_checkpoint=3, spec={"param": "lr", "values": [0.05, 0.1], "steps": 20})
+    probes = []
+    for order, value in enumerate((0.05, 0.1)):
+        branch = store.new_branch(parent=main, from_checkpoint=2, start_step=40, start_epoch=2)
+        store.add_excursion_branch(excursion=excursion, branch=branch, ord=order, param="lr", value=value, steps=20)
+        probes.append(branch)
+    assert store.running_excursion()["id"] == excursion
+    store.finish_excursion_branch(probes[0], end_checkpoint=5, result={"val_loss": 0.3})
+    store.finish_excursion(excursion, "done", message="2 probes of 20 steps", result={"best": probes[0]})
+    found = store.excursion(excursion)
+    assert (found["kind"], found["state"], found["origin_branch"], found["origin_step"]) == ("probe", "done", main, 40)
+    assert (found["from_checkpoint"], found["return_checkpoint"], found["command"]) == (2, 3, 7)
+    assert found["spec"] == {"param": "lr", "values": [0.05, 0.1], "steps": 20}
+    assert found["result"] == {"best": probes[0]} and found["message"] == "2 probes of 20 steps"
+    assert [(b["branch"], b["value"], b["end_checkpoint"], b["result"]) for b in found["branches"]] == [
+        (probes[0], 0.05, 5, {"val_loss": 0.3}), (probes[1], 0.1, None, {})]
+    assert store.running_excursion() is None
+    assert store.excursion_branch_ids() == {probes[0]: excursion, probes[1]: excursion}
+    assert [e["id"] for e in store.excursions()] == [excursion]
+
+
+def test_a_run_from_before_excursions_reads_as_having_none(tmp_path):
+    store = RunStore(tmp_path, create=True)
+    store.conn().execute("DROP TABLE excursions")
+    store.conn().execute("DROP TABLE excursion_branches")
+    reader = RunStore(tmp_path)
+    assert (reader.excursions(), reader.excursion(1), reader.running_excursion(), reader.excursion_branch_ids()) == (
+        [], None, None, {})

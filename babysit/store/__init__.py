@@ -25,6 +25,7 @@ from .. import commands as cmd
 from .. import rundir
 from ..errors import RunDirError, StoreError
 from .command_table import CommandTable, _HeldWrites
+from .excursions import ExcursionTable
 from .liveness import disk_full, disk_full_message, process_gone, trainer_alive
 from .rows import (  # noqa: F401 (SeriesInfo: part of the store's names)
     BRANCH_COLUMNS, CHECKPOINT_COLUMNS, EVENT_COLUMNS, SeriesInfo, branch_row, checkpoint_row, event_row, newest_filter,
@@ -39,7 +40,7 @@ from .series import SeriesTables, chunk_summary  # noqa: F401 (chunk_summary: pa
 from .signal import CommandSignal  # noqa: F401 (as before the split)
 
 
-class RunStore(SeriesTables, CommandTable):
+class RunStore(SeriesTables, CommandTable, ExcursionTable):
     """One run directory's database. Each thread gets its own SQLite connection."""
 
     def __init__(self, run_dir: Path | str, *, create: bool = False) -> None:

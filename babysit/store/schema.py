@@ -25,6 +25,14 @@ CRASHED = "crashed"
 NOT_RESPONDING = "not responding"
 LIVE_STATES = (RUNNING, PAUSED)
 
+# An excursion's life (see the excursions table).
+EXCURSION_PROBE = "probe"
+EXCURSION_SWEEP = "sweep"
+EXCURSION_RUNNING = "running"
+EXCURSION_DONE = "done"
+EXCURSION_CANCELLED = "cancelled"   # a person cancelled it, or a stop or rollback cut it short
+EXCURSION_ABANDONED = "abandoned"   # the trainer died during it; the resume went back to the main line
+
 PER_STEP = "step"
 PER_EPOCH = "epoch"
 
@@ -73,6 +81,19 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     step INTEGER NOT NULL, step_in_epoch INTEGER NOT NULL, file TEXT NOT NULL, sha256 TEXT NOT NULL,
     size INTEGER NOT NULL, hparams TEXT NOT NULL, metrics TEXT NOT NULL, reason TEXT NOT NULL,
     deleted INTEGER NOT NULL DEFAULT 0
+);
+-- An excursion: a probe set or an lr sweep, trained on short-lived branches of its own from a
+-- fork checkpoint, after which the run goes back to where it was (return_checkpoint) on its own
+-- branch. Its branches are listed in excursion_branches and are never the main line.
+CREATE TABLE IF NOT EXISTS excursions (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, command INTEGER, created REAL NOT NULL,
+    state TEXT NOT NULL, origin_branch INTEGER NOT NULL, origin_step INTEGER NOT NULL,
+    from_checkpoint INTEGER, return_checkpoint INTEGER, spec TEXT NOT NULL,
+    result TEXT NOT NULL DEFAULT '{}', message TEXT NOT NULL DEFAULT '', ended REAL
+);
+CREATE TABLE IF NOT EXISTS excursion_branches (
+    branch INTEGER PRIMARY KEY, excursion INTEGER NOT NULL, ord INTEGER NOT NULL, param TEXT NOT NULL,
+    value REAL NOT NULL, steps INTEGER NOT NULL, end_checkpoint INTEGER, result TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS epochs (
     branch INTEGER NOT NULL, epoch INTEGER NOT NULL, end_step INTEGER NOT NULL, wall REAL NOT NULL,
