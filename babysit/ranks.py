@@ -9,7 +9,9 @@ the training uses, so a meeting never synchronises a GPU):
   commands to apply", "a follower was asked to stop (a signal)", and the interval to the next sync
   step, chosen by the leader so that meetings are about ``SYNC_EVERY_S`` apart and never more than
   ``MAX_INTERVAL`` steps (the bound on how late a nudge lands; every rank applies it at the same
-  step);
+  step). The all_reduce is posted without waiting and its answer read at the next step's boundary,
+  where every rank acts on it (so the exchange overlaps a step of training instead of stalling it);
+  only a replayed nudge due at the very step of a sync (the first after a resume) waits for it;
 * the **start**, each **epoch's end**, a **stop**, the **finish** and ``run.checkpoint_now()``:
   points every rank reaches anyway.
 
@@ -110,6 +112,7 @@ class Ranks:
         # Reduced with MAX: the leader's work flag and interval (the followers send 0), any rank's
         # stop request, and (as x and -x) the point and the step, to check every rank is at the same one.
         self._header = torch.zeros(7, dtype=torch.int64)
+        self._posted: tuple[Any, torch.Tensor, int] | None = None  # a sync in flight: (work, header, its step)
         self._in_meeting = False
         self._handed_in: dict[str, Any] | None = None  # a follower's share of the last snapshot
 
@@ -124,13 +127,21 @@ class Ranks:
         if self._in_meeting:
             self._broadcast(op)
 
-    def _exchange(self, point: int, step: int, *, work: bool, stop_asked: bool, interval: int = 0) -> tuple[bool, bool]:
-        header = self._header
+    def _fill(self, header: torch.Tensor, point: int, step: int, *, work: bool, stop_asked: bool,
+              interval: int) -> torch.Tensor:
         header[0] = int(work) if self.leads else 0
         header[1] = int(stop_asked)
         header[2] = interval if self.leads else 0
         header[3], header[4], header[5], header[6] = point, -point, step, -step
+        return header
+
+    def _exchange(self, point: int, step: int, *, work: bool, stop_asked: bool, interval: int = 0) -> tuple[bool, bool]:
+        self._settle_posted()
+        header = self._fill(self._header, point, step, work=work, stop_asked=stop_asked, interval=interval)
         self._dist.all_reduce(header, op=self._dist.ReduceOp.MAX, group=self.group)
+        return self._read(header, point, step)
+
+    def _read(self, header: torch.Tensor, point: int, step: int) -> tuple[bool, bool]:
         if header[3] != -header[4] or header[5] != -header[6]:
             raise RanksOutOfStep(
                 f"the ranks of this job are not at the same point of the loop: rank {self.rank} is at "
@@ -141,12 +152,44 @@ class Ranks:
         return bool(header[0]), bool(header[1])
 
     def sync_step(self, step: int, *, work: bool, stop_asked: bool, due_at: int | None = None) -> tuple[bool, bool]:
-        """At a sync step: (the leader has work, some rank was asked to stop). Sets the next one,
-        at ``due_at`` at the latest (a replayed nudge's step: it is applied exactly there)."""
+        """At a sync step's boundary: (the leader has work, some rank was asked to stop) — what
+        the sync posted one step ago answered, acted on here by every rank. ``work`` is the
+        leader's for the next step; ``due_at``, a replayed nudge's step, is met exactly: the sync
+        before it is posted at ``due_at - 1``, or, when it is due now, this one waits."""
+        found = self._take_posted(step) if self._posted is not None else (False, False)
+        if step < self.next_sync:
+            return found
         interval = self._choose_interval(step, due_at) if self.leads else 0
-        result = self._exchange(SYNC, step, work=work, stop_asked=stop_asked, interval=interval)
-        self.next_sync = step + int(self._header[2])
-        return result
+        if due_at is not None and due_at <= step:  # due at this very step: decided now, not one step late
+            now = self._exchange(SYNC, step, work=work, stop_asked=stop_asked, interval=interval)
+            self.next_sync = step + int(self._header[2])
+            return found[0] or now[0], found[1] or now[1]
+        header = self._fill(torch.empty(7, dtype=torch.int64), SYNC, step, work=work, stop_asked=stop_asked,
+                            interval=interval)
+        handle = self._dist.all_reduce(header, op=self._dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self._posted = (handle, header, step)
+        self.next_sync = step + 1  # its answer is read at the next boundary
+        return found
+
+    def restart_syncs(self) -> None:
+        """The step went back (a checkpoint was loaded): meet at the next boundary, then as usual."""
+        self._settle_posted()
+        self.next_sync = 0
+
+    def _take_posted(self, step: int) -> tuple[bool, bool]:
+        handle, header, posted_at = self._posted  # type: ignore[misc]
+        self._posted = None
+        handle.wait()
+        found = self._read(header, SYNC, posted_at)
+        self.next_sync = posted_at + int(header[2])
+        return found
+
+    def _settle_posted(self) -> None:
+        """Before any other collective: finish the sync in flight. Its answer is not acted on
+        here, on any rank alike; the leader's commands and a follower's stop are still there to
+        be flagged at the next sync step."""
+        if self._posted is not None:
+            self._take_posted(self._posted[2])
 
     def _choose_interval(self, step: int, due_at: int | None) -> int:
         last_step, last_time = self._last_sync
@@ -156,13 +199,15 @@ class Ranks:
             return 1
         per_step = (now - last_time) / (step - last_step)
         interval = max(1, min(MAX_INTERVAL, math.ceil(SYNC_EVERY_S / max(per_step, 1e-9))))
-        return min(interval, due_at - step) if due_at is not None and due_at > step else interval
+        # A nudge replayed at due_at: the sync acted on there is posted one step before it.
+        return min(interval, due_at - 1 - step) if due_at is not None and due_at - 1 > step else interval
 
     def ping(self, run: "Run") -> bool:
         """While the leader is paused in a meeting: keep the collectives alive, and learn whether
         a follower was asked to stop (a signal to that rank)."""
         if self.leads:
             self.tell("ping")
+        self._settle_posted()
         flag = torch.tensor([int(run._stop_reason is not None)], dtype=torch.int64)
         self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX, group=self.group)
         return bool(flag[0])
@@ -222,6 +267,12 @@ class Ranks:
         """The run is closed: release babysit's group now, in order, rather than at interpreter
         exit (where gloo's threads may be torn down after what they use, and abort the process)."""
         if self.group is not None:
+            if self._posted is not None:  # the last sync's answer, which nobody needs now
+                try:
+                    self._posted[0].wait()
+                except Exception:  # a peer that is already gone: the group goes anyway
+                    pass
+                self._posted = None
             group, self.group = self.group, None
             self._dist.destroy_process_group(group)
 

@@ -192,8 +192,8 @@ class Resume:
             if not run._follows:
                 run.store.add_event("state_not_restored", note, branch=run.branch, step=int(record["step"]))
         run.position.restore(state, epoch_done=record["reason"] == REASON_EPOCH)
-        if run._ranks is not None:  # the step went back: meet at the next boundary, then as usual
-            run._ranks.next_sync = 0
+        if run._ranks is not None:
+            run._ranks.restart_syncs()
         run._hparams.restored()
         run._guard.reset()
 

@@ -302,12 +302,13 @@ class Run:
             self._ranks.tell(*op)
 
     def _sync_ranks(self) -> None:
-        """A sync step: every rank learns whether the leader has commands to apply (and whether a
-        follower got a stop signal); if so, they apply them together, at this step."""
+        """A sync step: every rank learns whether the leader had commands to apply at the last
+        sync (and whether a follower got a stop signal); if so, they apply them together, at this
+        step (see babysit.ranks: the exchange is read one step after it is posted)."""
         ranks = self._ranks
         assert ranks is not None
         step, replay = self.position.step, self._replay
-        replay_due = bool(replay) and replay[0]["step"] <= step
+        replay_due = bool(replay) and replay[0]["step"] <= step + 1  # due by the step this sync is acted on
         wants = ranks.leads and (self._wake or self.signal.changed() or replay_due)
         work, stop_asked = ranks.sync_step(step, work=wants, stop_asked=self._stop_reason is not None,
                                            due_at=replay[0]["step"] if replay else None)

@@ -9,7 +9,10 @@ this file. Each rank trains the same DDP model (the MLP 64→256→10, batch 64 
 ``run.log(loss=loss)`` every step; the two variants alternate, the order shuffled every round
 (the same order on every rank). A block is timed on rank 0 from its first batch to its last step
 (the epoch's checkpoint is not in it: bench/checkpoint_stall.py measures those); its wall time
-divided by the steps is the mean step the user pays. Overheads are per-round differences, as
+divided by the steps is the mean step the user pays. Beside the wall time, each rank's CPU time
+over the block: of its training thread (``time.thread_time``: babysit's own work in the step, what
+a machine with a core per rank would still pay) and of the whole process (``time.process_time``:
+that plus babysit's writer thread and gloo's threads). Overheads are per-round differences, as
 medians with their spread.
 
 In every babysat block rank 0 queues an lr nudge (the store call the CLI makes) after step
@@ -29,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).with_name("TORCHRUN.md")
 
@@ -60,11 +64,20 @@ def worker(args: argparse.Namespace) -> None:
         optimizer.step()
         return loss
 
-    def plain(_round: int) -> dict[str, float]:
-        start = time.perf_counter()
+    def clocks() -> tuple[float, float, float]:
+        return time.perf_counter(), time.thread_time(), time.process_time()
+
+    def per_step(start: tuple[float, float, float], end: tuple[float, float, float]) -> dict[str, Any]:
+        wall, thread, process = ((b - a) / len(batches) * 1e6 for a, b in zip(start, end))
+        cpu = [None] * dist.get_world_size()
+        dist.all_gather_object(cpu, (thread, process))
+        return {"per_step_us": wall, "thread_cpu_us": [c[0] for c in cpu], "process_cpu_us": [c[1] for c in cpu]}
+
+    def plain(_round: int) -> dict[str, Any]:
+        start = clocks()
         for xb, yb in batches:
             train(xb, yb)
-        return {"per_step_us": (time.perf_counter() - start) / len(batches) * 1e6}
+        return per_step(start, clocks())
 
     def babysat(round_: int) -> dict[str, float]:
         lr_before = 0.01 * (1 + round_ % 2)
@@ -73,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
         queued_at = seen_at = None
         with babysit.Run(Path(args.scratch) / f"round-{round_}", model, optimizer) as run:
             for _ in run.epochs(1):
-                start = time.perf_counter()
+                start = clocks()
                 for xb, yb in run.batches(batches):
                     if seen_at is None and optimizer.param_groups[0]["lr"] != lr_before:
                         seen_at = run.step - 1  # the boundary after that step applied it
@@ -81,12 +94,12 @@ def worker(args: argparse.Namespace) -> None:
                     if rank == 0 and run.step == len(batches) // 2:
                         run.store.enqueue_command(cmd.SET_LR, {"value": lr_before / 2}, source="bench")
                         queued_at = run.step
-                elapsed = time.perf_counter() - start
+                end = clocks()
         seen = [None] * dist.get_world_size()
         dist.all_gather_object(seen, seen_at)
         queued = [queued_at]
         dist.broadcast_object_list(queued, src=0)
-        return {"per_step_us": elapsed / len(batches) * 1e6, "seen_at": seen, "queued_at": queued[0]}
+        return {**per_step(start, end), "seen_at": seen, "queued_at": queued[0]}
 
     variants = {"plain DDP": plain, "babysit": babysat}
     order = random.Random(12345)  # the same shuffles on every rank: both run the same variant together
@@ -112,6 +125,17 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
     babysat = [r["per_step_us"] for r in results["babysit"]]
     extra = summarize([b - p for b, p in zip(babysat, plain)])
     percent = summarize([(b - p) / p * 100 for b, p in zip(babysat, plain)])
+    def cpu(key: str) -> tuple[list[float], list[float]]:  # per round, the mean of the ranks
+        means = {name: [sum(r[key]) / len(r[key]) for r in results[name]] for name in ("plain DDP", "babysit")}
+        return means["plain DDP"], means["babysit"]
+
+    cpu_rows = []
+    for key, what in (("thread_cpu_us", "training thread"), ("process_cpu_us", "whole process")):
+        plain_cpu, babysat_cpu = cpu(key)
+        cpu_rows.append(
+            f"| {what} | {fmt_range(summarize(plain_cpu))} | {fmt_range(summarize(babysat_cpu))} | "
+            f"{fmt_range(summarize([b - p for b, p in zip(babysat_cpu, plain_cpu)]))} | "
+            f"{fmt_range(summarize([(b - p) / p * 100 for b, p in zip(babysat_cpu, plain_cpu)]), 2)} % |")
     lags = [r["seen_at"][0] - r["queued_at"] for r in results["babysit"]]
     agreed = all(len(set(r["seen_at"])) == 1 and r["seen_at"][0] is not None for r in results["babysit"])
     return "\n".join([
@@ -127,6 +151,12 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
         f"| babysit (`run.batches`, `run.log` every step) | {fmt_range(summarize(babysat))} |",
         f"| babysit − plain, same round | {fmt_range(extra)} |",
         f"| overhead, % of the plain step | {fmt_range(percent, 2)} % |",
+        "",
+        "CPU time per step, mean of the two ranks:",
+        "",
+        "| | plain DDP | babysit | babysit − plain | % of plain |",
+        "|---|---|---|---|---|",
+        *cpu_rows,
         "",
         f"An lr nudge queued after step {args.steps // 2} reached both ranks at the same step in "
         f"{'every' if agreed else 'NOT every'} round, {fmt_range(summarize(lags), 0)} steps after it was queued "
