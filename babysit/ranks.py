@@ -198,7 +198,8 @@ class Ranks:
         if step <= last_step:
             return 1
         per_step = (now - last_time) / (step - last_step)
-        interval = max(1, min(MAX_INTERVAL, math.ceil(SYNC_EVERY_S / max(per_step, 1e-9))))
+        # A sync is acted on one step after it is posted: MAX_INTERVAL - 1 apart keeps the bound.
+        interval = max(1, min(MAX_INTERVAL - 1, math.ceil(SYNC_EVERY_S / max(per_step, 1e-9))))
         # A nudge replayed at due_at: the sync acted on there is posted one step before it.
         return min(interval, due_at - 1 - step) if due_at is not None and due_at - 1 > step else interval
 
