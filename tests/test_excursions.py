@@ -294,3 +294,76 @@ def test_probe_checkpoints_are_outside_keep_last_and_the_next_excursion_retires_
     main_line = [c for c in store.checkpoints() if c["branch"] not in store.excursion_branch_ids()]
     assert [c["reason"] for c in main_line][-1:] == ["epoch"]
     assert len([c for c in main_line if c["id"] not in {b["from_checkpoint"] for b in store.branches()}]) == 1
+
+
+# -- real trainer subprocesses ---------------------------------------------------------------------
+def fast_digits() -> list[str]:
+    from tests.crash_harness import FAST_CONFIG, train_args
+
+    return train_args(FAST_CONFIG)[2:]  # 23 steps an epoch; everything but --epochs
+
+
+def test_kill_9_during_a_probe_resumes_on_the_main_line_and_abandons_the_excursion(tmp_path: Path, trainers) -> None:
+    import signal
+
+    run_dir = tmp_path / "run"
+    trainer = trainers(run_dir, "--epochs", "400", *fast_digits())
+    trainer.wait_running(min_step=5)
+    store = RunStore(run_dir)
+    store.enqueue_command(cmd.PROBE, {"values": [0.02, 0.1], "steps": 5000}, source="test")
+    excursion = wait_for(lambda: (lambda e: e if e and e["branches"] else None)(store.running_excursion()),
+                         what="the first probe branch")
+    probe_branch = excursion["branches"][0]["branch"]
+    wait_for(lambda: store.status()["branch"] == probe_branch and store.status()["step"] >= excursion["origin_step"] + 3,
+             what="the probe training")
+    trainer.process.send_signal(signal.SIGKILL)
+    trainer.process.wait()
+    assert store.running_excursion()["id"] == excursion["id"]
+
+    again = trainers(run_dir, "--epochs", "400", *fast_digits())
+    again.wait_running(min_step=1)
+    assert store.excursion(excursion["id"])["state"] == "abandoned"
+    resume = [e for e in store.events() if e["kind"] == "resume"][-1]
+    assert resume["data"]["checkpoint"] == excursion["return_checkpoint"]
+    assert f"excursion #{excursion['id']} was abandoned" in resume["message"]
+    assert any(e["kind"] == "excursion" and e["data"].get("state") == "abandoned" for e in store.events())
+    wait_for(lambda: store.status()["step"] > excursion["origin_step"] + 2, what="training on past the fork")
+    status = store.status()
+    assert status["branch"] == excursion["origin_branch"] and status["state"] == "running"
+    assert store.running_excursion() is None
+    assert all(c["branch"] not in store.excursion_branch_ids() for c in store.checkpoints())
+
+
+def test_probe_sweep_cancel_and_probes_through_the_cli(tmp_path: Path, trainers) -> None:
+    run_dir = tmp_path / "run"
+    trainers(run_dir, "--epochs", "400", *fast_digits()).wait_running(min_step=5)
+    d = ("--run-dir", str(run_dir))
+
+    refused = cli_here("cancel", *d)
+    assert refused.returncode == 2 and "no probe set or sweep is running" in refused.stderr
+    bad = cli_here("probe", *d, "--values", "0.1,-2")
+    assert bad.returncode == 2 and "-2" in bad.stderr
+
+    probed = babysit_cli("probe", *d, "--values", "0.01,0.05", "--steps", "6", "--then", "continue", "--wait",
+                         "--timeout", "120")
+    assert probed.returncode == 0, probed.stderr
+    assert "probe lr 0.01, 0.05 for 6 steps from now: applied at step" in probed.stdout
+    assert "excursion #1: probe lr 0.01, 0.05 for 6 steps from now — done" in probed.stdout
+    rows = [line for line in probed.stdout.splitlines() if "6/6" in line]
+    assert len(rows) == 2 and sum("<- winner" in line for line in rows) == 1
+    assert "val_loss" in probed.stdout and "continue from the winner: python -m babysit rollback" in probed.stdout
+    assert cli_here("probes", *d).stdout == probed.stdout[probed.stdout.index("excursion #1:"):]
+
+    cli_here("probe", *d, "--values", "0.02", "--steps", "5000")
+    wait_for(lambda: RunStore(run_dir).running_excursion(), what="the long probe")
+    cancelled = cli_here("cancel", *d, "--wait", "--timeout", "60")
+    assert cancelled.returncode == 0 and "cancel excursion #2: applied" in cancelled.stdout, cancelled.stderr
+    wait_for(lambda: RunStore(run_dir).excursion(2)["state"] == "cancelled", what="the cancel")
+
+    swept = cli_here("sweep", *d, "--steps", "20", "--wait", "--timeout", "120")
+    assert swept.returncode == 0, swept.stderr
+    assert "lr sweep over 20 steps: applied at step" in swept.stdout
+    assert "steepest descent: lr" in swept.stdout and "divergence: lr" in swept.stdout
+    assert wait_for(lambda: RunStore(run_dir).status()["state"] == "paused", what="the pause after the sweep")
+    unknown = cli_here("probes", *d, "9")
+    assert unknown.returncode == 2 and "there is no excursion '9'" in unknown.stderr and "its excursions: #3, #2, #1" in unknown.stderr
