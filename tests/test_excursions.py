@@ -367,3 +367,21 @@ def test_probe_sweep_cancel_and_probes_through_the_cli(tmp_path: Path, trainers)
     assert wait_for(lambda: RunStore(run_dir).status()["state"] == "paused", what="the pause after the sweep")
     unknown = cli_here("probes", *d, "9")
     assert unknown.returncode == 2 and "there is no excursion '9'" in unknown.stderr and "its excursions: #3, #2, #1" in unknown.stderr
+
+
+def test_the_lightning_callback_refuses_a_probe_saying_why_and_what_works(tmp_path: Path) -> None:
+    from tests.test_lightning import fit_two_optimizers
+
+    torch.set_num_threads(1)
+    run_dir = tmp_path / "run"
+    fit_two_optimizers(run_dir, 1)
+    store = RunStore(run_dir)
+    probe = store.enqueue_command(cmd.PROBE, {"steps": 3}, source="test", require_live=False)
+    sweep = store.enqueue_command(cmd.SWEEP, {"steps": 10}, source="test", require_live=False)
+    fit_two_optimizers(run_dir, 2)
+    for command_id in (probe, sweep):
+        row = store.command(command_id)
+        assert row["state"] == cmd.REJECTED
+        assert row["reason"].startswith("probes and sweeps are not available under the Lightning callback yet")
+        assert "they work with babysit.Run in your own loop" in row["reason"]
+    assert store.excursions() == [] and len(store.branches()) == 1
