@@ -43,8 +43,10 @@ def resume_when_paused(run_dir: Path) -> threading.Thread:
     """A person who resumes the run once it pauses (after an excursion that ends in a pause)."""
     def watch() -> None:
         store = wait_for(lambda: (run_dir / "run.db").exists() and RunStore(run_dir), what="the run store")
-        wait_for(lambda: store.status().get("state") == "paused", timeout=120, what="the pause")
-        store.enqueue_command(cmd.RESUME, {}, source="test")
+        try:
+            wait_for(lambda: store.status().get("state") == "paused", timeout=120, what="the pause")
+        finally:  # resumed, or, if the pause never came, the run is not left waiting for ever
+            store.enqueue_command(cmd.RESUME, {}, source="test")
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
@@ -226,6 +228,45 @@ def test_during_a_probe_nudges_checkpoints_and_another_excursion_are_refused(tmp
     assert refused[cmd.SWEEP] == "excursion #1 is running; cancel it first (python -m babysit cancel 1)"
     assert refused[cmd.CANCEL] == "excursion #7 is not running (there is no such excursion); nothing to cancel"
     assert store.excursions()[0]["state"] == "done"
+
+
+def test_a_paused_run_probes_when_asked_and_pause_and_resume_work_during_a_probe(tmp_path: Path) -> None:
+    """A person pauses, probes from the paused run, pauses and resumes it mid-probe, and resumes
+    it after the probes (then="pause"): the run ends as if none of it had happened."""
+    run_dir = tmp_path / "probed"
+    failures: list[BaseException] = []
+
+    def person() -> None:
+        store = wait_for(lambda: (run_dir / "run.db").exists() and RunStore(run_dir), what="the run store")
+        try:
+            paused_on = lambda: (lambda s: s["branch"] if s.get("state") == "paused" else None)(store.status())  # noqa: E731
+            wait_for(lambda: paused_on() == 1, what="the first pause")
+            store.enqueue_command(cmd.PROBE, {"values": [0.05, 0.2], "steps": 6}, source="test")
+            wait_for(lambda: paused_on() not in (None, 1), what="the pause in the first probe")
+            store.enqueue_command(cmd.RESUME, {}, source="test")
+            wait_for(lambda: paused_on() == 1 and store.excursions()[0]["state"] == "done", what="the probes' end")
+            store.enqueue_command(cmd.RESUME, {}, source="test")
+        except BaseException as error:  # never leave the run paused for ever: stop it, fail below
+            failures.append(error)
+            store.enqueue_command(cmd.STOP, {}, source="test")
+
+    def pause_in_the_first_probe(run: Any, step: int) -> None:
+        if step == 3 and run.branch == 1:
+            run.store.enqueue_command(cmd.PAUSE, {}, source="test")
+        if step == 5 and run.branch == 2:  # two steps into the first probe
+            run.store.enqueue_command(cmd.PAUSE, {}, source="test")
+
+    _, straight = tiny_job(tmp_path / "straight", epochs=2)
+    threading.Thread(target=person, daemon=True).start()
+    _, probed = tiny_job(run_dir, epochs=2, on_step=pause_in_the_first_probe)
+    assert not failures, failures
+    assert same_weights(straight, probed)
+    store = RunStore(run_dir)
+    assert [b["result"]["steps_done"] for b in store.excursions()[0]["branches"]] == [6, 6]
+    assert [(c["kind"], c["state"], c["branch"]) for c in store.commands()] == [
+        (cmd.PAUSE, cmd.APPLIED, 1), (cmd.PROBE, cmd.APPLIED, 1), (cmd.PAUSE, cmd.APPLIED, 2),
+        (cmd.RESUME, cmd.APPLIED, 2), (cmd.RESUME, cmd.APPLIED, 1)]
+    assert store.status()["state"] == "finished"
 
 
 def test_cancel_ends_the_excursion_and_the_run_goes_back_exactly(tmp_path: Path) -> None:
