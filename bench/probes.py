@@ -20,6 +20,7 @@ compared with the plain run's (torch.equal, every tensor).
 from __future__ import annotations
 
 import argparse
+import sys
 import copy
 import statistics
 import json
@@ -39,6 +40,7 @@ class Timers:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.counts: dict[str, int] = {}
+        self.on = False  # only what happens inside the timed window counts
         self._undo: list[Callable[[], None]] = []
 
     def wrap(self, owner: Any, name: str, label: str) -> None:
@@ -49,8 +51,9 @@ class Timers:
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
-                self.counts[label] = self.counts.get(label, 0) + 1
+                if self.on:
+                    self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
+                    self.counts[label] = self.counts.get(label, 0) + 1
 
         setattr(owner, name, timed)
         self._undo.append(lambda: setattr(owner, name, original))
@@ -110,13 +113,13 @@ def one_run(work: Any, loader: Callable[[int], Any], run_dir: Path, *, start: in
                 if run.branch != 1:
                     continue
                 if run.step == start and t0 is None:
-                    t0 = time.perf_counter()
+                    t0, timers.on = time.perf_counter(), True
                     if command is not None and not sent:
                         sent = True
                         run.store.enqueue_command(command[0], command[1], source="bench")
                         run._wake = True  # applied at this boundary, as the page's signal makes it
                 if run.step == end_step and t0 is not None and t1 is None and run._excursion is None:
-                    t1 = time.perf_counter()
+                    t1, timers.on = time.perf_counter(), False
     finally:
         timers.undo()
         run.close()
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    machine = machine_info(args.threads)
+    machine["command"] = "python -m bench.probes" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
 
     import torch
 
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = [sum(p["parts"].values()) for p in probes]
     ratio_without = [(p["seconds"] - f) / q["seconds"] for p, f, q in zip(probes, fixed, plain)]
     summary = {
-        "machine": machine_info(args.threads), "wall_s": round(wall, 1), "rounds": args.rounds,
+        "machine": machine, "wall_s": round(wall, 1), "rounds": args.rounds,
         "K": args.probes, "N": args.steps, "factors": factors, "start": args.start, "sweep_steps": args.sweep_steps,
         "plain_ms": summarize([q["seconds"] * 1000 for q in plain]),
         "probes_ms": summarize([p["seconds"] * 1000 for p in probes]),
@@ -237,8 +242,10 @@ on branch 1 (`then="continue"`). Medians (min–max) over the rounds, in ms.
 | ratio without the parts below | {x(s['ratio_without_loads_writes_skips'])} |
 
 One step (the median of each run's steps, then the median over the rounds): {fmt(s['plain_step_ms']['median'], 2)} ms
-plainly, {fmt(s['probe_step_ms']['median'], 2)} ms on the probe branches; paired ratio {x(s['step_ratio'])}. The
-steps themselves cost the same; what a probe set adds is its checkpoint writes, loads and skips.
+plainly, {fmt(s['probe_step_ms']['median'], 2)} ms on the probe branches; paired ratio {x(s['step_ratio'])}. A
+probe's step runs the same code as a plain one, plus a few attribute reads at its boundary and one
+EWMA update per logged loss (the probe's divergence check); what a probe set adds beyond its steps
+is the checkpoint writes, loads and skips below.
 
 On this machine, shared with other work (load average {m['load_average_start']} at the start,
 {s['load_end']} at the end), the paired ratio of whole probe sets wanders by tens of per cent from
