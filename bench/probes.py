@@ -135,6 +135,20 @@ def one_run(work: Any, loader: Callable[[int], Any], run_dir: Path, *, start: in
             "excursion": excursions[0] if excursions else None, "steps": run.step}
 
 
+def tap_microseconds(calls: int = 100_000) -> float:
+    """What the excursion's loss tap adds to one ``run.log`` call, in µs (timeit)."""
+    import timeit
+
+    from babysit.excursion_runner import LossTap
+    from babysit.store import PER_STEP
+
+    queue: list[Any] = []
+    tap, item = LossTap(queue.append), (PER_STEP, 2, 10, 0.0, {"loss": 1.234})
+    with_tap = timeit.timeit(lambda: tap(item), number=calls)
+    plain = timeit.timeit(lambda: queue.append(item), number=calls)
+    return (with_tap - plain) / calls * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.probes", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -202,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "excursions_done": all(p["excursion"]["state"] == "done" for p in probes + sweeps),
     }
     summary["load_end"] = load_average()
+    summary["tap_us"] = tap_microseconds()
     args.out.write_text(report(summary))
     print(json.dumps({k: v for k, v in summary.items() if k != "machine"}, indent=1, default=str))
     return 0 if summary["probes_identical"] and summary["sweep_identical"] and summary["excursions_done"] else 1
@@ -244,7 +259,7 @@ on branch 1 (`then="continue"`). Medians (min–max) over the rounds, in ms.
 One step (the median of each run's steps, then the median over the rounds): {fmt(s['plain_step_ms']['median'], 2)} ms
 plainly, {fmt(s['probe_step_ms']['median'], 2)} ms on the probe branches; paired ratio {x(s['step_ratio'])}. A
 probe's step runs the same code as a plain one, plus a few attribute reads at its boundary and one
-EWMA update per logged loss (the probe's divergence check); what a probe set adds beyond its steps
+EWMA update per logged loss (the probe's divergence check: {s['tap_us']:.1f} µs a call, timeit); what a probe set adds beyond its steps
 is the checkpoint writes, loads and skips below.
 
 On this machine, shared with other work (load average {m['load_average_start']} at the start,

@@ -8,6 +8,7 @@ used from step s + 1), so each step's loss is read against the lr that trained i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +36,9 @@ class SweepReading:
 
 def diverged(smoothed_now: float, smoothed_min: float, raw_now: float) -> bool:
     """The sweep's stop rule: the loss is not finite, or its EWMA is above 4× its minimum so far."""
-    return (not np.isfinite(raw_now) or not np.isfinite(smoothed_now)
-            or (np.isfinite(smoothed_min) and smoothed_min > 0 and smoothed_now > DIVERGENCE_FACTOR * smoothed_min))
+    # math, not numpy: the trainer calls this once per logged loss while an excursion runs.
+    return (not math.isfinite(raw_now) or not math.isfinite(smoothed_now)
+            or (math.isfinite(smoothed_min) and smoothed_min > 0 and smoothed_now > DIVERGENCE_FACTOR * smoothed_min))
 
 
 def analyse_sweep(lrs: np.ndarray, losses: np.ndarray) -> SweepReading:
