@@ -469,8 +469,8 @@ class Excursion:
     def summary(self) -> str:
         if self.kind == EXCURSION_SWEEP:
             leg = self.legs[0]
-            how = "diverged" if leg.diverged else "ran"
-            return f"the lr sweep {how} for {leg.steps_done} of {leg.steps} steps (python -m babysit probes {self.id})"
+            how = "diverged after" if leg.diverged else "ran"
+            return f"the lr sweep {how} {leg.steps_done} of {leg.steps} steps (python -m babysit probes {self.id})"
         done = [leg for leg in self.legs if leg.branch is not None]
         best = self.best()
         text = f"{len(done)} of {len(self.legs)} probes of {self.spec['steps']} steps"
