@@ -426,3 +426,19 @@ def test_the_lightning_callback_refuses_a_probe_saying_why_and_what_works(tmp_pa
         assert row["reason"].startswith("probes and sweeps are not available under the Lightning callback yet")
         assert "they work with babysit.Run in your own loop" in row["reason"]
     assert store.excursions() == [] and len(store.branches()) == 1
+
+
+def test_the_hugging_face_callback_refuses_a_sweep_saying_why_and_what_works(tmp_path: Path) -> None:
+    import babysit.hf
+    from tests import hf_script
+
+    torch.set_num_threads(1)
+    run_dir = tmp_path / "run"
+    hf_script.make_trainer(str(run_dir), epochs=1)[0].train()
+    store = RunStore(run_dir)
+    sweep = store.enqueue_command(cmd.SWEEP, {"steps": 10}, source="test", require_live=False)
+    babysit.hf.train(hf_script.make_trainer(str(run_dir), epochs=2)[0])
+    row = store.command(sweep)
+    assert row["state"] == cmd.REJECTED
+    assert row["reason"].startswith("probes and sweeps need babysit.Run in your own loop: the Hugging Face Trainer")
+    assert store.excursions() == [] and len(store.branches()) == 1
