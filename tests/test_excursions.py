@@ -442,3 +442,20 @@ def test_the_hugging_face_callback_refuses_a_sweep_saying_why_and_what_works(tmp
     assert row["state"] == cmd.REJECTED
     assert row["reason"].startswith("probes and sweeps need babysit.Run in your own loop: the Hugging Face Trainer")
     assert store.excursions() == [] and len(store.branches()) == 1
+
+
+def test_under_torchrun_a_probe_is_refused_saying_why_and_what_works(tmp_path: Path) -> None:
+    from tests.test_torchrun import Job
+
+    job = Job(tmp_path, "run", "--epochs", "10000", "--pause-at-step", "3")
+    try:
+        job.wait_state("paused")
+        refused = babysit_cli("probe", "--run-dir", str(job.run_dir), "--steps", "5", "--wait", "--timeout", "120",
+                              timeout=180)
+        assert refused.returncode == 1
+        assert "rejected: probes and sweeps do not run under torch.distributed" in refused.stderr
+        assert "they work in a single-process run" in refused.stderr
+        store = job.store()
+        assert store.excursions() == [] and len(store.branches()) == 1 and store.status()["state"] == "paused"
+    finally:
+        job.kill()
