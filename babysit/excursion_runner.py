@@ -27,7 +27,6 @@ back for an excursion's loss (a sweep is meant to diverge; a probe that does jus
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,10 +34,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from . import command_runner  # its Interrupt, read at call time (command_runner imports this module)
 from . import commands as cmd
 from . import optim
 from .checkpoint import read_verified, rng_state, set_rng_state
-from . import command_runner
 from .errors import CommandError
 from .hparam_watch import COMMAND
 from .instruments.probes import HPARAM_SERIES, ProbeReading, winner
@@ -52,8 +51,6 @@ from .writer import to_float
 
 if TYPE_CHECKING:
     from .run import Run
-
-log = logging.getLogger(__name__)
 
 REASON_EXCURSION = "excursion"  # the return point, taken on the run's own branch
 REASON_PROBE = "probe"          # a probe's end, on its branch (to continue from the winner)
