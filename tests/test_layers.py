@@ -34,11 +34,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # The trainer side: the Run and the pieces it is made of. `babysit` itself is the public face
     # of Run (its names load from here).
     "trainer": ("user_state", "position", "ranks", "snapshots", "hparam_watch", "remedy", "writer", "resume",
-                "command_runner", "run", "babysit"),
+                "excursion_runner", "command_runner", "run", "babysit"),
     # Training jobs and framework adapters written against the public API.
     "jobs": ("jobs", "lightning", "hf"),
     # What a person runs: the CLI and the dashboard.
-    "faces": ("cli", "__main__", "ui"),
+    "faces": ("cli", "probes_text", "__main__", "ui"),
 }
 LAYER_NAMES = list(LAYERS)
 _PLACED = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
