@@ -1,0 +1,98 @@
+"""Reading of an lr sweep (the lr range test): loss against lr on a log scale, where it falls
+fastest, where it diverges, and the lr it suggests.
+
+Pure (numpy over the store's series; no torch), shared by the CLI and the page. The sweep branch
+logs its loss per step and its lr as the lr series (a point at step s is the lr set after step s,
+used from step s + 1), so each step's loss is read against the lr that trained it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..downsample import ewma
+from ..store import RunStore
+from .probes import branch_points, step_metric
+
+# The smoothing of the sweep's loss (over its steps, bias-corrected, as the trainer's early stop).
+SWEEP_EWMA_BETA = 0.9
+# The sweep has clearly diverged once its smoothed loss is this many times its minimum so far.
+DIVERGENCE_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class SweepReading:
+    lrs: np.ndarray        # the lr of each step, in the order trained (rising)
+    losses: np.ndarray     # the step metric at each step
+    smoothed: np.ndarray   # its EWMA
+    steepest_lr: float | None    # where the smoothed loss falls fastest per log-lr
+    divergence_lr: float | None  # the first lr where the smoothed loss exceeds 4× its minimum so far (or is not finite)
+    min_loss_lr: float | None
+    suggested_lr: float | None   # the steepest descent point (see analyse_sweep)
+
+
+def diverged(smoothed_now: float, smoothed_min: float, raw_now: float) -> bool:
+    """The sweep's stop rule: the loss is not finite, or its EWMA is above 4× its minimum so far."""
+    return (not np.isfinite(raw_now) or not np.isfinite(smoothed_now)
+            or (np.isfinite(smoothed_min) and smoothed_min > 0 and smoothed_now > DIVERGENCE_FACTOR * smoothed_min))
+
+
+def analyse_sweep(lrs: np.ndarray, losses: np.ndarray) -> SweepReading:
+    """Read a sweep's (lr, loss) points, in the order trained.
+
+    The suggestion is the steepest descent point, not the minimum. The notes tune lr on a log
+    scale, so "fastest" is per log-lr: there a change of lr buys the most loss, training is fast
+    and still far from unstable. The minimum of a rising-lr curve is already at the edge of
+    divergence (the smoothed loss lags the lr, and each higher lr was tried only a step), so it
+    is too hot to train with; the steepest point leaves the ×2 nudges of the panda room both ways.
+    Only points before the divergence count; none is suggested when the loss never fell.
+    """
+    lrs = np.asarray(lrs, dtype=float)
+    losses = np.asarray(losses, dtype=float)
+    usable = np.isfinite(lrs) & (lrs > 0)
+    lrs, losses = lrs[usable], losses[usable]
+    smoothed = ewma(np.arange(len(losses)), losses, SWEEP_EWMA_BETA) if len(losses) else np.empty(0)
+    end = len(losses)  # the first diverged point (or past the end)
+    running_min = np.inf
+    for i in range(len(losses)):
+        if diverged(smoothed[i], running_min, losses[i]):
+            end = i
+            break
+        running_min = min(running_min, smoothed[i])
+    divergence_lr = float(lrs[end]) if end < len(losses) else None
+    if end == 0:
+        return SweepReading(lrs, losses, smoothed, None, divergence_lr, None, None)
+    lowest = int(np.argmin(smoothed[:end]))
+    min_loss_lr = float(lrs[lowest])
+    steepest_lr = None
+    if lowest >= 2:  # a descent of at least two intervals before the minimum
+        log_lr = np.log(lrs[:lowest + 1])
+        if np.all(np.diff(log_lr) > 0):
+            slope = np.gradient(smoothed[:lowest + 1], log_lr)
+            fastest = int(np.argmin(slope))
+            if slope[fastest] < 0:
+                steepest_lr = float(lrs[fastest])
+    return SweepReading(lrs, losses, smoothed, steepest_lr, divergence_lr, min_loss_lr, steepest_lr)
+
+
+def read_sweep(store: RunStore, excursion_id: int, metric: str | None = None) -> SweepReading | None:
+    """The reading of sweep ``excursion_id`` (as far as it got), or None if it has no branch yet."""
+    excursion = store.excursion(excursion_id)
+    if excursion is None or not excursion["branches"]:
+        return None
+    branch_id = excursion["branches"][0]["branch"]
+    branch = store.branch(branch_id)
+    start = int(branch["start_step"]) if branch else int(excursion["origin_step"])
+    name = metric or step_metric(store, branch_id)
+    if name is None:
+        return analyse_sweep(np.empty(0), np.empty(0))
+    steps, losses = branch_points(store, branch_id, name, after=start)
+    lr_steps, lr_values = branch_points(store, branch_id, "lr")
+    if len(lr_steps) == 0 or len(steps) == 0:
+        return analyse_sweep(np.empty(0), np.empty(0))
+    # The lr that trained step t: the last one set at a step boundary before it (step <= t - 1).
+    index = np.searchsorted(lr_steps, steps - 1, side="right") - 1
+    known = index >= 0
+    return analyse_sweep(lr_values[index[known]], losses[known])
