@@ -19,6 +19,7 @@ import numpy as np
 
 from ..downsample import ewma
 from ..store import EXCURSION_SWEEP, PER_EPOCH, PER_STEP, RunStore, SeriesInfo
+from .probes import HPARAM_SERIES
 
 # The smoothing of the loss compared at equal steps: the course notes' β = 0.9 (about ten steps),
 # bias-corrected, so a short branch's first steps are not pulled towards zero.
@@ -26,7 +27,6 @@ LOSS_BETA = 0.9
 KIND_RUN, KIND_PROBE, KIND_SWEEP = "run", "probe", "sweep"
 # Validation numbers that are better when higher; any other is better when lower (a loss, an error).
 HIGHER_IS_BETTER = ("acc", "f1", "auc", "bleu", "precision", "recall")
-NOT_A_LOSS = ("lr", "momentum")  # per-step series that are settings, logged when they change
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def higher_is_better(name: str) -> bool:
 
 def choose_step_metric(series: Iterable[SeriesInfo]) -> str | None:
     """"loss" when the run logs it per step, else the first per-step series that is not a setting."""
-    names = [s.name for s in series if s.per == PER_STEP and s.segment == 0 and s.name not in NOT_A_LOSS]
+    names = [s.name for s in series if s.per == PER_STEP and s.segment == 0 and s.name not in HPARAM_SERIES]
     if "loss" in names:
         return "loss"
     return names[0] if names else None
