@@ -23,6 +23,7 @@ def write(store: RunStore, name: str, branch: int, steps: np.ndarray, values: np
 
 
 def checkpoint(store: RunStore, branch: int, epoch: int, step: int, lr: float, reason: str = "epoch") -> int:
+    (store.run_dir / f"c{step}-{branch}.pt").write_bytes(b"weights")  # a rollback to it finds its file
     return store.add_checkpoint(branch=branch, epoch=epoch, step=step, step_in_epoch=100, file=f"c{step}-{branch}.pt",
                                 sha256="0" * 64, size=1, hparams={"lr": lr, "momentum": 0.9}, metrics={},
                                 reason=reason)
@@ -40,7 +41,7 @@ def build(run_dir: Path) -> RunStore:
     """Branch 1: 500 steps at lr 0.1 (epochs of 100, val_loss lowest at epoch 4, checkpoints at
     each epoch). Branch 2: a rollback to #2 (step 200) at lr 0.05, 300 steps. Excursion 1, a probe
     set from #3 (step 300) on branch 1: branches 3 (lr 0.05) and 4 (lr 0.2), 60 steps each.
-    Excursion 2, a sweep from #5 (step 500): branch 5, 30 steps. The trainer is on branch 2."""
+    Excursion 2, a sweep from #5 (step 500): branch 5, 30 steps from lr 1e-3 to 10. The trainer is on branch 2."""
     store = RunStore(run_dir, create=True)
     one = store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0,
                            hparams={"lr": 0.1, "momentum": 0.9})
@@ -74,7 +75,11 @@ def build(run_dir: Path) -> RunStore:
     swept = store.new_branch(parent=one, from_checkpoint=5, start_step=500, start_epoch=5,
                              hparams={"lr": 1e-3, "momentum": 0.9})
     store.add_excursion_branch(excursion=sweep, branch=swept, ord=0, param="lr", value=1e-3, steps=30)
-    write(store, "loss", swept, np.arange(501, 531), np.linspace(0.7, 9.0, 30))
+    # The lr set after step s trains step s + 1; the loss falls fastest near lr 0.06, blows up past 1.
+    lrs = np.geomspace(1e-3, 10, 30)
+    write(store, "lr", swept, np.arange(500, 530), lrs)
+    write(store, "loss", swept, np.arange(501, 531),
+          1.0 - 0.6 / (1 + np.exp(-(np.log10(lrs) + 1.5) * 4)) + np.where(lrs > 1, 30 * np.log10(lrs) ** 2, 0))
     store.finish_excursion(sweep, EXCURSION_DONE)
     store.write_status(state="stopped", branch=two, step=500, epoch=5)
     return store
