@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import commands as cmd
-from . import optim
+from . import excursion_runner, optim
 from .checkpoint import KEY_MODEL, KEY_OPTIMIZER, REASON_STOP, read_verified
 from .errors import CheckpointError, CommandError
 from .hparam_watch import COMMAND
@@ -30,6 +30,7 @@ class Interrupt(enum.Enum):
 
     STOP = "stop"
     ROLLBACK = "rollback"
+    EXCURSION = "excursion"  # a probe set or sweep goes to its next branch, or back (see excursion_runner)
 
 
 @dataclass
@@ -121,6 +122,20 @@ class CommandRunner:
     def _execute(self, command: cmd.Command, pending: dict[str, Any]) -> dict[str, Any] | None:
         run = self.run
         before = run.hparams
+        excursion = run._excursion
+        if excursion is not None and command.kind in (cmd.SET_LR, cmd.SET_MOMENTUM, cmd.CHECKPOINT):
+            excursion.refuse(command.describe())
+        if command.kind in (cmd.PROBE, cmd.SWEEP):
+            excursion_runner.begin(run, command, pending)  # acknowledged there, on the run's own branch
+            return None
+        if command.kind == cmd.CANCEL:
+            wanted = command.args["excursion"]
+            if excursion is None or excursion.id != wanted:
+                found = run.store.excursion(wanted)
+                state = f"it is {found['state']}" if found else "there is no such excursion"
+                raise CommandError(f"excursion #{wanted} is not running ({state}); nothing to cancel")
+            excursion.cancel(excursion_runner.EXCURSION_CANCELLED, "cancelled")
+            return {"excursion": wanted, "checkpoint": excursion.return_record["id"]}
         if command.kind == cmd.SET_LR:
             after = optim.set_lr(run.optimizer, command.args["value"], run.scheduler)
             run._tell("set_lr", command.args["value"])
@@ -173,8 +188,13 @@ class CommandRunner:
             assert record is not None
             state = read_verified(run.run_dir / record["file"], record["sha256"])
             self._check_fits(state, record)
+            branch_at_cut, step_at_cut = run.branch, run.step
+            if excursion is not None:  # it ends here; "current" hparams are the run's, not a probe's
+                before, branch_at_cut, step_at_cut = (excursion.hparams_at_return, excursion.origin_branch,
+                                                      excursion.origin_step)
+                excursion.give_way_to_rollback(record["id"])
             run._rollback = PendingRollback(pending, record, state, hparams_at_cut=before,
-                                            branch_at_cut=run.branch, step_at_cut=run.step)
+                                            branch_at_cut=branch_at_cut, step_at_cut=step_at_cut)
             run._interrupt = Interrupt.ROLLBACK
             return None
         raise CommandError(f"unknown command {command.kind!r}")
@@ -183,7 +203,9 @@ class CommandRunner:
         """A stop is checkpointed here, at the step boundary, so that nothing the loop runs after
         the cut (its evaluation, its lr anneal) reaches the final checkpoint."""
         run = self.run
-        run._stop_job = run.snapshots.take(REASON_STOP, reuse_same_step=True)  # may refuse: nothing is set yet
+        # During an excursion the final checkpoint is the return point's state, taken once back there.
+        run._stop_job = (None if run._excursion is not None
+                         else run.snapshots.take(REASON_STOP, reuse_same_step=True))  # may refuse: nothing is set yet
         run._stop_command = pending
         run._interrupt = Interrupt.STOP
 
@@ -265,6 +287,8 @@ class CommandRunner:
 
     def finish_stop(self) -> None:
         run = self.run
+        if run._excursion is not None:
+            run._excursion.go_back_for_stop()
         job = run._stop_job or run.snapshots.take(REASON_STOP, reuse_same_step=True)
         run._final_hparams = job.meta["hparams"]
         run.snapshots.wait()

@@ -89,6 +89,11 @@ _ARGS_IN_CONFIG = ("learning_rate", "num_train_epochs", "max_steps", "per_device
                    "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "seed")
 
 
+# The Trainer restarts itself for a rollback, and an excursion is rollbacks in process.
+EXCURSIONS_REFUSED = ("probes and sweeps need babysit.Run in your own loop: the Hugging Face Trainer restarts for "
+                      "every rollback, so it cannot try a branch and come back in process; nudges and rollbacks work "
+                      "here")
+
 class RestartNeeded(RuntimeError):
     """The Trainer's loop must start again from a babysit checkpoint (a resume, a rollback):
     ``babysit.hf.train`` does that; a bare ``trainer.train()`` cannot, and raises this."""
@@ -143,6 +148,7 @@ class BabysitCallback(TrainerCallback):
             self._ended = False
             self.run = Run(self.run_dir, model, optimizer, lr_scheduler, config=self._run_config(args),
                            items_per_step=self._items_per_step or _samples_per_step(args), **self._run_kwargs)
+            self.run._excursions_refused = EXCURSIONS_REFUSED
             self._restore_signals = install_stop_handlers(self.run.request_stop, lambda: self.run.stop_requested)
         else:
             self._take_over(model, optimizer, lr_scheduler, state)

@@ -49,6 +49,13 @@ class HparamWatch:
         """A checkpoint's scheduler state was loaded: its step count is not a step it took."""
         self._scheduler_steps = scheduler_steps(self.run.scheduler)
 
+    def adopt(self) -> None:
+        """Take the lr and momentum in use now as seen and marked, logging nothing: the run went
+        back to a point of its own branch (after an excursion), whose values are on its curve."""
+        group = self.run.optimizer.param_groups[0]
+        self.lr, self.momentum = optim._as_float(group["lr"]), self.read_momentum(group)
+        self._marked = {"lr": self.lr, "momentum": self.momentum}
+
     def record(self, force: bool = False, by: str | None = None) -> None:
         """Log lr and momentum where they changed; ``force`` logs both (the start of a branch)."""
         run = self.run

@@ -73,6 +73,12 @@ from .store import PAUSED, RUNNING
 _LIGHTNING_STATE = "_lightning"   # the run.state key of Lightning's counters and other optimizers
 
 
+# Lightning's fit loop keeps its own counters and loader iterators across the epoch; a probe's
+# branch change and return inside it is not yet made exact, so it is refused rather than half done.
+EXCURSIONS_REFUSED = ("probes and sweeps are not available under the Lightning callback yet (Lightning's loop keeps "
+                      "its own step counters and loader iterators, which a probe's return would leave out of step); "
+                      "they work with babysit.Run in your own loop; nudges and rollbacks work here")
+
 class BabysitCallback(pl.Callback):
     """Connect a Lightning ``Trainer`` to babysit's run directory ``run_dir``.
 
@@ -130,6 +136,7 @@ class BabysitCallback(pl.Callback):
         state[_LIGHTNING_STATE] = self._counters
         self._counters.loaded = None
         self.run = Run(self.run_dir, pl_module, first, scheduler, state=state, **self._run_kwargs)
+        self.run._excursions_refused = EXCURSIONS_REFUSED
         self.run.max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         # Ctrl-C and SIGTERM: a stop at the next step boundary with a final checkpoint, as in your
         # own loop. Lightning, registering its SIGTERM handler after this hook, calls this one too.

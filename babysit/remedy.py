@@ -48,6 +48,9 @@ class DivergenceRemedy:
     def apply(self, what: str, branch: int, step: int, data: dict[str, Any] | None = None) -> None:
         """A divergence found on ``branch`` at ``step``: pause, or roll back by itself."""
         run = self.run
+        excursion = run._excursion
+        if excursion is not None and excursion.owns(branch):
+            return  # a sweep is meant to diverge; a probe that does ends early, recorded (excursion_runner)
         with self._lock:
             if branch != run.branch or self._answered_branch == branch:
                 return

@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import commands as cmd
-from . import optim, user_state
+from . import excursion_runner, optim, user_state
 from .checkpoint import (
     KEY_LAST_COMMAND, KEY_MODEL, KEY_OPTIMIZER, KEY_SCHEDULER, KEY_USER_STATE, REASON_EPOCH, read_verified,
 )
@@ -32,7 +32,8 @@ class Resume:
     def restore_on_start(self) -> None:
         run = self.run
         status = run.store.status()
-        branch_id = status.get("branch")
+        # Never on an excursion's branch: its trainer died during it; the main line resumes.
+        branch_id, abandoned = excursion_runner.abandon_on_start(run, status.get("branch"))
         branch = run.store.branch(branch_id) if branch_id else None
         if branch is None:
             run.branch = run.store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
@@ -61,6 +62,8 @@ class Resume:
                f"after the trainer stopped at step {status.get('step')}" if status.get("state") == STOPPED else
                "after the trainer died")
         message = f"resumed from {where} {how}"
+        if abandoned:
+            message += f"; {abandoned}"
         if fallback_note:
             message += f"; {fallback_note}"
         if moved:
@@ -94,7 +97,8 @@ class Resume:
         # What the rollback meant comes first (before the fork, on its line of descent); then any
         # other intact checkpoint, newest first, rather than no run at all.
         before_fork = run.snapshots.lineage_before(run.branch, branch["start_step"] + 1)
-        others = sorted((c for c in run.store.checkpoints() if c not in before_fork),
+        probes = run.store.excursion_branch_ids()
+        others = sorted((c for c in run.store.checkpoints() if c not in before_fork and c["branch"] not in probes),
                         key=lambda c: (c["step"], c["id"]), reverse=True)
         tried = {c["id"] for c in own} | {branch["from_checkpoint"]}
         for candidate in before_fork + others:

@@ -29,7 +29,7 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -69,6 +69,9 @@ class Run:
         flush_interval: seconds between writes of logged values (and heartbeats) to the store.
         items_per_step, item_unit: what one step trains, for the throughput shown on the page
             (for example 32 ``"samples"`` or 32×128 ``"tokens"``); by default the loader's batch size.
+        evaluate: a function of no arguments returning a dict of numbers (a validation loss),
+            called at each probe's end and at a probe set's fork, to rank the probes by it
+            (see :mod:`babysit.excursion_runner`); the RNGs and train/eval modes are kept as they were.
     """
 
     def __init__(
@@ -87,11 +90,14 @@ class Run:
         flush_interval: float = 0.25,
         items_per_step: int | None = None,
         item_unit: str = "samples",
+        evaluate: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise SettingsError(f"keep_last must be a whole number >= 1 or None, got {keep_last!r}")
         if items_per_step is not None and (not isinstance(items_per_step, int) or items_per_step < 1):
             raise SettingsError(f"items_per_step must be a whole number >= 1 or None, got {items_per_step!r}")
+        if evaluate is not None and not callable(evaluate):
+            raise SettingsError(f"evaluate must be a function returning a dict of numbers, got {evaluate!r}")
         if not isinstance(item_unit, str) or not item_unit.strip() or len(item_unit) > 20:
             raise SettingsError(f"item_unit must be a short word such as 'samples' or 'tokens', got {item_unit!r}")
         self.optimizer = _optimizer_or_loop_hparams(optimizer, lr, momentum)
@@ -145,6 +151,9 @@ class Run:
         self._checkpoint_asked: str | None = None  # run.checkpoint_now() under torch.distributed
         self._restore_signals: Any = None
         self._hparams = HparamWatch(self)
+        self._evaluate = evaluate
+        self._excursion: Any = None                # the probe set or sweep in progress (excursion_runner)
+        self._excursions_refused: str | None = None  # why this run's driver cannot take one (a framework's)
 
         self._guard = DivergenceGuard(self.guard_config)
         self._resume = Resume(self)          # starting, resuming, loading a checkpoint
@@ -278,6 +287,12 @@ class Run:
         if self._interrupt is Interrupt.STOP:
             self._commands.finish_stop()
             return False
+        if self._interrupt is Interrupt.EXCURSION:
+            self._excursion.transition()
+            return True
+        if self._excursion is not None:  # an epoch's end inside a probe: no checkpoint on its branch
+            self._excursion.epoch_end()
+            return True
         self.snapshots.end_epoch()
         self._checkpoint_asked = None  # a run.checkpoint_now() still waiting: the epoch's checkpoint answers it
         self._tell("epoch_end")
@@ -382,6 +397,8 @@ class Run:
                 self._sync_ranks()
             if self._follows:
                 return self._interrupt
+        if self._excursion is not None and self._interrupt is None:
+            self._excursion.at_boundary()
         watch = self._hparams
         group = self.optimizer.param_groups[0]
         if group["lr"] != watch.lr or watch.read_momentum(group) != watch.momentum:

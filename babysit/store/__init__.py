@@ -289,10 +289,13 @@ class RunStore(SeriesTables, CommandTable, ExcursionTable):
 
     def checkpoints_to_retire(self, keep_last: int) -> list[dict[str, Any]]:
         """The listed checkpoints beyond the newest ``keep_last``, oldest first, except those a
-        branch started from (a rollback's origin is kept for as long as the run is)."""
+        branch started from (a rollback's origin is kept for as long as the run is). An
+        excursion's probe checkpoints are neither counted nor retired here: the next excursion
+        retires them (see babysit.excursion_runner)."""
+        main_line = " AND branch NOT IN (SELECT branch FROM excursion_branches)"
         rows = self.conn().execute(
-            f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE deleted = 0"
-            " AND id NOT IN (SELECT id FROM checkpoints WHERE deleted = 0 ORDER BY id DESC LIMIT ?)"
+            f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE deleted = 0{main_line}"
+            f" AND id NOT IN (SELECT id FROM checkpoints WHERE deleted = 0{main_line} ORDER BY id DESC LIMIT ?)"
             " AND id NOT IN (SELECT from_checkpoint FROM branches WHERE from_checkpoint IS NOT NULL) ORDER BY id",
             (keep_last,),
         ).fetchall()
