@@ -39,8 +39,12 @@ def instruments(store: RunStore, status: dict[str, Any]) -> None:
     toast_flash()
     excursions = store.excursions(limit=EXCURSIONS_READ)
     running = next((e for e in excursions if e["state"] == EXCURSION_RUNNING), None)
-    panel = st.expander("Probe lr · lr sweep", key="excursions_panel", on_change="rerun", icon=":material/science:",
-                        expanded=running is not None)
+    if running is not None and st.session_state.get("_excursion_opened") != running["id"]:
+        # A probe set or sweep started (from here or the CLI): open its panel once; the person may
+        # close it again. (A constant `expanded`: changing it would make a new expander.)
+        st.session_state["_excursion_opened"] = running["id"]
+        st.session_state["excursions_panel"] = True
+    panel = st.expander("Probe lr · lr sweep", key="excursions_panel", on_change="rerun", icon=":material/science:")
     with panel:
         if panel.open:
             excursion_panel(store, status, excursions, running)
@@ -145,7 +149,8 @@ def probe_results(store: RunStore, status: dict[str, Any], excursion: dict[str, 
         live_chart(figure, key="probes", height=300)
     with cols[1]:
         table = probe_table(readings, best)
-        st.dataframe(table, hide_index=True, width="stretch", key="probe_table")
+        with st.container(key="probe_table"):
+            st.dataframe(table, hide_index=True, width="stretch")
         if best is None:
             if excursion["state"] != EXCURSION_RUNNING:
                 st.caption("No winner: every probe diverged or logged no loss.")
@@ -155,7 +160,7 @@ def probe_results(store: RunStore, status: dict[str, Any], excursion: dict[str, 
         st.caption(f"Winner: branch {best.branch}, {param} {short_number(best.value)}")
         paused = status.get("effective_state") == "paused"
         st.button(f"Continue with the winner's {param} ({short_number(best.value)})", key="probe_adopt_value",
-                  on_click=_adopt_value, args=(store, kind, best.value, paused), type="primary", width="stretch",
+                  on_click=_adopt_value, args=(store, kind, best.value), type="primary", width="stretch",
                   help="Sets it on the run's own branch" + (", then resumes the paused run." if paused else "."))
         if best.end_checkpoint is not None:
             command_button(st, f"Continue from the winner (checkpoint #{best.end_checkpoint})", "probe_adopt_branch",
@@ -163,10 +168,11 @@ def probe_results(store: RunStore, status: dict[str, Any], excursion: dict[str, 
                            width="stretch", help="Rolls back to the winner's end: the run goes on from its weights.")
 
 
-def _adopt_value(store: RunStore, kind: str, value: float, paused: bool) -> None:
-    """Set the winner's value and, when the run waits paused after its probes, resume it."""
+def _adopt_value(store: RunStore, kind: str, value: float) -> None:
+    """Set the winner's value and, when the run waits paused after its probes, resume it (paused
+    as the run is at the click, not as the page last drew it)."""
     send(store, kind, {"value": value}, key="probe_adopt_value")
-    if paused:
+    if store.status().get("effective_state") == "paused":
         send(store, cmd.RESUME, None, key="probe_adopt_resume")
 
 
@@ -233,7 +239,8 @@ def compare_panel(store: RunStore) -> None:
         forget_sent("compare")
         return
     table = cmp.compare_branches(store, chosen)
-    st.dataframe(comparison_table(table), hide_index=True, width="stretch", key="compare_table")
+    with st.container(key="compare_table"):
+        st.dataframe(comparison_table(table), hide_index=True, width="stretch")
     st.caption("Losses are the EWMA (β 0.9) of the step metric the same number of steps after each branch's fork, "
                "N the shortest chosen branch's length (sweeps left out), so they compare like with like.")
     if table.loss_metric:
