@@ -97,3 +97,14 @@ def test_a_sweep_that_never_fell_marks_nothing_it_did_not_see() -> None:
     assert figure["layout"]["shapes"] == []
     empty = analyse_sweep(np.empty(0), np.empty(0))
     assert build_sweep_figure(sweep_frame(empty), empty)["data"][0]["x"] == []
+
+
+def test_the_main_curve_leaves_the_excursion_branches_to_their_panel(store) -> None:
+    from babysit.instruments.compare import excursion_side_branches
+    from babysit.ui.data import read_view
+
+    drawn = {w.branch for w in read_view(store, store.status()).windows}
+    assert drawn == {1, 2, 3, 4, 5}
+    hidden = read_view(store, store.status(), hidden_branches=excursion_side_branches(store))
+    assert {w.branch for w in hidden.windows} == {1, 2}
+    assert hidden.extent == (0, 500)  # the sweep's steps past 500 do not stretch the axis

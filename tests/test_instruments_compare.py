@@ -163,3 +163,13 @@ def test_the_cli_prints_the_table_and_its_json(store: RunStore) -> None:
     assert found["branches"][0]["kind"] == "probe" and found["branches"][0]["excursion"] == 1
     bad = cli_here("branches", "--run-dir", str(store.run_dir), "--branch", "9")
     assert bad.returncode == 2 and "branch 9 is not in this run" in bad.stderr and bad.stdout == ""
+
+
+def test_probes_and_sweeps_stay_off_the_main_line_unless_the_run_went_on_from_one(store: RunStore) -> None:
+    from babysit.instruments.compare import excursion_side_branches
+
+    assert excursion_side_branches(store) == {3, 4, 5}
+    # "Continue from the winner": a rollback to probe 4's end checkpoint makes it part of the history.
+    store.new_branch(parent=4, from_checkpoint=7, start_step=360, start_epoch=3, hparams={"lr": 0.2, "momentum": 0.9})
+    assert excursion_side_branches(store) == {3, 5}
+    assert excursion_side_branches(RunStore(store.run_dir.parent / "plain", create=True)) == frozenset()

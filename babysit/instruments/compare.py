@@ -64,6 +64,17 @@ class Comparison:
         return next((r for r in self.rows if r.branch == branch), None)
 
 
+def excursion_side_branches(store: RunStore) -> frozenset[int]:
+    """The excursion branches no branch of the run went on from: probes and sweeps that stay
+    excursions (a winner the run continued from is part of its history). One small query when
+    the run has no excursion."""
+    excursion_of = store.excursion_branch_ids()
+    if not excursion_of:
+        return frozenset()
+    parents = {b["parent"] for b in store.branches() if b["id"] not in excursion_of}
+    return frozenset(b for b in excursion_of if b not in parents)
+
+
 def higher_is_better(name: str) -> bool:
     lowered = name.lower()
     return any(word in lowered for word in HIGHER_IS_BETTER)
