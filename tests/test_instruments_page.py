@@ -77,7 +77,7 @@ def test_nothing_is_read_or_drawn_while_the_panels_are_closed(page, tmp_path: Pa
     at.session_state["excursions_panel"] = False
     at.session_state["compare_panel"] = True
     at.run()
-    assert calls == ["compare", "compare"]  # the whole table for the picker, then the chosen branches
+    assert calls == ["compare"]  # the chosen branches
 
 
 def test_probe_lr_queues_the_probe_the_controls_say(page, tmp_path: Path) -> None:

@@ -75,6 +75,16 @@ def excursion_side_branches(store: RunStore) -> frozenset[int]:
     return frozenset(b for b in excursion_of if b not in parents)
 
 
+def branch_kinds(store: RunStore) -> dict[int, tuple[str, int | None]]:
+    """Each excursion branch's kind ("probe" or "sweep") and excursion; a branch not listed is
+    the run's own ("run")."""
+    excursion_of = store.excursion_branch_ids()
+    if not excursion_of:
+        return {}
+    kinds = {e["id"]: e["kind"] for e in store.excursions(limit=10_000)}
+    return {b: (KIND_SWEEP if kinds.get(e) == EXCURSION_SWEEP else KIND_PROBE, e) for b, e in excursion_of.items()}
+
+
 def higher_is_better(name: str) -> bool:
     lowered = name.lower()
     return any(word in lowered for word in HIGHER_IS_BETTER)
@@ -121,8 +131,7 @@ def compare_branches(store: RunStore, branches: Iterable[int] | None = None, *, 
     series = store.series()
     metric = metric or choose_step_metric(series)
     best_metric = best_metric or choose_epoch_metric(series)
-    excursion_of = store.excursion_branch_ids()
-    kinds = {e["id"]: e["kind"] for e in store.excursions(limit=10_000)} if excursion_of else {}
+    kind_of = branch_kinds(store)
     status = store.status()
     by_id = {b["id"]: b for b in every}
     own = {(s.name, s.branch, s.per): s for s in series if s.segment == 0}
@@ -131,9 +140,7 @@ def compare_branches(store: RunStore, branches: Iterable[int] | None = None, *, 
     lengths = {b["id"]: _length(store, b, own, status) for b in chosen}
     partial = []
     for b in chosen:
-        excursion = excursion_of.get(b["id"])
-        kind = KIND_RUN if excursion is None else (KIND_SWEEP if kinds.get(excursion) == EXCURSION_SWEEP
-                                                   else KIND_PROBE)
+        kind, excursion = kind_of.get(b["id"], (KIND_RUN, None))
         checkpoint = store.checkpoint(b["from_checkpoint"]) if b["from_checkpoint"] else None
         ends = [(e, end) for branch, e, end in epochs if branch == b["id"]]
         best = _best(store, own.get((best_metric, b["id"], PER_EPOCH)), best_metric, ends) if best_metric else None

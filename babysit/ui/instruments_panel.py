@@ -196,10 +196,9 @@ def sweep_results(store: RunStore, excursion: dict[str, Any]) -> None:
 
 
 # -- comparing branches -------------------------------------------------------------------------
-def default_branches(table: cmp.Comparison) -> list[int]:
-    """The run's own branches (no sweeps), the newest few, the trainer's among them."""
-    own = [r.branch for r in table.rows if r.kind != cmp.KIND_SWEEP]
-    return own[-COMPARE_DEFAULT_MAX:]
+def default_branches(ids: list[int], kinds: dict[int, tuple[str, int | None]]) -> list[int]:
+    """The newest few branches, sweeps left out (their lr is not one value)."""
+    return [b for b in ids if kinds.get(b, (cmp.KIND_RUN,))[0] != cmp.KIND_SWEEP][-COMPARE_DEFAULT_MAX:]
 
 
 def comparison_table(table: cmp.Comparison) -> pd.DataFrame:
@@ -223,16 +222,16 @@ def comparison_table(table: cmp.Comparison) -> pd.DataFrame:
 
 
 def compare_panel(store: RunStore) -> None:
-    everything = cmp.compare_branches(store)
-    if not everything.rows:
+    ids = [b["id"] for b in store.branches()]
+    if not ids:
         st.caption("No branch yet.")
         return
-    ids = [r.branch for r in everything.rows]
+    kinds = cmp.branch_kinds(store)
     if "compare_branches" in st.session_state:  # keep the choice to branches the run still has
         st.session_state["compare_branches"] = [b for b in st.session_state["compare_branches"] if b in ids]
     else:
-        st.session_state["compare_branches"] = default_branches(everything)
-    labels = {r.branch: f"{r.branch} · {r.kind}" + (f" #{r.excursion}" if r.excursion else "") for r in everything.rows}
+        st.session_state["compare_branches"] = default_branches(ids, kinds)
+    labels = {b: f"{b} · {kinds[b][0]} #{kinds[b][1]}" if b in kinds else f"{b} · run" for b in ids}
     chosen = st.multiselect("Branches", ids, key="compare_branches", format_func=lambda b: labels.get(b, str(b)))
     if not chosen:
         st.caption("Pick branches to compare.")
