@@ -21,6 +21,7 @@ from . import commands as cmd
 from . import rundir, serving
 from .serving import TOKEN_ENV
 from .errors import CliError, SettingsError
+from .probes_text import format_excursion
 from .store import DB_NAME, LOG_NAME, RunStore, StoreError, disk_full, disk_full_message, list_runs
 
 DEFAULT_RUN_DIR = "checkpoints/demo"
@@ -116,7 +117,10 @@ def branches_command(args: argparse.Namespace) -> int:
 
 
 # -- sending commands --------------------------------------------------------------------------
-def send(run_dir: str, kind: str, args: dict[str, Any], *, wait: bool, timeout: float) -> int:
+def send(run_dir: str, kind: str, args: dict[str, Any], *, wait: bool, timeout: float,
+         after: Any = None) -> int:
+    """Queue a command; with ``wait``, print its outcome (and, once applied, hand its row to ``after``,
+    which returns the exit code)."""
     store = _open_store(run_dir)
     try:
         command_id = store.enqueue_command(kind, args, source="cli")
@@ -130,11 +134,68 @@ def send(run_dir: str, kind: str, args: dict[str, Any], *, wait: bool, timeout: 
     while time.monotonic() < deadline:
         row = store.command(command_id)
         if row and row["state"] != cmd.PENDING:
-            return _report(row, description)
+            code = _report(row, description)
+            return after(row, deadline) if after is not None and code == 0 else code
         time.sleep(0.05)
     print(f"#{command_id} {description}: still pending after {timeout:g} s; the trainer may be busy "
           "in a long step or paused in its evaluation", file=sys.stderr)
     return EXIT_NOT_APPLIED
+
+
+# -- probes and sweeps ---------------------------------------------------------------------------
+def send_excursion(run_dir: str, kind: str, args: dict[str, Any], *, wait: bool, timeout: float) -> int:
+    """Queue a probe set or a sweep; with ``wait``, also wait for it to end and print its readings."""
+    args = {k: v for k, v in args.items() if v is not None}  # what is left out takes its default
+    return send(run_dir, kind, args, wait=wait, timeout=timeout,
+                after=lambda row, deadline: _wait_excursion(run_dir, row, deadline, timeout))
+
+
+def _wait_excursion(run_dir: str, row: dict[str, Any], deadline: float, timeout: float) -> int:
+    store = _open_store(run_dir)
+    excursion_id = (row.get("result") or {}).get("excursion")
+    if excursion_id is None:
+        return 0
+    while time.monotonic() < deadline:
+        found = store.excursion(int(excursion_id))
+        if found is not None and found["state"] != "running":
+            print(format_excursion(store, found, run_dir))
+            return 0
+        time.sleep(0.1)
+    print(f"excursion #{excursion_id} is still running after {timeout:g} s; `python -m babysit probes --run-dir "
+          f"{run_dir} {excursion_id}` shows how far it got", file=sys.stderr)
+    return EXIT_NOT_APPLIED
+
+
+def probe_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"param": args.param, "factors": args.factors, "values": args.values, "steps": args.steps,
+            "checkpoint": getattr(args, "from"), "then": args.then}
+
+
+def cancel_command(args: argparse.Namespace) -> int:
+    excursion = args.excursion
+    if excursion is None:
+        running = _open_store(args.run_dir).running_excursion()
+        if running is None:
+            raise CliError(f"no probe set or sweep is running in {args.run_dir!r}; nothing to cancel")
+        excursion = running["id"]
+    return send(args.run_dir, cmd.CANCEL, {"excursion": excursion}, wait=args.wait, timeout=args.timeout)
+
+
+def probes_command(args: argparse.Namespace) -> int:
+    store = _open_store(args.run_dir)
+    if args.excursion is None:
+        newest = store.excursions(limit=1)
+        if not newest:
+            raise CliError(f"run {args.run_dir!r} has no probe set or sweep yet (start one with `python -m babysit "
+                           "probe` or `python -m babysit sweep`)")
+        found = newest[0]
+    else:
+        found = store.excursion(int(args.excursion)) if re.fullmatch(r"[0-9]{1,12}", args.excursion) else None
+        if found is None:
+            known = ", ".join(f"#{e['id']}" for e in store.excursions(limit=12)) or "none yet"
+            raise CliError(f"there is no excursion {args.excursion!r} in run {args.run_dir!r}; its excursions: {known}")
+    print(format_excursion(store, found, args.run_dir))
+    return 0
 
 
 def _report(row: dict[str, Any], description: str) -> int:
@@ -459,6 +520,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", help="then set this momentum")
     command_args(p)
 
+    p = sub.add_parser("probe", help="try a few lr (or momentum) values for N steps each, from now or a checkpoint, "
+                       "on probe branches; the run comes back exactly where it was")
+    p.add_argument("--param", choices=cmd.PROBE_PARAMS, default="lr", help="what to probe (default lr)")
+    tried = p.add_mutually_exclusive_group()
+    tried.add_argument("--factors", "--lr-factors", dest="factors", metavar="LIST",
+                       help="factors of the value in use, e.g. 0.5,1,2 (the default); momentum factors scale 1 - β")
+    tried.add_argument("--values", metavar="LIST", help="the values themselves, e.g. 0.05,0.1,0.2")
+    p.add_argument("--steps", help=f"steps each probe trains (default {cmd.PROBE_DEFAULT_STEPS})")
+    p.add_argument("--from", metavar="CHECKPOINT", help="fork from this checkpoint instead of now")
+    p.add_argument("--then", choices=cmd.THEN_CHOICES, help="after the probes: pause (default) or continue")
+    command_args(p)
+
+    p = sub.add_parser("sweep", help="the lr range test from here: lr rising on a log scale over N steps on a "
+                       "throwaway branch, then back exactly to where the run was")
+    p.add_argument("--lr-min", help="the first lr (default the current lr × 1e-3)")
+    p.add_argument("--lr-max", help="the last lr (default the current lr × 100)")
+    p.add_argument("--steps", help=f"steps of the sweep (default {cmd.SWEEP_DEFAULT_STEPS})")
+    command_args(p)
+
+    p = sub.add_parser("cancel", help="end the probe set or sweep in progress; the run goes back to where it was")
+    p.add_argument("excursion", nargs="?", help="its id (default: the one running)")
+    command_args(p)
+
+    p = sub.add_parser("probes", help="show a probe set's results (or a sweep's suggested lr)")
+    run_dir_arg(p)
+    p.add_argument("excursion", nargs="?", help="its id (default: the newest)")
+
     for name, text in (("pause", "pause at the next step"), ("resume", "resume a paused run"),
                        ("checkpoint", "write a checkpoint now"), ("stop", "stop with a final checkpoint")):
         command_args(sub.add_parser(name, help=text))
@@ -495,6 +583,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             rollback_args = {"checkpoint": args.checkpoint, "hparams": args.hparams, "lr": args.lr,
                              "momentum": args.momentum}
             return send(args.run_dir, cmd.ROLLBACK, rollback_args, wait=args.wait, timeout=args.timeout)
+        if args.command == "probe":
+            return send_excursion(args.run_dir, cmd.PROBE, probe_args(args), wait=args.wait, timeout=args.timeout)
+        if args.command == "sweep":
+            sweep_args = {"lr_min": args.lr_min, "lr_max": args.lr_max, "steps": args.steps}
+            return send_excursion(args.run_dir, cmd.SWEEP, sweep_args, wait=args.wait, timeout=args.timeout)
+        if args.command == "cancel":
+            return cancel_command(args)
+        if args.command == "probes":
+            return probes_command(args)
         return send(args.run_dir, args.command, {}, wait=args.wait, timeout=args.timeout)
     except CliError as error:
         print(f"babysit: error: {error}", file=sys.stderr)

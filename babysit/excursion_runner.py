@@ -27,7 +27,6 @@ back for an excursion's loss (a sweep is meant to diverge; a probe that does jus
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,10 +34,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from . import command_runner  # its Interrupt, read at call time (command_runner imports this module)
 from . import commands as cmd
 from . import optim
 from .checkpoint import read_verified, rng_state, set_rng_state
-from . import command_runner
 from .errors import CommandError
 from .hparam_watch import COMMAND
 from .instruments.probes import HPARAM_SERIES, ProbeReading, winner
@@ -52,8 +51,6 @@ from .writer import to_float
 
 if TYPE_CHECKING:
     from .run import Run
-
-log = logging.getLogger(__name__)
 
 REASON_EXCURSION = "excursion"  # the return point, taken on the run's own branch
 REASON_PROBE = "probe"          # a probe's end, on its branch (to continue from the winner)
@@ -469,8 +466,8 @@ class Excursion:
     def summary(self) -> str:
         if self.kind == EXCURSION_SWEEP:
             leg = self.legs[0]
-            how = "diverged" if leg.diverged else "ran"
-            return f"the lr sweep {how} for {leg.steps_done} of {leg.steps} steps (python -m babysit probes {self.id})"
+            how = "diverged after" if leg.diverged else "ran"
+            return f"the lr sweep {how} {leg.steps_done} of {leg.steps} steps (python -m babysit probes {self.id})"
         done = [leg for leg in self.legs if leg.branch is not None]
         best = self.best()
         text = f"{len(done)} of {len(self.legs)} probes of {self.spec['steps']} steps"

@@ -187,3 +187,11 @@ def test_read_sweep_pairs_each_step_loss_with_the_lr_that_trained_it(store: RunS
     np.testing.assert_allclose(reading.lrs, lrs)
     np.testing.assert_allclose(reading.losses, losses)
     assert reading.suggested_lr is not None and reading.suggested_lr == analyse_sweep(lrs, losses).suggested_lr
+
+
+def test_a_noisy_first_step_is_not_taken_for_the_steepest_descent():
+    lrs = 1e-4 * (1e6) ** (np.arange(200) / 199)
+    losses = _range_test(lrs)
+    losses[0] = 6.0  # one loud step at the start: the bias-corrected average falls fast right after it
+    reading = analyse_sweep(lrs, losses)
+    assert 1e-2 <= reading.steepest_lr <= 1e-2 * 10 ** 0.5

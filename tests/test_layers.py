@@ -38,7 +38,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # Training jobs and framework adapters written against the public API.
     "jobs": ("jobs", "lightning", "hf"),
     # What a person runs: the CLI and the dashboard.
-    "faces": ("cli", "__main__", "ui"),
+    "faces": ("cli", "probes_text", "__main__", "ui"),
 }
 LAYER_NAMES = list(LAYERS)
 _PLACED = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}

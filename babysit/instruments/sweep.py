@@ -8,6 +8,7 @@ used from step s + 1), so each step's loss is read against the lr that trained i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,8 @@ from .probes import branch_points, step_metric
 
 # The smoothing of the sweep's loss (over its steps, bias-corrected, as the trainer's early stop).
 SWEEP_EWMA_BETA = 0.9
+# Points at the sweep's start whose average is still mostly the first step (about 1 / (1 - β)).
+SWEEP_WARMUP_POINTS = 10
 # The sweep has clearly diverged once its smoothed loss is this many times its minimum so far.
 DIVERGENCE_FACTOR = 4.0
 
@@ -35,8 +38,9 @@ class SweepReading:
 
 def diverged(smoothed_now: float, smoothed_min: float, raw_now: float) -> bool:
     """The sweep's stop rule: the loss is not finite, or its EWMA is above 4× its minimum so far."""
-    return (not np.isfinite(raw_now) or not np.isfinite(smoothed_now)
-            or (np.isfinite(smoothed_min) and smoothed_min > 0 and smoothed_now > DIVERGENCE_FACTOR * smoothed_min))
+    # math, not numpy: the trainer calls this once per logged loss while an excursion runs.
+    return (not math.isfinite(raw_now) or not math.isfinite(smoothed_now)
+            or (math.isfinite(smoothed_min) and smoothed_min > 0 and smoothed_now > DIVERGENCE_FACTOR * smoothed_min))
 
 
 def analyse_sweep(lrs: np.ndarray, losses: np.ndarray) -> SweepReading:
@@ -66,15 +70,28 @@ def analyse_sweep(lrs: np.ndarray, losses: np.ndarray) -> SweepReading:
         return SweepReading(lrs, losses, smoothed, None, divergence_lr, None, None)
     lowest = int(np.argmin(smoothed[:end]))
     min_loss_lr = float(lrs[lowest])
-    steepest_lr = None
-    if lowest >= 2:  # a descent of at least two intervals before the minimum
-        log_lr = np.log(lrs[:lowest + 1])
-        if np.all(np.diff(log_lr) > 0):
-            slope = np.gradient(smoothed[:lowest + 1], log_lr)
-            fastest = int(np.argmin(slope))
-            if slope[fastest] < 0:
-                steepest_lr = float(lrs[fastest])
-    return SweepReading(lrs, losses, smoothed, steepest_lr, divergence_lr, min_loss_lr, steepest_lr)
+    return SweepReading(lrs, losses, smoothed, (steepest := _steepest(lrs, smoothed, lowest)), divergence_lr,
+                        min_loss_lr, steepest)
+
+
+def _steepest(lrs: np.ndarray, smoothed: np.ndarray, lowest: int) -> float | None:
+    """The lr where the smoothed loss falls fastest per log-lr, before its minimum. The first
+    points are left out (the average of a few steps is mostly the first step's noise), and each
+    slope is taken across a window of about 5 % of the descent, not between two neighbours."""
+    if lowest < 2:
+        return None
+    log_lr = np.log(lrs[:lowest + 1])
+    first = min(SWEEP_WARMUP_POINTS, lowest // 2)
+    half = max(1, (lowest + 1) // 20)
+    best, best_slope = None, 0.0
+    for i in range(first, lowest + 1):
+        a, b = max(first, i - half), min(lowest, i + half)
+        if log_lr[b] <= log_lr[a]:
+            continue
+        slope = (smoothed[b] - smoothed[a]) / (log_lr[b] - log_lr[a])
+        if slope < best_slope:
+            best, best_slope = i, slope
+    return None if best is None else float(lrs[best])
 
 
 def read_sweep(store: RunStore, excursion_id: int, metric: str | None = None) -> SweepReading | None:

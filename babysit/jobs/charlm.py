@@ -183,7 +183,8 @@ def train(run_dir: str | Path, config: CharLMConfig, *, on_run: object = None) -
     optimizer = build_optimizer(config, model)
 
     run = babysit.Run(run_dir, model, optimizer, config={"job": "charlm", **asdict(config)},  # babysit
-                      items_per_step=config.batch_size * config.seq_len, item_unit="tokens")
+                      items_per_step=config.batch_size * config.seq_len, item_unit="tokens",
+                      evaluate=lambda: {"val_loss": evaluate(model, val_inputs, val_targets)})  # ranks probes
     with run:
         if callable(on_run):
             on_run(run)

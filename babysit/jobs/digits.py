@@ -90,7 +90,9 @@ def train(run_dir: str | Path, config: DigitsConfig, *, on_run: object = None) -
     model = build_model()
     optimizer = build_optimizer(config, model)
 
-    with babysit.Run(run_dir, model, optimizer, config=asdict(config)) as run:  # babysit
+    # evaluate= ranks probe branches by their validation loss (python -m babysit probe).
+    with babysit.Run(run_dir, model, optimizer, config=asdict(config),  # babysit
+                     evaluate=lambda: dict(zip(("val_loss", "val_acc"), evaluate(model, val_data)))) as run:
         if callable(on_run):
             on_run(run)
         for epoch in run.epochs(config.epochs):  # babysit
