@@ -141,7 +141,7 @@ def probe_results(store: RunStore, status: dict[str, Any], excursion: dict[str, 
                 + (f" · {plain(excursion['message'])}" if excursion["message"] else ""))
     cols = st.columns([1.2, 1])
     with cols[0]:
-        rows = [r for r in cmp.compare_branches(store, [p.branch for p in readings]).rows]
+        rows = cmp.compare_branches(store, [p.branch for p in readings]).rows
         span = max(p.steps_planned for p in readings)
         metric = prb.step_metric(store, readings[0].branch) or "loss"
         figure = build_aligned_figure(aligned_frame(store, rows, metric, span=span), metric=metric,
