@@ -13,7 +13,7 @@ import sys
 import streamlit as st
 from streamlit import config
 
-from babysit.ui import page
+from babysit.ui import instruments_panel, page
 from babysit.ui.live_chart import live_chart, live_chart_view, preload_plotly
 
 # Streamlit runs gc.collect(2) after every script run by default: 60 % of the server's CPU at a
@@ -84,6 +84,15 @@ with controls_column:
         st.rerun()
     with st.container(key="cockpit_controls"):
         nudges()
+
+
+# Below the cockpit, folded until opened: probe the lr, sweep it, compare branches.
+@st.fragment(run_every=slow_every)
+def instruments() -> None:
+    instruments_panel.instruments(store, store.status())
+
+
+instruments()
 
 
 # Below the cockpit: every checkpoint, and what happened to every command.

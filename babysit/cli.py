@@ -97,6 +97,25 @@ def format_status(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- branches --------------------------------------------------------------------------------------
+def branches_command(args: argparse.Namespace) -> int:
+    """``branches``: the comparison table of the run's branches (babysit.instruments.compare)."""
+    from .instruments import compare
+
+    store = _open_store(args.run_dir)
+    try:
+        comparison = compare.compare_branches(store, args.branch)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    if args.json:
+        print(json.dumps({"run_dir": str(store.run_dir), "at_steps": comparison.at_steps,
+                          "loss_metric": comparison.loss_metric, "best_metric": comparison.best_metric,
+                          "branches": [compare.row_object(r) for r in comparison.rows]}, indent=2))
+    else:
+        print(compare.format_table(comparison))
+    return 0
+
+
 # -- sending commands --------------------------------------------------------------------------
 def send(run_dir: str, kind: str, args: dict[str, Any], *, wait: bool, timeout: float,
          after: Any = None) -> int:
@@ -476,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     run_dir_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("branches", help="compare the run's branches: origin, what changed, best epoch, loss since the fork")
+    run_dir_arg(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--branch", action="append", type=int, metavar="ID", help="only this branch (repeatable)")
+
     def command_args(p: argparse.ArgumentParser) -> None:
         run_dir_arg(p)
         p.add_argument("--wait", action="store_true", help="block until applied (exit 0) or rejected (exit 1)")
@@ -550,6 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             info = status_object(_open_store(args.run_dir))
             print(json.dumps(info, indent=2) if args.json else format_status(info))
             return 0
+        if args.command == "branches":
+            return branches_command(args)
         if args.command == "set":
             kind = cmd.SET_LR if args.name == "lr" else cmd.SET_MOMENTUM
             return send(args.run_dir, kind, {"value": args.value}, wait=args.wait, timeout=args.timeout)

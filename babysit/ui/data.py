@@ -231,11 +231,14 @@ class RunView:
 
 
 def read_view(store: RunStore, status: dict[str, Any], lo: float | None = None, hi: float | None = None,
-              max_points: int = MAX_POINTS) -> RunView:
-    """Every series in [lo, hi], the nudge and rollback markers, branches and epoch boundaries."""
+              max_points: int = MAX_POINTS, hidden_branches: frozenset[int] = frozenset()) -> RunView:
+    """Every series in [lo, hi] (but those of ``hidden_branches``), the nudge and rollback
+    markers, branches and epoch boundaries."""
     windows = []
     first = last = None
     for info in store.series():
+        if info.branch in hidden_branches:
+            continue
         window = read_window(store, info, lo, hi, max_points)
         if len(window.steps):
             windows.append(window)

@@ -22,6 +22,7 @@ import pandas as pd
 import streamlit as st
 
 from .. import commands as cmd
+from ..instruments.compare import excursion_side_branches
 from ..serving import TOKEN_ENV
 from ..store import DB_NAME, NEW, RunStore, StoreError, list_runs
 from .clicks import command_button, fate, last_command_fate, short_number, show_flash, toast_flash  # noqa: F401 (app.py calls them here)
@@ -261,7 +262,9 @@ def chart(store: RunStore, status: dict[str, Any], options: ChartOptions, x_rang
           render: Callable[[dict[str, Any]], Any]) -> None:
     """The learning curve; when the user zoomed in, a denser view of just that window."""
     lo, hi = step_window(store, status, options, x_range)
-    view = read_view(store, status, lo, hi)
+    # Probe and sweep branches are drawn in their own panel, from their fork: on the curve they
+    # would pass for the run's own line (and a sweep's blow-up would take the loss axis).
+    view = read_view(store, status, lo, hi, hidden_branches=excursion_side_branches(store))
     if not view.windows and lo is None:
         st.info("Waiting for the first logged values…")
         forget_sent("curve")  # the chart is not on the page: its next figure goes whole

@@ -1,0 +1,87 @@
+"""The probe set's click path in Chromium, against a real trainer subprocess: open "Probe lr",
+click it, see the command acknowledged, see the probes' table and their overlay from the fork,
+and continue with the winner's lr (a set_lr command row, and a resume of the paused run)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from babysit import commands as cmd
+from babysit.instruments.probes import read_probes, winner
+from babysit.store import EXCURSION_DONE, RunStore
+from tests.conftest import REPO, chromium_page, wait_for, wait_healthy
+
+FAST = ("--job", "digits", "--epoch-passes", "1", "--batch-size", "64")  # 23 steps per epoch
+PROBE_STEPS = 12
+PLOT = ".babysit-live-chart .js-plotly-plot"
+WAIT_S = 90.0  # one acknowledgement or probe set, on two cores shared with Chromium and Streamlit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_probe_lr_from_the_page_then_continue_with_the_winner(tmp_path: Path, trainers) -> None:
+    run_dir = tmp_path / "run"
+    trainer = trainers(run_dir, "--epochs", "500", *FAST)
+    trainer.wait_running(min_step=1)
+    store = RunStore(run_dir)
+    port = _free_port()
+    log = (tmp_path / "streamlit.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none", "--", "--root", str(tmp_path), "--run", str(run_dir)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, server, tmp_path / "streamlit.log")
+        with chromium_page(1366, 900, timeout_s=WAIT_S) as (page, errors):
+            page.goto(url)
+            page.locator(PLOT).first.wait_for()
+            page.locator(".st-key-excursions_panel summary").click()
+            steps = page.locator(".st-key-probe_steps input")
+            steps.fill(str(PROBE_STEPS))
+            steps.press("Enter")
+            page.wait_for_function("(v) => document.querySelector('.st-key-probe_steps input').value === v",
+                                   arg=str(PROBE_STEPS))
+            page.locator(".st-key-probe_lr button").first.click()  # a button with help is drawn twice
+            # Acknowledged where every click's fate shows, then applied by the trainer.
+            described = f"probe lr ×0.5, ×1, ×2 for {PROBE_STEPS} steps from now"
+            page.locator('[data-testid="stAlert"]').filter(
+                has_text=re.compile(rf"#\d+ {re.escape(described)}: (pending|applied)")).first.wait_for()
+            excursion = wait_for(lambda: next((e for e in store.excursions() if e["state"] == EXCURSION_DONE), None),
+                                 timeout=WAIT_S, what="the probe set to finish")
+            # The results: a row per probe with the winner marked, and the three probes drawn from the fork.
+            table = page.locator(".st-key-probe_table")
+            table.wait_for()
+            page.wait_for_function("""() => Array.from(document.querySelectorAll('.babysit-live-chart .js-plotly-plot'))
+                .some((gd) => gd.data && gd.data.filter((t) => /probe #\\d+/.test(t.name) && !t.meta.raw).length === 3
+                      && gd._fullLayout.xaxis.title.text === 'steps since the fork')""")
+            adopt = page.locator(".st-key-probe_adopt_value button").first
+            adopt.wait_for()
+            best = winner(read_probes(store, excursion["id"]))
+            assert best is not None and f"({best.value:.4g})" in adopt.inner_text()
+            wait_for(lambda: store.status().get("state") == "paused", timeout=WAIT_S, what="the pause after the probes")
+            adopt.click()
+            rows = wait_for(lambda: [c for c in store.commands() if c["kind"] == cmd.SET_LR] or None,
+                            timeout=WAIT_S, what="the set_lr command row")
+            assert [(c["args"], c["source"]) for c in rows] == [({"value": best.value}, "dashboard")]
+            resumed = wait_for(lambda: [c for c in store.commands() if c["kind"] == cmd.RESUME] or None,
+                               timeout=WAIT_S, what="the resume command row")
+            assert resumed[0]["id"] > rows[0]["id"]
+            applied = wait_for(lambda: (row := store.command(rows[0]["id"]))["state"] == cmd.APPLIED and row,
+                               timeout=WAIT_S, what="the winner's lr applied")
+            # On the run's own branch, where the probes left it.
+            assert applied["result"]["after"] == best.value and applied["branch"] == excursion["origin_branch"]
+            assert errors == []
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+        log.close()
