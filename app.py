@@ -78,12 +78,21 @@ def nudges() -> None:
     page.rollback_controls(store, status)
 
 
+# Hints from the notes (a plateau, an lr too high, overfitting, a long momentum window), below the
+# controls so they never push them off the screen; each acts through a button, never by itself.
+@st.fragment(run_every=slow_every)
+def hints() -> None:
+    page.toast_flash()
+    page.hints_panel(store, store.status())
+
+
 with controls_column:
     live_status()
     if opening:
         st.rerun()
     with st.container(key="cockpit_controls"):
         nudges()
+    hints()
 
 
 # Below the cockpit: every checkpoint, and what happened to every command.

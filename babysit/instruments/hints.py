@@ -72,7 +72,7 @@ ONE_MINUS_BETA_STOPS = tuple(sorted({round(m * 10.0 ** -e, 12) for e in range(0,
 # most this many points, so a hint costs the same on a long run as on a short one.
 LOOKBACK_EPOCHS = 8
 LOOKBACK_MAX_POINTS = 20_000
-CHECKPOINTS_READ = 500
+CHECKPOINTS_READ = 100  # as many as the page lists: the hints' checkpoints are recent ones
 # The training loss (the "loss" a loop logs, else another per-step loss) and the validation loss
 # (val_loss, valid_loss, validation_loss, eval_loss, test_loss: lower is better).
 TRAINING_LOSS = "loss"
@@ -191,18 +191,21 @@ def hints(inputs: HintInputs) -> list[Hint]:
     return found
 
 
-def _at(steps: np.ndarray, smooth: np.ndarray, step: int, earliest: int = 0) -> float | None:
-    """The EWMA at ``step`` (its last point at or before it), if at least ``earliest`` points are in it."""
+def _at(steps: np.ndarray, smooth: np.ndarray, step: int) -> float | None:
+    """The EWMA at ``step`` (at its last point at or before it), None before the first point."""
     index = int(np.searchsorted(steps, step, side="right")) - 1
-    return float(smooth[index]) if index >= max(earliest - 1, 0) and len(smooth) else None
+    return float(smooth[index]) if index >= 0 else None
 
 
 def plateau_hint(inputs: HintInputs, steps: np.ndarray, smooth: np.ndarray, window: int) -> Hint | None:
     """The EWMA flat (within PLATEAU_REL_CHANGE) over the last PLATEAU_EPOCHS epochs → lr ×½."""
     k = PLATEAU_EPOCHS
+    if not len(smooth) or len(inputs.epoch_ends) <= k:
+        return None
     # Epoch ends the EWMA has warmed up for (half a window of points behind it).
-    ends = [(e, s, v) for e, s in inputs.epoch_ends
-            if (v := _at(steps, smooth, s, earliest=max(1, window // 2))) is not None and v > 0]
+    at = np.searchsorted(steps, [s for _, s in inputs.epoch_ends], side="right") - 1
+    ends = [(e, s, float(smooth[i])) for (e, s), i in zip(inputs.epoch_ends, at.tolist())
+            if i >= max(window // 2, 1) - 1 and smooth[i] > 0]
     if len(ends) <= k:
         return None
 
@@ -220,8 +223,6 @@ def plateau_hint(inputs: HintInputs, steps: np.ndarray, smooth: np.ndarray, wind
     text = (f"the {inputs.loss_name} EWMA moved {_pct(v1 / v0 - 1)} over the last {k} epochs "
             f"({_num(v0)} → {_num(v1)}, epochs {e0} to {e1}); flat since epoch {since}")
     lr = inputs.lr
-    if lr:
-        text += f". A smaller step may go further down: lr {_num(lr)} → {_num(lr / 2)}"
     return Hint(_id(PLATEAU, inputs), PLATEAU, "Plateau: try lr ×½", text,
                 _actions(action(cmd.SET_LR, {"value": lr / 2}, f"lr × ½ ({_num(lr / 2)})") if lr else None))
 
@@ -238,10 +239,13 @@ def lr_too_high_hint(inputs: HintInputs, steps: np.ndarray, losses: np.ndarray, 
     after = len(smooth) - 1 - low
     if lowest <= 0 or after < window or now / lowest - 1.0 < RISE_REL:
         return None
-    residual = losses / smooth - 1.0
-    spread_after = float(np.std(residual[low + 1:]))
+    with np.errstate(divide="ignore", invalid="ignore"):  # a loss that reaches 0 has no relative spread
+        residual = np.where(smooth > 0, losses / smooth - 1.0, np.nan)
+    spread_after = float(np.nanstd(residual[low + 1:]))
     before = residual[max(warm, low + 1 - after):low + 1]
-    spread_before = float(np.std(before)) if len(before) >= 2 else 0.0
+    spread_before = float(np.nanstd(before)) if np.isfinite(before).sum() >= 2 else 0.0
+    if not math.isfinite(spread_after):
+        return None
     if spread_after < NOISE_GROWTH * spread_before:
         return None
     low_step = int(steps[low])
@@ -290,7 +294,7 @@ def overfitting_hint(inputs: HintInputs, steps: np.ndarray, smooth: np.ndarray) 
         text += f"; checkpoint #{target['id']} holds epoch {best_epoch}"
         title = f"Overfitting: roll back to the best epoch #{target['id']}"
     else:
-        text += f"; no checkpoint of epoch {best_epoch} is kept"
+        text += f"; no checkpoint of epoch {best_epoch} is among the newest {CHECKPOINTS_READ}"
         title = f"Overfitting since epoch {best_epoch}"
     return Hint(f"{OVERFITTING}@branch{inputs.branch}:epoch{best_epoch}", OVERFITTING, title, text, _actions(
         action(cmd.ROLLBACK, {"checkpoint": target["id"]}, f"Roll back to #{target['id']}") if target else None))
@@ -312,9 +316,9 @@ def momentum_hint(inputs: HintInputs) -> Hint | None:
         return None
     fits = [v for v in ONE_MINUS_BETA_STOPS if 1.0 / v <= MOMENTUM_WINDOW_EPOCHS * per_epoch]
     suggested = round(1.0 - min(fits), 12)
-    text = (f"momentum β {beta:g} averages the gradients of the last ~{window:.0f} steps (1/(1-β)), more than an "
-            f"epoch ({per_epoch} steps): a nudge takes over an epoch to show, and each step still feels the "
-            f"epoch before; β {suggested:g} averages over ~{1 / (1 - suggested):.0f} steps")
+    text = (f"momentum β {beta:g} averages about the last {window:.0f} steps (1/(1-β)), more than an epoch "
+            f"({per_epoch} steps), so a nudge takes over an epoch to show; β {suggested:g} averages about "
+            f"{1 / (1 - suggested):.0f}")
     return Hint(f"{MOMENTUM_WINDOW}@branch{inputs.branch}:beta{beta:g}", MOMENTUM_WINDOW,
                 "Momentum window longer than an epoch", text,
                 _actions(action(cmd.SET_MOMENTUM, {"value": suggested}, f"β → {suggested:g}")
@@ -360,11 +364,10 @@ def _by_epoch(steps: np.ndarray, values: np.ndarray, epoch_ends: list[tuple[int,
     """Per-epoch values as (epoch, value): each belongs to the last epoch ended at or before its step."""
     if not epoch_ends:
         return []
-    ends = np.array([s for _, s in epoch_ends])
     epochs = [e for e, _ in epoch_ends]
+    at = np.searchsorted([s for _, s in epoch_ends], steps, side="right") - 1
     out: dict[int, float] = {}
-    for step, value in zip(steps.tolist(), values.tolist()):
-        index = int(np.searchsorted(ends, step, side="right")) - 1
+    for index, value in zip(at.tolist(), values.tolist()):
         if index >= 0:
             out[epochs[index]] = value  # the last value logged for that epoch
     return sorted(out.items())
