@@ -35,8 +35,8 @@ def build(run_dir: Path, steps: int, per_epoch: int) -> RunStore:
         store.write_chunks([(loss_id, x[i:i + CHUNK_POINTS], losses[i:i + CHUNK_POINTS], walls[i:i + CHUNK_POINTS])
                             for i in range(0, steps, CHUNK_POINTS)])
         val_id = store.series_id("val_loss", branch, PER_EPOCH)
-        store.write_chunks([(val_id, ends[i:i + CHUNK_POINTS], val[i:i + CHUNK_POINTS], walls[ends[i:i + CHUNK_POINTS] - 1])
-                            for i in range(0, epochs, CHUNK_POINTS)])
+        store.write_chunks([(val_id, ends[i:i + CHUNK_POINTS], val[i:i + CHUNK_POINTS],
+                             walls[ends[i:i + CHUNK_POINTS] - 1]) for i in range(0, epochs, CHUNK_POINTS)])
         for epoch, end in enumerate(ends.tolist(), start=1):
             store.add_epoch(branch, epoch, end)
             store.add_checkpoint(branch=branch, epoch=epoch, step=end, step_in_epoch=per_epoch, file=f"e{epoch}.pt",

@@ -44,7 +44,8 @@ def inputs(losses: np.ndarray, *, epochs: int | None = None, validation: list[fl
         steps=steps, losses=losses, epoch_ends=[(e, e * per) for e in range(1, epochs + 1)],
         validation=[(e, v) for e, v in enumerate(validation or [], start=1)],
         checkpoints=checkpoints if checkpoints is not None else [
-            {"id": e, "epoch": e, "step": e * per, "metrics": {}, "hparams": {"lr": 0.05}} for e in range(1, epochs + 1)],
+            {"id": e, "epoch": e, "step": e * per, "metrics": {}, "hparams": {"lr": 0.05}}
+            for e in range(1, epochs + 1)],
         lr=lr, momentum=momentum, steps_per_epoch=per)
 
 
@@ -131,6 +132,18 @@ def test_a_plateau_without_a_known_lr_has_no_button() -> None:
     assert found[0].id == "plateau@branch1:lrunknown"
 
 
+def test_after_a_nudge_a_plateau_waits_for_epochs_at_the_new_lr() -> None:
+    flat = noisy(np.full(10 * PER, 0.8), 0.1, seed=6)
+    assert rules(H.hints(inputs(flat, lr=0.025))) == [H.PLATEAU]
+    # Halved at step 700: three epochs since, three epoch ends; a plateau needs three epochs between.
+    at_new_lr = H.HintInputs(**{**inputs(flat, lr=0.025).__dict__, "lr_since": 700})
+    assert H.hints(at_new_lr) == []
+    longer = noisy(np.full(11 * PER, 0.8), 0.1, seed=6)
+    found = H.hints(H.HintInputs(**{**inputs(longer, lr=0.025).__dict__, "lr_since": 700}))
+    assert [h.id for h in found] == ["plateau@branch1:lr0.025"]
+    assert "epochs 8 to 11" in found[0].text
+
+
 # -- lr too high -----------------------------------------------------------------------------------
 def rising_after(step: int, n: int = 9 * PER, seed: int = 3) -> np.ndarray:
     """Falling until ``step``, then (an lr nudged too high) rising and jumping about."""
@@ -163,6 +176,18 @@ def test_a_noisy_rising_loss_says_the_lr_is_too_high_and_offers_the_checkpoint_b
                             H.Action(cmd.ROLLBACK, {"checkpoint": n, "hparams": cmd.HPARAMS_CHECKPOINT},
                                      f"Roll back to #{n}"))
     assert hint.id == "lr_too_high@branch1:lr0.05"
+
+
+def test_after_halving_the_lr_a_rise_is_said_again_only_if_it_goes_on() -> None:
+    rising = rising_after(560)  # still rising at the end
+    halved = H.HintInputs(**{**inputs(rising, lr=0.025).__dict__, "lr_since": 760})
+    assert [h.id for h in H.hints(halved)] == ["lr_too_high@branch1:lr0.025"]
+    calmer = rising.copy()
+    calmer[760:] = noisy(np.linspace(rising[700:760].mean(), 0.7, len(rising) - 760), 0.1, seed=7)
+    assert H.LR_TOO_HIGH not in rules(H.hints(H.HintInputs(**{**inputs(calmer, lr=0.025).__dict__,
+                                                                "lr_since": 760})))
+    too_soon = H.HintInputs(**{**inputs(rising, lr=0.025).__dict__, "lr_since": len(rising) - 10})
+    assert H.LR_TOO_HIGH not in rules(H.hints(too_soon))
 
 
 def test_a_smooth_rise_is_not_called_noisy() -> None:
@@ -277,6 +302,7 @@ def overfit_run(run_dir: Path) -> RunStore:
                              sha256="0" * 64, size=1, hparams={"lr": 0.05, "momentum": 0.9},
                              metrics={"val_loss": val[i]}, reason="epoch")
     write(store, "val_loss", two, np.arange(300, 1201, 100), np.array(val), per=PER_EPOCH)
+    write(store, "lr", two, np.array([200, 700]), np.array([0.1, 0.05]))  # halved at step 700
     store.write_status(state="running", pid=os.getpid(), host=socket.gethostname(), started=time.time(),
                        heartbeat=time.time(), epoch=12, max_epochs=30, step=1200,
                        step_in_epoch=0, steps_per_epoch=PER, branch=two, lr=0.05, momentum=0.9, optimizer="SGD")
@@ -295,6 +321,7 @@ def test_read_hints_takes_the_current_branch_from_the_store(tmp_path: Path) -> N
     inputs_read = H.read_inputs(store)
     # Its last LOOKBACK_EPOCHS epochs (from the end of epoch 4), which hold the best one.
     assert inputs_read is not None and inputs_read.branch == 2 and inputs_read.steps[0] == 400
+    assert inputs_read.lr_since == 700
     assert [c["id"] for c in inputs_read.checkpoints][:2] == [2, 4]  # the fork, then the branch's own
 
 

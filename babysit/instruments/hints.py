@@ -4,7 +4,7 @@ Four rules, each over the current branch (``hints`` takes plain data; ``read_hin
 from a run store):
 
 - plateau: the loss EWMA moved less than ``PLATEAU_REL_CHANGE`` over the last ``PLATEAU_EPOCHS``
-  epochs → try lr ×½ (the notes: lr is the knob that matters most);
+  epochs at the lr in use → try lr ×½ (the notes: lr is the knob that matters most);
 - lr too high: the loss EWMA rose ``RISE_REL`` above its lowest point and got noisier on the way
   → lr ×½, or roll back to the last checkpoint before the rise ("go back to yesterday's model");
 - overfitting: validation rose ``VAL_RISE_REL`` above its best epoch while the training loss kept
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -117,12 +117,12 @@ class HintInputs:
     validation: Sequence[tuple[int, float]] = ()   # (epoch, value) of the validation loss
     checkpoints: Sequence[dict[str, Any]] = ()     # {"id", "epoch", "step", "metrics", "hparams"}
     lr: float | None = None
+    lr_since: int | None = None                    # the step the lr in use was set at (None: all along)
     momentum: float | None = None
     steps_per_epoch: int | None = None
     branch: int = 1
     loss_name: str = TRAINING_LOSS
     validation_name: str = "val_loss"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def action(kind: str, args: dict[str, Any], label: str) -> Action | None:
@@ -179,14 +179,19 @@ def hints(inputs: HintInputs) -> list[Hint]:
     losses = np.asarray(inputs.losses, dtype=float)
     finite = np.isfinite(losses)
     steps, losses = steps[finite], losses[finite]
-    window = int(round(1.0 / (1.0 - ewma_beta(inputs.steps_per_epoch))))
-    smooth = ewma(losses, ewma_beta(inputs.steps_per_epoch))
+    beta = ewma_beta(inputs.steps_per_epoch)
+    window = int(round(1.0 / (1.0 - beta)))
+    smooth = ewma(losses, beta)
     found: list[Hint] = []
     too_high = lr_too_high_hint(inputs, steps, losses, smooth, window)
     if too_high is not None:
         found.append(too_high)
     else:  # a loss that rose and stays up is flat too, but the rise is what to say
-        found += [h for h in (plateau_hint(inputs, steps, smooth, window),) if h is not None]
+        # A plateau at the lr in use: the points since it was set, smoothed afresh, so that right
+        # after a nudge the hint waits for epochs at the new lr instead of asking again at once.
+        since = steps > inputs.lr_since if inputs.lr_since is not None else np.ones(len(steps), dtype=bool)
+        plateau = plateau_hint(inputs, steps[since], ewma(losses[since], beta), window)
+        found += [plateau] if plateau is not None else []
     found += [h for h in (overfitting_hint(inputs, steps, smooth), momentum_hint(inputs)) if h is not None]
     return found
 
@@ -239,6 +244,12 @@ def lr_too_high_hint(inputs: HintInputs, steps: np.ndarray, losses: np.ndarray, 
     after = len(smooth) - 1 - low
     if lowest <= 0 or after < window or now / lowest - 1.0 < RISE_REL:
         return None
+    if inputs.lr_since is not None and inputs.lr_since > int(steps[low]):
+        # The lr was changed during the rise: say it again only once the loss has had a window
+        # of steps at the new lr and is still no lower than when it was changed.
+        at_change = int(np.searchsorted(steps, inputs.lr_since, side="right")) - 1
+        if len(steps) - 1 - at_change < window or now < float(smooth[max(at_change, 0)]):
+            return None
     with np.errstate(divide="ignore", invalid="ignore"):  # a loss that reaches 0 has no relative spread
         residual = np.where(smooth > 0, losses / smooth - 1.0, np.nan)
     spread_after = float(np.nanstd(residual[low + 1:]))
@@ -336,6 +347,8 @@ def read_inputs(store: RunStore, status: dict[str, Any] | None = None) -> HintIn
     per_step = [i for i in own if i.per == PER_STEP and "loss" in i.name]
     loss = next((i for i in per_step if i.name == TRAINING_LOSS), per_step[0] if per_step else None)
     validation = next((i for i in own if i.per == PER_EPOCH and VALIDATION_NAME.match(i.name)), None)
+    lr_series = next((i for i in own if i.per == PER_STEP and i.name == "lr"), None)
+    lr_extent = store.series_extent(lr_series.id) if lr_series is not None else None  # logged as it changes
     epoch_ends = [(e, s) for b, e, s in store.epochs() if b == branch]
     checkpoints = [c for c in store.checkpoints(limit=CHECKPOINTS_READ) if c["branch"] == branch]
     fork = (store.branch(branch) or {}).get("from_checkpoint")
@@ -354,8 +367,8 @@ def read_inputs(store: RunStore, status: dict[str, Any] | None = None) -> HintIn
         steps, losses = steps[keep][-LOOKBACK_MAX_POINTS:], losses[keep][-LOOKBACK_MAX_POINTS:]
     return HintInputs(
         steps=steps, losses=losses, epoch_ends=epoch_ends, validation=val_points, checkpoints=checkpoints,
-        lr=status.get("lr"), momentum=status.get("momentum"), steps_per_epoch=status.get("steps_per_epoch"),
-        branch=branch, loss_name=loss.name if loss else TRAINING_LOSS,
+        lr=status.get("lr"), lr_since=lr_extent[1] if lr_extent else None, momentum=status.get("momentum"),
+        steps_per_epoch=status.get("steps_per_epoch"), branch=branch, loss_name=loss.name if loss else TRAINING_LOSS,
         validation_name=validation.name if validation else "val_loss",
     )
 

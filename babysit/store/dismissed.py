@@ -22,7 +22,7 @@ class DismissedHints:
 
     def dismiss_hint(self, hint_id: str) -> None:
         """Record that ``hint_id`` was dismissed (again: the time is updated, nothing else)."""
-        if not isinstance(hint_id, str) or not hint_id or len(hint_id) > HINT_ID_MAX_CHARS or not hint_id.isprintable():
+        if not (isinstance(hint_id, str) and 0 < len(hint_id) <= HINT_ID_MAX_CHARS and hint_id.isprintable()):
             raise ValueError(f"a hint id must be printable text of 1 to {HINT_ID_MAX_CHARS} characters, got {hint_id!r}")
         connection = self.conn()  # type: ignore[attr-defined]
         connection.execute(DISMISSED_HINTS_TABLE)
