@@ -1,8 +1,8 @@
 """babysit's dashboard: the live learning curve of one run, and the controls that nudge it.
 
 Started by `python -m babysit demo` or `python -m babysit dashboard` (which bind 127.0.0.1 and
-turn usage statistics off). It reads the run directory and writes only command rows; it never
-imports the trainer.
+turn usage statistics off). It reads the run directory and writes only command rows (and the
+hints a person dismissed); it never imports the trainer.
 
 A cockpit: the curve on the left, the status, the controls and the fate of the last command on the
 right, all on one laptop screen (1366×768); checkpoints and the command history below.

@@ -462,5 +462,13 @@ def hints_panel(store: RunStore, status: dict[str, Any]) -> None:
                                width="stretch", help=f"Sends: {action.describe()}")
             # Dismissing writes to the run store (a row in dismissed_hints): the page's one write
             # besides commands, so that it holds after a reload, in other browsers and in the CLI.
-            cols[-1].button("Dismiss", key=f"dismiss-{slug}", on_click=store.dismiss_hint, args=(hint.id,),
+            cols[-1].button("Dismiss", key=f"dismiss-{slug}", on_click=dismiss_hint, args=(store, hint.id),
                             width="stretch", help=f"Hide this hint ({hint.id}); a later occurrence shows again.")
+
+
+def dismiss_hint(store: RunStore, hint_id: str) -> None:
+    """Record a dismissal; a database that refuses it (a full disk) says so and changes nothing."""
+    try:
+        store.dismiss_hint(hint_id)
+    except sqlite3.DatabaseError as error:
+        st.toast(plain(f"Not dismissed: {error}"), icon=":material/block:")
