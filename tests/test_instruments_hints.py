@@ -81,6 +81,21 @@ def test_a_healthy_curve_gives_no_hint() -> None:
     assert H.hints(inputs(healthy(), validation=val)) == []
 
 
+# The validation loss of a real digits run (lr 0.05, 45 steps an epoch, 360 held-out images): it
+# improves while it jumps by a third from one epoch to the next.
+DIGITS_VAL = [1.323, 1.207, 0.837, 0.817, 0.240, 0.283, 0.079, 0.102, 0.138, 0.108, 0.071, 0.103]
+
+
+def test_a_healthy_but_jittery_run_gives_no_hint_at_any_epoch() -> None:
+    per = 45
+    x = np.arange(1, 12 * per + 1)
+    jitter = np.exp(0.6 * np.random.default_rng(8).standard_normal(len(x)))  # a small loss's batches
+    losses = (2.2 * np.exp(-x / 60) + 0.12) * jitter
+    for epochs in range(1, 13):
+        seen = inputs(losses[:epochs * per], validation=DIGITS_VAL[:epochs], per=per)
+        assert H.hints(seen) == [], epochs
+
+
 def test_too_little_data_gives_no_hint() -> None:
     flat = noisy(np.full(2 * PER + 50, 0.8), 0.1)
     assert H.hints(inputs(flat)) == []  # two epochs: a plateau needs three
@@ -201,6 +216,14 @@ def test_one_bad_batch_is_not_a_rise() -> None:
     losses = healthy()
     losses[-3] = 50.0
     assert H.hints(inputs(losses)) == []
+
+
+def test_a_few_huge_batches_lift_the_ewma_but_are_no_rise() -> None:
+    losses = noisy(np.full(9 * PER, 0.5), 0.05, seed=9)
+    losses[-150::15] = 6.0  # one batch in 15 is 12 times the others (the divergence guard's business)
+    smooth = reference_ewma(losses, H.ewma_beta(PER))
+    assert smooth[-1] > 1.5 * smooth[: -150].min()  # the average went up by half...
+    assert H.LR_TOO_HIGH not in rules(H.hints(inputs(losses)))  # ...the median did not
 
 
 def test_a_rise_with_no_checkpoint_before_it_offers_only_the_lr() -> None:

@@ -59,11 +59,20 @@ PLATEAU_REL_CHANGE = 0.01
 # the spread before it (a too-large step makes the loss jump about, not just drift up).
 RISE_REL = 0.10
 NOISE_GROWTH = 1.25
+# ... and at least 4 standard deviations of the EWMA's own wobble (the batch spread times
+# sqrt((1-β)/(1+β))): at a small loss the batches spread by 50 % or more, and an epoch-long EWMA
+# then wanders by several percent on a healthy curve; its lowest point is an outlier of that.
+RISE_NOISE_SIGMAS = 4.0
 # Overfitting: validation 2 % above its best, at least 2 epochs after the best (one worse epoch is
 # noise), while the training loss EWMA fell by at least 1 % over the same epochs.
 VAL_RISE_REL = 0.02
 OVERFIT_EPOCHS = 2
 TRAIN_FALL_REL = 0.01
+# ... and by 3 standard deviations of the validation's own epoch-to-epoch jitter, read from the
+# second differences of the epochs up to the best (a trend hardly moves them; a small validation
+# set's jumps do): the best epoch of a jittery validation is a low outlier, not a turning point.
+VAL_NOISE_SIGMAS = 3.0
+VAL_NOISE_EPOCHS = 8
 # Momentum: a window longer than this many epochs is worth saying (the notes: β 0.9 ≈ 10 steps).
 MOMENTUM_WINDOW_EPOCHS = 1.0
 # The β a momentum hint suggests: 1-β on a log scale with round numbers, as the notes sample it.
@@ -142,6 +151,10 @@ def _actions(*found: Action | None) -> tuple[Action, ...]:
 def ewma_beta(steps_per_epoch: int | None) -> float:
     """The EWMA's β: a window of about an epoch (bounded by EWMA_MIN_WINDOW and EWMA_MAX_WINDOW)."""
     window = min(max(steps_per_epoch or EWMA_MIN_WINDOW, EWMA_MIN_WINDOW), EWMA_MAX_WINDOW)
+    return 1.0 - 1.0 / window
+
+
+def beta_of(window: int) -> float:
     return 1.0 - 1.0 / window
 
 
@@ -259,6 +272,13 @@ def lr_too_high_hint(inputs: HintInputs, steps: np.ndarray, losses: np.ndarray, 
         return None
     if spread_after < NOISE_GROWTH * spread_before:
         return None
+    wobble = spread_before * math.sqrt((1.0 - beta_of(window)) / (1.0 + beta_of(window)))
+    if now / lowest - 1.0 < RISE_NOISE_SIGMAS * wobble:
+        return None
+    # A few huge batches lift an average, not a median: the last window's median must have risen
+    # as much above the median of the window that ends at the lowest point.
+    if np.median(losses[-window:]) < (1.0 + RISE_REL) * np.median(losses[max(0, low + 1 - window):low + 1]):
+        return None
     low_step = int(steps[low])
     text = (f"the {inputs.loss_name} EWMA rose {_pct(now / lowest - 1)} since its lowest point at step {low_step} "
             f"({_num(lowest)} → {_num(now)} at step {int(steps[-1])}), and its batch-to-batch spread grew from "
@@ -291,6 +311,8 @@ def overfitting_hint(inputs: HintInputs, steps: np.ndarray, smooth: np.ndarray) 
     last_epoch, last = values[-1]
     if last_epoch - best_epoch < OVERFIT_EPOCHS or best <= 0 or last / best - 1.0 < VAL_RISE_REL:
         return None
+    if last - best < VAL_NOISE_SIGMAS * validation_jitter([v for e, v in values if e <= best_epoch]):
+        return None
     end_of = dict(inputs.epoch_ends)
     if best_epoch not in end_of or last_epoch not in end_of:
         return None
@@ -309,6 +331,17 @@ def overfitting_hint(inputs: HintInputs, steps: np.ndarray, smooth: np.ndarray) 
         title = f"Overfitting since epoch {best_epoch}"
     return Hint(f"{OVERFITTING}@branch{inputs.branch}:epoch{best_epoch}", OVERFITTING, title, text, _actions(
         action(cmd.ROLLBACK, {"checkpoint": target["id"]}, f"Roll back to #{target['id']}") if target else None))
+
+
+def validation_jitter(values: list[float]) -> float:
+    """The epoch-to-epoch noise (a standard deviation) of the last VAL_NOISE_EPOCHS ``values``, from
+    the median of their absolute second differences (which a smooth trend hardly moves): for
+    independent noise σ each has a spread of √6 σ, and the median of its absolute value is
+    0.6745 × √6 σ."""
+    tail = np.asarray(values[-VAL_NOISE_EPOCHS:], dtype=float)
+    if len(tail) < 3:
+        return 0.0
+    return float(np.median(np.abs(np.diff(tail, 2)))) / (0.6745 * math.sqrt(6.0))
 
 
 def _best_epoch_checkpoint(inputs: HintInputs, epoch: int, end_step: int) -> dict[str, Any] | None:
