@@ -63,6 +63,7 @@ NOISE_GROWTH = 1.25
 # sqrt((1-β)/(1+β))): at a small loss the batches spread by 50 % or more, and an epoch-long EWMA
 # then wanders by several percent on a healthy curve; its lowest point is an outlier of that.
 RISE_NOISE_SIGMAS = 4.0
+# (The median of the last window's batches must have risen by RISE_REL too: see lr_too_high_hint.)
 # Overfitting: validation 2 % above its best, at least 2 epochs after the best (one worse epoch is
 # noise), while the training loss EWMA fell by at least 1 % over the same epochs.
 VAL_RISE_REL = 0.02
@@ -72,7 +73,7 @@ TRAIN_FALL_REL = 0.01
 # second differences of the epochs up to the best (a trend hardly moves them; a small validation
 # set's jumps do): the best epoch of a jittery validation is a low outlier, not a turning point.
 VAL_NOISE_SIGMAS = 3.0
-VAL_NOISE_EPOCHS = 8
+VAL_NOISE_EPOCHS = 8  # six second differences: enough for a median, recent enough to be today's jitter
 # Momentum: a window longer than this many epochs is worth saying (the notes: β 0.9 ≈ 10 steps).
 MOMENTUM_WINDOW_EPOCHS = 1.0
 # The β a momentum hint suggests: 1-β on a log scale with round numbers, as the notes sample it.
