@@ -1,8 +1,8 @@
 """babysit's dashboard: the live learning curve of one run, and the controls that nudge it.
 
 Started by `python -m babysit demo` or `python -m babysit dashboard` (which bind 127.0.0.1 and
-turn usage statistics off). It reads the run directory and writes only command rows; it never
-imports the trainer.
+turn usage statistics off). It reads the run directory and writes only command rows (and the
+hints a person dismissed); it never imports the trainer.
 
 A cockpit: the curve on the left, the status, the controls and the fate of the last command on the
 right, all on one laptop screen (1366×768); checkpoints and the command history below.
@@ -78,12 +78,21 @@ def nudges() -> None:
     page.rollback_controls(store, status)
 
 
+# Hints from the notes (a plateau, an lr too high, overfitting, a long momentum window), below the
+# controls so they never push them off the screen; each acts through a button, never by itself.
+@st.fragment(run_every=slow_every)
+def hints() -> None:
+    page.toast_flash()
+    page.hints_panel(store, store.status())
+
+
 with controls_column:
     live_status()
     if opening:
         st.rerun()
     with st.container(key="cockpit_controls"):
         nudges()
+    hints()
 
 
 # Below the cockpit, folded until opened: probe the lr, sweep it, compare branches.

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import sqlite3
@@ -113,6 +114,58 @@ def branches_command(args: argparse.Namespace) -> int:
                           "branches": [compare.row_object(r) for r in comparison.rows]}, indent=2))
     else:
         print(compare.format_table(comparison))
+    return 0
+
+
+# -- hints ---------------------------------------------------------------------------------------
+def action_command(action: Any, run_dir: str) -> str:
+    """The ``python -m babysit ...`` line that sends a hint's action, for a terminal."""
+    args, where = action.args, f"--run-dir {shlex.quote(run_dir)}"
+    if action.kind in (cmd.SET_LR, cmd.SET_MOMENTUM):
+        return f"python -m babysit set {where} {'lr' if action.kind == cmd.SET_LR else 'momentum'} {args['value']:.10g}"
+    if action.kind == cmd.ROLLBACK:
+        line = f"python -m babysit rollback {where} {args['checkpoint']}"
+        if args.get("hparams") == cmd.HPARAMS_CURRENT:
+            line += f" --hparams {cmd.HPARAMS_CURRENT}"
+        for name in ("lr", "momentum"):
+            if name in args:
+                line += f" --{name} {args[name]:.10g}"
+        return line
+    return f"python -m babysit {action.kind} {where}"
+
+
+def hints_command(args: argparse.Namespace) -> int:
+    """List the run's current hints with the command that acts on each, or dismiss one."""
+    from .instruments.hints import read_hints
+
+    store = _open_store(args.run_dir)
+    if args.dismiss is not None:
+        shown = read_hints(store, include_dismissed=True)
+        if args.dismiss not in {h.id for h in shown}:
+            listed = ", ".join(h.id for h in shown) or "none now"
+            raise CliError(f"no current hint has the id {args.dismiss!r}; current hints: {listed}")
+        store.dismiss_hint(args.dismiss)
+        print(f"dismissed {args.dismiss}: it is no longer shown here or on the page")
+        return 0
+    found = read_hints(store)
+    if args.json:
+        listed = []
+        for hint in found:
+            entry = hint.as_dict()
+            for shown, act in zip(entry["actions"], hint.actions):
+                shown["cli"] = action_command(act, args.run_dir)
+            listed.append(entry)
+        print(json.dumps(listed, indent=2))
+        return 0
+    if not found:
+        print(f"no hints for {args.run_dir} now (dismissed ones are not listed)")
+        return 0
+    for hint in found:
+        print(f"{hint.id}  {hint.title}")
+        print(f"  {hint.text}")
+        for act in hint.actions:
+            print(f"  {act.label}: {action_command(act, args.run_dir)}")
+        print(f"  dismiss: python -m babysit hints --run-dir {shlex.quote(args.run_dir)} --dismiss {hint.id}")
     return 0
 
 
@@ -505,6 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait", action="store_true", help="block until applied (exit 0) or rejected (exit 1)")
         p.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)")
 
+    p = sub.add_parser("hints", help="hints from the course notes (plateau, lr too high, overfitting, momentum)")
+    run_dir_arg(p)
+    p.add_argument("--json", action="store_true", help="print them as a JSON list")
+    p.add_argument("--dismiss", metavar="ID", help="stop showing the hint with this id (here and on the page)")
+
     p = sub.add_parser("set", help="set the learning rate or the momentum")
     _accept_negative_values(p)
     p.add_argument("name", choices=("lr", "momentum"), help="what to set")
@@ -576,6 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "branches":
             return branches_command(args)
+        if args.command == "hints":
+            return hints_command(args)
         if args.command == "set":
             kind = cmd.SET_LR if args.name == "lr" else cmd.SET_MOMENTUM
             return send(args.run_dir, kind, {"value": args.value}, wait=args.wait, timeout=args.timeout)

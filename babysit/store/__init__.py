@@ -1,10 +1,10 @@
 """The run store: one SQLite database (WAL) per run directory, shared by trainer and dashboard.
 
 The trainer writes metrics, events, checkpoints, branches and its status; the dashboard and the
-CLI read them and write only commands. Metrics are stored as chunks of up to ``CHUNK_POINTS``
-points per series (steps, values and wall times as packed arrays, plus the chunk's min, max and
-sum), so the trainer writes a few rows per flush instead of one per point, and a reader can draw a
-million steps from a few thousand chunk summaries without touching the raw points.
+CLI read them and write only commands (and which hints a person dismissed). Metrics are stored as
+chunks of up to ``CHUNK_POINTS`` points per series (steps, values and wall times as packed arrays,
+plus the chunk's min, max and sum), so the trainer writes a few rows per flush instead of one per
+point, and a reader can draw a million steps from a few thousand chunk summaries without touching the raw points.
 
 Nothing read from the database is trusted: a checkpoint row whose file is not a plain name in the
 run directory is left out, status fields of the wrong type read as None, and SQLite is never
@@ -25,6 +25,7 @@ from .. import commands as cmd
 from .. import rundir
 from ..errors import RunDirError, StoreError
 from .command_table import CommandTable, _HeldWrites
+from .dismissed import DismissedHints
 from .excursions import ExcursionTable
 from .liveness import disk_full, disk_full_message, process_gone, trainer_alive
 from .rows import (  # noqa: F401 (SeriesInfo: part of the store's names)
@@ -40,7 +41,7 @@ from .series import SeriesTables, chunk_summary  # noqa: F401 (chunk_summary: pa
 from .signal import CommandSignal  # noqa: F401 (as before the split)
 
 
-class RunStore(SeriesTables, CommandTable, ExcursionTable):
+class RunStore(SeriesTables, CommandTable, ExcursionTable, DismissedHints):
     """One run directory's database. Each thread gets its own SQLite connection."""
 
     def __init__(self, run_dir: Path | str, *, create: bool = False) -> None:

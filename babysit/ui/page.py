@@ -12,6 +12,7 @@ import argparse
 import hmac
 import math
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import streamlit as st
 
 from .. import commands as cmd
 from ..instruments.compare import excursion_side_branches
+from ..instruments.hints import read_hints
 from ..serving import TOKEN_ENV
 from ..store import DB_NAME, NEW, RunStore, StoreError, list_runs
 from .clicks import command_button, fate, last_command_fate, short_number, show_flash, toast_flash  # noqa: F401 (app.py calls them here)
@@ -74,6 +76,7 @@ COMPACT_CSS = """<style>
 .st-key-cockpit_controls [data-testid="stWidgetLabel"] p { font-size: 0.85rem; }
 .st-key-cockpit_controls hr { margin: 0.15rem 0; }
 .st-key-babysit_plotly_preload { display: none; }
+[class*="st-key-hint-"][data-testid="stVerticalBlock"] { padding: 0.4rem 0.6rem; gap: 0.3rem; }
 </style>"""
 
 
@@ -446,3 +449,29 @@ def rollback_controls(store: RunStore, status: dict[str, Any]) -> None:
 def _checkpoint_label(c: dict[str, Any]) -> str:
     metrics = " ".join(f"{k} {v:.3g}" for k, v in c["metrics"].items() if isinstance(v, (int, float)))
     return f"#{c['id']} · epoch {c['epoch']} · step {c['step']} · branch {c['branch']} {metrics}"
+
+
+# -- hints from the notes -------------------------------------------------------------------------
+def hints_panel(store: RunStore, status: dict[str, Any]) -> None:
+    """The current branch's hints (babysit/instruments/hints.py), each with the numbers it saw, its
+    action buttons (queued like every other button) and a dismiss. Never applied by themselves."""
+    for hint in read_hints(store, status):
+        slug = re.sub(r"[^A-Za-z0-9_-]", "-", hint.id)
+        with st.container(border=True, key=f"hint-{slug}"):
+            st.markdown(f":material/lightbulb: **{plain(hint.title)}** :small[{plain(hint.text)}]")
+            cols = st.columns(len(hint.actions) + 1)
+            for i, action in enumerate(hint.actions):
+                command_button(cols[i], action.label, f"hint-{slug}-{i}", store, action.kind, action.args,
+                               width="stretch", help=f"Sends: {action.describe()}")
+            # Dismissing writes to the run store (a row in dismissed_hints): the page's one write
+            # besides commands, so that it holds after a reload, in other browsers and in the CLI.
+            cols[-1].button("Dismiss", key=f"dismiss-{slug}", on_click=dismiss_hint, args=(store, hint.id),
+                            width="stretch", help=f"Hide this hint ({hint.id}); a later occurrence shows again.")
+
+
+def dismiss_hint(store: RunStore, hint_id: str) -> None:
+    """Record a dismissal; a database that refuses it (a full disk) says so and changes nothing."""
+    try:
+        store.dismiss_hint(hint_id)
+    except sqlite3.DatabaseError as error:
+        st.toast(plain(f"Not dismissed: {error}"), icon=":material/block:")
