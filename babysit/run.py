@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from . import commands as cmd
-from . import optim, ranks as ranks_module, user_state
+from . import journal_replay, optim, ranks as ranks_module, user_state
 from .checkpoint import PendingCheckpoint, remove_stale_temps
 from .command_runner import Interrupt, PendingRollback, CommandRunner  # noqa: F401 (Interrupt is public here)
 from .errors import RunLockedError, SettingsError  # noqa: F401 (RunLockedError, as before the error tree)
@@ -69,6 +69,8 @@ class Run:
         flush_interval: seconds between writes of logged values (and heartbeats) to the store.
         items_per_step, item_unit: what one step trains, for the throughput shown on the page
             (for example 32 ``"samples"`` or 32×128 ``"tokens"``); by default the loader's batch size.
+        replay: a panda journal (its path, or the loaded dict; ``python -m babysit journal``): its
+            lr and momentum settings are applied at their steps, as a person applied them.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class Run:
         flush_interval: float = 0.25,
         items_per_step: int | None = None,
         item_unit: str = "samples",
+        replay: str | os.PathLike[str] | dict[str, Any] | None = None,
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise SettingsError(f"keep_last must be a whole number >= 1 or None, got {keep_last!r}")
@@ -94,6 +97,7 @@ class Run:
             raise SettingsError(f"items_per_step must be a whole number >= 1 or None, got {items_per_step!r}")
         if not isinstance(item_unit, str) or not item_unit.strip() or len(item_unit) > 20:
             raise SettingsError(f"item_unit must be a short word such as 'samples' or 'tokens', got {item_unit!r}")
+        journal = None if replay is None else journal_replay.load(replay)  # refused before anything is created
         self.optimizer = _optimizer_or_loop_hparams(optimizer, lr, momentum)
         self.run_dir = Path(run_dir)
         self.model = model
@@ -159,6 +163,8 @@ class Run:
         queue: collections.deque[Any] = collections.deque()
         self._log = queue.append  # the training thread's share of storing a value: one append
         self._meet(self._resume.restore_on_start, ranks_module.START)
+        if journal is not None:
+            journal_replay.begin(self, journal)
         self.writer = MetricsWriter(
             self.store, queue=queue, status=self._status_fields, guard=self._guard,
             on_divergence=self.remedy.on_divergence, on_tick=self._on_tick, interval=flush_interval,
@@ -307,7 +313,7 @@ class Run:
         ranks = self._ranks
         assert ranks is not None
         step, replay = self.position.step, self._replay
-        replay_due = bool(replay) and replay[0]["step"] <= step
+        replay_due = self._commands.replay_due()
         wants = ranks.leads and (self._wake or self.signal.changed() or replay_due)
         work, stop_asked = ranks.sync_step(step, work=wants, stop_asked=self._stop_reason is not None,
                                            due_at=replay[0]["step"] if replay else None)
@@ -375,7 +381,7 @@ class Run:
         if self._interrupt is not None:
             return self._interrupt
         if self._ranks is None:
-            if self._wake or self.signal.changed() or self._replay:
+            if self._wake or self.signal.changed() or (self._replay and self._commands.replay_due()):
                 self._commands.apply_due()
         else:
             if self.position.step >= self._ranks.next_sync:

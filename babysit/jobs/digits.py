@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,8 +79,9 @@ def evaluate(model: nn.Module, data: TensorDataset) -> tuple[float, float]:
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
-def train(run_dir: str | Path, config: DigitsConfig, *, on_run: object = None) -> babysit.Run:
-    """Train (or resume) the demo in ``run_dir``. ``on_run(run)`` is called once the run exists."""
+def train(run_dir: str | Path, config: DigitsConfig, *, on_run: object = None, replay: Any = None) -> babysit.Run:
+    """Train (or resume) the demo in ``run_dir``. ``on_run(run)`` is called once the run exists;
+    ``replay``: a panda journal whose lr and momentum settings are applied at their steps."""
     configure_threads()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -90,7 +92,7 @@ def train(run_dir: str | Path, config: DigitsConfig, *, on_run: object = None) -
     model = build_model()
     optimizer = build_optimizer(config, model)
 
-    with babysit.Run(run_dir, model, optimizer, config=asdict(config)) as run:  # babysit
+    with babysit.Run(run_dir, model, optimizer, config=asdict(config), replay=replay) as run:  # babysit
         if callable(on_run):
             on_run(run)
         for epoch in run.epochs(config.epochs):  # babysit

@@ -22,6 +22,7 @@ import pandas as pd
 import streamlit as st
 
 from .. import commands as cmd
+from ..instruments import journal
 from ..serving import TOKEN_ENV
 from ..store import DB_NAME, NEW, RunStore, StoreError, list_runs
 from .clicks import command_button, fate, last_command_fate, short_number, show_flash, toast_flash  # noqa: F401 (app.py calls them here)
@@ -405,6 +406,33 @@ def checkpoint_table(store: RunStore) -> None:
     if len(listed) == CHECKPOINTS_SHOWN and (total := store.checkpoint_count()) > CHECKPOINTS_SHOWN:
         st.caption(f"The newest {CHECKPOINTS_SHOWN} of {total:,} checkpoints; roll back to an older one by id with "
                    "`python -m babysit rollback ID`.")
+    journal_download(store, listed)
+
+
+def journal_download(store: RunStore, listed: list[dict[str, Any]]) -> None:
+    """The panda journal of the checkpoint chosen in "Roll back to" (else the newest), as a file;
+    written when clicked, not at every rerun."""
+    ids = [c["id"] for c in listed]
+    chosen = st.session_state.get("rollback_target")
+    target = chosen if chosen in ids else ids[-1]
+    st.download_button(
+        f"Journal to #{target}", data=journal_file(store.run_dir, target),
+        file_name=f"{store.run_dir.name}-journal-to-{target}.json", mime="application/json", on_click="ignore",
+        icon=":material/history_edu:", key="journal_download",
+        help=f"The decisions (nudges, rollbacks, probes) that led to checkpoint #{target}, as JSON; a new run "
+             "replays them with `python -m babysit train --replay FILE`. Pick another in \"Roll back to\".")
+
+
+def journal_file(run_dir: Path, checkpoint_id: int) -> Callable[[], str]:
+    """What the journal button downloads, built on its own connection (Streamlit calls it on
+    another thread, when clicked)."""
+    def build() -> str:
+        store = RunStore(run_dir)
+        try:
+            return journal.to_json(journal.export_journal(store, checkpoint_id))
+        finally:
+            store.close()
+    return build
 
 
 def rollback_controls(store: RunStore, status: dict[str, Any]) -> None:
