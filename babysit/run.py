@@ -16,7 +16,8 @@ the run directory already holds one. ``run.state`` (the loop's own values and St
 travels in every checkpoint. The rooms around it: :mod:`babysit.resume` (starting, resuming,
 loading a checkpoint), :mod:`babysit.command_runner` (applying queued commands, carrying out a
 rollback or a stop), :mod:`babysit.position` (the counters and RNG states of an exact resume),
-:mod:`babysit.snapshots` (the checkpoint policy), :mod:`babysit.ranks` (torch.distributed).
+:mod:`babysit.snapshots` (the checkpoint policy), :mod:`babysit.ranks` (torch.distributed),
+:mod:`babysit.journal_replay` (replaying a panda journal's settings).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from babysit import commands as cmd
 from babysit.errors import SettingsError
 from babysit.instruments.journal import export_journal, read_journal
 from babysit.store import RunStore
-from tests.conftest import cli_here, tiny_data, wait_for
+from tests.conftest import babysit_cli, cli_here, tiny_data, wait_for
 
 FAST = ("--job", "digits", "--epoch-passes", "1", "--batch-size", "64")  # 23 steps per epoch
 
@@ -44,7 +44,8 @@ def synthetic_run(run_dir: Path) -> RunStore:
     then momentum 0.8 at the first boundary of epoch 2 (after #1), #2 at step 20, lr 0.01 at 25;
     rolled back at step 27 to #2 keeping the current hyperparameters with lr 0.02 → branch 2; lr
     0.03 at 30 (epoch 3's last boundary), #3 at 30; rolled back at 33 to #1 with the checkpoint's
-    hyperparameters → branch 3; lr 0.2 at 10 (epoch 2's first boundary), #4 at step 20."""
+    hyperparameters → branch 3; lr 0.2 at 10 (epoch 2's first boundary), #4 at step 20. And a probe
+    from #1 (branches 4 and 5)."""
     store = RunStore(run_dir, create=True)
     store.set_meta("config", {"seed": 0, "epochs": 3})
     b1 = store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0,
@@ -73,6 +74,16 @@ def synthetic_run(run_dir: Path) -> RunStore:
     _command(store, cmd.SET_LR, {"value": 0.2}, branch=b3, step=10, wall=1060,
              result={"before": 0.05, "after": 0.2, "step_in_epoch": 0})
     c4 = _checkpoint(store, branch=b3, epoch=2, step=20, lr=0.2)
+    # A probe of lr ×½ and ×2 from #1, on branch 1's line: history only (the person chose nothing from it).
+    probe = store.add_excursion(kind="probe", command=None, origin_branch=b1, origin_step=10, from_checkpoint=c1,
+                                return_checkpoint=c1, spec={"param": "lr", "values": [0.025, 0.1], "steps": 5})
+    for order, value in enumerate((0.025, 0.1)):
+        probe_branch = store.new_branch(parent=b1, from_checkpoint=c1, start_step=10, start_epoch=1,
+                                        hparams={"lr": value, "momentum": 0.9})
+        store.add_excursion_branch(excursion=probe, branch=probe_branch, ord=order, param="lr", value=value, steps=5)
+        store.finish_excursion_branch(probe_branch, end_checkpoint=None, result={"loss": 1.0 - order / 10})
+    store.finish_excursion(probe, "done", message="2 probes of 5 steps", result={"best": 0.1})
+    store.conn().execute("UPDATE excursions SET created = 1015")
     store.write_status(state="stopped", branch=b3, step=20, epoch=2)
     assert (b1, b2, b3, c4) == (1, 2, 3, 4)
     return store
@@ -93,6 +104,12 @@ def test_the_journal_of_a_run_with_two_rollbacks(tmp_path: Path) -> None:
     assert found["history"] == [
         {"kind": "set_lr", "value": 0.05, "before": 0.1, "step": 5, "at": "step", "branch": 1, "source": "page",
          "command": 1, "time": "1970-01-01T00:16:40Z", "text": "set lr 0.05"},
+        {"kind": "probe", "excursion": 1, "step": 10, "at": "step", "branch": 1, "state": "done",
+         "spec": {"param": "lr", "values": [0.025, 0.1], "steps": 5},
+         "tried": [{"branch": 4, "param": "lr", "value": 0.025, "steps": 5, "result": {"loss": 1.0}},
+                   {"branch": 5, "param": "lr", "value": 0.1, "steps": 5, "result": {"loss": 0.9}}],
+         "result": {"best": 0.1}, "message": "2 probes of 5 steps", "source": "trainer", "command": None,
+         "time": "1970-01-01T00:16:55Z"},
         {"kind": "rollback", "checkpoint": 1, "step": 10, "at": "epoch_start", "branch": 3, "from_branch": 2,
          "from_step": 33, "hparams": "checkpoint", "after": {"lr": 0.05, "momentum": 0.9}, "source": "page",
          "command": 6, "time": "1970-01-01T00:17:30Z", "text": "rollback to #1 (checkpoint hparams)"},
@@ -107,7 +124,7 @@ def test_the_journal_of_a_run_with_two_rollbacks(tmp_path: Path) -> None:
     # rollback's "current" (lr 0.01 at the cut) and its lr 0.02 at the fork, then branch 2's own.
     to_3 = export_journal(store, to=3)
     assert [(h["kind"], h["branch"], h["step"]) for h in to_3["history"]] == [
-        ("set_lr", 1, 5), ("set_momentum", 1, 10), ("rollback", 2, 20), ("set_lr", 2, 30)]
+        ("set_lr", 1, 5), ("probe", 1, 10), ("set_momentum", 1, 10), ("rollback", 2, 20), ("set_lr", 2, 30)]
     assert to_3["schedule"] == [
         {"step": 5, "at": "step", "set": "lr", "value": 0.05, "from": "command #1"},
         {"step": 10, "at": "epoch_start", "set": "momentum", "value": 0.8, "from": "command #2"},
@@ -191,6 +208,7 @@ def test_a_replay_applies_each_setting_on_its_side_of_the_loop_s_epoch_end(tmp_p
         if run.branch == 1 and run.step == 20:
             run.store.enqueue_command(cmd.SET_MOMENTUM, {"value": 0.8}, source="test")
         if run.branch == 1 and run.step == 27:
+            run.checkpointer.wait()  # epoch 2's checkpoint is written in the background: listed once written
             epoch_2 = next(c for c in run.store.checkpoints() if c["epoch"] == 2)
             run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": epoch_2["id"], "hparams": "current",
                                                      "momentum": 0.5}, source="test")
@@ -225,6 +243,31 @@ def test_a_replay_applies_each_setting_on_its_side_of_the_loop_s_epoch_end(tmp_p
         {k: s[k] for k in ("step", "at", "set", "value")} for s in journal["schedule"]]
 
 
+def test_a_resume_re_applies_a_nudge_on_its_side_of_the_epoch_s_end(tmp_path: Path) -> None:
+    # The same record serves the replay after a crash: a nudge applied after epoch 2's end (step 16,
+    # after the loop's anneal), then a trainer that died in epoch 3 and left only epoch 1's
+    # checkpoint. The resume re-applies the nudge after epoch 2's anneal again, not before it.
+    def nudge_after_epoch_2(run: Any) -> None:
+        if run.epoch == 2:
+            run.store.enqueue_command(cmd.SET_LR, {"value": 0.3}, source="test")
+
+    def stop_at_20(run: Any) -> None:
+        if run.step == 20:
+            run.request_stop("test")
+
+    straight = anneal_loop(tmp_path / "straight", on_epoch_end=nudge_after_epoch_2)
+    cut = tmp_path / "cut"
+    anneal_loop(cut, on_epoch_end=nudge_after_epoch_2, on_step=stop_at_20)
+    store = RunStore(cut)
+    assert [(c["step"], c["reason"]) for c in store.checkpoints()] == [(8, "epoch"), (16, "epoch"), (20, "stop")]
+    for lost in store.checkpoints()[1:]:
+        store.mark_checkpoint_deleted(lost["id"])
+    resumed = anneal_loop(cut)
+    assert "1 applied nudges will be re-applied" in store.events(kinds=("resume",))[-1]["message"]
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 # -- THE test: a babysat digits run, its journal, and a replay to the same weights -----------------
 def _checkpoint_of_epoch(run_dir: Path, branch: int, after_step: int) -> dict[str, Any] | None:
     listed = RunStore(run_dir).checkpoints()
@@ -255,7 +298,7 @@ def test_a_replay_of_a_babysat_digits_run_reproduces_its_weights_bit_for_bit(tmp
     assert cli_here("stop", *d, "--wait").returncode == 0
     assert trainer.wait_exit(timeout=120) == 0
 
-    exported = cli_here("journal", *d, "--to", str(target["id"]))
+    exported = babysit_cli("journal", *d, "--to", str(target["id"]))  # the real command, its stdout the file
     assert exported.returncode == 0, exported.stderr
     journal = json.loads(exported.stdout)
     assert [h["kind"] for h in journal["history"]] == ["set_lr", "set_momentum", "rollback", "set_lr"]
@@ -277,3 +320,48 @@ def test_a_replay_of_a_babysat_digits_run_reproduces_its_weights_bit_for_bit(tmp
     reproduced = torch.load(replayed / final["file"], weights_only=True)["model"]
     assert list(original) == list(reproduced)
     assert all(torch.equal(original[name], reproduced[name]) for name in original)
+
+
+# -- the page: the journal of the checkpoint chosen in "Roll back to", downloaded ----------------
+def test_the_page_downloads_the_journal_of_the_chosen_checkpoint(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, chromium_page, wait_healthy
+
+    synthetic_run(tmp_path / "run").close()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path / "streamlit.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
+             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+             "--server.fileWatcherType", "none", "--", "--root", str(tmp_path), "--run", str(tmp_path / "run")],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url, server, log_path)
+            with chromium_page() as (page, errors):
+                page.goto(url)
+                button = page.get_by_role("button", name="Journal to #4")
+                with page.expect_download() as download:
+                    button.click()
+                saved = json.loads(Path(download.value.path()).read_text())
+                assert download.value.suggested_filename == "run-journal-to-4.json"
+                assert saved == export_journal(RunStore(tmp_path / "run"), to=4)
+                assert errors == []
+        finally:
+            server.terminate()
+            server.wait(timeout=20)
+
+
+def test_the_readme_s_example_is_a_journal_this_babysit_reads() -> None:
+    from tests.conftest import REPO
+
+    section = (REPO / "README.md").read_text().split("### The panda journal", 1)[1]
+    example = section.split("```json\n", 1)[1].split("```", 1)[0]
+    assert read_journal(json.loads(example))["schedule"][-1] == {
+        "step": 300, "at": "epoch_start", "set": "lr", "value": 0.05, "from": "rollback #9"}

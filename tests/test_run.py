@@ -76,8 +76,8 @@ def test_nudges_are_applied_at_the_step_boundary_and_read_back(tmp_path: Path) -
     store = RunStore(tmp_path / "r")
     rows = store.commands()
     assert [(r["kind"], r["state"], r["step"], r["result"]) for r in rows] == [
-        (cmd.SET_LR, cmd.APPLIED, 5, {"before": 0.1, "after": 0.02}),
-        (cmd.SET_MOMENTUM, cmd.APPLIED, 5, {"before": 0.9, "after": 0.5}),
+        (cmd.SET_LR, cmd.APPLIED, 5, {"before": 0.1, "after": 0.02, "step_in_epoch": 5}),
+        (cmd.SET_MOMENTUM, cmd.APPLIED, 5, {"before": 0.9, "after": 0.5, "step_in_epoch": 5}),
     ]
     lr = next(s for s in store.series() if s.name == "lr")
     steps, values, _ = store.chunk_points(lr.id)

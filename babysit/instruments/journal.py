@@ -72,33 +72,17 @@ def export_journal(store: Any, to: int | None = None) -> dict[str, Any]:
         branch = branches.get(branch_id, {"id": branch_id, "parent": None, "from_checkpoint": None, "start_step": 0})
         lineage.append({"branch": branch_id, "parent": branch["parent"], "from_checkpoint": branch["from_checkpoint"],
                         "start_step": branch["start_step"], "until_step": limit[0]})
-        entries: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         if index > 0:
             fork = store.checkpoint(branch["from_checkpoint"]) if branch["from_checkpoint"] else None
             fork_entries, fork_settings = _fork(store, branch, fork, commands, excursion_of)
             history.extend(fork_entries)
             schedule.extend(fork_settings)
-        for c in commands:
-            if c["branch"] != branch_id or c["state"] != cmd.APPLIED or c["kind"] not in NUDGES:
-                continue
-            key = _command_key(c)
-            if key > limit:
-                continue
-            entries.append((key, c))
-        for key, c in sorted(entries, key=lambda item: item[0]):
-            result = c["result"] if isinstance(c["result"], dict) else {}
-            at = at_of(result.get("step_in_epoch"))
-            value = result.get("after", (c["args"] or {}).get("value") if isinstance(c["args"], dict) else None)
-            history.append({
-                "kind": c["kind"], "value": value, "before": result.get("before"), "step": c["step"], "at": at,
-                "branch": branch_id, "source": c["source"], "command": c["id"], "time": _iso(c["done_at"]),
-                "text": cmd.describe(c["kind"], c["args"]),
-            })
-            schedule.append({"step": c["step"], "at": at, "set": _setting_name(c["kind"]), "value": value,
-                             "from": f"command #{c['id']}"})
+        for entry, setting in _nudges(branch_id, limit, commands):
+            history.append(entry)
+            schedule.append(setting)
         history.extend(_excursions(store, branch_id, limit, commands))
-    history.sort(key=lambda h: (lineage_index(lineage, h["branch"]), h["step"], _rank(h.get("at", AT_STEP)),
-                                0 if h["kind"] == cmd.ROLLBACK else 1, h.get("command") or 0))
+    history.sort(key=lambda h: (_lineage_index(lineage, h["branch"]), h["step"], _rank(h.get("at", AT_STEP)),
+                                0 if h["kind"] in (cmd.ROLLBACK, "resumed_from") else 1, h.get("command") or 0))
     return {
         FORMAT_KEY: VERSION,
         "run": {"run_dir": str(store.run_dir), "config": store.get_meta("config", {})},
@@ -111,7 +95,25 @@ def export_journal(store: Any, to: int | None = None) -> dict[str, Any]:
     }
 
 
-def lineage_index(lineage: list[dict[str, Any]], branch: int) -> int:
+def _nudges(branch_id: int, limit: tuple[Any, ...], commands: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(history entry, schedule setting) of each lr / momentum nudge applied on the branch up to ``limit``."""
+    applied = [c for c in commands if c["branch"] == branch_id and c["state"] == cmd.APPLIED and c["kind"] in NUDGES
+               and _command_key(c) <= limit]
+    found = []
+    for c in sorted(applied, key=_command_key):
+        result = c["result"] if isinstance(c["result"], dict) else {}
+        at = at_of(result.get("step_in_epoch"))
+        value = result.get("after", c["args"].get("value") if isinstance(c["args"], dict) else None)
+        found.append((
+            {"kind": c["kind"], "value": value, "before": result.get("before"), "step": c["step"], "at": at,
+             "branch": branch_id, "source": c["source"], "command": c["id"], "time": _iso(c["done_at"]),
+             "text": cmd.describe(c["kind"], c["args"])},
+            {"step": c["step"], "at": at, "set": _setting_name(c["kind"]), "value": value, "from": f"command #{c['id']}"},
+        ))
+    return found
+
+
+def _lineage_index(lineage: list[dict[str, Any]], branch: int) -> int:
     for index, segment in enumerate(lineage):
         if segment["branch"] == branch:
             return index
