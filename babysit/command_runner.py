@@ -228,21 +228,27 @@ class CommandRunner:
         run = self.run
         value = applied["args"]["value"]
         before = run.hparams
-        if applied["kind"] == cmd.SET_LR:
-            optim.set_lr(run.optimizer, value, run.scheduler)
-            run._tell("set_lr", value)
-        else:
-            optim.set_momentum(run.optimizer, value)
-            run._tell("set_momentum", value)
+        try:
+            if applied["kind"] == cmd.SET_LR:
+                optim.set_lr(run.optimizer, value, run.scheduler)
+                run._tell("set_lr", value)
+            else:
+                optim.set_momentum(run.optimizer, value)
+                run._tell("set_momentum", value)
+        except CommandError as error:  # a journal's momentum for an optimizer without one: said, not fatal
+            if applied["id"] is not None:
+                raise
+            run.store.record_trainer_command(applied["kind"], {"value": value}, cmd.REJECTED, source=applied["source"],
+                                             branch=run.branch, step=run.step, reason=str(error))
+            return
         run._hparams.record(by=COMMAND)
         if applied["id"] is None:  # a journal's setting: recorded as a command of this run, applied now
             name = "lr" if applied["kind"] == cmd.SET_LR else "momentum"
-            applied["id"] = run.store.record_applied_command(
-                applied["kind"], {"value": value}, source=applied["source"], branch=run.branch, step=run.step,
-                result={"before": before[name], "after": run.hparams[name], "step_in_epoch": run.step_in_epoch,
-                        "journal_entry": applied["entry"]})
+            applied["id"] = run.store.record_trainer_command(
+                applied["kind"], {"value": value}, cmd.APPLIED, source=applied["source"], branch=run.branch,
+                step=run.step, result={"before": before[name], "after": run.hparams[name],
+                                       "step_in_epoch": run.step_in_epoch, "journal_entry": applied["entry"]})
         run._last_command_id = max(run._last_command_id, applied["id"])
-
 
     def finish_rollback(self) -> None:
         run = self.run

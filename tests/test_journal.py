@@ -243,6 +243,26 @@ def test_a_replay_applies_each_setting_on_its_side_of_the_loop_s_epoch_end(tmp_p
         {k: s[k] for k in ("step", "at", "set", "value")} for s in journal["schedule"]]
 
 
+def test_a_setting_this_optimizer_cannot_take_is_refused_and_the_replay_goes_on(tmp_path: Path) -> None:
+    journal = {"babysit_journal": 1, "run": {"run_dir": "elsewhere", "config": {}}, "to": {"checkpoint": 1},
+               "schedule": [{"step": 2, "at": "step", "set": "momentum", "value": 0.5},
+                            {"step": 3, "at": "step", "set": "lr", "value": 0.02}]}
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    with babysit.Run(tmp_path / "r", model, optimizer, replay=journal) as run:
+        for _epoch in run.epochs(1):
+            for x, y in run.batches(DataLoader(tiny_data(0), batch_size=8)):
+                loss = nn.functional.cross_entropy(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    assert optimizer.param_groups[0]["lr"] == 0.02
+    rows = RunStore(tmp_path / "r").commands()
+    assert [(c["kind"], c["state"], c["step"], c["source"]) for c in rows] == [
+        (cmd.SET_MOMENTUM, cmd.REJECTED, 2, "replay"), (cmd.SET_LR, cmd.APPLIED, 3, "replay")]
+    assert "Adagrad has no momentum to set" in rows[0]["reason"]
+
+
 def test_a_resume_re_applies_a_nudge_on_its_side_of_the_epoch_s_end(tmp_path: Path) -> None:
     # The same record serves the replay after a crash: a nudge applied after epoch 2's end (step 16,
     # after the loop's anneal), then a trainer that died in epoch 3 and left only epoch 1's
