@@ -243,6 +243,30 @@ def test_a_replay_applies_each_setting_on_its_side_of_the_loop_s_epoch_end(tmp_p
         {k: s[k] for k in ("step", "at", "set", "value")} for s in journal["schedule"]]
 
 
+def test_a_replay_through_a_rollback_to_a_checkpoint_taken_inside_an_epoch(tmp_path: Path) -> None:
+    # At step 5: lr 0.05, then "checkpoint now", then lr 0.2, all at one boundary; the checkpoint
+    # holds the first nudge only. At step 13 a rollback to it with the checkpoint's hyperparameters:
+    # the run goes on from inside epoch 1, and the journal's line holds the first nudge, not the second.
+    def person(run: Any) -> None:
+        if run.branch == 1 and run.step == 5:
+            for kind, args in ((cmd.SET_LR, {"value": 0.05}), (cmd.CHECKPOINT, {}), (cmd.SET_LR, {"value": 0.2})):
+                run.store.enqueue_command(kind, args, source="test")
+        if run.branch == 1 and run.step == 13:
+            run.checkpointer.wait()
+            inside = next(c for c in run.store.checkpoints() if c["reason"] == "command")
+            run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": inside["id"]}, source="test")
+        if run.branch == 2 and run.step == 7:
+            run.store.enqueue_command(cmd.SET_MOMENTUM, {"value": 0.7}, source="test")
+
+    babysat = anneal_loop(tmp_path / "babysat", epochs=3, on_step=person)
+    journal = export_journal(RunStore(tmp_path / "babysat"))
+    assert [(s["step"], s["at"], s["set"], s["value"]) for s in journal["schedule"]] == [
+        (5, "step", "lr", 0.05), (7, "step", "momentum", 0.7)]
+    replayed = anneal_loop(tmp_path / "replayed", epochs=3, replay=journal)
+    for a, b in zip(babysat.state_dict().values(), replayed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_a_setting_this_optimizer_cannot_take_is_refused_and_the_replay_goes_on(tmp_path: Path) -> None:
     journal = {"babysit_journal": 1, "run": {"run_dir": "elsewhere", "config": {}}, "to": {"checkpoint": 1},
                "schedule": [{"step": 2, "at": "step", "set": "momentum", "value": 0.5},
