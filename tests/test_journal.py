@@ -390,9 +390,10 @@ def test_the_page_downloads_the_journal_of_the_chosen_checkpoint(tmp_path: Path)
             wait_healthy(url, server, log_path)
             with chromium_page() as (page, errors):
                 page.goto(url)
-                button = page.get_by_role("button", name="Journal to #4")
+                page.get_by_role("button", name="Journal to #4").click()
+                download_button = page.get_by_role("button", name="Download run-journal-to-4.json")
                 with page.expect_download() as download:
-                    button.click()
+                    download_button.click()
                 saved = json.loads(Path(download.value.path()).read_text())
                 assert download.value.suggested_filename == "run-journal-to-4.json"
                 assert saved == export_journal(RunStore(tmp_path / "run"), to=4)
