@@ -143,7 +143,7 @@ def train_command(args: argparse.Namespace) -> int:
     if replay is not None and not stored:
         # A replay starts as the journal's run started: its job and config (an option given here
         # that differs is ignored, as it is when a run resumes), trained to the journal's checkpoint.
-        stored = dict(replay["run"].get("config") or {})
+        stored = dict((replay.get("run") or {}).get("config") or {})
         target = replay.get("to") or {}
         if args.epochs is None and target.get("reason") == "epoch" and isinstance(target.get("epoch"), int):
             stored["epochs"] = target["epoch"]

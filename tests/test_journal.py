@@ -155,6 +155,7 @@ def test_the_cli_prints_the_journal_and_names_what_it_cannot_find(tmp_path: Path
     (lambda j: j["schedule"][0].update(value=-1), r"schedule\[0\]: lr must be a finite number > 0"),
     (lambda j: j["schedule"][0].update(at="later"), r"schedule\[0\]: at must be 'step' or 'epoch_start', got 'later'"),
     (lambda j: j["schedule"].reverse(), r"schedule\[1\] \(step 5, step\) comes before the entry above it"),
+    (lambda j: j["run"].update(config=[1]), r"the run's 'config' must be an object, got \[1\]"),
 ])
 def test_a_journal_that_cannot_be_replayed_is_refused_before_anything_starts(
         tmp_path: Path, change: Callable[[dict[str, Any]], Any], message: str) -> None:

@@ -291,6 +291,11 @@ def check_journal(journal: Any, name: str = "the journal") -> dict[str, Any]:
     if version != VERSION or isinstance(version, bool):
         raise SettingsError(f"{name} is journal format version {version!r}; this babysit reads version {VERSION} "
                             "only (a newer babysit wrote it?)")
+    for part in ("run", "to"):
+        if not isinstance(journal.get(part, {}), dict):
+            raise SettingsError(f"{name}: {part!r} must be an object, got {journal[part]!r}")
+    if not isinstance((journal.get("run") or {}).get("config", {}), dict):
+        raise SettingsError(f"{name}: the run's 'config' must be an object, got {journal['run']['config']!r}")
     schedule = journal.get("schedule")
     if not isinstance(schedule, list):
         raise SettingsError(f"{name}: 'schedule' must be a list of settings, got {type(schedule).__name__}")
