@@ -23,6 +23,7 @@ from . import rundir, serving
 from .serving import TOKEN_ENV
 from .errors import CliError, SettingsError
 from .probes_text import format_excursion
+from .instruments import journal
 from .store import DB_NAME, LOG_NAME, RunStore, StoreError, disk_full, disk_full_message, list_runs
 
 DEFAULT_RUN_DIR = "checkpoints/demo"
@@ -269,7 +270,16 @@ def train_command(args: argparse.Namespace) -> int:
     from .jobs import JOBS
     from .run import RunLockedError
 
+    replay = _replay_journal(args)
     stored = _stored_config(args.run_dir)
+    resuming = bool(stored)
+    if replay is not None and not stored:
+        # A replay starts as the journal's run started: its job and config (an option given here
+        # that differs is ignored, as it is when a run resumes), trained to the journal's checkpoint.
+        stored = dict((replay.get("run") or {}).get("config") or {})
+        target = replay.get("to") or {}
+        if args.epochs is None and target.get("reason") == "epoch" and isinstance(target.get("epoch"), int):
+            stored["epochs"] = target["epoch"]
     job = _choose_job(args, stored)
     config_class, train = JOBS[job].load()
     names = [f.name for f in fields(config_class)]
@@ -282,8 +292,9 @@ def train_command(args: argparse.Namespace) -> int:
     config_values = dict(asdict(config_class()))
     if stored:
         ignored = {k: v for k, v in given.items() if k != "epochs" and stored.get(k, v) != v}
+        started = "this run was started" if resuming else "the journal's run was started"
         for key, value in ignored.items():
-            print(f"babysit: {_option(key)} {value} ignored: this run was started with "
+            print(f"babysit: {_option(key)} {value} ignored: {started} with "
                   f"{key} {stored[key]} and keeps it (nudge lr and momentum with `python -m babysit set`)")
         config_values.update({k: v for k, v in stored.items() if k in config_values})
         config_values.update({k: v for k, v in given.items() if k == "epochs"})
@@ -293,7 +304,7 @@ def train_command(args: argparse.Namespace) -> int:
         config = config_class(**config_values)
     except (SettingsError, cmd.CommandError) as error:  # a bad setting, or a bad lr/momentum in it
         raise CliError(str(error)) from None
-    if stored:
+    if resuming:
         status = _open_store(args.run_dir).status()
         if status.get("state") == "finished" and (status.get("epoch") or 0) >= config.epochs:
             print(f"run {args.run_dir} already finished {status.get('epoch')} epochs; "
@@ -304,10 +315,30 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"babysit: training in {args.run_dir} (pid {os.getpid()}): {run.message}", flush=True)
 
     try:
-        run = train(args.run_dir, config, on_run=on_run)
+        run = train(args.run_dir, config, on_run=on_run, **({"replay": replay} if replay is not None else {}))
     except RunLockedError as error:
         raise CliError(str(error)) from None
     print(f"babysit: {run.status}: {run.message}", flush=True)
+    return 0
+
+
+def _replay_journal(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not getattr(args, "replay", None):
+        return None
+    try:
+        return journal.read_journal(args.replay)
+    except SettingsError as error:
+        raise CliError(f"--replay: {error}") from None
+
+
+def journal_command(args: argparse.Namespace) -> int:
+    """Print the journal of a checkpoint (default: the newest of the current branch) as JSON."""
+    store = _open_store(args.run_dir)
+    try:
+        found = journal.export_journal(store, args.to)
+    except SettingsError as error:
+        raise CliError(str(error)) from None
+    sys.stdout.write(journal.to_json(found))
     return 0
 
 
@@ -543,6 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="charlm: characters per training window (default 64)")
     p.add_argument("--steps-per-epoch", type=int, help="charlm: batches per epoch (default 100)")
     p.add_argument("--epoch-passes", type=int, help="digits: passes over the training images per epoch (default 6)")
+    p.add_argument("--replay", metavar="JOURNAL",
+                   help="a new run replays a panda journal (`journal` writes one): its job, its config and its lr "
+                        "and momentum settings at their steps, up to its checkpoint's epoch unless --epochs says more")
+
+    p = sub.add_parser("journal", help="print the panda journal of a checkpoint (JSON): the decisions that led to it")
+    run_dir_arg(p)
+    p.add_argument("--to", type=int, metavar="CHECKPOINT",
+                   help="checkpoint id (default: the newest checkpoint of the current branch)")
 
     p = sub.add_parser("status", help="show the run's state, hyperparameters and checkpoints")
     run_dir_arg(p)
@@ -628,6 +667,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    allow_hosts=args.allow_host)
         if args.command == "train":
             return train_command(args)
+        if args.command == "journal":
+            return journal_command(args)
         if args.command == "status":
             info = status_object(_open_store(args.run_dir))
             print(json.dumps(info, indent=2) if args.json else format_status(info))

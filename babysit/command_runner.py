@@ -15,6 +15,7 @@ from . import excursion_runner, optim
 from .checkpoint import KEY_MODEL, KEY_OPTIMIZER, REASON_STOP, read_verified
 from .errors import CheckpointError, CommandError
 from .hparam_watch import COMMAND
+from .instruments import journal
 from .store import PAUSED, RUNNING, STOPPED
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ class CommandRunner:
         if run._stop_reason is not None and not run._at_last_boundary():
             self.begin_stop(None)
             return
-        while run._replay and run._replay[0]["step"] <= run.step:
+        while self.replay_due():
             self._replay_command(run._replay.pop(0))
         if run._checkpoint_asked is not None:  # run.checkpoint_now() under torch.distributed: taken here, together
             reason, run._checkpoint_asked = run._checkpoint_asked, None
@@ -140,7 +141,9 @@ class CommandRunner:
             after = optim.set_lr(run.optimizer, command.args["value"], run.scheduler)
             run._tell("set_lr", command.args["value"])
             run._hparams.record(by=COMMAND)
-            result: dict[str, Any] = {"before": before["lr"], "after": after}
+            # Where in the epoch: at an epoch's end, the last boundary (before the loop's own
+            # epoch-end code) and the next epoch's first (after it) share a step; a replay needs both.
+            result: dict[str, Any] = {"before": before["lr"], "after": after, "step_in_epoch": run.step_in_epoch}
             warning = cmd.lr_warning(after)
             if warning:
                 result["warning"] = warning
@@ -149,7 +152,7 @@ class CommandRunner:
             after = optim.set_momentum(run.optimizer, command.args["value"])
             run._tell("set_momentum", command.args["value"])
             run._hparams.record(by=COMMAND)
-            result = {"before": before["momentum"], "after": after}
+            result = {"before": before["momentum"], "after": after, "step_in_epoch": run.step_in_epoch}
             if optim.cycles_momentum(run.scheduler):
                 result["warning"] = (f"{type(run.scheduler).__name__} cycles momentum and will overwrite this "
                                      "at its next step (the chart shows what it sets)")
@@ -230,17 +233,44 @@ class CommandRunner:
         optim.restore_hparams(run.optimizer, hparams, run.scheduler)
         run._tell("restore_hparams", hparams)
 
+    def replay_due(self) -> bool:
+        """Whether the first nudge waiting to be replayed is due at this boundary: past its step, or
+        at it in the same place of the epoch (see :func:`babysit.instruments.journal.at_of`)."""
+        run = self.run
+        if not run._replay:
+            return False
+        head = run._replay[0]
+        if run.step != head["step"] or run._ranks is not None:
+            # Under torch.distributed the ranks meet at sync steps only, and an epoch's first
+            # boundary is none: a nudge recorded there is replayed at the step's first meeting.
+            return run.step >= head["step"]
+        return replay_at(head) != journal.AT_EPOCH_START or run.step_in_epoch == 0
+
     def _replay_command(self, applied: dict[str, Any]) -> None:
         run = self.run
-        run._last_command_id = max(run._last_command_id, applied["id"])
         value = applied["args"]["value"]
-        if applied["kind"] == cmd.SET_LR:
-            optim.set_lr(run.optimizer, value, run.scheduler)
-            run._tell("set_lr", value)
-        else:
-            optim.set_momentum(run.optimizer, value)
-            run._tell("set_momentum", value)
+        before = run.hparams
+        try:
+            if applied["kind"] == cmd.SET_LR:
+                optim.set_lr(run.optimizer, value, run.scheduler)
+                run._tell("set_lr", value)
+            else:
+                optim.set_momentum(run.optimizer, value)
+                run._tell("set_momentum", value)
+        except CommandError as error:  # a journal's momentum for an optimizer without one: said, not fatal
+            if applied["id"] is not None:
+                raise
+            run.store.record_trainer_command(applied["kind"], {"value": value}, cmd.REJECTED, source=applied["source"],
+                                             branch=run.branch, step=run.step, reason=str(error))
+            return
         run._hparams.record(by=COMMAND)
+        if applied["id"] is None:  # a journal's setting: recorded as a command of this run, applied now
+            name = "lr" if applied["kind"] == cmd.SET_LR else "momentum"
+            applied["id"] = run.store.record_trainer_command(
+                applied["kind"], {"value": value}, cmd.APPLIED, source=applied["source"], branch=run.branch,
+                step=run.step, result={"before": before[name], "after": run.hparams[name],
+                                       "step_in_epoch": run.step_in_epoch, "journal_entry": applied["entry"]})
+        run._last_command_id = max(run._last_command_id, applied["id"])
 
     def finish_rollback(self) -> None:
         run = self.run
@@ -318,3 +348,12 @@ class CommandRunner:
             reason=f"no trainer applied it within {PENDING_COMMAND_TTL_S:.0f} s; send it again",
         )
         return True
+
+
+def replay_at(entry: dict[str, Any]) -> str:
+    """Where a nudge waiting to be replayed lands: a journal's setting says it; an applied command
+    row recorded its ``step_in_epoch`` (rows from before that: the boundary after its step)."""
+    if "at" in entry:
+        return entry["at"]
+    result = entry.get("result")
+    return journal.at_of(result.get("step_in_epoch") if isinstance(result, dict) else None)

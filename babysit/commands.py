@@ -311,12 +311,17 @@ def _describe(kind: str, args: dict[str, Any]) -> str:
     return kind
 
 
+# Kept in a result for the record (the value before, where in the epoch a nudge landed, which
+# journal entry a replay applied), not said in its outcome.
+_NOT_SHOWN = ("before", "step_in_epoch", "journal_entry")
+
+
 def outcome(row: dict[str, Any], number: Callable[[Any], str] = str) -> str:
     """A queued command's fate, as the CLI and the page say it: "applied at step N (what it
     changed)", "pending", or "rejected: why" / "expired: why"; ``number`` formats the values."""
     if row["state"] == APPLIED:
         result = row.get("result") or {}
-        details = ", ".join(f"{k} {number(v)}" for k, v in result.items() if k != "before" and v is not None)
+        details = ", ".join(f"{k} {number(v)}" for k, v in result.items() if k not in _NOT_SHOWN and v is not None)
         return f"applied at step {row['step']}" + (f" ({details})" if details else "")
     if row["state"] == PENDING:
         return "pending"

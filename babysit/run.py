@@ -16,7 +16,8 @@ the run directory already holds one. ``run.state`` (the loop's own values and St
 travels in every checkpoint. The rooms around it: :mod:`babysit.resume` (starting, resuming,
 loading a checkpoint), :mod:`babysit.command_runner` (applying queued commands, carrying out a
 rollback or a stop), :mod:`babysit.position` (the counters and RNG states of an exact resume),
-:mod:`babysit.snapshots` (the checkpoint policy), :mod:`babysit.ranks` (torch.distributed).
+:mod:`babysit.snapshots` (the checkpoint policy), :mod:`babysit.ranks` (torch.distributed),
+:mod:`babysit.journal_replay` (replaying a panda journal's settings).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from . import commands as cmd
-from . import optim, ranks as ranks_module, user_state
+from . import journal_replay, optim, ranks as ranks_module, user_state
 from .checkpoint import PendingCheckpoint, remove_stale_temps
 from .command_runner import Interrupt, PendingRollback, CommandRunner  # noqa: F401 (Interrupt is public here)
 from .errors import RunLockedError, SettingsError  # noqa: F401 (RunLockedError, as before the error tree)
@@ -72,6 +73,8 @@ class Run:
         evaluate: a function of no arguments returning a dict of numbers (a validation loss),
             called at each probe's end and at a probe set's fork, to rank the probes by it
             (see :mod:`babysit.excursion_runner`); the RNGs and train/eval modes are kept as they were.
+        replay: a panda journal (its path, or the loaded dict; ``python -m babysit journal``): its
+            lr and momentum settings are applied at their steps, as a person applied them.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class Run:
         items_per_step: int | None = None,
         item_unit: str = "samples",
         evaluate: Callable[[], dict[str, Any]] | None = None,
+        replay: str | os.PathLike[str] | dict[str, Any] | None = None,
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise SettingsError(f"keep_last must be a whole number >= 1 or None, got {keep_last!r}")
@@ -100,6 +104,7 @@ class Run:
             raise SettingsError(f"evaluate must be a function returning a dict of numbers, got {evaluate!r}")
         if not isinstance(item_unit, str) or not item_unit.strip() or len(item_unit) > 20:
             raise SettingsError(f"item_unit must be a short word such as 'samples' or 'tokens', got {item_unit!r}")
+        journal = None if replay is None else journal_replay.load(replay)  # refused before anything is created
         self.optimizer = _optimizer_or_loop_hparams(optimizer, lr, momentum)
         self.run_dir = Path(run_dir)
         self.model = model
@@ -168,6 +173,8 @@ class Run:
         queue: collections.deque[Any] = collections.deque()
         self._log = queue.append  # the training thread's share of storing a value: one append
         self._meet(self._resume.restore_on_start, ranks_module.START)
+        if journal is not None:
+            journal_replay.begin(self, journal)
         self.writer = MetricsWriter(
             self.store, queue=queue, status=self._status_fields, guard=self._guard,
             on_divergence=self.remedy.on_divergence, on_tick=self._on_tick, interval=flush_interval,
@@ -391,7 +398,7 @@ class Run:
         if self._interrupt is not None:
             return self._interrupt
         if self._ranks is None:
-            if self._wake or self.signal.changed() or self._replay:
+            if self._wake or self.signal.changed() or (self._replay and self._commands.replay_due()):
                 self._commands.apply_due()
         else:
             if self.position.step >= self._ranks.next_sync:

@@ -662,8 +662,10 @@ def test_two_dashboards_sending_conflicting_nudges_at_once(live: Live, monkeypat
     first, second = wait_for(both_done, what="both nudges to be answered")
     assert (first["state"], second["state"]) == (cmd.APPLIED, cmd.APPLIED)
     assert first["step"] <= second["step"]
-    assert first["result"] == {"before": before.status["lr"], "after": value_of[first_id]}
-    assert second["result"] == {"before": value_of[first_id], "after": value_of[second_id]}  # applied after the first
+    assert {k: first["result"][k] for k in ("before", "after")} == {"before": before.status["lr"],
+                                                                   "after": value_of[first_id]}
+    assert {k: second["result"][k] for k in ("before", "after")} == {  # applied after the first
+        "before": value_of[first_id], "after": value_of[second_id]}
     assert wait_for(lambda: live.store.status()["lr"] == value_of[second_id], what="the later lr in the status")
     assert live.trainer.process.poll() is None and live.store.status()["branch"] == before.status["branch"]
 

@@ -76,8 +76,8 @@ def test_nudges_are_applied_at_the_step_boundary_and_read_back(tmp_path: Path) -
     store = RunStore(tmp_path / "r")
     rows = store.commands()
     assert [(r["kind"], r["state"], r["step"], r["result"]) for r in rows] == [
-        (cmd.SET_LR, cmd.APPLIED, 5, {"before": 0.1, "after": 0.02}),
-        (cmd.SET_MOMENTUM, cmd.APPLIED, 5, {"before": 0.9, "after": 0.5}),
+        (cmd.SET_LR, cmd.APPLIED, 5, {"before": 0.1, "after": 0.02, "step_in_epoch": 5}),
+        (cmd.SET_MOMENTUM, cmd.APPLIED, 5, {"before": 0.9, "after": 0.5, "step_in_epoch": 5}),
     ]
     lr = next(s for s in store.series() if s.name == "lr")
     steps, values, _ = store.chunk_points(lr.id)
@@ -92,7 +92,8 @@ def test_adam_momentum_is_beta1(tmp_path: Path) -> None:
 
     run, _ = tiny_job(tmp_path / "r", epochs=1, optimizer="adam", on_step=on_step)
     assert run.optimizer.param_groups[0]["betas"] == (0.8, 0.999)
-    assert RunStore(tmp_path / "r").commands()[0]["result"] == {"before": 0.9, "after": 0.8}
+    # Applied at the boundary after step 2: the nudge records where in the epoch (a replay needs it).
+    assert RunStore(tmp_path / "r").commands()[0]["result"] == {"before": 0.9, "after": 0.8, "step_in_epoch": 2}
 
 
 def test_scheduler_keeps_a_nudged_lr(tmp_path: Path) -> None:

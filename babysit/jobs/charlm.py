@@ -20,6 +20,7 @@ import random
 import sysconfig
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -166,8 +167,9 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> f
 
 
 # -- training ----------------------------------------------------------------------------------
-def train(run_dir: str | Path, config: CharLMConfig, *, on_run: object = None) -> babysit.Run:
-    """Train (or resume) the character model in ``run_dir``. ``on_run(run)`` is called once the run exists."""
+def train(run_dir: str | Path, config: CharLMConfig, *, on_run: object = None, replay: Any = None) -> babysit.Run:
+    """Train (or resume) the character model in ``run_dir``. ``on_run(run)`` is called once the run exists;
+    ``replay``: a panda journal whose lr and momentum settings are applied at their steps."""
     configure_threads()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -183,7 +185,7 @@ def train(run_dir: str | Path, config: CharLMConfig, *, on_run: object = None) -
     optimizer = build_optimizer(config, model)
 
     run = babysit.Run(run_dir, model, optimizer, config={"job": "charlm", **asdict(config)},  # babysit
-                      items_per_step=config.batch_size * config.seq_len, item_unit="tokens",
+                      items_per_step=config.batch_size * config.seq_len, item_unit="tokens", replay=replay,
                       evaluate=lambda: {"val_loss": evaluate(model, val_inputs, val_targets)})  # ranks probes
     with run:
         if callable(on_run):

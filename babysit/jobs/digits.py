@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,8 +79,9 @@ def evaluate(model: nn.Module, data: TensorDataset) -> tuple[float, float]:
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
-def train(run_dir: str | Path, config: DigitsConfig, *, on_run: object = None) -> babysit.Run:
-    """Train (or resume) the demo in ``run_dir``. ``on_run(run)`` is called once the run exists."""
+def train(run_dir: str | Path, config: DigitsConfig, *, on_run: object = None, replay: Any = None) -> babysit.Run:
+    """Train (or resume) the demo in ``run_dir``. ``on_run(run)`` is called once the run exists;
+    ``replay``: a panda journal whose lr and momentum settings are applied at their steps."""
     configure_threads()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -91,7 +93,7 @@ def train(run_dir: str | Path, config: DigitsConfig, *, on_run: object = None) -
     optimizer = build_optimizer(config, model)
 
     # evaluate= ranks probe branches by their validation loss (python -m babysit probe).
-    with babysit.Run(run_dir, model, optimizer, config=asdict(config),  # babysit
+    with babysit.Run(run_dir, model, optimizer, config=asdict(config), replay=replay,  # babysit
                      evaluate=lambda: dict(zip(("val_loss", "val_acc"), evaluate(model, val_data)))) as run:
         if callable(on_run):
             on_run(run)

@@ -174,6 +174,20 @@ class CommandTable:
             finishes=command_id,
         )
 
+    def record_trainer_command(self, kind: str, args: dict[str, Any], state: str, *, source: str, branch: int,
+                               step: int, result: dict[str, Any] | None = None, reason: str | None = None) -> int:
+        """A command the trainer carried out (or refused) of its own accord, a journal's setting in a
+        replay: written already finished, so the run's history, and its own journal, show it like
+        any other. Returns its id (0 when a full disk made the trainer's store hold the write)."""
+        at = now()
+        cur = self._execute_or_hold(
+            "INSERT INTO commands (created, source, kind, args, state, branch, step, done_at, result, reason)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (at, source, kind, json.dumps(args), state, branch, step, at,
+             json.dumps(result) if result is not None else None, reason),
+        )
+        return int(cur.lastrowid) if cur is not None else 0
+
     def commands(self, since_id: int = 0, limit: int = 10_000, *, kinds: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """The newest ``limit`` commands with an id above ``since_id`` (of the given ``kinds``), oldest first."""
         where, params = newest_filter(since_id, kinds)

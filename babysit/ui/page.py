@@ -25,6 +25,8 @@ import streamlit as st
 from .. import commands as cmd
 from ..instruments.compare import excursion_side_branches
 from ..instruments.hints import read_hints
+from ..errors import SettingsError
+from ..instruments import journal
 from ..serving import TOKEN_ENV
 from ..store import DB_NAME, NEW, RunStore, StoreError, list_runs
 from .clicks import command_button, fate, last_command_fate, short_number, show_flash, toast_flash  # noqa: F401 (app.py calls them here)
@@ -411,6 +413,32 @@ def checkpoint_table(store: RunStore) -> None:
     if len(listed) == CHECKPOINTS_SHOWN and (total := store.checkpoint_count()) > CHECKPOINTS_SHOWN:
         st.caption(f"The newest {CHECKPOINTS_SHOWN} of {total:,} checkpoints; roll back to an older one by id with "
                    "`python -m babysit rollback ID`.")
+    journal_download(store, listed)
+
+
+def journal_download(store: RunStore, listed: list[dict[str, Any]]) -> None:
+    """The panda journal of the checkpoint chosen in "Roll back to" (else the newest), as a file.
+    Built when asked for, not at every rerun; then offered as a plain download (a file generated
+    on click could be dropped by the page's next refresh before the browser fetched it)."""
+    ids = [c["id"] for c in listed]
+    chosen = st.session_state.get("rollback_target")
+    target = chosen if chosen in ids else ids[-1]
+    name = f"{store.run_dir.name}-journal-to-{target}.json"
+    ready = st.session_state.get("journal_file")
+    cols = st.columns([1, 1.6], vertical_alignment="center")
+    if cols[0].button(f"Journal to #{target}", key="journal_build", icon=":material/history_edu:",
+                      help=f"The decisions (nudges, rollbacks, probes) that led to checkpoint #{target}, as JSON; "
+                           "a new run replays them with `python -m babysit train --replay FILE`. Pick another "
+                           "checkpoint in \"Roll back to\"."):
+        try:
+            ready = (str(store.run_dir), name, journal.to_json(journal.export_journal(store, target)))
+        except SettingsError as error:
+            st.toast(str(error))
+            ready = None
+        st.session_state["journal_file"] = ready
+    if ready and ready[0] == str(store.run_dir):
+        cols[1].download_button(f"Download {ready[1]}", data=ready[2], file_name=ready[1], mime="application/json",
+                                on_click="ignore", icon=":material/download:", key="journal_download")
 
 
 def rollback_controls(store: RunStore, status: dict[str, Any]) -> None:
