@@ -51,7 +51,7 @@ LIVE_LR = 1e-6
 LR_ACCEPTED = "lr must be a finite number > 0 (for example 0.01)"
 MOMENTUM_ACCEPTED = "momentum must be a finite number >= 0 and < 1 (for example 0.9)"
 CHECKPOINT_ACCEPTED = "checkpoint must be a checkpoint id, a whole number such as 3 (see `python -m babysit status`)"
-KINDS_ACCEPTED = "set_lr, set_momentum, pause, resume, checkpoint, stop, rollback"
+KINDS_ACCEPTED = "set_lr, set_momentum, pause, resume, checkpoint, stop, rollback, probe, sweep, cancel"
 SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
 LONG_DIGITS = "1" + "0" * 400  # 10**400 typed out: too large even to be a float
 
@@ -607,8 +607,8 @@ def test_a_damaged_run_database_gets_a_clear_message_from_cli_and_dashboard(
 @pytest.mark.parametrize(("args", "message"), [
     # Through a real `python -m babysit` (the usage reaches stderr, exit 2), then in this process.
     (("frobnicate",), "python -m babysit: error: argument COMMAND: invalid choice: 'frobnicate' (choose from "
-                      "'demo', 'dashboard', 'train', 'status', 'set', 'rollback', 'pause', 'resume', 'checkpoint', "
-                      "'stop')"),
+                      "'demo', 'dashboard', 'train', 'journal', 'status', 'branches', 'hints', 'set', 'rollback', "
+                      "'probe', 'sweep', 'cancel', 'probes', 'pause', 'resume', 'checkpoint', 'stop')"),
     (("set", "speed", "0.1"), "python -m babysit set: error: argument name: invalid choice: 'speed' "
                               "(choose from 'lr', 'momentum')"),
     (("set", "lr"), "python -m babysit set: error: the following arguments are required: value"),
