@@ -41,7 +41,7 @@ from .checkpoint import read_verified, rng_state, set_rng_state
 from .errors import CommandError
 from .hparam_watch import COMMAND
 from .instruments.probes import HPARAM_SERIES, ProbeReading, winner
-from .instruments.sweep import SWEEP_EWMA_BETA, diverged
+from .instruments.sweep import SWEEP_EWMA_BETA, counts_for_minimum, diverged
 from .rundir import unlink_in
 from .store import PAUSED, PER_STEP, RUNNING
 from .store.schema import (
@@ -114,9 +114,9 @@ class LossTap:
             self._count += 1
             self._average = SWEEP_EWMA_BETA * self._average + (1 - SWEEP_EWMA_BETA) * raw
             self.smoothed = self._average / (1 - SWEEP_EWMA_BETA ** self._count)
-        if diverged(self.smoothed if self.smoothed is not None else math.nan, self._lowest, raw):
+        if diverged(self.smoothed if self.smoothed is not None else math.nan, self._lowest, raw, self._count):
             self.diverged = True
-        elif self.smoothed is not None:
+        elif self.smoothed is not None and counts_for_minimum(self._count):
             self._lowest = min(self._lowest, self.smoothed)
 
 
@@ -330,6 +330,9 @@ class Excursion:
         run, leg = self.run, self.leg
         assert leg is not None
         self.leg = None
+        # Every value the leg logged is stored before its end is: a reader that sees the probe (or
+        # the sweep) ended reads all of its curve (`probes --wait` prints right then).
+        run.writer.flush()
         leg.steps_done, leg.diverged, leg.loss_ewma, leg.note = done, self.tap.diverged, self.tap.smoothed, note
         if self.kind == EXCURSION_PROBE and not leg.diverged and not cancelled and done > 0:
             job = run.snapshots.take(REASON_PROBE)

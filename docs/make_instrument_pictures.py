@@ -6,11 +6,11 @@ It starts real trainers (`python -m babysit train --job digits`) and a real dash
 page in Chromium, and uses each instrument the way the README describes, through the CLI (the same
 commands the page's buttons queue):
 
-1. a probe set of lr ×½ ×1 ×2 from now, then the panel with its overlay and table -> instruments-probes.png
-2. an lr sweep, then the panel with loss against lr                          -> instruments-sweep.png
+1. an lr sweep after the first epoch, then the panel with loss against lr    -> instruments-sweep.png
+2. a probe set of lr ×½ ×1 ×2 from now, then the panel with its overlay and table -> instruments-probes.png
 3. a rollback with a new lr, then "Compare branches" on the three lines      -> instruments-compare.png
-4. "Journal to #N" under the checkpoints, built and offered for download     -> instruments-journal.png
-5. a second run at a far too small lr: its plateau hint beside the controls  -> instruments-hints.png
+4. the run paused, "Journal to #N" under the checkpoints, built and offered -> instruments-journal.png
+5. a second run at a far too small lr: its "no progress" hint by the controls -> instruments-hints.png
 
 Each picture is the part of the page that shows the instrument (the whole screen for the hints,
 which sit in the cockpit), stored as a small palette PNG. A JSON summary goes to stdout.
@@ -80,19 +80,22 @@ def instruments(out: Path, scratch: Path) -> dict[str, Any]:
             chromium_page(*VIEWPORT, timeout_s=120) as (page, errors):
         store = until("the run store", lambda: (run_dir / "run.db").exists() and RunStore(run_dir))
         url = until("the dashboard's URL", lambda: dashboard_url(server))
-        until("three epochs", lambda: epochs_done(store) >= 3, timeout=WAIT_S)
+        until("the first epoch", lambda: epochs_done(store) >= 1, timeout=WAIT_S)
         page.goto(url)
 
-        # 1. Probe lr ×½ ×1 ×2 for 60 steps each from now; the run carries on afterwards.
-        summary["probe"] = cli("probe", "--steps", "60", "--then", "continue")
-        snap(expander(page, "Probe lr · lr sweep"), out / "instruments-probes.png", summary)
-
-        # 2. The lr sweep from here (it pauses the run at its own point when it is done).
+        # 1. The lr sweep early on, while the loss still falls (it pauses the run when it is done).
         summary["sweep"] = cli("sweep", "--steps", "150")
         panel = expander(page, "Probe lr · lr sweep")
-        panel.get_by_text("suggested").first.wait_for()
+        panel.get_by_text("lr sweep #").first.wait_for()
         snap(panel, out / "instruments-sweep.png", summary)
         babysit("resume", "--run-dir", str(run_dir), "--wait")
+
+        # 2. Two epochs later, probe lr ×½ ×1 ×2 for 60 steps each from now; the run carries on.
+        until("three epochs", lambda: epochs_done(store) >= 3, timeout=WAIT_S)
+        summary["probe"] = cli("probe", "--steps", "60", "--then", "continue")
+        panel = expander(page, "Probe lr · lr sweep")
+        panel.get_by_text("Probe set #").first.wait_for()
+        snap(panel, out / "instruments-probes.png", summary)
 
         # 3. Roll back two epochs with a doubled lr, train two epochs there, and compare.
         origin = next(c for c in reversed(store.checkpoints()) if c["reason"] == "epoch"
@@ -104,22 +107,32 @@ def instruments(out: Path, scratch: Path) -> dict[str, Any]:
         snap(expander(page, "Compare branches"), out / "instruments-compare.png", summary)
 
         # 4. The journal of the newest checkpoint, from the page.
-        page.get_by_role("button", name="Journal to #").first.click()
-        button = page.get_by_role("button", name="Download").first
-        button.wait_for()
-        snap(button.locator("xpath=ancestor::div[contains(@class, 'stVerticalBlock')][2]"),
-             out / "instruments-journal.png", summary)
+        babysit("pause", "--run-dir", str(run_dir), "--wait")  # the newest checkpoint stays the newest
+        journal = page.get_by_role("button", name="Journal to #").first
+        journal.scroll_into_view_if_needed()
+        journal.click()
+        page.get_by_role("button", name="Download").first.wait_for()
+        page.mouse.move(5, 5)  # no tooltip over the table
+        page.wait_for_timeout(2500)
+        box = journal.bounding_box()  # the checkpoint table above the buttons, and the buttons
+        page.screenshot(path=str(out / "instruments-journal.png"), clip={
+            "x": max(0, box["x"] - 16), "y": max(0, box["y"] - 330), "width": 620, "height": 400})
+        shrink(out / "instruments-journal.png")
+        summary["pictures"].append("instruments-journal.png")
         babysit("stop", "--run-dir", str(run_dir), "--wait")
         job.wait(timeout=WAIT_S)
 
-        # 5. A run at lr 1e-7 stays flat: the plateau hint, beside the controls.
+        # 5. A run at lr 1e-7 stays flat from its first steps: the hint that its lr is too low.
         with background(trainer(plateau_dir, "--lr", "1e-7"), scratch / "plateau.log") as flat:
             plateau = until("the plateau run's store", lambda: (plateau_dir / "run.db").exists()
                             and RunStore(plateau_dir))
             until("four epochs", lambda: epochs_done(plateau) >= 4, timeout=WAIT_S)
             page.goto(url)  # a new session opens on the run being trained
-            page.get_by_text("Plateau: try lr").first.wait_for(timeout=WAIT_S * 1000)
-            snap(page.locator("body"), out / "instruments-hints.png", summary)
+            page.get_by_text("No progress: lr likely too low").first.wait_for(timeout=WAIT_S * 1000)
+            page.wait_for_timeout(2500)
+            page.screenshot(path=str(out / "instruments-hints.png"))
+            shrink(out / "instruments-hints.png")
+            summary["pictures"].append("instruments-hints.png")
             babysit("stop", "--run-dir", str(plateau_dir), "--wait")
             flat.wait(timeout=WAIT_S)
         summary["page_errors"] = errors

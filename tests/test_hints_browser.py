@@ -1,9 +1,10 @@
 """Hints on the page, in Chromium: a hint shows with its numbers, its button queues its command,
 and dismissing it hides it for good (a reload, a new session, does not bring it back).
 
-The run is written with the store's own writes, as a trainer writes it: five epochs of a flat
-loss at lr 0.05 (a plateau) with momentum 0.995 (a window of ~200 steps, longer than the epoch of
-100); a thread keeps the heartbeat fresh, so the page takes commands as from a running trainer.
+The run is written with the store's own writes, as a trainer writes it: eight epochs of a loss
+that fell in its first steps and then stayed flat, at lr 0.05 (a plateau), with momentum 0.995 (a
+window of ~200 steps, longer than the epoch of 100); a thread keeps the heartbeat fresh, so the
+page takes commands as from a running trainer.
 """
 
 from __future__ import annotations
@@ -30,16 +31,17 @@ MOMENTUM = ".st-key-hint-momentum_window-branch1-beta0-995"
 def _plateau_run(run_dir: Path) -> None:
     store = RunStore(run_dir, create=True)
     branch = store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
-    steps = np.arange(1, 501)
-    losses = 0.8 * (1 + 0.1 * np.random.default_rng(0).standard_normal(500))
+    steps = np.arange(1, 801)
+    losses = 0.8 * (1 + 0.1 * np.random.default_rng(0).standard_normal(800))
+    losses[:10] = np.linspace(2.3, 0.8, 10)  # it came down first: a plateau, not a run that never learned
     walls = time.time() - 60 + steps * 0.01
     series = store.series_id("loss", branch, PER_STEP)
     store.write_chunks([(series, steps[i:i + CHUNK_POINTS], losses[i:i + CHUNK_POINTS], walls[i:i + CHUNK_POINTS])
-                        for i in range(0, 500, CHUNK_POINTS)])
-    for epoch in range(1, 6):
+                        for i in range(0, 800, CHUNK_POINTS)])
+    for epoch in range(1, 9):
         store.add_epoch(branch, epoch, epoch * 100)
     store.write_status(state="running", pid=os.getpid(), host=socket.gethostname(), started=time.time(),
-                       heartbeat=time.time(), epoch=6, max_epochs=30, step=500, step_in_epoch=0,
+                       heartbeat=time.time(), epoch=9, max_epochs=30, step=800, step_in_epoch=0,
                        steps_per_epoch=100, branch=branch, lr=0.05, momentum=0.995, optimizer="SGD", message="")
     store.close()
 

@@ -134,6 +134,26 @@ def test_a_plateau_asks_for_half_the_lr_and_cites_the_ewma() -> None:
     assert hint.actions == (H.Action(cmd.SET_LR, {"value": 0.025}, "lr × ½ (0.025)"),)
 
 
+def test_a_curve_flat_from_the_runs_first_steps_says_the_lr_is_too_low() -> None:
+    """Flat at the level of its first steps: no progress at all, so ×10 or a sweep, not ×½."""
+    flat = noisy(np.full(6 * PER, 2.3), 0.05, seed=4)
+    found = H.hints(H.HintInputs(**{**inputs(flat, lr=1e-6).__dict__, "first_losses": flat[:20]}))
+    assert rules(found) == [H.NO_PROGRESS]
+    hint = found[0]
+    assert hint.id == "no_progress@branch1:lr1e-06"
+    assert hint.actions == (H.Action(cmd.SET_LR, {"value": 1e-5}, "lr × 10 (1e-05)"),
+                            H.Action(cmd.SWEEP, {"steps": cmd.SWEEP_DEFAULT_STEPS}, "lr sweep"))
+    # Not known to be the run's start (a resumed window, a rollback's branch): a plateau as before.
+    assert rules(H.hints(inputs(flat, lr=1e-6))) == [H.PLATEAU]
+
+
+def test_a_curve_that_fell_fast_then_flattened_is_a_plateau_not_a_lack_of_progress() -> None:
+    x = np.arange(1, 9 * PER + 1)  # the epoch-long EWMA needs a few epochs to forget the fall
+    fell = noisy(np.where(x <= PER // 2, 2.3 - 1.5 * x / (PER // 2), 0.8), 0.05, seed=5)  # down within epoch 1
+    found = H.hints(H.HintInputs(**{**inputs(fell).__dict__, "first_losses": fell[:20]}))
+    assert rules(found) == [H.PLATEAU]
+
+
 def test_a_slow_but_steady_descent_is_no_plateau() -> None:
     # 2 % an epoch: slow, still going.
     x = np.arange(1, 8 * PER + 1)
@@ -430,7 +450,10 @@ def test_a_real_run_with_a_tiny_lr_plateaus_and_the_cli_says_so(tmp_path: Path, 
     assert trainer.wait_exit(timeout=300) == 0, trainer.output()
     result = babysit_cli("hints", "--run-dir", str(run_dir), check=True)
     lines = result.stdout.splitlines()
-    assert lines[0] == "plateau@branch1:lr1e-07  Plateau: try lr ×½", result.stdout
-    assert "over the last 3 epochs" in lines[1] and "epochs 1 to 4" in lines[1]
-    assert lines[2] == f"  lr × ½ (5e-08): python -m babysit set --run-dir {run_dir} lr 5e-08"
-    assert len(lines) == 4  # one hint: β 0.9's window (~10 steps) fits in an epoch of 45 steps
+    # Flat from the first steps at lr 1e-7: the lr taught nothing, so halving it is not the advice.
+    assert lines[0] == "no_progress@branch1:lr1e-07  No progress: lr likely too low, try ×10 or an lr sweep", \
+        result.stdout
+    assert "after 4 epochs, within 5% of its first 20 steps'" in lines[1] and "it never came down" in lines[1]
+    assert lines[2] == f"  lr × 10 (1e-06): python -m babysit set --run-dir {run_dir} lr 1e-06"
+    assert lines[3] == f"  lr sweep: python -m babysit sweep --run-dir {run_dir}"
+    assert len(lines) == 5  # one hint: β 0.9's window (~10 steps) fits in an epoch of 45 steps

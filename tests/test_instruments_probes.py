@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from babysit.instruments import probes as pr
-from babysit.instruments.sweep import analyse_sweep, read_sweep
+from babysit.instruments.sweep import SWEEP_WARMUP_POINTS, analyse_sweep, read_sweep
 from babysit.store import PER_EPOCH, PER_STEP, RunStore
 
 
@@ -147,8 +147,22 @@ def test_the_sweep_marks_the_steepest_descent_the_minimum_and_the_divergence():
     assert 0.3 < reading.min_loss_lr < 3.0
     assert reading.divergence_lr > reading.min_loss_lr
     first = int(np.flatnonzero(lrs == reading.divergence_lr)[0])
-    assert reading.smoothed[first] > 4 * np.min(reading.smoothed[:first])
-    assert reading.smoothed[first - 1] <= 4 * np.min(reading.smoothed[:first])
+    after_warmup = reading.smoothed[SWEEP_WARMUP_POINTS:first]  # the minimum counts after the warm-up
+    assert reading.smoothed[first] > 4 * np.min(after_warmup)
+    assert reading.smoothed[first - 1] <= 4 * np.min(after_warmup)
+
+
+def test_a_noisy_low_loss_late_in_training_is_no_divergence_until_it_blows_up():
+    """Late in a run the loss is near 0.05 and its batches range over ×20: a lucky first batch or
+    two must not make the next ordinary ones a "divergence" (the sweep would stop after 5 steps)."""
+    steps = 150
+    lrs = 5e-5 * (1e5) ** (np.arange(steps) / (steps - 1))
+    losses = 0.05 * np.random.default_rng(3).lognormal(0.0, 1.0, steps)
+    losses[:2] = 0.004                                    # two lucky batches first
+    losses[120:] *= np.exp(np.arange(steps - 120) / 3.0)  # the real blow-up
+    reading = analyse_sweep(lrs, losses)
+    assert reading.divergence_lr is not None and reading.divergence_lr >= lrs[120]
+    assert reading.min_loss_lr is not None and reading.min_loss_lr < lrs[120]
 
 
 def test_a_non_finite_loss_is_the_divergence_point():
@@ -164,7 +178,8 @@ def test_a_loss_that_never_falls_suggests_nothing():
     lrs = np.geomspace(1e-3, 1.0, 50)
     reading = analyse_sweep(lrs, np.linspace(1.0, 3.0, 50))
     assert (reading.steepest_lr, reading.suggested_lr, reading.divergence_lr) == (None, None, None)
-    assert reading.min_loss_lr == pytest.approx(1e-3)
+    # The lowest point is looked for after the warm-up (its first points are a batch or two's luck).
+    assert reading.min_loss_lr == pytest.approx(lrs[SWEEP_WARMUP_POINTS])
     empty = analyse_sweep(np.empty(0), np.empty(0))
     assert (empty.steepest_lr, empty.divergence_lr, empty.min_loss_lr, empty.suggested_lr) == (None,) * 4
     nan_first = analyse_sweep(lrs, np.full(50, math.nan))
@@ -195,3 +210,18 @@ def test_a_noisy_first_step_is_not_taken_for_the_steepest_descent():
     losses[0] = 6.0  # one loud step at the start: the bias-corrected average falls fast right after it
     reading = analyse_sweep(lrs, losses)
     assert 1e-2 <= reading.steepest_lr <= 1e-2 * 10 ** 0.5
+
+
+def test_a_lucky_first_batch_is_neither_the_lowest_loss_nor_the_suggestion():
+    """A sweep late in a run: its first batch or two are low by luck, then the loss sits higher and
+    falls with the lr, as a real digits sweep did; the suggestion is on that descent."""
+    steps = 150
+    lrs = 5e-5 * (1e4) ** (np.arange(steps) / (steps - 1))
+    x = np.log10(lrs)
+    descent = 0.45 - 0.25 / (1 + np.exp(-(x + 2.0) * 4))            # from 0.45 to 0.2, centred on lr 1e-2
+    losses = descent * np.random.default_rng(5).lognormal(0.0, 0.3, steps)
+    losses[:2] = 0.05
+    losses[130:] *= np.exp(np.arange(steps - 130) / 2.0)
+    reading = analyse_sweep(lrs, losses)
+    assert reading.min_loss_lr > lrs[SWEEP_WARMUP_POINTS]
+    assert 1e-3 < reading.suggested_lr < 1e-1

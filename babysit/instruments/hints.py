@@ -39,7 +39,8 @@ PLATEAU = "plateau"
 LR_TOO_HIGH = "lr_too_high"
 OVERFITTING = "overfitting"
 MOMENTUM_WINDOW = "momentum_window"
-RULES = (PLATEAU, LR_TOO_HIGH, OVERFITTING, MOMENTUM_WINDOW)
+NO_PROGRESS = "no_progress"  # flat from the branch's start: the lr is too low, not spent
+RULES = (PLATEAU, NO_PROGRESS, LR_TOO_HIGH, OVERFITTING, MOMENTUM_WINDOW)
 
 # -- thresholds ------------------------------------------------------------------------------------
 # The EWMA averages over about an epoch of steps: a value read at an epoch's end then sums up that
@@ -53,6 +54,13 @@ EWMA_MAX_WINDOW = 1000
 # percent an epoch. Three epochs, so one slow epoch is not yet a plateau.
 PLATEAU_EPOCHS = 3
 PLATEAU_REL_CHANGE = 0.01
+# No progress: a plateau whose loss is within 5 % of what the branch's first steps gave never came
+# down at all. Halving an lr that taught nothing is the wrong advice: the notes' remedy for an lr
+# of unknown scale is a coarse search on a log scale (×10, or the lr sweep). A curve that fell
+# fast in its first epoch and then flattened has its first steps far above the plateau.
+NO_PROGRESS_REL = 0.05
+NO_PROGRESS_FIRST_POINTS = 20  # the first steps' average (raw, not the EWMA's warm-up)
+NO_PROGRESS_LR_FACTOR = 10.0
 # lr too high: the EWMA 10 % above its lowest point is far beyond what an epoch-long average
 # wanders by on a healthy curve (about 1 %); held for at least one EWMA window, so one bad batch
 # is not a rise. Noisy: the batch-to-batch spread around the EWMA after the lowest point is 1.25×
@@ -128,6 +136,9 @@ class HintInputs:
     checkpoints: Sequence[dict[str, Any]] = ()     # {"id", "epoch", "step", "metrics", "hparams"}
     lr: float | None = None
     lr_since: int | None = None                    # the step the lr in use was set at (None: all along)
+    # The run's first steps' losses, when this branch is the run's first (from step 0, from its
+    # initial weights) and still trains at the lr it started with; None otherwise.
+    first_losses: np.ndarray | None = None
     momentum: float | None = None
     steps_per_epoch: int | None = None
     branch: int = 1
@@ -217,7 +228,9 @@ def _at(steps: np.ndarray, smooth: np.ndarray, step: int) -> float | None:
 
 
 def plateau_hint(inputs: HintInputs, steps: np.ndarray, smooth: np.ndarray, window: int) -> Hint | None:
-    """The EWMA flat (within PLATEAU_REL_CHANGE) over the last PLATEAU_EPOCHS epochs → lr ×½."""
+    """The EWMA flat (within PLATEAU_REL_CHANGE) over the last PLATEAU_EPOCHS epochs → lr ×½; or,
+    when it is still at the level of the run's first steps (``inputs.first_losses``), no progress
+    at all → lr ×10 or an lr sweep."""
     k = PLATEAU_EPOCHS
     if not len(smooth) or len(inputs.epoch_ends) <= k:
         return None
@@ -242,6 +255,18 @@ def plateau_hint(inputs: HintInputs, steps: np.ndarray, smooth: np.ndarray, wind
     text = (f"the {inputs.loss_name} EWMA moved {_pct(v1 / v0 - 1)} over the last {k} epochs "
             f"({_num(v0)} → {_num(v1)}, epochs {e0} to {e1}); flat since epoch {since}")
     lr = inputs.lr
+    first_losses = inputs.first_losses
+    first_losses = first_losses[np.isfinite(first_losses)] if first_losses is not None else None
+    first = float(np.mean(first_losses)) if first_losses is not None and len(first_losses) else None
+    if first is not None and first > 0 and v1 >= first * (1.0 - NO_PROGRESS_REL):
+        text = (f"the {inputs.loss_name} EWMA is {_num(v1)} after {e1} epochs, within {NO_PROGRESS_REL:.0%} of its "
+                f"first {len(first_losses)} steps' {_num(first)}, and moved {_pct(v1 / v0 - 1)} over the last "
+                f"{k} epochs: it never came down")
+        raised = float(f"{lr * NO_PROGRESS_LR_FACTOR:.12g}") if lr else None  # 1e-6 × 10 is 1e-05, not 9.99…e-06
+        return Hint(_id(NO_PROGRESS, inputs), NO_PROGRESS, "No progress: lr likely too low, try ×10 or an lr sweep",
+                    text, _actions(
+                        action(cmd.SET_LR, {"value": raised}, f"lr × 10 ({_num(raised)})") if raised else None,
+                        action(cmd.SWEEP, {}, "lr sweep")))
     return Hint(_id(PLATEAU, inputs), PLATEAU, "Plateau: try lr ×½", text,
                 _actions(action(cmd.SET_LR, {"value": lr / 2}, f"lr × ½ ({_num(lr / 2)})") if lr else None))
 
@@ -402,9 +427,21 @@ def read_inputs(store: RunStore, status: dict[str, Any] | None = None) -> HintIn
     return HintInputs(
         steps=steps, losses=losses, epoch_ends=epoch_ends, validation=val_points, checkpoints=checkpoints,
         lr=status.get("lr"), lr_since=lr_extent[1] if lr_extent else None, momentum=status.get("momentum"),
+        first_losses=_first_losses(store, loss, branch, fork, lr_extent),
         steps_per_epoch=status.get("steps_per_epoch"), branch=branch, loss_name=loss.name if loss else TRAINING_LOSS,
         validation_name=validation.name if validation else "val_loss",
     )
+
+
+def _first_losses(store: RunStore, loss: Any, branch: int, fork: Any,
+                  lr_extent: tuple[int, int, int] | None) -> np.ndarray | None:
+    """The run's first NO_PROGRESS_FIRST_POINTS losses, if ``branch`` is its first (no fork, from
+    step 0) and its lr was never changed (its lr series has no point after the start)."""
+    start = (store.branch(branch) or {}).get("start_step")
+    if loss is None or fork is not None or start != 0 or (lr_extent is not None and lr_extent[1] > 0):
+        return None
+    steps, values, _ = store.chunk_points(loss.id, None, NO_PROGRESS_FIRST_POINTS)
+    return values[steps <= NO_PROGRESS_FIRST_POINTS]
 
 
 def _by_epoch(steps: np.ndarray, values: np.ndarray, epoch_ends: list[tuple[int, int]]) -> list[tuple[int, float]]:

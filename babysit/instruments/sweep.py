@@ -36,11 +36,22 @@ class SweepReading:
     suggested_lr: float | None   # the steepest descent point (see analyse_sweep)
 
 
-def diverged(smoothed_now: float, smoothed_min: float, raw_now: float) -> bool:
-    """The sweep's stop rule: the loss is not finite, or its EWMA is above 4× its minimum so far."""
+def diverged(smoothed_now: float, smoothed_min: float, raw_now: float, points: int) -> bool:
+    """The sweep's stop rule: the loss is not finite, or (after its first ``SWEEP_WARMUP_POINTS``
+    points) its EWMA is above 4× its minimum since then. ``points``: how many it has seen, this
+    one included. The warm-up matters late in training: a loss near 0.05 whose batches range from
+    0.01 to 0.5 has an EWMA of its first few steps that is one lucky batch, and 4× that is no
+    divergence."""
     # math, not numpy: the trainer calls this once per logged loss while an excursion runs.
-    return (not math.isfinite(raw_now) or not math.isfinite(smoothed_now)
-            or (math.isfinite(smoothed_min) and smoothed_min > 0 and smoothed_now > DIVERGENCE_FACTOR * smoothed_min))
+    if not math.isfinite(raw_now) or not math.isfinite(smoothed_now):
+        return True
+    return (points > SWEEP_WARMUP_POINTS and math.isfinite(smoothed_min) and smoothed_min > 0
+            and smoothed_now > DIVERGENCE_FACTOR * smoothed_min)
+
+
+def counts_for_minimum(points: int) -> bool:
+    """Whether the point ``points`` (1-based) is past the warm-up, so its EWMA counts for the minimum."""
+    return points > SWEEP_WARMUP_POINTS
 
 
 def analyse_sweep(lrs: np.ndarray, losses: np.ndarray) -> SweepReading:
@@ -61,14 +72,18 @@ def analyse_sweep(lrs: np.ndarray, losses: np.ndarray) -> SweepReading:
     end = len(losses)  # the first diverged point (or past the end)
     running_min = np.inf
     for i in range(len(losses)):
-        if diverged(smoothed[i], running_min, losses[i]):
+        if diverged(smoothed[i], running_min, losses[i], i + 1):
             end = i
             break
-        running_min = min(running_min, smoothed[i])
+        if counts_for_minimum(i + 1):
+            running_min = min(running_min, smoothed[i])
     divergence_lr = float(lrs[end]) if end < len(losses) else None
     if end == 0:
         return SweepReading(lrs, losses, smoothed, None, divergence_lr, None, None)
-    lowest = int(np.argmin(smoothed[:end]))
+    # The lowest point after the warm-up (where the average is still a lucky batch or two), unless
+    # the sweep ended within it.
+    start = SWEEP_WARMUP_POINTS if end > SWEEP_WARMUP_POINTS + 1 else 0
+    lowest = start + int(np.argmin(smoothed[start:end]))
     min_loss_lr = float(lrs[lowest])
     return SweepReading(lrs, losses, smoothed, (steepest := _steepest(lrs, smoothed, lowest)), divergence_lr,
                         min_loss_lr, steepest)
