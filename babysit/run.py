@@ -158,6 +158,7 @@ class Run:
         self._hparams = HparamWatch(self)
         self._evaluate = evaluate
         self._excursion: Any = None                # the probe set or sweep in progress (excursion_runner)
+        self._epoch_trained = False                # the epoch's batches are done: the loop is at its epoch's end
         self._excursions_refused: str | None = None  # why this run's driver cannot take one (a framework's)
 
         self._guard = DivergenceGuard(self.guard_config)
@@ -197,9 +198,10 @@ class Run:
 
     @property
     def interrupted(self) -> bool:
-        """True while the current epoch is being cut short (a stop, a rollback, Ctrl-C): skip the
-        epoch's evaluation, lr anneal and "save best" — what the loop runs now is not kept."""
-        return self._interrupt is not None
+        """True while the current epoch is being cut short (a stop, a rollback, Ctrl-C), and at the
+        end of an epoch a probe or sweep reached (its branch is thrown away): skip the epoch's
+        evaluation, lr anneal and "save best" — what the loop runs now is not kept."""
+        return self._interrupt is not None or (self._excursion is not None and self._epoch_trained)
 
     @property
     def interrupt(self) -> Interrupt | None:
@@ -272,6 +274,7 @@ class Run:
         """Enter the next epoch; returns its number (1-based)."""
         self.position.begin_epoch()
         self._epoch_metrics = {}
+        self._epoch_trained = False
         return self.epoch
 
     def begin_step(self) -> int:
@@ -387,6 +390,7 @@ class Run:
             yield batch
             if self.step_boundary() is not None:  # the step is done: this is a step boundary
                 return
+        self._epoch_trained = True
 
     def step_boundary(self) -> Interrupt | None:
         """Apply what is due between two steps: replays, queued commands, a pause; record an lr or
@@ -428,8 +432,8 @@ class Run:
 
     def log_epoch(self, **metrics: Any) -> None:
         """Record per-epoch values (validation loss, accuracy); they are saved in the checkpoint.
-        Ignored while the epoch is cut short: an evaluation after the cut is not kept."""
-        if self._interrupt:
+        Ignored while ``run.interrupted``: an evaluation after a cut, or on a probe's branch, is not kept."""
+        if self.interrupted:
             return
         values = {name: to_float(value) for name, value in metrics.items()}
         self._epoch_metrics.update(values)

@@ -3,6 +3,7 @@ tiny job for the rules, a real trainer subprocess for kill -9 and for the CLI en
 
 from __future__ import annotations
 
+
 import threading
 from pathlib import Path
 from typing import Any
@@ -191,15 +192,29 @@ def test_momentum_probes_scale_one_minus_beta_and_refuse_a_momentum_out_of_range
                for b in excursion["branches"])
 
 
-def test_a_probe_crossing_an_epoch_end_keeps_its_epoch_values_but_writes_no_epoch_checkpoint(tmp_path: Path) -> None:
-    _, straight = tiny_job(tmp_path / "straight", epochs=3)
-    run, probed = tiny_job(tmp_path / "probed", epochs=3,
-                           on_step=send_at(5, cmd.PROBE, {"values": [0.1], "steps": 6, "then": "continue"}))
+def test_a_probe_crossing_an_epoch_end_is_interrupted_there_and_writes_no_epoch_checkpoint(tmp_path: Path) -> None:
+    """The loop's epoch-end code runs on the probe's branch with run.interrupted True, so a loop
+    that keeps its best validation loss outside run.state (a plain local, as real scripts do) and
+    guards it as the README says ends with the run's own best, not a probe's."""
+    def keep_best(best: dict[str, Any], seen: list[tuple[int, bool]]) -> Any:
+        def on_epoch_end(run: Any, _epoch: int) -> None:
+            seen.append((run.branch, run.interrupted))
+            if not run.interrupted:  # what a loop keeps of an epoch: here its weights, which a probe changes
+                best.setdefault("kept", []).append(float(sum(p.detach().sum() for p in run.model.parameters())))
+        return on_epoch_end
+    straight_best: dict[str, Any] = {}
+    probed_best: dict[str, Any] = {}
+    seen: list[tuple[int, bool]] = []
+    _, straight = tiny_job(tmp_path / "straight", epochs=3, on_epoch_end=keep_best(straight_best, []))
+    run, probed = tiny_job(tmp_path / "probed", epochs=3, on_epoch_end=keep_best(probed_best, seen),
+                           on_step=send_at(5, cmd.PROBE, {"values": [0.3], "steps": 6, "then": "continue"}))
     assert same_weights(straight, probed)
+    assert probed_best == straight_best and len(straight_best["kept"]) == 3
     store = RunStore(tmp_path / "probed")
     (reading,) = read_probes(store, store.excursions()[0]["id"])
+    assert seen[0] == (reading.branch, True) and all(not cut for branch, cut in seen if branch == 1)
     assert loss_steps(store, reading.branch) == list(range(6, 12))
-    assert set(reading.epoch_metrics) == {"val_loss"}
+    assert reading.epoch_metrics == {}  # log_epoch on the probe's branch is not kept either
     assert [(c["branch"], c["reason"]) for c in store.checkpoints() if c["reason"] != "excursion"] == [
         (reading.branch, "probe"), (1, "epoch"), (1, "epoch"), (1, "epoch")]
 
