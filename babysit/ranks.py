@@ -109,9 +109,6 @@ class Ranks:
         self.leads = rank == 0
         self.next_sync = 0                       # the step at or after which the next sync step falls
         self._last_sync = (0, time.perf_counter())
-        # Reduced with MAX: the leader's work flag and interval (the followers send 0), any rank's
-        # stop request, and (as x and -x) the point and the step, to check every rank is at the same one.
-        self._header = torch.zeros(7, dtype=torch.int64)
         self._posted: tuple[Any, torch.Tensor, int] | None = None  # a sync in flight: (work, header, its step)
         self._in_meeting = False
         self._handed_in: dict[str, Any] | None = None  # a follower's share of the last snapshot
@@ -127,29 +124,31 @@ class Ranks:
         if self._in_meeting:
             self._broadcast(op)
 
-    def _fill(self, header: torch.Tensor, point: int, step: int, *, work: bool, stop_asked: bool,
-              interval: int) -> torch.Tensor:
-        header[0] = int(work) if self.leads else 0
-        header[1] = int(stop_asked)
-        header[2] = interval if self.leads else 0
-        header[3], header[4], header[5], header[6] = point, -point, step, -step
-        return header
+    def _new_header(self, point: int, step: int, *, work: bool, stop_asked: bool, interval: int) -> torch.Tensor:
+        """What a meeting reduces with MAX: the leader's work flag and interval (the followers send
+        0), any rank's stop request, and (as x and -x) the point and the step, to check every rank
+        is at the same one. Built from one list: one call into torch, not seven element writes."""
+        return torch.tensor([int(work) if self.leads else 0, int(stop_asked), interval if self.leads else 0,
+                             point, -point, step, -step], dtype=torch.int64)
 
-    def _exchange(self, point: int, step: int, *, work: bool, stop_asked: bool, interval: int = 0) -> tuple[bool, bool]:
+    def _exchange(self, point: int, step: int, *, work: bool, stop_asked: bool,
+                  interval: int = 0) -> tuple[bool, bool, int]:
+        """A blocking meeting's header: (the leader has work, some rank was asked to stop, interval)."""
         self._settle_posted()
-        header = self._fill(self._header, point, step, work=work, stop_asked=stop_asked, interval=interval)
+        header = self._new_header(point, step, work=work, stop_asked=stop_asked, interval=interval)
         self._dist.all_reduce(header, op=self._dist.ReduceOp.MAX, group=self.group)
         return self._read(header, point, step)
 
-    def _read(self, header: torch.Tensor, point: int, step: int) -> tuple[bool, bool]:
-        if header[3] != -header[4] or header[5] != -header[6]:
+    def _read(self, header: torch.Tensor, point: int, step: int) -> tuple[bool, bool, int]:
+        work, stop_asked, interval, high_point, low_point, high_step, low_step = header.tolist()  # one read
+        if high_point != -low_point or high_step != -low_step:
             raise RanksOutOfStep(
                 f"the ranks of this job are not at the same point of the loop: rank {self.rank} is at "
-                f"{_POINTS[point]} after step {step}, and the ranks are between {_POINTS.get(int(-header[4]), '?')} "
-                f"and {_POINTS.get(int(header[3]), '?')}, after steps {int(-header[6])} to {int(header[5])}; every rank "
+                f"{_POINTS[point]} after step {step}, and the ranks are between {_POINTS.get(-low_point, '?')} "
+                f"and {_POINTS.get(high_point, '?')}, after steps {-low_step} to {high_step}; every rank "
                 "must build babysit.Run and run the same loop (run.epochs, run.batches, run.end_epoch, "
                 "run.checkpoint_now) in the same order")
-        return bool(header[0]), bool(header[1])
+        return bool(work), bool(stop_asked), interval
 
     def sync_step(self, step: int, *, work: bool, stop_asked: bool, due_at: int | None = None) -> tuple[bool, bool]:
         """At a sync step's boundary: (the leader has work, some rank was asked to stop) — what
@@ -161,11 +160,10 @@ class Ranks:
             return found
         interval = self._choose_interval(step, due_at) if self.leads else 0
         if due_at is not None and due_at <= step:  # due at this very step: decided now, not one step late
-            now = self._exchange(SYNC, step, work=work, stop_asked=stop_asked, interval=interval)
-            self.next_sync = step + int(self._header[2])
-            return found[0] or now[0], found[1] or now[1]
-        header = self._fill(torch.empty(7, dtype=torch.int64), SYNC, step, work=work, stop_asked=stop_asked,
-                            interval=interval)
+            now_work, now_stop, agreed = self._exchange(SYNC, step, work=work, stop_asked=stop_asked, interval=interval)
+            self.next_sync = step + agreed
+            return found[0] or now_work, found[1] or now_stop
+        header = self._new_header(SYNC, step, work=work, stop_asked=stop_asked, interval=interval)
         handle = self._dist.all_reduce(header, op=self._dist.ReduceOp.MAX, group=self.group, async_op=True)
         self._posted = (handle, header, step)
         self.next_sync = step + 1  # its answer is read at the next boundary
@@ -180,9 +178,9 @@ class Ranks:
         handle, header, posted_at = self._posted  # type: ignore[misc]
         self._posted = None
         handle.wait()
-        found = self._read(header, SYNC, posted_at)
-        self.next_sync = posted_at + int(header[2])
-        return found
+        work, stop_asked, interval = self._read(header, SYNC, posted_at)
+        self.next_sync = posted_at + interval
+        return work, stop_asked
 
     def _settle_posted(self) -> None:
         """Before any other collective: finish the sync in flight. Its answer is not acted on
@@ -222,7 +220,7 @@ class Ranks:
         if self.leads and self._in_meeting:  # a meeting inside a meeting: one meeting
             return body()
         if point is not None:
-            _, stop_asked = self._exchange(point, run.step, work=False, stop_asked=run._stop_reason is not None)
+            _, stop_asked, _ = self._exchange(point, run.step, work=False, stop_asked=run._stop_reason is not None)
             if stop_asked and self.leads and run._stop_reason is None:
                 run.request_stop("a stop asked on another rank")
         if not self.leads:

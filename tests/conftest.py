@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -199,3 +200,26 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float 
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"streamlit at {url} did not come up (exit {process.poll()}):\n{log.read_text()}")
         time.sleep(0.1)
+
+
+@contextmanager
+def dashboard_of(run_dir: Path, root: Path, timeout: float = 60.0) -> Iterator[str]:
+    """A real Streamlit server of app.py on 127.0.0.1 for the runs under ``root``, opened on
+    ``run_dir``; yields its URL once healthy, and stops it after (its log: root/streamlit.log)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = root / "streamlit.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
+             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+             "--server.fileWatcherType", "none", "--", "--root", str(root), "--run", str(run_dir)],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url, server, log_path, timeout)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=20)

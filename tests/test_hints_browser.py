@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ import numpy as np
 
 from babysit import commands as cmd
 from babysit.store import CHUNK_POINTS, PER_STEP, RunStore
-from tests.conftest import REPO, chromium_page, wait_for, wait_healthy
+from tests.conftest import chromium_page, dashboard_of, wait_for
 
 WAIT_S = 60.0
 PLATEAU = ".st-key-hint-plateau-branch1-lr0-05"
@@ -59,20 +57,9 @@ def test_a_hint_shows_acts_through_its_button_and_stays_dismissed(tmp_path: Path
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(run_dir, stop), daemon=True)
     beat.start()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = (tmp_path / "streamlit.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none", "--", "--root", str(tmp_path), "--run", str(run_dir)],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     store = RunStore(run_dir)
     try:
-        wait_healthy(url, server, tmp_path / "streamlit.log")
-        with chromium_page(1366, 1200, timeout_s=WAIT_S) as (page, errors):
+        with dashboard_of(run_dir, tmp_path) as url, chromium_page(1366, 1200, timeout_s=WAIT_S) as (page, errors):
             page.goto(url)
             plateau = page.locator(PLATEAU)
             plateau.wait_for()
@@ -98,8 +85,5 @@ def test_a_hint_shows_acts_through_its_button_and_stays_dismissed(tmp_path: Path
             assert errors == []
     finally:
         stop.set()
-        server.terminate()
-        server.wait(timeout=20)
-        log.close()
         beat.join(timeout=10)
         store.close()

@@ -5,15 +5,12 @@ and continue with the winner's lr (a set_lr command row, and a resume of the pau
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 from babysit import commands as cmd
 from babysit.instruments.probes import read_probes, winner
 from babysit.store import EXCURSION_DONE, RunStore
-from tests.conftest import REPO, chromium_page, wait_for, wait_healthy
+from tests.conftest import chromium_page, dashboard_of, wait_for
 
 FAST = ("--job", "digits", "--epoch-passes", "1", "--batch-size", "64")  # 23 steps per epoch
 PROBE_STEPS = 12
@@ -21,27 +18,12 @@ PLOT = ".babysit-live-chart .js-plotly-plot"
 WAIT_S = 90.0  # one acknowledgement or probe set, on two cores shared with Chromium and Streamlit
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_probe_lr_from_the_page_then_continue_with_the_winner(tmp_path: Path, trainers) -> None:
     run_dir = tmp_path / "run"
     trainer = trainers(run_dir, "--epochs", "500", *FAST)
     trainer.wait_running(min_step=1)
     store = RunStore(run_dir)
-    port = _free_port()
-    log = (tmp_path / "streamlit.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none", "--", "--root", str(tmp_path), "--run", str(run_dir)],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, server, tmp_path / "streamlit.log")
+    with dashboard_of(run_dir, tmp_path) as url:
         with chromium_page(1366, 900, timeout_s=WAIT_S) as (page, errors):
             page.goto(url)
             page.locator(PLOT).first.wait_for()
@@ -81,7 +63,3 @@ def test_probe_lr_from_the_page_then_continue_with_the_winner(tmp_path: Path, tr
             # On the run's own branch, where the probes left it.
             assert applied["result"]["after"] == best.value and applied["branch"] == excursion["origin_branch"]
             assert errors == []
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
-        log.close()
