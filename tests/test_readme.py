@@ -63,11 +63,12 @@ def test_the_own_loop_example_trains_resumes_and_obeys(tmp_path: Path) -> None:
 
 def test_every_picture_the_readme_shows_is_in_the_repo_and_made_by_the_script() -> None:
     pictures = re.findall(r"\]\((docs/[^)]+\.png)\)", README)
-    assert "docs/dashboard.png" in pictures and len(pictures) >= 4, pictures
-    script = (REPO / "docs" / "make_pictures.py").read_text()
+    assert "docs/dashboard.png" in pictures and len(pictures) >= 9, pictures
+    scripts = {name: (REPO / "docs" / name).read_text() for name in ("make_pictures.py", "make_instrument_pictures.py")}
     for picture in pictures:
         assert (REPO / picture).is_file(), picture
-        assert f'"{Path(picture).name}"' in script, f"{picture} is not made by docs/make_pictures.py"
+        makers = [name for name, text in scripts.items() if f'"{Path(picture).name}"' in text]
+        assert makers, f"{picture} is made by neither of {', '.join(scripts)}"
 
 
 def test_the_walk_through_script_goes_through_a_real_session(tmp_path: Path) -> None:
