@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from babysit import commands as cmd
 from babysit.instruments.probes import read_probes, winner
@@ -23,6 +24,19 @@ PLOT = ".babysit-live-chart .js-plotly-plot"
 WAIT_S = 90.0  # one acknowledgement or probe set, on two cores shared with Chromium and Streamlit
 
 
+def open_and_click(page: Any, url: str, steps_key: str, steps: int, button_key: str) -> None:
+    """Open the page and its "Probe lr · lr sweep" panel, type the steps, click the button."""
+    page.goto(url)
+    page.locator(PLOT).first.wait_for()
+    page.locator(".st-key-excursions_panel summary").click()
+    field = page.locator(f".st-key-{steps_key} input")
+    field.fill(str(steps))
+    field.press("Enter")
+    page.wait_for_function("([key, v]) => document.querySelector(`.st-key-${key} input`).value === v",
+                           arg=[steps_key, str(steps)])
+    page.locator(f".st-key-{button_key} button").first.click()  # a button with help is drawn twice
+
+
 def test_probe_lr_from_the_page_then_continue_with_the_winner(tmp_path: Path, trainers) -> None:
     run_dir = tmp_path / "run"
     trainer = trainers(run_dir, "--epochs", "500", *FAST)
@@ -30,15 +44,7 @@ def test_probe_lr_from_the_page_then_continue_with_the_winner(tmp_path: Path, tr
     store = RunStore(run_dir)
     with dashboard_of(run_dir, tmp_path) as url:
         with chromium_page(1366, 900, timeout_s=WAIT_S) as (page, errors):
-            page.goto(url)
-            page.locator(PLOT).first.wait_for()
-            page.locator(".st-key-excursions_panel summary").click()
-            steps = page.locator(".st-key-probe_steps input")
-            steps.fill(str(PROBE_STEPS))
-            steps.press("Enter")
-            page.wait_for_function("(v) => document.querySelector('.st-key-probe_steps input').value === v",
-                                   arg=str(PROBE_STEPS))
-            page.locator(".st-key-probe_lr button").first.click()  # a button with help is drawn twice
+            open_and_click(page, url, "probe_steps", PROBE_STEPS, "probe_lr")
             # Acknowledged where every click's fate shows, then applied by the trainer.
             described = f"probe lr ×0.5, ×1, ×2 for {PROBE_STEPS} steps from now"
             page.locator('[data-testid="stAlert"]').filter(
@@ -77,15 +83,7 @@ def test_an_lr_sweep_from_the_page_then_its_lr_then_compare_branches(tmp_path: P
     store = RunStore(run_dir)
     with dashboard_of(run_dir, tmp_path) as url:
         with chromium_page(1366, 900, timeout_s=WAIT_S) as (page, errors):
-            page.goto(url)
-            page.locator(PLOT).first.wait_for()
-            page.locator(".st-key-excursions_panel summary").click()
-            steps = page.locator(".st-key-sweep_steps input")
-            steps.fill(str(SWEEP_STEPS))
-            steps.press("Enter")
-            page.wait_for_function("(v) => document.querySelector('.st-key-sweep_steps input').value === v",
-                                   arg=str(SWEEP_STEPS))
-            page.locator(".st-key-lr_sweep button").first.click()
+            open_and_click(page, url, "sweep_steps", SWEEP_STEPS, "lr_sweep")
             page.locator('[data-testid="stAlert"]').filter(
                 has_text=re.compile(rf"#\d+ lr sweep over {SWEEP_STEPS} steps: (pending|applied)")).first.wait_for()
             sweep = wait_for(lambda: next((e for e in store.excursions() if e["kind"] == EXCURSION_SWEEP
