@@ -30,12 +30,17 @@ class HparamWatch:
         self.read_momentum = momentum_reader(run.optimizer)
         self.lr: float | None = None        # read every step boundary: plain attributes
         self.momentum: float | None = None
+        # The step boundary compares group.get(key) with ``seen``, the group's momentum entry as
+        # floats (a tuple for betas): no call per step, and a tensor entry changed in place
+        # still compares unequal (tuple comparison compares element values).
+        self.key = optim.momentum_key(run.optimizer)
+        self.seen: Any = None
         self._marked: dict[str, Any] = {}
         self._scheduler_steps = scheduler_steps(run.scheduler)
 
     def changed(self) -> bool:
         group = self.run.optimizer.param_groups[0]
-        return group["lr"] != self.lr or self.read_momentum(group) != self.momentum
+        return group["lr"] != self.lr or group.get(self.key) != self.seen
 
     def source(self) -> str:
         """Who made a change no command made: the scheduler if it stepped since, else the loop."""
@@ -54,6 +59,7 @@ class HparamWatch:
         back to a point of its own branch (after an excursion), whose values are on its curve."""
         group = self.run.optimizer.param_groups[0]
         self.lr, self.momentum = optim._as_float(group["lr"]), self.read_momentum(group)
+        self.seen = _as_floats(group.get(self.key))
         self._marked = {"lr": self.lr, "momentum": self.momentum}
 
     def record(self, force: bool = False, by: str | None = None) -> None:
@@ -67,6 +73,7 @@ class HparamWatch:
         if momentum is not None and (force or momentum != self.momentum):
             values["momentum"] = momentum
         self.lr, self.momentum = lr, momentum
+        self.seen = _as_floats(group.get(self.key))
         if values:
             run._log((PER_STEP, run.branch, run.step, time.time(), values))
         after = {"lr": lr, "momentum": momentum}
@@ -101,10 +108,18 @@ def describe_change(before: dict[str, Any], after: dict[str, Any]) -> str:
     return ", ".join(parts) or "hyperparameters changed"
 
 
+def _as_floats(entry: Any) -> Any:
+    """A group's momentum entry (a number, a tensor, betas, or None) with numbers as floats."""
+    if isinstance(entry, (tuple, list)):
+        return tuple(optim._as_float(v) for v in entry)
+    return None if entry is None else optim._as_float(entry)
+
+
 def momentum_reader(optimizer: Any) -> Any:
     key = optim.momentum_key(optimizer)
+    as_float = optim._as_float  # a tensor momentum is read now: it may be changed in place later
     if key == "betas":
-        return lambda group: group["betas"][0]
+        return lambda group: as_float(group["betas"][0])
     if key == "momentum":
-        return lambda group: group["momentum"]
+        return lambda group: as_float(group["momentum"])
     return lambda group: None

@@ -166,6 +166,7 @@ class Run:
         self._commands = CommandRunner(self)  # applying what is queued
         if self._follows:  # rank 0 logs, checkpoints and answers commands for the whole job
             self._log: Any = lambda _item: None
+            self.log = _log_nothing  # type: ignore[method-assign]  # not even the .item() of a value rank 0 keeps
             self._meet(self._resume.restore_on_start, ranks_module.START)
             atexit.register(self._at_exit)
             return
@@ -385,10 +386,12 @@ class Run:
         self._wake = True
         if self.step_boundary() is not None:
             return
+        boundary = self.step_boundary
         for batch in iterator:
-            self.begin_step()
+            position.step += 1  # begin_step(), inlined: this loop is the per-step path
+            position.step_in_epoch += 1
             yield batch
-            if self.step_boundary() is not None:  # the step is done: this is a step boundary
+            if boundary() is not None:  # the step is done: this is a step boundary
                 return
         self._epoch_trained = True
 
@@ -402,7 +405,8 @@ class Run:
         if self._interrupt is not None:
             return self._interrupt
         if self._ranks is None:
-            if self._wake or self.signal.changed() or (self._replay and self._commands.replay_due()):
+            signal = self.signal  # CommandSignal.changed(), inlined: this runs every step
+            if self._wake or signal.word[:8] != signal.seen or (self._replay and self._commands.replay_due()):
                 self._commands.apply_due()
         else:
             if self.position.step >= self._ranks.next_sync:
@@ -411,9 +415,9 @@ class Run:
                 return self._interrupt
         if self._excursion is not None and self._interrupt is None:
             self._excursion.at_boundary()
-        watch = self._hparams
+        watch = self._hparams  # HparamWatch.changed(), inlined
         group = self.optimizer.param_groups[0]
-        if group["lr"] != watch.lr or watch.read_momentum(group) != watch.momentum:
+        if group["lr"] != watch.lr or group.get(watch.key) != watch.seen:
             watch.record(by=watch.source())
         return self._interrupt
 
@@ -424,10 +428,11 @@ class Run:
         on the writer thread, so logging a GPU loss does not wait for the GPU (do not change it in
         place afterwards). Either way no autograd graph is kept alive.
         """
-        for value in metrics.values():
+        for name, value in metrics.items():  # one pass, no call: this runs every step
             if type(value) is _TENSOR:
-                _read_tensors(metrics)
-                break
+                # CPU tensors become floats now (cheaper than keeping them, and their graphs,
+                # alive); GPU tensors are detached and read later on the writer thread, no sync.
+                metrics[name] = value.detach() if value.is_cuda else value.item()
         self._log((PER_STEP, self.branch, self.position.step, _wall_clock(), metrics))
 
     def log_epoch(self, **metrics: Any) -> None:
@@ -548,17 +553,13 @@ class Run:
                           "(the checkpoints already listed are intact)", self.run_dir)
 
 
+def _log_nothing(**_metrics: Any) -> None:
+    """``run.log`` on a follower rank: rank 0 logs for the whole job."""
+
+
 # Bound once: run.log runs every step, and module attribute lookups add up there.
 _TENSOR = torch.Tensor
 _wall_clock = time.time
-
-
-def _read_tensors(metrics: dict[str, Any]) -> None:
-    """CPU tensors become floats now (cheaper than keeping them, and their graphs, alive); GPU
-    tensors are detached and read later on the writer thread, without a sync here."""
-    for name, value in metrics.items():
-        if type(value) is _TENSOR:
-            metrics[name] = value.detach() if value.is_cuda else value.item()
 
 
 def _optimizer_or_loop_hparams(optimizer: Any, lr: float | None, momentum: float | None) -> Any:

@@ -347,46 +347,49 @@ def whole_loop_workload() -> Workload:
 DRAIN_SETTLE_S = 0.05  # between blocks: lets a parked writer thread fall asleep before the next block
 
 
-def modules_at(rev: str) -> tuple[Any, Any]:
-    """``babysit/guard.py`` and ``babysit/writer.py`` as they were at git revision ``rev``, loaded
-    beside the current ones (as ``babysit._guard_at_rev`` and ``babysit._writer_at_rev``), so one
-    process can time the code before and after a change in the same paired rounds."""
+def package_at(rev: str) -> Any:
+    """The whole ``babysit`` package as it was at git revision ``rev``, imported beside the current
+    one (as ``babysit_at_<rev>``: its modules import each other relatively), so one process can
+    time the code before and after a change in the same paired rounds."""
+    import importlib.util
+    import io
+    import re
     import subprocess
-    import types
+    import tarfile
+    import tempfile
 
     from .common import REPO
 
-    loaded = {}
-    for name in ("guard", "writer"):
-        path = f"babysit/{name}.py"
-        source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout
-        source = source.replace("from .guard import", "from ._guard_at_rev import")
-        module = types.ModuleType(f"babysit._{name}_at_rev")
-        module.__package__, module.__file__ = "babysit", f"{rev}:{path}"
-        sys.modules[module.__name__] = module
-        exec(compile(source, module.__file__, "exec"), module.__dict__)
-        loaded[name] = module
-    return loaded["guard"], loaded["writer"]
+    name = "babysit_at_" + re.sub(r"\W", "_", rev)
+    if name in sys.modules:
+        return sys.modules[name]
+    archive = subprocess.run(["git", "archive", "--format=tar", rev, "babysit"], cwd=REPO, capture_output=True,
+                             check=True).stdout
+    root = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(root, filter="data")
+    folder = root / "babysit"
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    for module in ("run", "guard", "writer"):
+        importlib.import_module(f"{name}.{module}")
+    return package
 
 
 class LiveBabysat:
     """One babysit Run whose writer thread runs at its own pace during a block and sleeps between
-    blocks, so no variant's block pays for another's values. ``modules``: a (guard, writer) pair
-    from :func:`modules_at` to build the Run's guard and writer from instead of the current ones."""
+    blocks, so no variant's block pays for another's values. ``package``: babysit as it was at
+    another revision (:func:`package_at`), to build the Run from instead of the current one."""
 
-    def __init__(self, scratch: Scratch, model: Any, optimizer: Any, guard: Any = None,
-                 modules: tuple[Any, Any] | None = None) -> None:
-        from babysit import Run
-        from babysit import run as run_module
+    def __init__(self, scratch: Scratch, model: Any, optimizer: Any, guard: Any = None, package: Any = None) -> None:
+        import babysit
 
-        current = run_module.DivergenceGuard, run_module.MetricsWriter
-        if modules is not None:
-            run_module.DivergenceGuard, run_module.MetricsWriter = modules[0].DivergenceGuard, modules[1].MetricsWriter
-        try:
-            self.run = Run(scratch.fresh("live"), model, optimizer, config={"bench": "whole_loop"}, guard=guard)
-        finally:
-            run_module.DivergenceGuard, run_module.MetricsWriter = current
+        package = package or babysit
+        if guard is not None:
+            guard = package.GuardConfig(**{f: getattr(guard, f) for f in guard.__dataclass_fields__})
+        self.run = package.Run(scratch.fresh("live"), model, optimizer, config={"bench": "whole_loop"}, guard=guard)
         self.interval = self.run.writer._interval
         # The guard judges every value as usual, but a divergence must not pause the run (the
         # bench would wait forever): it is recorded, and the block that saw it fails.
@@ -438,8 +441,8 @@ def _whole_loop_variants(work: Workload, scratch: Scratch, steps: int, tools: li
         t1 = now_ns()
         return _loop_row(steps, t0, t1, t1, marks)
 
-    def babysat(guard: Any, modules: tuple[Any, Any] | None = None) -> Callable[[], dict[str, float]]:
-        tool = LiveBabysat(scratch, work.model, work.optimizer, guard, modules)
+    def babysat(guard: Any, package: Any = None) -> Callable[[], dict[str, float]]:
+        tool = LiveBabysat(scratch, work.model, work.optimizer, guard, package)
         tools.append(tool)
         run = tool.run
 
@@ -459,10 +462,30 @@ def _whole_loop_variants(work: Workload, scratch: Scratch, steps: int, tools: li
             return _loop_row(steps, t0, t1, t2, marks)
         return block
 
-    variants = {"bare": bare, "babysit": babysat(None),
+    kept: list[Any] = []
+
+    def least_logger() -> dict[str, float]:
+        # The least any in-process logger does per step: one call that reads the value
+        # (``.item()``) and keeps it. What babysit costs beyond it is babysit's own.
+        keep = kept.append
+
+        def log(**metrics: Any) -> None:
+            keep(metrics["loss"].item())
+
+        marks: list[int] = []
+        mark = marks.append
+        t0 = now_ns()
+        for b in data:
+            mark(now_ns())
+            log(loss=step(b))
+        t1 = now_ns()
+        kept.clear()
+        return _loop_row(steps, t0, t1, t1, marks)
+
+    variants = {"bare": bare, "least_logger": least_logger, "babysit": babysat(None),
                 "babysit_guard_off": babysat(GuardConfig(enabled=False))}
-    if compare is not None:  # the same loop with the guard and writer of another revision
-        variants["babysit_at_rev"] = babysat(None, modules_at(compare))
+    if compare is not None:  # the same loop with babysit as it was at another revision
+        variants["babysit_at_rev"] = babysat(None, package_at(compare))
     SummaryWriter = _tensorboard()
     if SummaryWriter is not None:
         writer = SummaryWriter(log_dir=str(scratch.fresh("tb-loop")))
@@ -541,7 +564,7 @@ def measure_whole_loop(work: Workload, scratch: Scratch, *, steps: int, rounds: 
                        threads: tuple[int, ...] = (1, 2), compare: str | None = None) -> dict[str, Any]:
     """Whole-loop µs per step of the bare loop, babysit (default guard, and guard off, to show the
     guard's share) and TensorBoard, logging the loss every step; for each torch thread count.
-    ``compare``: a git revision whose guard and writer run as one more variant (before → after)."""
+    ``compare``: a git revision whose babysit runs as one more variant (before → after)."""
     import torch
 
     before = torch.get_num_threads()
@@ -576,7 +599,10 @@ def measure_flush_cost(*, sizes: tuple[int, ...] = (100, 500, 2_000), reps: int 
     from babysit import guard as guard_now, writer as writer_now
     from babysit.store import PER_STEP, RunStore
 
-    codes = {compare: modules_at(compare)} if compare is not None else {}
+    codes = {}
+    if compare is not None:
+        before = package_at(compare)
+        codes[compare] = (before.guard, before.writer)
     codes["now"] = (guard_now, writer_now)
     thread_ns = time.thread_time_ns
     rng = random.Random(WHOLE_LOOP_SEED)
@@ -673,8 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2_000, help="steps per loop (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=15, help="paired rounds per thread count (default %(default)s)")
     parser.add_argument("--threads", default="1,2", help="torch thread counts (default %(default)s)")
-    parser.add_argument("--compare", metavar="REV", help="also time babysit with babysit/guard.py and "
-                        "babysit/writer.py of this git revision, in the same paired rounds (before → after)")
+    parser.add_argument("--compare", metavar="REV", help="also time the babysit package of this git revision, "
+                        "in the same paired rounds (before → after)")
     parser.add_argument("--flush-cost", action="store_true", help="instead of whole loops: what one writer flush "
                         "costs (lines, C calls, CPU, GIL held), with --compare for the code before")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="raw results and scratch (git-ignored)")

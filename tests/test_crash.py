@@ -108,4 +108,5 @@ def test_a_pending_command_survives_a_kill_and_is_applied_after_resume(tmp_path:
     row = wait_for(lambda: (lambda r: r if r["state"] != cmd.PENDING else None)(store.command(command_id)),
                    what="the pending command applied")
     assert row["state"] == cmd.APPLIED and row["result"]["after"] == 0.8
-    assert RunStore(run_dir).status()["momentum"] == 0.8
+    # The status row follows at the writer's next heartbeat (a quarter of a second at most).
+    wait_for(lambda: RunStore(run_dir).status()["momentum"] == 0.8, what="the new momentum in the status")

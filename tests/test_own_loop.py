@@ -434,3 +434,32 @@ def test_a_schedule_that_moves_the_lr_every_step_is_marked_every_20_percent_not_
     events = [e for e in RunStore(tmp_path / "r").events() if e["kind"] == "hparams"]
     assert len(series(RunStore(tmp_path / "r"), "lr")) == 101  # every value is drawn
     assert [e["step"] for e in events] == [19, 38, 57, 76, 95]  # 0.99**19 < 1/1.2 < 0.99**18
+
+
+@pytest.mark.parametrize("held_as", ["momentum", "betas", "a tensor changed in place"])
+def test_a_momentum_the_loop_changes_is_drawn_at_its_step_however_the_group_holds_it(tmp_path: Path, held_as: str) -> None:
+    model = nn.Linear(2, 1)
+    if held_as == "betas":
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.9, 0.999))
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    group = optimizer.param_groups[0]
+    if held_as == "a tensor changed in place":
+        group["momentum"] = torch.tensor(0.9, dtype=torch.float64)
+    with babysit.Run(tmp_path / "r", model, optimizer) as run:
+        for _ in run.epochs(1):
+            for _x in run.batches(range(12)):
+                model(torch.ones(1, 2)).sum().backward()
+                optimizer.step()
+                if run.step == 5:  # the loop's own change, at the end of step 5
+                    if held_as == "betas":
+                        group["betas"] = (0.5, 0.999)
+                    elif held_as == "momentum":
+                        group["momentum"] = 0.5
+                    else:
+                        group["momentum"].fill_(0.5)
+                if run.step == 8 and held_as == "betas":
+                    group["betas"] = (0.5, 0.99)  # beta2 alone: not a new momentum
+    store = RunStore(tmp_path / "r")
+    assert series(store, "momentum") == [(0, 0.9), (5, 0.5)]
+    assert [(e["step"], e["data"]["by"]) for e in store.events() if e["kind"] == "hparams"] == [(5, "loop")]

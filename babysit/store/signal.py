@@ -25,17 +25,17 @@ class CommandSignal:
         if os.fstat(self._file.fileno()).st_size != 8:
             os.ftruncate(self._file.fileno(), 0)
             os.pwrite(self._file.fileno(), b"\0" * 8, 0)
-        self._map = mmap.mmap(self._file.fileno(), 8)
-        self.seen = self._map[:8]
+        self.word = mmap.mmap(self._file.fileno(), 8)  # public: the step boundary reads it inline
+        self.seen = self.word[:8]
 
     def changed(self) -> bool:
-        return self._map[:8] != self.seen
+        return self.word[:8] != self.seen
 
     def mark_seen(self) -> None:
-        self.seen = self._map[:8]
+        self.seen = self.word[:8]
 
     def close(self) -> None:
-        self._map.close()
+        self.word.close()
         self._file.close()
 
     @staticmethod

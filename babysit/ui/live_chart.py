@@ -90,32 +90,11 @@ function ensurePlotly(source) {{
 }}
 """
 
-# All the chart sends on each rerun, besides the figure: start plotly.js, fetch the real module
-# once (the browser keeps one instance per URL, and with it every chart's state) and hand over.
-# The URLs are made absolute here because this code runs from a blob: URL.
-_STUB_JS = _ENSURE_PLOTLY_JS + f"""
-const url = new URL({json.dumps(_JS_URL)}, document.baseURI).href;
-export default async function (component) {{
-  ensurePlotly();
-  const module = await import(url);
-  return module.default(component);
-}}
-"""
-
-_chart = st.components.v2.component(
-    "babysit.live_chart",
-    js=_STUB_JS,
-    # Plotly puts its CSS (mode bar, hover labels) in the document head, which a shadow root would
-    # not see.
-    isolate_styles=False,
-)
-
-
-# A data-free component placed first on the page: it starts loading plotly.js while the server
-# still builds the page and the figure. It keeps a copy in the browser's Cache Storage (Streamlit's
+# plotly.js through a copy in the browser's Cache Storage, for both stubs below (Streamlit's
 # component file server sends no max-age and no validators, so the browser would fetch the 1.2 MB
 # again on every visit); the URL carries the file's hash, so a new file is a new entry and the old
 # ones are dropped. Where there is no Cache Storage (plain http to another host) it loads as usual.
+# Whichever stub runs first on a page starts the one load; the other awaits it.
 _CACHED_PLOTLY_JS = """
 async function cachedPlotly(src) {
   try {
@@ -133,6 +112,29 @@ async function cachedPlotly(src) {
   }
 }
 """
+
+# All the chart sends on each rerun, besides the figure: start plotly.js, fetch the real module
+# once (the browser keeps one instance per URL, and with it every chart's state) and hand over.
+# The URLs are made absolute here because this code runs from a blob: URL.
+_STUB_JS = _ENSURE_PLOTLY_JS + _CACHED_PLOTLY_JS + f"""
+const url = new URL({json.dumps(_JS_URL)}, document.baseURI).href;
+export default async function (component) {{
+  ensurePlotly(cachedPlotly); // the chart may mount before the preload: either way from the cache
+  const module = await import(url);
+  return module.default(component);
+}}
+"""
+
+_chart = st.components.v2.component(
+    "babysit.live_chart",
+    js=_STUB_JS,
+    # Plotly puts its CSS (mode bar, hover labels) in the document head, which a shadow root would
+    # not see.
+    isolate_styles=False,
+)
+
+# A data-free component placed first on the page: it starts loading plotly.js while the server
+# still builds the page and the figure.
 _preloader = st.components.v2.component("babysit.plotly_preload", js=_ENSURE_PLOTLY_JS + _CACHED_PLOTLY_JS + """
 export default function () {
   ensurePlotly(cachedPlotly);
