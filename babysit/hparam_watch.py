@@ -110,8 +110,8 @@ def describe_change(before: dict[str, Any], after: dict[str, Any]) -> str:
 
 def _as_floats(entry: Any) -> Any:
     """A group's momentum entry (a number, a tensor, betas, or None) with numbers as floats."""
-    if isinstance(entry, (tuple, list)):
-        return tuple(optim._as_float(v) for v in entry)
+    if isinstance(entry, (tuple, list)):  # the same type, or a list would never equal the tuple
+        return type(entry)(optim._as_float(v) for v in entry)
     return None if entry is None else optim._as_float(entry)
 
 
