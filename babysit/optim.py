@@ -114,9 +114,23 @@ def set_momentum(optimizer: torch.optim.Optimizer, momentum: float) -> float:
             group["betas"] = (momentum, beta2)
         else:
             _write(group, "momentum", momentum)
+    if isinstance(optimizer, torch.optim.RMSprop):
+        _start_momentum_buffers(optimizer)
     value = read_hparams(optimizer)["momentum"]
     assert value is not None and math.isfinite(value)
     return value
+
+
+def _start_momentum_buffers(optimizer: torch.optim.RMSprop) -> None:
+    """RMSprop makes a parameter's momentum buffer on its first step, and only if momentum was > 0
+    then: nudged from 0 later, its next step would look the buffer up and fail. A zero buffer is
+    what it would have started with."""
+    for group in optimizer.param_groups:
+        if group["momentum"] > 0:
+            for param in group["params"]:
+                state = optimizer.state.get(param)
+                if state and "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def restore_hparams(optimizer: torch.optim.Optimizer, hparams: dict[str, Any], scheduler: Any = None) -> None:

@@ -351,9 +351,11 @@ def package_at(rev: str) -> Any:
     """The whole ``babysit`` package as it was at git revision ``rev``, imported beside the current
     one (as ``babysit_at_<rev>``: its modules import each other relatively), so one process can
     time the code before and after a change in the same paired rounds."""
+    import atexit
     import importlib.util
     import io
     import re
+    import shutil
     import subprocess
     import tarfile
     import tempfile
@@ -366,15 +368,21 @@ def package_at(rev: str) -> Any:
     archive = subprocess.run(["git", "archive", "--format=tar", rev, "babysit"], cwd=REPO, capture_output=True,
                              check=True).stdout
     root = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # its modules may import more until then
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(root, filter="data")
     folder = root / "babysit"
     spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
     package = importlib.util.module_from_spec(spec)
     sys.modules[name] = package
-    spec.loader.exec_module(package)
-    for module in ("run", "guard", "writer"):
-        importlib.import_module(f"{name}.{module}")
+    try:
+        spec.loader.exec_module(package)
+        for module in ("run", "guard", "writer"):
+            importlib.import_module(f"{name}.{module}")
+    except BaseException:  # no half-imported package left for a later call to find
+        for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[loaded]
+        raise
     return package
 
 

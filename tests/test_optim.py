@@ -176,6 +176,22 @@ def test_set_momentum_rmsprop():
     assert opt.param_groups[0]["alpha"] == 0.99  # RMSprop's own smoothing is not momentum
 
 
+def test_rmsprop_nudged_from_no_momentum_steps_on_as_if_it_had_started_with_a_zero_buffer():
+    params = _params()
+    opt = torch.optim.RMSprop(params, lr=0.01)  # momentum 0: no buffer after its first step
+    params[0].grad = torch.tensor([1.0, -2.0])
+    opt.step()
+    assert optim.set_momentum(opt, 0.5) == 0.5
+    before = params[0].detach().clone()
+    grad = params[0].grad = torch.tensor([0.5, 0.25])
+    opt.step()  # raised KeyError: 'momentum_buffer' before
+    state = opt.state[params[0]]
+    # From a zero buffer: buf = 0.5 * 0 + grad / (sqrt(square_avg) + eps), then param -= lr * buf.
+    expected = grad / (state["square_avg"].sqrt() + opt.param_groups[0]["eps"])
+    assert torch.allclose(state["momentum_buffer"], expected)
+    assert torch.allclose(params[0].detach(), before - 0.01 * expected)
+
+
 def test_set_momentum_without_momentum_is_refused_and_nothing_changes():
     opt = torch.optim.Adagrad(_params(), lr=0.01)
     before = [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups]
