@@ -192,7 +192,9 @@ def send(run_dir: str, kind: str, args: dict[str, Any], *, wait: bool, timeout: 
             return after(row, deadline) if after is not None and code == 0 else code
         time.sleep(0.05)
     print(f"#{command_id} {description}: still pending after {timeout:g} s; the trainer may be busy "
-          "in a long step or paused in its evaluation", file=sys.stderr)
+          "in a long step or paused in its evaluation"
+          + (", or paused after an epoch's last batch, where the epoch's own checkpoint answers it once the run "
+             "resumes" if kind == cmd.CHECKPOINT else ""), file=sys.stderr)
     return EXIT_NOT_APPLIED
 
 

@@ -177,6 +177,11 @@ class CommandRunner:
         if command.kind == cmd.CHECKPOINT:
             if run._at_last_boundary():  # the epoch's own checkpoint, of this step, answers it
                 run.snapshots.answer_at_epoch_end(pending["id"])
+                if run.status == PAUSED:  # not until the run resumes and the loop ends the epoch: say so
+                    run.store.add_event("checkpoint_waits", f"checkpoint #{pending['id']}: the run is paused after "
+                                        f"the last batch of epoch {run.epoch}; that epoch's own checkpoint, of this "
+                                        "step, answers it once the run resumes", branch=run.branch, step=run.step,
+                                        epoch=run.epoch)
             else:
                 run.snapshots.take_for_command(pending["id"])
             return None

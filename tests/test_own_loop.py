@@ -249,6 +249,40 @@ def test_a_stop_or_checkpoint_at_an_epoch_s_last_boundary_waits_for_the_epoch_s_
     assert store.status()["message"] == "stopped at step 16 with a final checkpoint"
 
 
+def test_a_checkpoint_asked_while_paused_after_an_epoch_s_last_batch_says_it_waits_for_the_resume(
+        tmp_path: Path) -> None:
+    ids: dict[str, int] = {}
+
+    def person() -> None:  # at the page: sees the pause, asks for a checkpoint, reads why it waits, resumes
+        store = RunStore(tmp_path / "r")
+        try:
+            wait_for(lambda: store.status()["state"] == "paused", what="the pause")
+            ids["checkpoint"] = store.enqueue_command(cmd.CHECKPOINT, source="test")
+            ids["event"] = wait_for(lambda: next((e for e in store.events() if e["kind"] == "checkpoint_waits"), None),
+                                    what="the word that the checkpoint waits")["message"]
+            ids["state_before_resume"] = store.command(ids["checkpoint"])["state"]
+        finally:  # whatever happened, the loop must not stay paused
+            store.enqueue_command(cmd.RESUME, source="test")
+
+    helper = threading.Thread(target=person)
+
+    def on_step(run: babysit.Run) -> None:
+        if run.step == 16:  # the last batch of epoch 2
+            run.store.enqueue_command(cmd.PAUSE, source="test")
+            helper.start()
+
+    annealing_loop(tmp_path / "r", epochs=3, on_step=on_step)
+    helper.join(timeout=60)
+    store = RunStore(tmp_path / "r")
+    assert ids["state_before_resume"] == cmd.PENDING
+    assert ids["event"] == (f"checkpoint #{ids['checkpoint']}: the run is paused after the last batch of epoch 2; "
+                            "that epoch's own checkpoint, of this step, answers it once the run resumes")
+    answer = store.command(ids["checkpoint"])
+    epoch_2 = next(c for c in store.checkpoints() if c["step"] == 16)
+    assert answer["state"] == cmd.APPLIED and answer["result"]["checkpoint"] == epoch_2["id"]
+    assert epoch_2["reason"] == "epoch"
+
+
 def test_a_stop_command_during_the_epoch_s_evaluation_reuses_the_epoch_checkpoint(tmp_path: Path) -> None:
     def evaluation(run: babysit.Run, epoch: int) -> None:
         if epoch == 1:

@@ -288,13 +288,18 @@ def test_the_hugging_face_trainer_under_torchrun_obeys_on_every_rank(tmp_path: P
 
 def test_a_lightning_trainer_with_the_ddp_strategy_obeys_on_every_rank(tmp_path: Path) -> None:
     """babysit.lightning's callback under Lightning's own DDP (2 CPU processes, gloo): nudges,
-    a checkpoint with rank 1's share, and a rollback, each at the same step on both ranks."""
+    a checkpoint with rank 1's share, and a rollback, each at the same step on both ranks.
+
+    A queued pause lands at the next sync step, within MAX_INTERVAL steps (how many depends on the
+    machine's speed): epochs of 80 steps keep both pauses (queued after steps 5 and 90) off an
+    epoch's last boundary, where a "checkpoint now" would wait for the epoch's own checkpoint."""
+    assert 5 + MAX_INTERVAL < 80 and 80 < 90 and 90 + MAX_INTERVAL < 160
     run_dir, record = tmp_path / "pl", tmp_path / "pl.jsonl"
     with open(tmp_path / "pl.log", "ab") as log:
         process = subprocess.Popen(
             [sys.executable, str(REPO / "tests" / "lightning_script.py"), "--run-dir", str(run_dir), "--devices", "2",
-             "--epochs", "3", "--steps-per-epoch", "20", "--record", str(record), "--pause-at-step", "5",
-             "--pause-at-step", "15"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+             "--epochs", "3", "--steps-per-epoch", "80", "--record", str(record), "--pause-at-step", "5",
+             "--pause-at-step", "90"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
 
     def cli_ok(*args: str) -> None:
