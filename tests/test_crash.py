@@ -56,11 +56,15 @@ def test_an_acknowledged_nudge_is_replayed_at_its_step_after_a_kill(tmp_path: Pa
     run_dir = tmp_path / "run"
     store = None
     # The kill must land before the next checkpoint, or the nudge is simply in that checkpoint (the
-    # other half of the promise, which the soak covers). Epochs here are short, so try again if not.
+    # other half of the promise, which the soak covers). So the nudge is sent just after a checkpoint,
+    # in epochs ten times the usual length (~230 steps); on a fast machine, try again if not.
+    longer = (*FAST, "--epoch-passes", "10")
     for value in (0.02, 0.03, 0.04):
-        trainer = trainers(run_dir, "--epochs", "400", *FAST)
+        trainer = trainers(run_dir, "--epochs", "400", *longer)
         wait_for(lambda: (run_dir / "run.db").exists() and RunStore(run_dir).checkpoints(), what="a checkpoint")
         trainer.wait_running()  # this trainer, not the one killed in the previous try
+        seen = len(RunStore(run_dir).checkpoints())
+        wait_for(lambda: len(RunStore(run_dir).checkpoints()) > seen, what="the next checkpoint")
         result = babysit_cli("set", "lr", str(value), "--run-dir", str(run_dir), "--wait", check=True)
         step = int(result.stdout.split("applied at step ")[1].split()[0])
         trainer.process.send_signal(signal.SIGKILL)
@@ -74,7 +78,7 @@ def test_an_acknowledged_nudge_is_replayed_at_its_step_after_a_kill(tmp_path: Pa
     command_id = int(result.stdout.split()[0].lstrip("#"))
     assert store.command(command_id)["state"] == cmd.APPLIED
 
-    again = trainers(run_dir, "--epochs", "400", *FAST)
+    again = trainers(run_dir, "--epochs", "400", *longer)
     status = again.wait_running(min_step=step + 1)
     assert status["lr"] == value
     # (A retry above leaves the earlier tries' nudges on the branch too: at least this one is re-applied.)
