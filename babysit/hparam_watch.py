@@ -27,20 +27,16 @@ class HparamWatch:
 
     def __init__(self, run: "Run") -> None:
         self.run = run
-        self.read_momentum = momentum_reader(run.optimizer)
-        self.lr: float | None = None        # read every step boundary: plain attributes
-        self.momentum: float | None = None
-        # The step boundary compares group.get(key) with ``seen``, the group's momentum entry as
-        # floats (a tuple for betas): no call per step, and a tensor entry changed in place
-        # still compares unequal (tuple comparison compares element values).
         self.key = optim.momentum_key(run.optimizer)
+        self.read_momentum = momentum_reader(self.key)
+        self.lr: float | None = None        # read every step boundary: plain attributes
+        # Run.step_boundary compares group["lr"] with ``lr`` and group.get(key) with ``seen``, the
+        # group's momentum entry as floats (a tuple for betas): no call per step, and a tensor entry
+        # changed in place still compares unequal (tuple comparison compares element values).
         self.seen: Any = None
+        self.momentum: float | None = None
         self._marked: dict[str, Any] = {}
         self._scheduler_steps = scheduler_steps(run.scheduler)
-
-    def changed(self) -> bool:
-        group = self.run.optimizer.param_groups[0]
-        return group["lr"] != self.lr or group.get(self.key) != self.seen
 
     def source(self) -> str:
         """Who made a change no command made: the scheduler if it stepped since, else the loop."""
@@ -115,8 +111,8 @@ def _as_floats(entry: Any) -> Any:
     return None if entry is None else optim._as_float(entry)
 
 
-def momentum_reader(optimizer: Any) -> Any:
-    key = optim.momentum_key(optimizer)
+def momentum_reader(key: str | None) -> Any:
+    """How to read the momentum of a group whose momentum entry is ``key`` (optim.momentum_key)."""
     as_float = optim._as_float  # a tensor momentum is read now: it may be changed in place later
     if key == "betas":
         return lambda group: as_float(group["betas"][0])

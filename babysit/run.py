@@ -415,7 +415,7 @@ class Run:
                 return self._interrupt
         if self._excursion is not None and self._interrupt is None:
             self._excursion.at_boundary()
-        watch = self._hparams  # HparamWatch.changed(), inlined
+        watch = self._hparams  # did the loop or its scheduler change the lr or momentum? (HparamWatch.seen)
         group = self.optimizer.param_groups[0]
         if group["lr"] != watch.lr or group.get(watch.key) != watch.seen:
             watch.record(by=watch.source())
