@@ -3,7 +3,7 @@ summary), how they are written, read for a window, and superseded after a crash.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -55,8 +55,12 @@ class SeriesTables:
         self._series_ids[key] = found
         return found
 
-    def series(self) -> list[SeriesInfo]:
-        rows = self.conn().execute("SELECT id, name, branch, per, segment FROM series ORDER BY id").fetchall()
+    def series(self, limit: int | None = None) -> list[SeriesInfo]:
+        """Every series of the run (with ``limit``: the newest ``limit``), oldest first."""
+        rows = self.conn().execute(
+            "SELECT * FROM (SELECT id, name, branch, per, segment FROM series ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (-1 if limit is None else limit,),
+        ).fetchall()
         return [SeriesInfo(*row) for row in rows]
 
     def write_chunks(self, chunks: Iterable[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> None:
@@ -101,6 +105,64 @@ class SeriesTables:
             np.frombuffer(b"".join(r[1] for r in rows), dtype="<f8"),
             np.frombuffer(b"".join(r[2] for r in rows), dtype="<f8"),
         )
+
+    def chunk_summaries_since(self, wanted: Sequence[tuple[int, int | None]]) -> dict[int, np.ndarray]:
+        """For each (series, since) the summary rows (as :meth:`chunk_summaries`) of its chunks whose
+        first step is ``since`` or later (all when None): one query for many series, so that a
+        refresh costs a few queries whatever the number of branches."""
+        found: list[np.ndarray] = []
+        for part in _parts(wanted, 400):
+            values = ", ".join("(?, ?)" for _ in part)
+            params = [x for series, since in part for x in (series, -(2**62) if since is None else int(since))]
+            # CROSS JOIN keeps the wanted list outside, so each series is one range of the index.
+            rows = self.conn().execute(
+                f"WITH wanted(series, since) AS (VALUES {values})"
+                " SELECT c.series, c.first_step, c.last_step, c.n, c.vmin, c.vmax, c.vsum, c.min_step, c.max_step,"
+                " c.first_wall, c.last_wall FROM wanted w CROSS JOIN chunks c"
+                " WHERE c.series = w.series AND c.first_step >= w.since ORDER BY c.series, c.first_step",
+                params,
+            ).fetchall()
+            if rows:
+                found.append(np.array(rows, dtype=float))
+        empty = np.empty((0, 10))
+        out = {series: empty for series, _ in wanted}
+        if found:
+            table = np.concatenate(found) if len(found) > 1 else found[0]
+            ids, starts = np.unique(table[:, 0], return_index=True)
+            order = np.argsort(starts)
+            ids, starts = ids[order], starts[order]
+            for series, lo, hi in zip(ids.tolist(), starts.tolist(), [*starts[1:].tolist(), len(table)]):
+                out[int(series)] = table[lo:hi, 1:]
+        return out
+
+    def chunk_points_of(self, wanted: Sequence[tuple[int, int, int]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """For each (series, first, last) the raw (steps, values, walls) of its chunks whose first
+        step is in [first, last], in one query. A chunk whose packed arrays do not hold ``n``
+        points each (a damaged or forged row) is left out."""
+        found: list[list[tuple[bytes, bytes, bytes]]] = [[] for _ in wanted]
+        for offset, part in _numbered_parts(wanted, 300):
+            values = ", ".join("(?, ?, ?, ?)" for _ in part)
+            params = [x for k, (series, first, last) in part for x in (k, series, int(first), int(last))]
+            rows = self.conn().execute(
+                f"WITH wanted(k, series, first, last) AS (VALUES {values})"
+                " SELECT w.k, c.steps, c.vals, c.walls FROM wanted w CROSS JOIN chunks c"
+                " WHERE c.series = w.series AND c.first_step BETWEEN w.first AND w.last"
+                " AND length(c.steps) = 8 * c.n AND length(c.vals) = 8 * c.n AND length(c.walls) = 8 * c.n"
+                " ORDER BY w.k, c.first_step",
+                params,
+            ).fetchall()
+            for k, steps, vals, walls in rows:
+                found[k].append((steps, vals, walls))
+        out = []
+        for rows in found:
+            if not rows:
+                empty = np.empty(0)
+                out.append((empty.astype(np.int64), empty, empty))
+                continue
+            out.append((np.frombuffer(b"".join(r[0] for r in rows), dtype="<i8"),
+                        np.frombuffer(b"".join(r[1] for r in rows), dtype="<f8"),
+                        np.frombuffer(b"".join(r[2] for r in rows), dtype="<f8")))
+        return out
 
     def _first_chunk_start(self, series: int, lo: float | None) -> int:
         if lo is None:
@@ -181,8 +243,26 @@ class SeriesTables:
     def add_epoch(self, branch: int, epoch: int, end_step: int) -> None:
         self.conn().execute("INSERT OR REPLACE INTO epochs VALUES (?, ?, ?, ?)", (branch, epoch, end_step, now()))
 
-    def epochs(self) -> list[tuple[int, int, int]]:
-        """(branch, epoch, end_step) of every finished epoch."""
+    def epochs(self, branches: Iterable[int] | None = None, limit: int | None = None) -> list[tuple[int, int, int]]:
+        """(branch, epoch, end_step) of every finished epoch, of ``branches`` only when given (at
+        most a few thousand), and at most ``limit`` rows (a reader's bound)."""
+        where, params = "", []
+        if branches is not None:
+            ids = sorted({int(b) for b in branches})
+            where = f" WHERE branch IN ({', '.join('?' * len(ids))})" if ids else " WHERE 0"
+            params = ids
         return [tuple(r) for r in self.conn().execute(
-            "SELECT branch, epoch, end_step FROM epochs ORDER BY branch, epoch"
+            f"SELECT branch, epoch, end_step FROM epochs{where} ORDER BY branch, epoch LIMIT ?",
+            (*params, -1 if limit is None else limit),
         ).fetchall()]
+
+
+def _parts(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    """``items`` in slices of ``size`` (SQLite bounds the parameters of one statement)."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _numbered_parts(items: Sequence[Any], size: int) -> Iterable[tuple[int, list[tuple[int, Any]]]]:
+    for start in range(0, len(items), size):
+        yield start, list(enumerate(items[start:start + size], start=start))
