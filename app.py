@@ -45,7 +45,7 @@ chart_column, controls_column = st.columns([0.63, 0.37], gap="small")
 def curve() -> None:
     status = store.status()
     zoom = live_chart_view("curve")
-    page.chart(store, status, options, zoom.get("x_range") if zoom else None,
+    page.chart(store, status, options, zoom,
                render=lambda figure: live_chart(figure, key="curve", height=1000, fit_viewport=True))
 
 

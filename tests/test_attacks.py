@@ -41,6 +41,19 @@ item  attack                                                 test
                                                              pause_for_a_branch_the_run_has_left_..., the
                                                              divergence tests ordered by writer.flush()
 ====  =====================================================  ===========================================
+
+Issue 26, "Tried to break it again" (the same rule for ``test_issue26_itemN_...``):
+
+====  =====================================================  ===========================================
+item  attack                                                 test
+====  =====================================================  ===========================================
+1     a run.db whose branches name each other as parents,    test_issue26_item1_a_forged_branch_cycle_
+      the freshest run under --root: the page's walk grew     under_root_is_shown_as_damaged_in_bounded_
+      without end (23.6 GB in 29 minutes)                    memory
+1     a run.db of 200,000 branches and a million epochs:     test_issue26_item1_one_refresh_of_a_huge_
+      one refresh may read or build only so much, and one     forged_run_is_bounded_in_memory_and_time
+      past its time is cut short with a message
+====  =====================================================  ===========================================
 """
 
 from __future__ import annotations
@@ -48,14 +61,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -67,7 +83,7 @@ from babysit import commands as cmd
 from babysit.checkpoint import FORMAT, CheckpointError, read_verified, write_atomic
 from babysit.rundir import RunDirError
 from babysit.store import RunStore, StoreError
-from tests.conftest import REPO, Trainer, babysit_cli, tiny_job, wait_for
+from tests.conftest import REPO, Trainer, babysit_cli, chromium_page, tiny_job, wait_for, wait_healthy
 from tests.test_app import fake_trainer
 
 PRECIOUS = b"a file outside the run directory that must not change\n"
@@ -386,3 +402,124 @@ def test_item8_run_db_deleted_under_a_running_trainer_is_noticed_and_nothing_is_
     assert kept.items() <= after.items()
     new = [c["file"] for c in RunStore(run_dir).checkpoints()]
     assert len(new) >= 3 and not set(new) & set(kept), (new, sorted(kept))
+
+
+# -- issue 26, item 1: walks over a run's rows are bounded; a refresh is bounded ----------------------
+def forged_cycle_run(run_dir: Path) -> None:
+    """A run whose branches 1 and 2 name each other as parents, both with points and epochs, and
+    the freshest heartbeat under its root (so the page opens it by default)."""
+    import numpy as np
+
+    from babysit.store import CHUNK_POINTS, PER_STEP
+
+    store = RunStore(run_dir, create=True)
+    store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    store.new_branch(parent=1, from_checkpoint=None, start_step=200, start_epoch=2)
+    store.conn().execute("UPDATE branches SET parent = 2 WHERE id = 1")
+    for branch, first in ((1, 1), (2, 201)):
+        steps = np.arange(first, first + 400)
+        series = store.series_id("loss", branch, PER_STEP)
+        store.write_chunks([(series, steps[i:i + CHUNK_POINTS], np.full(len(steps[i:i + CHUNK_POINTS]), 1.0 / branch),
+                             time.time() + steps[i:i + CHUNK_POINTS] * 0.01) for i in range(0, 400, CHUNK_POINTS)])
+        for epoch in range(1, 5):
+            store.add_epoch(branch, epoch + (2 if branch == 2 else 0), first - 1 + 100 * epoch)
+    store.write_status(state="running", pid=os.getpid(), host=socket.gethostname(), started=time.time(),
+                       heartbeat=time.time() + 60, epoch=6, max_epochs=10, step=600, step_in_epoch=0,
+                       steps_per_epoch=100, branch=2, lr=0.05, momentum=0.9, optimizer="SGD", message="")
+    store.close()
+
+
+def limited_to(megabytes: int) -> Callable[[], None]:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (megabytes << 20, megabytes << 20))
+    return limit
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def test_issue26_item1_a_forged_branch_cycle_under_root_is_shown_as_damaged_in_bounded_memory(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    fake_trainer(root / "calm", alive=False)
+    forged_cycle_run(root / "hostile")
+    log_path = tmp_path / "dashboard.log"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("w") as log:
+        # Streamlit, numpy and pyarrow reserve ~2.4 GB of address space before any page: the limit
+        # leaves 1 GB more, where the unbounded walk took 700 MB every 15 s.
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
+             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+             "--server.fileWatcherType", "none", "--", "--root", str(root)],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limited_to(3500),
+            env={**os.environ, "MALLOC_ARENA_MAX": "2"})
+    try:
+        wait_healthy(url, server, log_path, timeout=90)
+        with chromium_page(1366, 768, timeout_s=90) as (page, errors):
+            frames: list[int] = []
+            page.on("websocket", lambda ws: ws.on("framereceived", lambda frame: frames.append(len(frame))))
+            page.goto(url)
+            plot = ".babysit-live-chart .js-plotly-plot"
+            note = page.locator(f"{plot} .annotation-text", has_text="name each other as parents")
+            note.wait_for(timeout=90_000)
+            assert note.text_content().startswith("Damaged run: branches 1 and 2 name each other as parents")
+            # The rest of the run still shows: its live line, branch 1 up to the fork, then branch 2.
+            live = page.evaluate("""(sel) => document.querySelector(sel).data
+                .filter((t) => t.meta && t.meta.role === 'live' && t.name === 'loss').map((t) => t.meta.pieces)""", plot)
+            assert live == [[[1, 0], [2, 200]]], live
+            # It keeps answering: the page's refreshes (a second apart) go on arriving.
+            seen = len(frames)
+            wait_for(lambda: page.wait_for_timeout(200) or len(frames) >= seen + 30, timeout=60,
+                     what="more refreshes of the page")
+            assert errors == []
+        assert server.poll() is None, log_path.read_text()
+        assert peak_rss_mb(server.pid) < 600, f"the dashboard peaked at {peak_rss_mb(server.pid):.0f} MB"
+        assert "MemoryError" not in log_path.read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+HUGE_RUN = """
+import json, resource, sys, time
+from babysit.store import RunStore
+from babysit.ui.data import read_view
+from babysit.ui.figures import build_figure
+store = RunStore(sys.argv[1])
+started = time.monotonic()
+view = read_view(store, store.status())
+figure = build_figure(view)
+print(json.dumps({"seconds": time.monotonic() - started, "notes": view.notes, "traces": len(figure["data"]),
+                  "points": sum(len(t["x"]) for t in figure["data"]),
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def test_issue26_item1_one_refresh_of_a_huge_forged_run_is_bounded_in_memory_and_time(tmp_path: Path) -> None:
+    """200,000 branches in one chain, a million epochs, 20,000 series: the chart reads the newest
+    rows only, says so, and answers in bounded time and memory."""
+    run_dir = tmp_path / "huge"
+    store = fake_trainer(run_dir)
+    with store.transaction() as connection:
+        connection.executemany("INSERT INTO branches (id, parent, from_checkpoint, start_step, start_epoch, created)"
+                               " VALUES (?, ?, NULL, ?, 0, 0)", ((i, i - 1, i) for i in range(2, 200_001)))
+        connection.executemany("INSERT INTO epochs VALUES (?, ?, ?, 0)",
+                               ((1 + i % 200_000, i, i) for i in range(1_000_000)))
+        connection.executemany("INSERT INTO series (name, branch, per, segment) VALUES (?, ?, 'step', 0)",
+                               ((f"metric_{i}", 200_000) for i in range(20_000)))
+    store.write_status(branch=200_000)
+    store.close()
+    result = subprocess.run([sys.executable, "-c", HUGE_RUN, str(run_dir)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, preexec_fn=limited_to(2500))
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert "This run has 200,000 branches; the chart reads the newest 20,000." in found["notes"]
+    assert "This run has more than 5,000 series; the chart reads the newest 5,000." in found["notes"]
+    assert found["peak_mb"] < 600 and found["seconds"] < 60, found

@@ -103,8 +103,8 @@ def test_the_main_curve_leaves_the_excursion_branches_to_their_panel(store) -> N
     from babysit.instruments.compare import excursion_side_branches
     from babysit.ui.data import read_view
 
-    drawn = {w.branch for w in read_view(store, store.status()).windows}
+    drawn = read_view(store, store.status()).drawn_branches()
     assert drawn == {1, 2, 3, 4, 5}
     hidden = read_view(store, store.status(), hidden_branches=excursion_side_branches(store))
-    assert {w.branch for w in hidden.windows} == {1, 2}
+    assert hidden.drawn_branches() == {1, 2}
     assert hidden.extent == (0, 500)  # the sweep's steps past 500 do not stretch the axis

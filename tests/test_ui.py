@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pytest
 
 from babysit import commands as cmd
 from babysit.store import CHUNK_POINTS, PER_EPOCH, PER_STEP, RunStore
-from babysit.ui.data import (MAX_POINTS, RAW_CHUNK_BUDGET, SummaryCache, aligned_minmax, epoch_lines, epochs_to_steps, read_view, read_window,
+from babysit.ui.data import (ABANDONED, FULL, LIVE, MAX_FULL_BRANCHES, MAX_POINTS, RAW_CHUNK_BUDGET, RefreshLimits,
+                             SummaryCache, aligned_minmax, epoch_lines, epochs_to_steps, read_view, read_window,
                              steps_to_epochs, throughput)
 from babysit.ui.figure_delta import apply_delta, common_prefix, figure_delta
-from babysit.ui.figures import ChartOptions, branch_dash, build_figure, lr_ticks, metric_colour, momentum_range
+from babysit.ui.figures import (ChartOptions, branch_dash, build_figure, lr_ticks, metric_colour, momentum_range,
+                                robust_range)
+from tests import many_rollbacks
 
 
 def write_series(store: RunStore, name: str, branch: int, steps: np.ndarray, values: np.ndarray,
@@ -71,30 +75,185 @@ def test_a_zoomed_window_of_a_long_series_is_dense(store: RunStore) -> None:
     assert window.steps[1:].tolist() == list(range(100_000, 101_001))
 
 
-def test_superseded_pieces_and_branches_get_their_own_traces(store: RunStore) -> None:
+def test_the_live_line_is_one_curve_and_what_it_left_is_one_faint_legend_entry(store: RunStore) -> None:
     store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
     store.new_branch(parent=1, from_checkpoint=1, start_step=50, start_epoch=1)
     write_series(store, "loss", 1, np.arange(1, 101), np.ones(100))
-    write_series(store, "loss", 1, np.arange(101, 121), np.ones(20) * 2, segment=1)
+    write_series(store, "loss", 1, np.arange(31, 46), np.ones(15) * 2, segment=1)  # a crash, before the fork
     write_series(store, "loss", 2, np.arange(51, 151), np.ones(100) * 0.5)
     write_series(store, "val_loss", 2, np.array([100, 150]), np.array([0.4, 0.3]), per=PER_EPOCH)
     view = read_view(store, {"branch": 2, "steps_per_epoch": 50, "step": 150})
+    live = next(w for w in view.windows if w.name == "loss" and w.role == LIVE)
+    # Branch 1 up to the step branch 2 forked at, then branch 2: one curve, in step order.
+    assert live.steps.tolist() == list(range(1, 151)) and live.pieces == ((1, 0), (2, 50))
+    assert live.values.tolist() == [1.0] * 50 + [0.5] * 100
     figure = build_figure(view, ChartOptions(smoothing=0.9))
     names = [t["name"] for t in figure["data"]]
-    assert names.index("loss · branch 1 · superseded") < names.index("loss · branch 1 (smoothed)") \
-        < names.index("loss · branch 2 (smoothed)")  # superseded underneath, current branch on top
-    superseded = next(t for t in figure["data"] if t["name"] == "loss · branch 1 · superseded")
-    current = next(t for t in figure["data"] if t["name"] == "loss · branch 2 (smoothed)")
-    old = next(t for t in figure["data"] if t["name"] == "loss · branch 1 (smoothed)")
-    # One colour per metric, one dash per branch; superseded points dotted and faint, not hidden.
-    assert superseded["line"]["color"] == current["line"]["color"] == old["line"]["color"] == metric_colour("loss")
-    assert superseded["line"]["dash"] == "dot" and 0.3 <= superseded["opacity"] < old["opacity"] < current["opacity"]
-    assert (old["line"]["dash"], current["line"]["dash"]) == (branch_dash(1), branch_dash(2)) == ("solid", "dash")
-    assert current["line"]["width"] > old["line"]["width"]
+    assert names[:5] == ["1 abandoned branch", "superseded by a crash", "loss (raw)", "loss", "val_loss"]
+    abandoned, superseded, _, loss, val = figure["data"][:5]
+    # What branch 1 did after the fork is drawn faint, its branch named on each point for a click.
+    assert [x for x in abandoned["x"] if x is not None] == [float(x) for x in range(51, 101)]
+    assert set(abandoned["customdata"]) == {1} and abandoned["meta"]["role"] == ABANDONED
+    # One colour per metric; superseded points dotted and faint, not hidden.
+    assert superseded["line"]["color"] == loss["line"]["color"] == metric_colour("loss") != val["line"]["color"]
+    assert superseded["line"]["dash"] == "dot" and abandoned["opacity"] <= superseded["opacity"] < loss["opacity"]
+    assert loss["meta"]["pieces"] == [[1, 0], [2, 50]] and loss["x"][0] < 50 < loss["x"][-1]
     assert all(t["type"] == "scatter" for t in figure["data"])  # SVG: the chart's plotly.js has no WebGL
-    val = next(t for t in figure["data"] if t["name"] == "val_loss · branch 2")
     assert val["x"] == [100.0, 150.0] and val["mode"] == "lines+markers"
-    assert val["line"]["color"] == metric_colour("val_loss") != metric_colour("loss")
+
+
+def test_fifty_rollbacks_draw_a_figure_of_bounded_size(tmp_path: Path) -> None:
+    store = many_rollbacks.build(tmp_path / "run", rollbacks=50)
+    status = store.status()
+    view = read_view(store, status)
+    assert view.line is not None and view.line.branches[-1] == status["branch"] and len(view.line.branches) > 10
+    live = next(w for w in view.windows if w.name == "loss" and w.role == LIVE)
+    assert [b for b, _ in live.pieces] == list(view.line.branches)  # the whole line, oldest first
+    figure = build_figure(view, ChartOptions())
+    traces = figure["data"]
+    legend = [t["name"] for t in traces if t.get("showlegend", True)]
+    assert len(traces) <= 12 and legend == ["50 abandoned branches", "loss", "val_loss", "val_acc", "rollbacks"]
+    assert sum(len(t["x"]) for t in traces) <= 20_000
+    rollbacks = next(t for t in traces if t["name"] == "rollbacks")
+    assert len(rollbacks["x"]) == 50 and len(figure["layout"]["shapes"]) == 5  # every marker, five lines
+    # Branches in full on demand: each with its own dash and one legend entry; no longer a sketch.
+    shown = build_figure(read_view(store, status, full_branches=[3, 5, 999]), ChartOptions())
+    full = [t for t in shown["data"] if t["meta"].get("role") == FULL]
+    assert {t["meta"]["branch"] for t in full} == {3, 5}  # 999 is no branch of this run
+    assert [t["name"] for t in full if t["showlegend"]] == ["branch 3", "branch 5"]
+    drawn = {t["line"]["dash"] for t in full if t["meta"]["branch"] == 3 and "raw ·" not in t["hovertemplate"]}
+    assert drawn == {branch_dash(3)} != {"solid"}
+    sketched = next(t for t in shown["data"] if t["meta"].get("role") == ABANDONED)
+    assert {3, 5}.isdisjoint(sketched["customdata"]) and sketched["name"] == "48 abandoned branches"
+    assert len(read_view(store, status, full_branches=range(1, 20)).full) == MAX_FULL_BRANCHES
+
+
+def _statements(store: RunStore, read: Callable[[], Any]) -> int:
+    """How many SQL statements ``read()`` runs on the store's connection."""
+    seen: list[str] = []
+    store.conn().set_trace_callback(seen.append)
+    try:
+        read()
+    finally:
+        store.conn().set_trace_callback(None)
+    return len(seen)
+
+
+def test_a_refresh_reads_the_store_a_fixed_number_of_times_however_many_branches(tmp_path: Path) -> None:
+    """One query for the summaries of every series drawn, one for their raw points: not one (or
+    more) per series, which made a refresh at fifty branches cost a hundred."""
+    many = many_rollbacks.build(tmp_path / "many", rollbacks=50)
+    one = many_rollbacks.build(tmp_path / "one", rollbacks=0)
+    counts = {}
+    for name, store in (("one", one), ("many", many)):
+        status = store.status()
+        read_view(store, status)  # the first refresh of a run reads every summary once
+        counts[name] = _statements(store, lambda s=store, st=status: build_figure(read_view(s, st)))
+    assert counts["many"] <= counts["one"] + 1, counts
+    assert len(many.series()) == 51 * 5
+
+
+def test_the_y_range_fits_the_live_curve_not_a_blow_up(store: RunStore) -> None:
+    store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    store.new_branch(parent=1, from_checkpoint=1, start_step=500, start_epoch=1)
+    steps = np.arange(1, 1001)
+    descent = 2.3 * np.exp(-steps / 300.0) + 0.1
+    blown = descent.copy()
+    blown[700:] = 1e6  # branch 1 blew up after the fork; the rollback left it
+    write_series(store, "loss", 1, steps, blown)
+    live = descent[500:].copy()
+    live[[100, 200, 300]] = [4e5, 6e5, 8e5]  # three spikes on the live line itself
+    write_series(store, "loss", 2, steps[500:], live)
+    figure = build_figure(read_view(store, {"branch": 2, "step": 1000}), ChartOptions())
+    fit = figure["layout"]["meta"]["fit"]["yaxis"]
+    low, high = fit["linear"]
+    # The whole descent (from 2.4 at step 1) is in; the spikes and branch 1's blow-up are not.
+    assert low < 0.1 + 2.3 * np.exp(-1000 / 300) and 2.3 < high < 3.0
+    assert 0 < 10 ** fit["log"][1] < 3.0 and figure["layout"]["yaxis"]["range"] == fit["linear"]
+    clipped = next(t for t in figure["data"] if t["meta"].get("clip") == "linear")
+    assert clipped["x"] == [601.0, 701.0, 801.0] and clipped["y"] == [high] * 3
+    assert clipped["text"][2] == "loss 8e+05 at step 801"
+    notes = {a["name"]: a for a in figure["layout"]["annotations"]}
+    assert notes["babysit-clip-linear-yaxis"]["text"] == "3 points off the scale (up to 1e+06) · show all"
+    assert notes["babysit-clip-linear-yaxis"]["captureevents"] is True  # a click on it shows all
+    assert notes["babysit-fit-yaxis"]["visible"] is False
+    # The log scale fits the same way (in decades), with its own markers.
+    log = build_figure(read_view(store, {"branch": 2, "step": 1000}), ChartOptions(log_loss=True))
+    assert log["layout"]["yaxis"]["type"] == "log" and log["layout"]["yaxis"]["range"] == fit["log"]
+    assert next(t for t in log["data"] if t["meta"].get("clip") == "log")["x"] == [601.0, 701.0, 801.0]
+
+
+def test_robust_range_keeps_the_descent_and_leaves_out_what_is_orders_away() -> None:
+    x = np.arange(1000.0)
+    curve = 2.3 * np.exp(-x / 200) + 0.1
+    span = curve.max() - curve.min()
+    assert robust_range(curve) == pytest.approx((curve.min() - 0.05 * span, curve.max() + 0.05 * span))
+    spiked = np.r_[curve, [1e6, np.nan, np.inf]]
+    assert robust_range(spiked) == robust_range(curve)
+    lo, hi = robust_range(spiked, log=True)
+    assert lo < 0.1 < 2.4 < hi < 4
+    assert robust_range(np.array([np.nan])) is None and robust_range(np.array([-1.0]), log=True) is None
+    assert robust_range(np.array([0.5, 0.5])) == pytest.approx((0.475, 0.525))
+
+
+def test_metrics_of_very_different_scales_get_their_own_axis(store: RunStore) -> None:
+    store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    steps = np.arange(1, 201)
+    write_series(store, "grad_norm", 1, steps, 1.0 + 0.2 * np.sin(steps / 10))
+    write_series(store, "tokens_per_s", 1, steps, 50_000 + 500 * np.cos(steps / 7))
+    figure = build_figure(read_view(store, {"branch": 1}), ChartOptions(smoothing=0))
+    by_name = {t["name"]: t for t in figure["data"]}
+    assert by_name["grad_norm (raw)"]["yaxis"] == "y2" and by_name["tokens_per_s (raw)"]["yaxis"] == "y5"
+    layout = figure["layout"]
+    assert layout["yaxis5"]["overlaying"] == "y2" and layout["yaxis5"]["side"] == "right"
+    assert layout["yaxis2"]["title"]["text"] == "grad_norm" and layout["yaxis5"]["title"]["text"] == "tokens_per_s"
+    low, high = layout["meta"]["fit"]["yaxis2"]["linear"]
+    assert 0.7 < low < 0.8 and 1.2 < high < 1.3  # grad_norm is a curve, not a flat line at 0
+    # A third scale: each is drawn normalised, its range in its name, its own numbers on hover.
+    write_series(store, "lr_ratio", 1, steps, 1e-5 * (1 + 0.5 * np.sin(steps / 5)))
+    figure = build_figure(read_view(store, {"branch": 1}), ChartOptions(smoothing=0))
+    names = sorted(t["name"] for t in figure["data"] if t["yaxis"] == "y2")
+    assert [n.split(" (")[0] for n in names] == ["grad_norm", "lr_ratio", "tokens_per_s"]
+    tokens = next(t for t in figure["data"] if t["name"].startswith("tokens_per_s"))
+    assert tokens["name"].startswith("tokens_per_s (4.95e+04–5.05e+04") and -0.1 < min(tokens["y"]) < max(tokens["y"]) < 1.1
+    assert tokens["text"][0] == f"{50_000 + 500 * np.cos(1 / 7):.4g}" and "%{text}" in tokens["hovertemplate"]
+    assert figure["layout"]["yaxis2"]["title"]["text"] == "metrics (0–1 of each)"
+
+
+def test_a_damaged_line_of_descent_is_said_and_the_rest_drawn(store: RunStore) -> None:
+    """Branches 1 and 2 name each other as parents (a forged run.db): the line ends where the
+    cycle begins, the run still draws, and the chart says what is wrong."""
+    store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    store.new_branch(parent=1, from_checkpoint=None, start_step=50, start_epoch=1)
+    store.conn().execute("UPDATE branches SET parent = 2 WHERE id = 1")
+    write_series(store, "loss", 1, np.arange(1, 101), np.ones(100))
+    write_series(store, "loss", 2, np.arange(51, 151), np.ones(100) * 0.5)
+    for epoch in range(1, 4):
+        store.add_epoch(1, epoch, 25 * epoch)
+        store.add_epoch(2, epoch + 2, 50 + 25 * epoch)
+    view = read_view(store, {"branch": 2, "step": 150})
+    assert view.notes == ["Damaged run: branches 1 and 2 name each other as parents. The chart draws branch 2's "
+                          "line of descent up to there."]
+    live = next(w for w in view.windows if w.name == "loss")
+    assert live.pieces == ((1, 0), (2, 50)) and len(live.steps) == 150
+    figure = build_figure(view, ChartOptions(x_axis="epoch"))
+    assert "name each other as parents" in next(a["text"] for a in figure["layout"]["annotations"]
+                                                if a["name"] == "babysit-notes")
+    assert epoch_lines(store.epochs(), store.branches())[2] == [(1, 25), (2, 50), (3, 75), (4, 100), (5, 125)]
+
+
+def test_a_refresh_is_bounded_and_one_past_its_time_is_cut_short(store: RunStore) -> None:
+    store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    for name in ("loss", "val_loss", "grad_norm", "lr"):
+        write_series(store, name, 1, np.arange(1, 11), np.ones(10))
+    capped = read_view(store, {"branch": 1}, limits=RefreshLimits(series=3, metrics=2))
+    assert "This run has more than 3 series; the chart reads the newest 3." in capped.notes
+    assert "This run logs 3 metrics; the chart draws 2 of them." in capped.notes
+    assert sorted(w.name for w in capped.windows) == ["lr", "val_loss"]  # the newest 3 read; losses, then lr, first
+    late = read_view(store, {"branch": 1}, limits=RefreshLimits(seconds=0.0))
+    assert late.notes == ["This refresh was cut short after 0 s (the run's database is too large or too slow to read "
+                          "in time); the chart shows what was read by then."]
+    assert late.windows == []
 
 
 def test_nudges_and_rollbacks_are_marked_with_before_and_after(store: RunStore) -> None:
@@ -109,7 +268,7 @@ def test_nudges_and_rollbacks_are_marked_with_before_and_after(store: RunStore) 
     assert marks["x"] == [40.0] and marks["y"] == [0.02]
     assert marks["text"] == ["lr 0.1 → 0.02 at step 40 (#1, cli)"]
     assert [s["x0"] for s in figure["layout"]["shapes"]] == [40.0]
-    lr = next(t for t in figure["data"] if t["name"] == "lr · branch 1")
+    lr = next(t for t in figure["data"] if t["name"] == "lr")
     assert lr["x"] == [0.0, 40.0, 100.0] and lr["y"] == [0.1, 0.02, 0.02]  # held to the last step
     assert lr["line"]["shape"] == "hv" and figure["layout"]["yaxis3"]["type"] == "log"
 
@@ -120,10 +279,10 @@ def test_x_axis_by_epoch_and_wall_time(store: RunStore) -> None:
     store.add_epoch(1, 1, 100)
     view = read_view(store, {"branch": 1, "steps_per_epoch": 100})
     by_epoch = build_figure(view, ChartOptions(x_axis="epoch", smoothing=0))
-    raw = next(t for t in by_epoch["data"] if t["name"] == "loss · branch 1 (raw)")
+    raw = next(t for t in by_epoch["data"] if t["name"] == "loss (raw)")
     assert raw["x"][99] == 1.0 and raw["x"][149] == 1.5
     by_wall = build_figure(view, ChartOptions(x_axis="wall", smoothing=0))
-    raw = next(t for t in by_wall["data"] if t["name"] == "loss · branch 1 (raw)")
+    raw = next(t for t in by_wall["data"] if t["name"] == "loss (raw)")
     assert raw["x"][0] == (1_700_000_000.0 + 1) * 1000 and by_wall["layout"]["xaxis"]["type"] == "date"
     assert by_epoch["layout"]["uirevision"] != by_wall["layout"]["uirevision"]
 
@@ -139,7 +298,7 @@ def test_epoch_lines_follow_a_branch_back_to_its_parent() -> None:
 def test_non_finite_values_become_gaps(store: RunStore) -> None:
     write_series(store, "loss", 1, np.arange(1, 4), np.array([1.0, np.nan, np.inf]))
     figure = build_figure(read_view(store, {}), ChartOptions(smoothing=0))
-    raw = next(t for t in figure["data"] if t["name"] == "loss · branch 1 (raw)")
+    raw = next(t for t in figure["data"] if t["name"] == "loss (raw)")
     assert raw["y"] == [1.0, None, None]
 
 
@@ -199,8 +358,9 @@ def test_stops_crashes_restarts_and_changes_no_command_made_are_marked(store: Ru
     assert marks["auto_momentum"]["text"] == ["momentum 0.9 → 0.95 at step 120 (by scheduler, no command)"]
     assert marks["auto_lr"]["marker"]["symbol"] != "triangle-up"  # not drawn like a person's nudge
     assert len({t["marker"]["symbol"] for k, t in marks.items() if k != "auto_momentum"}) == 5  # one per kind
-    # A scheduler stepping every epoch would fill the chart with lines: its changes get markers only.
-    assert sorted(s["x0"] for s in figure["layout"]["shapes"]) == [100.0, 100.0, 200.0, 240.0, 250.0, 290.0]
+    # A scheduler stepping every epoch would fill the chart with lines: its changes get markers only,
+    # and only the newest five of the others get one (the stop at step 100 is the oldest).
+    assert sorted(s["x0"] for s in figure["layout"]["shapes"]) == [100.0, 200.0, 240.0, 250.0, 290.0]
 
 
 def test_a_run_without_events_or_hparams_changes_has_no_such_markers(store: RunStore) -> None:
@@ -219,11 +379,11 @@ def test_exp_of_a_loss_is_its_perplexity_in_the_metrics_panel(store: RunStore) -
     write_series(store, "val_loss", 1, np.array([3]), np.array([np.log(42.0)]), per=PER_EPOCH)
     figure = build_figure(read_view(store, {"branch": 1}), ChartOptions(smoothing=0, exp_of=("val_loss",)))
     by_name = {t["name"]: t for t in figure["data"]}
-    assert by_name["exp(val_loss) · branch 1"]["y"] == [pytest.approx(42.0)]
-    assert by_name["exp(val_loss) · branch 1"]["yaxis"] == "y2"
-    assert by_name["loss · branch 1 (raw)"]["y"] == [1.0, 2.0, 1000.0]  # the others stay as they are
+    assert by_name["exp(val_loss)"]["y"] == [pytest.approx(42.0)]
+    assert by_name["exp(val_loss)"]["yaxis"] == "y2"
+    assert by_name["loss (raw)"]["y"] == [1.0, 2.0, 1000.0]  # the others stay as they are
     overflow = build_figure(read_view(store, {"branch": 1}), ChartOptions(smoothing=0, exp_of=("loss",)))
-    assert next(t for t in overflow["data"] if t["name"] == "exp(loss) · branch 1 (raw)")["y"][2] is None  # inf: a gap
+    assert next(t for t in overflow["data"] if t["name"] == "exp(loss) (raw)")["y"][2] is None  # inf: a gap
     with pytest.raises(ValueError, match="exp\\(\\) is for loss-like metrics .*got 'val_acc'"):
         ChartOptions(exp_of=("val_acc",))
 

@@ -18,22 +18,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 from .. import commands as cmd
-from ..instruments.compare import excursion_side_branches
 from ..instruments.hints import read_hints
 from ..errors import SettingsError
 from ..instruments import journal
 from ..serving import TOKEN_ENV
 from ..store import DB_NAME, NEW, RunStore, StoreError, list_runs
 from .clicks import command_button, fate, last_command_fate, short_number, show_flash, toast_flash  # noqa: F401 (app.py calls them here)
-from .data import epoch_lines, epochs_to_steps, read_view, throughput
-from .live_chart import forget_sent
+from . import curve
+from .data import throughput
 from .text import code_span, plain
-from .figures import X_AXES, X_EPOCH, X_WALL, ChartOptions, build_figure, is_loss_like
+from .figures import X_AXES, ChartOptions, is_loss_like
 
 # Streamlit's own icon font: it renders everywhere, unlike emoji.
 STATE_BADGES = {
@@ -67,9 +65,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # -- the cockpit's shape ---------------------------------------------------------------------------
 # Streamlit's spacing is made for reading pages; a cockpit must show the curve and its controls on
-# one laptop screen (1366×768), so the top padding, the gaps and the metric font are tightened.
+# one laptop screen (1366×768), so the top padding, the gaps and the metric font are tightened; the
+# transparent header lets clicks through to the chart under it (its legend and mode bar) but on its buttons.
 COMPACT_CSS = """<style>
 [data-testid="stHeader"] { height: 2.25rem; background: transparent; }
+[data-testid="stHeader"], [data-testid="stToolbar"] { pointer-events: none; }
+[data-testid="stHeader"] button, [data-testid="stHeader"] a { pointer-events: auto; }
 [data-testid="stMainBlockContainer"] { padding: 2.25rem 1.2rem 1rem 1.2rem; }
 [data-testid="stMainBlockContainer"] [data-testid="stVerticalBlock"] { gap: 0.45rem; }
 [data-testid="stMetric"] { padding: 0; }
@@ -263,36 +264,10 @@ def other_alerts(store: RunStore) -> None:
             st.warning(f"{event['kind'].replace('_', ' ')} at step {event['step']}: {plain(event['message'])}")
 
 
-def chart(store: RunStore, status: dict[str, Any], options: ChartOptions, x_range: list[Any] | None,
+def chart(store: RunStore, status: dict[str, Any], options: ChartOptions, reported: dict[str, Any] | None,
           render: Callable[[dict[str, Any]], Any]) -> None:
-    """The learning curve; when the user zoomed in, a denser view of just that window."""
-    lo, hi = step_window(store, status, options, x_range)
-    # Probe and sweep branches are drawn in their own panel, from their fork: on the curve they
-    # would pass for the run's own line (and a sweep's blow-up would take the loss axis).
-    view = read_view(store, status, lo, hi, hidden_branches=excursion_side_branches(store))
-    if not view.windows and lo is None:
-        st.info("Waiting for the first logged values…")
-        forget_sent("curve")  # the chart is not on the page: its next figure goes whole
-        return
-    figure = build_figure(view, options)
-    figure["layout"]["uirevision"] += f"-{store.run_dir.resolve()}"  # a new run starts unzoomed
-    render(figure)
-
-
-def step_window(store: RunStore, status: dict[str, Any], options: ChartOptions,
-                x_range: list[Any] | None) -> tuple[float | None, float | None]:
-    """The step range behind a zoomed x range (with a margin, so a small pan still finds data)."""
-    if not x_range or options.x_axis == X_WALL:
-        return None, None
-    try:
-        lo, hi = float(x_range[0]), float(x_range[1])
-    except (TypeError, ValueError, IndexError):
-        return None, None
-    if options.x_axis == X_EPOCH:
-        line = epoch_lines(store.epochs(), store.branches()).get(status.get("branch"), [])
-        lo, hi = (float(v) for v in epochs_to_steps(np.array([lo, hi]), line, status.get("steps_per_epoch")))
-    margin = 0.05 * (hi - lo)
-    return lo - margin, hi + margin
+    """The learning curve (babysit/ui/curve.py); ``reported``: what the chart reported (its zoom)."""
+    curve.chart(store, status, options, reported, render)
 
 
 def command_history(store: RunStore) -> None:

@@ -8,6 +8,14 @@
 // drawn when plotly is free. A delta that does not follow the figure held here (a lost message, a
 // remount) asks the server for the whole figure again. plotly.js is loaded once per page, from the
 // URL the server sends, and shared by every chart.
+//
+// The axis ranges are this module's, not plotly's uirevision machinery's: a person's zoom on an
+// axis is kept until they autoscale it (double-click); a y axis nobody zoomed takes the range the
+// server fitted to the live curve (layout.meta.fit: {axis: {linear, log}}), or everything under
+// "show all" (a click on the note the server puts on the axis); an x zoom whose right edge was at
+// the newest point (layout.meta.newest) moves on with new points, one into the past stays put.
+// A click on a faint abandoned branch (a trace with meta.role "abandoned", the branch in
+// customdata) asks the server to draw it in full; a click on a branch in full folds it back.
 
 const views = new WeakMap();
 
@@ -15,8 +23,11 @@ const views = new WeakMap();
 // that only follow the container size. Every other user edit (axis type, anything an updatemenu
 // sets) is not covered by uirevision, so we re-apply it ourselves after each update.
 const KEPT_BY_PLOTLY = /(^|\.)(range(\[\d+\])?|autorange)$|^(autosize|width|height)$/;
-const X_RANGE_EDIT = /^(xaxis\d*)\.(range(\[[01]\])?|autorange)$/;
+const RANGE_EDIT = /^([xy]axis\d*)\.(range(\[[01]\])?|autorange)$/;
 const AXIS_KEY = /^[xy]axis\d*$/;
+const SHOW_ALL_AXES = ["yaxis", "yaxis2", "yaxis5"]; // what "show all" widens: losses and metrics
+const FOLLOW_SLACK = 0.02; // a zoom whose right edge is this close (of its width) to the newest point follows
+const MAX_FULL = 6; // branches drawn in full at once (the server holds the same bound)
 const DEFAULT_UIREVISION = "babysit-live-chart";
 const POINT_KEYS = ["x", "y", "text"];
 const MIN_FIT_HEIGHT = 360; // px: below this a fitted chart stops shrinking and the page scrolls
@@ -142,32 +153,58 @@ function createView(parentElement) {
     dirty: false, // model changed since it was last drawn
     settings: null, // the newest message's height and fit
     fitted: null, // the height a fitted chart was given
+    zoom: new Map(), // axis name -> {type, range}: a person's zoom, kept until they autoscale that axis
+    follow: false, // the x zoom moves on with new points
+    reportedLo: null, // the left edge of the x window last reported
+    yAll: false, // "show all": the loss and metrics axes autorange over everything drawn
+    full: [], // branches asked for in full
+    axisRevision: 0,
+    drawnLayout: null, // the server's layout of the figure on screen
   };
   views.set(parentElement, view);
   return view;
 }
 
-function report(view, xRange) {
-  const json = JSON.stringify(xRange);
-  if (json === view.lastSent) return; // an unchanged value would only cost a rerun
+// What the server hears: the x window (data units, null for the whole run), whether it follows
+// new points, and the branches asked for in full. Only when it changed: an unchanged value would
+// only cost a rerun.
+function report(view) {
+  const x = view.zoom.get("xaxis");
+  const axis = view.gd && view.gd._fullLayout && view.gd._fullLayout.xaxis;
+  let xRange = null;
+  if (x) {
+    xRange = x.range.slice();
+    // A log axis keeps its range in decades; the server thinks in data units.
+    if (axis && axis.type === "log") xRange = xRange.map((v) => 10 ** v);
+    view.reportedLo = toLinear(axis, x.range[0]);
+  } else {
+    view.reportedLo = null;
+  }
+  const state = { x_range: xRange };
+  if (x && view.follow) state.follow = true;
+  if (view.full.length) state.full = view.full.slice();
+  const json = JSON.stringify(state);
+  if (json === view.lastSent) return;
+  if (view.lastSent === undefined && xRange === null && !view.full.length) return; // nothing to say yet
   view.lastSent = json;
-  view.component.setStateValue("view", { x_range: xRange });
+  view.component.setStateValue("view", state);
 }
 
-// The x window the user now looks at, after a zoom, pan or autoscale on any x axis (subplots that
-// share x move together, so any one of them will do); undefined when the edit did not touch x.
-function xRangeAfter(gd, edit) {
-  for (const key of Object.keys(edit)) {
-    const m = key.match(X_RANGE_EDIT);
-    if (!m) continue;
-    const axis = gd._fullLayout[m[1]];
-    if (!axis || edit[`${m[1]}.autorange`] === true || axis.autorange === true) return null;
-    let [lo, hi] = axis.range;
-    // A log axis keeps its range in decades; the server thinks in data units.
-    if (axis.type === "log") [lo, hi] = [10 ** lo, 10 ** hi];
-    return [lo, hi];
-  }
-  return undefined;
+// Range values in plotly's own numbers (a date axis: milliseconds) and back.
+function toLinear(axis, value) {
+  return axis && axis.r2l ? axis.r2l(value) : Number(value);
+}
+
+function fromLinear(axis, value) {
+  return axis && axis.type !== "date" && axis.l2r ? axis.l2r(value) : value;
+}
+
+// The newest point's x (layout.meta.newest): of the figure held, or (``drawn``) of the one on screen,
+// which a person's zoom is measured against (the figure held may be a refresh ahead of it).
+function newestX(view, drawn = false) {
+  const layout = drawn ? view.drawnLayout : view.model && view.model.layout;
+  const meta = layout && layout.meta;
+  return meta && typeof meta.newest === "number" ? meta.newest : null;
 }
 
 function onRelayout(view, edit) {
@@ -177,8 +214,128 @@ function onRelayout(view, edit) {
     const parts = parsePath(key);
     if (parts) view.sticky.set(key, { parts, user: value, server: getPath(view.serverLayout, parts) });
   }
-  const xRange = xRangeAfter(view.gd, flat);
-  if (xRange !== undefined) report(view, xRange);
+  const full = view.gd._fullLayout;
+  const touched = new Set();
+  for (const key of Object.keys(flat)) {
+    const m = key.match(RANGE_EDIT);
+    if (m) touched.add(m[1]);
+  }
+  let xTouched = false;
+  let refit = false;
+  for (const name of touched) {
+    const axis = full[name];
+    if (!axis) continue;
+    if (flat[`${name}.autorange`] === true || axis.autorange === true) {
+      view.zoom.delete(name);
+      if (name.startsWith("y")) refit = true; // back to the server's fit, not plotly's everything
+    } else {
+      view.zoom.set(name, { type: axis.type, range: axis.range.slice() });
+    }
+    if (name.startsWith("x")) xTouched = true;
+  }
+  if (xTouched) {
+    // Subplots share x (matched axes move together): the first x axis speaks for them.
+    const first = [...touched].find((name) => name.startsWith("x"));
+    if (first !== "xaxis") {
+      if (view.zoom.has(first)) view.zoom.set("xaxis", { ...view.zoom.get(first) });
+      else view.zoom.delete("xaxis");
+    }
+    const x = view.zoom.get("xaxis");
+    const newest = newestX(view, true);
+    if (x && newest !== null) {
+      const [lo, hi] = x.range.map((v) => toLinear(full.xaxis, v));
+      view.follow = hi >= newest - FOLLOW_SLACK * (hi - lo);
+    } else {
+      view.follow = false;
+    }
+    report(view);
+  }
+  if (refit) redraw(view);
+}
+
+function redraw(view) {
+  view.dirty = true;
+  if (!view.busy) pump(view);
+}
+
+// "show all" and back: a click on the note the server puts on a fitted axis.
+function onAnnotationClick(view, event) {
+  const name = (event && event.annotation && event.annotation.name) || "";
+  if (name.startsWith("babysit-clip-")) view.yAll = true;
+  else if (name.startsWith("babysit-fit-")) view.yAll = false;
+  else return;
+  for (const axis of SHOW_ALL_AXES) view.zoom.delete(axis);
+  redraw(view);
+}
+
+// A click on a faint abandoned branch asks for it in full; on a branch in full, folds it back.
+function onPointClick(view, event) {
+  const point = event && event.points && event.points[0];
+  const meta = (point && point.data && point.data.meta) || {};
+  let branch = null;
+  if (meta.role === "abandoned") branch = point.customdata;
+  else if (meta.role === "full") branch = meta.branch;
+  if (typeof branch !== "number") return;
+  const at = view.full.indexOf(branch);
+  if (at >= 0) view.full.splice(at, 1);
+  else view.full = view.full.concat([branch]).slice(-MAX_FULL);
+  report(view);
+}
+
+// The ranges this module owns (see the top of the file), set on the layout about to be drawn.
+function applyRanges(view, layout, data) {
+  view.axisRevision += 1;
+  for (const key of Object.keys(layout)) {
+    // A new revision per axis each time: plotly then keeps no range of its own across updates.
+    if (AXIS_KEY.test(key) && isPlainObject(layout[key])) layout[key].uirevision = view.axisRevision;
+  }
+  const typeOf = (name) => (layout[name] && layout[name].type) || "linear";
+  for (const [name, zoom] of [...view.zoom]) {
+    if (name.startsWith("y") && zoom.type && zoom.type !== typeOf(name)) {
+      view.zoom.delete(name); // a zoom in other units (the axis went log since): let it go
+      continue;
+    }
+    if (!isPlainObject(layout[name])) layout[name] = {};
+    layout[name].range = zoom.range.slice();
+    layout[name].autorange = false;
+  }
+  // Following: once the newest point passes the right edge, the window moves on with it.
+  const x = view.zoom.get("xaxis");
+  const newest = newestX(view);
+  const axis = view.gd && view.gd._fullLayout && view.gd._fullLayout.xaxis;
+  if (x && view.follow && newest !== null && axis) {
+    let [lo, hi] = x.range.map((v) => toLinear(axis, v));
+    if (newest > hi) {
+      const width = hi - lo;
+      hi = newest + FOLLOW_SLACK * width;
+      lo = hi - width;
+      x.range = [fromLinear(axis, lo), fromLinear(axis, hi)];
+      layout.xaxis.range = x.range.slice();
+      // Ask for the denser data of the new window once it has moved by half its width.
+      if (view.reportedLo === null || lo - view.reportedLo > width / 2) report(view);
+    }
+  }
+  const meta = layout.meta || {};
+  for (const [name, fit] of Object.entries(meta.fit || {})) {
+    if (!isPlainObject(layout[name]) || view.zoom.has(name)) continue;
+    if (view.yAll && SHOW_ALL_AXES.includes(name)) {
+      delete layout[name].range;
+      layout[name].autorange = true;
+    } else {
+      layout[name].range = (typeOf(name) === "log" ? fit.log : fit.linear).slice();
+      layout[name].autorange = false;
+    }
+  }
+  // Markers for the points off the scale, and the notes: those of each axis's type, or none.
+  const kind = (name) => (typeOf(name) === "log" ? "log" : "linear");
+  for (let i = 0; i < data.length; i++) {
+    const clip = data[i].meta && data[i].meta.clip;
+    if (clip) data[i] = { ...data[i], visible: !view.yAll && clip === kind(data[i].meta.axis) };
+  }
+  for (const note of layout.annotations || []) {
+    const m = (note.name || "").match(/^babysit-(clip-(linear|log)|fit)-(\w+)$/);
+    if (m) note.visible = m[1] === "fit" ? view.yAll : !view.yAll && m[2] === kind(m[3]);
+  }
 }
 
 function makeConfig(Plotly) {
@@ -256,7 +413,11 @@ async function render(view, Plotly) {
   if (view.uirevision !== undefined && !same(view.uirevision, layout.uirevision)) {
     // The server asked for a fresh view: drop the user's edits and say the window is the whole run.
     view.sticky.clear();
-    if (view.lastSent !== undefined && view.lastSent !== "null") report(view, null);
+    view.zoom.clear();
+    view.follow = false;
+    view.yAll = false;
+    view.full = [];
+    if (view.lastSent !== undefined) report(view);
   }
   view.uirevision = layout.uirevision;
   // Re-apply user edits that uirevision does not cover, unless the server has since changed the
@@ -266,6 +427,8 @@ async function render(view, Plotly) {
     else view.sticky.delete(key);
   }
   view.serverLayout = serverLayout;
+  applyRanges(view, layout, figure.data);
+  view.drawnLayout = serverLayout;
   // The element's height is the server's (or fitted to the window); the width follows the column.
   delete layout.width;
   delete layout.height;
@@ -280,6 +443,8 @@ async function render(view, Plotly) {
     view.config = makeConfig(Plotly);
     await Plotly.react(view.gd, figure.data || [], layout, view.config);
     view.gd.on("plotly_relayout", (edit) => onRelayout(view, edit));
+    view.gd.on("plotly_clickannotation", (event) => onAnnotationClick(view, event));
+    view.gd.on("plotly_click", (event) => onPointClick(view, event));
     // Keep the pressed button of an updatemenu in step with the edit we re-apply.
     view.gd.on("plotly_buttonclicked", (ev) => {
       const index = ev && ev.menu && ev.menu._index;
