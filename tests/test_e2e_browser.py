@@ -155,26 +155,41 @@ def _until(what: str, check: Callable[[], Any], page: Page, timeout: float = WAI
 
 
 def _loss_traces(page: Page) -> dict[int, dict[str, Any]]:
-    """Per branch, the train-loss traces on the chart (raw and smoothed): their names, how many
-    points in all, and the smallest and largest step drawn."""
+    """Per branch, the train-loss points on the chart (on the live line, which joins several
+    branches, each branch's share of it; an abandoned branch's faint sketch; a branch drawn in
+    full): how the traces are named, how many points in all, and the smallest and largest step."""
     traces = page.evaluate(
         """(sel) => {
             const gd = document.querySelector(sel);
             if (!gd || !gd.data) return [];
-            return gd.data.map((t) => ({name: t.name || '', x: Array.from(t.x || []).filter((v) => v !== null)}));
+            return gd.data.filter((t) => t.meta && t.meta.name === 'loss' && t.meta.role !== 'superseded')
+                .map((t) => ({name: t.name || '', role: t.meta.role, branch: t.meta.branch, pieces: t.meta.pieces || [],
+                              x: Array.from(t.x || []), custom: t.customdata ? Array.from(t.customdata) : null}));
         }""",
         PLOT,
     )
     branches: dict[int, dict[str, Any]] = {}
+
+    def add(branch: int, xs: list[Any], name: str) -> None:
+        xs = [float(x) for x in xs if x is not None]
+        if not xs:
+            return
+        entry = branches.setdefault(branch, {"points": 0, "min_x": float("inf"), "max_x": float("-inf"), "names": []})
+        entry["points"] += len(xs)
+        entry["min_x"] = min(entry["min_x"], min(xs))
+        entry["max_x"] = max(entry["max_x"], max(xs))
+        entry["names"].append(name)
+
     for trace in traces:
-        match = re.match(r"loss · branch (\d+)\b", trace["name"])
-        if match and "superseded" not in trace["name"] and trace["x"]:
-            entry = branches.setdefault(int(match.group(1)),
-                                        {"points": 0, "min_x": float("inf"), "max_x": float("-inf"), "names": []})
-            entry["points"] += len(trace["x"])
-            entry["min_x"] = min(entry["min_x"], min(float(x) for x in trace["x"]))
-            entry["max_x"] = max(entry["max_x"], max(float(x) for x in trace["x"]))
-            entry["names"].append(trace["name"])
+        if trace["role"] == "live":
+            starts = [start for _, start in trace["pieces"]] + [len(trace["x"])]
+            for (branch, start), stop in zip(trace["pieces"], starts[1:]):
+                add(branch, trace["x"][start:stop], trace["name"])
+        elif trace["role"] == "abandoned":
+            for branch in set(trace["custom"]):
+                add(branch, [x for x, b in zip(trace["x"], trace["custom"]) if b == branch], trace["name"])
+        else:
+            add(trace["branch"], trace["x"], trace["name"])
     return branches
 
 
@@ -280,7 +295,7 @@ def _curve_lr_nudge_and_rollback(page: Page, demo: Demo) -> None:
     grown = _until("branch 1's loss curve to grow",
                    lambda: (b := _loss_traces(page).get(1)) and b["max_x"] >= first["max_x"] + 20 and b, page)
     assert grown["points"] > first["points"]  # every step is drawn until a window holds 5,000
-    assert any(name.startswith("loss · branch 1") for name in grown["names"])
+    assert "loss" in grown["names"]  # the live line, named by its metric
     expect(_metric(page, "lr")).to_have_text("0.05")
     expect(page.locator('[data-testid="stProgress"]')).to_contain_text("branch 1")
 
@@ -325,9 +340,11 @@ def _curve_lr_nudge_and_rollback(page: Page, demo: Demo) -> None:
     expect(_metric(page, "lr")).to_have_text("0.05")
     both = _until("branch 2's loss curve beside branch 1's",
                   lambda: (b := _loss_traces(page)).get(2) and b.get(1) and b, page)
-    assert any(name.startswith("loss · branch 2") for name in both[2]["names"])
+    assert "loss" in both[2]["names"]  # branch 2 is the live line now
     assert both[2]["min_x"] >= checkpoint["step"]  # branch 2 starts where the checkpoint was taken
-    # Branch 1 is still drawn, from its start to past the nudge (the steps it ran after the checkpoint).
+    # Branch 1 is still drawn, from its start (the live line's first stretch) to past the nudge (the
+    # steps it ran after the checkpoint: its abandoned sketch).
+    assert "1 abandoned branch" in both[1]["names"]
     assert both[1]["min_x"] <= 1 and both[1]["max_x"] >= nudged_at
 
     # Each click queued exactly one command (the guard may have queued a pause of its own).
@@ -344,7 +361,7 @@ COUNT_DRAWS = """(sel) => {
 }"""
 VIEW = """(sel) => {
     const gd = document.querySelector(sel);
-    const loss = gd.data.filter((t) => /^loss · branch 1/.test(t.name || '') && !/superseded/.test(t.name));
+    const loss = gd.data.filter((t) => t.meta && t.meta.role === 'live' && t.meta.name === 'loss');
     return {x: gd.layout.xaxis.range.map(Number), autorange: !!gd.layout.xaxis.autorange,
             ytype: gd.layout.yaxis.type, steps: loss.flatMap((t) => Array.from(t.x)).filter((v) => v !== null)};
 }"""

@@ -173,3 +173,13 @@ def test_probes_and_sweeps_stay_off_the_main_line_unless_the_run_went_on_from_on
     store.new_branch(parent=4, from_checkpoint=7, start_step=360, start_epoch=3, hparams={"lr": 0.2, "momentum": 0.9})
     assert excursion_side_branches(store) == {3, 5}
     assert excursion_side_branches(RunStore(store.run_dir.parent / "plain", create=True)) == frozenset()
+
+
+def test_rows_say_which_branches_the_trainer_descends_from_and_a_damaged_line_is_named(store: RunStore) -> None:
+    table = compare_branches(store)
+    assert [r.branch for r in table.rows if r.on_line] == [1, 2] and table.damage is None  # the trainer is on 2
+    store.conn().execute("UPDATE branches SET parent = 2 WHERE id = 1")  # forged: 1 and 2 each other's parent
+    damaged = compare_branches(store)
+    assert damaged.damage == "branches 1 and 2 name each other as parents"
+    assert [r.branch for r in damaged.rows if r.on_line] == [1, 2]
+    assert format_table(damaged).endswith("\ndamaged run: branches 1 and 2 name each other as parents")

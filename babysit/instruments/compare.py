@@ -6,7 +6,8 @@ from the parent's at that step, its best validation number (per epoch) and at wh
 its loss at the same number of steps since the fork as every other branch compared (the
 smoothed step metric at +N steps, N the shortest compared branch's length), so the numbers
 compare like with like. Excursion branches (probe sets, sweeps) are marked as such: they are never
-the run's main line.
+the run's main line. Each row says whether the branch is on the trainer's line of descent (walked
+by babysit.store.lineage, which ends at a damaged parent row and says so in ``damage``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from ..downsample import ewma
 from ..store import EXCURSION_SWEEP, PER_EPOCH, PER_STEP, RunStore, SeriesInfo
+from ..store.lineage import line_of
 from .probes import HPARAM_SERIES
 
 # The smoothing of the loss compared at equal steps: the course notes' β = 0.9 (about ten steps),
@@ -51,6 +53,7 @@ class BranchRow:
     loss_at: float | None = None              # its EWMA at fork + ``at_steps``
     at_steps: int | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
+    on_line: bool = False                     # on the trainer's line of descent (what the chart draws live)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Comparison:
     at_steps: int | None   # N: the steps since the fork at which losses are compared (None: no data)
     loss_metric: str | None
     best_metric: str | None
+    damage: str | None = None  # what is wrong with the run's parent rows, when its line of descent ends at damage
 
     def row(self, branch: int) -> BranchRow | None:
         return next((r for r in self.rows if r.branch == branch), None)
@@ -136,6 +140,8 @@ def compare_branches(store: RunStore, branches: Iterable[int] | None = None, *, 
     by_id = {b["id"]: b for b in every}
     own = {(s.name, s.branch, s.per): s for s in series if s.segment == 0}
     epochs = store.epochs()
+    line = line_of(by_id, status["branch"]) if isinstance(status.get("branch"), int) else None
+    on_line = set(line.branches) if line is not None else set()
 
     lengths = {b["id"]: _length(store, b, own, status) for b in chosen}
     partial = []
@@ -162,9 +168,10 @@ def compare_branches(store: RunStore, branches: Iterable[int] | None = None, *, 
             best_metric=best_metric if best else None, best_value=best[0] if best else None,
             best_epoch=best[1] if best else None, best_step=best[2] if best else None,
             loss_metric=metric if loss is not None else None, loss_at=loss,
-            at_steps=at_steps if loss is not None else None, hparams=dict(b["hparams"]),
+            at_steps=at_steps if loss is not None else None, hparams=dict(b["hparams"]), on_line=b["id"] in on_line,
         ))
-    return Comparison(rows=rows, at_steps=at_steps, loss_metric=metric, best_metric=best_metric)
+    return Comparison(rows=rows, at_steps=at_steps, loss_metric=metric, best_metric=best_metric,
+                      damage=line.damage if line is not None else None)
 
 
 def _length(store: RunStore, branch: dict[str, Any], own: dict[tuple[str, int, str], SeriesInfo],
@@ -265,7 +272,7 @@ def row_object(row: BranchRow) -> dict[str, Any]:
                                                      "epoch": row.best_epoch, "step": row.best_step},
         "loss_at": None if row.loss_at is None else {"metric": row.loss_metric, "steps": row.at_steps,
                                                      "value": row.loss_at},
-        "hparams": row.hparams,
+        "hparams": row.hparams, "on_line": row.on_line,
     }
 
 
@@ -292,4 +299,5 @@ def format_table(comparison: Comparison) -> str:
     note = (f"{loss_head}: the EWMA (β {LOSS_BETA:g}) of {comparison.loss_metric} {n} steps after each branch's fork"
             " (N is the shortest compared branch's length); * the trainer's branch") if n else \
         "* the trainer's branch; no branch has logged a step since its fork yet"
-    return "\n".join(out + ["", note])
+    damage = [f"damaged run: {comparison.damage}"] if comparison.damage else []
+    return "\n".join(out + ["", note] + damage)
