@@ -99,7 +99,7 @@ CHART = """(sel) => {
         legend: Array.from(gd.querySelectorAll('g.legend g.traces')).map((g) => g.textContent),
         titles: Object.fromEntries(['y3', 'y4'].map((a) => [a, box(gd.querySelector(`g.g-${a}title`))])),
         yrange: fl.yaxis.range.slice(), ytype: fl.yaxis.type, xrange: fl.xaxis.range.slice().map(Number),
-        xauto: !!fl.xaxis.autorange, newest: (gd.layout.meta || {}).newest,
+        xauto: !!fl.xaxis.autorange, newest: Number(gd.closest('.babysit-live-chart').dataset.newest),
         traces: gd.data.map((t) => ({name: t.name, role: (t.meta || {}).role, branch: (t.meta || {}).branch,
                                      pieces: (t.meta || {}).pieces, n: (t.x || []).length,
                                      visible: t.visible === undefined ? true : t.visible,

@@ -225,7 +225,11 @@ def _from_points(info: SeriesInfo, steps: np.ndarray, values: np.ndarray, walls:
     steps, values, walls = steps[inside], values[inside], walls[inside]
     raw_count = len(steps)
     if raw_count <= max_points:
-        return SeriesWindow(info, steps, values, walls, steps, values, raw_count, False, role)
+        # Every point is drawn; the smoothed line is drawn from at most MEAN_BUCKETS bucket means
+        # (the same curve, babysit/downsample.py: ewma), fewer points for the browser to redraw.
+        mean_steps, mean_values = (aligned_means(steps, values, MEAN_BUCKETS) if raw_count > MEAN_BUCKETS
+                                   else (steps, values))
+        return SeriesWindow(info, steps, values, walls, mean_steps, mean_values, raw_count, False, role)
     kept_steps, kept_values = aligned_minmax(steps, values, max_points)
     kept_walls = np.interp(kept_steps, steps, walls)
     mean_steps, mean_values = aligned_means(steps, values, MEAN_BUCKETS)
@@ -375,7 +379,7 @@ class RunView:
 MAX_LINE_STRETCHES = 2_000
 MAX_FULL_BRANCHES = 6
 # The faint curves of the abandoned branches: this many points together, at least a few each.
-ABANDONED_POINTS = 6_000
+ABANDONED_POINTS = 3_000
 ABANDONED_MIN_POINTS = 24
 # An abandoned stretch this short is drawn from its raw points (bucket means), else from its chunks'.
 ABANDONED_RAW_POINTS = 16 * CHUNK_POINTS

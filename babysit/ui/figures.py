@@ -157,13 +157,23 @@ def robust_range(values: np.ndarray, log: bool = False) -> tuple[float, float] |
 
 
 def _fit(values: np.ndarray) -> dict[str, list[float]] | None:
-    """The robust range on a linear and on a log axis (plotly's units: data, and log10 of data)."""
+    """The robust range on a linear and on a log axis (plotly's units: data, and log10 of data),
+    widened to round numbers: a few new points rarely move it, so a refresh rarely redraws the axis."""
     linear, log = robust_range(values), robust_range(values, log=True)
     if linear is None:
         return None
-    fit = {"linear": [linear[0], linear[1]]}
-    fit["log"] = [math.log10(log[0]), math.log10(log[1])] if log else fit["linear"]
+    fit = {"linear": _rounded_out(*linear)}
+    fit["log"] = _rounded_out(math.log10(log[0]), math.log10(log[1])) if log else fit["linear"]
     return fit
+
+
+def _rounded_out(lo: float, hi: float) -> list[float]:
+    """[lo, hi] widened to multiples of a fiftieth of its span's decade."""
+    span = hi - lo
+    if not span > 0 or not math.isfinite(span):
+        return [lo, hi]
+    step = 10.0 ** math.floor(math.log10(span)) / 50
+    return [float(f"{math.floor(lo / step) * step:.12g}"), float(f"{math.ceil(hi / step) * step:.12g}")]
 
 
 # -- the figure ----------------------------------------------------------------------------------

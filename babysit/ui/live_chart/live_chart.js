@@ -429,6 +429,7 @@ async function render(view, Plotly) {
   view.serverLayout = serverLayout;
   applyRanges(view, layout, figure.data);
   view.drawnLayout = serverLayout;
+  delete layout.meta; // ours (fits, the newest point), not plotly's: changed each refresh, it would cost a redraw
   // The element's height is the server's (or fitted to the window); the width follows the column.
   delete layout.width;
   delete layout.height;
@@ -478,6 +479,8 @@ async function render(view, Plotly) {
   if (view.renders === 0) performance.mark("babysit:first-chart");
   view.renders += 1;
   view.root.dataset.renders = String(view.renders);
+  const newest = newestX(view, true);
+  if (newest !== null) view.root.dataset.newest = String(newest); // what a zoom that follows follows
 }
 
 // Draw the newest figure; updates that arrive while one is drawn are applied to it meanwhile and
