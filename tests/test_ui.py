@@ -250,6 +250,9 @@ def test_a_refresh_is_bounded_and_one_past_its_time_is_cut_short(store: RunStore
     assert "This run has more than 3 series; the chart reads the newest 3." in capped.notes
     assert "This run logs 3 metrics; the chart draws 2 of them." in capped.notes
     assert sorted(w.name for w in capped.windows) == ["lr", "val_loss"]  # the newest 3 read; losses, then lr, first
+    few = read_view(store, {"branch": 1}, limits=RefreshLimits(summary_rows=2))
+    assert "This run has more than 2 chunks to draw; the chart draws the first 2 of them." in few.notes
+    assert len(few.windows) == 2
     late = read_view(store, {"branch": 1}, limits=RefreshLimits(seconds=0.0))
     assert late.notes == ["This refresh was cut short after 0 s (the run's database is too large or too slow to read "
                           "in time); the chart shows what was read by then."]

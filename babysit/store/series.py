@@ -106,24 +106,32 @@ class SeriesTables:
             np.frombuffer(b"".join(r[2] for r in rows), dtype="<f8"),
         )
 
-    def chunk_summaries_since(self, wanted: Sequence[tuple[int, int | None]]) -> dict[int, np.ndarray]:
+    def chunk_summaries_since(self, wanted: Sequence[tuple[int, int | None]],
+                              limit: int | None = None) -> dict[int, np.ndarray]:
         """For each (series, since) the summary rows (as :meth:`chunk_summaries`) of its chunks whose
         first step is ``since`` or later (all when None): one query for many series, so that a
-        refresh costs a few queries whatever the number of branches."""
+        refresh costs a few queries whatever the number of branches. At most ``limit`` rows in all
+        (the series listed first get theirs first)."""
         found: list[np.ndarray] = []
+        left = -1 if limit is None else limit
         for part in _parts(wanted, 400):
-            values = ", ".join("(?, ?)" for _ in part)
-            params = [x for series, since in part for x in (series, -(2**62) if since is None else int(since))]
+            if left == 0:
+                break
+            values = ", ".join("(?, ?, ?)" for _ in part)
+            params = [x for k, (series, since) in enumerate(part)
+                      for x in (k, series, -(2**62) if since is None else int(since))]
             # CROSS JOIN keeps the wanted list outside, so each series is one range of the index.
             rows = self.conn().execute(
-                f"WITH wanted(series, since) AS (VALUES {values})"
+                f"WITH wanted(k, series, since) AS (VALUES {values})"
                 " SELECT c.series, c.first_step, c.last_step, c.n, c.vmin, c.vmax, c.vsum, c.min_step, c.max_step,"
                 " c.first_wall, c.last_wall FROM wanted w CROSS JOIN chunks c"
-                " WHERE c.series = w.series AND c.first_step >= w.since ORDER BY c.series, c.first_step",
-                params,
+                " WHERE c.series = w.series AND c.first_step >= w.since ORDER BY w.k, c.first_step LIMIT ?",
+                (*params, left),
             ).fetchall()
             if rows:
                 found.append(np.array(rows, dtype=float))
+            if left > 0:
+                left -= len(rows)
         empty = np.empty((0, 10))
         out = {series: empty for series, _ in wanted}
         if found:

@@ -155,9 +155,11 @@ class SummaryCache:
     def read(self, store: RunStore, series: int) -> np.ndarray:
         return self.read_many(store, [series])[series]
 
-    def read_many(self, store: RunStore, wanted: Iterable[int], every: frozenset[int] | None = None) -> dict[int, np.ndarray]:
+    def read_many(self, store: RunStore, wanted: Iterable[int], every: frozenset[int] | None = None,
+                  limit: int | None = None) -> dict[int, np.ndarray]:
         """The summary rows of each series in ``wanted``; ``every``: the ids of all the run's
-        series (read by the caller already), else read here."""
+        series (read by the caller already), else read here. At most ``limit`` rows are read (the
+        first series' first); what is cut is not cached."""
         key = (str(store.db_path.resolve()), store.db_path.stat().st_ino)
         ids = every if every is not None else frozenset(info.id for info in store.series())
         wanted = list(dict.fromkeys(wanted))
@@ -171,7 +173,8 @@ class SummaryCache:
             known = {series: cached.get(series) for series in wanted}
         since = [(series, int(rows[-1, _FIRST]) if rows is not None and len(rows) else None)
                  for series, rows in known.items()]
-        tails = store.chunk_summaries_since(since)
+        tails = store.chunk_summaries_since(since, limit)
+        cut = limit is not None and sum(len(t) for t in tails.values()) >= limit
         found, again = {}, []
         for series, first in since:
             rows, tail = known[series], tails[series]
@@ -182,9 +185,10 @@ class SummaryCache:
             else:
                 found[series] = np.concatenate([rows[:-1], tail])
         if again:
-            found.update(store.chunk_summaries_since(again))
-        with self._lock:
-            cached.update(found)
+            found.update(store.chunk_summaries_since(again, limit))
+        if not cut:  # a read cut short holds only some series' rows
+            with self._lock:
+                cached.update(found)
         return found
 
 
@@ -286,6 +290,7 @@ class RefreshLimits:
     series: int = 5_000            # series rows read (the newest)
     branches: int = MAX_BRANCH_ROWS  # branch rows read (the newest)
     raw_points: int = 1_500_000    # raw points read, all windows together (~36 MB): then summaries
+    summary_rows: int = 500_000    # chunk summaries read (~40 MB: 128 million steps of points)
     metrics: int = 16              # metrics drawn (losses first)
     epochs: int = 200_000          # epoch rows read
     superseded: int = 64           # superseded pieces drawn
@@ -488,7 +493,14 @@ def _fill(view: RunView, store: RunStore, status: dict[str, Any], lo: float | No
 
     # One read of the summaries of everything needed, one of the raw points.
     needed = {info.id for _, _, parts in plans for _, info, _ in parts} | {info.id for info, _ in abandoned_series}
-    summaries = SUMMARIES.read_many(store, sorted(needed), frozenset(i.id for i in series))
+    # The live line's series first (the trainer's branch's before its ancestors'), so that a run
+    # past the bound still shows where the trainer is.
+    order = [info.id for role, _, parts in plans if role == LIVE for _, info, _ in reversed(parts)]
+    summaries = SUMMARIES.read_many(store, list(dict.fromkeys(order + sorted(needed))), frozenset(i.id for i in series),
+                                    limit=limits.summary_rows)
+    if sum(len(rows) for rows in summaries.values()) >= limits.summary_rows:
+        budget.note(f"This run has more than {limits.summary_rows:,} chunks to draw; the chart draws the first "
+                    f"{limits.summary_rows:,} of them.")
     budget.check()
     requests: list[tuple[int, int, int]] = []
     run = (str(store.db_path), store.db_path.stat().st_ino)
