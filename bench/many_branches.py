@@ -38,6 +38,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -111,6 +112,22 @@ def build_run(run_dir: Path, rollbacks: int, seed: int = 0) -> tuple[subprocess.
     return trainer, info
 
 
+def keep_appending(run_dir: Path, stop: Any, steps_per_s: float) -> None:
+    """Log loss points on a run's trainer branch at ``steps_per_s``, as its trainer would (so the
+    one-branch run changes between refreshes as the live one does)."""
+    store = RunStore(run_dir)
+    status = store.status()
+    step, series = int(status["step"]), store.series_id("loss", status["branch"], "step")
+    rng = np.random.default_rng(2)
+    while not stop.wait(0.25):
+        n = max(1, round(steps_per_s / 4))
+        steps = np.arange(step + 1, step + n + 1, dtype=np.int64)
+        store.write_chunks([(series, steps, 0.1 + 0.05 * rng.random(n), time.time() + np.zeros(n))])
+        step += n
+        store.write_status(step=step, heartbeat=time.time())
+    store.close()
+
+
 def one_branch_copy(source: Path, target: Path) -> int:
     """A run of one branch holding the same points as ``source`` (its branches' points laid end to
     end, in branch order): a refresh of it is what the same run would cost without rollbacks."""
@@ -162,10 +179,14 @@ def refresher(package: Any) -> Callable[[Path, bool], dict[str, Any]]:
     figures = importlib.import_module(f"{name}.ui.figures")
     compare = importlib.import_module(f"{name}.instruments.compare")
     store_module = importlib.import_module(f"{name}.store")
+    delta_of = importlib.import_module(f"{name}.ui.figure_delta").figure_delta
     stores: dict[Path, Any] = {}
+    sent: dict[tuple[Path, bool], dict[str, Any]] = {}
 
     def refresh(run_dir: Path, zoom: bool) -> dict[str, Any]:
-        store = stores.setdefault(run_dir, store_module.RunStore(run_dir))
+        if run_dir not in stores:  # one store a run, as the page keeps one per session
+            stores[run_dir] = store_module.RunStore(run_dir)
+        store = stores[run_dir]
         status = store.status()
         t0 = time.perf_counter()
         lo = hi = None
@@ -176,12 +197,19 @@ def refresher(package: Any) -> Callable[[Path, bool], dict[str, Any]]:
         t1 = time.perf_counter()
         figure = figures.build_figure(view, figures.ChartOptions())
         t2 = time.perf_counter()
-        payload = to_json_plotly(figure)
+        # What the page sends: what changed since the figure it sent before (ui/live_chart.py).
+        before = sent.get((run_dir, zoom))
+        delta = delta_of(before, figure) if before is not None else None
+        message = to_json_plotly(delta) if delta is not None else to_json_plotly(figure)
         t3 = time.perf_counter()
+        sent[(run_dir, zoom)] = figure
+        payload = to_json_plotly(figure)
+        t4 = time.perf_counter()
         legend = [t["name"] for t in figure["data"] if t.get("showlegend", True)]
-        return {"read_ms": (t1 - t0) * 1e3, "figure_ms": (t2 - t1) * 1e3, "json_ms": (t3 - t2) * 1e3,
-                "total_ms": (t3 - t0) * 1e3, "traces": len(figure["data"]), "legend": len(legend),
-                "points": sum(len(t.get("x") or []) for t in figure["data"]), "kb": len(payload) / 1e3}
+        return {"read_ms": (t1 - t0) * 1e3, "figure_ms": (t2 - t1) * 1e3, "message_ms": (t3 - t2) * 1e3,
+                "total_ms": (t3 - t0) * 1e3, "json_ms": (t4 - t3) * 1e3, "traces": len(figure["data"]),
+                "legend": len(legend), "points": sum(len(t.get("x") or []) for t in figure["data"]),
+                "kb": len(payload) / 1e3, "message_kb": len(message) / 1e3}
 
     return refresh
 
@@ -333,23 +361,27 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"**The run**: the digits job (`python -m babysit train {' '.join(TRAIN_ARGS[:6])}`), {run['rollbacks']} real "
         f"rollbacks queued through the store's command queue (each after two epochs and an lr nudge; applied in a "
         f"median {run['rollback_s']['median']:.2f} s, {run['rollback_s']['min']:.2f}–{run['rollback_s']['max']:.2f}): "
-        f"{run['branches']} branches, {run['series']} series. The trainer keeps training during every measurement. "
-        f"**One branch** = the same points on one branch ({results['one_branch_steps']:,} steps), what the run would "
-        "be without its rollbacks.",
+        f"{run['branches']} branches, {run['series']} series. The trainer keeps training during every measurement "
+        f"(~{run['steps_per_s']:.0f} steps/s). **One branch** = the same points on one branch "
+        f"({results['one_branch_steps']:,} steps at the start), what the run would be without its rollbacks, logged on "
+        "at the trainer's pace meanwhile.",
         "",
         f"## Server: one chart refresh (ms, median (min–max) of {args.rounds} interleaved rounds after a warm-up)",
         "",
-        "read = `ui.data.read_view`, figure = `ui.figures.build_figure`, JSON = the figure's; *zoom* = the window of "
-        f"the last {ZOOM_STEPS:,} steps.",
+        "read = `ui.data.read_view`, figure = `ui.figures.build_figure`, message = what the page sends each refresh "
+        "(`ui.figure_delta.figure_delta` on the figure sent before, as JSON); **refresh** = the three. *first draw "
+        f"JSON* = the whole figure's, sent once a page. *zoom* = the window of the last {ZOOM_STEPS:,} steps.",
         "",
-        "| code | run | view | read | figure | JSON | **total** | traces | points | legend entries | KB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| code | run | view | read | figure | message | **refresh** | first draw JSON | traces | points "
+        "| legend entries | figure KB | message KB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in refresh.items():
         variant, run_name, view = key.split("|")
-        lines.append(f"| {variant} | {run_name} | {view} | {_f(r['read_ms'])} | {_f(r['figure_ms'])} | {_f(r['json_ms'])} "
-                     f"| **{_f(r['total_ms'])}** | {r['traces']['median']:.0f} | {r['points']['median']:,.0f} "
-                     f"| {r['legend']['median']:.0f} | {r['kb']['median']:,.0f} |")
+        lines.append(f"| {variant} | {run_name} | {view} | {_f(r['read_ms'])} | {_f(r['figure_ms'])} "
+                     f"| {_f(r['message_ms'])} | **{_f(r['total_ms'])}** | {_f(r['json_ms'])} "
+                     f"| {r['traces']['median']:.0f} | {r['points']['median']:,.0f} | {r['legend']['median']:.0f} "
+                     f"| {r['kb']['median']:,.0f} | {r['message_kb']['median']:,.1f} |")
     ratio = lambda a, b: refresh[a]["total_ms"]["median"] / refresh[b]["total_ms"]["median"]  # noqa: E731
     lines += [
         "",
@@ -443,15 +475,25 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = OUT / "many-branches-run"
     trainer, run = build_run(run_dir, args.rollbacks)
     results: dict[str, Any] = {"meta": meta, "run": run}
+    stop = threading.Event()
     try:
         one = OUT / "many-branches-one"
         results["one_branch_steps"] = one_branch_copy(run_dir, one)
+        store = RunStore(run_dir)
+        first = (store.status()["step"], time.monotonic())
+        _until("the trainer to go on", lambda: store.status()["step"] >= first[0] + 100, timeout=120)
+        rate = (store.status()["step"] - first[0]) / (time.monotonic() - first[1])
+        store.close()
+        run["steps_per_s"] = rate
+        appender = threading.Thread(target=keep_appending, args=(one, stop, rate), daemon=True)
+        appender.start()
         variants = {"before": refresher(before), "after": refresher(babysit)}
         results["refresh"] = measure_refresh(variants, {"branches": run_dir, "one": one}, args.rounds)
         if args.browser_rounds:
             results["browser"] = browse({"before": baseline_checkout(args.baseline), "after": REPO}, run_dir,
                                         args.browser_rounds, args.browser_seconds)
     finally:
+        stop.set()
         trainer.terminate()
         trainer.wait(timeout=120)
     if args.single:

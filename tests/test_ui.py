@@ -276,6 +276,18 @@ def test_nudges_and_rollbacks_are_marked_with_before_and_after(store: RunStore) 
     assert lr["line"]["shape"] == "hv" and figure["layout"]["yaxis3"]["type"] == "log"
 
 
+def test_a_nudge_is_marked_once_applied_though_its_row_was_read_while_pending(store: RunStore) -> None:
+    """Marker rows are read a little at a time; a command read while pending is read again."""
+    store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
+    store.write_status(state="running", pid=1, host="elsewhere", heartbeat=time.time(), branch=1, step=100)
+    write_series(store, "loss", 1, np.arange(1, 101), np.ones(100))
+    command = store.enqueue_command(cmd.SET_LR, {"value": 0.02}, source="cli")
+    assert read_view(store, store.status()).markers == []
+    store.finish_command(command, cmd.APPLIED, branch=1, step=40, result={"before": 0.1, "after": 0.02})
+    store.add_event("divergence", "divergence: loss became nan at step 90", branch=1, step=90)
+    assert [(m.kind, m.step) for m in read_view(store, store.status()).markers] == [("lr", 40), ("divergence", 90)]
+
+
 def test_x_axis_by_epoch_and_wall_time(store: RunStore) -> None:
     store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0)
     write_series(store, "loss", 1, np.arange(1, 151), np.ones(150))

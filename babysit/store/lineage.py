@@ -164,13 +164,16 @@ def _start_step(row: Mapping[str, Any]) -> int:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def read_branches(store: "RunStore", limit: int = MAX_BRANCH_ROWS) -> tuple[list[dict[str, Any]], int]:
+def read_branches(store: "RunStore", limit: int = MAX_BRANCH_ROWS, *, hparams: bool = True
+                  ) -> tuple[list[dict[str, Any]], int]:
     """The newest ``limit`` branch rows (oldest first) and how many the run has, so a reader's
-    cost stays bounded however many rows a run directory holds."""
+    cost stays bounded however many rows a run directory holds. ``hparams=False``: their lines of
+    descent only (each row's hparams an empty dict, not decoded)."""
     connection = store.conn()
     total = int(connection.execute("SELECT count(*) FROM branches").fetchone()[0])
+    columns = BRANCH_COLUMNS if hparams else BRANCH_COLUMNS.replace("hparams", "'{}'")
     rows = connection.execute(
-        f"SELECT * FROM (SELECT {BRANCH_COLUMNS} FROM branches ORDER BY id DESC LIMIT ?) ORDER BY id", (limit,)
+        f"SELECT * FROM (SELECT {columns} FROM branches ORDER BY id DESC LIMIT ?) ORDER BY id", (limit,)
     ).fetchall()
     return [branch_row(row) for row in rows], total
 

@@ -27,7 +27,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -137,59 +137,90 @@ class SeriesWindow:
         return tuple(b for b, _ in self.pieces) or (self.branch,)
 
 
+@dataclass
+class _RunSummaries:
+    ids: frozenset[int]                       # the run's series when this was read
+    rows: dict[int, np.ndarray] = field(default_factory=dict)
+    growing: frozenset[int] = frozenset()     # the series the trainer was writing, last time
+    generation: int = 0                       # changes whenever a series not growing got new rows
+
+
 class SummaryCache:
     """The chunk summaries of whole series already read, per run database.
 
-    A chunk is rewritten only while the trainer fills it (the same first step, more points), so
-    a refresh re-reads the last chunk it knows of each series and any newer ones, not the
-    thousands before, and does so for every series it needs in one query. Older chunks change
-    only when a crash's points are moved to a new superseded series, so a new series in the run
-    drops what is cached for it. Shared by every browser session of the server (hence the lock).
+    A chunk is rewritten only while the trainer fills it (the same first step, more points), so a
+    refresh re-reads the last chunk it knows of each series it asks about and any newer ones, not
+    the thousands before, and does so for all of them in one query. Only the trainer's branch
+    grows: :meth:`read_many` with ``growing`` re-reads only those series (and every series once
+    when the trainer moves to another branch, which catches a last write to the branch it left).
+    Older chunks change only when a crash's points are moved to a new superseded series, so a new
+    series in the run drops what is cached for it. Shared by every browser session of the server
+    (hence the lock).
     """
 
     def __init__(self, max_runs: int = 16) -> None:
         self._lock = threading.Lock()
-        self._runs: dict[tuple[str, int], tuple[frozenset[int], dict[int, np.ndarray]]] = {}
+        self._runs: dict[tuple[str, int], _RunSummaries] = {}
         self._max_runs = max_runs
 
     def read(self, store: RunStore, series: int) -> np.ndarray:
         return self.read_many(store, [series])[series]
 
     def read_many(self, store: RunStore, wanted: Iterable[int], every: frozenset[int] | None = None,
-                  limit: int | None = None) -> dict[int, np.ndarray]:
+                  limit: int | None = None, growing: frozenset[int] | None = None) -> dict[int, np.ndarray]:
         """The summary rows of each series in ``wanted``; ``every``: the ids of all the run's
         series (read by the caller already), else read here. At most ``limit`` rows are read (the
-        first series' first); what is cut is not cached."""
+        first series' first); what is cut is not cached. ``growing``: the only series that may
+        have grown since the last read (None: any)."""
+        return self.read_for_refresh(store, wanted, every, limit, growing)[0]
+
+    def read_for_refresh(self, store: RunStore, wanted: Iterable[int], every: frozenset[int] | None = None,
+                         limit: int | None = None, growing: frozenset[int] | None = None
+                         ) -> tuple[dict[int, np.ndarray], tuple[Any, ...]]:
+        """:meth:`read_many`, and a token that changes whenever rows of a series outside
+        ``growing`` changed (what a reader keeps of finished branches stays valid while it holds)."""
         key = (str(store.db_path.resolve()), store.db_path.stat().st_ino)
         ids = every if every is not None else frozenset(info.id for info in store.series())
         wanted = list(dict.fromkeys(wanted))
         with self._lock:
-            known_ids, cached = self._runs.get(key, (None, {}))
-            if known_ids != ids:  # a new branch or superseded piece: start afresh
-                cached = {}
-                if len(self._runs) >= self._max_runs:
+            run = self._runs.get(key)
+            if run is None or run.ids != ids:  # a new branch or superseded piece: start afresh
+                if run is None and len(self._runs) >= self._max_runs:
                     self._runs.clear()
-                self._runs[key] = (ids, cached)
-            known = {series: cached.get(series) for series in wanted}
-        since = [(series, int(rows[-1, _FIRST]) if rows is not None and len(rows) else None)
-                 for series, rows in known.items()]
-        tails = store.chunk_summaries_since(since, limit)
+                run = self._runs[key] = _RunSummaries(ids, generation=(run.generation + 1) if run else 0)
+            moved = growing is None or growing != run.growing
+            known = {series: run.rows.get(series) for series in wanted}
+        # Ask about what may have grown and what was never read; the rest is as it was.
+        asked = [(series, int(rows[-1, _FIRST]) if rows is not None and len(rows) else None)
+                 for series, rows in known.items() if rows is None or moved or series in growing]
+        tails = store.chunk_summaries_since(asked, limit) if asked else {}
         cut = limit is not None and sum(len(t) for t in tails.values()) >= limit
-        found, again = {}, []
-        for series, first in since:
+        found = {series: rows for series, rows in known.items() if rows is not None}
+        again = []
+        changed = False
+        for series, first in asked:
             rows, tail = known[series], tails[series]
             if first is None:
                 found[series] = tail
             elif len(tail) == 0 or tail[0, _FIRST] != first:
                 again.append((series, None))  # not the chunks we knew: read them all
-            else:
+            elif len(tail) > 1 or not np.array_equal(tail[0], rows[-1], equal_nan=True):
                 found[series] = np.concatenate([rows[:-1], tail])
+            else:
+                continue
+            changed = changed or (growing is not None and series not in growing and first is not None)
         if again:
             found.update(store.chunk_summaries_since(again, limit))
-        if not cut:  # a read cut short holds only some series' rows
-            with self._lock:
-                cached.update(found)
-        return found
+            changed = changed or any(growing is None or series not in growing for series, _ in again)
+        with self._lock:
+            if not cut:  # a read cut short holds only some series' rows
+                run.rows.update(found)
+            if growing is not None:
+                run.growing = growing
+            if changed or growing is None:
+                run.generation += 1
+            token = (key, id(run), run.generation)
+        return found, token
 
 
 SUMMARIES = SummaryCache()
@@ -436,7 +467,7 @@ def _fill(view: RunView, store: RunStore, status: dict[str, Any], lo: float | No
     series = store.series(limit=limits.series)
     if len(series) == limits.series:
         budget.note(f"This run has more than {limits.series:,} series; the chart reads the newest {limits.series:,}.")
-    rows, total = read_branches(store, limits.branches)
+    rows, total = read_branches(store, limits.branches, hparams=False)
     if total > len(rows):
         budget.note(f"This run has {total:,} branches; the chart reads the newest {len(rows):,}.")
     view.branches = rows
@@ -468,7 +499,8 @@ def _fill(view: RunView, store: RunStore, status: dict[str, Any], lo: float | No
         parts = [(s.branch, info, s.until) for s in line.stretches for info in own.get(s.branch, [])
                  if (info.name, info.per) == key and info.segment == 0]
         if parts:
-            plans.append((LIVE, replace(parts[-1][1], branch=line.branch), parts))
+            last = parts[-1][1]
+            plans.append((LIVE, SeriesInfo(last.id, last.name, line.branch, last.per, 0), parts))
     for branch in view.full:
         for info in own.get(branch, []):
             if info.segment == 0 and (info.name, info.per) in metrics:
@@ -496,8 +528,10 @@ def _fill(view: RunView, store: RunStore, status: dict[str, Any], lo: float | No
     # The live line's series first (the trainer's branch's before its ancestors'), so that a run
     # past the bound still shows where the trainer is.
     order = [info.id for role, _, parts in plans if role == LIVE for _, info, _ in reversed(parts)]
-    summaries = SUMMARIES.read_many(store, list(dict.fromkeys(order + sorted(needed))), frozenset(i.id for i in series),
-                                    limit=limits.summary_rows)
+    growing = frozenset(i.id for i in own.get(current, []) if i.segment == 0) if current is not None else None
+    summaries, generation = SUMMARIES.read_for_refresh(
+        store, list(dict.fromkeys(order + sorted(needed))), frozenset(i.id for i in series), limit=limits.summary_rows,
+        growing=growing)
     if sum(len(rows) for rows in summaries.values()) >= limits.summary_rows:
         budget.note(f"This run has more than {limits.summary_rows:,} chunks to draw; the chart draws the first "
                     f"{limits.summary_rows:,} of them.")
@@ -505,7 +539,7 @@ def _fill(view: RunView, store: RunStore, status: dict[str, Any], lo: float | No
     requests: list[tuple[int, int, int]] = []
     run = (str(store.db_path), store.db_path.stat().st_ino)
     drafts = [_plan_window(role, info, parts, summaries, lo, hi, budget, requests,
-                           (run, info.name, info.per) if role == LIVE else None) for role, info, parts in plans]
+                           (run, info.name, info.per) if role == LIVE else None, generation) for role, info, parts in plans]
     sketches = _plan_abandoned(store, abandoned_series, summaries, budget, requests)
     points = store.chunk_points_of(requests) if requests else []
     budget.check()
@@ -636,13 +670,13 @@ class _Draft:
 
 def _plan_window(role: str, info: SeriesInfo, parts: list[tuple[int, SeriesInfo, int | None]],
                  summaries: dict[int, np.ndarray], lo: float | None, hi: float | None, budget: _Budget,
-                 requests: list[tuple[int, int, int]], cache_key: tuple[Any, ...] | None) -> _Draft:
+                 requests: list[tuple[int, int, int]], cache_key: tuple[Any, ...] | None,
+                 generation: tuple[Any, ...] = ()) -> _Draft:
     ancestors = [(b, i, u) for b, i, u in parts if u is not None]
     prefix = None
     if ancestors:
-        key = (lo, hi, tuple((b, i.id, u) for b, i, u in ancestors), tuple(
-            (len(summaries.get(i.id, _NO_ROWS)), *summaries.get(i.id, _NO_ROWS)[-1:, _FIRST].tolist())
-            for _, i, _ in ancestors))
+        # The ancestors' rows are the same for as long as the summaries' generation holds.
+        key = (lo, hi, tuple((b, i.id, u) for b, i, u in ancestors), generation)
         with _PREFIXES_LOCK:
             kept = _PREFIXES.get(cache_key) if cache_key is not None else None
         prefix = kept[1] if kept is not None and kept[0] == key else _prefix_of(ancestors, summaries, lo, hi)
@@ -806,10 +840,64 @@ _ENDS = ("stopped", "finished")
 MARKER_EVENTS = ("rollback", "hparams", "stopped", "finished", "error", "start", "resume", "divergence")
 
 
+class _MarkerRows:
+    """The rows markers are made of, read a little at a time per run: events are only ever added,
+    and a command once applied, rejected or expired does not change, so a refresh reads only the
+    events since the last one it saw and the commands from the oldest still pending (the newest
+    10,000 of each are kept, as before). Shared by every browser session (hence the lock)."""
+
+    KEPT = 10_000
+
+    def __init__(self, max_runs: int = 16) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[tuple[str, int], tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]] = {}
+        self._max_runs = max_runs
+
+    def read(self, store: RunStore) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        key = (str(store.db_path.resolve()), store.db_path.stat().st_ino)
+        with self._lock:
+            events, commands = self._runs.get(key, ([], {}))
+        pending = [i for i, c in commands.items() if c["state"] == cmd.PENDING]
+        since = min(pending) - 1 if pending else max(commands, default=0)
+        events = (events + store.events(since_id=events[-1]["id"] if events else 0, kinds=MARKER_EVENTS))[-self.KEPT:]
+        commands = {**commands, **{c["id"]: c for c in store.commands(since_id=since, kinds=(cmd.SET_LR, cmd.SET_MOMENTUM))}}
+        if len(commands) > self.KEPT:
+            commands = {i: commands[i] for i in sorted(commands)[-self.KEPT:]}
+        with self._lock:
+            if key not in self._runs and len(self._runs) >= self._max_runs:
+                self._runs.clear()
+            self._runs[key] = (events, commands)
+        return events, [commands[i] for i in sorted(commands)]
+
+
+_MARKER_ROWS = _MarkerRows()
+
+
+_MARKERS: dict[tuple[Any, ...], tuple[tuple[Any, ...], list[Marker]]] = {}  # the markers of the rows last seen, per run
+_MARKERS_LOCK = threading.Lock()
+
+
 def markers(store: RunStore, branches: list[dict[str, Any]]) -> list[Marker]:
     """Every marker of the run, from its applied commands and its events (in the order they happened)."""
+    events, nudges = _MARKER_ROWS.read(store)
+    run = (str(store.db_path), store.db_path.stat().st_ino)
+    seen = (events[-1]["id"] if events else 0, len(events), tuple((c["id"], c["state"]) for c in nudges),
+            len(branches), branches[-1]["id"] if branches else 0)
+    with _MARKERS_LOCK:
+        kept = _MARKERS.get(run)
+    if kept is not None and kept[0] == seen:
+        return list(kept[1])
+    found = _markers(events, nudges, branches)
+    with _MARKERS_LOCK:
+        if run not in _MARKERS and len(_MARKERS) >= 64:
+            _MARKERS.clear()
+        _MARKERS[run] = (seen, found)
+    return list(found)
+
+
+def _markers(events: list[dict[str, Any]], nudges: list[dict[str, Any]], branches: list[dict[str, Any]]) -> list[Marker]:
     out = []
-    for row in store.commands(kinds=(cmd.SET_LR, cmd.SET_MOMENTUM)):  # the newest 10,000 nudges
+    for row in nudges:  # the newest 10,000 nudges
         if row["state"] != cmd.APPLIED:
             continue
         result = row.get("result") or {}
@@ -820,7 +908,7 @@ def markers(store: RunStore, branches: list[dict[str, Any]]) -> list[Marker]:
             out.append(Marker(what, row["branch"], row["step"], text, after, row.get("done_at")))
     by_id = {b["id"]: b for b in branches}
     ended = True  # the previous process ended cleanly (or there was none): its restart is no crash
-    for event in store.events(kinds=MARKER_EVENTS):  # the newest 10,000 of them
+    for event in events:  # the newest 10,000 of them
         kind, data, step = event["kind"], event["data"], event["step"] or 0
         if kind == "rollback":
             before, after = data.get("before", {}), data.get("after", {})

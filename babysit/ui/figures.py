@@ -121,9 +121,12 @@ def _x(steps: np.ndarray, walls: np.ndarray | None, window_branch: int, view: Ru
 def _list(values: np.ndarray) -> list[Any]:
     """JSON-safe: NaN and infinities become None (a gap), numpy scalars become floats."""
     array = np.asarray(values, dtype=float)
-    if np.isfinite(array).all():
+    finite = np.isfinite(array)
+    if finite.all():
         return array.tolist()
-    return [v if math.isfinite(v) else None for v in array.tolist()]
+    out = array.astype(object)
+    out[~finite] = None
+    return out.tolist()
 
 
 def _exp(values: np.ndarray) -> np.ndarray:
