@@ -9,9 +9,14 @@ with the same parent element for as long as the element stays mounted (Streamlit
 and updates it with `Plotly.react` under a stable `layout.uirevision`, which keeps zoom, pan,
 autoscale and legend visibility; edits that uirevision does not cover (the y axis type from the
 mode bar's log button, anything an updatemenu sets) it records from `plotly_relayout` and applies
-again to each new figure, unless the server has changed that attribute itself. It reports the
-visible x range back (`setStateValue`), only when the user changed it and only when it differs
-from what it last sent, so the report neither resets the view nor starts a rerun loop.
+again to each new figure, unless the server has changed that attribute itself. The axis ranges
+are the module's own: a person's zoom on an axis holds until they autoscale it, a y axis nobody
+zoomed takes the range the figure's ``layout.meta.fit`` gives (or everything, after a click on
+the note the figure names ``babysit-clip-…``), and an x zoom whose right edge was at
+``layout.meta.newest`` moves on with new points. It reports what the user looks at back
+(`setStateValue`: the x range, whether it follows, the branches clicked to be drawn in full),
+only when the user changed it and only when it differs from what it last sent, so the report
+neither resets the view nor starts a rerun loop.
 
 Getting plotly.js into the page, no CDN: a v2 component's inline `js` travels inside the element's
 message on *every* rerun, so the files are served over HTTP by Streamlit's own component file
@@ -234,7 +239,10 @@ def live_chart(figure: Mapping[str, Any], *, key: str, height: int = 640, fit_vi
     Returns None until the user first zooms, pans or autoscales; then ``{"x_range": [lo, hi]}``
     (data units, also on a log axis; date strings on a date axis), or ``{"x_range": None}`` after
     an autoscale or reset, so the caller can send a denser view of just that window (use
-    `live_chart_view` to read it before building the figure). Subplots are expected to share one
+    `live_chart_view` to read it before building the figure); with ``"follow": True`` when the
+    window's right edge was at the figure's ``layout.meta.newest`` (it moves on with new points),
+    and ``"full": [branch, ...]`` once the user clicked curves whose ``meta.role`` is "abandoned"
+    (the branch in ``customdata``) to see them in full. Subplots are expected to share one
     x axis. The chart takes the column's width and `height` pixels (with ``fit_viewport``, at most
     that: the height from its top to the bottom of the window); its colours and font follow
     the Streamlit theme wherever the figure's layout does not set them. A new ``layout.uirevision``
