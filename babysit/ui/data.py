@@ -28,7 +28,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -464,10 +464,9 @@ def read_view(store: RunStore, status: dict[str, Any], lo: float | None = None, 
 def _fill(view: RunView, store: RunStore, status: dict[str, Any], lo: float | None, hi: float | None,
           max_points: int, hidden: frozenset[int], full_branches: Iterable[int], budget: _Budget) -> None:
     limits = budget.limits
-    series = store.series(limit=limits.series)
+    series, rows, total = _ROWS.read(store, limits)
     if len(series) == limits.series:
         budget.note(f"This run has more than {limits.series:,} series; the chart reads the newest {limits.series:,}.")
-    rows, total = read_branches(store, limits.branches, hparams=False)
     if total > len(rows):
         budget.note(f"This run has {total:,} branches; the chart reads the newest {len(rows):,}.")
     view.branches = rows
@@ -548,7 +547,38 @@ def _fill(view: RunView, store: RunStore, status: dict[str, Any], lo: float | No
     budget.check()
     view.markers = markers(store, rows)
     needed = on_line | set(view.full) | {w.branch for w in view.abandoned}
-    view.epochs = EpochLines(store.epochs(needed if len(needed) <= 2_000 else None, limit=limits.epochs), rows)
+    view.epochs = EpochLines(lambda: store.epochs(needed if len(needed) <= 2_000 else None, limit=limits.epochs), rows)
+
+
+class _SeriesAndBranches:
+    """The run's series and branch rows, read again only when there are new ones: rows of both
+    are only ever added (a crash's superseded points go to a new series), so one small query a
+    refresh tells whether the list a refresh read before still holds."""
+
+    def __init__(self, max_runs: int = 16) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[tuple[Any, ...], tuple[tuple[Any, ...], Any]] = {}
+        self._max_runs = max_runs
+
+    def read(self, store: RunStore, limits: RefreshLimits) -> tuple[list[SeriesInfo], list[dict[str, Any]], int]:
+        key = (str(store.db_path.resolve()), store.db_path.stat().st_ino, limits.series, limits.branches)
+        seen = tuple(store.conn().execute(
+            "SELECT (SELECT count(*) FROM series), (SELECT max(id) FROM series),"
+            " (SELECT count(*) FROM branches), (SELECT max(id) FROM branches)").fetchone())
+        with self._lock:
+            kept = self._runs.get(key)
+        if kept is not None and kept[0] == seen:
+            return kept[1]
+        rows, total = read_branches(store, limits.branches, hparams=False)
+        found = (store.series(limit=limits.series), rows, total)
+        with self._lock:
+            if key not in self._runs and len(self._runs) >= self._max_runs:
+                self._runs.clear()
+            self._runs[key] = (seen, found)
+        return found
+
+
+_ROWS = _SeriesAndBranches()
 
 
 def _current_branch(status: dict[str, Any], by_id: dict[int, dict[str, Any]], own: dict[int, list[SeriesInfo]],
@@ -1008,14 +1038,17 @@ def epoch_lines(epochs: list[tuple[int, int, int]], branches: list[dict[str, Any
 
 class EpochLines:
     """:func:`epoch_lines` per branch, worked out when a branch's line is first asked for (only
-    an epoch x axis asks)."""
+    an epoch x axis asks); ``epochs`` may be a function that reads them then."""
 
-    def __init__(self, epochs: list[tuple[int, int, int]], branches: list[dict[str, Any]]) -> None:
+    def __init__(self, epochs: list[tuple[int, int, int]] | Callable[[], list[tuple[int, int, int]]],
+                 branches: list[dict[str, Any]]) -> None:
         self._epochs, self._branches = epochs, branches
         self._lines: dict[int, list[tuple[int, int]]] = {}
 
     def get(self, branch: int, default: Any = None) -> Any:
         if branch not in self._lines:
+            if callable(self._epochs):
+                self._epochs = self._epochs()
             self._lines.update(epoch_lines(self._epochs, self._branches, wanted=[branch]))
         return self._lines.get(branch, default)
 
