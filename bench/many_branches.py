@@ -442,6 +442,8 @@ READING = [
     "branch as one faint sketch under one legend entry (a click draws one in full), vertical lines for the newest "
     "five markers, and reads the summaries of every series it needs in one query and their raw points in another "
     "(babysit/ui/data.py); the stretches the live line keeps from its ancestors are kept between refreshes.",
+    "- Long tasks: each refresh redraws the chart once (`Plotly.react` of every trace) and Streamlit redraws the "
+    "page's other fragments; the redraw's length follows the points drawn and the machine's load.",
     "- The shared two-core machine moves absolute times by tens of per cent from minute to minute; the variants "
     "run interleaved, so compare the ratios.",
 ]

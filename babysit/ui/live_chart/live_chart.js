@@ -159,7 +159,7 @@ function createView(parentElement) {
     yAll: false, // "show all": the loss and metrics axes autorange over everything drawn
     full: [], // branches asked for in full
     axisRevision: 0,
-    drawnLayout: null, // the server's layout of the figure on screen
+    drawnLayout: null, // the server's layout of the figure on screen (set once it is drawn)
   };
   views.set(parentElement, view);
   return view;
@@ -428,7 +428,6 @@ async function render(view, Plotly) {
   }
   view.serverLayout = serverLayout;
   applyRanges(view, layout, figure.data);
-  view.drawnLayout = serverLayout;
   delete layout.meta; // ours (fits, the newest point), not plotly's: changed each refresh, it would cost a redraw
   // The element's height is the server's (or fitted to the window); the width follows the column.
   delete layout.width;
@@ -476,6 +475,7 @@ async function render(view, Plotly) {
   } else {
     await Plotly.react(view.gd, figure.data || [], layout, view.config);
   }
+  view.drawnLayout = serverLayout; // on screen now: a person's zoom is measured against this
   if (view.renders === 0) performance.mark("babysit:first-chart");
   view.renders += 1;
   view.root.dataset.renders = String(view.renders);
