@@ -386,3 +386,46 @@ def test_item8_run_db_deleted_under_a_running_trainer_is_noticed_and_nothing_is_
     assert kept.items() <= after.items()
     new = [c["file"] for c in RunStore(run_dir).checkpoints()]
     assert len(new) >= 3 and not set(new) & set(kept), (new, sorted(kept))
+
+
+# -- issue 26, "Tried to break it again" ----------------------------------------------------------
+def confined(*argv: str, memory_mib: int = 2048, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python ARGV`` from the repository root, its address space capped at ``memory_mib`` MiB
+    (RLIMIT_AS) and its time at ``timeout`` s: an attack that makes it eat memory or hang fails
+    the test, never the machine."""
+    import resource
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mib * 2**20, memory_mib * 2**20))
+
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=cap, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+HUGE_VALUE_LOOP = """
+import sys
+from tests.conftest import tiny_job
+# An int too large for a float, logged at the epoch's last step: the flush that takes it off the
+# queue is the writer thread's or the one the epoch's checkpoint makes before it is listed.
+tiny_job(sys.argv[1], epochs=2, on_step=lambda run, step: run.log(big=10**400 if step == 8 else float(step)))
+"""
+
+
+def test_item3_a_value_too_large_for_a_float_loses_nothing_else_and_orphans_no_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    done = confined("-c", HUGE_VALUE_LOOP, str(run_dir))
+    assert done.returncode == 0, done.stderr
+    store = RunStore(run_dir)
+
+    def steps_of(name: str) -> list[int]:
+        info = next(s for s in store.series() if s.name == name and s.per == "step")
+        return store.chunk_points(info.id)[0].tolist()
+
+    assert steps_of("loss") == list(range(1, 17))
+    assert steps_of("big") == [s for s in range(1, 17) if s != 8]
+    errors = [(e["step"], e["message"]) for e in store.events(kinds=["error"])]
+    assert errors == [(8, "metric 'big' at step 8: value (an int of about 401 digits) is too large for a float; "
+                          "such values are not stored (log numbers or one-element tensors)")]
+    assert not [e for e in store.events() if "nothing was lost" in e["message"]]
+    listed = sorted(c["file"] for c in store.checkpoints())
+    assert listed == sorted(p.name for p in run_dir.glob("*.pt")) and len(listed) == 2
