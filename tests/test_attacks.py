@@ -429,3 +429,56 @@ def test_item3_a_value_too_large_for_a_float_loses_nothing_else_and_orphans_no_c
     assert not [e for e in store.events() if "nothing was lost" in e["message"]]
     listed = sorted(c["file"] for c in store.checkpoints())
     assert listed == sorted(p.name for p in run_dir.glob("*.pt")) and len(listed) == 2
+
+
+def test_item5_bad_journals_are_refused_in_one_line_before_anything_starts(tmp_path: Path) -> None:
+    from typing import Any, Callable
+
+    from babysit.instruments.journal import export_journal
+    from tests.test_journal import synthetic_run
+
+    good = export_journal(synthetic_run(tmp_path / "r"))
+    good["run"]["config"] = {"job": "digits", "seed": 0, "epochs": 1, "epoch_passes": 1, "batch_size": 64}
+
+    def journal(name: str, change: Callable[[dict[str, Any]], object]) -> str:
+        changed = json.loads(json.dumps(good))
+        change(changed)
+        (tmp_path / name).write_text(json.dumps(changed))
+        return str(tmp_path / name)
+
+    (tmp_path / "deep.json").write_text('{"babysit_journal": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with open(tmp_path / "huge.json", "wb") as sparse:  # 17 MiB that take no room on the disk
+        sparse.truncate(17 * 2**20)
+    os.mkfifo(tmp_path / "fifo")
+    refusals = {
+        "/dev/zero": "journal '/dev/zero' is a character device, not a regular file; a journal is a JSON file",
+        str(tmp_path / "fifo"): f"journal '{tmp_path / 'fifo'}' is a FIFO, not a regular file",
+        str(tmp_path / "huge.json"): f"journal '{tmp_path / 'huge.json'}' is 17,825,792 bytes; a journal is at most 16 MiB",
+        str(tmp_path / "deep.json"): f"journal '{tmp_path / 'deep.json'}' nests deeper than 32 levels",
+        journal("job.json", lambda j: j["run"]["config"].update(job=["digits"])):
+            "the run's config: job must be text (a name such as 'digits' or 'sgd'), got ['digits']",
+        journal("seed.json", lambda j: j["run"]["config"].update(seed=10**30)):
+            "the run's config: seed must be a whole number from -2**63 to 2**64 - 1 (what torch.manual_seed "
+            "takes), got 1000000000000000000000000000000",
+        journal("seed-true.json", lambda j: j["run"]["config"].update(seed=True)):
+            "(what torch.manual_seed takes), got True",
+        journal("lr.json", lambda j: j["run"]["config"].update(lr="0.1")):
+            "the run's config: lr must be a number (not text, not true or false), got '0.1'",
+        journal("epoch.json", lambda j: j["to"].update(epoch=True)): "to.epoch must be a whole number >= 0, got True",
+    }
+    # One process with its memory capped reads them all through the CLI's own entry point (each
+    # refusal as `python -m babysit train --replay` prints it and the exit status it returns).
+    run_dir = tmp_path / "never"
+    answers = json.loads(confined("-c", REPLAY_EACH, str(run_dir), *refusals, timeout=240).stdout)
+    for (path, message), (code, out, err) in zip(refusals.items(), answers, strict=True):
+        assert code == 2 and out == "", (path, code, out, err[-2000:])
+        assert err.startswith("babysit: error: --replay: ") and message in err and err.count("\n") == 1, (path, err)
+    assert not run_dir.exists()
+
+
+REPLAY_EACH = """
+import json, sys
+from tests.conftest import cli_here
+answers = [cli_here("train", "--run-dir", sys.argv[1], "--replay", path) for path in sys.argv[2:]]
+print(json.dumps([[a.returncode, a.stdout, a.stderr] for a in answers]))
+"""

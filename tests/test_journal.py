@@ -172,6 +172,27 @@ def test_a_journal_that_cannot_be_replayed_is_refused_before_anything_starts(
     assert refused.returncode == 2 and "--replay:" in refused.stderr and not (tmp_path / "never").exists()
 
 
+def test_the_journal_checks_every_whole_number_setting_of_the_built_in_jobs() -> None:
+    # The journal reader names the settings it checks (it must not import the jobs, which load torch).
+    import dataclasses
+
+    from babysit.instruments.journal import TEXT_SETTINGS, WHOLE_NUMBER_SETTINGS
+    from babysit.jobs import JOBS
+
+    for job in JOBS.values():
+        config_class, _ = job.load()
+        fields = {f.name: f.type for f in dataclasses.fields(config_class)}
+        assert {name for name, kind in fields.items() if kind == "int"} - {"seed"} <= set(WHOLE_NUMBER_SETTINGS)
+        assert {name for name, kind in fields.items() if kind == "str"} <= set(TEXT_SETTINGS) - {"job"}
+
+
+def test_a_loaded_journal_that_contains_itself_is_refused_as_too_deep(tmp_path: Path) -> None:
+    journal = export_journal(synthetic_run(tmp_path / "r"))
+    journal["history"].append(journal)
+    with pytest.raises(SettingsError, match=r"^the journal nests deeper than 32 levels; a journal nests a few levels"):
+        read_journal(journal)
+
+
 # -- replayed in process: a loop that anneals its own lr at every epoch end ------------------------
 def anneal_loop(run_dir: Path, *, epochs: int = 4, replay: Any = None,
                 on_step: Callable[[Any], None] | None = None,
