@@ -315,7 +315,12 @@ class MetricsWriter:
         if name in self._bad_names:
             return
         self._bad_names.add(name)
-        why = "is too large for a float" if isinstance(error, OverflowError) else "is not a number"
+        if isinstance(error, OverflowError):
+            why = "is too large for a float"
+        elif isinstance(raw, torch.Tensor) and raw.numel() != 1:
+            why = f"is a tensor of {raw.numel()} elements (shape {tuple(raw.shape)}), not one number"
+        else:
+            why = "is not a number"
         self._bad_events.append((
             f"metric {name!r} at step {step}: value {shown(raw)} {why}; such values are not stored "
             "(log numbers or one-element tensors)", branch, step))
