@@ -186,6 +186,7 @@ class Snapshots:
             for command_id in answered:
                 store.finish_command(command_id, cmd.APPLIED, branch=meta["branch"], step=meta["step"],
                                      result={"checkpoint": checkpoint_id})
+        job.listed = True  # committed: the file is the store's now (retention may still remove it)
         self.control.wake_up()  # requests that waited for this snapshot are answered at the next boundary
         self._apply_retention()
 
@@ -195,6 +196,11 @@ class Snapshots:
 
     def _failed(self, job: PendingCheckpoint) -> None:
         store, error, meta = self.store, job.error, job.meta
+        if job.listed:  # listed and its commands answered: only what came after (retention) failed
+            store.add_event("checkpoint_failed", f"checkpoint #{meta['id']} at step {meta['step']} is kept, but "
+                            f"removing older checkpoints (keep_last) failed: {type(error).__name__}: {error}",
+                            branch=meta["branch"], step=meta["step"], epoch=meta["epoch"])
+            return
         with self._lock:
             answered = list(meta["commands"])
             self._names_in_flight.discard(job.path.name)
@@ -206,6 +212,10 @@ class Snapshots:
                        f"({os.strerror(full.errno)}); earlier checkpoints are intact; the run is paused: free some "
                        "space, then resume")
             reason = "the disk is full, no checkpoint could be written"
+        elif job.result is not None:  # written, but the store did not list it: its file was removed
+            message = (f"checkpoint at step {meta['step']} not kept: it was written but could not be listed "
+                       f"({type(error).__name__}: {error}), so its file was removed")
+            reason = "a checkpoint could not be listed"
         else:
             message = f"checkpoint at step {meta['step']} not written: {error}"
             reason = "a checkpoint could not be written"
