@@ -75,13 +75,16 @@ class CommandRunner:
             self._wait_while_paused()
 
     def _apply_pending(self) -> None:
+        control = self.control
         self.signal.mark_seen()
         for pending in self.store.pending_commands():
+            # A cut ends what this boundary applies; a stop ends the queue: what waits behind it is
+            # expired as the run ends (Run.close), never applied by this run or the next start.
+            if control.interrupt is not None or control.stop_asked:
+                return
             if self.snapshots.is_carrying_out(pending["id"]):
                 continue
             self._apply(pending)
-            if self.control.interrupt is not None:
-                return
 
     def _wait_while_paused(self) -> None:
         control = self.control

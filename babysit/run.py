@@ -19,6 +19,7 @@ import atexit
 import json
 import logging
 import os
+import sqlite3
 import time
 import traceback
 from pathlib import Path
@@ -43,7 +44,7 @@ from .resume import Loader, Resume
 from .rundir import acquire_run_lock as _acquire_run_lock
 from .signals import install_stop_handlers
 from .snapshots import Snapshots
-from .store import FINISHED, PER_EPOCH, PER_STEP, CommandSignal, RunStore
+from .store import FINISHED, PER_EPOCH, PER_STEP, STOPPED, CommandSignal, RunStore, disk_full
 from .trainables import Trainables, optimizer_or_loop_hparams
 from .writer import LogQueue, MetricsWriter, to_float
 
@@ -489,10 +490,27 @@ class Run:
             return
         self.snapshots.close()
         self.writer.close()
-        self.store.write_status(**self._status_fields(), heartbeat=time.time())
+        self._write_final_status()
         self.signal.close()
         self._lock_file.close()
         self._release_signals()
+
+    def _write_final_status(self) -> None:
+        """The last status row; a run that stopped or finished also expires the commands still
+        pending, in the same commit: a command sent meanwhile is either expired here or refused
+        because the run is over (enqueue_command reads the status in its own transaction), never
+        carried out unasked by the next start."""
+        status, position = self.control.status, self.position
+        try:
+            with self.store.transaction():
+                if status in (STOPPED, FINISHED):
+                    self.store.expire_pending(f"the run {status} before it applied this", branch=position.branch,
+                                              step=position.step)
+                self.store.write_status(**self._status_fields(), heartbeat=time.time())
+        except sqlite3.OperationalError as error:
+            if not disk_full(error):
+                raise
+            # A full disk: nothing can be recorded now (the writer has said so); what is pending stays so.
 
     def _release_signals(self) -> None:
         if self._restore_signals is not None:

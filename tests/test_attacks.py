@@ -56,6 +56,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -389,17 +390,22 @@ def test_item8_run_db_deleted_under_a_running_trainer_is_noticed_and_nothing_is_
 
 
 # -- issue 26, "Tried to break it again" ----------------------------------------------------------
-def confined(*argv: str, memory_mib: int = 2048, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``python ARGV`` from the repository root, its address space capped at ``memory_mib`` MiB
-    (RLIMIT_AS) and its time at ``timeout`` s: an attack that makes it eat memory or hang fails
-    the test, never the machine."""
+def address_space_cap(memory_mib: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that caps the child's address space (RLIMIT_AS) at ``memory_mib`` MiB."""
     import resource
 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (memory_mib * 2**20, memory_mib * 2**20))
 
+    return cap
+
+
+def confined(*argv: str, memory_mib: int = 2048, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python ARGV`` from the repository root, its address space capped at ``memory_mib`` MiB
+    (RLIMIT_AS) and its time at ``timeout`` s: an attack that makes it eat memory or hang fails
+    the test, never the machine."""
     return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=cap, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          preexec_fn=address_space_cap(memory_mib), env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 HUGE_VALUE_LOOP = """
@@ -432,8 +438,6 @@ def test_item3_a_value_too_large_for_a_float_loses_nothing_else_and_orphans_no_c
 
 
 def test_item5_bad_journals_are_refused_in_one_line_before_anything_starts(tmp_path: Path) -> None:
-    from typing import Any, Callable
-
     from babysit.instruments.journal import export_journal
     from tests.test_journal import synthetic_run
 
@@ -482,3 +486,41 @@ from tests.conftest import cli_here
 answers = [cli_here("train", "--run-dir", sys.argv[1], "--replay", path) for path in sys.argv[2:]]
 print(json.dumps([[a.returncode, a.stdout, a.stderr] for a in answers]))
 """
+
+
+LOOP_UNTIL_STOPPED = """
+import sys
+from tests.conftest import tiny_job
+tiny_job(sys.argv[1], epochs=int(sys.argv[2]), keep_last=2)
+"""
+
+
+def test_item6_commands_queued_behind_a_clean_stop_expire_instead_of_firing_at_the_next_start(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with open(tmp_path / "trainer.log", "wb") as log:
+        trainer = subprocess.Popen([sys.executable, "-c", LOOP_UNTIL_STOPPED, str(run_dir), "1000000"], cwd=REPO,
+                                   stdout=log, stderr=subprocess.STDOUT, preexec_fn=address_space_cap(2048))
+        try:
+            wait_for(lambda: (run_dir / "run.db").exists(), timeout=120, what="run.db")
+            store = RunStore(run_dir)
+            first = wait_for(store.checkpoints, timeout=120, what="a checkpoint")[0]["id"]
+            # A stop, then 1 ms behind it a rollback and a pause: the stop ends the queue.
+            stop = store.enqueue_command(cmd.STOP, source="cli")
+            behind = [store.enqueue_command(cmd.ROLLBACK, {"checkpoint": first}, source="dashboard"),
+                      store.enqueue_command(cmd.PAUSE, source="cli")]
+            assert trainer.wait(timeout=120) == 0, (tmp_path / "trainer.log").read_text()
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()
+                trainer.wait(timeout=30)
+    assert store.command(stop)["state"] == cmd.APPLIED
+    assert [(store.command(i)["state"], store.command(i)["reason"]) for i in behind] == [
+        (cmd.EXPIRED, "the run stopped before it applied this")] * 2
+    stopped = store.status()
+    assert stopped["state"] == "stopped" and store.pending_commands() == []
+    # Started again, it goes on from its stop on its own branch: the rollback never fires.
+    again = confined("-c", LOOP_UNTIL_STOPPED, str(run_dir), str(stopped["epoch"] + 1))
+    assert again.returncode == 0, again.stderr
+    assert [b["id"] for b in store.branches()] == [1]
+    assert store.status()["state"] == "finished" and store.status()["step"] > stopped["step"]
+    assert [store.command(i)["state"] for i in behind] == [cmd.EXPIRED] * 2
