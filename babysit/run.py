@@ -33,7 +33,7 @@ from .checkpoint import PendingCheckpoint, remove_stale_temps
 from .command_runner import CommandRunner
 from .control import Interrupt, RunControl
 from .cuts import Cuts
-from .errors import RunLockedError, SettingsError  # noqa: F401 (RunLockedError, as before the error tree)
+from .errors import RunDirError, RunLockedError, SettingsError  # noqa: F401 (RunLockedError, as before the error tree)
 from .excursion_runner import Excursions
 from .guard import DivergenceGuard, GuardConfig
 from .hparam_watch import LOOP, HparamWatch
@@ -42,9 +42,10 @@ from .position import ResumePosition
 from .remedy import DivergenceRemedy
 from .resume import Loader, Resume
 from .rundir import acquire_run_lock as _acquire_run_lock
+from .rundir import usable_run_dir
 from .signals import install_stop_handlers
 from .snapshots import Snapshots
-from .store import FINISHED, PER_EPOCH, PER_STEP, STOPPED, CommandSignal, RunStore, disk_full
+from .store import FINISHED, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore, disk_full
 from .trainables import Trainables, optimizer_or_loop_hparams
 from .writer import LogQueue, MetricsWriter, to_float
 
@@ -107,6 +108,10 @@ class Run:
             raise SettingsError(f"item_unit must be a short word such as 'samples' or 'tokens', got {item_unit!r}")
         journal = None if replay is None else journal_replay.load(replay)  # refused before anything is created
         optimizer = optimizer_or_loop_hparams(optimizer, lr, momentum)
+        if not isinstance(run_dir, (str, os.PathLike)) or not str(os.fspath(run_dir)).strip():
+            # Path("") is the current directory: a run directory is named, never implied.
+            raise SettingsError(f"run_dir must name a directory, such as 'checkpoints/my-run' (or '.' for the "
+                                f"current one), got {run_dir!r}")
         self.run_dir = Path(run_dir)
         self.config = dict(config or {})
         json.dumps(self.config)  # fail now, not at the first checkpoint
@@ -125,15 +130,32 @@ class Run:
         follows = self._follows = ranks is not None and not ranks.leads
         if ranks is not None:  # every change of lr or momentum on the leader reaches the followers
             trainables.tell = ranks.tell
-        control, position = self.control, self.position = RunControl(), ResumePosition()
-        self._queue = queue = LogQueue(keep=not follows)  # the training thread's share of storing a value
-        self._guard = guard_ = DivergenceGuard(self.guard_config)
+        self.control, self.position = RunControl(), ResumePosition()
+        self._queue = LogQueue(keep=not follows)  # the training thread's share of storing a value
+        self._guard = DivergenceGuard(self.guard_config)
+        if not follows:
+            unusable = usable_run_dir(self.run_dir, must_exist=False)
+            if unusable:
+                raise RunDirError(unusable)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock_file = _acquire_run_lock(self.run_dir)
+        try:
+            self._assemble(evaluate, journal, flush_interval)
+        except BaseException as error:
+            if not follows:  # a retry in this process (a notebook) must find the run directory free
+                self._let_go_after_failed_start(error)
+            raise
+
+    def _assemble(self, evaluate: Callable[[], dict[str, Any]] | None, journal: dict[str, Any] | None,
+                  flush_interval: float) -> None:
+        """Build the parts, then start or resume (what can fail once the run directory is taken)."""
+        trainables, ranks, follows, control, position = (self.trainables, self._ranks, self._follows, self.control,
+                                                          self.position)
+        queue, guard_, keep_last = self._queue, self._guard, self.keep_last
         if follows:
             self.store: RunStore = None  # type: ignore[assignment]
             self.signal: CommandSignal = None  # type: ignore[assignment]
         else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._lock_file = _acquire_run_lock(self.run_dir)
             self.store = RunStore(self.run_dir, create=True)
             remove_stale_temps(self.run_dir)
             self.signal = CommandSignal(self.store.signal_path)
@@ -173,6 +195,30 @@ class Run:
             on_divergence=self.remedy.on_divergence, on_tick=self._on_tick, interval=flush_interval,
         )
         atexit.register(self._at_exit)
+
+    def _let_go_after_failed_start(self, error: BaseException) -> None:
+        """Run() failed once it had taken the run directory: stop its threads, say so in the status
+        row if this process had claimed it, and release the lock."""
+        for part in (getattr(self, "writer", None), getattr(self, "snapshots", None)):
+            if part is not None:
+                try:
+                    part.close()
+                except Exception:
+                    log.exception("babysit: closing after a failed start in %s", self.run_dir)
+        store = getattr(self, "store", None)
+        if store is not None:
+            try:
+                status = store.status()
+                if status.get("pid") == os.getpid() and status.get("state") in (RUNNING, PAUSED):
+                    store.write_status(state=STOPPED, heartbeat=time.time(),
+                                       message=f"Run() failed as it started: {type(error).__name__}: {error}"[:500])
+            except Exception:
+                log.exception("babysit: the status of %s could not be written after a failed start", self.run_dir)
+            store.close()
+        signal = getattr(self, "signal", None)
+        if signal is not None:
+            signal.close()
+        self._lock_file.close()
 
     # -- what it trains, and where it is ---------------------------------------------------------
     model = property(lambda self: self.trainables.model)
@@ -418,7 +464,10 @@ class Run:
             if type(value) is _TENSOR:
                 # CPU tensors become floats now (cheaper than keeping them, and their graphs,
                 # alive); GPU tensors are detached and read later on the writer thread, no sync.
-                metrics[name] = value.detach() if value.is_cuda else value.item()
+                try:
+                    metrics[name] = value.detach() if value.is_cuda else value.item()
+                except RuntimeError:  # not one value: the writer thread drops it, naming the metric and step
+                    metrics[name] = value.detach()
         self._queue.put((PER_STEP, self.position.branch, self.position.step, _wall_clock(), metrics))
 
     def log_epoch(self, **metrics: Any) -> None:
@@ -426,9 +475,15 @@ class Run:
         Ignored while ``run.interrupted``: an evaluation after a cut, or on a probe's branch, is not kept."""
         if self.interrupted or self._follows:
             return
-        values = {name: to_float(value) for name, value in metrics.items()}
+        values, logged = {}, dict(metrics)
+        for name, value in metrics.items():
+            try:
+                values[name] = to_float(value)
+                logged[name] = values[name]
+            except Exception:  # as run.log: the writer drops what is not a number, naming the metric and step
+                logged[name] = value.detach() if isinstance(value, torch.Tensor) else value
         self.snapshots.epoch_metrics.update(values)
-        self._queue.put((PER_EPOCH, self.branch, self.position.step, time.time(), values))
+        self._queue.put((PER_EPOCH, self.branch, self.position.step, time.time(), logged))
 
     def request_stop(self, reason: str = "requested") -> None:
         """Stop at the next step boundary with a final checkpoint (safe in a signal handler)."""

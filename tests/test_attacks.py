@@ -524,3 +524,68 @@ def test_item6_commands_queued_behind_a_clean_stop_expire_instead_of_firing_at_t
     assert [b["id"] for b in store.branches()] == [1]
     assert store.status()["state"] == "finished" and store.status()["step"] > stopped["step"]
     assert [store.command(i)["state"] for i in behind] == [cmd.EXPIRED] * 2
+
+
+API_MISUSE = """
+import json, os, sys
+import torch
+from torch import nn
+import babysit
+
+said = {}
+
+def attempt(label, make):
+    try:
+        make()
+        said[label] = "ok"
+    except Exception as error:
+        said[label] = f"{type(error).__name__}: {error}"
+
+def linear_run(run_dir, inputs, optimizer=torch.optim.SGD):
+    model = nn.Linear(inputs, 1)
+    kwargs = {"momentum": 0.9} if optimizer is torch.optim.SGD else {}
+    return babysit.Run(run_dir, model, optimizer(model.parameters(), lr=0.1, **kwargs))
+
+def one_epoch(run, log=lambda run: None, log_epoch=lambda run: None):
+    with run:
+        for _ in run.epochs(1):
+            for _ in run.batches([0, 1, 2]):
+                log(run)
+            log_epoch(run)
+
+os.chdir(sys.argv[1])
+attempt("empty", lambda: linear_run("", 2))
+said["left_in_cwd"] = sorted(os.listdir("."))
+one_epoch(linear_run("sgd", 2))
+attempt("other_model", lambda: linear_run("sgd", 3))
+attempt("other_model_again", lambda: linear_run("sgd", 3))  # a notebook's retry, in the same process
+attempt("adam_on_sgd", lambda: linear_run("sgd", 2, torch.optim.Adam))
+attempt("right_model", lambda: one_epoch(linear_run("sgd", 2)))
+attempt("bad_values", lambda: one_epoch(
+    linear_run("values", 2), log=lambda run: run.log(loss=torch.ones(3) if run.step == 2 else torch.tensor(0.5)),
+    log_epoch=lambda run: run.log_epoch(val_loss="x", val_acc=None, val_top=0.25)))
+print(json.dumps(said))
+"""
+
+
+def test_item7_the_python_api_says_what_does_not_fit_and_lets_go_of_the_run(tmp_path: Path) -> None:
+    done = confined("-c", API_MISUSE, str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    said = json.loads(done.stdout.splitlines()[-1])
+    assert said["empty"] == ("SettingsError: run_dir must name a directory, such as 'checkpoints/my-run' (or '.' for "
+                             "the current one), got ''")
+    assert said["left_in_cwd"] == []
+    misfit = ("CheckpointError: checkpoint #1 of run 'sgd' does not fit this model and optimizer ({}): the run was "
+              "trained with others; build the model and optimizer it was trained with, or start a new run in another "
+              "directory; nothing was loaded")
+    assert said["other_model"] == said["other_model_again"] == misfit.format("weight (1, 2) vs (1, 3) here")
+    assert said["adam_on_sgd"] == misfit.format("its optimizer has dampening, momentum, nesterov, which this Adam "
+                                                "has not: another kind of optimizer")
+    assert said["right_model"] == "ok" and said["bad_values"] == "ok"
+    store = RunStore(tmp_path / "sgd")
+    assert store.status()["state"] == "finished" and [c["epoch"] for c in store.checkpoints()] == [1]
+    values = RunStore(tmp_path / "values")
+    assert [(e["step"], e["message"].split(": value")[0]) for e in values.events(kinds=["error"])] == [
+        (2, "metric 'loss' at step 2"), (3, "metric 'val_loss' at step 3"), (3, "metric 'val_acc' at step 3")]
+    assert "is a tensor of 3 elements (shape (3,)), not one number" in values.events(kinds=["error"])[0]["message"]
+    assert values.checkpoints()[-1]["metrics"] == {"val_top": 0.25}
