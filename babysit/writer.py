@@ -344,9 +344,10 @@ class MetricsWriter:
             why = f"is a tensor of {raw.numel()} elements (shape {tuple(raw.shape)}), not one number"
         else:
             why = "is not a number"
-        self._bad_events.append((
-            f"metric {name!r} at step {step}: value {shown(raw)} {why}; such values are not stored "
-            "(log numbers or one-element tensors)", branch, step))
+        message = (f"metric {name!r} at step {step}: value {shown(raw)} {why}; such values are not stored "
+                   "(log numbers or one-element tensors)")
+        log.warning("babysit: %s", message)
+        self._bad_events.append((message, branch, step))
 
 
 def shown(value: Any) -> str:
