@@ -41,6 +41,47 @@ item  attack                                                 test
                                                              pause_for_a_branch_the_run_has_left_..., the
                                                              divergence tests ordered by writer.flush()
 ====  =====================================================  ===========================================
+
+Issue 26, "Tried to break it again": items 3, 5, 6 and 7 (the tests named ``test_itemN_...`` below
+the issue's heading in this file failed on main at dec3ec3 and pass now).
+
+====  ================================  ====================================  ====================================
+item  attack                            before                                after
+====  ================================  ====================================  ====================================
+3     ``run.log(big=10**400)`` at an    the flush that took it raised         that value alone is dropped; an
+      epoch's last step                 OverflowError: its batch was lost     event (and a warning) names 'big'
+                                        (loss of steps 9-16 gone), the        and step 8; every other value is
+                                        checkpoint file written but never     stored, both checkpoints listed, no
+                                        listed, then "nothing was lost"       "nothing was lost" unless true
+3     the store refuses to list a       the file stayed on disk, unlisted;    the file is removed, the event says
+      written checkpoint                the event said "not written"          "not kept: written but could not be
+                                                                              listed" (test_run_robustness.py,
+                                                                              test_checkpoint.py)
+5     ``--replay /dev/zero``; a FIFO;   MemoryError traceback; a hang; read   one line each, exit 2, nothing
+      a 17 MiB file; 100k levels of     whole, then "not JSON";               created: "a character device, not
+      nesting                           RecursionError traceback              a regular file", "a FIFO", "17,825,
+                                                                              792 bytes; at most 16 MiB", "nests
+                                                                              deeper than 32 levels"
+5     journal config: ``job`` a list,   TypeError, ValueError (torch),        one line each naming the value and
+      ``seed`` 10**30 or true, ``lr``   RuntimeError, TypeError tracebacks;   what is accepted (text; a whole
+      "0.1", ``to.epoch`` true          "finished True epochs"                number torch takes; a number; a
+                                                                              whole number >= 0), exit 2
+6     a rollback and a pause queued     both stayed pending after the clean   both expired, "the run stopped
+      1 ms behind a stop                stop; the next start applied the      before it applied this"; the next
+                                        rollback (a new branch)               start goes on on branch 1
+7     ``Run('')``                       the current directory became a run    SettingsError naming '' and what is
+                                        directory (run.db, run.lock)          accepted; nothing created
+7     ``Run()`` with another model on   raw load_state_dict RuntimeError;     CheckpointError naming what differs
+      a run; then the same again        the retry got RunLockedError naming   ("weight (1, 2) vs (1, 3) here"),
+                                        its own pid                           the lock released: the retry gets
+                                                                              the same answer
+7     an Adam script resumed on an      KeyError ('step' or 'betas')          refused before loading: "its
+      SGD run                                                                 optimizer has dampening, momentum,
+                                                                              nesterov, which this Adam has not"
+7     ``run.log(loss=torch.ones(3))``;  RuntimeError without the key;         the value dropped, an event names
+      ``log_epoch(val_loss='x')`` or    ValueError / TypeError crashed the    the metric and step; the run and
+      ``None``                          run                                   the other values go on
+====  ================================  ====================================  ====================================
 """
 
 from __future__ import annotations
