@@ -54,15 +54,13 @@ with chart_column:
     curve()
 
 
-# Live: status, throughput, acknowledgements and alerts, refreshed every second, frozen chart or
-# not, so the fate of a click always shows.
+# Live: status, throughput and alerts (a divergence with its remedy), refreshed every second,
+# frozen chart or not.
 @st.fragment(run_every=refresh_every)
 def live_status() -> None:
     status = store.status()
     divergence = page.open_divergence(store)
     page.header(store, status, runs, message=divergence is None)  # the alert below says it
-    page.show_flash()
-    page.last_command_fate(store)
     with counted_clicks("live"):
         page.divergence_alert(store, status, divergence)
     page.other_alerts(store)
@@ -82,6 +80,14 @@ def nudges() -> None:
         page.rollback_controls(store, status)
 
 
+# The fate of the latest clicks (or why one was refused), refreshed every second so that it
+# always shows; below the buttons, so that it never moves one under a second quick click.
+@st.fragment(run_every=refresh_every)
+def fates() -> None:
+    page.show_flash()
+    page.last_command_fate(store)
+
+
 # Hints from the notes (a plateau, an lr too high, overfitting, a long momentum window), below the
 # controls so they never push them off the screen; each acts through a button, never by itself.
 @st.fragment(run_every=slow_every)
@@ -97,6 +103,7 @@ with controls_column, st.container(key="cockpit_side"):
         st.rerun()
     with st.container(key="cockpit_controls"):
         nudges()
+    fates()
     hints()
 
 

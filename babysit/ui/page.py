@@ -15,6 +15,7 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -80,7 +81,7 @@ COMPACT_CSS = """<style>
 [data-testid="stMetricLabel"] p { font-size: 0.8rem; }
 .st-key-cockpit_controls [data-testid="stWidgetLabel"] p { font-size: 0.85rem; }
 .st-key-cockpit_controls hr { margin: 0.15rem 0; }
-.st-key-babysit_plotly_preload, [class*="st-key-babysit_clicks_"] { display: none; }
+.st-key-babysit_plotly_preload, .st-key-babysit_forget_token, [class*="st-key-babysit_clicks_"] { display: none; }
 [class*="st-key-hint-"][data-testid="stVerticalBlock"] { padding: 0.4rem 0.6rem; gap: 0.3rem; }
 .st-key-cockpit_side { container-type: inline-size; }
 .st-key-cockpit_side [data-testid="stAlertContainer"] { padding: 0.4rem 0.7rem; }
@@ -99,24 +100,58 @@ def compact_style() -> None:
 
 
 # -- access ---------------------------------------------------------------------------------------
+# Once accepted, the token leaves the address bar by history.replaceState, which leaves no history
+# entry, bookmark or Referer header holding it; the session stays authorised in its session state.
+# Only then is it taken out of Streamlit's query parameters: done first, Streamlit would push a new
+# history entry and leave the one with the token behind it. A reload is a new session and asks for
+# the token again (typed in the page, never put in the address).
+_FORGET_TOKEN_JS = """
+export default function (component) {
+  const url = new URL(window.location.href);
+  if (url.searchParams.has("token")) {
+    url.searchParams.delete("token");
+    window.history.replaceState(window.history.state, "", url.pathname + url.search + url.hash);
+  }
+  component.setStateValue("gone", true);
+}
+"""
+_forget_token = st.components.v2.component("babysit.forget_token", js=_FORGET_TOKEN_JS, isolate_styles=False)
+FORGET_TOKEN_KEY = "babysit_forget_token"
+
+
 def access_granted() -> bool:
     """With BABYSIT_TOKEN set (required off localhost), nothing of the run shows without it."""
     expected = os.environ.get(TOKEN_ENV)
     if not expected:
         return True
-    if st.session_state.get("_token_ok"):
-        return True
-    given = st.query_params.get("token") or st.session_state.get("_token_input", "")
-    if given and hmac.compare_digest(str(given).encode(), expected.encode()):
+    if not st.session_state.get("_token_ok"):
+        given = st.query_params.get("token") or st.session_state.get("_token_input", "")
+        if not (given and hmac.compare_digest(str(given).encode(), expected.encode())):
+            st.title("babysit")
+            st.text_input("Access token", type="password", key="_token_input")
+            if given:
+                st.error("That access token is not the one this dashboard was started with.")
+            else:
+                st.info("This dashboard needs the access token it was started with.")
+            return False
         st.session_state["_token_ok"] = True
-        return True
-    st.title("babysit")
-    st.text_input("Access token", type="password", key="_token_input")
-    if given:
-        st.error("That access token is not the one this dashboard was started with.")
-    else:
-        st.info("This dashboard needs the access token it was started with.")
-    return False
+    forget_token_in_url()
+    return True
+
+
+def forget_token_in_url() -> None:
+    """Take an accepted token out of the address bar, then out of the query parameters."""
+    if "token" not in st.query_params:
+        return
+    gone = st.session_state.get(FORGET_TOKEN_KEY)
+    if isinstance(gone, Mapping) and gone.get("gone"):
+        del st.query_params["token"]  # the address bar has none now: Streamlit adds no history entry
+        return
+    _forget_token(key=FORGET_TOKEN_KEY, data={}, on_gone_change=_nothing)
+
+
+def _nothing() -> None:
+    """Streamlit reports a component's state only to a callback; the next run reads it."""
 
 
 # -- run picker -----------------------------------------------------------------------------------
@@ -355,12 +390,12 @@ def lr_controls(store: RunStore, status: dict[str, Any]) -> None:
                    disabled=lr is None, width="stretch")
     command_button(cols[1], "× 2", "lr_double", store, cmd.SET_LR, lambda: {"value": _times(planned_lr(store), 2)},
                    disabled=lr is None, width="stretch")
-    exact = cols[2].text_input("Exact lr", key="lr_exact", placeholder="exact lr, e.g. 0.003",
-                               label_visibility="collapsed")
+    cols[2].text_input("Exact lr", key="lr_exact", placeholder="exact lr, e.g. 0.003", label_visibility="collapsed")
     choices = lr_choices(lr, st.session_state.get("lr_choice"))
     follow_trainer("lr_choice", choices, lr)
+    # Read at the click, from the session: a value typed and the click that commits it arrive together.
     command_button(cols[3], "Set lr", "lr_set", store, cmd.SET_LR,
-                   lambda: {"value": exact if exact.strip() else st.session_state["lr_choice"]},
+                   lambda: {"value": _typed("lr_exact") or st.session_state["lr_choice"]},
                    width="stretch", type="primary", help="Sends the exact value when one is typed, else the slider's.")
     st.select_slider("Learning rate" + (f" — now {lr:.4g}" if lr is not None else "") + " (log scale)",
                      options=choices, key="lr_choice", format_func=lambda v: f"{v:.4g}")
@@ -389,6 +424,12 @@ def _times(lr: Any, factor: float) -> Any:
     return lr * factor if isinstance(lr, (int, float)) and not isinstance(lr, bool) else lr
 
 
+def _typed(key: str) -> str:
+    """What is typed in the text input ``key`` now ("" for nothing but spaces)."""
+    text = st.session_state.get(key)
+    return text if isinstance(text, str) and text.strip() else ""
+
+
 def lr_choices(lr: float | None, chosen: Any = None) -> list[float]:
     """The slider's stops: round numbers on a log scale, the trainer's lr, and the person's choice."""
     extra = {v for v in (lr, chosen) if isinstance(v, (int, float)) and math.isfinite(v) and v > 0}
@@ -407,9 +448,9 @@ def momentum_controls(store: RunStore, status: dict[str, Any]) -> None:
         format_func=lambda v: f"β {1 - v:.4g} · window ≈ {1 / v:.0f} steps",
     )
     cols = st.columns([3.2, 1], vertical_alignment="bottom")
-    exact = cols[0].text_input("Exact momentum", key="momentum_exact", placeholder="exact β, e.g. 0.95 (empty: the slider's)",
-                               label_visibility="collapsed")
-    chosen = lambda: exact if exact.strip() else round(1 - st.session_state["one_minus_beta"], 12)  # noqa: E731
+    cols[0].text_input("Exact momentum", key="momentum_exact", placeholder="exact β, e.g. 0.95 (empty: the slider's)",
+                       label_visibility="collapsed")
+    chosen = lambda: _typed("momentum_exact") or round(1 - st.session_state["one_minus_beta"], 12)  # noqa: E731
     command_button(cols[1], "Set β", "momentum_set", store, cmd.SET_MOMENTUM, lambda: {"value": chosen()},
                    width="stretch", type="primary")
 
@@ -528,8 +569,8 @@ def rollback_controls(store: RunStore, status: dict[str, Any]) -> None:
 
 def _checkpoint_label(c: dict[str, Any]) -> str:
     metrics = " ".join(f"{k} {v:.3g}" for k, v in c["metrics"].items() if isinstance(v, (int, float)))
-    return (f"#{c['id']} · epoch {c['epoch']} · step {c['step']} · lr {short_number(c['hparams'].get('lr'))} · "
-            f"branch {c['branch']} {metrics}")
+    return (f"#{c['id']} · epoch {c['epoch']} · step {c['step']} · branch {c['branch']} · "
+            f"lr {short_number(c['hparams'].get('lr'))} {metrics}")
 
 
 # -- hints from the notes -------------------------------------------------------------------------
