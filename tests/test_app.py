@@ -136,8 +136,16 @@ def test_rollback_with_the_chosen_hyperparameters(app, tmp_path: Path) -> None:
     at = app()
     target = at.selectbox(key="rollback_target")
     assert target.options[0].startswith("#2 · epoch 2 · step 90")
+    assert target.options[0] == "#2 · epoch 2 · step 90 · branch 1 · lr 0.1 val_loss 0.5"  # each with its lr
     target.select(1).run()
-    at.radio(key="rollback_hparams").set_value(cmd.HPARAMS_CURRENT).run()
+    hparams = at.radio(key="rollback_hparams")
+    assert hparams.options == ["checkpoint's", "current"]
+    assert list(hparams.proto.captions) == ["lr 0.1, β 0.9", "lr 0.05, β 0.9"]
+    hparams.set_value(cmd.HPARAMS_CURRENT).run()
+    store.write_status(lr=0.07)  # the numbers change (in captions: a changed label resets the choice)
+    at.run()
+    assert at.radio(key="rollback_hparams").value == cmd.HPARAMS_CURRENT
+    assert list(at.radio(key="rollback_hparams").proto.captions) == ["lr 0.1, β 0.9", "lr 0.07, β 0.9"]
     at.button(key="rollback").click().run()
     assert queued(store) == [(cmd.ROLLBACK, {"checkpoint": 1, "hparams": "current"}, "dashboard")]
 

@@ -183,11 +183,12 @@ def test_the_curve_and_its_controls_fit_one_screen(dashboard: str, browser: Any,
     try:
         viewport = {"width": width, "height": height}
         boxes = {name: _inside(page, selector, viewport) for name, selector in COCKPIT.items()}
-        # The fate of a command shows in the same column, also in sight: click × ½ and look.
+        # The fate of a command shows in the same column, also in sight: click × ½ and look (it
+        # halves the lr the run will have: 0.05 shown, or the other size's pending 0.025).
         page.locator(".st-key-lr_half button").click()
-        fate = page.locator('[data-testid="stAlert"]').filter(has_text=re.compile(r"#\d+ set lr 0\.025: pending"))
+        fate = page.locator('[data-testid="stAlert"]').filter(has_text=re.compile(r"#\d+ set lr 0\.0(25|125): pending"))
         fate.first.wait_for()
-        _inside(page, '[data-testid="stAlert"] >> text=/set lr 0.025: pending/', viewport)
+        _inside(page, '[data-testid="stAlert"] >> text=/set lr 0.0(25|125): pending/', viewport)
         # The chart takes most of the width, and the height of the window.
         assert boxes["chart"]["width"] > 0.55 * width
         assert boxes["chart"]["height"] > 0.75 * height

@@ -87,7 +87,6 @@ COMPACT_CSS = """<style>
 .st-key-cockpit_side [data-testid="stAlertContainer"] { padding: 0.4rem 0.7rem; }
 .st-key-cockpit_side [data-testid="stAlertContainer"] p { font-size: 0.9rem; }
 .st-key-cockpit_side [data-testid^="stBaseButton"] { padding-left: 0.5rem; padding-right: 0.5rem; }
-.st-key-rollback_hparams label p { font-size: 0.85rem; }
 @container (max-width: 440px) {
   .st-key-cockpit_controls [data-testid^="stBaseButton"] span:has(> [data-testid="stIconMaterial"]) { display: none; }
 }
@@ -556,15 +555,15 @@ def rollback_controls(store: RunStore, status: dict[str, Any]) -> None:
     command_button(cols[1], "Roll back", "rollback", store, cmd.ROLLBACK,
                    lambda: {"checkpoint": target, "hparams": st.session_state.get("rollback_hparams", cmd.HPARAMS_CHECKPOINT)},
                    icon=":material/undo:", type="primary", width="stretch")
-    # The numbers are in the options' labels: with a key, Streamlit 1.67 keeps the widget (and the
-    # person's choice) when the labels change with the chosen checkpoint.
+    # Fixed labels, the numbers in captions under them: the browser resets a radio whose option
+    # labels change (with the chosen checkpoint, or a nudge), and would forget the person's choice.
     if st.session_state.get("rollback_hparams") not in cmd.HPARAMS_CHOICES:
         st.session_state["rollback_hparams"] = cmd.HPARAMS_CHECKPOINT
     numbers = {cmd.HPARAMS_CHECKPOINT: ("checkpoint's", chosen["hparams"].get("lr"), chosen["hparams"].get("momentum")),
                cmd.HPARAMS_CURRENT: ("current", status.get("lr"), status.get("momentum"))}
     st.radio("Hyperparameters after the rollback", cmd.HPARAMS_CHOICES, key="rollback_hparams", horizontal=True,
-             label_visibility="collapsed",
-             format_func=lambda h: f"{numbers[h][0]} lr {short_number(numbers[h][1])}, β {short_number(numbers[h][2])}")
+             label_visibility="collapsed", format_func=lambda h: numbers[h][0],
+             captions=[f"lr {short_number(numbers[h][1])}, β {short_number(numbers[h][2])}" for h in cmd.HPARAMS_CHOICES])
 
 
 def _checkpoint_label(c: dict[str, Any]) -> str:
