@@ -46,6 +46,8 @@ CLICKS_REPORTED = 32  # how many of its latest clicks the browser reports (more 
 # The browser side: on a click (or Enter/Space) on a button whose element key is one of this
 # part's command buttons, stop the event before Streamlit's button sees it, number it, and report
 # the page's latest clicks. Numbers count up for the whole page load; the page id tells a new load.
+# One list for the page, whichever part caught a click: every report carries the clicks before it,
+# so the server, which carries out the numbers above the highest done, never skips an earlier one.
 _CLICKS_JS = f"""
 const PAGE = Math.random().toString(36).slice(2) + Date.now().toString(36);
 const latest = [];
