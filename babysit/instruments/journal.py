@@ -335,8 +335,10 @@ def _file_kind(mode: int) -> str:
 
 
 def check_journal(journal: Any, name: str = "the journal") -> dict[str, Any]:
-    """Refuse what is not a journal this babysit can replay: another format version, a schedule
-    entry without a step, a place, a setting name or a valid value. Returns it unchanged."""
+    """Refuse what is not a journal this babysit can replay: another format version, nesting deeper
+    than :data:`MAX_NESTING`, a config value a built-in job reads of the wrong type, a target that is
+    not whole numbers, a schedule entry without a step, a place, a setting name or a valid value.
+    Returns it unchanged."""
     if not isinstance(journal, dict) or FORMAT_KEY not in journal:
         raise SettingsError(f"{name} is not a babysit journal (no {FORMAT_KEY!r} key); {_EXPORT_HINT}")
     _check_nesting(journal, name)
