@@ -46,7 +46,9 @@ Resume and rollback: babysit's position wins, Lightning's counters follow it
 
 Ctrl-C and SIGTERM stop at the next step boundary with a final checkpoint (a second Ctrl-C
 aborts); after SIGTERM, once babysit's stop is done, Lightning still ends the process with its
-SIGTERMException (a SystemExit), as it does without babysit.
+SIGTERMException (a SystemExit), as it does without babysit. Both packages Lightning ships as
+(``lightning.pytorch`` and ``pytorch_lightning``) raise their own SIGTERMException class; either
+one ends babysit's stop cleanly.
 
 A "step" is a training batch (one ``on_train_batch_end``). With several optimizers babysit nudges
 and restores the first as its optimizer; the others, their schedulers and Lightning's counters
@@ -57,12 +59,12 @@ Every rank makes the Run and calls it identically; nothing here depends on the r
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .checkpoint import rng_state, set_rng_state
 from .guard import GuardConfig
@@ -71,6 +73,16 @@ from .signals import install_stop_handlers
 from .store import PAUSED, RUNNING
 
 _LIGHTNING_STATE = "_lightning"   # the run.state key of Lightning's counters and other optimizers
+
+
+def _is_lightning_sigterm(exception: BaseException) -> bool:
+    """Lightning's SIGTERMException, of either package it ships as: a Trainer of ``lightning.pytorch``
+    raises that package's class, one of ``pytorch_lightning`` its own (only a loaded one can be it)."""
+    for package in ("lightning.pytorch", "pytorch_lightning"):
+        module = sys.modules.get(f"{package}.utilities.exceptions")
+        if module is not None and isinstance(exception, module.SIGTERMException):
+            return True
+    return False
 
 
 # Lightning's fit loop keeps its own counters and loader iterators across the epoch; a probe's
@@ -226,7 +238,7 @@ class BabysitCallback(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         run = self._live()
-        if run is not None and isinstance(exception, SIGTERMException):
+        if run is not None and _is_lightning_sigterm(exception):
             # Lightning ends fit with SIGTERMException right after the step boundary where babysit
             # began the stop (or after the epoch, when the signal came at its last boundary):
             # finish that stop, final checkpoint included; Lightning then exits as it always does.

@@ -4,6 +4,7 @@ and replayed on a fresh run (babysit.journal_replay) to the same weights, bit fo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,6 +134,42 @@ def test_the_journal_of_a_run_with_two_rollbacks(tmp_path: Path) -> None:
         {"step": 30, "at": "step", "set": "lr", "value": 0.03, "from": "command #5"},
     ]
     assert read_journal(json.loads(json.dumps(to_3))) == to_3  # what is written reads back
+
+
+def test_a_rollback_that_skipped_batches_is_a_skip_at_its_fork(tmp_path: Path) -> None:
+    """A rollback to a checkpoint taken inside an epoch (#2 at step 14, its 4th batch) that skipped
+    200 batches of the data order: in history with its skip, and in the schedule as a skip at the
+    fork, on the fork's side of the boundary, that reads back."""
+    store = RunStore(tmp_path / "r", create=True)
+    b1 = store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0,
+                          hparams={"lr": 0.1, "momentum": 0.9})
+    _checkpoint(store, branch=b1, epoch=1, step=10, lr=0.1)
+    c2 = _checkpoint(store, branch=b1, epoch=2, step=14, lr=0.1, reason="periodic", step_in_epoch=4)
+    b2 = store.new_branch(parent=b1, from_checkpoint=c2, start_step=14, start_epoch=2,
+                          hparams={"lr": 0.1, "momentum": 0.9})
+    _command(store, cmd.ROLLBACK, {"checkpoint": c2, "hparams": "checkpoint", "skip_batches": 200}, branch=b1,
+             step=19, wall=1000, source="cli", result={"branch": b2, "epoch": 2, "step": 14, "checkpoint": c2,
+                                                       "lr": 0.1, "momentum": 0.9})
+    _checkpoint(store, branch=b2, epoch=2, step=18, lr=0.1, reason="periodic", step_in_epoch=208)
+    store.write_status(state="stopped", branch=b2, step=18, epoch=2)
+    found = export_journal(store)
+    (rollback,) = [h for h in found["history"] if h["kind"] == "rollback"]
+    assert (rollback["checkpoint"], rollback["step"], rollback["at"], rollback["skip_batches"], rollback["text"]) == (
+        2, 14, "step", 200, "rollback to #2 (checkpoint hparams, skipping 200 batches)")
+    assert found["schedule"] == [{"step": 14, "at": "step", "skip_batches": 200, "from": "rollback #1"}]
+    assert read_journal(json.loads(json.dumps(found))) == found
+
+
+@pytest.mark.parametrize("skip, message", [
+    (0, "skip_batches must be a whole number of batches from 1 to 1000000000, got 0"),
+    ("200", "skip_batches must be a whole number, got '200'"),
+    (2.5, "skip_batches must be a whole number, got 2.5"),
+    (True, "skip_batches must be a whole number, got True"),
+])
+def test_a_journal_s_skip_that_is_not_a_whole_number_of_batches_is_refused(skip: Any, message: str) -> None:
+    journal = {"babysit_journal": 1, "schedule": [{"step": 3, "at": "step", "skip_batches": skip}]}
+    with pytest.raises(SettingsError, match=rf"^the journal: schedule\[0\]: {re.escape(message)}$"):
+        read_journal(journal)
 
 
 def test_the_cli_prints_the_journal_and_names_what_it_cannot_find(tmp_path: Path) -> None:
