@@ -34,7 +34,8 @@ Resume and rollback: babysit's position wins, Lightning's counters follow it
     Inside an epoch the callback owns the train loader's iteration: it wraps the (single) train
     DataLoader in Lightning's CombinedLoader, so every ``iter()`` Lightning makes goes through
     :class:`babysit.position.ResumePosition` exactly as ``run.batches`` does (the loader's shuffle
-    replayed from the generators as the epoch started, the trained batches skipped, the generators
+    replayed from the generators as the epoch started, the trained batches skipped by the sampler's indices
+    without fetching them (:mod:`babysit.loader_skip`), the generators
     then put back as they were at the cut), and the batch counters of the epoch loop start at the
     number skipped. Epoch 0's iterator is made by Lightning before any hook can act, so the callback
     puts the RNG back and makes it again when epoch 0 starts (Lightning makes later epochs' after
@@ -379,12 +380,8 @@ class _ResumableLoader:
         run = self._callback.run
         if run is None:
             return iter(self.loader)
-        position = run.position
-        position.use_loader(self.loader)
-        iterator = iter(self.loader)
-        skipped = position.skip_batches
-        if skipped:
-            position.skip_trained(iterator)
+        skipped = run.position.skip_batches
+        iterator = run.position.iterate(self.loader)  # past the batches already trained, without reading them
         return self._batches(iterator, skipped)
 
     def _batches(self, iterator: Iterator[Any], skipped: int) -> Iterator[Any]:
