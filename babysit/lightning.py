@@ -99,8 +99,9 @@ class BabysitCallback(pl.Callback):
         run_dir: the run directory (made if new, resumed if it holds checkpoints).
         state: the loop's own state kept in every checkpoint (see :class:`babysit.Run`); available
             as ``callback.run.state`` once training has started.
-        config, guard, keep_last, flush_interval, items_per_step, item_unit: as for :class:`babysit.Run`
-            (``items_per_step`` defaults to the train loader's batch size).
+        config, guard, keep_last, retention, checkpoint_every_steps, checkpoint_every_minutes,
+        flush_interval, items_per_step, item_unit: as for :class:`babysit.Run` (``items_per_step``
+            defaults to the train loader's batch size; a step is a training batch).
     """
 
     def __init__(
@@ -111,6 +112,9 @@ class BabysitCallback(pl.Callback):
         config: dict[str, Any] | None = None,
         guard: GuardConfig | None = None,
         keep_last: int | None = None,
+        retention: Any = None,
+        checkpoint_every_steps: int | None = None,
+        checkpoint_every_minutes: float | None = None,
         flush_interval: float = 0.25,
         items_per_step: int | None = None,
         item_unit: str = "samples",
@@ -120,7 +124,9 @@ class BabysitCallback(pl.Callback):
         if state is not None and (not isinstance(state, dict) or _LIGHTNING_STATE in state):
             raise ValueError(f"state must be a dict without the key {_LIGHTNING_STATE!r}, got {state!r}")
         self.run_dir = Path(run_dir)
-        self._run_kwargs = dict(config=config, guard=guard, keep_last=keep_last, flush_interval=flush_interval,
+        self._run_kwargs = dict(config=config, guard=guard, keep_last=keep_last, retention=retention,
+                                checkpoint_every_steps=checkpoint_every_steps,
+                                checkpoint_every_minutes=checkpoint_every_minutes, flush_interval=flush_interval,
                                 items_per_step=items_per_step, item_unit=item_unit)
         self._user_state = state
         self.run: Run | None = None

@@ -210,6 +210,15 @@ def apply(store: Any, policy: RetentionPolicy, *, now: float, extra_pins: dict[i
     return result
 
 
+def explain(store: Any, *, now: float) -> tuple[RetentionPolicy, dict[int, str]]:
+    """For `status` and the page: the run's policy (as its trainer recorded it) and why each of
+    its own listed checkpoints is kept (id → why); probe checkpoints are not in it."""
+    policy = RetentionPolicy.from_json(store.get_meta("retention", None))
+    legs = store.excursion_branch_ids()
+    rows = [c for c in store.checkpoints() if c["branch"] not in legs]
+    return policy, plan(rows, policy, now=now, pinned=pins(store.branches(), legs, store.running_excursion())).kept
+
+
 def refuse_periodic(checkpoints: list[dict[str, Any]], policy: RetentionPolicy, *, now: float,
                     pinned: dict[int, str], next_bytes: int, free_bytes: int | None) -> str | None:
     """Why the periodic checkpoint about to be taken must not be written, or None: it would put
