@@ -12,13 +12,13 @@ from typing import Any, Callable
 
 from . import commands as cmd
 from . import optim
-from .checkpoint import REASON_EPOCH, REASON_STOP, read_verified
-from .control import PendingRollback, RunControl
+from .checkpoint import KEY_EPOCH, REASON_EPOCH, REASON_STOP, read_verified, rng_state
+from .control import PendingDataSkip, PendingRollback, RunControl
 from .errors import CheckpointError, CommandError
 from .excursion_runner import Excursions
 from .guard import DivergenceGuard
 from .hparam_watch import COMMAND, HparamWatch
-from .journal_replay import ReplayQueue
+from .journal_replay import DATA_SKIP_KIND, ReplayQueue
 from .position import ResumePosition
 from .ranks import Ranks
 from .remedy import DivergenceRemedy
@@ -68,6 +68,8 @@ class CommandRunner:
             return
         while self.replay_due():
             self._replay_command(self.replay.pop())
+        if control.interrupt is not None:  # a replayed data skip cuts the epoch: nothing more until it is done
+            return
         reason = control.take_checkpoint_asked()
         if reason is not None:  # run.checkpoint_now() under torch.distributed: taken here, together
             self.snapshots.take(reason)
@@ -252,6 +254,11 @@ class CommandRunner:
 
     # -- replays -----------------------------------------------------------------------------
     def _replay_command(self, applied: dict[str, Any]) -> None:
+        if applied["kind"] == DATA_SKIP_KIND:  # a cut: the epoch is entered again further along (see Cuts)
+            self.control.begin_data_skip(PendingDataSkip(
+                applied, {**self.position.to_checkpoint(rng_state()), KEY_EPOCH: self.position.epoch},
+                applied["args"]["batches"]))
+            return
         value, position, store = applied["args"]["value"], self.position, self.store
         before = self.trainables.hparams()
         try:

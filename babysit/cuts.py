@@ -15,7 +15,7 @@ from .checkpoint import REASON_STOP
 from .control import RunControl
 from .guard import DivergenceGuard
 from .hparam_watch import HparamWatch
-from .journal_replay import ReplayQueue
+from .journal_replay import DATA_SKIP_KIND, ReplayQueue
 from .position import ResumePosition
 from .resume import Loader
 from .snapshots import Snapshots
@@ -85,6 +85,26 @@ class Cuts:
                 **({"skip_batches": skip} if skip else {}),
             })
         self.hparams.record(force=True)
+
+    def finish_data_skip(self) -> None:
+        """A journal's data skip (a rollback's ``skip_batches`` in the run it was exported from): the
+        epoch is entered again at the position of the cut, further along its data order by the
+        batches skipped, exactly as that rollback resumed (its checkpoint held this very state)."""
+        skip, position = self.control.take_data_skip(), self.position
+        position.restore(skip.position, epoch_done=False)
+        position.skip_ahead(skip.batches)
+        message = f"skipped the next {skip.batches} batches of the data order at step {position.step} (replayed)"
+        self.control.say(message)
+        entry = skip.entry
+        with self.store.transaction():
+            entry["id"] = self.store.record_trainer_command(
+                DATA_SKIP_KIND, {"skip_batches": skip.batches}, cmd.APPLIED, source=entry["source"],
+                branch=position.branch, step=position.step,
+                result={"step_in_epoch": position.step_in_epoch, "journal_entry": entry.get("entry")})
+            self.store.add_event("data_skip", message, branch=position.branch, step=position.step,
+                                 epoch=position.epoch, data={"skip_batches": skip.batches})
+        if entry["id"]:
+            self.control.saw_command(entry["id"])
 
     def finish_stop(self) -> None:
         """The final checkpoint (taken at the cut, or now), the stop command answered, the run ended."""

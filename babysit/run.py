@@ -339,6 +339,9 @@ class Run:
         if control.interrupt is Interrupt.EXCURSION:
             control.excursion.transition()
             return True
+        if control.interrupt is Interrupt.DATA_SKIP:
+            self._cuts.finish_data_skip()
+            return True
         if control.excursion is not None:  # an epoch's end inside a probe: no checkpoint on its branch
             control.excursion.epoch_end(last_epoch=self.max_epochs is not None and self.epoch >= self.max_epochs)
             return True

@@ -212,13 +212,13 @@ def test_a_journal_that_cannot_be_replayed_is_refused_before_anything_starts(
 # -- replayed in process: a loop that anneals its own lr at every epoch end ------------------------
 def anneal_loop(run_dir: Path, *, epochs: int = 4, replay: Any = None,
                 on_step: Callable[[Any], None] | None = None,
-                on_epoch_end: Callable[[Any], None] | None = None) -> nn.Module:
+                on_epoch_end: Callable[[Any], None] | None = None, **run_kwargs: Any) -> nn.Module:
     """8 steps an epoch; the loop halves the lr after each epoch's evaluation."""
     torch.manual_seed(0)
     loader = DataLoader(tiny_data(0), batch_size=8, shuffle=True)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with babysit.Run(run_dir, model, optimizer, config={"seed": 0}, replay=replay) as run:
+    with babysit.Run(run_dir, model, optimizer, config={"seed": 0}, replay=replay, **run_kwargs) as run:
         for _epoch in run.epochs(epochs):
             for x, y in run.batches(loader):
                 loss = nn.functional.cross_entropy(model(x), y)
@@ -303,6 +303,30 @@ def test_a_replay_through_a_rollback_to_a_checkpoint_taken_inside_an_epoch(tmp_p
     replayed = anneal_loop(tmp_path / "replayed", epochs=3, replay=journal)
     for a, b in zip(babysat.state_dict().values(), replayed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fork", ["periodic", "epoch"])
+def test_a_rollback_that_skipped_batches_replays_from_its_journal_to_the_same_weights(tmp_path: Path, fork: str) -> None:
+    """Rolled back at step 13 to a checkpoint inside epoch 1 (a periodic one, step 3) or to epoch
+    1's own (step 8), skipping 2 batches of the data order: the journal's replay skips them at the
+    same point, to the same weights; the epoch it skipped in ends 2 steps early in both."""
+    def person(run: Any) -> None:
+        if run.branch == 1 and run.step == 13:
+            run.checkpointer.wait()
+            target = next(c for c in run.store.checkpoints() if c["reason"] == fork)
+            run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": target["id"], "skip_batches": 2}, source="test")
+
+    babysat = anneal_loop(tmp_path / "babysat", epochs=3, on_step=person, checkpoint_every_steps=3)
+    store = RunStore(tmp_path / "babysat")
+    journal = export_journal(store)
+    step = 3 if fork == "periodic" else 8
+    assert [(s["step"], s["skip_batches"]) for s in journal["schedule"] if "skip_batches" in s] == [(step, 2)]
+    replayed = anneal_loop(tmp_path / "replayed", epochs=3, replay=journal, checkpoint_every_steps=3)
+    for a, b in zip(babysat.state_dict().values(), replayed.state_dict().values()):
+        assert torch.equal(a, b)
+    again = RunStore(tmp_path / "replayed")
+    assert [e["step"] for e in again.events() if e["kind"] == "data_skip"] == [step]
+    assert again.status()["step"] == store.status()["step"] == 22  # 3 epochs of 8 batches, 2 of them skipped
 
 
 def test_a_setting_this_optimizer_cannot_take_is_refused_and_the_replay_goes_on(tmp_path: Path) -> None:

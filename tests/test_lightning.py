@@ -243,6 +243,8 @@ def test_sigterm_under_either_lightning_package_stops_where_it_lands_and_resumes
     assert (status["state"], status["message"]) == ("stopped", "stopped at step 27 (signal SIGTERM) with a final checkpoint")
     final = store.checkpoints()[-1]
     assert (final["reason"], final["step"]) == ("stop", 27)
+    assert "babysit: stopped at step 27 (signal SIGTERM); the final checkpoint took " in (
+        run_dir.parent / "run.log").read_text()  # what the grace period must leave room for
     again = scripts(run_dir, package=package)
     assert again.exit_code() == 0, again.log.read_text()
     assert store.status()["state"] == "finished"

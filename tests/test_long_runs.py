@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import babysit
 from babysit import commands as cmd
 from babysit.checkpoint import KEY_MODEL, read_verified
 from babysit.store import RunStore
+from babysit.ui.data import markers
 from tests.conftest import REPO, babysit_cli, tiny_data, tiny_job, wait_for
 
 SCRIPT = REPO / "tests" / "long_script.py"
@@ -106,6 +108,8 @@ def test_a_rollback_that_skips_batches_trains_on_after_them_and_refuses_to_skip_
     assert skip["state"] == "applied" and skip["result"]["skip_batches"] == 3
     event = next(e for e in store.events() if e["kind"] == "rollback")
     assert event["data"]["skip_batches"] == 3 and "skipping the next 3 batches" in event["message"]
+    (marker,) = [m for m in markers(store, store.branches()) if m.kind == "rollback"]  # on the curve
+    assert marker.text.endswith("; the next 3 batches skipped")
     assert [step for branch, step in seen if branch == 2] == [11, 12, 13] + list(range(14, 22))
     assert [(c["branch"], c["step"], c["reason"]) for c in store.checkpoints() if c["branch"] == 2][:1] == [
         (2, 13, "epoch")]  # epoch 2 ends after its last 3 batches
@@ -248,7 +252,9 @@ def test_rollback_to_a_periodic_checkpoint_then_kill_9_then_restart_is_bit_ident
 
     run = scripts(tmp_path / "run", "--pause-at", "1:700", "--pause-at", "2:1100")
     run.wait_paused(700, branch=1)
-    assert "#3   " in cli(run.run_dir, "status") and "step 600" in cli(run.run_dir, "status")
+    status = babysit_cli("status", "--run-dir", str(run.run_dir), check=True).stdout
+    assert "cadence      every 200 steps (next at step 800)" in status
+    assert re.search(r"#3 +epoch 1 +step 600 +branch 1 .*\(periodic; the newest\)", status), status
     cli(run.run_dir, "rollback", "3")
     run.wait_paused(1100, branch=2)
     run.process.send_signal(signal.SIGKILL)
