@@ -95,11 +95,6 @@ def start(loader: Iterable[Any], skip: int, *, state: dict[str, Any] | None = No
     return iterator, Skip(skip, BY_READING, read=skip)
 
 
-def skip_read(iterator: Iterator[Any], batches: int) -> None:
-    """Read ``batches`` of an iterator in progress and throw them away (fewer if it ends first)."""
-    _consume(iterator, batches)
-
-
 def _consume(iterator: Iterator[Any], count: int) -> None:
     if count > 0:
         next(itertools.islice(iterator, count, count), None)

@@ -97,12 +97,6 @@ class ResumePosition:
             self.rng_at_epoch_end = None
         return self.epoch
 
-    def skip_trained(self, batches: Iterator[Any]) -> None:
-        """Resuming inside an epoch, with an iterator already made: read the batches behind the run
-        and throw them away, then restore the RNG (:meth:`iterate` skips without reading)."""
-        loader_skip.skip_read(batches, self.skip_batches)
-        self.batches_skipped()
-
     def skip_ahead(self, batches: int) -> None:
         """After :meth:`restore`: the resumed run also leaves out the next ``batches`` of the data
         order (a rollback's data skip). Inside an epoch they add to the batches skipped; at an
@@ -119,7 +113,7 @@ class ResumePosition:
         self.step_in_epoch += batches
 
     def batches_skipped(self) -> None:
-        """The batches already trained are skipped (by ``skip_trained``, or by a framework's own
+        """The batches already trained are skipped (by :meth:`iterate`, or by a framework's own
         loader when it resumes): put the generators back as they were at the cut."""
         self.skip_batches = 0
         if self.rng_after_skip is not None:

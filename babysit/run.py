@@ -125,7 +125,6 @@ class Run:
         self.run_dir = Path(run_dir)
         self.config = dict(config or {})
         json.dumps(self.config)  # fail now, not at the first checkpoint
-        self.keep_last = keep_last
         self.guard_config = guard or GuardConfig()
         self.items_per_step = items_per_step
         self.item_unit = item_unit.strip()
