@@ -39,6 +39,7 @@ from .excursion_runner import Excursions
 from .guard import DivergenceGuard, GuardConfig
 from .hparam_watch import LOOP, HparamWatch
 from .journal_replay import ReplayQueue
+from .narrator import Narrator
 from .position import ResumePosition
 from .remedy import DivergenceRemedy
 from .resume import Loader, Resume
@@ -176,6 +177,7 @@ class Run:
             replay_queue, self._excursions, ranks, wake_writer=lambda: self.writer.wake())
         self._cuts = Cuts(store, control, position, trainables, snapshots, loader, hparams, guard_, replay_queue,
                           status_fields=self._status_fields)
+        self._narrator = Narrator(store)  # the trainer's console: lines per epoch, command and event
         resume = Resume(self.run_dir, store, loader, snapshots, control, position, trainables, hparams, guard_,
                         replay_queue, config=self.config, guard_metric=self.guard_config.metric,
                         status_fields=self._status_fields, expire_stale=self._commands.expire_stale)
@@ -183,6 +185,7 @@ class Run:
         store.set_meta("retention", policy.to_json())  # what status and the page say is kept, and why
         if journal is not None:
             resume.start_replay(journal)
+        self._narrator.branch_starts(position.branch, position.step, time.time())
         self.writer = MetricsWriter(
             store, queue=queue.items, status=self._status_fields, guard=guard_,
             on_divergence=self.remedy.on_divergence, on_tick=self._on_tick, interval=flush_interval,
@@ -345,6 +348,9 @@ class Run:
             control.excursion.epoch_end(last_epoch=self.max_epochs is not None and self.epoch >= self.max_epochs)
             return True
         self.snapshots.end_epoch()
+        self._narrator.epoch_ended(branch=self.branch, epoch=self.epoch, max_epochs=self.max_epochs, step=self.step,
+                                   wall=time.time(), metrics=dict(self.snapshots.epoch_metrics),
+                                   hparams=self.trainables.hparams())
         control.take_checkpoint_asked()  # a run.checkpoint_now() still waiting: the epoch's checkpoint answers it
         self._tell("epoch_end")
         return True
@@ -522,6 +528,7 @@ class Run:
         self.snapshots.close()
         self.writer.close()
         self.store.write_status(**self._status_fields(), heartbeat=time.time())
+        self._narrate(final=True)
         self.signal.close()
         self._lock_file.close()
         self._release_signals()
@@ -570,6 +577,14 @@ class Run:
         if not self.control.wake and (self.store.has_pending_commands()
                                       or time.monotonic() >= self.snapshots.periodic_time):
             self.control.wake_up()
+        self._narrate()
+
+    def _narrate(self, final: bool = False) -> None:
+        """The narrator's lines: a failure to say them never stops the run (nor its writer)."""
+        try:
+            self._narrator.tell(final=final)
+        except Exception:
+            log.exception("babysit: the trainer's console lines could not be read from the store")
 
     def _at_exit(self) -> None:
         try:

@@ -35,7 +35,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # The trainer side: the Run and the pieces it is made of. `babysit` itself is the public face
     # of Run (its names load from here).
     "trainer": ("user_state", "control", "loader_skip", "position", "trainables", "ranks", "snapshots", "hparam_watch",
-                "remedy", "writer", "resume", "excursion_runner", "command_runner", "cuts", "journal_replay", "run",
+                "remedy", "writer", "narrator", "resume", "excursion_runner", "command_runner", "cuts", "journal_replay",
+                "run",
                 "babysit"),
     # Training jobs and framework adapters written against the public API.
     "jobs": ("jobs", "lightning", "hf"),
