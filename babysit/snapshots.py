@@ -162,16 +162,17 @@ class Snapshots:
         return job
 
     def _why_not_periodic(self) -> str | None:
-        last = self._last_job
-        size = int((last.result or {}).get("size", 0)) if last is not None else 0
+        legs = self.store.excursion_branch_ids()
+        rows = [c for c in self.store.checkpoints() if c["branch"] not in legs]
+        # The next one is about as large as the last ones written (the snapshots still being
+        # written are not sized yet).
+        size = max((int(c["size"] or 0) for c in rows[-3:]), default=0)
         if size == 0:
             return None  # nothing written yet to size the next one by
         try:
             free: int | None = shutil.disk_usage(self.run_dir).free
         except OSError:
             free = None
-        legs = self.store.excursion_branch_ids()
-        rows = [c for c in self.store.checkpoints() if c["branch"] not in legs]
         pinned = {**retention.pins(self.store.branches(), legs, self.store.running_excursion()), **self.pins}
         return retention.refuse_periodic(rows, self.policy, now=time.time(), pinned=pinned, next_bytes=size,
                                          free_bytes=free)

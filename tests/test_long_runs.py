@@ -176,8 +176,8 @@ def test_thirty_probe_sets_leave_the_disk_bounded_by_keep_last(tmp_path: Path) -
 
 
 def test_a_periodic_checkpoint_over_the_disk_budget_is_not_written_and_says_why(tmp_path: Path) -> None:
-    tiny_job(tmp_path / "r", epochs=2, checkpoint_every_steps=3,
-             retention=babysit.RetentionPolicy(keep_last=1, max_bytes=100))
+    tiny_job(tmp_path / "r", epochs=2, checkpoint_every_steps=3,  # each checkpoint listed before the next step
+             retention=babysit.RetentionPolicy(keep_last=1, max_bytes=100), on_step=lambda run, _: run.checkpointer.wait())
     store = RunStore(tmp_path / "r")
     skipped = [e for e in store.events() if e["kind"] == "checkpoint_skipped"]
     assert len(skipped) == 1 and "disk budget" in skipped[0]["message"]
