@@ -56,6 +56,8 @@ KEY_LAST_COMMAND = "last_command"
 KEY_USER_STATE = "user_state"
 # The states of the loader's own torch.Generator(s), at the epoch's start and at the cut.
 KEY_LOADER_RNG = "loader_rng"
+# The loader's own state_dict(), for a loader that has one (torchdata's StatefulDataLoader); None otherwise.
+KEY_LOADER_STATE = "loader_state"
 
 # Why a checkpoint was taken (its ``reason`` in the store): an epoch's own checkpoint resumes at the
 # next epoch; the others ("checkpoint now", a stop) resume inside their epoch.

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from . import commands as cmd
 from . import journal_replay, optim, ranks as ranks_module
 from .checkpoint import PendingCheckpoint, remove_stale_temps
+from .cadence import Cadence
 from .command_runner import CommandRunner
 from .control import Interrupt, RunControl
 from .cuts import Cuts
@@ -42,6 +44,7 @@ from .narrator import Narrator
 from .position import ResumePosition
 from .remedy import DivergenceRemedy
 from .resume import Loader, Resume
+from .retention import RetentionPolicy
 from .rundir import acquire_run_lock as _acquire_run_lock
 from .rundir import usable_run_dir
 from .signals import install_stop_handlers
@@ -68,8 +71,14 @@ class Run:
             Available as ``run.state``.
         config: the run's settings (JSON-serialisable); stored in every checkpoint.
         guard: divergence guard settings (``GuardConfig(enabled=False)`` turns it off).
-        keep_last: keep only the newest N checkpoints (those a branch started from are kept too);
-            ``None`` keeps them all.
+        keep_last: keep only the newest N checkpoints of any kind (those a branch starts from, and
+            those a probe set or sweep in progress needs, are kept too); ``None``: the default
+            retention (every epoch's and every asked-for checkpoint kept, periodic ones thinned;
+            see :mod:`babysit.retention` and docs/long-runs.md).
+        retention: a :class:`babysit.RetentionPolicy` (thinning, a disk budget), instead of keep_last.
+        checkpoint_every_steps, checkpoint_every_minutes: a periodic checkpoint every N steps (at the
+            multiples of N) and/or every M minutes after the last one, besides each epoch's; each is
+            an exact resume point inside its epoch and a rollback target (see :mod:`babysit.cadence`).
         flush_interval: seconds between writes of logged values (and heartbeats) to the store.
         items_per_step, item_unit: what one step trains, for the throughput shown on the page
             (for example 32 ``"samples"`` or 32×128 ``"tokens"``); by default the loader's batch size.
@@ -93,14 +102,21 @@ class Run:
         config: dict[str, Any] | None = None,
         guard: GuardConfig | None = None,
         keep_last: int | None = None,
+        retention: RetentionPolicy | None = None,
+        checkpoint_every_steps: int | None = None,
+        checkpoint_every_minutes: float | None = None,
         flush_interval: float = 0.25,
         items_per_step: int | None = None,
         item_unit: str = "samples",
         evaluate: Callable[[], dict[str, Any]] | None = None,
         replay: str | os.PathLike[str] | dict[str, Any] | None = None,
     ) -> None:
-        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-            raise SettingsError(f"keep_last must be a whole number >= 1 or None, got {keep_last!r}")
+        if retention is not None and keep_last is not None:
+            raise SettingsError("give keep_last or retention, not both: keep_last=N is RetentionPolicy(keep_last=N)")
+        if retention is not None and not isinstance(retention, RetentionPolicy):
+            raise SettingsError(f"retention must be a babysit.RetentionPolicy, got {retention!r}")
+        policy = retention or RetentionPolicy(keep_last=keep_last)  # checks keep_last
+        cadence = Cadence(checkpoint_every_steps, checkpoint_every_minutes)
         if items_per_step is not None and (not isinstance(items_per_step, int) or items_per_step < 1):
             raise SettingsError(f"items_per_step must be a whole number >= 1 or None, got {items_per_step!r}")
         if evaluate is not None and not callable(evaluate):
@@ -116,7 +132,6 @@ class Run:
         self.run_dir = Path(run_dir)
         self.config = dict(config or {})
         json.dumps(self.config)  # fail now, not at the first checkpoint
-        self.keep_last = keep_last
         self.guard_config = guard or GuardConfig()
         self.items_per_step = items_per_step
         self.item_unit = item_unit.strip()
@@ -141,18 +156,18 @@ class Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._lock_file = _acquire_run_lock(self.run_dir)
         try:
-            self._assemble(evaluate, journal, flush_interval)
+            self._assemble(evaluate, journal, flush_interval, policy, cadence)
         except BaseException as error:
             if not follows:  # a retry in this process (a notebook) must find the run directory free
                 self._let_go_after_failed_start(error)
             raise
 
     def _assemble(self, evaluate: Callable[[], dict[str, Any]] | None, journal: dict[str, Any] | None,
-                  flush_interval: float) -> None:
+                  flush_interval: float, policy: RetentionPolicy, cadence: Cadence) -> None:
         """Build the parts, then start or resume (what can fail once the run directory is taken)."""
         trainables, ranks, follows, control, position = (self.trainables, self._ranks, self._follows, self.control,
                                                           self.position)
-        queue, guard_, keep_last = self._queue, self._guard, self.keep_last
+        queue, guard_ = self._queue, self._guard
         if follows:
             self.store: RunStore = None  # type: ignore[assignment]
             self.signal: CommandSignal = None  # type: ignore[assignment]
@@ -171,8 +186,8 @@ class Run:
             atexit.register(self._at_exit)
             return
         self.snapshots = snapshots = Snapshots(
-            self.run_dir, store, trainables, position, control, ranks, config=self.config, keep_last=keep_last,
-            flush_logged=lambda: self.writer.flush(),
+            self.run_dir, store, trainables, position, control, ranks, config=self.config, policy=policy,
+            cadence=cadence, flush_logged=lambda: self.writer.flush(),
             on_weights_diverged=lambda what, branch, step: self.remedy.apply(what, branch, step))
         self.remedy = DivergenceRemedy(store, control, position, trainables, snapshots, self.guard_config)
         self._replay = replay_queue = ReplayQueue()
@@ -190,6 +205,7 @@ class Run:
                         replay_queue, config=self.config, guard_metric=self.guard_config.metric,
                         status_fields=self._status_fields, expire_stale=self._commands.expire_stale)
         self._meet(resume.restore_on_start, ranks_module.START)
+        store.set_meta("retention", policy.to_json())  # what status and the page say is kept, and why
         if journal is not None:
             resume.start_replay(journal)
         self._narrator.branch_starts(position.branch, position.step, time.time())
@@ -297,6 +313,12 @@ class Run:
         """The lr and momentum the optimizer uses now."""
         return self.trainables.hparams()
 
+    def refuse_data_skips(self, why: str) -> None:
+        """For a framework's callback whose loader skips the batches of a resume itself: refuse a
+        rollback's ``skip_batches``, saying why."""
+        if not self._follows:
+            self._commands.refuse_data_skips(why)
+
     def refuse_excursions(self, why: str) -> None:
         """For a framework's callback whose loop cannot make probes and sweeps exact: refuse them, saying why."""
         if not self._follows:
@@ -366,6 +388,9 @@ class Run:
         if control.interrupt is Interrupt.EXCURSION:
             control.excursion.transition()
             return True
+        if control.interrupt is Interrupt.DATA_SKIP:
+            self._cuts.finish_data_skip()
+            return True
         if control.excursion is not None:  # an epoch's end inside a probe: no checkpoint on its branch
             control.excursion.epoch_end(last_epoch=self.max_epochs is not None and self.epoch >= self.max_epochs)
             return True
@@ -416,10 +441,10 @@ class Run:
             position.steps_per_epoch = None
         if self.items_per_step is None and isinstance(getattr(loader, "batch_size", None), int):
             self.items_per_step = loader.batch_size  # type: ignore[attr-defined]
-        position.use_loader(loader)
-        iterator = iter(loader)
-        if position.skip_batches:
-            position.skip_trained(iterator)
+        iterator = position.iterate(loader)  # a resumed epoch: past the batches behind the run, read only if need be
+        if position.last_skip is not None and position.last_skip.note and not self._follows:
+            self._say_once("resume_skip", position.last_skip.note, {"batches": position.last_skip.batches,
+                                                                    "read": position.last_skip.read})
         self.control.wake_up()
         if self.step_boundary() is not None:
             return
@@ -444,7 +469,8 @@ class Run:
             return control.interrupt
         if self._ranks is None:
             signal = self.signal  # CommandSignal.changed(), inlined: this runs every step
-            if control.wake or signal.word[:8] != signal.seen or (self._replay.entries and self._commands.replay_due()):
+            if (control.wake or signal.word[:8] != signal.seen or self.position.step >= self.snapshots.periodic_step
+                    or (self._replay.entries and self._commands.replay_due())):
                 self._commands.apply_due()
         else:
             if self.position.step >= self._ranks.next_sync:
@@ -510,6 +536,11 @@ class Run:
     def checkpointer(self) -> Any:
         return None if self._follows else self.snapshots.writer
 
+    def _say_once(self, kind: str, message: str, data: dict[str, Any]) -> None:
+        """Tell the person at the trainer's terminal and on the page (an event), once."""
+        print(f"babysit: {message}", file=sys.stderr, flush=True)
+        self.store.add_event(kind, message, branch=self.branch, step=self.step, epoch=self.epoch, data=data)
+
     # -- together with the other ranks (see babysit.ranks) ------------------------------------
     def _meet(self, body: Callable[[], Any], point: int | None = None) -> Any:
         """Run ``body`` here, or, under torch.distributed, on the leader while the followers
@@ -532,7 +563,8 @@ class Run:
         step = self.position.step
         due = None if self._follows else self._replay.next_step
         replay_due = due is not None and due <= step + 1  # due by the step this sync is acted on
-        wants = ranks.leads and (control.wake or self.signal.changed() or replay_due)
+        # A periodic checkpoint due: taken by every rank together at this meeting (within a sync interval of it).
+        wants = ranks.leads and (control.wake or self.signal.changed() or replay_due or self.snapshots.periodic_due())
         work, stop_asked = ranks.sync_step(step, work=wants, stop_asked=control.stop_asked, due_at=due)
         if stop_asked and ranks.leads and not control.stop_asked:
             control.ask_stop("a stop asked on another rank")
@@ -613,8 +645,10 @@ class Run:
         }
 
     def _on_tick(self) -> None:
-        # A fallback for the signal file (a missed write, a filesystem without shared mmap).
-        if not self.control.wake and self.store.has_pending_commands():
+        # A fallback for the signal file (a missed write, a filesystem without shared mmap); and
+        # the clock of the time cadence, read here rather than at every step.
+        if not self.control.wake and (self.store.has_pending_commands()
+                                      or time.monotonic() >= self.snapshots.periodic_time):
             self.control.wake_up()
         self._narrate()
 

@@ -11,7 +11,8 @@ the next branch left it. It has two parts:
 - ``schedule``: what a replay applies (``babysit.Run(..., replay=...)``, ``train --replay``): each
   lr or momentum setting at its step along the flattened line. A rollback that restores its
   checkpoint's hyperparameters needs nothing (the replay is at that state already); one that kept
-  the current ones or set new ones is a setting at the fork.
+  the current ones or set new ones is a setting at the fork; one that skipped batches of the data
+  order (``rollback --skip-batches N``) is a skip at the fork: ``{"step", "at", "skip_batches": N}``.
 
 Where in a step's boundary a setting lands matters at an epoch's end: the boundary after the
 epoch's last step comes before the loop's epoch-end code (its evaluation, its own anneal), the
@@ -63,6 +64,12 @@ def at_of(step_in_epoch: Any) -> str:
     """Where a setting recorded at ``step_in_epoch`` lands: 0 is an epoch's first boundary (after
     the previous epoch's end); anything else, or nothing recorded, the boundary after its step."""
     return AT_EPOCH_START if step_in_epoch == 0 and not isinstance(step_in_epoch, bool) else AT_STEP
+
+
+def is_skip(entry: dict[str, Any]) -> bool:
+    """A schedule entry that skips batches of the data order (a rollback's ``--skip-batches``),
+    rather than setting lr or momentum."""
+    return "skip_batches" in entry
 
 
 def _rank(at: str) -> int:
@@ -219,10 +226,13 @@ def _fork(store: Any, branch: dict[str, Any], fork: dict[str, Any] | None, comma
                 set_(name, (result.get("before") or {}).get(name), origin)
         for name in ("lr", "momentum"):
             set_(name, args.get(name), origin)
+        skip = args.get("skip_batches")
+        if isinstance(skip, int) and not isinstance(skip, bool) and skip > 0:
+            settings.append({"step": step, "at": at, "skip_batches": skip, "from": origin})
         entry = {"kind": cmd.ROLLBACK, "checkpoint": fork["id"] if fork else None, "step": step, "at": at,
                  "branch": branch["id"], "from_branch": rollback["branch"], "from_step": rollback["step"],
                  "hparams": args.get("hparams", cmd.HPARAMS_CHECKPOINT),
-                 **{name: args[name] for name in ("lr", "momentum") if args.get(name) is not None},
+                 **{name: args[name] for name in ("lr", "momentum", "skip_batches") if args.get(name) is not None},
                  "after": {"lr": result.get("lr"), "momentum": result.get("momentum")},
                  "source": rollback["source"], "command": rollback["id"], "time": _iso(rollback["done_at"]),
                  "text": cmd.describe(cmd.ROLLBACK, args)}
@@ -337,8 +347,8 @@ def _file_kind(mode: int) -> str:
 def check_journal(journal: Any, name: str = "the journal") -> dict[str, Any]:
     """Refuse what is not a journal this babysit can replay: another format version, nesting deeper
     than :data:`MAX_NESTING`, a config value a built-in job reads of the wrong type, a target that is
-    not whole numbers, a schedule entry without a step, a place, a setting name or a valid value.
-    Returns it unchanged."""
+    not whole numbers, a schedule entry without a step, a place, a setting name or a valid value (or
+    a skip's whole number of batches). Returns it unchanged."""
     if not isinstance(journal, dict) or FORMAT_KEY not in journal:
         raise SettingsError(f"{name} is not a babysit journal (no {FORMAT_KEY!r} key); {_EXPORT_HINT}")
     _check_nesting(journal, name)
@@ -366,10 +376,17 @@ def check_journal(journal: Any, name: str = "the journal") -> dict[str, Any]:
             raise SettingsError(f"{where}: step must be a whole number >= 0, got {_show(step)}")
         if entry.get("at") not in (AT_STEP, AT_EPOCH_START):
             raise SettingsError(f"{where}: at must be {AT_STEP!r} or {AT_EPOCH_START!r}, got {_show(entry.get('at'))}")
-        if entry.get("set") not in SETTABLE:
-            raise SettingsError(f"{where}: set must be 'lr' or 'momentum', got {_show(entry.get('set'))}")
         try:
-            (cmd.validate_lr if entry["set"] == "lr" else cmd.validate_momentum)(entry.get("value"))
+            if is_skip(entry):
+                skip = entry["skip_batches"]
+                if not isinstance(skip, int) or isinstance(skip, bool):  # JSON: no "200" for 200, no true
+                    raise cmd.CommandError(f"skip_batches must be a whole number, got {_show(skip)}")
+                cmd.validate_skip_batches(skip)
+            elif entry.get("set") not in SETTABLE:
+                raise SettingsError(f"{where}: set must be 'lr' or 'momentum' (or the entry a skip_batches), got "
+                                    f"{_show(entry.get('set'))}")
+            else:
+                (cmd.validate_lr if entry["set"] == "lr" else cmd.validate_momentum)(entry.get("value"))
         except cmd.CommandError as error:
             raise SettingsError(f"{where}: {error}") from None
         position = (step, _rank(entry["at"]))
