@@ -496,10 +496,8 @@ class Run:
             if type(value) is _TENSOR:
                 # CPU tensors become floats now (cheaper than keeping them, and their graphs,
                 # alive); GPU tensors are detached and read later on the writer thread, no sync.
-                try:
-                    metrics[name] = value.detach() if value.is_cuda else value.item()
-                except RuntimeError:  # not one value: the writer thread drops it, naming the metric and step
-                    metrics[name] = value.detach()
+                # A tensor of several values is kept for the writer thread to drop, naming the metric and step.
+                metrics[name] = value.detach() if value.is_cuda or value.numel() != 1 else value.item()
         self._queue.put((PER_STEP, self.position.branch, self.position.step, _wall_clock(), metrics))
 
     def log_epoch(self, **metrics: Any) -> None:
