@@ -24,7 +24,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from . import commands as cmd
 from . import retention
@@ -39,6 +39,7 @@ from .position import ResumePosition
 from .ranks import KEY_RANKS, Ranks
 from .retention import REASON_PERIODIC, RetentionPolicy
 from .store import RunStore
+from .store.lineage import line_of
 from .trainables import Trainables
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Snapshots:
         self._command_job: PendingCheckpoint | None = None   # the "checkpoint now" being written
         self._last_job: PendingCheckpoint | None = None
         self._refused_keys: set[str] = set()
+        self._damage_said: set[str] = set()               # a damaged line of descent, said once
         self._for_epoch_end: list[int] = []               # "checkpoint now" at the epoch's last boundary
 
     # -- taking ------------------------------------------------------------------------------
@@ -329,21 +331,21 @@ class Snapshots:
 
     def lineage_before(self, branch_id: int, before_step: int) -> list[dict[str, Any]]:
         """Checkpoints on ``branch_id``'s line of descent taken before ``before_step`` (on each
-        ancestor, before the point the line left it), newest first, files present."""
+        ancestor, before the point the line left it), newest first, files present. A damaged line
+        (branches naming each other as parents, a missing parent) ends where it breaks, said once."""
         store = self.store
-        branches = {b["id"]: b for b in store.branches()}
-        lineage: dict[int, int] = {}
-        limit = before_step
-        while branch_id in branches:
-            lineage[branch_id] = limit
-            branch = branches[branch_id]
-            if branch["parent"] is None:
-                break
-            origin = store.checkpoint(branch["from_checkpoint"]) if branch["from_checkpoint"] else None
-            limit = origin["step"] + 1 if origin else branch["start_step"]
-            branch_id = branch["parent"]
+
+        def fork(child: Mapping[str, Any]) -> int:  # the step of the checkpoint the child forked from
+            origin = store.checkpoint(child["from_checkpoint"]) if child.get("from_checkpoint") else None
+            return origin["step"] if origin else int(child["start_step"]) - 1
+
+        line = line_of(store.branches(), branch_id, fork_step=fork)
+        if line.damage and line.damage not in self._damage_said:
+            self._damage_said.add(line.damage)
+            store.add_event("damaged_run", f"{line.damage}; the line of descent ends there", branch=branch_id)
+        limits = {s.branch: before_step if s.until is None else s.until + 1 for s in line.stretches}
         candidates = [c for c in store.checkpoints()
-                      if c["branch"] in lineage and c["step"] < lineage[c["branch"]]
+                      if c["branch"] in limits and c["step"] < limits[c["branch"]]
                       and (self.run_dir / c["file"]).is_file()]
         return sorted(candidates, key=lambda c: (c["step"], c["id"]), reverse=True)
 

@@ -60,6 +60,11 @@ item  attack                            before                                af
       million epochs, 20,000 series     branch's line walked for each)        a refresh is bounded (RefreshLimits)
                                                                               and cut short past 8 s (test_issue26_
                                                                               item1_one_refresh_of_a_huge_...)
+1     the same cycle met by a trainer   the trainer's walk of the line        the same walk: it ends at the cycle,
+      resuming through its line of      (snapshots.lineage_before) never      a damaged_run event names it, the
+      descent (its fork's file gone)    ended, the resume hung at 100 % CPU   run resumes from the line's intact
+                                                                              checkpoint as a new branch (test_
+                                                                              issue26_item1_a_trainer_resuming_...)
 3     ``run.log(big=10**400)`` at an    the flush that took it raised         that value alone is dropped; an
       epoch's last step                 OverflowError: its batch was lost     event (and a warning) names 'big'
                                         (loss of steps 9-16 gone), the        and step 8; every other value is
@@ -758,3 +763,37 @@ def test_issue26_item1_one_refresh_of_a_huge_forged_run_is_bounded_in_memory_and
     assert "This run has 200,000 branches; the chart reads the newest 20,000." in found["notes"]
     assert "This run has more than 5,000 series; the chart reads the newest 5,000." in found["notes"]
     assert found["peak_mb"] < 600 and found["seconds"] < 60, found
+
+
+CYCLE_RESUME = """
+import sys
+from tests.conftest import tiny_job
+tiny_job(sys.argv[1], epochs=3)
+"""
+
+
+def test_issue26_item1_a_trainer_resuming_through_a_forged_parent_cycle_ends_its_walk_and_says_so(
+        tmp_path: Path) -> None:
+    """The trainer's walk up the line of descent (a resume whose branch's own checkpoints are gone)
+    shares the store's cycle-safe walk: on branches that name each other as parents it stops, says
+    the run is damaged, and resumes from what the line still holds, instead of looping for ever."""
+    import sqlite3
+
+    run_dir = tmp_path / "run"
+    assert confined("-c", CYCLE_RESUME.replace("epochs=3", "epochs=2"), str(run_dir)).returncode == 0
+    store = RunStore(run_dir)
+    first, second = store.checkpoints()
+    with sqlite3.connect(run_dir / "run.db") as db:  # branch 2 forks from #2, and branch 1 names 2 as its parent
+        db.execute("INSERT INTO branches (id, parent, from_checkpoint, start_step, start_epoch, created) "
+                   "VALUES (2, 1, ?, ?, 2, 0)", (second["id"], second["step"]))
+        db.execute("UPDATE branches SET parent = 2 WHERE id = 1")
+        db.execute("UPDATE status SET branch = 2")
+    (run_dir / second["file"]).unlink()  # the fork's file is gone: the resume walks the line back
+    done = confined("-c", CYCLE_RESUME, str(run_dir), timeout=180)
+    assert done.returncode == 0, done.stderr
+    store = RunStore(run_dir)
+    damaged = [e["message"] for e in store.events(kinds=["damaged_run"])]
+    assert damaged == ["branches 1 and 2 name each other as parents; the line of descent ends there"], damaged
+    resumed = store.events(kinds=["resume"])[-1]
+    assert f"goes on from checkpoint #{first['id']} as branch 3" in resumed["message"], resumed["message"]
+    assert store.status()["state"] == "finished"
