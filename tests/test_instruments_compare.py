@@ -124,6 +124,26 @@ def test_losses_are_compared_at_the_same_steps_since_each_fork(store: RunStore) 
     assert chosen.rows[1].loss_at == pytest.approx(reference_ewma(1.0 * np.exp(-np.arange(1, 301) / 100) + 0.4))
 
 
+def test_a_diverged_or_very_short_branch_does_not_set_the_comparison_length(store: RunStore) -> None:
+    """A rollback that blew up after 6 steps (a divergence on it) and one rolled back again after 4
+    steps would compare every branch at +4 steps, which means nothing: N stays the shortest
+    branch that ran, and the two are named with why."""
+    blown = store.new_branch(parent=1, from_checkpoint=4, start_step=400, start_epoch=4, hparams={"lr": 500.0})
+    write(store, "loss", blown, np.arange(401, 407), np.array([0.8, 3.0, 40.0, 9e3, 7e6, np.nan]))
+    store.add_event("divergence", "divergence: loss is NaN at step 406; run paused", branch=blown, step=406)
+    brief = store.new_branch(parent=1, from_checkpoint=4, start_step=400, start_epoch=4, hparams={"lr": 0.1})
+    write(store, "loss", brief, np.arange(401, 405), np.array([0.80, 0.79, 0.79, 0.78]))
+    table = compare_branches(store)
+    assert table.at_steps == 60, "the probes' 60 steps, not the 4 of a branch rolled back at once"
+    assert table.left_out == {blown: "diverged after 6 steps", brief: "only 4 steps"}
+    assert table.row(blown).loss_at is None and table.row(brief).loss_at is None
+    note = format_table(table).splitlines()[-1]
+    assert note.endswith(f"(N = 60: the shortest compared branch, leaving out branch {blown} (diverged after 6 steps), "
+                         f"branch {brief} (only 4 steps)); * the trainer's branch"), note
+    # Compared alone, a short branch is still compared with what it has.
+    assert compare_branches(store, [brief]).at_steps == 4
+
+
 def test_the_best_validation_number_and_its_epoch(store: RunStore) -> None:
     by = {r.branch: r for r in compare_branches(store).rows}
     assert (by[1].best_metric, by[1].best_value, by[1].best_epoch) == ("val_loss", 0.8, 4)

@@ -97,6 +97,7 @@ def branches_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"run_dir": str(store.run_dir), "at_steps": comparison.at_steps,
                           "loss_metric": comparison.loss_metric, "best_metric": comparison.best_metric,
+                          "left_out": {str(b): why for b, why in comparison.left_out.items()},
                           "branches": [compare.row_object(r) for r in comparison.rows]}, indent=2))
     else:
         print(compare.format_table(comparison))

@@ -4,8 +4,10 @@ A branch starts at a fork: a checkpoint of its parent (a rollback, a probe, a sw
 start. The table says, for each branch, its origin checkpoint, the hyperparameters that differ
 from the parent's at that step, its best validation number (per epoch) and at which epoch, and
 its loss at the same number of steps since the fork as every other branch compared (the
-smoothed step metric at +N steps, N the shortest compared branch's length), so the numbers
-compare like with like. Excursion branches (probe sets, sweeps) are marked as such: they are never
+smoothed step metric at +N steps), so the numbers compare like with like. N is the shortest
+compared branch's length, leaving out what would make it meaningless: a branch that diverged (a
+blow-up after 6 steps compares nothing) and one shorter than :data:`MIN_COMPARE_STEPS` (the
+EWMA of a few steps is mostly its first step's noise); those are named in the comparison. Excursion branches (probe sets, sweeps) are marked as such: they are never
 the run's main line. Each row says whether the branch is on the trainer's line of descent (walked
 by babysit.store.lineage, which ends at a damaged parent row and says so in ``damage``).
 """
@@ -26,6 +28,8 @@ from .probes import HPARAM_SERIES
 # The smoothing of the loss compared at equal steps: the course notes' β = 0.9 (about ten steps),
 # bias-corrected, so a short branch's first steps are not pulled towards zero.
 LOSS_BETA = 0.9
+# A branch shorter than this does not set N (unless no branch is longer).
+MIN_COMPARE_STEPS = 20
 KIND_RUN, KIND_PROBE, KIND_SWEEP = "run", "probe", "sweep"
 # Validation numbers that are better when higher; any other is better when lower (a loss, an error).
 HIGHER_IS_BETTER = ("acc", "f1", "auc", "bleu", "precision", "recall")
@@ -63,6 +67,7 @@ class Comparison:
     loss_metric: str | None
     best_metric: str | None
     damage: str | None = None  # what is wrong with the run's parent rows, when its line of descent ends at damage
+    left_out: dict[int, str] = field(default_factory=dict)  # branch -> why it did not set N ("diverged after 6 steps")
 
     def row(self, branch: int) -> BranchRow | None:
         return next((r for r in self.rows if r.branch == branch), None)
@@ -151,9 +156,10 @@ def compare_branches(store: RunStore, branches: Iterable[int] | None = None, *, 
         ends = [(e, end) for branch, e, end in epochs if branch == b["id"]]
         best = _best(store, own.get((best_metric, b["id"], PER_EPOCH)), best_metric, ends) if best_metric else None
         partial.append((b, kind, excursion, checkpoint, best))
+    left_out: dict[int, str] = {}
     if at_steps is None:
-        comparable = [lengths[b["id"]] for b, kind, *_ in partial if kind != KIND_SWEEP and lengths[b["id"]] > 0]
-        at_steps = min(comparable) if comparable else None
+        at_steps, left_out = _meaningful_length(store, [(b["id"], lengths[b["id"]]) for b, kind, *_ in partial
+                                                        if kind != KIND_SWEEP and lengths[b["id"]] > 0])
     rows = []
     for b, kind, excursion, checkpoint, best in partial:
         info = own.get((metric, b["id"], PER_STEP)) if metric else None
@@ -171,7 +177,23 @@ def compare_branches(store: RunStore, branches: Iterable[int] | None = None, *, 
             at_steps=at_steps if loss is not None else None, hparams=dict(b["hparams"]), on_line=b["id"] in on_line,
         ))
     return Comparison(rows=rows, at_steps=at_steps, loss_metric=metric, best_metric=best_metric,
-                      damage=line.damage if line is not None else None)
+                      damage=line.damage if line is not None else None, left_out=left_out)
+
+
+def _meaningful_length(store: RunStore, lengths: list[tuple[int, int]]) -> tuple[int | None, dict[int, str]]:
+    """N, the steps since the fork at which the branches' losses are compared, and the branches
+    left out of choosing it, with why: N is the shortest length among the branches that did not
+    diverge and ran at least MIN_COMPARE_STEPS (if none did: among all)."""
+    if not lengths:
+        return None, {}
+    diverged = {e["branch"] for e in store.events(kinds=["divergence"]) if e.get("branch") is not None}
+    floor = min(MIN_COMPARE_STEPS, max(length for _, length in lengths))
+    left_out = {branch: f"diverged after {length} steps" if branch in diverged else f"only {length} steps"
+                for branch, length in lengths if branch in diverged or length < floor}
+    kept = [length for branch, length in lengths if branch not in left_out]
+    if not kept:
+        return min(length for _, length in lengths), {}
+    return min(kept), left_out
 
 
 def _length(store: RunStore, branch: dict[str, Any], own: dict[tuple[str, int, str], SeriesInfo],
@@ -276,6 +298,14 @@ def row_object(row: BranchRow) -> dict[str, Any]:
     }
 
 
+def describe_n(comparison: Comparison) -> str:
+    """How N was chosen, and which branches did not set it: what the CLI and the page say under the table."""
+    said = f"N = {comparison.at_steps}: the shortest compared branch"
+    if comparison.left_out:
+        said += ", leaving out " + ", ".join(f"branch {b} ({why})" for b, why in sorted(comparison.left_out.items()))
+    return said
+
+
 def format_table(comparison: Comparison) -> str:
     """The comparison as a plain-text table for a terminal."""
     if not comparison.rows:
@@ -297,7 +327,7 @@ def format_table(comparison: Comparison) -> str:
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     note = (f"{loss_head}: the EWMA (β {LOSS_BETA:g}) of {comparison.loss_metric} {n} steps after each branch's fork"
-            " (N is the shortest compared branch's length); * the trainer's branch") if n else \
+            f" ({describe_n(comparison)}); * the trainer's branch") if n else \
         "* the trainer's branch; no branch has logged a step since its fork yet"
     damage = [f"damaged run: {comparison.damage}"] if comparison.damage else []
     return "\n".join(out + ["", note] + damage)

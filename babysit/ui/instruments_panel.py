@@ -240,8 +240,9 @@ def compare_panel(store: RunStore) -> None:
     table = cmp.compare_branches(store, chosen)
     with st.container(key="compare_table"):
         st.dataframe(comparison_table(table), hide_index=True, width="stretch")
-    st.caption("Losses are the EWMA (β 0.9) of the step metric the same number of steps after each branch's fork, "
-               "N the shortest chosen branch's length (sweeps left out), so they compare like with like.")
+    st.caption(plain(f"Losses are the EWMA (β {cmp.LOSS_BETA:g}) of the step metric the same number of steps after "
+                     "each branch's fork, so they compare like with like (sweeps left out)"
+                     + (f"; {cmp.describe_n(table)}." if table.at_steps else ".")))
     if table.loss_metric:
         figure = build_aligned_figure(aligned_frame(store, table.rows, table.loss_metric), metric=table.loss_metric)
         live_chart(figure, key="compare", height=360)
