@@ -111,12 +111,12 @@ def remove_checkpoint_files(run_dir: Path | str, name: Any) -> None:
         path.unlink(missing_ok=True)
         return
     doomed = path.with_name(f".{path.name}{TEMP_MARK}removed")
-    _remove_tree(doomed)  # a leftover of an earlier removal
+    remove_tree(doomed)  # a leftover of an earlier removal
     os.rename(path, doomed)
-    _remove_tree(doomed)
+    remove_tree(doomed)
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     """Remove a folder and its contents without following any link in it (rmtree works through
     directory descriptors on Linux); a link or a file at ``path`` is unlinked."""
     try:
@@ -308,7 +308,7 @@ def remove_stale_temps(directory: Path) -> list[Path]:
     that died mid-write or mid-removal."""
     removed = []
     for candidate in directory.glob(f".*{TEMP_MARK}*"):
-        _remove_tree(candidate)
+        remove_tree(candidate)
         removed.append(candidate)
     return removed
 
