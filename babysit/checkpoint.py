@@ -17,8 +17,6 @@ import os
 import pickle
 import queue
 import random
-import shutil
-import stat
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, RunDirError
-from .rundir import open_file, path_in
+from .rundir import TEMP_MARK, open_file, remove_tree
 from .store.liveness import disk_full
 
 log = logging.getLogger(__name__)
@@ -65,7 +63,6 @@ REASON_EPOCH = "epoch"
 REASON_COMMAND = "command"
 REASON_STOP = "stop"
 
-TEMP_MARK = ".tmp-"
 # Below this size a checkpoint is read and hashed in one go; above, it is memory-mapped and hashed
 # by a second thread while torch decodes it (a thread and a mapping cost more than they save on
 # small files).
@@ -82,51 +79,6 @@ SHARDED_SUFFIX = ".dcp"
 
 def sharded_checkpoint_name(branch: int, epoch: int, step: int) -> str:
     return f"epoch-{epoch:04d}-step-{step:08d}-b{branch}{SHARDED_SUFFIX}"
-
-
-# -- a checkpoint's files, whatever its form (one file, or a sharded checkpoint's folder) -----------
-def checkpoint_present(run_dir: Path | str, name: Any) -> bool:
-    """True when checkpoint ``name`` is in ``run_dir`` as babysit writes it: a regular file, or a
-    folder (never a link to either). Whether its contents are intact is for the verified load."""
-    try:
-        mode = os.lstat(path_in(run_dir, name)).st_mode
-    except (FileNotFoundError, RunDirError):
-        return False
-    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
-
-
-def remove_checkpoint_files(run_dir: Path | str, name: Any) -> None:
-    """Delete checkpoint ``name`` from ``run_dir``, whatever its form: the file, or a sharded
-    checkpoint's folder with everything in it. A link is removed, its target never touched; a name
-    that is not a plain file name raises RunDirError and nothing is deleted.
-
-    A folder is first renamed to a temporary name, at once: a crash half-way through leaves no
-    half-deleted checkpoint under its listed name (what is left goes with the stale temporaries)."""
-    path = path_in(run_dir, name)
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(mode):
-        path.unlink(missing_ok=True)
-        return
-    doomed = path.with_name(f".{path.name}{TEMP_MARK}removed")
-    remove_tree(doomed)  # a leftover of an earlier removal
-    os.rename(path, doomed)
-    remove_tree(doomed)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a folder and its contents without following any link in it (rmtree works through
-    directory descriptors on Linux); a link or a file at ``path`` is unlinked."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(mode):
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def clone_tree(obj: Any) -> Any:

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import (
-    SHARDED_SUFFIX, TEMP_MARK, AsyncCheckpointer, PendingCheckpoint, disk_full_error, first_non_finite, remove_tree,
-    to_cpu_tree, write_atomic,
+    SHARDED_SUFFIX, AsyncCheckpointer, PendingCheckpoint, disk_full_error, first_non_finite, to_cpu_tree, write_atomic,
 )
 from .dcp_folder import DCP_METADATA, Folder, folder_writer
 from .errors import CheckpointError, RanksOutOfStep
+from .rundir import TEMP_MARK, remove_tree
 from .sharded import DCP_MODEL, MANIFEST, REST, SHARDED_FORMAT, describe, failures, local_shards
 from .store.liveness import disk_full
 
