@@ -161,7 +161,7 @@ def report(found: dict[str, Any], args: argparse.Namespace) -> str:
         f"over `dcp.save`'s: {fmt_range(summarize(ratio_save), 3)}.",
         "",
         "Folder sizes (round 1): " + ", ".join(f"{name} {size / 2**20:,.1f} MiB" for name, size in found["sizes"].items())
-        + ".",
+        + f". Load average (1 min) {found['load'][0]:.1f} before the run, {found['load'][1]:.1f} after.",
         "",
     ])
 
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="babysit-sharded-bench-") as scratch:
         out = Path(scratch) / "results.json"
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -187,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                         "--layers", str(args.layers), "--steps", str(args.steps), "--scratch", scratch,
                         "--out", str(out)],
                        check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-        text = report(json.loads(out.read_text()), args)
+        found = json.loads(out.read_text())
+    found["load"] = (load_before, os.getloadavg()[0])
+    text = report(found, args)
     Path(args.results).write_text(text)
     print(text)
     return 0
