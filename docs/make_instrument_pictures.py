@@ -1,10 +1,11 @@
-"""The README's pictures of the panda's instruments, made from real runs: regenerate them with
+"""The pictures of the panda's instruments in docs/instruments.md, made from real runs: regenerate
+them with
 
     python docs/make_instrument_pictures.py          # a few minutes: two digits runs
 
 It starts real trainers (`python -m babysit train --job digits`) and a real dashboard, opens the
-page in Chromium, and uses each instrument the way the README describes, through the CLI (the same
-commands the page's buttons queue):
+page in Chromium, and uses each instrument the way docs/instruments.md describes, through the CLI
+(the same commands the page's buttons queue):
 
 1. an lr sweep after the first epoch, then the panel with loss against lr    -> instruments-sweep.png
 2. a probe set of lr ×½ ×1 ×2 from now, then the panel with its overlay and table -> instruments-probes.png

@@ -212,7 +212,7 @@ def test_a_bare_trainer_train_says_how_to_resume(tmp_path: Path) -> None:
 
 
 def readme_example() -> str:
-    section = (REPO / "README.md").read_text().split("### Hugging Face Trainer", 1)[1].split("\n### ", 1)[0]
+    section = (REPO / "docs" / "frameworks.md").read_text().split("## Hugging Face Trainer", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 

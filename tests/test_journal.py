@@ -407,7 +407,7 @@ def test_the_page_downloads_the_journal_of_the_chosen_checkpoint(tmp_path: Path)
 def test_the_readme_s_example_is_a_journal_this_babysit_reads() -> None:
     from tests.conftest import REPO
 
-    section = (REPO / "README.md").read_text().split("### The panda journal", 1)[1]
+    section = (REPO / "docs" / "instruments.md").read_text().split("## The panda journal", 1)[1]
     example = section.split("```json\n", 1)[1].split("```", 1)[0]
     assert read_journal(json.loads(example))["schedule"][-1] == {
         "step": 300, "at": "epoch_start", "set": "lr", "value": 0.05, "from": "rollback #9"}

@@ -227,9 +227,9 @@ def test_bad_arguments_are_refused_naming_the_value() -> None:
         BabysitCallback("checkpoints/x", state={"_lightning": 1})
 
 
-# -- the README's example ------------------------------------------------------------------------
+# -- the example of docs/frameworks.md (the README shows its babysit lines) ------------------------
 def readme_example() -> str:
-    section = (REPO / "README.md").read_text().split("### PyTorch Lightning\n", 1)[1].split("\n### ", 1)[0]
+    section = (REPO / "docs" / "frameworks.md").read_text().split("## PyTorch Lightning\n", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 

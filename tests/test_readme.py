@@ -1,5 +1,7 @@
-"""The README's promises that can be run: its own-loop example trains, resumes and is nudged; its
-pictures are in the repo and the script that makes them goes through a real session."""
+"""The README's promises that can be run: its own-loop examples train, resume and are nudged; its
+framework lines are those of the scripts docs/frameworks.md holds (which the framework tests run);
+the pictures it and docs/ show are in the repo and the script that makes them goes through a real
+session; every relative link of the README and docs/ leads somewhere; its test command is CI's."""
 
 from __future__ import annotations
 
@@ -9,34 +11,95 @@ import subprocess
 import sys
 from pathlib import Path
 
+from markdown_it import MarkdownIt
+
 from babysit import commands as cmd
 from babysit.checkpoint import KEY_USER_STATE, read_verified
 from babysit.store import RunStore
 from tests.conftest import REPO, wait_for
 
 README = (REPO / "README.md").read_text()
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
-def own_loop_example() -> str:
-    section = README.split("## Babysit your own loop", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def section(text: str, heading: str) -> str:
+    """The text under ``heading`` (a whole heading line) up to the next heading of its level or
+    above; a line of a code block that starts with '#' is code, not a heading."""
+    lines = text.split("\n")
+    level, fenced, body = len(heading.split(" ", 1)[0]), False, []
+    for line in lines[lines.index(heading) + 1:]:
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(rf"#{{1,{level}}} ", line):
+            break
+        body.append(line)
+    return "\n".join(body)
 
 
-def test_the_own_loop_example_marks_every_line_babysit_needs() -> None:
-    lines = own_loop_example().splitlines()
-    uses = [line for line in lines if "run." in line or "babysit.Run" in line]
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def own_loop_examples() -> tuple[str, str]:
+    """The five-line loop, then the same loop keeping its own state."""
+    loop = section(README, "## Babysit your own loop")
+    (minimal,) = python_blocks(loop.split("\n### ", 1)[0])
+    (stateful,) = python_blocks(section(loop, "### The loop's own state"))
+    return minimal, stateful
+
+
+def run_script(script: Path, epochs: int) -> None:
+    done = subprocess.run([sys.executable, str(script), str(epochs)], cwd=script.parent, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def with_epochs_from_argv(example: str, epochs: str) -> str:
+    assert f"run.epochs({epochs})" in example
+    return (example.replace(f"run.epochs({epochs})", "run.epochs(int(sys.argv[1]))")
+            .replace("import torch\n", "import sys\nimport torch\n", 1))
+
+
+def test_the_minimal_loop_marks_its_five_babysit_lines() -> None:
+    minimal, _ = own_loop_examples()
+    marked = [line.split("#")[0].strip() for line in minimal.splitlines() if line.endswith("# babysit")]
+    assert marked == ["import babysit", 'with babysit.Run("checkpoints/my-run", model, optimizer) as run:',
+                      "for epoch in run.epochs(50):", "for xb, yb in run.batches(train):", "run.log(loss=loss)"]
+    assert [line for line in minimal.splitlines() if "babysit" in line or "run." in line] == [
+        line for line in minimal.splitlines() if line.endswith("# babysit")]
+
+
+def test_the_minimal_loop_trains_checkpoints_every_epoch_and_resumes(tmp_path: Path) -> None:
+    minimal, _ = own_loop_examples()
+    script = tmp_path / "train.py"
+    script.write_text(with_epochs_from_argv(minimal, "50"))
+    run_script(script, 2)
+    store = RunStore(tmp_path / "checkpoints" / "my-run")
+    assert [c["epoch"] for c in store.checkpoints()] == [1, 2] and store.status()["state"] == "finished"
+    run_script(script, 3)  # the same script for more epochs: it resumes after epoch 2
+    assert [c["epoch"] for c in store.checkpoints()] == [1, 2, 3] and store.status()["state"] == "finished"
+    assert [e["kind"] for e in store.events() if e["kind"] in ("start", "resume")] == ["start", "resume"]
+    losses = next(s for s in store.series() if s.name == "loss")
+    steps, _, _ = store.chunk_points(losses.id)
+    assert steps.tolist() == list(range(1, 3 * 2048 // 64 + 1))  # every step once: none trained twice
+
+
+def test_the_stateful_loop_marks_every_line_babysit_needs() -> None:
+    _, stateful = own_loop_examples()
+    lines = stateful.splitlines()
+    uses = [line for line in lines if "run." in line or "babysit" in line]
     marked = [line for line in lines if line.endswith("# babysit")]
     assert uses and all(line in marked for line in uses), uses
-    assert len(marked) <= 9, marked
+    assert len(marked) <= 10, marked  # the import, and at most nine lines in the loop
+    assert "run.state" in stateful and "run.interrupted" in stateful and "run.log_epoch" in stateful
 
 
-def test_the_own_loop_example_trains_resumes_and_obeys(tmp_path: Path) -> None:
+def test_the_stateful_loop_trains_resumes_and_obeys(tmp_path: Path) -> None:
+    _, stateful = own_loop_examples()
     script = tmp_path / "train.py"
-    script.write_text(own_loop_example().replace("run.epochs(50)", "run.epochs(int(sys.argv[1]))")
-                      .replace("import torch\n", "import sys\nimport torch\n", 1))
-    first = subprocess.run([sys.executable, str(script), "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
-    store = RunStore(tmp_path / "checkpoints" / "my-run")
+    script.write_text(with_epochs_from_argv(stateful, "50"))
+    run_script(script, 2)
+    store = RunStore(tmp_path / "checkpoints" / "my-loop")
     assert [c["epoch"] for c in store.checkpoints()] == [1, 2]
     assert store.status()["state"] == "finished"
     last = store.checkpoints()[-1]
@@ -61,11 +124,70 @@ def test_the_own_loop_example_trains_resumes_and_obeys(tmp_path: Path) -> None:
     assert store.status()["state"] == "stopped"
 
 
-def test_every_picture_the_readme_shows_is_in_the_repo_and_made_by_the_script() -> None:
-    pictures = re.findall(r"\]\((docs/[^)]+\.png)\)", README)
+def test_the_readme_s_framework_lines_are_those_of_the_scripts_the_framework_tests_run() -> None:
+    """The README shows each framework's babysit lines; docs/frameworks.md holds the whole script
+    (run by test_lightning, test_hf and test_torchrun): the lines shown are that script's, in order."""
+    frameworks = (REPO / "docs" / "frameworks.md").read_text()
+    trainers = section(README, "## Babysit the trainer you already use")
+    for title in ("PyTorch Lightning", "Hugging Face Trainer", "torchrun and DDP"):
+        (shown,) = python_blocks(section(trainers, f"### {title}"))
+        script = python_blocks(section(frameworks, f"## {title}"))[0].splitlines()
+        shown_lines = [line for line in shown.splitlines() if line.strip() not in ("", "...")]
+        assert any("# babysit" in line for line in shown_lines), title
+        position = 0
+        for line in shown_lines:
+            assert line in script[position:], f"{title}: {line!r} is not in docs/frameworks.md's script after line {position}"
+            position = script.index(line, position) + 1
+
+
+def links(page: Path) -> list[str]:
+    """Every link and image target of a Markdown page, as CommonMark reads it (code is not a link)."""
+    targets = []
+    for token in MarkdownIt("commonmark").parse(page.read_text()):
+        for child in token.children or []:
+            if child.type in ("link_open", "image"):
+                targets.append(str(child.attrs["href" if child.type == "link_open" else "src"]))
+    return targets
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as '-'."""
+    tokens = MarkdownIt("commonmark").parse(page.read_text())
+    titles = [tokens[i + 1].content for i, token in enumerate(tokens) if token.type == "heading_open"]
+    return {re.sub(r"[^\w\- ]", "", title.replace("`", "").strip().lower()).replace(" ", "-") for title in titles}
+
+
+def test_every_relative_link_of_the_readme_and_docs_leads_to_a_file_or_its_heading() -> None:
+    checked = 0
+    for page in PAGES:
+        for target in links(page):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ... : not the repository's
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(REPO)} links to {target}"
+            assert resolved.is_relative_to(REPO) and resolved.exists(), f"{where}, which is not in the repository"
+            if anchor:
+                assert resolved.suffix == ".md" and anchor in heading_anchors(resolved), f"{where}: no such heading"
+            checked += 1
+    assert checked >= 40, checked  # the README's index and pictures, and the pages' links back
+
+
+def test_the_readme_gives_the_test_command_ci_runs() -> None:
+    (command,) = re.findall(r"```bash\n(.*?)\n```", section(README, "## Tests"), re.S)
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if "pytest" in line]
+    assert ci[-1] == command == "python -m pytest -n 2"
+
+
+def test_every_picture_the_readme_and_the_instruments_page_show_is_in_the_repo_and_made_by_a_script() -> None:
+    """The pictures of the first session (README) and of the instruments (docs/instruments.md) are
+    made from real runs by the two picture scripts."""
+    pictures = {str((page.parent / target).resolve().relative_to(REPO))
+                for page in (REPO / "README.md", REPO / "docs" / "instruments.md")
+                for target in links(page) if target.endswith(".png")}
     assert "docs/dashboard.png" in pictures and len(pictures) >= 9, pictures
     scripts = {name: (REPO / "docs" / name).read_text() for name in ("make_pictures.py", "make_instrument_pictures.py")}
-    for picture in pictures:
+    for picture in sorted(pictures):
         assert (REPO / picture).is_file(), picture
         makers = [name for name, text in scripts.items() if f'"{Path(picture).name}"' in text]
         assert makers, f"{picture} is made by neither of {', '.join(scripts)}"

@@ -213,7 +213,7 @@ def test_a_signal_to_one_rank_stops_the_whole_job_with_a_final_checkpoint(tmp_pa
 
 
 def readme_ddp_example() -> str:
-    section = (REPO / "README.md").read_text().split("### torchrun and DDP", 1)[1]
+    section = (REPO / "docs" / "frameworks.md").read_text().split("## torchrun and DDP", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
