@@ -107,11 +107,20 @@ def read_sharded(run_dir: Path | str, name: str, sha256: str | None, *, verify_s
                 if file not in (REST, DCP_METADATA):
                     with folder.open_checked(file):
                         pass
-        load_metadata(folder)
+        metadata = load_metadata(folder)
         state = read_verified(folder_path / REST, manifest["files"][REST]["sha256"])
     state[KEY_SHARDED] = {"folder": name, "world_size": manifest["world_size"],
-                          "files": {file: dict(entry) for file, entry in manifest["files"].items()}}
+                          "files": {file: dict(entry) for file, entry in manifest["files"].items()},
+                          "model_shapes": model_shapes(metadata)}
     return state
+
+
+def model_shapes(metadata: Any) -> dict[str, tuple[int, ...]]:
+    """The whole shape of each model tensor in a checkpoint's index (to tell, before anything is
+    loaded, whether it fits a model)."""
+    prefix = DCP_MODEL + "."
+    return {key[len(prefix):]: tuple(entry.size) for key, entry in metadata.state_dict_metadata.items()
+            if key.startswith(prefix) and hasattr(entry, "size")}
 
 
 def _read_manifest(folder: Folder, sha256: str | None) -> dict[str, Any]:

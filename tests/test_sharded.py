@@ -79,6 +79,7 @@ def test_a_sharded_checkpoint_lists_a_hash_per_file_and_loads_back_exactly(tmp_p
 
     state = read_checkpoint(tmp_path, "c.dcp", job.result["sha256"])
     assert state["position"] == 7 and state[KEY_SHARDED]["world_size"] == 1
+    assert state[KEY_SHARDED]["model_shapes"] == {"0.weight": (8, 4), "0.bias": (8,), "2.weight": (2, 8), "2.bias": (2,)}
     fresh, fresh_optimizer = _model(1)
     load_shards(tmp_path, state[KEY_SHARDED], fresh, fresh_optimizer)
     assert _same(fresh, model)
