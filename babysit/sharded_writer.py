@@ -10,10 +10,10 @@ and reports them to rank 0, which writes the manifest, renames the folder to its
 then lists it. A checkpoint some rank could not write is never listed: the message names the rank
 and why.
 
-The writers meet through the job's key-value store (the TCPStore torchrun starts), never through
-a collective of the training's own group (a collective started by a background thread on the
-group FSDP uses is how a checkpoint hangs a job), and with a deadline: a rank that does not arrive
-is named. ``dcp.save`` runs its collectives on a gloo group of the writers' own.
+The writers meet through the job's key-value store (:mod:`babysit.arrivals`), never through a
+collective of the training's own group (a collective started by a background thread on the group
+FSDP uses is how a checkpoint hangs a job), and with a deadline: a rank that does not arrive is
+named. ``dcp.save`` runs its collectives on a gloo group of the writers' own.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from .checkpoint import (
     SHARDED_SUFFIX, AsyncCheckpointer, PendingCheckpoint, disk_full_error, first_non_finite, to_cpu_tree, write_atomic,
 )
 from .dcp_folder import DCP_METADATA, Folder, folder_writer
+from .arrivals import Arrivals
 from .errors import CheckpointError, RanksOutOfStep
 from .rundir import TEMP_MARK, remove_tree
 from .sharded import DCP_MODEL, MANIFEST, REST, SHARDED_FORMAT, describe, failures, local_shards
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 
 # How long a writer waits for the others at a meeting before naming the ranks that did not come.
 ARRIVAL_TIMEOUT_S = 300.0
-_POLL_S = 0.005
 
 
 class ShardedCheckpointer(AsyncCheckpointer):
@@ -67,7 +67,7 @@ class ShardedCheckpointer(AsyncCheckpointer):
         self.world_size = dist.get_world_size() if joined else 1
         self.timeout_s = timeout_s
         self._group: Any = None
-        self._meeting: WriterMeeting | None = None
+        self._meeting: Arrivals | None = None
         self._serial = 0
         if self.world_size > 1:
             # The writers' own group: DCP's collectives run on the writer threads, never on a group
@@ -75,8 +75,8 @@ class ShardedCheckpointer(AsyncCheckpointer):
             self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
             token = [f"{os.getpid()}-{time.time_ns()}"]
             dist.broadcast_object_list(token, src=0, group=self._group)
-            self._meeting = WriterMeeting(dist.distributed_c10d._get_default_store(), f"babysit/sharded/{token[0]}",
-                                          self.rank, self.world_size, timeout_s)
+            self._meeting = Arrivals(dist.distributed_c10d._get_default_store(), f"babysit/sharded/{token[0]}",
+                                     self.rank, self.world_size, timeout_s)
         super().__init__(on_written, on_failed)
 
     @property
@@ -151,7 +151,7 @@ class ShardedCheckpointer(AsyncCheckpointer):
         except BaseException as error:
             report = {"error": f"rank {self.rank} could not write its shard: {describe(error)}",
                       "errno": _errno_of(error)}
-        reports = self._gather_at_leader(key + "/done", report, f"its shard of checkpoint {name}")
+        reports = self._gather_at_leader(key + "/done", report, f"the end of checkpoint {name}'s write")
         if not self.leads:
             if "error" in report:
                 raise CheckpointError(report["error"])
@@ -184,12 +184,22 @@ class ShardedCheckpointer(AsyncCheckpointer):
     def _meet_all(self, key: str, value: Any, what: str) -> list[Any]:
         if self._meeting is None:
             return [value]
-        return self._meeting.all_arrive(key, value, what)
+        try:
+            return self._meeting.all_arrive(key, value, what)
+        except RanksOutOfStep as error:
+            raise RanksOutOfStep(f"{error}; the checkpoint is not listed") from None
 
     def _gather_at_leader(self, key: str, value: Any, what: str) -> list[Any]:
         if self._meeting is None:
             return [value]
-        return self._meeting.report_to_leader(key, value, what)
+        try:
+            values = self._meeting.report_to_leader(key, value, what)
+        except RanksOutOfStep as error:
+            raise RanksOutOfStep(f"{error}; the checkpoint is not listed") from None
+        if self.leads:  # every rank is past this checkpoint's meetings
+            serial = key.split("/", 1)[0]
+            self._meeting.forget(f"{serial}/ready", key)
+        return values
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -242,62 +252,3 @@ def _publish(temp: Path, path: Path) -> Path:
             os.close(fd)
         return candidate
     raise FileExistsError(errno.EEXIST, "no free checkpoint folder name", str(path))
-
-
-class WriterMeeting:
-    """The writers' meetings, through the job's key-value store (thread-safe, no collective):
-    each rank posts under ``<prefix>/<key>/<rank>``; whoever waits past the deadline names the
-    ranks that did not post. ``all_arrive`` ends the same way on every rank: the first rank to
-    decide (all came, or some are late) sets the outcome with compare-and-set, the others read it."""
-
-    def __init__(self, store: Any, prefix: str, rank: int, world_size: int, timeout_s: float) -> None:
-        self.store, self.prefix, self.rank, self.world_size, self.timeout_s = store, prefix, rank, world_size, timeout_s
-
-    def _keys(self, key: str) -> list[str]:
-        return [f"{self.prefix}/{key}/{rank}" for rank in range(self.world_size)]
-
-    def _wait(self, key: str) -> list[int]:
-        """Wait until every rank posted under ``key``, or the deadline; the ranks missing then."""
-        keys = self._keys(key)
-        deadline = time.monotonic() + self.timeout_s
-        pause = _POLL_S
-        while not self.store.check(keys):  # one round trip, however many ranks
-            if time.monotonic() > deadline:
-                return [rank for rank, name in enumerate(keys) if not self.store.check([name])]
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
-        return []
-
-    def _late(self, missing: list[int], what: str) -> RanksOutOfStep:
-        ranks = ", ".join(str(rank) for rank in missing)
-        return RanksOutOfStep(
-            f"rank{'s' if len(missing) > 1 else ''} {ranks} did not arrive at {what} within {self.timeout_s:.0f} s "
-            "(stopped, killed, or stuck in a collective of its own); the checkpoint is not listed")
-
-    def all_arrive(self, key: str, value: Any, what: str) -> list[Any]:
-        """Post ``value``; every rank's value, once all posted (the same outcome on every rank)."""
-        self.store.set(self._keys(key)[self.rank], json.dumps(value))
-        missing = self._wait(key)
-        outcome = "all" if not missing else "late:" + ",".join(map(str, missing))
-        decided = self.store.compare_set(f"{self.prefix}/{key}/outcome", "", outcome).decode()
-        if decided != "all":
-            raise self._late([int(r) for r in decided.split(":", 1)[1].split(",")], what)
-        return [json.loads(self.store.get(name)) for name in self._keys(key)]
-
-    def report_to_leader(self, key: str, value: Any, what: str) -> list[Any]:
-        """Post ``value``; on the leader, every rank's value once all posted (the others return at
-        once). The leader then clears this checkpoint's keys."""
-        self.store.set(self._keys(key)[self.rank], json.dumps(value))
-        if self.rank != 0:
-            return []
-        missing = self._wait(key)
-        if missing:
-            raise self._late(missing, f"the end of the write ({what})")
-        values = [json.loads(self.store.get(name)) for name in self._keys(key)]
-        serial = key.split("/", 1)[0]
-        for name in [*self._keys(f"{serial}/ready"), f"{self.prefix}/{serial}/ready/outcome", *self._keys(key)]:
-            try:
-                self.store.delete_key(name)
-            except Exception:  # a store without delete: the keys are small
-                break
-        return values

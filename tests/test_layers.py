@@ -30,8 +30,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "foundations": ("errors", "commands", "rundir", "signals", "serving", "downsample"),
     # What is on disk and how an optimizer or a loss is read: the run store, checkpoints; and the
     # panda's instruments' readings of a run (hints, probe and sweep results, journals, comparisons).
-    "records": ("store", "checkpoint", "dcp_folder", "sharded", "sharded_writer", "parallelism", "optim", "guard",
-                "instruments"),
+    "records": ("store", "checkpoint", "dcp_folder", "sharded", "arrivals", "sharded_writer", "parallelism", "optim",
+                "guard", "instruments"),
     # The trainer side: the Run and the pieces it is made of. `babysit` itself is the public face
     # of Run (its names load from here).
     "trainer": ("user_state", "position", "ranks", "snapshots", "hparam_watch", "remedy", "writer", "resume",
