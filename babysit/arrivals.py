@@ -68,13 +68,18 @@ class Arrivals:
                    on_late: Callable[[list[int], float], None] | None = None) -> list[Any]:
         """Post ``value`` (JSON); every rank's value, once all posted. Raises RanksOutOfStep on every
         rank alike when some did not come by the deadline."""
+        self.all_here(key, what, on_late, value)
+        return [json.loads(self.store.get(name)) for name in self._keys(key)]
+
+    def all_here(self, key: str, what: str, on_late: Callable[[list[int], float], None] | None = None,
+                 value: Any = None) -> None:
+        """:meth:`all_arrive` without reading the values back (a few store round trips in all)."""
         self.store.set(self._keys(key)[self.rank], json.dumps(value))
         missing = self._wait(key, what, on_late)
         outcome = "all" if not missing else "late:" + ",".join(map(str, missing))
         decided = self.store.compare_set(f"{self.prefix}/{key}/outcome", "", outcome).decode()
         if decided != "all":
             raise self.late([int(rank) for rank in decided.split(":", 1)[1].split(",")], what)
-        return [json.loads(self.store.get(name)) for name in self._keys(key)]
 
     def report_to_leader(self, key: str, value: Any, what: str) -> list[Any]:
         """Post ``value``; on rank 0, every rank's value once all posted (the others return at once)."""
