@@ -22,7 +22,7 @@ from .errors import RanksOutOfStep
 
 log = logging.getLogger(__name__)
 
-LATE_AFTER_S = 60.0  # a wait this long is reported, naming the ranks not yet there
+LATE_AFTER_S = 60.0  # a wait this long (or half the deadline, if shorter) is reported, naming who is missing
 _FIRST_POLL_S = 0.0005
 _LONGEST_POLL_S = 0.1
 
@@ -43,7 +43,7 @@ class Arrivals:
         """Wait until every rank posted under ``key``, or the deadline; the ranks missing then."""
         keys = self._keys(key)
         started = time.monotonic()
-        late_at, deadline = started + min(LATE_AFTER_S, self.timeout_s), started + self.timeout_s
+        late_at, deadline = started + min(LATE_AFTER_S, self.timeout_s / 2), started + self.timeout_s
         pause = _FIRST_POLL_S
         while not self.store.check(keys):  # one round trip, however many ranks
             now = time.monotonic()
