@@ -30,27 +30,29 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from . import command_runner  # its Interrupt, read at call time (command_runner imports this module)
 from . import commands as cmd
-from . import optim
 from .checkpoint import read_verified, rng_state, set_rng_state
+from .control import RunControl
 from .errors import CommandError
-from .hparam_watch import COMMAND
+from .guard import DivergenceGuard
+from .hparam_watch import COMMAND, HparamWatch
 from .instruments.probes import HPARAM_SERIES, ProbeReading, winner
 from .instruments.sweep import SWEEP_EWMA_BETA, counts_for_minimum, diverged
+from .position import ResumePosition
+from .resume import Loader
 from .rundir import unlink_in
-from .store import PAUSED, PER_STEP, RUNNING
+from .snapshots import Snapshots
+from .store import PER_STEP, RunStore
 from .store.schema import (
-    EXCURSION_ABANDONED, EXCURSION_CANCELLED, EXCURSION_DONE, EXCURSION_PROBE, EXCURSION_SWEEP,
+    EXCURSION_CANCELLED, EXCURSION_DONE, EXCURSION_PROBE, EXCURSION_SWEEP,
 )
-from .writer import to_float
-
-if TYPE_CHECKING:
-    from .run import Run
+from .trainables import Trainables
+from .writer import LogQueue, to_float
 
 REASON_EXCURSION = "excursion"  # the return point, taken on the run's own branch
 REASON_PROBE = "probe"          # a probe's end, on its branch (to continue from the winner)
@@ -120,24 +122,17 @@ class LossTap:
             self._lowest = min(self._lowest, self.smoothed)
 
 
-def refusal(run: "Run") -> str | None:
-    """Why this run cannot take an excursion at all, or None."""
-    if run._ranks is not None:
-        return NOT_UNDER_RANKS
-    return run._excursions_refused
-
-
 def sweep_lr(lr_min: float, lr_max: float, steps: int, i: int) -> float:
     """The lr of the sweep's step i (0-based): from lr_min to lr_max, evenly on a log scale."""
     return lr_min * (lr_max / lr_min) ** (i / (steps - 1))
 
 
-def probe_values(run: "Run", args: dict[str, Any]) -> list[float]:
-    """The values a probe command tries, checked against what this optimizer has."""
+def probe_values(hparams: dict[str, Any], optimizer_name: str, args: dict[str, Any]) -> list[float]:
+    """The values a probe command tries, checked against what this optimizer has (``hparams`` now)."""
     param = args["param"]
-    current = run.hparams[param]
+    current = hparams[param]
     if param == "momentum" and current is None:
-        raise CommandError(f"this optimizer ({type(run.optimizer).__name__}) has no momentum to probe; probe lr instead")
+        raise CommandError(f"this optimizer ({optimizer_name}) has no momentum to probe; probe lr instead")
     if "values" in args:
         return list(args["values"])
     if param == "lr":
@@ -154,125 +149,132 @@ def probe_values(run: "Run", args: dict[str, Any]) -> list[float]:
     return values
 
 
-def begin(run: "Run", command: cmd.Command, pending: dict[str, Any]) -> None:
-    """Apply a probe or sweep command at this step boundary (see the module's docstring, 1)."""
-    why_not = refusal(run)
-    if why_not:
-        raise CommandError(why_not)
-    active = run._excursion
-    if active is not None:
-        raise CommandError(f"excursion #{active.id} is running; cancel it first (python -m babysit cancel {active.id})")
-    args, store = command.args, run.store
-    fork_record = fork_state = None
-    if command.kind == cmd.PROBE:
-        legs = [Leg(i, args["param"], v, args["steps"]) for i, v in enumerate(probe_values(run, args))]
-        if "checkpoint" in args:
-            fork_record = store.checkpoint(args["checkpoint"], must_exist=True)
-            assert fork_record is not None
-            if fork_record["branch"] in store.excursion_branch_ids():
-                raise CommandError(f"checkpoint #{fork_record['id']} is a probe's end; roll back to it first (that "
-                                   "continues the run from it), then probe from there")
-            fork_state = read_verified(run.run_dir / fork_record["file"], fork_record["sha256"])
-            run._commands._check_fits(fork_state, fork_record)
-        spec = {"param": args["param"], "values": [leg.value for leg in legs], "steps": args["steps"],
-                "then": args["then"], "checkpoint": args.get("checkpoint")}
-    else:
-        lr = run.hparams["lr"] or 0.0
-        lr_min = args.get("lr_min", lr * cmd.SWEEP_DEFAULT_SPAN[0])
-        lr_max = args.get("lr_max", lr * cmd.SWEEP_DEFAULT_SPAN[1])
-        if not 0 < lr_min < lr_max:
-            raise CommandError(f"sweep lr_min must be below lr_max, got lr_min {lr_min:g} and lr_max {lr_max:g}")
-        legs = [Leg(0, "lr", lr_min, args["steps"])]
-        spec = {"lr_min": lr_min, "lr_max": lr_max, "steps": args["steps"], "then": cmd.THEN_PAUSE}
-    job = run.snapshots.take(REASON_EXCURSION)
-    run.snapshots.wait()
-    if job.error is not None or "id" not in job.meta:
-        raise CommandError(f"the return point could not be checkpointed ({job.error}); nothing was changed")
-    retire_probe_checkpoints(run)
-    return_record = store.checkpoint(job.meta["id"])
-    assert return_record is not None
-    kind = EXCURSION_PROBE if command.kind == cmd.PROBE else EXCURSION_SWEEP
-    with store.transaction():
-        excursion_id = store.add_excursion(
-            kind=kind, command=pending["id"], origin_branch=run.branch, origin_step=run.step,
-            from_checkpoint=fork_record["id"] if fork_record else return_record["id"],
-            return_checkpoint=return_record["id"], spec=spec)
-        store.finish_command(pending["id"], cmd.APPLIED, branch=run.branch, step=run.step, result={
-            "excursion": excursion_id, "checkpoint": return_record["id"]})
-        what = cmd.describe(command.kind, args)
-        store.add_event("excursion", f"excursion #{excursion_id} ({what}) starts; the run comes back to checkpoint "
-                        f"#{return_record['id']} (step {run.step}) on branch {run.branch}", branch=run.branch,
-                        step=run.step, epoch=run.epoch, data={"excursion": excursion_id})
-    excursion = Excursion(run, excursion_id, kind, spec, legs, fork_record or return_record, return_record)
-    run._excursion = excursion
-    if run.status == PAUSED:  # a probe asked of a paused run is what the person wants it to do now
-        run.status = RUNNING
-    if fork_record is None:
-        excursion.origin_evaluation = excursion.evaluate()
-        excursion.start_leg(0)  # the state is the return point's: nothing to load
-    else:
-        excursion.pending = ("leg", 0, fork_state)
-        run._interrupt = command_runner.Interrupt.EXCURSION
+class Excursions:
+    """What excursions need of one run (single process), and the start of one."""
 
+    def __init__(self, run_dir: Path, store: RunStore, control: RunControl, position: ResumePosition,
+                 trainables: Trainables, snapshots: Snapshots, loader: Loader, hparams: HparamWatch,
+                 guard: DivergenceGuard, queue: LogQueue, *, flush_logged: Callable[[], None],
+                 evaluate: Callable[[], dict[str, Any]] | None, status_fields: Callable[[], dict[str, Any]],
+                 under_ranks: bool) -> None:
+        self.run_dir = run_dir
+        self.store = store
+        self.control = control
+        self.position = position
+        self.trainables = trainables
+        self.snapshots = snapshots
+        self.loader = loader
+        self.hparams = hparams
+        self.guard = guard
+        self.queue = queue
+        self.flush_logged = flush_logged
+        self.user_evaluate = evaluate
+        self.status_fields = status_fields
+        # Why this run's driver cannot take one (a framework's callback says so), or None.
+        self.refused: str | None = NOT_UNDER_RANKS if under_ranks else None
 
-def retire_probe_checkpoints(run: "Run") -> None:
-    """Bounded disk: earlier excursions' probe checkpoints go, except one a branch started from
-    (a winner a person continued from)."""
-    store = run.store
-    probe_branches = store.excursion_branch_ids()
-    if not probe_branches:
-        return
-    kept = {b["from_checkpoint"] for b in store.branches()}
-    for record in store.checkpoints():
-        if record["branch"] in probe_branches and record["id"] not in kept:
-            unlink_in(run.run_dir, record["file"])
-            store.mark_checkpoint_deleted(record["id"])
+    def refuse(self, why: str) -> None:
+        """A driver that cannot make excursions exact (a framework's loop) refuses them, saying why."""
+        if self.refused is None:
+            self.refused = why
 
+    def begin(self, command: cmd.Command, pending: dict[str, Any]) -> None:
+        """Apply a probe or sweep command at this step boundary (see the module's docstring, 1)."""
+        if self.refused:
+            raise CommandError(self.refused)
+        control, position, store = self.control, self.position, self.store
+        active = control.excursion
+        if active is not None:
+            raise CommandError(f"excursion #{active.id} is running; cancel it first (python -m babysit cancel "
+                               f"{active.id})")
+        args = command.args
+        fork_record = fork_state = None
+        if command.kind == cmd.PROBE:
+            values = probe_values(self.trainables.hparams(), type(self.trainables.optimizer).__name__, args)
+            legs = [Leg(i, args["param"], v, args["steps"]) for i, v in enumerate(values)]
+            if "checkpoint" in args:
+                fork_record = store.checkpoint(args["checkpoint"], must_exist=True)
+                assert fork_record is not None
+                if fork_record["branch"] in store.excursion_branch_ids():
+                    raise CommandError(f"checkpoint #{fork_record['id']} is a probe's end; roll back to it first "
+                                       "(that continues the run from it), then probe from there")
+                fork_state = read_verified(self.run_dir / fork_record["file"], fork_record["sha256"])
+                self.trainables.check_fits(fork_state, fork_record["id"])
+            spec = {"param": args["param"], "values": [leg.value for leg in legs], "steps": args["steps"],
+                    "then": args["then"], "checkpoint": args.get("checkpoint")}
+        else:
+            lr = self.trainables.hparams()["lr"] or 0.0
+            lr_min = args.get("lr_min", lr * cmd.SWEEP_DEFAULT_SPAN[0])
+            lr_max = args.get("lr_max", lr * cmd.SWEEP_DEFAULT_SPAN[1])
+            if not 0 < lr_min < lr_max:
+                raise CommandError(f"sweep lr_min must be below lr_max, got lr_min {lr_min:g} and lr_max {lr_max:g}")
+            legs = [Leg(0, "lr", lr_min, args["steps"])]
+            spec = {"lr_min": lr_min, "lr_max": lr_max, "steps": args["steps"], "then": cmd.THEN_PAUSE}
+        job = self.snapshots.take(REASON_EXCURSION)
+        self.snapshots.wait()
+        if job.error is not None or "id" not in job.meta:
+            raise CommandError(f"the return point could not be checkpointed ({job.error}); nothing was changed")
+        self.retire_probe_checkpoints()
+        return_record = store.checkpoint(job.meta["id"])
+        assert return_record is not None
+        kind = EXCURSION_PROBE if command.kind == cmd.PROBE else EXCURSION_SWEEP
+        with store.transaction():
+            excursion_id = store.add_excursion(
+                kind=kind, command=pending["id"], origin_branch=position.branch, origin_step=position.step,
+                from_checkpoint=fork_record["id"] if fork_record else return_record["id"],
+                return_checkpoint=return_record["id"], spec=spec)
+            store.finish_command(pending["id"], cmd.APPLIED, branch=position.branch, step=position.step, result={
+                "excursion": excursion_id, "checkpoint": return_record["id"]})
+            what = cmd.describe(command.kind, args)
+            store.add_event("excursion", f"excursion #{excursion_id} ({what}) starts; the run comes back to "
+                            f"checkpoint #{return_record['id']} (step {position.step}) on branch {position.branch}",
+                            branch=position.branch, step=position.step, epoch=position.epoch,
+                            data={"excursion": excursion_id})
+        excursion = Excursion(self, excursion_id, kind, spec, legs, fork_record or return_record, return_record)
+        control.start_excursion(excursion)
+        if fork_record is None:
+            excursion.origin_evaluation = excursion.evaluate()
+            excursion.start_leg(0)  # the state is the return point's: nothing to load
+        else:
+            excursion.pending = ("leg", 0, fork_state)
+            control.cut_for_excursion()
 
-def abandon_on_start(run: "Run", branch_id: int | None) -> tuple[int | None, str]:
-    """A trainer starting on a run whose excursion was running when its trainer died: mark it
-    abandoned (with an event), and resume on the main line (the excursion's origin branch, never
-    an excursion branch). Returns the branch to resume and a note for the resume message."""
-    store = run.store
-    note = ""
-    running = store.running_excursion()
-    if running is not None:
-        note = (f"excursion #{running['id']} was abandoned (its trainer died during it); the run resumes on branch "
-                f"{running['origin_branch']}")
-        store.finish_excursion(running["id"], EXCURSION_ABANDONED, message=note)
-        store.add_event("excursion", note, branch=running["origin_branch"], step=running["origin_step"],
-                        data={"excursion": running["id"], "state": EXCURSION_ABANDONED})
-    owner = store.excursion_branch_ids().get(branch_id) if branch_id is not None else None
-    if owner is not None:
-        found = store.excursion(owner)
-        if found is not None:
-            branch_id = int(found["origin_branch"])
-    return branch_id, note
+    def retire_probe_checkpoints(self) -> None:
+        """Bounded disk: earlier excursions' probe checkpoints go, except one a branch started from
+        (a winner a person continued from)."""
+        store = self.store
+        probe_branches = store.excursion_branch_ids()
+        if not probe_branches:
+            return
+        kept = {b["from_checkpoint"] for b in store.branches()}
+        for record in store.checkpoints():
+            if record["branch"] in probe_branches and record["id"] not in kept:
+                unlink_in(self.run_dir, record["file"])
+                store.mark_checkpoint_deleted(record["id"])
 
 
 class Excursion:
-    """The excursion in progress on one :class:`~babysit.run.Run` (``run._excursion``)."""
+    """The excursion in progress on one run (``RunControl.excursion``)."""
 
-    def __init__(self, run: "Run", excursion_id: int, kind: str, spec: dict[str, Any], legs: list[Leg],
+    def __init__(self, host: Excursions, excursion_id: int, kind: str, spec: dict[str, Any], legs: list[Leg],
                  fork_record: dict[str, Any], return_record: dict[str, Any]) -> None:
-        self.run = run
+        self.host = host
         self.id = excursion_id
         self.kind = kind
         self.spec = spec
         self.legs = legs
         self.fork_record = fork_record
         self.return_record = return_record
-        self.origin_branch = run.branch
-        self.origin_step = run.step
-        self.hparams_at_return = run.hparams
+        self.origin_branch = host.position.branch
+        self.origin_step = host.position.step
+        self.hparams_at_return = host.trainables.hparams()
         self.then = spec.get("then", cmd.THEN_PAUSE)
         self.origin_evaluation: dict[str, float] = {}
         self.leg: Leg | None = None  # the leg being trained
         # What the next cut leads to: ("leg", i, state or None) or ("return", state, message).
         self.pending: tuple[Any, ...] | None = None
-        self._append = run._log
-        self.tap = LossTap(run._log)
-        run._log = self.tap
+        self.tap = LossTap(host.queue.items.append)
+        host.queue.tap(self.tap)
 
     # -- where it is ------------------------------------------------------------------------
     def owns(self, branch: int) -> bool:
@@ -292,92 +294,94 @@ class Excursion:
 
     # -- the legs ---------------------------------------------------------------------------
     def start_leg(self, order: int) -> None:
-        run, store, leg = self.run, self.run.store, self.legs[order]
+        host, leg = self.host, self.legs[order]
+        store, position = host.store, host.position
         if leg.param == "lr":
-            optim.set_lr(run.optimizer, leg.value, run.scheduler)
+            host.trainables.set_lr(leg.value)
         else:
-            optim.set_momentum(run.optimizer, leg.value)
+            host.trainables.set_momentum(leg.value)
         with store.transaction():
-            run.branch = store.new_branch(parent=self.fork_record["branch"], from_checkpoint=self.fork_record["id"],
-                                          start_step=run.step, start_epoch=run.epoch, hparams=run.hparams)
-            store.add_excursion_branch(excursion=self.id, branch=run.branch, ord=order, param=leg.param,
+            position.branch = store.new_branch(parent=self.fork_record["branch"],
+                                               from_checkpoint=self.fork_record["id"], start_step=position.step,
+                                               start_epoch=position.epoch, hparams=host.trainables.hparams())
+            store.add_excursion_branch(excursion=self.id, branch=position.branch, ord=order, param=leg.param,
                                        value=leg.value, steps=leg.steps)
-        leg.branch, leg.start_step = run.branch, run.step
+        leg.branch, leg.start_step = position.branch, position.step
         self.leg = leg
         self.tap.reset()
-        run._guard.reset()
-        run._hparams.record(force=True)
-        run.message = f"{self.describe_leg()} on branch {run.branch}, from step {run.step}"
+        host.guard.reset()
+        host.hparams.record(force=True)
+        host.control.say(f"{self.describe_leg()} on branch {position.branch}, from step {position.step}")
 
     def at_boundary(self) -> None:
         """Every step boundary while it runs (after the commands): the sweep's next lr; the end
         of a leg that has trained its steps or diverged."""
-        leg, run = self.leg, self.run
+        leg, host = self.leg, self.host
         if leg is None:
             return
-        done = run.step - leg.start_step
+        done = host.position.step - leg.start_step
         if self.tap.diverged or done >= leg.steps:
             self.end_leg(done, "diverged" if self.tap.diverged else "")
             return
         if self.kind == EXCURSION_SWEEP:
-            optim.set_lr(run.optimizer, sweep_lr(self.spec["lr_min"], self.spec["lr_max"], leg.steps, done),
-                         run.scheduler)
-            run._hparams.record(by=COMMAND)
+            host.trainables.set_lr(sweep_lr(self.spec["lr_min"], self.spec["lr_max"], leg.steps, done))
+            host.hparams.record(by=COMMAND)
 
     def end_leg(self, done: int, note: str = "", *, cancelled: bool = False) -> None:
         """Record the leg as it got (a probe that trained gets its end checkpoint and evaluation; a
         diverged or cancelled one neither) and, unless cancelled, cut toward what comes next."""
-        run, leg = self.run, self.leg
+        host, leg = self.host, self.leg
         assert leg is not None
         self.leg = None
         # Every value the leg logged is stored before its end is: a reader that sees the probe (or
         # the sweep) ended reads all of its curve (`probes --wait` prints right then).
-        run.writer.flush()
+        host.flush_logged()
         leg.steps_done, leg.diverged, leg.loss_ewma, leg.note = done, self.tap.diverged, self.tap.smoothed, note
         if self.kind == EXCURSION_PROBE and not leg.diverged and not cancelled and done > 0:
-            job = run.snapshots.take(REASON_PROBE)
+            job = host.snapshots.take(REASON_PROBE)
             leg.evaluation = self.evaluate()
-            run.snapshots.wait()
+            host.snapshots.wait()
             leg.end_checkpoint = job.meta.get("id") if job.error is None else None
         result: dict[str, Any] = {"steps_done": done, "diverged": leg.diverged, "evaluation": leg.evaluation,
                                   "loss_ewma": leg.loss_ewma}
         if note:
             result["note"] = note
-        run.store.finish_excursion_branch(leg.branch, end_checkpoint=leg.end_checkpoint, result=result)
+        host.store.finish_excursion_branch(leg.branch, end_checkpoint=leg.end_checkpoint, result=result)
         if cancelled:
             return
         if leg.order + 1 < len(self.legs):
             self.pending = ("leg", leg.order + 1, None)
         else:
             self.pending = ("return", EXCURSION_DONE, self.summary())
-        run._interrupt = command_runner.Interrupt.EXCURSION
+        host.control.cut_for_excursion()
 
     def evaluate(self) -> dict[str, float]:
         """``Run(evaluate=)``'s numbers now, leaving the RNGs and the model's train/eval modes as
         they were (nothing it does reaches a kept state)."""
-        run = self.run
-        if run._evaluate is None:
+        host = self.host
+        if host.user_evaluate is None:
             return {}
-        rng, modes = rng_state(), [m.training for m in run.model.modules()]
+        model = host.trainables.model
+        rng, modes = rng_state(), [m.training for m in model.modules()]
         try:
             with torch.no_grad():
-                raw = run._evaluate()
+                raw = host.user_evaluate()
             return {str(k): to_float(v) for k, v in dict(raw).items() if isinstance(v, (int, float, torch.Tensor))
                     and not isinstance(v, bool)}
         except Exception as error:  # the user's evaluation failed: the excursion goes on without its numbers
-            run.store.add_event("excursion", f"evaluate() failed during excursion #{self.id}: "
-                                f"{type(error).__name__}: {error}"[:500], branch=run.branch, step=run.step)
+            host.store.add_event("excursion", f"evaluate() failed during excursion #{self.id}: "
+                                 f"{type(error).__name__}: {error}"[:500], branch=host.position.branch,
+                                 step=host.position.step)
             return {}
         finally:
             set_rng_state(rng)
-            for module, training in zip(run.model.modules(), modes):
+            for module, training in zip(model.modules(), modes):
                 module.training = training
 
     # -- the cut, as the loop leaves the epoch -------------------------------------------------
     def transition(self) -> None:
         """Carry out what the cut was for: load the fork and start the next probe, or go back."""
-        run = self.run
-        run._interrupt = None
+        self.host.control.excursion_cut_done()
         pending, self.pending = self.pending, None
         assert pending is not None
         if pending[0] == "leg":
@@ -389,72 +393,75 @@ class Excursion:
         else:
             self.go_back(pending[1], pending[2])
 
-    def epoch_end(self) -> None:
+    def epoch_end(self, last_epoch: bool) -> None:
         """The loop reached its epoch's end inside a probe: the epoch ends as usual (its logged
         values stay on the probe's branch) but no epoch checkpoint is written on a probe branch.
-        If that was the run's last epoch, the leg ends here and the excursion goes on."""
-        run = self.run
-        run.position.end_epoch(rng_state())
-        run.store.add_epoch(run.branch, run.epoch, run.step)
-        run._checkpoint_asked = None
-        if run.max_epochs is not None and run.position.next_epoch > run.max_epochs and self.leg is not None:
-            self.end_leg(run.step - self.leg.start_step, "the run's last epoch ended")
+        If that was the run's last epoch (``last_epoch``), the leg ends here and the excursion goes on."""
+        host = self.host
+        position = host.position
+        position.end_epoch(rng_state())
+        host.store.add_epoch(position.branch, position.epoch, position.step)
+        host.control.take_checkpoint_asked()
+        if last_epoch and self.leg is not None:
+            self.end_leg(position.step - self.leg.start_step, "the run's last epoch ended")
             self.transition()
 
     def cancel(self, state: str, why: str) -> None:
         """End it now (a cancel): the leg in progress is recorded as it got; the run goes back."""
         if self.leg is not None:
-            self.end_leg(self.run.step - self.leg.start_step, why, cancelled=True)
+            self.end_leg(self.host.position.step - self.leg.start_step, why, cancelled=True)
         self.pending = ("return", state, f"{why}; {self.summary()}")
-        self.run._interrupt = command_runner.Interrupt.EXCURSION
+        self.host.control.cut_for_excursion()
 
     def go_back_for_stop(self) -> None:
         """A stop during the excursion: back to the return point first (the final checkpoint is
         the run's own state there, never a probe's)."""
         if self.leg is not None:
-            self.end_leg(self.run.step - self.leg.start_step, "stopped", cancelled=True)
+            self.end_leg(self.host.position.step - self.leg.start_step, "stopped", cancelled=True)
         self.go_back(EXCURSION_CANCELLED, f"stopped: {self.summary()}", then=None)
 
     def give_way_to_rollback(self, checkpoint_id: int) -> None:
         """A person's rollback during the excursion: it ends here; the rollback loads its checkpoint."""
         if self.leg is not None:
-            self.end_leg(self.run.step - self.leg.start_step, f"a rollback to #{checkpoint_id}", cancelled=True)
+            self.end_leg(self.host.position.step - self.leg.start_step, f"a rollback to #{checkpoint_id}",
+                         cancelled=True)
         self._end(EXCURSION_CANCELLED, f"cancelled by a rollback to checkpoint #{checkpoint_id}")
 
     def go_back(self, state: str, message: str, then: str | None = "spec") -> None:
         """Load the return point and carry on on the run's own branch, then pause or go on."""
-        run = self.run
-        last_command = run._last_command_id
+        host = self.host
+        control, position = host.control, host.position
+        last_command = control.last_command
         self._load(self.return_record, None)
-        run._last_command_id = max(run._last_command_id, last_command)
-        run.branch = self.origin_branch
-        run._hparams.adopt()  # the return point's lr and momentum, already on B's curve: nothing to log
+        control.saw_command(last_command)
+        position.branch = self.origin_branch
+        host.hparams.adopt()  # the return point's lr and momentum, already on B's curve: nothing to log
         self._end(state, message)
         then = self.then if then == "spec" else then
         if then == cmd.THEN_PAUSE:
-            run.status, run.message = PAUSED, f"paused at step {run.step} after {message}"
+            control.pause_after_excursion(f"paused at step {position.step} after {message}")
         elif then == cmd.THEN_CONTINUE:
-            run.status, run.message = RUNNING, f"back at step {run.step} after {message}"
-        run.store.write_status(**run._status_fields(), heartbeat=time.time())
+            control.run_again(f"back at step {position.step} after {message}")
+        host.store.write_status(**host.status_fields(), heartbeat=time.time())
 
     def _end(self, state: str, message: str) -> None:
-        run = self.run
-        run._log = self._append
-        run._excursion = None
+        host = self.host
+        host.queue.untap()
+        host.control.end_excursion()
         result: dict[str, Any] = {"origin_evaluation": self.origin_evaluation}
         best = self.best()
         if best is not None:
             result["winner"] = best.branch
-        with run.store.transaction():
-            run.store.finish_excursion(self.id, state, message=message, result=result)
-            run.store.add_event("excursion", f"excursion #{self.id} {state}: {message}", branch=self.origin_branch,
-                                step=self.origin_step, data={"excursion": self.id, "state": state})
+        with host.store.transaction():
+            host.store.finish_excursion(self.id, state, message=message, result=result)
+            host.store.add_event("excursion", f"excursion #{self.id} {state}: {message}", branch=self.origin_branch,
+                                 step=self.origin_step, data={"excursion": self.id, "state": state})
 
     def _load(self, record: dict[str, Any], state: dict[str, Any] | None) -> None:
-        run = self.run
+        host = self.host
         if state is None:
-            state = read_verified(run.run_dir / record["file"], record["sha256"])
-        run._resume.load_state(state, record)
+            state = read_verified(host.run_dir / record["file"], record["sha256"])
+        host.loader.load_state(state, record)
 
     # -- what it found ----------------------------------------------------------------------
     def best(self) -> ProbeReading | None:
@@ -478,4 +485,3 @@ class Excursion:
             text += (f"; best: {best.param} {best.value:g} on branch {best.branch}"
                      + (f" (checkpoint #{best.end_checkpoint})" if best.end_checkpoint else ""))
         return text
-

@@ -148,7 +148,7 @@ class BabysitCallback(TrainerCallback):
             self._ended = False
             self.run = Run(self.run_dir, model, optimizer, lr_scheduler, config=self._run_config(args),
                            items_per_step=self._items_per_step or _samples_per_step(args), **self._run_kwargs)
-            self.run._excursions_refused = EXCURSIONS_REFUSED
+            self.run.refuse_excursions(EXCURSIONS_REFUSED)
             self._restore_signals = install_stop_handlers(self.run.request_stop, lambda: self.run.stop_requested)
         else:
             self._take_over(model, optimizer, lr_scheduler, state)

@@ -9,13 +9,13 @@ schedule that moves the lr a little every step gets a mark every 20 %, not one p
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import optim
-from .store import PER_STEP
-
-if TYPE_CHECKING:
-    from .run import Run
+from .position import ResumePosition
+from .store import PER_STEP, RunStore
+from .trainables import Trainables
+from .writer import LogQueue
 
 MARK_LR_RATIO = 1.2
 MARK_MOMENTUM_DELTA = 0.02
@@ -23,11 +23,16 @@ COMMAND, SCHEDULER, LOOP = "command", "scheduler", "loop"
 
 
 class HparamWatch:
-    """The last lr / momentum seen and marked for one :class:`~babysit.run.Run`."""
+    """The last lr / momentum seen and marked for one run (``store`` is None on a follower rank,
+    which marks nothing: rank 0 does, for the whole job)."""
 
-    def __init__(self, run: "Run") -> None:
-        self.run = run
-        self.key = optim.momentum_key(run.optimizer)
+    def __init__(self, trainables: Trainables, position: ResumePosition, queue: LogQueue,
+                 store: RunStore | None) -> None:
+        self.trainables = trainables
+        self.position = position
+        self.queue = queue
+        self.store = store
+        self.key = optim.momentum_key(trainables.optimizer)
         self.read_momentum = momentum_reader(self.key)
         self.lr: float | None = None        # read every step boundary: plain attributes
         # Run.step_boundary compares group["lr"] with ``lr`` and group.get(key) with ``seen``, the
@@ -36,11 +41,11 @@ class HparamWatch:
         self.seen: Any = None
         self.momentum: float | None = None
         self._marked: dict[str, Any] = {}
-        self._scheduler_steps = scheduler_steps(run.scheduler)
+        self._scheduler_steps = scheduler_steps(trainables.scheduler)
 
     def source(self) -> str:
         """Who made a change no command made: the scheduler if it stepped since, else the loop."""
-        steps = scheduler_steps(self.run.scheduler)
+        steps = scheduler_steps(self.trainables.scheduler)
         if steps != self._scheduler_steps:
             self._scheduler_steps = steps
             return SCHEDULER
@@ -48,21 +53,21 @@ class HparamWatch:
 
     def restored(self) -> None:
         """A checkpoint's scheduler state was loaded: its step count is not a step it took."""
-        self._scheduler_steps = scheduler_steps(self.run.scheduler)
+        self._scheduler_steps = scheduler_steps(self.trainables.scheduler)
 
     def adopt(self) -> None:
         """Take the lr and momentum in use now as seen and marked, logging nothing: the run went
         back to a point of its own branch (after an excursion), whose values are on its curve."""
-        group = self.run.optimizer.param_groups[0]
-        self.lr, self.momentum = optim._as_float(group["lr"]), self.read_momentum(group)
+        group = self.trainables.optimizer.param_groups[0]
+        self.lr, self.momentum = optim.as_float(group["lr"]), self.read_momentum(group)
         self.seen = _as_floats(group.get(self.key))
         self._marked = {"lr": self.lr, "momentum": self.momentum}
 
     def record(self, force: bool = False, by: str | None = None) -> None:
         """Log lr and momentum where they changed; ``force`` logs both (the start of a branch)."""
-        run = self.run
-        group = run.optimizer.param_groups[0]
-        lr, momentum = optim._as_float(group["lr"]), self.read_momentum(group)
+        group = self.trainables.optimizer.param_groups[0]
+        position = self.position
+        lr, momentum = optim.as_float(group["lr"]), self.read_momentum(group)
         values = {}
         if force or lr != self.lr:
             values["lr"] = lr
@@ -71,15 +76,15 @@ class HparamWatch:
         self.lr, self.momentum = lr, momentum
         self.seen = _as_floats(group.get(self.key))
         if values:
-            run._log((PER_STEP, run.branch, run.step, time.time(), values))
+            self.queue.put((PER_STEP, position.branch, position.step, time.time(), values))
         after = {"lr": lr, "momentum": momentum}
         if force or by == COMMAND:
             self._marked = after
-        elif by is not None and values and self._moved_far(after):
+        elif by is not None and values and self.store is not None and self._moved_far(after):
             before, self._marked = self._marked, after
-            run.store.add_event("hparams", f"{describe_change(before, after)} by the {by}",
-                                branch=run.branch, step=run.step, epoch=run.epoch,
-                                data={"before": before, "after": after, "by": by})
+            self.store.add_event("hparams", f"{describe_change(before, after)} by the {by}",
+                                 branch=position.branch, step=position.step, epoch=position.epoch,
+                                 data={"before": before, "after": after, "by": by})
 
     def _moved_far(self, now: dict[str, Any]) -> bool:
         lr, marked_lr = now["lr"], self._marked.get("lr")
@@ -107,13 +112,13 @@ def describe_change(before: dict[str, Any], after: dict[str, Any]) -> str:
 def _as_floats(entry: Any) -> Any:
     """A group's momentum entry (a number, a tensor, betas, or None) with numbers as floats."""
     if isinstance(entry, (tuple, list)):  # the same type, or a list would never equal the tuple
-        return type(entry)(optim._as_float(v) for v in entry)
-    return None if entry is None else optim._as_float(entry)
+        return type(entry)(optim.as_float(v) for v in entry)
+    return None if entry is None else optim.as_float(entry)
 
 
 def momentum_reader(key: str | None) -> Any:
     """How to read the momentum of a group whose momentum entry is ``key`` (optim.momentum_key)."""
-    as_float = optim._as_float  # a tensor momentum is read now: it may be changed in place later
+    as_float = optim.as_float  # a tensor momentum is read now: it may be changed in place later
     if key == "betas":
         return lambda group: as_float(group["betas"][0])
     if key == "momentum":

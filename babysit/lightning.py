@@ -136,7 +136,7 @@ class BabysitCallback(pl.Callback):
         state[_LIGHTNING_STATE] = self._counters
         self._counters.loaded = None
         self.run = Run(self.run_dir, pl_module, first, scheduler, state=state, **self._run_kwargs)
-        self.run._excursions_refused = EXCURSIONS_REFUSED
+        self.run.refuse_excursions(EXCURSIONS_REFUSED)
         self.run.max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         # Ctrl-C and SIGTERM: a stop at the next step boundary with a final checkpoint, as in your
         # own loop. Lightning, registering its SIGTERM handler after this hook, calls this one too.

@@ -18,7 +18,7 @@ from .commands import CommandError
 _SCHEDULER_LR_KEYS = ("initial_lr", "max_lr", "min_lr", "base_lr")
 
 
-def _as_float(value: Any) -> float:
+def as_float(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
@@ -46,10 +46,10 @@ def read_hparams(optimizer: torch.optim.Optimizer) -> dict[str, float | None]:
     key = momentum_key(optimizer)
     momentum: float | None = None
     if key == "betas":
-        momentum = _as_float(group["betas"][0])
+        momentum = as_float(group["betas"][0])
     elif key == "momentum":
-        momentum = _as_float(group["momentum"])
-    return {"lr": _as_float(group["lr"]), "momentum": momentum}
+        momentum = as_float(group["momentum"])
+    return {"lr": as_float(group["lr"]), "momentum": momentum}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, scheduler: Any = None) -> float:
@@ -59,16 +59,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, scheduler: Any = None) -
     or from keys in the group (OneCycleLR); those are scaled too, or its next step would silently
     undo the nudge. Returns the lr read back from the optimizer.
     """
-    current = _as_float(optimizer.param_groups[0]["lr"])
+    current = as_float(optimizer.param_groups[0]["lr"])
     factor = lr / current if current > 0 else None
     for group in optimizer.param_groups:
         if factor is None:
             _write(group, "lr", lr)
             continue
-        _write(group, "lr", _as_float(group["lr"]) * factor)
+        _write(group, "lr", as_float(group["lr"]) * factor)
         for key in _SCHEDULER_LR_KEYS:
             if key in group and isinstance(group[key], (int, float, torch.Tensor)):
-                _write(group, key, _as_float(group[key]) * factor)
+                _write(group, key, as_float(group[key]) * factor)
     # The first group gets exactly the value asked for, not value*current/current.
     _write(optimizer.param_groups[0], "lr", lr)
     if scheduler is not None and factor is not None:
@@ -85,7 +85,7 @@ def _scale_scheduler(scheduler: Any, factor: float, optimizer: torch.optim.Optim
     for child in getattr(scheduler, "_schedulers", None) or []:
         _scale_scheduler(child, factor, optimizer)
     if hasattr(scheduler, "_last_lr"):
-        scheduler._last_lr = [_as_float(g["lr"]) for g in optimizer.param_groups]
+        scheduler._last_lr = [as_float(g["lr"]) for g in optimizer.param_groups]
 
 
 def cycles_momentum(scheduler: Any) -> bool:

@@ -23,9 +23,11 @@ from .checkpoint import (
 class ResumePosition:
     """The step counters of a run and the generator states a resume needs."""
 
+    branch: int = 0                       # the branch being trained (the store's id)
     epoch: int = 0
     step: int = 0
     step_in_epoch: int = 0
+    steps_per_epoch: int | None = None    # the loader's length, when it has one
     next_epoch: int = 1
     skip_batches: int = 0
     epoch_start_rng: dict[str, Any] | None = None
@@ -47,6 +49,11 @@ class ResumePosition:
                 generator.set_state(state)
         if self.skip_batches == 0:
             self.loader_rng_epoch_start = [g.get_state() for g in self.loader_generators]
+
+    def at_last_boundary(self) -> bool:
+        """After the epoch's last batch: a cut here would leave an epoch with nothing to train but
+        its end (evaluation, anneal) still to run; a stop or a checkpoint waits for that end."""
+        return self.steps_per_epoch is not None and self.step_in_epoch >= self.steps_per_epoch
 
     def begin_epoch(self) -> int:
         """Enter the next epoch; return its number."""

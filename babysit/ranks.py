@@ -29,18 +29,17 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from . import optim, user_state
+from . import user_state
+from .checkpoint import KEY_EPOCH_START_RNG, KEY_LOADER_RNG, KEY_RNG, KEY_USER_STATE, read_verified, rng_state
+from .control import RunControl
 from .errors import RanksOutOfStep
-from .checkpoint import (
-    KEY_EPOCH_START_RNG, KEY_LOADER_RNG, KEY_RNG, KEY_USER_STATE, read_verified, rng_state,
-)
-
-if TYPE_CHECKING:
-    from .run import Run
+from .position import ResumePosition
+from .trainables import Trainables
 
 KEY_RANKS = "ranks"        # in a checkpoint: per rank, what differs between ranks (None for the leader)
 RANK_KEYS = (KEY_RNG, KEY_EPOCH_START_RNG, KEY_LOADER_RNG, KEY_USER_STATE)
@@ -112,6 +111,17 @@ class Ranks:
         self._posted: tuple[Any, torch.Tensor, int] | None = None  # a sync in flight: (work, header, its step)
         self._in_meeting = False
         self._handed_in: dict[str, Any] | None = None  # a follower's share of the last snapshot
+        self._run: _Bound | None = None
+
+    def bind(self, control: RunControl, position: ResumePosition, trainables: Trainables, run_dir: Path,
+             load_training_state: Callable[[dict[str, Any], dict[str, Any]], None]) -> None:
+        """What a meeting reads and a follower changes: this rank's run (see :meth:`follow`)."""
+        self._run = _Bound(control, position, trainables, run_dir, load_training_state)
+
+    @property
+    def _bound(self) -> "_Bound":
+        assert self._run is not None, "Ranks.bind() first"
+        return self._run
 
     # -- the primitives ------------------------------------------------------------------------
     def _broadcast(self, value: Any = None) -> Any:
@@ -201,30 +211,32 @@ class Ranks:
         # A nudge replayed at due_at: the sync acted on there is posted one step before it.
         return min(interval, due_at - 1 - step) if due_at is not None and due_at - 1 > step else interval
 
-    def ping(self, run: "Run") -> bool:
+    def ping(self) -> bool:
         """While the leader is paused in a meeting: keep the collectives alive, and learn whether
         a follower was asked to stop (a signal to that rank)."""
         if self.leads:
             self.tell("ping")
         self._settle_posted()
-        flag = torch.tensor([int(run._stop_reason is not None)], dtype=torch.int64)
+        flag = torch.tensor([int(self._bound.control.stop_asked)], dtype=torch.int64)
         self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX, group=self.group)
         return bool(flag[0])
 
     # -- meetings ----------------------------------------------------------------------------
-    def meet(self, run: "Run", body: Callable[[], Any], point: int | None = None) -> Any:
+    def meet(self, body: Callable[[], Any], point: int | None = None) -> Any:
         """Every rank at the same point: the leader runs ``body`` telling its effects, the
         followers carry them out; every rank returns the body's (picklable) result. ``point``:
         which meeting, checked to be the same on every rank first, where the leader also learns
         of a stop asked on another rank (None: a sync step's, already checked)."""
         if self.leads and self._in_meeting:  # a meeting inside a meeting: one meeting
             return body()
+        bound = self._bound
+        control = bound.control
         if point is not None:
-            _, stop_asked, _ = self._exchange(point, run.step, work=False, stop_asked=run._stop_reason is not None)
-            if stop_asked and self.leads and run._stop_reason is None:
-                run.request_stop("a stop asked on another rank")
+            _, stop_asked, _ = self._exchange(point, bound.position.step, work=False, stop_asked=control.stop_asked)
+            if stop_asked and self.leads and not control.stop_asked:
+                control.ask_stop("a stop asked on another rank")
         if not self.leads:
-            return self.follow(run)
+            return self.follow()
         result = None
         self._in_meeting = True
         try:
@@ -232,33 +244,36 @@ class Ranks:
         finally:
             self._in_meeting = False
             # Sent on errors too, or the followers would wait for it until their collectives time out.
-            self._broadcast(("done", _picklable(result), run.branch, run.status, run.message, run._interrupt,
-                             run._ended))
+            self._broadcast(("done", _picklable(result), bound.position.branch, control.status, control.message,
+                             control.interrupt, control.ended))
         return result
 
-    def follow(self, run: "Run") -> Any:
+    def follow(self) -> Any:
         """Follower: carry out what the leader tells until it says ``done``."""
+        bound = self._bound
+        trainables = bound.trainables
         while True:
             op = self._broadcast()
             kind = op[0]
             if kind == "done":
-                _, result, run.branch, run.status, run.message, run._interrupt, run._ended = op
+                _, result, bound.position.branch, status, message, interrupt, ended = op
+                bound.control.adopt(status, message, interrupt, ended)
                 return result
             if kind == "set_lr":
-                optim.set_lr(run.optimizer, op[1], run.scheduler)
+                trainables.set_lr(op[1])
             elif kind == "set_momentum":
-                optim.set_momentum(run.optimizer, op[1])
+                trainables.set_momentum(op[1])
             elif kind == "restore_hparams":
-                optim.restore_hparams(run.optimizer, op[1], run.scheduler)
+                trainables.restore_hparams(op[1])
             elif kind == "hand_in":
-                self.hand_in(run)
+                self.hand_in()
             elif kind == "epoch_end":
                 assert self._handed_in is not None
-                run.position.end_epoch(self._handed_in[KEY_RNG])
+                bound.position.end_epoch(self._handed_in[KEY_RNG])
             elif kind == "load":
-                self.load(run, op[1])
+                self.load(op[1])
             elif kind == "ping":
-                self.ping(run)
+                self.ping()
             else:
                 raise RuntimeError(f"babysit: rank {self.rank} was told {kind!r}, which it does not know")
 
@@ -276,29 +291,30 @@ class Ranks:
             self._dist.destroy_process_group(group)
 
     # -- snapshots: what differs between ranks -------------------------------------------------
-    def gather_for_snapshot(self, run: "Run") -> list[dict[str, Any] | None]:
+    def gather_for_snapshot(self) -> list[dict[str, Any] | None]:
         """Leader, taking a snapshot: every follower's share (RNGs, loader generators, run.state)."""
         self.tell("hand_in")
         shares: list[Any] = [None] * self.world_size
         self._dist.gather_object(None, shares, dst=0, group=self.group)
         return shares
 
-    def hand_in(self, run: "Run") -> None:
-        position = run.position
+    def hand_in(self) -> None:
+        position = self._bound.position
         now = rng_state()
         share = {
             KEY_RNG: now,
             KEY_EPOCH_START_RNG: position.epoch_start_rng if position.epoch_start_rng is not None else now,
             KEY_LOADER_RNG: position.to_checkpoint(now)[KEY_LOADER_RNG],
-            KEY_USER_STATE: user_state.capture(run.state, on_refused=lambda _key, _message: None),
+            KEY_USER_STATE: user_state.capture(self._bound.trainables.state, on_refused=lambda _key, _message: None),
         }
         self._handed_in = share
         self._dist.gather_object(share, None, dst=0, group=self.group)
 
-    def load(self, run: "Run", record: dict[str, Any]) -> None:
+    def load(self, record: dict[str, Any]) -> None:
         """Follower: load the checkpoint the leader loaded, with this rank's own share."""
-        state = read_verified(run.run_dir / record["file"], record["sha256"])
-        run._resume.load_training_state(for_rank(state, self.rank), record)
+        bound = self._bound
+        state = read_verified(bound.run_dir / record["file"], record["sha256"])
+        bound.load_training_state(for_rank(state, self.rank), record)
 
 
 def for_rank(state: dict[str, Any], rank: int) -> dict[str, Any]:
@@ -308,6 +324,18 @@ def for_rank(state: dict[str, Any], rank: int) -> dict[str, Any]:
     shares = state.get(KEY_RANKS) or []
     share = shares[rank] if rank < len(shares) else None
     return {**state, **share} if share else state
+
+
+class _Bound:
+    """This rank's run, as a meeting reads it and a follower changes it."""
+
+    def __init__(self, control: RunControl, position: ResumePosition, trainables: Trainables, run_dir: Path,
+                 load_training_state: Callable[[dict[str, Any], dict[str, Any]], None]) -> None:
+        self.control = control
+        self.position = position
+        self.trainables = trainables
+        self.run_dir = run_dir
+        self.load_training_state = load_training_state
 
 
 def _picklable(value: Any) -> Any:

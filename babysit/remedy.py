@@ -11,31 +11,38 @@ resume re-arms it.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import commands as cmd
-from .guard import Divergence
-
-if TYPE_CHECKING:
-    from .run import Run
+from .control import RunControl
+from .guard import Divergence, GuardConfig
+from .position import ResumePosition
+from .snapshots import Snapshots
+from .store import RunStore
+from .trainables import Trainables
 
 
 class DivergenceRemedy:
-    """Answers the divergences of one :class:`~babysit.run.Run`."""
+    """Answers the divergences of one run."""
 
-    def __init__(self, run: "Run") -> None:
-        self.run = run
+    def __init__(self, store: RunStore, control: RunControl, position: ResumePosition, trainables: Trainables,
+                 snapshots: Snapshots, guard_config: GuardConfig) -> None:
+        self.store = store
+        self.control = control
+        self.position = position
+        self.trainables = trainables
+        self.snapshots = snapshots
+        self.guard_config = guard_config
         self.used = 0
         self._lock = threading.Lock()
         self._answered_branch: int | None = None
 
     def on_divergence(self, found: Divergence, branch: int) -> None:
         """The writer thread's callback: the guard found a divergence in the logged loss."""
-        run = self.run
-        if branch != run.branch:
+        if branch != self.position.branch:
             return
-        if run._closed:  # found in the last values of a run that has ended: nothing to pause
-            run.store.add_event("divergence", f"divergence: {found.describe()} (after the run ended)",
+        if self.control.closed:  # found in the last values of a run that has ended: nothing to pause
+            self.store.add_event("divergence", f"divergence: {found.describe()} (after the run ended)",
                                 branch=branch, step=found.step, data=found.as_dict())
             return
         self.apply(found.describe(), branch, found.step, found.as_dict())
@@ -47,30 +54,28 @@ class DivergenceRemedy:
 
     def apply(self, what: str, branch: int, step: int, data: dict[str, Any] | None = None) -> None:
         """A divergence found on ``branch`` at ``step``: pause, or roll back by itself."""
-        run = self.run
-        excursion = run._excursion
+        excursion, store = self.control.excursion, self.store
         if excursion is not None and excursion.owns(branch):
             return  # a sweep is meant to diverge; a probe that does ends early, recorded (excursion_runner)
         with self._lock:
-            if branch != run.branch or self._answered_branch == branch:
+            if branch != self.position.branch or self._answered_branch == branch:
                 return
             self._answered_branch = branch
-        healthy = run.snapshots.last_healthy(step)
-        lr = run.hparams["lr"] or 0.0
+        healthy = self.snapshots.last_healthy(step)
+        lr = self.trainables.hparams()["lr"] or 0.0
         data = {**(data or {}), "checkpoint": healthy["id"] if healthy else None, "suggested_lr": lr / 2}
-        limit = run.guard_config.auto_remedy_max
+        limit = self.guard_config.auto_remedy_max
         if healthy is not None and limit > self.used:
             self.used += 1
             message = (f"divergence: {what}; rolling back to checkpoint #{healthy['id']} with lr "
                        f"{lr / 2:g} (automatic remedy {self.used} of {limit})")
-            run.store.add_event("divergence", message, branch=branch, step=step, data=data)
-            run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": healthy["id"], "hparams": cmd.HPARAMS_CURRENT,
+            store.add_event("divergence", message, branch=branch, step=step, data=data)
+            store.enqueue_command(cmd.ROLLBACK, {"checkpoint": healthy["id"], "hparams": cmd.HPARAMS_CURRENT,
                                                      "lr": lr / 2, "branch": branch}, source="guard", require_live=False)
         else:
             remedy = (f"; remedy: roll back to checkpoint #{healthy['id']} with lr {lr / 2:g}" if healthy
                       else "; no checkpoint to roll back to yet")
-            run.store.add_event("divergence", f"divergence: {what}; run paused{remedy}",
-                                branch=branch, step=step, data=data)
-            run.store.enqueue_command(cmd.PAUSE, {"reason": f"divergence: {what}", "branch": branch}, source="guard",
-                                      require_live=False)
-        run._wake = True
+            store.add_event("divergence", f"divergence: {what}; run paused{remedy}", branch=branch, step=step, data=data)
+            store.enqueue_command(cmd.PAUSE, {"reason": f"divergence: {what}", "branch": branch}, source="guard",
+                                  require_live=False)
+        self.control.wake_up()

@@ -1,29 +1,21 @@
 """The Run object a training loop uses: log, obey commands at step boundaries, checkpoint, roll back.
 
-    with babysit.Run("checkpoints/my-run", model, optimizer, state={"best": float("inf")}) as run:
+    with babysit.Run("checkpoints/my-run", model, optimizer) as run:
         for epoch in run.epochs(20):
             for x, y in run.batches(train_loader):
                 ...                                    # forward, backward, optimizer.step()
                 run.log(loss=loss)
-            if not run.interrupted:                    # the epoch was not cut short
-                run.log_epoch(val_loss=evaluate())
 
-``run.batches`` calls :meth:`Run.step_boundary` between two batches: it applies pending commands,
-waits while paused, and cuts the epoch short for a rollback or a stop — the one place babysit acts,
-which the framework callbacks call too. ``run.epochs`` checkpoints at the end of every epoch,
-restores a rollback's checkpoint and starts its branch, and resumes from the latest checkpoint when
-the run directory already holds one. ``run.state`` (the loop's own values and Stateful objects)
-travels in every checkpoint. The rooms around it: :mod:`babysit.resume` (starting, resuming,
-loading a checkpoint), :mod:`babysit.command_runner` (applying queued commands, carrying out a
-rollback or a stop), :mod:`babysit.position` (the counters and RNG states of an exact resume),
-:mod:`babysit.snapshots` (the checkpoint policy), :mod:`babysit.ranks` (torch.distributed),
-:mod:`babysit.journal_replay` (replaying a panda journal's settings).
+``run.batches`` calls :meth:`Run.step_boundary` between two batches, the one place babysit acts
+(the framework callbacks call it too); ``run.epochs`` checkpoints each epoch, carries out a rollback
+or a stop as the loop leaves an epoch, and resumes from the latest checkpoint. ``Run`` is the
+facade: it builds the parts and hands each the narrow things it needs. The lifecycle is
+:mod:`babysit.control`; docs/layout.md maps the other rooms.
 """
 
 from __future__ import annotations
 
 import atexit
-import collections
 import json
 import logging
 import os
@@ -35,22 +27,30 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from . import commands as cmd
-from . import journal_replay, optim, ranks as ranks_module, user_state
+from . import journal_replay, optim, ranks as ranks_module
 from .checkpoint import PendingCheckpoint, remove_stale_temps
-from .command_runner import Interrupt, PendingRollback, CommandRunner  # noqa: F401 (Interrupt is public here)
+from .command_runner import CommandRunner
+from .control import Interrupt, RunControl
+from .cuts import Cuts
 from .errors import RunLockedError, SettingsError  # noqa: F401 (RunLockedError, as before the error tree)
+from .excursion_runner import Excursions
 from .guard import DivergenceGuard, GuardConfig
 from .hparam_watch import LOOP, HparamWatch
+from .journal_replay import ReplayQueue
 from .position import ResumePosition
 from .remedy import DivergenceRemedy
-from .resume import Resume
+from .resume import Loader, Resume
 from .rundir import acquire_run_lock as _acquire_run_lock
 from .signals import install_stop_handlers
 from .snapshots import Snapshots
-from .store import CRASHED, FINISHED, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore
-from .writer import MetricsWriter, to_float
+from .store import FINISHED, PER_EPOCH, PER_STEP, CommandSignal, RunStore
+from .trainables import Trainables, optimizer_or_loop_hparams
+from .writer import LogQueue, MetricsWriter, to_float
+
+__all__ = ["Run", "Interrupt", "RunLockedError"]
 
 log = logging.getLogger(__name__)
+
 
 class Run:
     """Babysit one training run in ``run_dir`` (created if new, resumed if it holds checkpoints).
@@ -105,26 +105,29 @@ class Run:
         if not isinstance(item_unit, str) or not item_unit.strip() or len(item_unit) > 20:
             raise SettingsError(f"item_unit must be a short word such as 'samples' or 'tokens', got {item_unit!r}")
         journal = None if replay is None else journal_replay.load(replay)  # refused before anything is created
-        self.optimizer = _optimizer_or_loop_hparams(optimizer, lr, momentum)
+        optimizer = optimizer_or_loop_hparams(optimizer, lr, momentum)
         self.run_dir = Path(run_dir)
-        self.model = model
-        self.scheduler = scheduler
-        self.state: dict[str, Any] = dict(state or {})
-        # What a checkpoint from before run.state existed restores (and a check, before anything
-        # is created, that a checkpoint can hold these values).
-        self._initial_state = user_state.capture(self.state)
         self.config = dict(config or {})
         json.dumps(self.config)  # fail now, not at the first checkpoint
         self.keep_last = keep_last
         self.guard_config = guard or GuardConfig()
         self.items_per_step = items_per_step
         self.item_unit = item_unit.strip()
+        self.max_epochs: int | None = None
+        self._restore_signals: Any = None
+        # Checked (run.state's values) before anything is created.
+        self.trainables = trainables = Trainables(model, optimizer, scheduler, state)
 
         # Under torch.distributed, rank 0 leads (the run directory and the store are its own) and
         # the other ranks follow it (see babysit.ranks); a single process is its own leader.
-        self._ranks = ranks_module.join()
-        self._follows = self._ranks is not None and not self._ranks.leads
-        if self._follows:
+        ranks = self._ranks = ranks_module.join()
+        follows = self._follows = ranks is not None and not ranks.leads
+        if ranks is not None:  # every change of lr or momentum on the leader reaches the followers
+            trainables.tell = ranks.tell
+        control, position = self.control, self.position = RunControl(), ResumePosition()
+        self._queue = queue = LogQueue(keep=not follows)  # the training thread's share of storing a value
+        self._guard = guard_ = DivergenceGuard(self.guard_config)
+        if follows:
             self.store: RunStore = None  # type: ignore[assignment]
             self.signal: CommandSignal = None  # type: ignore[assignment]
         else:
@@ -133,85 +136,94 @@ class Run:
             self.store = RunStore(self.run_dir, create=True)
             remove_stale_temps(self.run_dir)
             self.signal = CommandSignal(self.store.signal_path)
-
-        self.position = ResumePosition()
-        self.steps_per_epoch: int | None = None
-        self.max_epochs: int | None = None
-        self.branch = 0
-        self.status = RUNNING                     # the lifecycle, as the store's status row says
-        self.message = ""
-        self._epoch_metrics: dict[str, float] = {}
-        self._interrupt: Interrupt | None = None
-        self._rollback: PendingRollback | None = None
-        self._stop_command: dict[str, Any] | None = None
-        self._stop_job: PendingCheckpoint | None = None
-        self._final_hparams: dict[str, Any] | None = None
-        self._stop_reason: str | None = None      # request_stop(): a signal, not a queued command
-        self._replay: list[dict[str, Any]] = []
-        self._last_command_id = 0                 # the last command handled (see KEY_LAST_COMMAND)
-        self._resumed_last_command: int | None = 0  # the resumed checkpoint's; None if it has none
-        self._wake = True                         # look at the queue before the first batch
-        self._closed = False
-        self._ended = False                       # finished or stopped: close once the ranks have met
-        self._checkpoint_asked: str | None = None  # run.checkpoint_now() under torch.distributed
-        self._restore_signals: Any = None
-        self._hparams = HparamWatch(self)
-        self._evaluate = evaluate
-        self._excursion: Any = None                # the probe set or sweep in progress (excursion_runner)
-        self._epoch_trained = False                # the epoch's batches are done: the loop is at its epoch's end
-        self._excursions_refused: str | None = None  # why this run's driver cannot take one (a framework's)
-
-        self._guard = DivergenceGuard(self.guard_config)
-        self._resume = Resume(self)          # starting, resuming, loading a checkpoint
-        self._commands = CommandRunner(self)  # applying what is queued
-        if self._follows:  # rank 0 logs, checkpoints and answers commands for the whole job
-            self._log: Any = lambda _item: None
+        store = self.store
+        self._hparams = hparams = HparamWatch(trainables, position, queue, store)
+        loader = Loader(store, trainables, position, control, ranks, hparams, guard_)
+        if ranks is not None:
+            ranks.bind(control, position, trainables, self.run_dir, loader.load_training_state)
+        if follows:  # rank 0 logs, checkpoints and answers commands for the whole job
             self.log = _log_nothing  # type: ignore[method-assign]  # not even the .item() of a value rank 0 keeps
-            self._meet(self._resume.restore_on_start, ranks_module.START)
+            self._meet(_nothing, ranks_module.START)
             atexit.register(self._at_exit)
             return
-        self.snapshots = Snapshots(self)
-        self.remedy = DivergenceRemedy(self)
-        queue: collections.deque[Any] = collections.deque()
-        self._log = queue.append  # the training thread's share of storing a value: one append
-        self._meet(self._resume.restore_on_start, ranks_module.START)
+        self.snapshots = snapshots = Snapshots(
+            self.run_dir, store, trainables, position, control, ranks, config=self.config, keep_last=keep_last,
+            flush_logged=lambda: self.writer.flush(),
+            on_weights_diverged=lambda what, branch, step: self.remedy.apply(what, branch, step))
+        self.remedy = DivergenceRemedy(store, control, position, trainables, snapshots, self.guard_config)
+        self._replay = replay_queue = ReplayQueue()
+        self._excursions = Excursions(
+            self.run_dir, store, control, position, trainables, snapshots, loader, hparams, guard_, queue,
+            flush_logged=lambda: self.writer.flush(), evaluate=evaluate, status_fields=self._status_fields,
+            under_ranks=ranks is not None)
+        self._commands = CommandRunner(
+            self.run_dir, store, self.signal, control, position, trainables, snapshots, hparams, guard_, self.remedy,
+            replay_queue, self._excursions, ranks, wake_writer=lambda: self.writer.wake())
+        self._cuts = Cuts(store, control, position, trainables, snapshots, loader, hparams, guard_, replay_queue,
+                          status_fields=self._status_fields)
+        resume = Resume(self.run_dir, store, loader, snapshots, control, position, trainables, hparams, guard_,
+                        replay_queue, config=self.config, guard_metric=self.guard_config.metric,
+                        status_fields=self._status_fields, expire_stale=self._commands.expire_stale)
+        self._meet(resume.restore_on_start, ranks_module.START)
         if journal is not None:
-            journal_replay.begin(self, journal)
+            resume.start_replay(journal)
         self.writer = MetricsWriter(
-            self.store, queue=queue, status=self._status_fields, guard=self._guard,
+            store, queue=queue.items, status=self._status_fields, guard=guard_,
             on_divergence=self.remedy.on_divergence, on_tick=self._on_tick, interval=flush_interval,
         )
         atexit.register(self._at_exit)
 
-    # -- where the run is ----------------------------------------------------------------------
-    @property
-    def epoch(self) -> int:
-        return self.position.epoch
+    # -- what it trains, and where it is ---------------------------------------------------------
+    model = property(lambda self: self.trainables.model)
+    optimizer = property(lambda self: self.trainables.optimizer)
+    state = property(lambda self: self.trainables.state, doc="The loop's own state, kept in every checkpoint.")
 
     @property
-    def step(self) -> int:
-        return self.position.step
+    def scheduler(self) -> Any:
+        return self.trainables.scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler: Any) -> None:  # a framework that builds its scheduler again (babysit.hf)
+        self.trainables.scheduler = scheduler
+
+    epoch = property(lambda self: self.position.epoch)
+    step = property(lambda self: self.position.step)
+    step_in_epoch = property(lambda self: self.position.step_in_epoch,
+                             doc="Steps trained in this epoch; at the top of an epoch, 0 unless it resumes mid-way.")
+    branch = property(lambda self: self.position.branch)
 
     @property
-    def step_in_epoch(self) -> int:
-        """Steps trained in this epoch; at the top of an epoch, 0 unless it resumes mid-way."""
-        return self.position.step_in_epoch
+    def steps_per_epoch(self) -> int | None:
+        return self.position.steps_per_epoch
+
+    @steps_per_epoch.setter
+    def steps_per_epoch(self, steps: int | None) -> None:  # a framework's callback knows its loader's length
+        self.position.steps_per_epoch = steps
+
+    status = property(lambda self: self.control.status)
+
+    @property
+    def message(self) -> str:
+        return self.control.message
+
+    @message.setter
+    def message(self, message: str) -> None:
+        self.control.say(message)
 
     @property
     def interrupted(self) -> bool:
         """True while the current epoch is being cut short (a stop, a rollback, Ctrl-C), and at the
         end of an epoch a probe or sweep reached (its branch is thrown away): skip the epoch's
         evaluation, lr anneal and "save best" — what the loop runs now is not kept."""
-        return self._interrupt is not None or (self._excursion is not None and self._epoch_trained)
+        return self.control.interrupted
 
-    @property
-    def interrupt(self) -> Interrupt | None:
-        return self._interrupt
+    interrupt = property(lambda self: self.control.interrupt)
+    stop_requested = property(lambda self: self.control.stop_asked)
 
     @property
     def lr(self) -> float:
         """The lr the optimizer uses now; a hand-written update reads it every step."""
-        return optim.read_hparams(self.optimizer)["lr"]  # type: ignore[return-value]
+        return self.trainables.hparams()["lr"]  # type: ignore[return-value]
 
     @lr.setter
     def lr(self, value: float) -> None:
@@ -222,7 +234,7 @@ class Run:
 
     @property
     def momentum(self) -> float | None:
-        return optim.read_hparams(self.optimizer)["momentum"]
+        return self.trainables.hparams()["momentum"]
 
     @momentum.setter
     def momentum(self, value: float) -> None:
@@ -233,11 +245,12 @@ class Run:
     @property
     def hparams(self) -> dict[str, float | None]:
         """The lr and momentum the optimizer uses now."""
-        return optim.read_hparams(self.optimizer)
+        return self.trainables.hparams()
 
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop_reason is not None
+    def refuse_excursions(self, why: str) -> None:
+        """For a framework's callback whose loop cannot make probes and sweeps exact: refuse them, saying why."""
+        if not self._follows:
+            self._excursions.refuse(why)
 
     # -- the loop API ------------------------------------------------------------------------
     def epochs(self, max_epochs: int) -> Iterator[int]:
@@ -274,8 +287,9 @@ class Run:
     def begin_epoch(self) -> int:
         """Enter the next epoch; returns its number (1-based)."""
         self.position.begin_epoch()
-        self._epoch_metrics = {}
-        self._epoch_trained = False
+        self.control.epoch_begins()
+        if not self._follows:
+            self.snapshots.begin_epoch()
         return self.epoch
 
     def begin_step(self) -> int:
@@ -292,98 +306,68 @@ class Run:
         return bool(self._meet(self._end_epoch_here, ranks_module.EPOCH_END))
 
     def _end_epoch_here(self) -> bool:
-        if self._interrupt is Interrupt.ROLLBACK:
-            self._commands.finish_rollback()
+        control = self.control
+        if control.interrupt is Interrupt.ROLLBACK:
+            self._cuts.finish_rollback()
             return True
-        if self._interrupt is Interrupt.STOP:
-            self._commands.finish_stop()
+        if control.interrupt is Interrupt.STOP:
+            self._cuts.finish_stop()
             return False
-        if self._interrupt is Interrupt.EXCURSION:
-            self._excursion.transition()
+        if control.interrupt is Interrupt.EXCURSION:
+            control.excursion.transition()
             return True
-        if self._excursion is not None:  # an epoch's end inside a probe: no checkpoint on its branch
-            self._excursion.epoch_end()
+        if control.excursion is not None:  # an epoch's end inside a probe: no checkpoint on its branch
+            control.excursion.epoch_end(last_epoch=self.max_epochs is not None and self.epoch >= self.max_epochs)
             return True
         self.snapshots.end_epoch()
-        self._checkpoint_asked = None  # a run.checkpoint_now() still waiting: the epoch's checkpoint answers it
+        control.take_checkpoint_asked()  # a run.checkpoint_now() still waiting: the epoch's checkpoint answers it
         self._tell("epoch_end")
         return True
 
     def finish(self) -> None:
         """The loop trained all its epochs: the run is finished (the last epoch's checkpoint is its end)."""
         message = f"finished {self.max_epochs} epochs" if self.max_epochs else f"finished at step {self.step}"
-        self._meet(lambda: self._finish(FINISHED, message), ranks_module.FINISH)
-
-    # -- together with the other ranks (see babysit.ranks) ------------------------------------
-    def _meet(self, body: Any, point: int | None = None) -> Any:
-        """Run ``body`` here, or, under torch.distributed, on the leader while the followers
-        carry out what it tells them (at ``point``, see babysit.ranks)."""
-        result = body() if self._ranks is None else self._ranks.meet(self, body, point)
-        if self._ended and not self._closed:
-            self.close()
-        return result
-
-    def _tell(self, *op: Any) -> None:
-        if self._ranks is not None:
-            self._ranks.tell(*op)
-
-    def _sync_ranks(self) -> None:
-        """A sync step: every rank learns whether the leader had commands to apply at the last
-        sync (and whether a follower got a stop signal); if so, they apply them together, at this
-        step (see babysit.ranks: the exchange is read one step after it is posted)."""
-        ranks = self._ranks
-        assert ranks is not None
-        step, replay = self.position.step, self._replay
-        replay_due = bool(replay) and replay[0]["step"] <= step + 1  # due by the step this sync is acted on
-        wants = ranks.leads and (self._wake or self.signal.changed() or replay_due)
-        work, stop_asked = ranks.sync_step(step, work=wants, stop_asked=self._stop_reason is not None,
-                                           due_at=replay[0]["step"] if replay else None)
-        if stop_asked and ranks.leads and self._stop_reason is None:
-            self.request_stop("a stop asked on another rank")
-        if work or stop_asked:
-            self._meet(self._commands.apply_due)
-
-    def _stop_between_epochs(self) -> bool:
-        """Ctrl-C, request_stop() or a stop deferred to the epoch's end: stop now; True if so."""
-        if self._stop_reason is None:
-            return False
-        self._interrupt = Interrupt.STOP
-        self._commands.finish_stop()
-        return True
+        self._meet(lambda: self._cuts.end_run(FINISHED, message), ranks_module.FINISH)
 
     def stop_if_requested(self) -> bool:
         """Between two epochs: carry out a stop that waited for the last epoch's end (a stop command
         at its last boundary, Ctrl-C, ``request_stop()``): final checkpoint, the run ends. True if it did."""
         return bool(self._meet(self._stop_between_epochs, ranks_module.BETWEEN_EPOCHS))
 
+    def _stop_between_epochs(self) -> bool:
+        if not self.control.stop_between_epochs():
+            return False
+        self._cuts.finish_stop()
+        return True
+
     def _left_epochs(self) -> None:
         """The loop broke out of ``run.epochs`` (or an error did): say so, write nothing — the
         state at a break is whatever the loop left, and after an error it may be half a step.
         ``run.request_stop()`` is the way to stop early with a final checkpoint."""
-        if self._closed or self._interrupt is not None or self._follows:
+        control = self.control
+        if control.closed or control.interrupt is not None or self._follows:
             return
-        self.status = STOPPED
-        self.message = (f"the loop left run.epochs at step {self.step} (epoch {self.epoch}); it resumes from the "
-                        "latest checkpoint")
-        self.store.add_event(STOPPED, self.message, branch=self.branch, step=self.step, epoch=self.epoch)
+        control.left_loop(f"the loop left run.epochs at step {self.step} (epoch {self.epoch}); it resumes from the "
+                          "latest checkpoint")
+        self.store.add_event(control.status, control.message, branch=self.branch, step=self.step, epoch=self.epoch)
 
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
         """Yield the batches of ``loader``; between two batches, call :meth:`step_boundary`.
 
         Ends early when a rollback or a stop is applied (the rest of the epoch is not trained).
         """
+        position = self.position
         try:
-            self.steps_per_epoch = len(loader)  # type: ignore[arg-type]
+            position.steps_per_epoch = len(loader)  # type: ignore[arg-type]
         except TypeError:
-            self.steps_per_epoch = None
+            position.steps_per_epoch = None
         if self.items_per_step is None and isinstance(getattr(loader, "batch_size", None), int):
             self.items_per_step = loader.batch_size  # type: ignore[attr-defined]
-        position = self.position
         position.use_loader(loader)
         iterator = iter(loader)
         if position.skip_batches:
             position.skip_trained(iterator)
-        self._wake = True
+        self.control.wake_up()
         if self.step_boundary() is not None:
             return
         boundary = self.step_boundary
@@ -393,7 +377,7 @@ class Run:
             yield batch
             if boundary() is not None:  # the step is done: this is a step boundary
                 return
-        self._epoch_trained = True
+        self.control.epoch_batches_done()
 
     def step_boundary(self) -> Interrupt | None:
         """Apply what is due between two steps: replays, queued commands, a pause; record an lr or
@@ -402,24 +386,25 @@ class Run:
 
         The caller counts its steps in ``run.position`` first (``run.batches`` does); once it
         returns an interrupt, the caller leaves the epoch: nothing more is applied until then."""
-        if self._interrupt is not None:
-            return self._interrupt
+        control = self.control
+        if control.interrupt is not None:
+            return control.interrupt
         if self._ranks is None:
             signal = self.signal  # CommandSignal.changed(), inlined: this runs every step
-            if self._wake or signal.word[:8] != signal.seen or (self._replay and self._commands.replay_due()):
+            if control.wake or signal.word[:8] != signal.seen or (self._replay.entries and self._commands.replay_due()):
                 self._commands.apply_due()
         else:
             if self.position.step >= self._ranks.next_sync:
                 self._sync_ranks()
             if self._follows:
-                return self._interrupt
-        if self._excursion is not None and self._interrupt is None:
-            self._excursion.at_boundary()
-        watch = self._hparams  # did the loop or its scheduler change the lr or momentum? (HparamWatch.seen)
-        group = self.optimizer.param_groups[0]
+                return control.interrupt
+        if control.excursion is not None and control.interrupt is None:
+            control.excursion.at_boundary()
+        # Did the loop or its scheduler change the lr or momentum? (HparamWatch.seen)
+        watch, group = self._hparams, self.trainables.optimizer.param_groups[0]
         if group["lr"] != watch.lr or group.get(watch.key) != watch.seen:
             watch.record(by=watch.source())
-        return self._interrupt
+        return control.interrupt
 
     def log(self, **metrics: Any) -> None:
         """Record per-step values (numbers or one-element tensors) at the current step.
@@ -433,21 +418,20 @@ class Run:
                 # CPU tensors become floats now (cheaper than keeping them, and their graphs,
                 # alive); GPU tensors are detached and read later on the writer thread, no sync.
                 metrics[name] = value.detach() if value.is_cuda else value.item()
-        self._log((PER_STEP, self.branch, self.position.step, _wall_clock(), metrics))
+        self._queue.put((PER_STEP, self.position.branch, self.position.step, _wall_clock(), metrics))
 
     def log_epoch(self, **metrics: Any) -> None:
         """Record per-epoch values (validation loss, accuracy); they are saved in the checkpoint.
         Ignored while ``run.interrupted``: an evaluation after a cut, or on a probe's branch, is not kept."""
-        if self.interrupted:
+        if self.interrupted or self._follows:
             return
         values = {name: to_float(value) for name, value in metrics.items()}
-        self._epoch_metrics.update(values)
-        self._log((PER_EPOCH, self.branch, self.position.step, time.time(), values))
+        self.snapshots.epoch_metrics.update(values)
+        self._queue.put((PER_EPOCH, self.branch, self.position.step, time.time(), values))
 
     def request_stop(self, reason: str = "requested") -> None:
         """Stop at the next step boundary with a final checkpoint (safe in a signal handler)."""
-        self._stop_reason = reason
-        self._wake = True
+        self.control.ask_stop(reason)
 
     def checkpoint_now(self, reason: str = "command") -> PendingCheckpoint | None:
         """Snapshot now (mid-epoch if need be) and write it in the background. Under
@@ -457,18 +441,47 @@ class Run:
         if self._ranks is None:
             return self.snapshots.take(reason)
         if not self._follows:
-            self._checkpoint_asked, self._wake = reason, True
+            self.control.ask_checkpoint(reason)
         return None
 
     @property
     def checkpointer(self) -> Any:
         return None if self._follows else self.snapshots.writer
 
+    # -- together with the other ranks (see babysit.ranks) ------------------------------------
+    def _meet(self, body: Callable[[], Any], point: int | None = None) -> Any:
+        """Run ``body`` here, or, under torch.distributed, on the leader while the followers
+        carry out what it tells them (at ``point``, see babysit.ranks)."""
+        result = body() if self._ranks is None else self._ranks.meet(body, point)
+        if self.control.ended and not self.control.closed:
+            self.close()
+        return result
+
+    def _tell(self, *op: Any) -> None:
+        if self._ranks is not None:
+            self._ranks.tell(*op)
+
+    def _sync_ranks(self) -> None:
+        """A sync step: every rank learns whether the leader had commands to apply at the last
+        sync (and whether a follower got a stop signal); if so, they apply them together, at this
+        step (see babysit.ranks: the exchange is read one step after it is posted)."""
+        ranks, control = self._ranks, self.control
+        assert ranks is not None
+        step = self.position.step
+        due = None if self._follows else self._replay.next_step
+        replay_due = due is not None and due <= step + 1  # due by the step this sync is acted on
+        wants = ranks.leads and (control.wake or self.signal.changed() or replay_due)
+        work, stop_asked = ranks.sync_step(step, work=wants, stop_asked=control.stop_asked, due_at=due)
+        if stop_asked and ranks.leads and not control.stop_asked:
+            control.ask_stop("a stop asked on another rank")
+        if work or stop_asked:
+            self._meet(self._commands.apply_due if ranks.leads else _nothing)
+
+    # -- the end -------------------------------------------------------------------------------
     def close(self) -> None:
         """Flush, wait for checkpoint writes and release the run directory."""
-        if self._closed:
+        if not self.control.close(f"the training script ended at step {self.step} (not at a checkpoint)"):
             return
-        self._closed = True
         if self._ranks is not None:
             self._ranks.leave()
         if self._follows:
@@ -476,9 +489,6 @@ class Run:
             return
         self.snapshots.close()
         self.writer.close()
-        if self.status in (RUNNING, PAUSED):
-            self.status = STOPPED
-            self.message = self.message or f"the training script ended at step {self.step} (not at a checkpoint)"
         self.store.write_status(**self._status_fields(), heartbeat=time.time())
         self.signal.close()
         self._lock_file.close()
@@ -495,55 +505,37 @@ class Run:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is not None and not self._closed and not self._follows:
+        control = self.control
+        if exc is not None and not control.closed and not self._follows:
             if isinstance(exc, KeyboardInterrupt):
-                self.status = STOPPED
-                self.message = f"aborted (Ctrl-C) at step {self.step}; resumes from the latest checkpoint"
+                control.aborted(f"aborted (Ctrl-C) at step {self.step}; resumes from the latest checkpoint")
             else:
-                self.status = CRASHED
-                self.message = f"{type(exc).__name__}: {exc}"[:500]
-                self.store.add_event("error", self.message, branch=self.branch, step=self.step, epoch=self.epoch,
+                control.crashed(f"{type(exc).__name__}: {exc}"[:500])
+                self.store.add_event("error", control.message, branch=self.branch, step=self.step, epoch=self.epoch,
                                      data={"traceback": "".join(traceback.format_exception(exc))[-4000:]})
         self.close()
 
     def _install_signals(self) -> Any:
         return install_stop_handlers(self.request_stop, lambda: self.stop_requested)
 
-    # -- start and resume ---------------------------------------------------------------------
-
-    # -- step boundary -----------------------------------------------------------------------
-
-    def _at_last_boundary(self) -> bool:
-        """After the epoch's last batch: a cut here would leave an epoch with nothing to train but
-        its end (evaluation, anneal) still to run; a stop or a checkpoint waits for that end."""
-        return self.steps_per_epoch is not None and self.position.step_in_epoch >= self.steps_per_epoch
-
-    # -- rollback and stop, as the loop leaves the epoch ---------------------------------------
-
-    def _finish(self, status: str, message: str) -> None:
-        self.snapshots.answer_waiting()
-        self.status, self.message = status, message
-        self.store.add_event(status, message, branch=self.branch, step=self.step, epoch=self.epoch)
-        self._ended = True  # closed as the meeting ends (see _meet): every rank, after its last collective
-
     # -- writer-thread callbacks --------------------------------------------------------------
     def _status_fields(self) -> dict[str, Any]:
         # After a stop, what the final checkpoint holds (and a resume uses), not what the loop
         # may have set after the cut.
-        hparams = self._final_hparams or optim.read_hparams(self.optimizer)
-        position = self.position
+        control, position = self.control, self.position
+        hparams = control.final_hparams or self.trainables.hparams()
         return {
-            "state": self.status, "epoch": position.epoch, "step": position.step,
-            "step_in_epoch": position.step_in_epoch, "steps_per_epoch": self.steps_per_epoch,
-            "max_epochs": self.max_epochs, "branch": self.branch, "lr": hparams["lr"],
-            "momentum": hparams["momentum"], "message": self.message,
+            "state": control.status, "epoch": position.epoch, "step": position.step,
+            "step_in_epoch": position.step_in_epoch, "steps_per_epoch": position.steps_per_epoch,
+            "max_epochs": self.max_epochs, "branch": position.branch, "lr": hparams["lr"],
+            "momentum": hparams["momentum"], "message": control.message,
             "items_per_step": self.items_per_step, "item_unit": self.item_unit,
         }
 
     def _on_tick(self) -> None:
         # A fallback for the signal file (a missed write, a filesystem without shared mmap).
-        if not self._wake and self.store.has_pending_commands():
-            self._wake = True
+        if not self.control.wake and self.store.has_pending_commands():
+            self.control.wake_up()
 
     def _at_exit(self) -> None:
         try:
@@ -557,21 +549,10 @@ def _log_nothing(**_metrics: Any) -> None:
     """``run.log`` on a follower rank: rank 0 logs for the whole job."""
 
 
+def _nothing() -> None:
+    """A follower's share of a meeting's body: it carries out what the leader tells (babysit.ranks)."""
+
+
 # Bound once: run.log runs every step, and module attribute lookups add up there.
 _TENSOR = torch.Tensor
 _wall_clock = time.time
-
-
-def _optimizer_or_loop_hparams(optimizer: Any, lr: float | None, momentum: float | None) -> Any:
-    if optimizer is not None:
-        if lr is not None or momentum is not None:
-            raise SettingsError("give either an optimizer or lr= (and momentum=) for hand-written updates, not both: "
-                             "with an optimizer, babysit nudges the lr in its param_groups")
-        if not getattr(optimizer, "param_groups", None):
-            raise SettingsError(f"optimizer must be a torch optimizer (with param_groups), got {type(optimizer).__name__}; "
-                             "a loop that updates its parameters by hand passes lr= instead and reads run.lr")
-        return optimizer
-    if lr is None:
-        raise SettingsError("Run needs an optimizer, or lr= for a loop that updates its parameters by hand "
-                         "(it reads run.lr every step, so nudges reach it)")
-    return optim.LoopHparams(cmd.validate_lr(lr), None if momentum is None else cmd.validate_momentum(momentum))

@@ -55,6 +55,29 @@ def to_float(value: Any) -> float:
     return float(value)
 
 
+class LogQueue:
+    """The training thread's share of storing a value: ``put`` is one ``deque.append``. While an
+    excursion runs, a tap sits in front of it (it reads each step's loss, then appends). On a
+    follower rank (``keep=False``) it keeps nothing: rank 0 logs for the whole job."""
+
+    __slots__ = ("items", "put")
+
+    def __init__(self, keep: bool = True) -> None:
+        self.items: collections.deque[LogItem] = collections.deque()
+        self.put: Callable[[LogItem], None] = self.items.append if keep else _keep_nothing
+
+    def tap(self, tap: Callable[[LogItem], None]) -> None:
+        """Put ``tap`` in front of the queue (it must pass every item on to ``items.append``)."""
+        self.put = tap
+
+    def untap(self) -> None:
+        self.put = self.items.append
+
+
+def _keep_nothing(_item: LogItem) -> None:
+    """A follower rank's LogQueue.put."""
+
+
 class _OpenChunk:
     """A chunk being filled: numpy buffers of CHUNK_POINTS points, the first ``n`` of them used."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -80,13 +81,19 @@ def test_the_panda_loop_through_the_cli(tmp_path: Path, trainers) -> None:
     assert {(s.name, s.branch) for s in store.series()} >= {("loss", 1), ("loss", 2)}
     assert [b["from_checkpoint"] for b in store.branches()] == [None, first["id"]]
 
-    # Stop: a final checkpoint and a clean exit.
+    # Stop: a final checkpoint and a clean exit. The stop's answer names the final checkpoint, of
+    # the step where the run stopped. A stop that lands on an epoch's last step is answered by that
+    # epoch's own checkpoint (the same state: no second file of it), so its reason is "epoch" there.
     result = babysit_cli("stop", *d, "--wait")
     assert result.returncode == 0, result.stderr
     assert trainer.wait_exit(timeout=60) == 0
     info = status(run_dir)
-    assert info["state"] == "stopped" and info["checkpoints"][-1]["reason"] == "stop"
     stopped_at = info["checkpoints"][-1]
+    stop_row = RunStore(run_dir).command(int(re.search(r"#(\d+)", result.stdout).group(1)))
+    assert info["state"] == "stopped" and stop_row["result"]["checkpoint"] == stopped_at["id"]
+    assert stopped_at["step"] == info["step"]
+    at_epoch_end = info["step_in_epoch"] == info["steps_per_epoch"]
+    assert stopped_at["reason"] == ("epoch" if at_epoch_end else "stop"), (stopped_at, info)
 
     # Commands for a run that is not running are refused, and nothing is queued.
     result = babysit_cli("set", "lr", "0.1", *d)

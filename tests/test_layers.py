@@ -1,5 +1,6 @@
-"""The import rules of the house: the dashboard and the CLI never import torch, and no module
-imports one from a layer above its own.
+"""The rules of the house: the dashboard and the CLI never import torch; no module imports one from
+a layer above its own; no import circle (type-only imports included); and no module reads or writes
+another module's private attributes (state has one owner).
 
 The first rule is what lets the dashboard and `python -m babysit status|set|...` start fast and
 stay out of the trainer's memory (babysit/__init__.py loads Run lazily for that reason). It is
@@ -34,8 +35,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
                 "guard", "instruments"),
     # The trainer side: the Run and the pieces it is made of. `babysit` itself is the public face
     # of Run (its names load from here).
-    "trainer": ("user_state", "position", "ranks", "snapshots", "hparam_watch", "remedy", "writer", "resume",
-                "excursion_runner", "command_runner", "journal_replay", "run", "babysit"),
+    "trainer": ("user_state", "control", "position", "trainables", "ranks", "snapshots", "hparam_watch", "remedy",
+                "writer", "resume", "excursion_runner", "command_runner", "cuts", "journal_replay", "run", "babysit"),
     # Training jobs and framework adapters written against the public API.
     "jobs": ("jobs", "lightning", "hf"),
     # What a person runs: the CLI and the dashboard.
@@ -74,12 +75,13 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _imports(tree: ast.AST, package: list[str]) -> set[str]:
-    """The babysit modules (as LAYERS names them) that the code in ``tree`` imports when it runs."""
+def _imports(tree: ast.AST, package: list[str], *, type_only: bool = False) -> set[str]:
+    """The babysit modules (as LAYERS names them) that the code in ``tree`` imports when it runs
+    (``type_only``: and those its ``if TYPE_CHECKING:`` blocks name)."""
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
+        if isinstance(node, ast.If) and _is_type_checking(node.test) and not type_only:
             for child in node.orelse:
                 visit(child)
             return
@@ -119,14 +121,100 @@ def _is_module(parts: list[str]) -> bool:
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file() or ".".join(parts) in _PLACED
 
 
-def babysit_modules() -> dict[str, set[str]]:
-    """Every module of the package and the babysit modules it imports."""
+def babysit_modules(*, type_only: bool = False) -> dict[str, set[str]]:
+    """Every module of the package and the babysit modules it imports (``type_only``: for type hints too)."""
     graph = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         name = module_name(path)
         package = name.split(".") if path.name == "__init__.py" and name != "babysit" else name.split(".")[:-1]
-        graph[name] = _imports(ast.parse(path.read_text(), str(path)), package) - {name}
+        graph[name] = _imports(ast.parse(path.read_text(), str(path)), package, type_only=type_only) - {name}
     return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The circles of ``graph`` (its strongly connected components of more than one module).
+    A package's ``__init__`` re-exporting its own modules is not a circle of rooms: a module's
+    import of its own package (``cli.parser`` importing ``cli``) is left out."""
+    edges = {m: {d for d in deps if d in graph and not m.startswith(d + ".")} for m, deps in graph.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def connect(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for dep in sorted(edges[module]):
+            if dep not in index:
+                connect(dep)
+                low[module] = min(low[module], low[dep])
+            elif dep in stack:
+                low[module] = min(low[module], index[dep])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == module:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for module in sorted(edges):
+        if module not in index:
+            connect(module)
+    return circles
+
+
+def private_accesses(files: dict[str, str]) -> list[str]:
+    """Reads and writes of another module's private attributes: ``x._name`` (not ``self``/``cls``)
+    where ``_name`` is defined in another of ``files`` ({module: source}) and not in this one.
+    Other packages' privates (Lightning's loop internals, torch.distributed's) are theirs to keep
+    stable and are not counted."""
+    trees = {module: ast.parse(source) for module, source in files.items()}
+    defined: dict[str, set[str]] = {}
+    for module, tree in trees.items():
+        names: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+        defined[module] = {n for n in names if n.startswith("_") and not n.startswith("__")}
+    found = []
+    for module, tree in trees.items():
+        elsewhere = set().union(*(names for other, names in defined.items() if other != module)) - defined[module]
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr in elsewhere
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                found.append(f"babysit/{module}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def _package_sources() -> dict[str, str]:
+    return {str(path.relative_to(PACKAGE)): path.read_text() for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_no_module_touches_another_modules_private_attributes() -> None:
+    assert private_accesses(_package_sources()) == []
+
+
+def test_the_private_access_count_can_fail() -> None:
+    files = {"run.py": "class Run:\n    def __init__(self):\n        self._interrupt = None\n",
+             "remedy.py": "def apply(run):\n    run._interrupt = 'stop'\n    run.interrupt_ok = 1\n"}
+    assert private_accesses(files) == ["babysit/remedy.py:2: run._interrupt"]
+
+
+def test_no_import_circle_even_through_type_hints() -> None:
+    assert import_circles(babysit_modules(type_only=True)) == []
+
+
+def test_the_circle_finder_finds_a_circle() -> None:
+    graph = {"run": {"command_runner"}, "command_runner": {"excursion_runner"}, "excursion_runner": {"run"},
+             "store": set(), "cli": {"cli.parser"}, "cli.parser": {"cli"}}
+    assert import_circles(graph) == [["command_runner", "excursion_runner", "run"]]
 
 
 def test_the_import_reader_sees_relative_absolute_nested_and_type_only_imports() -> None:

@@ -1,0 +1,108 @@
+"""What a cut is for, carried out as the loop leaves the epoch: a rollback (its checkpoint loaded, a
+new branch started from it) or a stop (the final checkpoint written, the run ended); and the end
+of a run, stopped or finished. The cuts themselves are set at a step boundary by
+:mod:`babysit.command_runner` (see :mod:`babysit.control` for the transitions).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from . import commands as cmd
+from .checkpoint import REASON_STOP
+from .control import RunControl
+from .guard import DivergenceGuard
+from .hparam_watch import HparamWatch
+from .journal_replay import ReplayQueue
+from .position import ResumePosition
+from .resume import Loader
+from .snapshots import Snapshots
+from .store import STOPPED, RunStore
+from .trainables import Trainables
+
+
+class Cuts:
+    """Carries out the rollback or the stop that cut one run's epoch (on the leader rank)."""
+
+    def __init__(self, store: RunStore, control: RunControl, position: ResumePosition, trainables: Trainables,
+                 snapshots: Snapshots, loader: Loader, hparams: HparamWatch, guard: DivergenceGuard,
+                 replay: ReplayQueue, *, status_fields: Callable[[], dict[str, Any]]) -> None:
+        self.store = store
+        self.control = control
+        self.position = position
+        self.trainables = trainables
+        self.snapshots = snapshots
+        self.loader = loader
+        self.hparams = hparams
+        self.guard = guard
+        self.replay = replay
+        self.status_fields = status_fields
+
+    def finish_rollback(self) -> None:
+        """Load the rollback's checkpoint and go on from it on a new branch, with the hyperparameters
+        the command asked for; one commit records the branch, the status, the event and the answer."""
+        store, position, control = self.store, self.position, self.control
+        rollback = control.take_rollback()
+        self.replay.clear()  # nudges of the old branch still waiting to be replayed stay there
+        pending, record = rollback.command, rollback.checkpoint
+        command = cmd.validate(pending["kind"], pending["args"])
+        before = rollback.hparams_at_cut
+        old_branch, old_step = rollback.branch_at_cut, rollback.step_at_cut
+        try:
+            self.loader.load_state(rollback.state, record)
+        except Exception as error:
+            # Checked to fit when applied; if loading still fails the model may be half-loaded:
+            # end this process (a restart resumes from the latest checkpoint) but never leave the
+            # command pending, or every restart would fail on it again.
+            store.finish_command(pending["id"], cmd.REJECTED, branch=old_branch, step=old_step,
+                                 reason=f"checkpoint #{record['id']} could not be loaded: {error}")
+            raise
+        if command.args["hparams"] == cmd.HPARAMS_CURRENT:
+            self.trainables.restore_hparams(before)
+        self.trainables.restore_hparams({k: command.args[k] for k in ("lr", "momentum") if k in command.args})
+        after = self.trainables.hparams()
+        control.run_again(f"rolled back to checkpoint #{record['id']} (epoch {record['epoch']}, step {record['step']})")
+        self.guard.reset()
+        with store.transaction():  # one commit: the branch, its status, the event, the acknowledgement
+            position.branch = store.new_branch(
+                parent=record["branch"], from_checkpoint=record["id"], start_step=position.step,
+                start_epoch=position.epoch, hparams=after,
+            )
+            store.write_status(**self.status_fields(), heartbeat=time.time())
+            store.add_event("rollback", control.message + f" as branch {position.branch}", branch=position.branch,
+                            step=position.step, epoch=position.epoch,
+                            data={"from_branch": old_branch, "from_step": old_step, "checkpoint": record["id"],
+                                  "before": before, "after": after, "hparams": command.args["hparams"]})
+            store.finish_command(pending["id"], cmd.APPLIED, branch=old_branch, step=old_step, result={
+                "branch": position.branch, "epoch": position.epoch, "step": position.step,
+                "checkpoint": record["id"], "lr": after["lr"], "momentum": after["momentum"], "before": before,
+            })
+        self.hparams.record(force=True)
+
+    def finish_stop(self) -> None:
+        """The final checkpoint (taken at the cut, or now), the stop command answered, the run ended."""
+        control, position = self.control, self.position
+        if control.excursion is not None:
+            control.excursion.go_back_for_stop()
+        stop = control.take_stop()
+        job = stop.job or self.snapshots.take(REASON_STOP, reuse_same_step=True)
+        control.final_hparams = job.meta["hparams"]
+        self.snapshots.wait()
+        if stop.command is not None:
+            result: dict[str, Any] = {"checkpoint": job.meta.get("id")}
+            if job.error is not None:
+                result = {"checkpoint": None, "warning": str(job.error)}
+            self.store.finish_command(stop.command["id"], cmd.APPLIED, branch=position.branch, step=position.step,
+                                      result=result)
+        reason = control.stop_reason
+        why = f" ({reason})" if reason and reason != "stop command" else ""
+        self.end_run(STOPPED, f"stopped at step {position.step}{why} with a final checkpoint")
+
+    def end_run(self, status: str, message: str) -> None:
+        """The run is over (stopped or finished): answer the "checkpoint now" still waiting, say so."""
+        self.snapshots.answer_waiting()
+        self.control.finish(status, message)
+        position = self.position
+        self.store.add_event(status, message, branch=position.branch, step=position.step, epoch=position.epoch)
+

@@ -1,0 +1,115 @@
+"""What a run trains and a checkpoint holds of it: the model, the optimizer, its scheduler and the
+loop's own ``run.state``; and the one way babysit changes their lr and momentum.
+
+Every change of lr or momentum babysit makes (a nudge, a replay, a rollback's hyperparameters)
+goes through :meth:`Trainables.set_lr`, :meth:`Trainables.set_momentum` or
+:meth:`Trainables.restore_hparams`, which also tell the other ranks under torch.distributed (the
+``tell`` given at construction; see babysit.ranks), so every rank's optimizer holds the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from . import commands as cmd
+from . import optim, user_state
+from .checkpoint import KEY_MODEL, KEY_OPTIMIZER, KEY_SCHEDULER, KEY_USER_STATE, clone_tree
+from .errors import CommandError, SettingsError
+
+
+def _tell_nobody(*_op: Any) -> None:
+    """A single process has no other rank to tell."""
+
+
+class Trainables:
+    """The model, optimizer, scheduler and ``run.state`` of one run."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any] | None,
+                 *, tell: Callable[..., None] = _tell_nobody) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.state: dict[str, Any] = dict(state or {})
+        # What a checkpoint from before run.state existed restores (and a check, before anything
+        # is created, that a checkpoint can hold these values).
+        self.initial_state = user_state.capture(self.state)
+        self.tell = tell
+
+    # -- lr and momentum ------------------------------------------------------------------------
+    def hparams(self) -> dict[str, float | None]:
+        """The lr and momentum the optimizer uses now."""
+        return optim.read_hparams(self.optimizer)
+
+    def set_lr(self, value: float) -> float:
+        """Set the lr (scheduler-aware) on every rank; returns the lr read back."""
+        after = optim.set_lr(self.optimizer, value, self.scheduler)
+        self.tell("set_lr", value)
+        return after
+
+    def set_momentum(self, value: float) -> float:
+        after = optim.set_momentum(self.optimizer, value)
+        self.tell("set_momentum", value)
+        return after
+
+    def restore_hparams(self, hparams: dict[str, Any]) -> None:
+        """Put back recorded lr / momentum (either may be missing) on every rank."""
+        optim.restore_hparams(self.optimizer, hparams, self.scheduler)
+        self.tell("restore_hparams", hparams)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def snapshot(self, on_refused: Callable[[str, str], None]) -> dict[str, Any]:
+        """Copies of the model, optimizer, scheduler and run.state, as a checkpoint holds them."""
+        return {
+            KEY_MODEL: clone_tree(self.model.state_dict()),
+            KEY_OPTIMIZER: clone_tree(self.optimizer.state_dict()),
+            KEY_SCHEDULER: clone_tree(self.scheduler.state_dict()) if self.scheduler is not None else None,
+            KEY_USER_STATE: user_state.capture(self.state, on_refused=on_refused),
+        }
+
+    def check_fits(self, state: dict[str, Any], checkpoint_id: Any) -> None:
+        """Refuse a checkpoint whose tensors do not fit this model or optimizer before anything
+        is changed (loading it would fail half-way)."""
+        live = self.model.state_dict()
+        saved = state.get(KEY_MODEL) or {}
+        problems = sorted(set(live) ^ set(saved))[:3]
+        problems += [f"{name} {tuple(saved[name].shape)} vs {tuple(tensor.shape)} here" for name, tensor in live.items()
+                     if name in saved and hasattr(saved[name], "shape") and saved[name].shape != tensor.shape][:3]
+        groups = (state.get(KEY_OPTIMIZER) or {}).get("param_groups", [])
+        if [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            problems.append("the optimizer's parameter groups differ")
+        if problems:
+            raise CommandError(f"checkpoint #{checkpoint_id} does not fit this model ({'; '.join(problems)}); "
+                               "nothing was changed")
+
+    def load(self, state: dict[str, Any]) -> list[str]:
+        """Load a verified checkpoint's model, optimizer, scheduler and run.state; returns notes on
+        run.state values that could not be restored."""
+        self.model.load_state_dict(state[KEY_MODEL])
+        self.optimizer.load_state_dict(state[KEY_OPTIMIZER])
+        if self.scheduler is not None and state.get(KEY_SCHEDULER) is not None:
+            self.scheduler.load_state_dict(state[KEY_SCHEDULER])
+        return user_state.restore(self.state, state.get(KEY_USER_STATE) or self.initial_state)
+
+
+def optimizer_or_loop_hparams(optimizer: Any, lr: float | None, momentum: float | None) -> Any:
+    """The optimizer babysit nudges: the loop's own, or, for hand-written updates, a holder of lr
+    (and momentum) the loop reads as ``run.lr``."""
+    if optimizer is not None:
+        if lr is not None or momentum is not None:
+            raise SettingsError("give either an optimizer or lr= (and momentum=) for hand-written updates, not both: "
+                                "with an optimizer, babysit nudges the lr in its param_groups")
+        if not getattr(optimizer, "param_groups", None):
+            raise SettingsError(f"optimizer must be a torch optimizer (with param_groups), got "
+                                f"{type(optimizer).__name__}; a loop that updates its parameters by hand passes lr= "
+                                "instead and reads run.lr")
+        return optimizer
+    if lr is None:
+        raise SettingsError("Run needs an optimizer, or lr= for a loop that updates its parameters by hand "
+                            "(it reads run.lr every step, so nudges reach it)")
+    return optim.LoopHparams(cmd.validate_lr(lr), None if momentum is None else cmd.validate_momentum(momentum))
+
+
+def optimizer_name(optimizer: Any) -> str:
+    return "hand-written updates (run.lr)" if isinstance(optimizer, optim.LoopHparams) else type(optimizer).__name__
