@@ -400,14 +400,26 @@ def _lower_thread_priority() -> None:
         pass
 
 
+# How long a write waits for the training thread to leave the meeting it was taken in (see hold()).
+HOLD_AT_MOST_S = 1.0
+
+
 class AsyncCheckpointer:
-    """Writes snapshots on a thread of its own, one at a time, in the order submitted."""
+    """Writes snapshots on a thread of its own, one at a time, in the order submitted.
+
+    Between :meth:`hold` and :meth:`release` (babysit holds it while the ranks meet), a write waits
+    to start, for at most ``HOLD_AT_MOST_S``: a writer thread running Python (pickling, DCP's
+    planning) takes the GIL from the training thread at every collective it waits on, which
+    would lengthen the meeting the training thread is still in; once it has left, the write goes
+    on beside training."""
 
     def __init__(self, on_written: Callable[[PendingCheckpoint], None],
                  on_failed: Callable[[PendingCheckpoint], None]) -> None:
         self._queue: queue.Queue[PendingCheckpoint | None] = queue.Queue()
         self._on_written = on_written
         self._on_failed = on_failed
+        self._released = threading.Event()
+        self._released.set()
         self._thread = threading.Thread(target=self._loop, name="babysit-checkpoint", daemon=True)
         self._thread.start()
 
@@ -415,8 +427,16 @@ class AsyncCheckpointer:
         self._queue.put(job)
         return job
 
+    def hold(self) -> None:
+        """Writes wait to start until :meth:`release` (or ``HOLD_AT_MOST_S``)."""
+        self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
+
     def wait(self) -> None:
         """Block until every submitted checkpoint is written (or has failed)."""
+        self.release()
         self._queue.join()
 
     def close(self) -> None:
@@ -431,6 +451,7 @@ class AsyncCheckpointer:
             try:
                 if job is None:
                     return
+                self._released.wait(HOLD_AT_MOST_S)
                 self._write(job)
             finally:
                 self._queue.task_done()

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from . import commands as cmd
 from . import optim
-from .checkpoint import REASON_STOP, read_verified
+from .checkpoint import REASON_STOP
 from .control import PendingRollback, RunControl
 from .errors import CheckpointError, CommandError
 from .excursion_runner import Excursions
@@ -208,7 +208,7 @@ class CommandRunner:
     def _begin_rollback(self, command: cmd.Command, pending: dict[str, Any]) -> None:
         record = self.store.checkpoint(command.args["checkpoint"], must_exist=True)
         assert record is not None
-        state = read_verified(self.run_dir / record["file"], record["sha256"])
+        state = self.trainables.read(self.run_dir, record)
         self.trainables.check_fits(state, record["id"])
         before, branch_at_cut, step_at_cut = self.trainables.hparams(), self.position.branch, self.position.step
         excursion = self.control.excursion

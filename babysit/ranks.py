@@ -19,10 +19,18 @@ At a meeting with work to do, the leader runs babysit's usual code and tells the
 effect as it happens (``tell``): an lr or momentum to set (through :mod:`babysit.optim`, as on the
 leader), a checkpoint to load (each follower reads the verified file itself: the run directory must
 be on a filesystem every rank sees), a snapshot for which each follower hands in what differs per
-rank (its RNG states, its loader generators, its ``run.state``). The meeting ends with ``done``,
+rank (its RNG states, its loader generators, its ``run.state``) and, for a sharded model, gives its
+own shard to its writer thread. The meeting ends with ``done``,
 which carries the leader's branch, status, message and interruption (a stop, a rollback). A paused
 leader keeps the followers waiting in the meeting, with a ``ping`` now and then so no collective
 times out.
+
+Before the collective of a blocking meeting (and of ``babysit.Run()``) every rank says it has
+come, in the job's key-value store (:mod:`babysit.arrivals`): a rank that does not (stuck in a
+deadlock of its own, stopped) is named, on the page after half the wait and in the error every
+rank raises at its end, instead of leaving the others waiting without a word. The wait is the
+training's own collectives' timeout (``init_process_group(timeout=...)``), so a long evaluation on
+rank 0 is fine.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from typing import Any, Callable
 import torch
 
 from . import user_state
-from .checkpoint import KEY_EPOCH_START_RNG, KEY_LOADER_RNG, KEY_RNG, KEY_USER_STATE, read_verified, rng_state
+from .arrivals import Arrivals
+from .checkpoint import KEY_EPOCH_START_RNG, KEY_LOADER_RNG, KEY_RNG, KEY_USER_STATE, PendingCheckpoint, rng_state
 from .control import RunControl
 from .errors import RanksOutOfStep
 from .position import ResumePosition
@@ -68,24 +77,17 @@ def join() -> "Ranks | None":
         return None
     _joined += 1
     rank, world = dist.get_rank(), dist.get_world_size()
-    _wait_for_every_rank(dist, f"babysit/run-{_joined}", world)
-    # Babysit's collectives wait as long as the training's own do (a long evaluation on rank 0).
-    group = dist.new_group(backend="gloo", timeout=_training_timeout(dist))
-    return Ranks(group, rank, world)
-
-
-def _wait_for_every_rank(dist: Any, key: str, world: int) -> None:
+    timeout = _training_timeout(dist)
     store = dist.distributed_c10d._get_default_store()
-    arrived = store.add(key, 1)
-    deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
-    while arrived < world:
-        if time.monotonic() > deadline:
-            raise RanksOutOfStep(
-                f"babysit.Run was built on {arrived} of the job's {world} ranks in {ARRIVAL_TIMEOUT_S:.0f} s: under "
-                "torch.distributed every rank builds the same babysit.Run (rank 0 leads, the others follow "
-                "its commands; do not build it on rank 0 only)")
-        time.sleep(0.05)
-        arrived = store.add(key, 0)
+    try:
+        Arrivals(store, f"babysit/run-{_joined}", rank, world, ARRIVAL_TIMEOUT_S).all_here("start", "babysit.Run()")
+    except RanksOutOfStep as error:
+        raise RanksOutOfStep(f"{error}: under torch.distributed every rank builds the same babysit.Run (rank 0 leads, "
+                             "the others follow its commands; do not build it on rank 0 only)") from None
+    # Babysit's collectives wait as long as the training's own do (a long evaluation on rank 0).
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    meetings = Arrivals(store, f"babysit/run-{_joined}/meetings", rank, world, timeout.total_seconds())
+    return Ranks(group, rank, world, meetings)
 
 
 def _training_timeout(dist: Any) -> Any:
@@ -98,7 +100,7 @@ def _training_timeout(dist: Any) -> Any:
 class Ranks:
     """This process's share of the meetings: leader (rank 0) or follower."""
 
-    def __init__(self, group: Any, rank: int, world_size: int) -> None:
+    def __init__(self, group: Any, rank: int, world_size: int, arrivals: Arrivals | None = None) -> None:
         import torch.distributed as dist
 
         self._dist = dist
@@ -112,6 +114,10 @@ class Ranks:
         self._in_meeting = False
         self._handed_in: dict[str, Any] | None = None  # a follower's share of the last snapshot
         self._run: _Bound | None = None
+        self._arrivals = arrivals  # where the ranks say they have come to a meeting, before its collective
+        self._meetings = 0
+        self.shard_writer: Any = None  # a follower's writer of its shards (a sharded model; the leader's: Snapshots')
+        self.report_wait: Callable[[str, list[int]], None] | None = None  # the leader's: a long wait, on the page
 
     def bind(self, control: RunControl, position: ResumePosition, trainables: Trainables, run_dir: Path,
              load_training_state: Callable[[dict[str, Any], dict[str, Any]], None]) -> None:
@@ -232,6 +238,7 @@ class Ranks:
         bound = self._bound
         control = bound.control
         if point is not None:
+            self._arrive(point, bound.position.step)
             _, stop_asked, _ = self._exchange(point, bound.position.step, work=False, stop_asked=control.stop_asked)
             if stop_asked and self.leads and not control.stop_asked:
                 control.ask_stop("a stop asked on another rank")
@@ -247,6 +254,24 @@ class Ranks:
             self._broadcast(("done", _picklable(result), bound.position.branch, control.status, control.message,
                              control.interrupt, control.ended))
         return result
+
+    def _arrive(self, point: int, step: int) -> None:
+        """Before a blocking meeting's collective: wait until every rank says it has come (see the
+        module's docstring), so that one that never does is named."""
+        if self._arrivals is None:
+            return
+        self._meetings += 1
+        where = f"{_POINTS[point]} after step {step}"
+
+        def late(missing: list[int], waited_s: float) -> None:
+            if self.report_wait is not None:
+                who = ", ".join(str(rank) for rank in missing)
+                self.report_wait(f"waited {waited_s:.0f} s at {where} for rank(s) {who}, which did not arrive (still "
+                                 "busy, stopped, or stuck)", missing)
+
+        self._arrivals.all_here(f"{self._meetings}", where, on_late=late)
+        if self.leads and self._meetings > 1:  # every rank is past the meeting before: its keys can go
+            self._arrivals.forget(f"{self._meetings - 1}")
 
     def follow(self) -> Any:
         """Follower: carry out what the leader tells until it says ``done``."""
@@ -266,7 +291,7 @@ class Ranks:
             elif kind == "restore_hparams":
                 trainables.restore_hparams(op[1])
             elif kind == "hand_in":
-                self.hand_in()
+                self.hand_in(*op[1:])
             elif kind == "epoch_end":
                 assert self._handed_in is not None
                 bound.position.end_epoch(self._handed_in[KEY_RNG])
@@ -291,15 +316,24 @@ class Ranks:
             self._dist.destroy_process_group(group)
 
     # -- snapshots: what differs between ranks -------------------------------------------------
-    def gather_for_snapshot(self) -> list[dict[str, Any] | None]:
-        """Leader, taking a snapshot: every follower's share (RNGs, loader generators, run.state)."""
-        self.tell("hand_in")
+    def ask_for_shares(self, folder: str | None = None) -> None:
+        """Leader, taking a snapshot: have every follower hand in its share (RNGs, loader generators,
+        run.state; see :meth:`gather_shares`); ``folder``: a sharded checkpoint's, into which every
+        follower writes its shard too (each copies its shard meanwhile, as the leader does its own)."""
+        self.tell("hand_in", folder)
+
+    def gather_shares(self) -> list[dict[str, Any] | None]:
+        """Leader: the shares the followers were asked for, by rank (None for the leader)."""
         shares: list[Any] = [None] * self.world_size
         self._dist.gather_object(None, shares, dst=0, group=self.group)
         return shares
 
-    def hand_in(self) -> None:
-        position = self._bound.position
+    def hand_in(self, folder: str | None = None) -> None:
+        bound = self._bound
+        if folder is not None:  # this rank's shard, written by its writer thread with the others'
+            self.shard_writer.submit(PendingCheckpoint(path=bound.run_dir / folder, meta={}, state={
+                "shards": bound.trainables.shards(), "rest": None}))
+        position = bound.position
         now = rng_state()
         share = {
             KEY_RNG: now,
@@ -313,7 +347,8 @@ class Ranks:
     def load(self, record: dict[str, Any]) -> None:
         """Follower: load the checkpoint the leader loaded, with this rank's own share."""
         bound = self._bound
-        state = read_verified(bound.run_dir / record["file"], record["sha256"])
+        # The leader checked every file; a shard is checked again by each rank that opens it.
+        state = bound.trainables.read(bound.run_dir, record, verify_shards=False)
         bound.load_training_state(for_rank(state, self.rank), record)
 
 

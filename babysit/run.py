@@ -27,13 +27,13 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from . import commands as cmd
-from . import journal_replay, optim, ranks as ranks_module
+from . import journal_replay, optim, parallelism, ranks as ranks_module
 from .checkpoint import PendingCheckpoint, remove_stale_temps
 from .command_runner import CommandRunner
 from .control import Interrupt, RunControl
 from .cuts import Cuts
 from .errors import RunLockedError, SettingsError  # noqa: F401 (RunLockedError, as before the error tree)
-from .excursion_runner import Excursions
+from .excursion_runner import NOT_SHARDED, Excursions
 from .guard import DivergenceGuard, GuardConfig
 from .hparam_watch import LOOP, HparamWatch
 from .journal_replay import ReplayQueue
@@ -41,6 +41,7 @@ from .position import ResumePosition
 from .remedy import DivergenceRemedy
 from .resume import Loader, Resume
 from .rundir import acquire_run_lock as _acquire_run_lock
+from .sharded_writer import ShardedCheckpointer
 from .signals import install_stop_handlers
 from .snapshots import Snapshots
 from .store import FINISHED, PER_EPOCH, PER_STEP, CommandSignal, RunStore
@@ -106,6 +107,11 @@ class Run:
             raise SettingsError(f"item_unit must be a short word such as 'samples' or 'tokens', got {item_unit!r}")
         journal = None if replay is None else journal_replay.load(replay)  # refused before anything is created
         optimizer = optimizer_or_loop_hparams(optimizer, lr, momentum)
+        # What babysit cannot checkpoint (FSDP1, tensor parallel, DeepSpeed) is refused on every rank
+        # alike, before any rank waits for the others: it would hang or be lost at the first checkpoint.
+        refused = parallelism.refusal(model, optimizer)
+        if refused is not None:
+            raise SettingsError(refused)
         self.run_dir = Path(run_dir)
         self.config = dict(config or {})
         json.dumps(self.config)  # fail now, not at the first checkpoint
@@ -124,6 +130,7 @@ class Run:
         follows = self._follows = ranks is not None and not ranks.leads
         if ranks is not None:  # every change of lr or momentum on the leader reaches the followers
             trainables.tell = ranks.tell
+            trainables.shard_group = ranks.group  # a sharded checkpoint loads on every rank together
         control, position = self.control, self.position = RunControl(), ResumePosition()
         self._queue = queue = LogQueue(keep=not follows)  # the training thread's share of storing a value
         self._guard = guard_ = DivergenceGuard(self.guard_config)
@@ -142,6 +149,8 @@ class Run:
         if ranks is not None:
             ranks.bind(control, position, trainables, self.run_dir, loader.load_training_state)
         if follows:  # rank 0 logs, checkpoints and answers commands for the whole job
+            if trainables.sharded:  # built where the leader builds its Snapshots' (a collective)
+                ranks.shard_writer = ShardedCheckpointer(_nothing_written, _nothing_written)
             self.log = _log_nothing  # type: ignore[method-assign]  # not even the .item() of a value rank 0 keeps
             self._meet(_nothing, ranks_module.START)
             atexit.register(self._at_exit)
@@ -156,6 +165,11 @@ class Run:
             self.run_dir, store, control, position, trainables, snapshots, loader, hparams, guard_, queue,
             flush_logged=lambda: self.writer.flush(), evaluate=evaluate, status_fields=self._status_fields,
             under_ranks=ranks is not None)
+        if trainables.sharded:
+            self._excursions.refuse(NOT_SHARDED)
+        if ranks is not None:  # a long wait for a rank at a meeting is said on the page
+            ranks.report_wait = lambda message, missing: store.add_event(
+                "ranks_waiting", message, branch=position.branch, step=position.step, data={"missing": missing})
         self._commands = CommandRunner(
             self.run_dir, store, self.signal, control, position, trainables, snapshots, hparams, guard_, self.remedy,
             replay_queue, self._excursions, ranks, wake_writer=lambda: self.writer.wake())
@@ -446,13 +460,22 @@ class Run:
 
     @property
     def checkpointer(self) -> Any:
-        return None if self._follows else self.snapshots.writer
+        """The checkpoint writer (``wait()`` for what it was given); on a follower rank, the writer of
+        its shards (a sharded model), else None."""
+        return self._ranks.shard_writer if self._follows else self.snapshots.writer
 
     # -- together with the other ranks (see babysit.ranks) ------------------------------------
     def _meet(self, body: Callable[[], Any], point: int | None = None) -> Any:
         """Run ``body`` here, or, under torch.distributed, on the leader while the followers
         carry out what it tells them (at ``point``, see babysit.ranks)."""
-        result = body() if self._ranks is None else self._ranks.meet(body, point)
+        writer = self.checkpointer  # a snapshot taken in the meeting is written once it is over
+        if writer is not None:
+            writer.hold()
+        try:
+            result = body() if self._ranks is None else self._ranks.meet(body, point)
+        finally:
+            if writer is not None:
+                writer.release()
         if self.control.ended and not self.control.closed:
             self.close()
         return result
@@ -485,6 +508,8 @@ class Run:
         if self._ranks is not None:
             self._ranks.leave()
         if self._follows:
+            if self._ranks.shard_writer is not None:  # its shards still being written, with the others'
+                self._ranks.shard_writer.close()
             self._release_signals()
             return
         self.snapshots.close()
@@ -551,6 +576,10 @@ def _log_nothing(**_metrics: Any) -> None:
 
 def _nothing() -> None:
     """A follower's share of a meeting's body: it carries out what the leader tells (babysit.ranks)."""
+
+
+def _nothing_written(_job: PendingCheckpoint) -> None:
+    """A follower's writer reports nothing: rank 0 lists its checkpoint, or says why it could not."""
 
 
 # Bound once: run.log runs every step, and module attribute lookups add up there.

@@ -109,7 +109,7 @@ def read_sharded(run_dir: Path | str, name: str, sha256: str | None, *, verify_s
                         pass
         metadata = load_metadata(folder)
         state = read_verified(folder_path / REST, manifest["files"][REST]["sha256"])
-    state[KEY_SHARDED] = {"folder": name, "world_size": manifest["world_size"],
+    state[KEY_SHARDED] = {"run_dir": str(run_dir), "folder": name, "world_size": manifest["world_size"],
                           "files": {file: dict(entry) for file, entry in manifest["files"].items()},
                           "model_shapes": model_shapes(metadata)}
     return state
@@ -153,8 +153,7 @@ def _read_manifest(folder: Folder, sha256: str | None) -> dict[str, Any]:
     return manifest
 
 
-def load_shards(run_dir: Path | str, sharded: dict[str, Any], model: torch.nn.Module, optimizer: Any, *,
-                group: Any = None) -> None:
+def load_shards(sharded: dict[str, Any], model: torch.nn.Module, optimizer: Any, *, group: Any = None) -> None:
     """Load a sharded checkpoint's model and optimizer state (``sharded``: what
     :func:`read_sharded` put under ``KEY_SHARDED``) into ``model`` and ``optimizer``, on every rank
     together (a collective, on ``group``, else the default group; none without torch.distributed).
@@ -168,7 +167,7 @@ def load_shards(run_dir: Path | str, sharded: dict[str, Any], model: torch.nn.Mo
         get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
     )
 
-    folder_path = path_in(run_dir, sharded["folder"])
+    folder_path = path_in(sharded["run_dir"], sharded["folder"])
     with_optimizer = isinstance(optimizer, torch.optim.Optimizer)
     if with_optimizer:
         model_state, optimizer_state = get_state_dict(model, optimizer)

@@ -81,7 +81,7 @@ def main() -> None:
     dist.broadcast_object_list(listed, src=0)
     state = read_sharded(run_dir, "a.dcp", listed[0], verify_shards=rank == 0)
     fresh, fresh_optimizer = build(1)
-    load_shards(run_dir, state[KEY_SHARDED], fresh, fresh_optimizer)
+    load_shards(state[KEY_SHARDED], fresh, fresh_optimizer)
     loaded = whole(fresh, fresh_optimizer)
     record["a"]["loaded_equal"] = sorted(loaded) == sorted(expected) and all(
         torch.equal(loaded[k], expected[k]) for k in expected)

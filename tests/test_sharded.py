@@ -81,7 +81,7 @@ def test_a_sharded_checkpoint_lists_a_hash_per_file_and_loads_back_exactly(tmp_p
     assert state["position"] == 7 and state[KEY_SHARDED]["world_size"] == 1
     assert state[KEY_SHARDED]["model_shapes"] == {"0.weight": (8, 4), "0.bias": (8,), "2.weight": (2, 8), "2.bias": (2,)}
     fresh, fresh_optimizer = _model(1)
-    load_shards(tmp_path, state[KEY_SHARDED], fresh, fresh_optimizer)
+    load_shards(state[KEY_SHARDED], fresh, fresh_optimizer)
     assert _same(fresh, model)
     assert fresh_optimizer.param_groups[0]["lr"] == 0.1 and fresh_optimizer.param_groups[0]["momentum"] == 0.9
     assert all(torch.equal(fresh_optimizer.state[p]["momentum_buffer"], optimizer.state[q]["momentum_buffer"])
@@ -107,7 +107,7 @@ def test_the_optimizer_state_comes_back_as_saved_whatever_the_fresh_optimizer_ho
     job = _write(tmp_path, model, optimizer)
     fresh = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.5, momentum=0.0)
-    load_shards(tmp_path, read_sharded(tmp_path, "c.dcp", job.result["sha256"])[KEY_SHARDED], fresh, fresh_optimizer)
+    load_shards(read_sharded(tmp_path, "c.dcp", job.result["sha256"])[KEY_SHARDED], fresh, fresh_optimizer)
     assert fresh_optimizer.param_groups[0]["momentum"] == 0.9 and len(fresh_optimizer.state) == 4
     step(model, optimizer)
     step(fresh, fresh_optimizer)
@@ -124,7 +124,7 @@ def test_a_checkpoint_before_the_first_step_changes_nothing_and_resumes_alike(tm
     assert not optimizer.state
     fresh = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=0.5)
-    load_shards(tmp_path, read_sharded(tmp_path, "c.dcp", job.result["sha256"])[KEY_SHARDED], fresh, fresh_optimizer)
+    load_shards(read_sharded(tmp_path, "c.dcp", job.result["sha256"])[KEY_SHARDED], fresh, fresh_optimizer)
     assert not fresh_optimizer.state and fresh_optimizer.param_groups[0]["lr"] == 0.01
     x = torch.randn(5, 4)
     for m, o in ((model, optimizer), (fresh, fresh_optimizer)):
@@ -165,7 +165,7 @@ def test_a_shard_altered_after_the_check_is_refused_before_it_is_decoded(tmp_pat
     fresh, fresh_optimizer = _model(1)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(CheckpointError, match=rf"^checkpoint file '{path}' does not match the hash recorded"):
-        load_shards(tmp_path, state[KEY_SHARDED], fresh, fresh_optimizer)
+        load_shards(state[KEY_SHARDED], fresh, fresh_optimizer)
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
 
 
@@ -237,7 +237,7 @@ def test_a_value_that_would_run_code_is_refused_unrun(tmp_path: Path):
     state = read_sharded(tmp_path, "c.dcp", job.result["sha256"])
     with pytest.raises(CheckpointError, match=r"checkpoint value '.*note' holds objects other than tensors and plain "
                                               "data, which could run code; it was not loaded"):
-        load_shards(tmp_path, state[KEY_SHARDED], fresh, fresh_optimizer)
+        load_shards(state[KEY_SHARDED], fresh, fresh_optimizer)
     assert not marker.exists()
 
 
@@ -259,7 +259,7 @@ def test_a_checkpoint_of_another_model_does_not_fit(tmp_path: Path):
     other = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     state = read_sharded(tmp_path, "c.dcp", job.result["sha256"])
     with pytest.raises(CheckpointError, match=rf"sharded checkpoint '{tmp_path / 'c.dcp'}' does not fit the model"):
-        load_shards(tmp_path, state[KEY_SHARDED], other, torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9))
+        load_shards(state[KEY_SHARDED], other, torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9))
 
 
 def test_a_non_finite_shard_is_never_written(tmp_path: Path):
@@ -311,7 +311,7 @@ def test_two_fsdp2_ranks_write_while_training_reload_refuse_together_and_name_a_
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.0)
     state = read_sharded(run_dir, "a.dcp", _sha(folder / MANIFEST))
-    load_shards(run_dir, state[KEY_SHARDED], model, optimizer)
+    load_shards(state[KEY_SHARDED], model, optimizer)
     expected = torch.load(record / "a-full.pt")
     assert all(torch.equal(p, expected[name]) for name, p in model.named_parameters())
     assert all(torch.equal(optimizer.state[p]["momentum_buffer"], expected[f"momentum:{name}"])
