@@ -14,6 +14,7 @@ import streamlit as st
 from streamlit import config
 
 from babysit.ui import instruments_panel, page
+from babysit.ui.clicks import counted_clicks
 from babysit.ui.live_chart import live_chart, live_chart_view, preload_plotly
 
 # Streamlit runs gc.collect(2) after every script run by default: 60 % of the server's CPU at a
@@ -53,15 +54,15 @@ with chart_column:
     curve()
 
 
-# Live: status, throughput, acknowledgements and alerts, refreshed every second, frozen chart or
-# not, so the fate of a click always shows.
+# Live: status, throughput and alerts (a divergence with its remedy), refreshed every second,
+# frozen chart or not.
 @st.fragment(run_every=refresh_every)
 def live_status() -> None:
     status = store.status()
-    page.header(store, status, runs)
-    page.show_flash()
-    page.last_command_fate(store)
-    page.divergence_alert(store, status)
+    divergence = page.open_divergence(store)
+    page.header(store, status, runs, message=divergence is None)  # the alert below says it
+    with counted_clicks("live"):
+        page.divergence_alert(store, status, divergence)
     page.other_alerts(store)
 
 
@@ -72,10 +73,19 @@ def nudges() -> None:
     page.toast_flash()
     status = store.status()
     page.trainer_hint(store, status)
-    page.lr_controls(store, status)
-    page.momentum_controls(store, status)
-    page.run_controls(store, status)
-    page.rollback_controls(store, status)
+    with counted_clicks("nudges"):
+        page.lr_controls(store, status)
+        page.momentum_controls(store, status)
+        page.run_controls(store, status)
+        page.rollback_controls(store, status)
+
+
+# The fate of the latest clicks (or why one was refused), refreshed every second so that it
+# always shows; below the buttons, so that it never moves one under a second quick click.
+@st.fragment(run_every=refresh_every)
+def fates() -> None:
+    page.show_flash()
+    page.last_command_fate(store)
 
 
 # Hints from the notes (a plateau, an lr too high, overfitting, a long momentum window), below the
@@ -83,22 +93,25 @@ def nudges() -> None:
 @st.fragment(run_every=slow_every)
 def hints() -> None:
     page.toast_flash()
-    page.hints_panel(store, store.status())
+    with counted_clicks("hints"):
+        page.hints_panel(store, store.status())
 
 
-with controls_column:
+with controls_column, st.container(key="cockpit_side"):
     live_status()
     if opening:
         st.rerun()
     with st.container(key="cockpit_controls"):
         nudges()
+    fates()
     hints()
 
 
 # Below the cockpit, folded until opened: probe the lr, sweep it, compare branches.
 @st.fragment(run_every=slow_every)
 def instruments() -> None:
-    instruments_panel.instruments(store, store.status())
+    with counted_clicks("instruments"):
+        instruments_panel.instruments(store, store.status())
 
 
 instruments()

@@ -1,6 +1,6 @@
 """What babysit does when a run diverges: pause it with the remedy one click away, or — when the
 guard may (``GuardConfig(auto_remedy_max=N)``) — apply the remedy itself: a rollback to the last
-healthy checkpoint with half the lr.
+healthy checkpoint with half of its lr (babysit/instruments/remedy_offer.py).
 
 A divergence can be reported twice, from two threads: by the guard reading the loss (the writer
 thread) and by a checkpoint that found NaN weights (the checkpoint thread). A branch gets one
@@ -16,6 +16,7 @@ from typing import Any
 from . import commands as cmd
 from .control import RunControl
 from .guard import Divergence, GuardConfig
+from .instruments.remedy_offer import read_offer
 from .position import ResumePosition
 from .snapshots import Snapshots
 from .store import RunStore
@@ -62,18 +63,19 @@ class DivergenceRemedy:
                 return
             self._answered_branch = branch
         healthy = self.snapshots.last_healthy(step)
-        lr = self.trainables.hparams()["lr"] or 0.0
-        data = {**(data or {}), "checkpoint": healthy["id"] if healthy else None, "suggested_lr": lr / 2}
+        offer = read_offer(store, healthy) if healthy else None  # half of its lr (instruments/remedy_offer.py)
+        data = {**(data or {}), "what": what, "checkpoint": healthy["id"] if healthy else None,
+                "suggested_lr": offer.lr if offer else None}
         limit = self.guard_config.auto_remedy_max
-        if healthy is not None and limit > self.used:
+        if offer is not None and limit > self.used:
             self.used += 1
-            message = (f"divergence: {what}; rolling back to checkpoint #{healthy['id']} with lr "
-                       f"{lr / 2:g} (automatic remedy {self.used} of {limit})")
+            message = (f"divergence: {what}; rolling back to checkpoint #{offer.checkpoint} with {offer.describe()} "
+                       f"(automatic remedy {self.used} of {limit})")
             store.add_event("divergence", message, branch=branch, step=step, data=data)
-            store.enqueue_command(cmd.ROLLBACK, {"checkpoint": healthy["id"], "hparams": cmd.HPARAMS_CURRENT,
-                                                     "lr": lr / 2, "branch": branch}, source="guard", require_live=False)
+            store.enqueue_command(cmd.ROLLBACK, {**offer.command_args(), "branch": branch}, source="guard",
+                                  require_live=False)
         else:
-            remedy = (f"; remedy: roll back to checkpoint #{healthy['id']} with lr {lr / 2:g}" if healthy
+            remedy = (f"; remedy: roll back to checkpoint #{offer.checkpoint} with {offer.describe()}" if offer
                       else "; no checkpoint to roll back to yet")
             store.add_event("divergence", f"divergence: {what}; run paused{remedy}", branch=branch, step=step, data=data)
             store.enqueue_command(cmd.PAUSE, {"reason": f"divergence: {what}", "branch": branch}, source="guard",

@@ -97,10 +97,19 @@ def test_with_a_token_the_page_shows_nothing_until_it_is_given(serve, tmp_path: 
             page.goto(f"http://127.0.0.1:{port}/?token=wrong", timeout=60_000)
             expect(page.get_by_text("That access token is not the one")).to_be_visible(timeout=60_000)
             assert page.locator('[data-testid="stMetric"]').count() == 0
-            page.goto(f"http://127.0.0.1:{port}/?token=open-sesame-4f9c2a71", timeout=60_000)
+            page.goto(f"http://127.0.0.1:{port}/?token=open-sesame-4f9c2a71&x=1#top", timeout=60_000)
             expect(page.locator('[data-testid="stMetric"]').first).to_be_visible(timeout=60_000)
+            entries = page.evaluate("history.length")
+            # Accepted, the token leaves the address bar, replaced in place: no history entry, no
+            # Referer keeps it; the rest of the address stays.
+            page.wait_for_function("() => !location.search.includes('token')", timeout=60_000)
+            assert page.url == f"http://127.0.0.1:{port}/?x=1#top"
+            # The session stays authorised: the page's reruns and a click still work.
             page.locator(".st-key-pause button").click()
             wait_for(lambda: store.commands(), what="the pause sent with the token")
+            page.locator('[data-testid="stAlert"]').filter(has_text="pause: pending").wait_for(timeout=60_000)
+            assert "token" not in page.url and page.evaluate("history.length") == entries
+            assert "open-sesame" not in page.evaluate("JSON.stringify(history.state)")
         finally:
             stop.set()
     assert [(c["kind"], c["source"]) for c in store.commands()] == [("pause", "dashboard")]

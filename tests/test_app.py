@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +17,8 @@ from streamlit.testing.v1 import AppTest
 from babysit import commands as cmd
 from babysit.checkpoint import write_atomic
 from babysit.store import RunStore
-from tests.conftest import REPO
+from babysit.ui.clicks import new_clicks
+from tests.conftest import REPO, wait_for
 
 
 def fake_trainer(run_dir: Path, *, state: str = "running", lr: float = 0.05, momentum: float | None = 0.9,
@@ -67,10 +70,10 @@ def test_lr_buttons_and_exact_value(app, tmp_path: Path) -> None:
     store = fake_trainer(tmp_path / "run")
     at = app()
     at.button(key="lr_double").click().run()
-    at.button(key="lr_half").click().run()
+    at.button(key="lr_half").click().run()  # halves the 0.1 just sent, not the 0.05 shown
     at.text_input(key="lr_exact").input("0.003").run()
     at.button(key="lr_set").click().run()
-    assert queued(store) == [(cmd.SET_LR, {"value": 0.1}, "dashboard"), (cmd.SET_LR, {"value": 0.025}, "dashboard"),
+    assert queued(store) == [(cmd.SET_LR, {"value": 0.1}, "dashboard"), (cmd.SET_LR, {"value": 0.05}, "dashboard"),
                              (cmd.SET_LR, {"value": 0.003}, "dashboard")]
     assert [t.value for t in at.toast][-1].startswith("Sent #3: set lr 0.003")
     assert any("#3 set lr 0.003: pending" in i.value for i in at.info)
@@ -133,8 +136,16 @@ def test_rollback_with_the_chosen_hyperparameters(app, tmp_path: Path) -> None:
     at = app()
     target = at.selectbox(key="rollback_target")
     assert target.options[0].startswith("#2 · epoch 2 · step 90")
+    assert target.options[0] == "#2 · epoch 2 · step 90 · branch 1 · lr 0.1 val_loss 0.5"  # each with its lr
     target.select(1).run()
-    at.radio(key="rollback_hparams").set_value(cmd.HPARAMS_CURRENT).run()
+    hparams = at.radio(key="rollback_hparams")
+    assert hparams.options == ["checkpoint's", "current"]
+    assert list(hparams.proto.captions) == ["lr 0.1, β 0.9", "lr 0.05, β 0.9"]
+    hparams.set_value(cmd.HPARAMS_CURRENT).run()
+    store.write_status(lr=0.07)  # the numbers change (in captions: a changed label resets the choice)
+    at.run()
+    assert at.radio(key="rollback_hparams").value == cmd.HPARAMS_CURRENT
+    assert list(at.radio(key="rollback_hparams").proto.captions) == ["lr 0.1, β 0.9", "lr 0.07, β 0.9"]
     at.button(key="rollback").click().run()
     assert queued(store) == [(cmd.ROLLBACK, {"checkpoint": 1, "hparams": "current"}, "dashboard")]
 
@@ -165,6 +176,28 @@ def test_commands_to_a_run_that_is_not_running_show_why(app, tmp_path: Path) -> 
     assert any("is not running" in e.value for e in at.error)
 
 
+def test_a_stopped_trainer_is_named_with_what_to_do(app, tmp_path: Path) -> None:
+    """A trainer stopped by SIGSTOP (or Ctrl-Z) still holds the run's lock: starting the script
+    again would be refused, so the page and a refused command say to SIGCONT or kill it."""
+    stopped = subprocess.Popen(["sleep", "120"])
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        wait_for(lambda: Path(f"/proc/{stopped.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
+                 what="the process stopped")
+        store = fake_trainer(tmp_path / "run", alive=False)
+        store.write_status(pid=stopped.pid)  # its heartbeat stopped with it
+        advice = f"the trainer pid {stopped.pid} is stopped; SIGCONT it (`kill -CONT {stopped.pid}`"
+        at = app()
+        assert any(advice in w.value for w in at.warning), [w.value for w in at.warning]
+        at.button(key="pause").click().run()
+        assert queued(store) == []
+        refused = [e.value for e in at.error if "Not sent" in e.value]
+        assert len(refused) == 1 and advice in refused[0] and "again" not in refused[0], refused
+    finally:
+        stopped.kill()
+        stopped.wait(timeout=30)
+
+
 def test_history_shows_each_command_fate(app, tmp_path: Path) -> None:
     store = fake_trainer(tmp_path / "run")
     first = store.enqueue_command(cmd.SET_LR, {"value": 0.2}, source="cli")
@@ -176,14 +209,23 @@ def test_history_shows_each_command_fate(app, tmp_path: Path) -> None:
     assert history["fate"].tolist() == ["rejected: Adagrad has no momentum to set", "applied at step 130 (after 0.2)"]
 
 
-def test_a_divergence_offers_the_one_click_remedy(app, tmp_path: Path) -> None:
+def test_a_divergence_offers_half_the_checkpoints_lr_and_follows_a_nudge(app, tmp_path: Path) -> None:
+    """Checkpoint #2 was taken at lr 0.1; the run diverged at 0.4: the remedy is 0.05, not 0.2;
+    a lower lr set while paused is halved instead, and the button says both numbers."""
     store = fake_trainer(tmp_path / "run", state="paused", lr=0.4)
-    store.add_event("divergence", "divergence: loss became nan at step 118; run paused", branch=1, step=118,
-                    data={"checkpoint": 2, "suggested_lr": 0.2})
+    store.add_event("divergence", "divergence: loss became nan at step 118; run paused; remedy: roll back to "
+                    "checkpoint #2 with lr 0.2", branch=1, step=118,
+                    data={"what": "loss became nan at step 118", "checkpoint": 2, "suggested_lr": 0.2})
     at = app()
-    assert any("Divergence" in e.value and "loss became nan" in e.value for e in at.error)
+    assert [e.value for e in at.error if "Divergence" in e.value] == [
+        "**Divergence:** loss became nan at step 118; the run is paused."]
+    assert at.button(key="remedy").label == "Roll back to #2 with lr 0.05 (½ × 0.1, its lr)"
+    nudge = store.enqueue_command(cmd.SET_LR, {"value": 0.04}, source="cli")
+    store.finish_command(nudge, cmd.APPLIED, branch=1, step=118, result={"before": 0.4, "after": 0.04})
+    at.run()
+    assert at.button(key="remedy").label == "Roll back to #2 with lr 0.02 (½ × 0.04 set since; its lr 0.1)"
     at.button(key="remedy").click().run()
-    assert queued(store) == [(cmd.ROLLBACK, {"checkpoint": 2, "hparams": "current", "lr": 0.2}, "dashboard")]
+    assert queued(store)[1:] == [(cmd.ROLLBACK, {"checkpoint": 2, "hparams": "current", "lr": 0.02}, "dashboard")]
 
 
 def test_several_runs_are_offered_to_pick(app, tmp_path: Path) -> None:
@@ -209,17 +251,41 @@ def test_a_token_hides_everything_until_given(app, tmp_path: Path, monkeypatch: 
     assert queued(store) == [(cmd.PAUSE, {}, "dashboard")]
 
 
-def test_a_click_delivered_twice_sends_one_command(app, tmp_path: Path) -> None:
-    store = fake_trainer(tmp_path / "run")
+def test_every_click_counts_and_builds_on_the_one_before(app, tmp_path: Path) -> None:
+    """× 2 twice is × 4 however fast: the second click doubles the first's command, pending or
+    applied before the trainer wrote its status; once the status has the lr, that is the base."""
+    store = fake_trainer(tmp_path / "run")  # lr 0.05
     at = app()
     at.button(key="lr_double").click().run()
-    at.button(key="lr_double").click().run()  # the same button, the same command, at once
-    at.text_input(key="lr_exact").input("0.01").run()
-    at.button(key="lr_set").click().run()
-    at.text_input(key="lr_exact").input("0.02").run()
-    at.button(key="lr_set").click().run()  # the same button, another value: a new command
-    assert queued(store) == [(cmd.SET_LR, {"value": 0.1}, "dashboard"), (cmd.SET_LR, {"value": 0.01}, "dashboard"),
-                             (cmd.SET_LR, {"value": 0.02}, "dashboard")]
+    at.button(key="lr_double").click().run()
+    assert queued(store) == [(cmd.SET_LR, {"value": 0.1}, "dashboard"), (cmd.SET_LR, {"value": 0.2}, "dashboard")]
+    store.finish_command(1, cmd.APPLIED, branch=1, step=121, result={"before": 0.05, "after": 0.1})
+    store.finish_command(2, cmd.APPLIED, branch=1, step=121, result={"before": 0.1, "after": 0.2})
+    at.button(key="lr_double").click().run()  # applied, the status not written since: 0.2 × 2
+    store.finish_command(3, cmd.APPLIED, branch=1, step=122, result={"before": 0.2, "after": 0.4})
+    store.write_status(lr=0.3, heartbeat=time.time() + 1)  # a scheduler moved it after, as the status says
+    at.button(key="lr_half").click().run()
+    assert [c["args"]["value"] for c in store.commands()] == [0.1, 0.2, 0.4, 0.15]
+    # Both clicks of the burst are acknowledged on the page, each with its command's fate.
+    fates = [a.value for a in at.info]
+    assert any("#3 set lr 0.4: applied at step 122" in f and "#4 set lr 0.15: pending" in f for f in fates), fates
+    assert [t.value for t in at.toast] == ["Sent #4: set lr 0.15"]
+
+
+def test_a_click_delivered_twice_is_carried_out_once_and_folded_clicks_each() -> None:
+    """The browser numbers each click: a report delivered again sends nothing more; two clicks
+    reported in one rerun are both sent, in order; a new page load counts on its own."""
+    done: dict[str, int] = {}
+    assert new_clicks({"page": "p1", "clicks": [["lr_double", 1]]}, done) == ["lr_double"]
+    assert new_clicks({"page": "p1", "clicks": [["lr_double", 1]]}, done) == []  # the same click again
+    assert new_clicks({"page": "p1", "clicks": [["lr_double", 1], ["lr_double", 2], ["pause", 3]]}, done) == [
+        "lr_double", "pause"]
+    assert new_clicks({"page": "p2", "clicks": [["stop", 1]]}, done) == ["stop"]
+    assert done == {"p1": 3, "p2": 1}
+    for bad in (None, "x", {"page": 1, "clicks": []}, {"page": "p3", "clicks": "x"},
+                {"page": "p3", "clicks": [["k"], [1, 2], ["k", "2"], ["k", True]]}):
+        assert new_clicks(bad, done) == []
+    assert done == {"p1": 3, "p2": 1}
 
 
 def test_the_lr_slider_follows_the_trainer_until_moved(app, tmp_path: Path) -> None:

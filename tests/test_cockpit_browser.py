@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
 
 from babysit import commands as cmd
 from babysit.store import CHUNK_POINTS, PER_EPOCH, PER_STEP, RunStore
-from tests.conftest import CHROMIUM, CHROMIUM_ARGS, REPO, wait_healthy
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, REPO, dashboard_of, wait_healthy
 
 PLOT = ".babysit-live-chart .js-plotly-plot"
 WAIT_S = 60.0
@@ -183,11 +183,12 @@ def test_the_curve_and_its_controls_fit_one_screen(dashboard: str, browser: Any,
     try:
         viewport = {"width": width, "height": height}
         boxes = {name: _inside(page, selector, viewport) for name, selector in COCKPIT.items()}
-        # The fate of a command shows in the same column, also in sight: click × ½ and look.
+        # The fate of a command shows in the same column, also in sight: click × ½ and look (it
+        # halves the lr the run will have: 0.05 shown, or the other size's pending 0.025).
         page.locator(".st-key-lr_half button").click()
-        fate = page.locator('[data-testid="stAlert"]').filter(has_text=re.compile(r"#\d+ set lr 0\.025: pending"))
+        fate = page.locator('[data-testid="stAlert"]').filter(has_text=re.compile(r"#\d+ set lr 0\.0(25|125): pending"))
         fate.first.wait_for()
-        _inside(page, '[data-testid="stAlert"] >> text=/set lr 0.025: pending/', viewport)
+        _inside(page, '[data-testid="stAlert"] >> text=/set lr 0.0(25|125): pending/', viewport)
         # The chart takes most of the width, and the height of the window.
         assert boxes["chart"]["width"] > 0.55 * width
         assert boxes["chart"]["height"] > 0.75 * height
@@ -275,3 +276,102 @@ def test_a_second_visit_does_not_fetch_plotly_again(dashboard: str, browser: Any
         assert len(fetched) == 1, fetched  # the second visit drew from the cached copy
     finally:
         context.close()
+
+
+# -- the worst state: after a rollback, a divergence and a hint at once ------------------------------
+DIVERGED = "loss jumped to 8.82 at step 698: its 10-step average 1.771 rose far above its 100-step average 0.3905"
+WORST = {
+    **{name: selector for name, selector in COCKPIT.items() if name != "pause"},
+    "resume": ".st-key-resume button",
+    "checkpoint": ".st-key-checkpoint button",
+    "stop": ".st-key-stop button",
+    "exact β": ".st-key-momentum_exact input",
+    "rollback hyperparameters": ".st-key-rollback_hparams",
+    "remedy": ".st-key-remedy button",
+    "divergence": '[data-testid="stAlert"]:has-text("Divergence")',
+    "fates": '[data-testid="stAlert"]:has-text("set lr"):has-text(": pending")',
+}
+
+
+def build_worst_run(run_dir: Path) -> None:
+    """The cockpit's run (two branches: a rollback), paused by a divergence on branch 2, with a
+    momentum window longer than an epoch (a hint)."""
+    store = build_run(run_dir)
+    store.add_event("divergence", f"divergence: {DIVERGED}; run paused; remedy: roll back to checkpoint #5 with "
+                    "lr 0.025", branch=2, step=698, data={"what": DIVERGED, "checkpoint": 5, "suggested_lr": 0.025})
+    store.write_status(state="paused", momentum=0.995, message=f"paused at step 699: divergence: {DIVERGED}")
+    store.close()
+
+
+def _heartbeat(run_dir: Path, stop: threading.Event) -> None:
+    store = RunStore(run_dir)
+    while not stop.wait(0.5):
+        store.write_status(heartbeat=time.time())
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def worst_dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("worst")
+    build_worst_run(root / "run")
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(root / "run", stop), daemon=True)
+    beat.start()
+    try:
+        with dashboard_of(root / "run", root) as url:
+            yield url
+    finally:
+        stop.set()
+        beat.join(timeout=10)
+
+
+def _overlap(a: dict[str, float], b: dict[str, float]) -> bool:
+    return a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"] and \
+        a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"]
+
+
+@pytest.mark.parametrize("sidebar", ["closed", "open"])
+def test_the_worst_state_fits_1366x768_with_the_sidebar_closed_or_open(worst_dashboard: str, browser: Any,
+                                                                        sidebar: str, tmp_path: Path) -> None:
+    viewport = {"width": 1366, "height": 768}
+    page = browser.new_page(viewport=viewport)
+    page.set_default_timeout(WAIT_S * 1000)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto(worst_dashboard)
+        page.locator(".st-key-remedy button").wait_for()
+        page.locator('[data-testid="stVerticalBlock"][class*="st-key-hint-momentum_window"]').wait_for()
+        page.locator(".st-key-babysit_clicks_nudges [data-testid]").first.wait_for(state="attached")
+        if sidebar == "open":
+            page.locator('[data-testid="stExpandSidebarButton"]').click()
+            page.wait_for_function("() => { const r = document.querySelector('[data-testid=stSidebar]')"
+                                   ".getBoundingClientRect(); return r.x >= 0 && r.width > 200; }")
+            page.locator(".st-key-lr_double button").wait_for()
+        page.locator(".st-key-lr_double button").click()
+        page.locator(".st-key-lr_double button").click()
+        toast = page.locator('[data-testid="stToast"]').first
+        toast.wait_for()
+        # Both clicks acknowledged, in one box (the earlier test's two are pending still: these double them).
+        expect(page.locator(WORST["fates"])).to_have_text(
+            re.compile(r"#\d+ set lr [\d.]+: pending\s*#\d+ set lr [\d.]+: pending"), timeout=WAIT_S * 1000)
+        page.wait_for_function("(sel) => { const gd = document.querySelector(sel); return gd && gd._fullLayout"
+                               " && gd.data && gd.data.length > 10; }", arg=PLOT)
+        # Everything a person needs in that state, in sight without scrolling.
+        boxes = {name: _inside(page, selector, viewport) for name, selector in WORST.items()}
+        assert page.evaluate("() => document.scrollingElement.scrollTop") == 0
+        assert "#5" in page.locator(WORST["remedy"]).inner_text()
+        # No label cut short ("momen…", "Checkp…").
+        cut = page.evaluate("""() => Array.from(document.querySelectorAll('.st-key-cockpit_side .stMarkdownEllipsis'))
+            .filter((e) => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1).map((e) => e.textContent)""")
+        assert cut == []
+        # The toasts cover neither the numbers nor the controls.
+        toasts = [t.bounding_box() for t in page.locator('[data-testid="stToast"]').all() if t.is_visible()]
+        metrics = [m.bounding_box() for m in page.locator('[data-testid="stMetric"]').all()]
+        side = page.locator(".st-key-cockpit_side").bounding_box()
+        assert toasts and not any(_overlap(t, m) for t in toasts for m in metrics + [side])
+        assert boxes["chart"]["width"] > 0.45 * viewport["width"]
+        page.screenshot(path=str((SHOTS or tmp_path) / f"cockpit-worst-sidebar-{sidebar}-1366x768.png"))
+        assert errors == []
+    finally:
+        page.close()

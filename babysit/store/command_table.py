@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from .. import commands as cmd
-from .liveness import disk_full, process_gone
+from .liveness import disk_full, process_gone, process_stopped, stopped_message
 from .rows import COMMAND_COLUMNS, command_row, json_or_text, newest_filter
 from .schema import FINISHED, LIVE_STATES, NEW, NOT_RESPONDING, now
 from .signal import CommandSignal
@@ -119,6 +119,8 @@ class CommandTable:
 
     def _not_running_message(self, status: dict[str, Any]) -> str:
         state = status.get("effective_state", NEW)
+        if status.get("state") in LIVE_STATES and process_stopped(status):
+            return f"run {str(self.run_dir)!r} is not running: {stopped_message(status)}"
         if state == NEW:
             detail = "no trainer has started in it yet"
         elif status.get("state") in LIVE_STATES and process_gone(status):

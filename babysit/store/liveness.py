@@ -25,6 +25,26 @@ def process_gone(status: dict[str, Any]) -> bool:
     return False
 
 
+def process_stopped(status: dict[str, Any]) -> bool:
+    """True when the status names a process on this host that is stopped (SIGSTOP, Ctrl-Z): it
+    exists, so no new trainer may take the run (its lock holds), but it answers nothing."""
+    if status.get("host") != socket.gethostname() or not status.get("pid"):
+        return False
+    try:
+        stat = Path(f"/proc/{int(status['pid'])}/stat").read_text()
+    except (OSError, ValueError):
+        return False
+    fields = stat.rsplit(")", 1)[-1].split()  # the name before ")" may hold spaces
+    return bool(fields) and fields[0] == "T"
+
+
+def stopped_message(status: dict[str, Any]) -> str:
+    """What to do about a stopped trainer (see :func:`process_stopped`); starting another is no
+    answer, the run's lock would refuse it."""
+    pid = status.get("pid")
+    return f"the trainer pid {pid} is stopped; SIGCONT it (`kill -CONT {pid}`, or `fg` in its shell) or kill it"
+
+
 def trainer_alive(status: dict[str, Any]) -> bool:
     """True when the status row says running/paused and its heartbeat is fresh (and, on this
     host, the process still exists)."""

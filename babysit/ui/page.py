@@ -15,6 +15,7 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,10 +26,12 @@ import streamlit as st
 from .. import commands as cmd
 from ..instruments.compare import excursion_side_branches
 from ..instruments.hints import read_hints
+from ..instruments.remedy_offer import read_offer
 from ..errors import SettingsError
 from ..instruments import journal
 from ..serving import TOKEN_ENV
-from ..store import DB_NAME, NEW, RunStore, StoreError, list_runs
+from ..store import DB_NAME, LIVE_STATES, NEW, RunStore, StoreError, list_runs
+from ..store.liveness import process_stopped, stopped_message
 from .clicks import command_button, fate, last_command_fate, short_number, show_flash, toast_flash  # noqa: F401 (app.py calls them here)
 from .data import epoch_lines, epochs_to_steps, read_view, throughput
 from .live_chart import forget_sent
@@ -49,6 +52,7 @@ STATE_BADGES = {
 CHECKPOINTS_SHOWN = 100
 COMMANDS_SHOWN = 200
 ALERT_EVENTS = 50
+PLANNED_LR_READ = 20  # the newest `set lr` commands read for the lr a click on × 2 builds on
 _NICE = (1, 2, 3, 5)  # a log scale with round numbers: 1, 2, 3, 5, 10, 20, ...
 # lr on a log scale from 1e-6 to 1000 (the trainer takes any finite lr > 0; the exact value reaches
 # the rest), plus the trainer's own lr, so the slider's label is the real lr.
@@ -77,8 +81,16 @@ COMPACT_CSS = """<style>
 [data-testid="stMetricLabel"] p { font-size: 0.8rem; }
 .st-key-cockpit_controls [data-testid="stWidgetLabel"] p { font-size: 0.85rem; }
 .st-key-cockpit_controls hr { margin: 0.15rem 0; }
-.st-key-babysit_plotly_preload { display: none; }
+.st-key-babysit_plotly_preload, .st-key-babysit_forget_token, [class*="st-key-babysit_clicks_"] { display: none; }
 [class*="st-key-hint-"][data-testid="stVerticalBlock"] { padding: 0.4rem 0.6rem; gap: 0.3rem; }
+.st-key-cockpit_side { container-type: inline-size; }
+.st-key-cockpit_side [data-testid="stAlertContainer"] { padding: 0.4rem 0.7rem; }
+.st-key-cockpit_side [data-testid="stAlertContainer"] p { font-size: 0.9rem; }
+.st-key-cockpit_side [data-testid^="stBaseButton"] { padding-left: 0.5rem; padding-right: 0.5rem; }
+@container (max-width: 440px) {
+  .st-key-cockpit_controls [data-testid^="stBaseButton"] span:has(> [data-testid="stIconMaterial"]) { display: none; }
+}
+[data-testid="stToastContainer"] { top: auto; right: auto; bottom: 0.5rem; left: 0.5rem; }
 </style>"""
 
 
@@ -87,24 +99,58 @@ def compact_style() -> None:
 
 
 # -- access ---------------------------------------------------------------------------------------
+# Once accepted, the token leaves the address bar by history.replaceState, which leaves no history
+# entry, bookmark or Referer header holding it; the session stays authorised in its session state.
+# Only then is it taken out of Streamlit's query parameters: done first, Streamlit would push a new
+# history entry and leave the one with the token behind it. A reload is a new session and asks for
+# the token again (typed in the page, never put in the address).
+_FORGET_TOKEN_JS = """
+export default function (component) {
+  const url = new URL(window.location.href);
+  if (url.searchParams.has("token")) {
+    url.searchParams.delete("token");
+    window.history.replaceState(window.history.state, "", url.pathname + url.search + url.hash);
+  }
+  component.setStateValue("gone", true);
+}
+"""
+_forget_token = st.components.v2.component("babysit.forget_token", js=_FORGET_TOKEN_JS, isolate_styles=False)
+FORGET_TOKEN_KEY = "babysit_forget_token"
+
+
 def access_granted() -> bool:
     """With BABYSIT_TOKEN set (required off localhost), nothing of the run shows without it."""
     expected = os.environ.get(TOKEN_ENV)
     if not expected:
         return True
-    if st.session_state.get("_token_ok"):
-        return True
-    given = st.query_params.get("token") or st.session_state.get("_token_input", "")
-    if given and hmac.compare_digest(str(given).encode(), expected.encode()):
+    if not st.session_state.get("_token_ok"):
+        given = st.query_params.get("token") or st.session_state.get("_token_input", "")
+        if not (given and hmac.compare_digest(str(given).encode(), expected.encode())):
+            st.title("babysit")
+            st.text_input("Access token", type="password", key="_token_input")
+            if given:
+                st.error("That access token is not the one this dashboard was started with.")
+            else:
+                st.info("This dashboard needs the access token it was started with.")
+            return False
         st.session_state["_token_ok"] = True
-        return True
-    st.title("babysit")
-    st.text_input("Access token", type="password", key="_token_input")
-    if given:
-        st.error("That access token is not the one this dashboard was started with.")
-    else:
-        st.info("This dashboard needs the access token it was started with.")
-    return False
+    forget_token_in_url()
+    return True
+
+
+def forget_token_in_url() -> None:
+    """Take an accepted token out of the address bar, then out of the query parameters."""
+    if "token" not in st.query_params:
+        return
+    gone = st.session_state.get(FORGET_TOKEN_KEY)
+    if isinstance(gone, Mapping) and gone.get("gone"):
+        del st.query_params["token"]  # the address bar has none now: Streamlit adds no history entry
+        return
+    _forget_token(key=FORGET_TOKEN_KEY, data={}, on_gone_change=_nothing)
+
+
+def _nothing() -> None:
+    """Streamlit reports a component's state only to a callback; the next run reads it."""
 
 
 # -- run picker -----------------------------------------------------------------------------------
@@ -196,21 +242,22 @@ def chart_options(store: RunStore) -> tuple[ChartOptions, bool, float]:
 
 
 # -- the live part -----------------------------------------------------------------------------
-def header(store: RunStore, status: dict[str, Any], runs: int = 1) -> None:
-    """The run's name and state, its numbers, epoch progress and throughput, in little height."""
+def header(store: RunStore, status: dict[str, Any], runs: int = 1, *, message: bool = True) -> None:
+    """The run's name and state, its numbers, epoch progress and throughput, in little height
+    (``message``: False leaves out the trainer's status message, when an alert says it already)."""
     colour, icon, label = STATE_BADGES.get(status.get("effective_state", NEW),
                                            ("gray", ":material/help:", status.get("effective_state")))
     picker = f" · {runs} runs: pick another in the sidebar (›)" if runs > 1 else ""
     st.markdown(f"{code_span(store.run_dir.name)} :{colour}-badge[{icon} {label}]{picker}")
-    if status.get("message"):
+    if message and status.get("message"):
         st.caption(plain(status["message"]))
     cols = st.columns(4)
     cols[0].metric("epoch", f"{status.get('epoch') or 0} / {status.get('max_epochs') or '?'}")
     cols[1].metric("step", f"{status.get('step') or 0:,}")
     cols[2].metric("lr", f"{status['lr']:.4g}" if status.get("lr") is not None else "–")
     momentum = status.get("momentum")
-    cols[3].metric("momentum", f"{momentum:.4g}" if momentum is not None else "–",
-                   help=f"averages over ~{1 / (1 - momentum):.0f} steps" if momentum is not None and momentum < 1 else None)
+    # No help icon: beside it the label would not fit a narrow column (its window is on the β slider).
+    cols[3].metric("momentum", f"{momentum:.4g}" if momentum is not None else "–")
     per_epoch, done = status.get("steps_per_epoch"), status.get("step_in_epoch") or 0
     facts = [f"branch {status.get('branch') or '–'}"]
     if status.get("effective_state") == "running":
@@ -233,8 +280,8 @@ def throughput_text(store: RunStore, status: dict[str, Any]) -> str:
     return text
 
 
-def divergence_alert(store: RunStore, status: dict[str, Any]) -> None:
-    """The latest divergence, unless a rollback or a resume has answered it, with its remedy."""
+def open_divergence(store: RunStore) -> dict[str, Any] | None:
+    """The latest divergence event, unless a rollback or a resume has answered it."""
     events = store.events(kinds=("divergence", "rollback", "resume"), limit=ALERT_EVENTS)
     open_alert = None
     for event in events:
@@ -246,15 +293,26 @@ def divergence_alert(store: RunStore, status: dict[str, Any]) -> None:
     if open_alert is not None and any(c["kind"] == cmd.RESUME and c["state"] == cmd.APPLIED
                                       and (c["done_at"] or 0) > open_alert["wall"] for c in commands):
         open_alert = None
+    return open_alert
+
+
+def divergence_alert(store: RunStore, status: dict[str, Any], open_alert: dict[str, Any] | None) -> None:
+    """The open divergence (:func:`open_divergence`), with its remedy one click away."""
     if open_alert is None:
         return
-    st.error(f"**Divergence.** {plain(open_alert['message'])}", icon=":material/warning:")
     data = open_alert["data"]
-    if data.get("checkpoint") and status.get("alive"):
-        lr = data.get("suggested_lr")
-        command_button(st, f"Roll back to checkpoint #{data['checkpoint']} with lr {lr:.4g}", "remedy", store,
-                       cmd.ROLLBACK, {"checkpoint": data["checkpoint"], "hparams": cmd.HPARAMS_CURRENT, "lr": lr},
-                       type="primary")
+    # The remedy is offered as it stands now (a nudge since changes it), so the trainer's message
+    # is shown without the remedy it named then.
+    what = data.get("what") if isinstance(data.get("what"), str) else None
+    paused = "; the run is paused" if status.get("effective_state") == "paused" else ""
+    st.error(f"**Divergence:** {plain(what)}{paused}." if what else f"**Divergence.** {plain(open_alert['message'])}",
+             icon=":material/warning:")
+    checkpoint = data.get("checkpoint")
+    offer = read_offer(store, checkpoint) if isinstance(checkpoint, int) and not isinstance(checkpoint, bool) else None
+    if offer is not None and status.get("alive"):
+        # The label says both numbers, and the click sends what the label says.
+        command_button(st, f"Roll back to #{offer.checkpoint} with {offer.describe()}", "remedy", store,
+                       cmd.ROLLBACK, offer.command_args(), type="primary", icon=":material/undo:", width="stretch")
 
 
 def other_alerts(store: RunStore) -> None:
@@ -313,6 +371,10 @@ def trainer_hint(store: RunStore, status: dict[str, Any]) -> None:
     if status.get("alive"):
         return
     state = status.get("effective_state", NEW)
+    if status.get("state") in LIVE_STATES and process_stopped(status):
+        st.warning(f"No trainer is answering: {plain(stopped_message(status))}. Commands are refused until it runs.",
+                   icon=":material/pause_circle:")
+        return
     st.info(f"No trainer is running this run ({state}), so commands are refused until one is. Resume it with "
             f"{code_span(f'python -m babysit train --run-dir {store.run_dir}')} (the demo), or by running your script again.",
             icon=":material/info:")
@@ -321,21 +383,50 @@ def trainer_hint(store: RunStore, status: dict[str, Any]) -> None:
 def lr_controls(store: RunStore, status: dict[str, Any]) -> None:
     lr = status.get("lr")
     cols = st.columns([1, 1, 2.2, 1], vertical_alignment="bottom")
-    # Halve or double the lr the page shows (refreshed every few seconds), so a click means what
-    # the person saw, and a click delivered twice sends the same command twice (dropped above).
-    command_button(cols[0], "× ½", "lr_half", store, cmd.SET_LR, {"value": lr / 2} if lr else None,
+    # Halve or double the lr the run will have, read at the click: × 2 then × 2 is × 4 however
+    # fast, the second click building on the first's command even before the trainer applied it.
+    command_button(cols[0], "× ½", "lr_half", store, cmd.SET_LR, lambda: {"value": _times(planned_lr(store), 0.5)},
                    disabled=lr is None, width="stretch")
-    command_button(cols[1], "× 2", "lr_double", store, cmd.SET_LR, {"value": lr * 2} if lr else None,
+    command_button(cols[1], "× 2", "lr_double", store, cmd.SET_LR, lambda: {"value": _times(planned_lr(store), 2)},
                    disabled=lr is None, width="stretch")
-    exact = cols[2].text_input("Exact lr", key="lr_exact", placeholder="exact lr, e.g. 0.003",
-                               label_visibility="collapsed")
+    cols[2].text_input("Exact lr", key="lr_exact", placeholder="exact lr, e.g. 0.003", label_visibility="collapsed")
     choices = lr_choices(lr, st.session_state.get("lr_choice"))
     follow_trainer("lr_choice", choices, lr)
+    # Read at the click, from the session: a value typed and the click that commits it arrive together.
     command_button(cols[3], "Set lr", "lr_set", store, cmd.SET_LR,
-                   lambda: {"value": exact if exact.strip() else st.session_state["lr_choice"]},
+                   lambda: {"value": _typed("lr_exact") or st.session_state["lr_choice"]},
                    width="stretch", type="primary", help="Sends the exact value when one is typed, else the slider's.")
     st.select_slider("Learning rate" + (f" — now {lr:.4g}" if lr is not None else "") + " (log scale)",
                      options=choices, key="lr_choice", format_func=lambda v: f"{v:.4g}")
+
+
+def planned_lr(store: RunStore) -> float | None:
+    """The lr the run will have once its queue is applied: the newest `set lr` still pending, or
+    applied since the trainer last wrote its status (which it writes with its heartbeat); else
+    the lr of the status."""
+    status = store.status()
+    for row in reversed(store.commands(kinds=(cmd.SET_LR,), limit=PLANNED_LR_READ)):
+        if row["state"] == cmd.PENDING:
+            return (row["args"] or {}).get("value")
+        if row["state"] == cmd.APPLIED:
+            after = (row["result"] or {}).get("after") if isinstance(row["result"], dict) else None
+            done, beat = row["done_at"], status.get("heartbeat")
+            if isinstance(after, (int, float)) and isinstance(done, (int, float)) and isinstance(beat, (int, float)) \
+                    and done > beat:
+                return after
+            break
+    return status.get("lr")
+
+
+def _times(lr: Any, factor: float) -> Any:
+    """``lr × factor``, or ``lr`` itself when it is not a number (validation then names it)."""
+    return lr * factor if isinstance(lr, (int, float)) and not isinstance(lr, bool) else lr
+
+
+def _typed(key: str) -> str:
+    """What is typed in the text input ``key`` now ("" for nothing but spaces)."""
+    text = st.session_state.get(key)
+    return text if isinstance(text, str) and text.strip() else ""
 
 
 def lr_choices(lr: float | None, chosen: Any = None) -> list[float]:
@@ -356,9 +447,9 @@ def momentum_controls(store: RunStore, status: dict[str, Any]) -> None:
         format_func=lambda v: f"β {1 - v:.4g} · window ≈ {1 / v:.0f} steps",
     )
     cols = st.columns([3.2, 1], vertical_alignment="bottom")
-    exact = cols[0].text_input("Exact momentum", key="momentum_exact", placeholder="exact β, e.g. 0.95 (empty: the slider's)",
-                               label_visibility="collapsed")
-    chosen = lambda: exact if exact.strip() else round(1 - st.session_state["one_minus_beta"], 12)  # noqa: E731
+    cols[0].text_input("Exact momentum", key="momentum_exact", placeholder="exact β, e.g. 0.95 (empty: the slider's)",
+                       label_visibility="collapsed")
+    chosen = lambda: _typed("momentum_exact") or round(1 - st.session_state["one_minus_beta"], 12)  # noqa: E731
     command_button(cols[1], "Set β", "momentum_set", store, cmd.SET_MOMENTUM, lambda: {"value": chosen()},
                    width="stretch", type="primary")
 
@@ -455,28 +546,30 @@ def rollback_controls(store: RunStore, status: dict[str, Any]) -> None:
     if chosen_id not in ids or chosen_id == st.session_state.get("rollback_default"):
         st.session_state["rollback_target"] = ids[0]
     st.session_state["rollback_default"] = ids[0]
-    cols = st.columns([3.2, 1], vertical_alignment="bottom")
-    target = cols[0].selectbox("Roll back to", ids, key="rollback_target", format_func=lambda i: _checkpoint_label(by_id[i]))
+    # The select's label is left out on screen (its options say what they are, the button beside
+    # it what it does), so that the whole cockpit fits a laptop screen.
+    cols = st.columns([2.6, 1], vertical_alignment="bottom")
+    target = cols[0].selectbox("Roll back to", ids, key="rollback_target", label_visibility="collapsed",
+                               format_func=lambda i: _checkpoint_label(by_id[i]))
     chosen = by_id[target]
-    lr_now, momentum_now = status.get("lr"), status.get("momentum")
     command_button(cols[1], "Roll back", "rollback", store, cmd.ROLLBACK,
                    lambda: {"checkpoint": target, "hparams": st.session_state.get("rollback_hparams", cmd.HPARAMS_CHECKPOINT)},
                    icon=":material/undo:", type="primary", width="stretch")
-    # Fixed labels, the numbers beside them: labels that change with the chosen checkpoint make a
-    # new widget for Streamlit, which then forgets the choice.
+    # Fixed labels, the numbers in captions under them: the browser resets a radio whose option
+    # labels change (with the chosen checkpoint, or a nudge), and would forget the person's choice.
     if st.session_state.get("rollback_hparams") not in cmd.HPARAMS_CHOICES:
         st.session_state["rollback_hparams"] = cmd.HPARAMS_CHECKPOINT
-    cols = st.columns([1.3, 2], vertical_alignment="center")
-    cols[0].radio("Hyperparameters after the rollback", cmd.HPARAMS_CHOICES, key="rollback_hparams", horizontal=True,
-                  label_visibility="collapsed", format_func=lambda h: "checkpoint's" if h == cmd.HPARAMS_CHECKPOINT
-                  else "current")
-    cols[1].caption(f"checkpoint's: lr {short_number(chosen['hparams'].get('lr'))}, β {short_number(chosen['hparams'].get('momentum'))}"
-                    f" · current: lr {short_number(lr_now)}, β {short_number(momentum_now)}")
+    numbers = {cmd.HPARAMS_CHECKPOINT: ("checkpoint's", chosen["hparams"].get("lr"), chosen["hparams"].get("momentum")),
+               cmd.HPARAMS_CURRENT: ("current", status.get("lr"), status.get("momentum"))}
+    st.radio("Hyperparameters after the rollback", cmd.HPARAMS_CHOICES, key="rollback_hparams", horizontal=True,
+             label_visibility="collapsed", format_func=lambda h: numbers[h][0],
+             captions=[f"lr {short_number(numbers[h][1])}, β {short_number(numbers[h][2])}" for h in cmd.HPARAMS_CHOICES])
 
 
 def _checkpoint_label(c: dict[str, Any]) -> str:
     metrics = " ".join(f"{k} {v:.3g}" for k, v in c["metrics"].items() if isinstance(v, (int, float)))
-    return f"#{c['id']} · epoch {c['epoch']} · step {c['step']} · branch {c['branch']} {metrics}"
+    return (f"#{c['id']} · epoch {c['epoch']} · step {c['step']} · branch {c['branch']} · "
+            f"lr {short_number(c['hparams'].get('lr'))} {metrics}")
 
 
 # -- hints from the notes -------------------------------------------------------------------------
