@@ -62,6 +62,14 @@ class Arrivals:
             pause = min(pause * 1.5, _LONGEST_POLL_S)
         return []
 
+    def post(self, key: str, value: Any = None) -> None:
+        """Say this rank has come to ``key`` (without waiting for the others)."""
+        self.store.set(self._keys(key)[self.rank], json.dumps(value))
+
+    def missing(self, key: str) -> list[int]:
+        """The ranks that have not said they came to ``key``."""
+        return self._missing(self._keys(key))
+
     def late(self, missing: list[int], what: str) -> RanksOutOfStep:
         return RanksOutOfStep(f"{_ranks(missing)} did not arrive at {what} within {self.timeout_s:.0f} s (stopped, "
                               "killed, or stuck in a collective of its own)")

@@ -346,7 +346,7 @@ class Run:
     def stop_if_requested(self) -> bool:
         """Between two epochs: carry out a stop that waited for the last epoch's end (a stop command
         at its last boundary, Ctrl-C, ``request_stop()``): final checkpoint, the run ends. True if it did."""
-        return bool(self._meet(self._stop_between_epochs, ranks_module.BETWEEN_EPOCHS))
+        return bool(self._meet(self._stop_between_epochs, ranks_module.BETWEEN_EPOCHS, only_for_a_stop=True))
 
     def _stop_between_epochs(self) -> bool:
         if not self.control.stop_between_epochs():
@@ -465,14 +465,15 @@ class Run:
         return self._ranks.shard_writer if self._follows else self.snapshots.writer
 
     # -- together with the other ranks (see babysit.ranks) ------------------------------------
-    def _meet(self, body: Callable[[], Any], point: int | None = None) -> Any:
+    def _meet(self, body: Callable[[], Any], point: int | None = None, *, only_for_a_stop: bool = False) -> Any:
         """Run ``body`` here, or, under torch.distributed, on the leader while the followers
-        carry out what it tells them (at ``point``, see babysit.ranks)."""
+        carry out what it tells them (at ``point``, see babysit.ranks; ``only_for_a_stop``: the
+        body does nothing unless a stop was asked)."""
         writer = self.checkpointer  # a snapshot taken in the meeting is written once it is over
         if writer is not None:
             writer.hold()
         try:
-            result = body() if self._ranks is None else self._ranks.meet(body, point)
+            result = body() if self._ranks is None else self._ranks.meet(body, point, only_for_a_stop=only_for_a_stop)
         finally:
             if writer is not None:
                 writer.release()

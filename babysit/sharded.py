@@ -50,10 +50,11 @@ def is_sharded_name(name: str) -> bool:
 
 
 # -- the training thread's share ---------------------------------------------------------------
-def stage(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
-    """This rank's shard of the model and of the optimizer (DCP's sharded state dicts), copied
-    where they are: the training thread's whole part of a sharded checkpoint. ``optimizer``: a
-    torch optimizer, or None (a loop's own updates; its hparams travel in ``babysit.pt``)."""
+def state_dicts(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    """This rank's shard of the model and of the optimizer: DCP's sharded state dicts, whose
+    tensors are the live ones (copy them before the next step changes them: :func:`stage`, or
+    :class:`~babysit.sharded_writer.ShardedCheckpointer`). ``optimizer``: a torch optimizer, or
+    anything else (a loop's own updates; its hparams travel in ``babysit.pt``)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if isinstance(optimizer, torch.optim.Optimizer):
@@ -64,8 +65,13 @@ def stage(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
             # the checkpoint nor the optimizer may keep it, or the next real step would differ.
             optimizer.state.clear()
             optimizer_state["state"] = {}
-        return clone_tree({DCP_MODEL: model_state, DCP_OPTIMIZER: optimizer_state})
-    return clone_tree({DCP_MODEL: get_model_state_dict(model)})
+        return {DCP_MODEL: model_state, DCP_OPTIMIZER: optimizer_state}
+    return {DCP_MODEL: get_model_state_dict(model)}
+
+
+def stage(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    """:func:`state_dicts`, copied where the tensors are (a GPU's on the GPU)."""
+    return clone_tree(state_dicts(model, optimizer))
 
 
 def local_shards(state_dict: dict[str, Any]) -> dict[str, Any]:

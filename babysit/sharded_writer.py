@@ -1,9 +1,12 @@
 """Writing sharded checkpoints: every rank's writer thread, together (see :mod:`babysit.sharded`
 for the folder's layout).
 
-On the training thread each rank only copies its shard (:func:`babysit.sharded.stage`); its
-writer thread (:class:`ShardedCheckpointer`) does the rest with every other rank's, in the order
-the checkpoints were taken. Rank 0 makes the folder under a temporary name and writes
+On the training thread each rank only copies its shard; while the ranks still meet (between
+:meth:`~babysit.checkpoint.AsyncCheckpointer.hold` and ``release``), the copy is made on a thread
+of its own, beside the meeting's collectives, and ``release`` waits for it: the training thread
+never goes on to change the weights before they are copied. Its writer thread
+(:class:`ShardedCheckpointer`) does the rest with every other rank's, in the order the
+checkpoints were taken. Rank 0 makes the folder under a temporary name and writes
 ``babysit.pt``; the writers meet (each says whether its shard can be written: a NaN in it, say);
 ``dcp.save`` writes every rank's shard and rank 0 the index; each rank hashes the files it wrote
 and reports them to rank 0, which writes the manifest, renames the folder to its name and only
@@ -23,13 +26,15 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import (
-    SHARDED_SUFFIX, AsyncCheckpointer, PendingCheckpoint, disk_full_error, first_non_finite, to_cpu_tree, write_atomic,
+    SHARDED_SUFFIX, AsyncCheckpointer, PendingCheckpoint, clone_tree, disk_full_error, first_non_finite, to_cpu_tree,
+    write_atomic,
 )
 from .dcp_folder import DCP_METADATA, Folder, folder_writer
 from .arrivals import Arrivals
@@ -69,6 +74,7 @@ class ShardedCheckpointer(AsyncCheckpointer):
         self._group: Any = None
         self._meeting: Arrivals | None = None
         self._serial = 0
+        self._copying: list[threading.Thread] = []
         if self.world_size > 1:
             # The writers' own group: DCP's collectives run on the writer threads, never on a group
             # the training thread uses at the same time.
@@ -82,6 +88,28 @@ class ShardedCheckpointer(AsyncCheckpointer):
     @property
     def leads(self) -> bool:
         return self.rank == 0
+
+    def submit(self, job: PendingCheckpoint) -> PendingCheckpoint:
+        """Write ``job``; its ``shards`` may be live state dicts (:func:`babysit.sharded.state_dicts`):
+        they are copied now, or, while held, on a thread of its own that :meth:`release` waits for."""
+        live = job.state["shards"]
+        if self._released.is_set():
+            job.state["shards"] = clone_tree(live)
+        else:
+            copying = threading.Thread(target=lambda: job.state.__setitem__("shards", clone_tree(live)),
+                                       name="babysit-shard-copy", daemon=True)
+            copying.start()
+            self._copying.append(copying)
+            job.state["copying"] = copying
+        return super().submit(job)
+
+    def release(self) -> None:
+        """Wait for the copies of the shards submitted while held (the training thread may change
+        the weights from now on), then let the writes start."""
+        for copying in self._copying:
+            copying.join()
+        self._copying.clear()
+        super().release()
 
     def close(self) -> None:
         """Wait for the writes, stop the thread, release the writers' group (now, in order, rather
@@ -122,6 +150,9 @@ class ShardedCheckpointer(AsyncCheckpointer):
 
     def _write_job(self, job: PendingCheckpoint, key: str, temp: Path) -> None:
         name = job.path.name
+        copying = job.state.get("copying")
+        if copying is not None:  # (released after the copy, but a hold ends by itself after a while)
+            copying.join()
         shards, rest = job.state["shards"], job.state.get("rest")
         rest_file: dict[str, Any] | None = None
         own_error: BaseException | None = None

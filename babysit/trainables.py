@@ -79,8 +79,9 @@ class Trainables:
         }
 
     def shards(self) -> dict[str, Any]:
-        """A sharded model's part of a snapshot: this rank's shard of the model and optimizer."""
-        return sharded.stage(self.model, self.optimizer)
+        """A sharded model's part of a snapshot: this rank's shard of the model and optimizer, as
+        they are (the sharded writer copies them before the next step)."""
+        return sharded.state_dicts(self.model, self.optimizer)
 
     def read(self, run_dir: Any, record: dict[str, Any], *, verify_shards: bool = True) -> dict[str, Any]:
         """Checkpoint ``record`` of ``run_dir``, verified (every file, whatever its form; with

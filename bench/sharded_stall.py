@@ -5,25 +5,25 @@
 
 Starts ``torchrun --standalone --nproc_per_node=2`` (gloo, CPU, one torch thread per rank) on this
 file. Both ranks train an MLP of ``layers`` Linear(width, width) layers, each and the root sharded
-with ``fully_shard`` (FSDP2), with SGD and momentum; every round each variant checkpoints the same
-state (the model's and the optimizer's sharded state dicts), in an order rotated every round and
-the same on both ranks:
+with ``fully_shard`` (FSDP2), with SGD and momentum, in a loop around ``babysit.Run``: one epoch per
+round, whose end babysit checkpoints. In every round the same state is checkpointed three ways:
 
-- **babysit**: ``babysit.sharded.stage`` (``get_state_dict`` and a copy of this rank's shard) and
-  ``ShardedCheckpointer.submit`` (rank 0's file with the rest, every rank's shard, hashes, the
-  manifest and the rename happen on the writer thread);
-- **dcp.save**: ``get_state_dict`` and ``dcp.save`` (blocking until every rank's shard and the
-  index are on disk);
-- **dcp.async_save**: ``get_state_dict`` and ``dcp.async_save`` (it returns once the state is
-  staged, a copy in CPU memory; the writing runs on its own thread), on a gloo group of its own,
-  as DCP advises when training runs collectives meanwhile.
+- **babysit**: the epoch's own checkpoint, taken by ``run.epochs`` between two epochs: the ranks
+  meet, every rank copies its shard (``get_state_dict`` and a clone) and rank 0 the rest of the
+  checkpoint (RNGs of every rank, position, hparams), then the writer threads write it all. Its
+  stall is the gap from the end of an epoch's body to the start of the next one;
+- **dcp.save**: ``get_state_dict`` and ``dcp.save``, inside the epoch (blocking until every rank's
+  shard and the index are on disk);
+- **dcp.async_save**: ``get_state_dict`` and ``dcp.async_save``, inside the epoch (it returns once
+  the state is staged, a copy in CPU memory; the writing runs on its own thread), on a gloo group
+  of its own, as DCP advises when training runs collectives meanwhile.
 
-Per variant: the **stall** (from the decision to checkpoint to the training thread's next step),
-the time until the checkpoint is complete on disk, and the **extra time of the next ``steps``
-training steps**, taken while the write runs, over the same steps taken with nothing being written
-(the writer competes for the CPU). A rank's figure per round is the larger of the two ranks'
-(the ranks wait for each other at the next collective). Medians (min–max) over the rounds after a
-warm-up round.
+Per variant: the **stall**, the time until the checkpoint is complete on disk (babysit: listed in
+the store), and the **extra time of the next ``steps`` training steps**, taken while the write
+runs, over the same steps taken with nothing being written (the writer competes for the CPU). A
+figure per round is the larger of the two ranks' (the ranks wait for each other at the next
+collective); the two DCP variants run in an order alternated every round. Medians (min–max) over
+the rounds after a warm-up round.
 """
 
 from __future__ import annotations
@@ -51,9 +51,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    from babysit.checkpoint import FORMAT, KEY_FORMAT, PendingCheckpoint, rng_state
-    from babysit.sharded import stage
-    from babysit.sharded_writer import ShardedCheckpointer
+    import babysit
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -66,7 +64,6 @@ def worker(args: argparse.Namespace) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     batch = torch.randn(32, args.width, generator=torch.Generator().manual_seed(rank))
     scratch = Path(args.scratch)
-    writer = ShardedCheckpointer(lambda job: None, lambda job: None)
     async_group = dist.new_group(backend="gloo")
 
     def train(steps: int) -> float:
@@ -76,13 +73,6 @@ def worker(args: argparse.Namespace) -> None:
             model(batch).pow(2).mean().backward()
             optimizer.step()
         return time.perf_counter() - started
-
-    def babysit_variant(target: Path) -> tuple[float, Any]:
-        started = time.perf_counter()
-        rest = {KEY_FORMAT: FORMAT, "rng": rng_state()} if rank == 0 else None
-        job = writer.submit(PendingCheckpoint(path=target, state={"shards": stage(model, optimizer), "rest": rest},
-                                              meta={}))
-        return time.perf_counter() - started, job.done.wait
 
     def save_variant(target: Path) -> tuple[float, Any]:
         started = time.perf_counter()
@@ -97,32 +87,73 @@ def worker(args: argparse.Namespace) -> None:
                                 process_group=async_group)
         return time.perf_counter() - started, future.result
 
-    variants = {"babysit": babysit_variant, "dcp.save": save_variant, "dcp.async_save": async_variant}
+    def slower_rank(*figures: float) -> list[float]:
+        values = torch.tensor(figures, dtype=torch.float64)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)  # the other rank waits for the slower one
+        return values.tolist()
+
+    def measured(stall: float, finish: Any, started: float) -> dict[str, float]:
+        """The steps taken while the write runs, the time it completes, and the same steps quiet."""
+        completed: list[float] = []
+        watcher = threading.Thread(target=lambda: (finish(), completed.append(time.perf_counter())))
+        watcher.start()
+        busy = train(args.steps)
+        watcher.join()
+        dist.barrier()
+        quiet = train(args.steps)
+        stall, done, extra = slower_rank(stall, completed[0] - started, busy - quiet)
+        return {"stall_ms": stall * 1000, "done_ms": done * 1000, "extra_ms": extra * 1000}
+
+    # Inside babysit's stall: the snapshot (rank 0's Snapshots.take, a follower's hand_in: the rest
+    # of the checkpoint, the ranks' shares, the shard's copy started), the wait for the shard's copy
+    # as the meeting ends (ShardedCheckpointer.release); the remainder is the ranks' meetings.
+    from babysit.ranks import Ranks
+    from babysit.sharded_writer import ShardedCheckpointer
+    from babysit.snapshots import Snapshots
+
+    spent: dict[str, list[float]] = {"snapshot": [], "copy": []}
+
+    def timed(method: Any, part: str) -> Any:
+        def call(*args_: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return method(*args_, **kwargs)
+            finally:
+                spent[part].append(time.perf_counter() - started)
+        return call
+
+    Snapshots.take = timed(Snapshots.take, "snapshot")  # type: ignore[method-assign]
+    Ranks.hand_in = timed(Ranks.hand_in, "snapshot")  # type: ignore[method-assign]
+    ShardedCheckpointer.release = timed(ShardedCheckpointer.release, "copy")  # type: ignore[method-assign]
+    variants = {"dcp.save": save_variant, "dcp.async_save": async_variant}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     train(2)  # warm: the optimizer's state exists, the first collectives are set up
-    for round_ in range(args.rounds + 1):
-        order = list(VARIANTS[round_ % 3:] + VARIANTS[:round_ % 3])
-        for name in order:
+    epoch_end: float | None = None
+    with babysit.Run(scratch / "babysit", model, optimizer) as run:
+        for epoch in run.epochs(args.rounds + 2):
+            if epoch_end is not None:  # babysit's checkpoint of the epoch that just ended
+                stall = time.perf_counter() - epoch_end
+                copy = max(spent["copy"][-2:])  # the epoch's meeting, then the next epoch's start
+                snapshot, copy = slower_rank(spent["snapshot"][-1], copy)
+                writer = run.checkpointer  # every rank's writer of its shards
+                result = measured(stall, writer.wait, epoch_end)
+                if epoch > 2:  # the first round warms up
+                    results["babysit"].append({**result, "snapshot_ms": snapshot * 1000, "copy_ms": copy * 1000})
+            order = list(variants) if epoch % 2 else list(reversed(variants))
+            for name in order:
+                dist.barrier()
+                started = time.perf_counter()
+                stall, finish = variants[name](scratch / f"{name}-{epoch}")
+                result = measured(stall, finish, started)
+                if epoch > 1 and epoch <= args.rounds + 1:
+                    results[name].append(result)
+            for _ in run.batches([None]):  # one step inside babysit's loop, then the epoch's end
+                train(1)
             dist.barrier()
-            quiet = train(args.steps)  # the same steps with nothing being written
-            dist.barrier()
-            started = time.perf_counter()
-            stall, finish = variants[name](scratch / f"{name}-{round_}")
-            completed: list[float] = []
-            watcher = threading.Thread(target=lambda: (finish(), completed.append(time.perf_counter())))
-            watcher.start()
-            busy = train(args.steps)  # while the write runs (nothing, for dcp.save)
-            watcher.join()
-            done = completed[0] - started
-            dist.barrier()
-            figures = torch.tensor([stall, done, busy - quiet], dtype=torch.float64)
-            dist.all_reduce(figures, op=dist.ReduceOp.MAX)  # the slower rank's: the other waits for it
-            if round_ > 0:
-                stall_s, done_s, extra_s = figures.tolist()
-                results[name].append({"stall_ms": stall_s * 1000, "done_ms": done_s * 1000,
-                                      "extra_ms": extra_s * 1000})
-    writer.close()
-    sizes = {name: sum(f.stat().st_size for f in (scratch / f"{name}-1").iterdir()) for name in VARIANTS}
+            epoch_end = time.perf_counter()
+    sizes = {name: sum(f.stat().st_size for f in (scratch / f"{name}-2").iterdir()) for name in ("dcp.save",
+                                                                                                   "dcp.async_save")}
+    sizes["babysit"] = sum(f.stat().st_size for f in next((scratch / "babysit").glob("epoch-0002-*.dcp")).iterdir())
     if rank == 0:
         shard_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters()) * 2  # + momentum
         Path(args.out).write_text(json.dumps({"results": results, "sizes": sizes, "shard_bytes": shard_bytes}))
@@ -139,7 +170,11 @@ def report(found: dict[str, Any], args: argparse.Namespace) -> str:
                     f"{fmt_range(summarize([r['extra_ms'] for r in results[name]]))} | "
                     f"{fmt_range(summarize([r['stall_ms'] + r['extra_ms'] for r in results[name]]))} | "
                     f"{fmt_range(summarize([r['done_ms'] for r in results[name]]))} |")
+    snapshot = summarize([r["snapshot_ms"] for r in results["babysit"]])
+    copy = summarize([r["copy_ms"] for r in results["babysit"]])
+    meetings = summarize([r["stall_ms"] - r["snapshot_ms"] - r["copy_ms"] for r in results["babysit"]])
     ratio = [b["stall_ms"] / a["stall_ms"] for b, a in zip(results["babysit"], results["dcp.async_save"])]
+    ratio_snapshot = [b["snapshot_ms"] / a["stall_ms"] for b, a in zip(results["babysit"], results["dcp.async_save"])]
     ratio_save = [b["stall_ms"] / a["stall_ms"] for b, a in zip(results["babysit"], results["dcp.save"])]
     mib = found["shard_bytes"] / 2**20
     return "\n".join([
@@ -148,19 +183,25 @@ def report(found: dict[str, Any], args: argparse.Namespace) -> str:
         f"`python -m bench.sharded_stall --rounds {args.rounds} --width {args.width} --layers {args.layers} "
         f"--steps {args.steps}` — 2 ranks (gloo, CPU, one torch thread each) on this {os.cpu_count()}-core machine; "
         f"an MLP of {args.layers} Linear({args.width}, {args.width}) layers sharded with `fully_shard`, SGD with "
-        f"momentum: {mib:,.0f} MiB of weights and momentum per rank. {args.rounds} rounds after a warm-up round, the "
-        "variants' order rotated every round; each figure per round is the slower rank's. Medians (min–max), "
-        "milliseconds, measured side by side in one run (see the module's docstring for what each variant does).",
+        f"momentum: {mib:,.0f} MiB of weights and momentum per rank, in a loop around `babysit.Run`. {args.rounds} "
+        "rounds (epochs) after a warm-up round, the two DCP variants' order alternated every round; each figure per "
+        "round is the slower rank's. Medians (min–max), milliseconds, measured side by side in one run (see the "
+        "module's docstring for what each variant does).",
         "",
         f"| variant | stall | extra time of the next {args.steps} steps (write in flight) | stall + extra | "
         "until complete on disk |",
         "|---|---|---|---|---|",
         *rows,
         "",
-        f"babysit's stall over `dcp.async_save`'s, same round: {fmt_range(summarize(ratio), 2)}; "
-        f"over `dcp.save`'s: {fmt_range(summarize(ratio_save), 3)}.",
+        f"babysit's stall over `dcp.async_save`'s, same round: {fmt_range(summarize(ratio), 2)} "
+        f"(below it in {sum(r < 1 for r in ratio)} of {len(ratio)} rounds); "
+        f"over `dcp.save`'s: {fmt_range(summarize(ratio_save), 3)}. Babysit's stall, in parts (the slower rank's "
+        f"each): the snapshot (rank 0's rest of the checkpoint, the other ranks' shares, the shard's copy started) "
+        f"{fmt_range(snapshot)} ms, {fmt_range(summarize(ratio_snapshot), 2)} of `dcp.async_save`'s stall; the wait "
+        f"for the shard's copy as the meeting ends {fmt_range(copy)} ms; the rest, the ranks' two meetings at an "
+        f"epoch's end (the epoch's, and the next one's start), {fmt_range(meetings)} ms.",
         "",
-        "Folder sizes (round 1): " + ", ".join(f"{name} {size / 2**20:,.1f} MiB" for name, size in found["sizes"].items())
+        "Checkpoint sizes: " + ", ".join(f"{name} {size / 2**20:,.1f} MiB" for name, size in found["sizes"].items())
         + f". Load average (1 min) {found['load'][0]:.1f} before the run, {found['load'][1]:.1f} after.",
         "",
     ])

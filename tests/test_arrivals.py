@@ -60,3 +60,10 @@ def test_reports_reach_the_leader_and_are_forgotten_after(store: Any):
     assert not store.check(["t/4/done/0"]) and not store.check(["t/4/done/1"])
     with pytest.raises(RanksOutOfStep, match="^rank 1 did not arrive at the end of a write within 0 s"):
         Arrivals(store, "t", 0, 2, timeout_s=0.2).report_to_leader("5/done", {}, "the end of a write")
+
+
+def test_a_rank_says_it_came_without_waiting_and_the_missing_are_found(store: Any):
+    ranks = [Arrivals(store, "t", rank, 3, timeout_s=60) for rank in range(3)]
+    ranks[0].post("6", "an epoch's end")
+    ranks[2].post("6")
+    assert ranks[0].missing("6") == [1] and ranks[1].missing("7") == [0, 1, 2]
