@@ -10,13 +10,13 @@ from importlib import import_module
 from typing import Any
 
 __all__ = [
-    "Run", "GuardConfig", "Interrupt",
+    "Run", "GuardConfig", "Interrupt", "RetentionPolicy",
     "BabysitError", "SettingsError", "CommandError", "StoreError", "CheckpointError", "RunDirError", "RunLockedError",
     "RanksOutOfStep",
 ]
 __version__ = "0.1.0"
 
-_HOMES = {"Run": "run", "Interrupt": "run", "GuardConfig": "guard"}
+_HOMES = {"Run": "run", "Interrupt": "run", "GuardConfig": "guard", "RetentionPolicy": "retention"}
 _HOMES.update({name: "errors" for name in __all__ if name.endswith("Error") or name == "RanksOutOfStep"})  # the tree: babysit/errors.py
 
 

@@ -56,6 +56,8 @@ KEY_LAST_COMMAND = "last_command"
 KEY_USER_STATE = "user_state"
 # The states of the loader's own torch.Generator(s), at the epoch's start and at the cut.
 KEY_LOADER_RNG = "loader_rng"
+# The loader's own state_dict(), for a loader that has one (torchdata's StatefulDataLoader); None otherwise.
+KEY_LOADER_STATE = "loader_state"
 
 # Why a checkpoint was taken (its ``reason`` in the store): an epoch's own checkpoint resumes at the
 # next epoch; the others ("checkpoint now", a stop) resume inside their epoch.
@@ -389,6 +391,9 @@ class PendingCheckpoint:
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, Any] | None = None
     error: BaseException | None = None
+    # Set by ``on_written`` once the store lists the file; until then the file is the writer's, and
+    # removed if listing it fails (a file nothing lists is never resumed from, only takes room).
+    listed: bool = False
 
 
 def _lower_thread_priority() -> None:
@@ -406,6 +411,10 @@ HOLD_AT_MOST_S = 1.0
 
 class AsyncCheckpointer:
     """Writes snapshots on a thread of its own, one at a time, in the order submitted.
+
+    ``on_written(job)`` lists a written file (and sets ``job.listed``); if it raises before the file
+    is listed, the file is removed and ``on_failed(job)`` reports it: a checkpoint file is either
+    listed or gone, never left on the disk unlisted.
 
     Between :meth:`hold` and :meth:`release` (babysit holds it while the ranks meet), a write waits
     to start, for at most ``HOLD_AT_MOST_S``: a writer thread running Python (pickling, DCP's
@@ -464,10 +473,19 @@ class AsyncCheckpointer:
                 raise CheckpointError(f"not written: parameter {bad!r} holds NaN or infinity")
             job.path, sha256, size = write_new(job.path, state)
             job.result = {"sha256": sha256, "size": size}
-            self._on_written(job)
+            try:
+                self._on_written(job)
+            except BaseException:
+                if not job.listed:
+                    remove_unlisted(job.path)
+                raise
         except BaseException as error:  # reported, never allowed to kill the writer thread
             job.error = error
-            log.warning("babysit: checkpoint %s not written: %s: %s", job.path.name, type(error).__name__, error)
+            if job.listed:
+                done = "listed, but what follows its listing failed"
+            else:
+                done = "not written" if job.result is None else "written but not listed, so removed"
+            log.warning("babysit: checkpoint %s %s: %s: %s", job.path.name, done, type(error).__name__, error)
             try:
                 self._on_failed(job)  # an event the page shows, a pause or a remedy
             except Exception as unrecorded:  # a full disk refuses the event too: the log is all there is
@@ -478,3 +496,14 @@ class AsyncCheckpointer:
         finally:
             job.state = {}  # free the snapshot
             job.done.set()
+
+
+def remove_unlisted(path: Path) -> None:
+    """Remove a checkpoint file (or a sharded checkpoint's folder) the store could not list (the
+    failure itself is reported by the caller)."""
+    try:
+        remove_tree(path)
+        _fsync_dir(path.parent)
+    except OSError as error:
+        log.error("babysit: checkpoint %s could not be listed, nor removed (%s); nothing refers to it", path.name,
+                  error)

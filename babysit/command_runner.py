@@ -12,13 +12,13 @@ from typing import Any, Callable
 
 from . import commands as cmd
 from . import optim
-from .checkpoint import REASON_STOP
-from .control import PendingRollback, RunControl
+from .checkpoint import KEY_EPOCH, REASON_EPOCH, REASON_STOP, rng_state
+from .control import PendingDataSkip, PendingRollback, RunControl
 from .errors import CheckpointError, CommandError
 from .excursion_runner import Excursions
 from .guard import DivergenceGuard
 from .hparam_watch import COMMAND, HparamWatch
-from .journal_replay import ReplayQueue
+from .journal_replay import DATA_SKIP_KIND, ReplayQueue
 from .position import ResumePosition
 from .ranks import Ranks
 from .remedy import DivergenceRemedy
@@ -53,6 +53,7 @@ class CommandRunner:
         self.excursions = excursions
         self.ranks = ranks
         self.wake_writer = wake_writer
+        self.data_skip_refused: str | None = None
 
     def replay_due(self) -> bool:
         position = self.position
@@ -67,21 +68,28 @@ class CommandRunner:
             return
         while self.replay_due():
             self._replay_command(self.replay.pop())
+        if control.interrupt is not None:  # a replayed data skip cuts the epoch: nothing more until it is done
+            return
         reason = control.take_checkpoint_asked()
         if reason is not None:  # run.checkpoint_now() under torch.distributed: taken here, together
             self.snapshots.take(reason)
         self._apply_pending()
+        if control.interrupt is None and self.snapshots.periodic_due():
+            self.snapshots.take_periodic()
         if control.paused and control.interrupt is None:
             self._wait_while_paused()
 
     def _apply_pending(self) -> None:
+        control = self.control
         self.signal.mark_seen()
         for pending in self.store.pending_commands():
+            # A cut ends what this boundary applies; a stop ends the queue: what waits behind it is
+            # expired as the run ends (Run.close), never applied by this run or the next start.
+            if control.interrupt is not None or control.stop_asked:
+                return
             if self.snapshots.is_carrying_out(pending["id"]):
                 continue
             self._apply(pending)
-            if self.control.interrupt is not None:
-                return
 
     def _wait_while_paused(self) -> None:
         control = self.control
@@ -205,9 +213,30 @@ class CommandRunner:
                                  "answers it once the run resumes", branch=position.branch, step=position.step,
                                  epoch=position.epoch)
 
+    def refuse_data_skips(self, why: str) -> None:
+        """A driver whose loader skips batches itself (the Hugging Face Trainer's) refuses a
+        rollback's ``skip_batches``, saying why."""
+        self.data_skip_refused = why
+
+    def _check_skip(self, skip: int, record: dict[str, Any]) -> None:
+        """A rollback's data skip must leave something of the epoch it resumes in to train."""
+        if self.data_skip_refused:
+            raise CommandError(self.data_skip_refused)
+        epoch_done = record["reason"] == REASON_EPOCH
+        start = 0 if epoch_done else int(record["step_in_epoch"])
+        total = self.position.steps_per_epoch
+        if total is not None and start + skip >= total:
+            where = (f"at the start of epoch {record['epoch'] + 1}" if epoch_done
+                     else f"after batch {start} of epoch {record['epoch']}")
+            raise CommandError(f"skip_batches {skip} goes past the end of the epoch: checkpoint #{record['id']} resumes "
+                               f"{where}, and an epoch has {total} batches; at most {max(0, total - start - 1)} can be "
+                               "skipped")
+
     def _begin_rollback(self, command: cmd.Command, pending: dict[str, Any]) -> None:
         record = self.store.checkpoint(command.args["checkpoint"], must_exist=True)
         assert record is not None
+        if command.args.get("skip_batches"):
+            self._check_skip(command.args["skip_batches"], record)
         state = self.trainables.read(self.run_dir, record)
         self.trainables.check_fits(state, record["id"])
         before, branch_at_cut, step_at_cut = self.trainables.hparams(), self.position.branch, self.position.step
@@ -228,6 +257,11 @@ class CommandRunner:
 
     # -- replays -----------------------------------------------------------------------------
     def _replay_command(self, applied: dict[str, Any]) -> None:
+        if applied["kind"] == DATA_SKIP_KIND:  # a cut: the epoch is entered again further along (see Cuts)
+            self.control.begin_data_skip(PendingDataSkip(
+                applied, {**self.position.to_checkpoint(rng_state()), KEY_EPOCH: self.position.epoch},
+                applied["args"]["batches"]))
+            return
         value, position, store = applied["args"]["value"], self.position, self.store
         before = self.trainables.hparams()
         try:

@@ -46,6 +46,10 @@ SWEEP_DEFAULT_SPAN = (1e-3, 1e2)
 HPARAMS_CHECKPOINT = "checkpoint"
 HPARAMS_CURRENT = "current"
 HPARAMS_CHOICES = (HPARAMS_CHECKPOINT, HPARAMS_CURRENT)
+# Rollback with a data skip (the PaLM remedy for a loss spike: restart ~100 steps earlier and skip
+# 200-500 batches): the branch resumes from the checkpoint and leaves out the next N batches of the
+# data order. The trainer checks N against what is left of the checkpoint's epoch.
+SKIP_BATCHES_MAX = 10**9
 
 # Any finite lr > 0 is legitimate (20 is the default of well-known LSTM language-model scripts);
 # one outside this range is applied, with a warning in its acknowledgement.
@@ -168,6 +172,8 @@ def validate(kind: Any, args: dict[str, Any] | None = None) -> Command:
             normalised["momentum"] = validate_momentum(args["momentum"])
         if args.get("branch") is not None:  # the guard's remedy names the branch it is for
             normalised["branch"] = validate_branch(args["branch"], "rollback")
+        if args.get("skip_batches") is not None:
+            normalised["skip_batches"] = validate_skip_batches(args["skip_batches"])
         return Command(kind, normalised)
     if kind == PROBE:
         return Command(kind, _validate_probe(args))
@@ -195,6 +201,13 @@ def validate(kind: Any, args: dict[str, Any] | None = None) -> Command:
     if extra:
         raise CommandError(f"{kind} takes no arguments, got {', '.join(extra)}")
     return Command(kind, {})
+
+
+def validate_skip_batches(raw: Any) -> int:
+    """How many batches of the data order a rollback leaves out: a whole number >= 1 (0 is no skip:
+    leave the option out)."""
+    return validate_whole(raw, "skip_batches", f"a whole number of batches from 1 to {SKIP_BATCHES_MAX}",
+                          1, SKIP_BATCHES_MAX)
 
 
 def validate_whole(raw: Any, what: str, accepted: str, low: int, high: int | None) -> int:
@@ -293,6 +306,8 @@ def _describe(kind: str, args: dict[str, Any]) -> str:
             text += f", lr {args['lr']:g}"
         if "momentum" in args:
             text += f", momentum {args['momentum']:g}"
+        if "skip_batches" in args:
+            text += f", skipping {args['skip_batches']} batches"
         return text + ")"
     if kind == PAUSE and isinstance(args, dict) and args.get("reason"):
         return f"pause ({args['reason']})"

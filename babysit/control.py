@@ -16,8 +16,8 @@ The state is two things that change together:
 Transitions::
 
     running  --pause-->           paused      --resume-->          running
-    running | paused  --begin_stop/begin_rollback/cut_for_excursion-->  (same status, cut set)
-    (cut)    --take_rollback / excursion_cut_done-->                    (no cut)
+    running | paused  --begin_stop/begin_rollback/begin_data_skip/cut_for_excursion-->  (same status, cut set)
+    (cut)    --take_rollback / take_data_skip / excursion_cut_done-->   (no cut)
     (STOP cut) --finish(STOPPED)-->  stopped, ended
     running  --finish(FINISHED)-->   finished, ended
     any live --left_loop / crashed / aborted-->  stopped | crashed
@@ -48,6 +48,7 @@ class Interrupt(enum.Enum):
     STOP = "stop"
     ROLLBACK = "rollback"
     EXCURSION = "excursion"  # a probe set or sweep goes to its next branch, or back (see excursion_runner)
+    DATA_SKIP = "data_skip"  # a journal's data skip: the epoch is entered again further along its data order
 
 
 class TransitionError(RuntimeError):
@@ -67,6 +68,16 @@ class PendingRollback:
 
 
 @dataclass
+class PendingDataSkip:
+    """A replayed data skip applied at a step boundary: the position there (as a checkpoint would
+    hold it) and the batches to leave out, carried out as the loop leaves the epoch."""
+
+    entry: dict[str, Any]
+    position: dict[str, Any]
+    batches: int
+
+
+@dataclass
 class PendingStop:
     """A stop in progress: the command that asked for it (None for a signal) and its final checkpoint
     (taken at the boundary, or None to take it as the loop leaves the epoch)."""
@@ -83,6 +94,7 @@ class RunControl:
         self.message = ""
         self.interrupt: Interrupt | None = None
         self._rollback: PendingRollback | None = None
+        self._data_skip: PendingDataSkip | None = None
         self._stop: PendingStop | None = None
         self.stop_reason: str | None = None       # a stop asked, not yet carried out
         self._deferred_stop: dict[str, Any] | None = None  # a stop command waiting for its epoch's end
@@ -210,6 +222,20 @@ class RunControl:
         self.interrupt = None
         assert rollback is not None
         return rollback
+
+    def begin_data_skip(self, skip: PendingDataSkip) -> None:
+        """(no cut) -> DATA_SKIP."""
+        self._require(self.interrupt is None, "begin_data_skip")
+        self._data_skip = skip
+        self.interrupt = Interrupt.DATA_SKIP
+
+    def take_data_skip(self) -> PendingDataSkip:
+        """DATA_SKIP -> (no cut): the skip to carry out now."""
+        self._require(self.interrupt is Interrupt.DATA_SKIP and self._data_skip is not None, "take_data_skip")
+        skip, self._data_skip = self._data_skip, None
+        self.interrupt = None
+        assert skip is not None
+        return skip
 
     def start_excursion(self, excursion: Any) -> None:
         """A probe set or sweep begins; one asked of a paused run is what the person wants it to do now."""

@@ -6,6 +6,7 @@ of a run, stopped or finished. The cuts themselves are set at a step boundary by
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ from .checkpoint import REASON_STOP
 from .control import RunControl
 from .guard import DivergenceGuard
 from .hparam_watch import HparamWatch
-from .journal_replay import ReplayQueue
+from .journal_replay import DATA_SKIP_KIND, ReplayQueue
 from .position import ResumePosition
 from .resume import Loader
 from .snapshots import Snapshots
@@ -58,11 +59,14 @@ class Cuts:
             store.finish_command(pending["id"], cmd.REJECTED, branch=old_branch, step=old_step,
                                  reason=f"checkpoint #{record['id']} could not be loaded: {error}")
             raise
+        skip = command.args.get("skip_batches", 0)
+        position.skip_ahead(skip)  # a data skip: the next `skip` batches of the data order are left out
         if command.args["hparams"] == cmd.HPARAMS_CURRENT:
             self.trainables.restore_hparams(before)
         self.trainables.restore_hparams({k: command.args[k] for k in ("lr", "momentum") if k in command.args})
         after = self.trainables.hparams()
-        control.run_again(f"rolled back to checkpoint #{record['id']} (epoch {record['epoch']}, step {record['step']})")
+        control.run_again(f"rolled back to checkpoint #{record['id']} (epoch {record['epoch']}, step {record['step']})"
+                          + (f", skipping the next {skip} batches" if skip else ""))
         self.guard.reset()
         with store.transaction():  # one commit: the branch, its status, the event, the acknowledgement
             position.branch = store.new_branch(
@@ -73,12 +77,34 @@ class Cuts:
             store.add_event("rollback", control.message + f" as branch {position.branch}", branch=position.branch,
                             step=position.step, epoch=position.epoch,
                             data={"from_branch": old_branch, "from_step": old_step, "checkpoint": record["id"],
-                                  "before": before, "after": after, "hparams": command.args["hparams"]})
+                                  "before": before, "after": after, "hparams": command.args["hparams"],
+                                  **({"skip_batches": skip} if skip else {})})
             store.finish_command(pending["id"], cmd.APPLIED, branch=old_branch, step=old_step, result={
                 "branch": position.branch, "epoch": position.epoch, "step": position.step,
                 "checkpoint": record["id"], "lr": after["lr"], "momentum": after["momentum"], "before": before,
+                **({"skip_batches": skip} if skip else {}),
             })
         self.hparams.record(force=True)
+
+    def finish_data_skip(self) -> None:
+        """A journal's data skip (a rollback's ``skip_batches`` in the run it was exported from): the
+        epoch is entered again at the position of the cut, further along its data order by the
+        batches skipped, exactly as that rollback resumed (its checkpoint held this very state)."""
+        skip, position = self.control.take_data_skip(), self.position
+        position.restore(skip.position, epoch_done=False)
+        position.skip_ahead(skip.batches)
+        message = f"skipped the next {skip.batches} batches of the data order at step {position.step} (replayed)"
+        self.control.say(message)
+        entry = skip.entry
+        with self.store.transaction():
+            entry["id"] = self.store.record_trainer_command(
+                DATA_SKIP_KIND, {"skip_batches": skip.batches}, cmd.APPLIED, source=entry["source"],
+                branch=position.branch, step=position.step,
+                result={"step_in_epoch": position.step_in_epoch, "journal_entry": entry.get("entry")})
+            self.store.add_event("data_skip", message, branch=position.branch, step=position.step,
+                                 epoch=position.epoch, data={"skip_batches": skip.batches})
+        if entry["id"]:
+            self.control.saw_command(entry["id"])
 
     def finish_stop(self) -> None:
         """The final checkpoint (taken at the cut, or now), the stop command answered, the run ended."""
@@ -97,12 +123,20 @@ class Cuts:
                                       result=result)
         reason = control.stop_reason
         why = f" ({reason})" if reason and reason != "stop command" else ""
-        self.end_run(STOPPED, f"stopped at step {position.step}{why} with a final checkpoint")
+        # How long the final checkpoint took (copied at the cut, then written): what a scheduler's
+        # grace period after SIGTERM must leave room for, with a step (docs/long-runs.md).
+        took = time.monotonic() - job.meta.get("taken", time.monotonic())
+        written = (f"the final checkpoint took {took:.1f} s" if job.error is None
+                   else f"the final checkpoint could not be written ({job.error})")
+        print(f"babysit: stopped at step {position.step}{why}; {written}", file=sys.stderr, flush=True)
+        self.end_run(STOPPED, f"stopped at step {position.step}{why} with a final checkpoint",
+                     data={"final_checkpoint_s": round(took, 3) if job.error is None else None})
 
-    def end_run(self, status: str, message: str) -> None:
+    def end_run(self, status: str, message: str, data: dict[str, Any] | None = None) -> None:
         """The run is over (stopped or finished): answer the "checkpoint now" still waiting, say so."""
         self.snapshots.answer_waiting()
         self.control.finish(status, message)
         position = self.position
-        self.store.add_event(status, message, branch=position.branch, step=position.step, epoch=position.epoch)
+        self.store.add_event(status, message, branch=position.branch, step=position.step, epoch=position.epoch,
+                             data=data)
 

@@ -212,8 +212,14 @@ class Excursions:
                 raise CommandError(f"sweep lr_min must be below lr_max, got lr_min {lr_min:g} and lr_max {lr_max:g}")
             legs = [Leg(0, "lr", lr_min, args["steps"])]
             spec = {"lr_min": lr_min, "lr_max": lr_max, "steps": args["steps"], "then": cmd.THEN_PAUSE}
-        job = self.snapshots.take(REASON_EXCURSION)
-        self.snapshots.wait()
+        if fork_record is not None:  # retention keeps it while the return point is written, before the row pins it
+            self.snapshots.pin(fork_record["id"], "a probe set is starting from it")
+        try:
+            job = self.snapshots.take(REASON_EXCURSION)
+            self.snapshots.wait()
+        finally:
+            if fork_record is not None:
+                self.snapshots.unpin(fork_record["id"])
         if job.error is not None or "id" not in job.meta:
             raise CommandError(f"the return point could not be checkpointed ({job.error}); nothing was changed")
         self.retire_probe_checkpoints()

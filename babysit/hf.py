@@ -96,6 +96,12 @@ EXCURSIONS_REFUSED = ("probes and sweeps need babysit.Run in your own loop: the 
                       "every rollback, so it cannot try a branch and come back in process; nudges and rollbacks work "
                       "here")
 
+# The Trainer's own loader skips the batches of a resume (by its global step): it cannot leave more out.
+DATA_SKIPS_REFUSED = ("a rollback's skip_batches needs babysit.Run in your own loop or the Lightning callback: the "
+                      "Hugging Face Trainer skips a resumed epoch's batches itself, by its step count; roll back "
+                      "without it")
+
+
 class RestartNeeded(RuntimeError):
     """The Trainer's loop must start again from a babysit checkpoint (a resume, a rollback):
     ``babysit.hf.train`` does that; a bare ``trainer.train()`` cannot, and raises this."""
@@ -114,8 +120,9 @@ class BabysitCallback(TrainerCallback):
 
     Args:
         run_dir: the run directory (created if new, resumed if it holds checkpoints).
-        state, config, guard, keep_last, flush_interval, items_per_step, item_unit: as for
-            :class:`babysit.Run`. ``config`` is recorded with a few of the TrainingArguments;
+        state, config, guard, keep_last, retention, checkpoint_every_steps, checkpoint_every_minutes,
+        flush_interval, items_per_step, item_unit: as for :class:`babysit.Run` (a step is an
+            optimizer step). ``config`` is recorded with a few of the TrainingArguments;
             ``items_per_step`` defaults to the samples of one optimizer step on this process.
 
     Start training with :func:`babysit.hf.train` (it resumes and rolls back); ``self.run`` is the
@@ -124,11 +131,14 @@ class BabysitCallback(TrainerCallback):
 
     def __init__(self, run_dir: str | os.PathLike[str], *, state: dict[str, Any] | None = None,
                  config: dict[str, Any] | None = None, guard: GuardConfig | None = None,
-                 keep_last: int | None = None, flush_interval: float = 0.25, items_per_step: int | None = None,
-                 item_unit: str = "samples") -> None:
+                 keep_last: int | None = None, retention: Any = None, checkpoint_every_steps: int | None = None,
+                 checkpoint_every_minutes: float | None = None, flush_interval: float = 0.25,
+                 items_per_step: int | None = None, item_unit: str = "samples") -> None:
         self.run_dir = Path(run_dir)
         self.guard = guard or GuardConfig()
-        self._run_kwargs = dict(state=state, guard=self.guard, keep_last=keep_last, flush_interval=flush_interval,
+        self._run_kwargs = dict(state=state, guard=self.guard, keep_last=keep_last, retention=retention,
+                                checkpoint_every_steps=checkpoint_every_steps,
+                                checkpoint_every_minutes=checkpoint_every_minutes, flush_interval=flush_interval,
                                 item_unit=item_unit)
         self._config = dict(config or {})
         json.dumps(self._config)  # fail here, not when training starts
@@ -154,6 +164,7 @@ class BabysitCallback(TrainerCallback):
             self.run = Run(self.run_dir, model, optimizer, lr_scheduler, config=self._run_config(args),
                            items_per_step=self._items_per_step or _samples_per_step(args), **self._run_kwargs)
             self.run.refuse_excursions(EXCURSIONS_REFUSED)
+            self.run.refuse_data_skips(DATA_SKIPS_REFUSED)
             self._restore_signals = install_stop_handlers(self.run.request_stop, lambda: self.run.stop_requested)
         else:
             self._take_over(model, optimizer, lr_scheduler, state)

@@ -16,6 +16,8 @@ from .instruments import journal as journals
 from .instruments.journal import AT_EPOCH_START, SETTABLE, read_journal
 
 REPLAY_SOURCE = "replay"
+# A journal's data skip (a rollback's --skip-batches), as it waits in the queue and is recorded.
+DATA_SKIP_KIND = "skip_batches"
 
 
 class ReplayQueue:
@@ -78,8 +80,9 @@ def load(replay: Any) -> dict[str, Any]:
 
 def settings(journal: dict[str, Any]) -> list[dict[str, Any]]:
     """The journal's schedule as entries of the run's replay queue (no command id yet)."""
-    return [{"id": None, "kind": SETTABLE[entry["set"]], "args": {"value": float(entry["value"])},
-             "step": entry["step"], "at": entry["at"], "source": REPLAY_SOURCE, "entry": index}
+    return [{"id": None, "step": entry["step"], "at": entry["at"], "source": REPLAY_SOURCE, "entry": index,
+             **({"kind": DATA_SKIP_KIND, "args": {"batches": int(entry["skip_batches"])}} if journals.is_skip(entry)
+                else {"kind": SETTABLE[entry["set"]], "args": {"value": float(entry["value"])}})}
             for index, entry in enumerate(journal["schedule"])]
 
 

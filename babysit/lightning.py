@@ -34,7 +34,8 @@ Resume and rollback: babysit's position wins, Lightning's counters follow it
     Inside an epoch the callback owns the train loader's iteration: it wraps the (single) train
     DataLoader in Lightning's CombinedLoader, so every ``iter()`` Lightning makes goes through
     :class:`babysit.position.ResumePosition` exactly as ``run.batches`` does (the loader's shuffle
-    replayed from the generators as the epoch started, the trained batches skipped, the generators
+    replayed from the generators as the epoch started, the trained batches skipped by the sampler's indices
+    without fetching them (:mod:`babysit.loader_skip`), the generators
     then put back as they were at the cut), and the batch counters of the epoch loop start at the
     number skipped. Epoch 0's iterator is made by Lightning before any hook can act, so the callback
     puts the RNG back and makes it again when epoch 0 starts (Lightning makes later epochs' after
@@ -46,7 +47,9 @@ Resume and rollback: babysit's position wins, Lightning's counters follow it
 
 Ctrl-C and SIGTERM stop at the next step boundary with a final checkpoint (a second Ctrl-C
 aborts); after SIGTERM, once babysit's stop is done, Lightning still ends the process with its
-SIGTERMException (a SystemExit), as it does without babysit.
+SIGTERMException (a SystemExit), as it does without babysit. Both packages Lightning ships as
+(``lightning.pytorch`` and ``pytorch_lightning``) raise their own SIGTERMException class; either
+one ends babysit's stop cleanly.
 
 A "step" is a training batch (one ``on_train_batch_end``). With several optimizers babysit nudges
 and restores the first as its optimizer; the others, their schedulers and Lightning's counters
@@ -57,12 +60,12 @@ Every rank makes the Run and calls it identically; nothing here depends on the r
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .checkpoint import rng_state, set_rng_state
 from .errors import SettingsError
@@ -73,6 +76,16 @@ from .signals import install_stop_handlers
 from .store import PAUSED, RUNNING
 
 _LIGHTNING_STATE = "_lightning"   # the run.state key of Lightning's counters and other optimizers
+
+
+def _is_lightning_sigterm(exception: BaseException) -> bool:
+    """Lightning's SIGTERMException, of either package it ships as: a Trainer of ``lightning.pytorch``
+    raises that package's class, one of ``pytorch_lightning`` its own (only a loaded one can be it)."""
+    for package in ("lightning.pytorch", "pytorch_lightning"):
+        module = sys.modules.get(f"{package}.utilities.exceptions")
+        if module is not None and isinstance(exception, module.SIGTERMException):
+            return True
+    return False
 
 
 # Lightning's fit loop keeps its own counters and loader iterators across the epoch; a probe's
@@ -88,8 +101,9 @@ class BabysitCallback(pl.Callback):
         run_dir: the run directory (made if new, resumed if it holds checkpoints).
         state: the loop's own state kept in every checkpoint (see :class:`babysit.Run`); available
             as ``callback.run.state`` once training has started.
-        config, guard, keep_last, flush_interval, items_per_step, item_unit: as for :class:`babysit.Run`
-            (``items_per_step`` defaults to the train loader's batch size).
+        config, guard, keep_last, retention, checkpoint_every_steps, checkpoint_every_minutes,
+        flush_interval, items_per_step, item_unit: as for :class:`babysit.Run` (``items_per_step``
+            defaults to the train loader's batch size; a step is a training batch).
     """
 
     def __init__(
@@ -100,6 +114,9 @@ class BabysitCallback(pl.Callback):
         config: dict[str, Any] | None = None,
         guard: GuardConfig | None = None,
         keep_last: int | None = None,
+        retention: Any = None,
+        checkpoint_every_steps: int | None = None,
+        checkpoint_every_minutes: float | None = None,
         flush_interval: float = 0.25,
         items_per_step: int | None = None,
         item_unit: str = "samples",
@@ -109,7 +126,9 @@ class BabysitCallback(pl.Callback):
         if state is not None and (not isinstance(state, dict) or _LIGHTNING_STATE in state):
             raise ValueError(f"state must be a dict without the key {_LIGHTNING_STATE!r}, got {state!r}")
         self.run_dir = Path(run_dir)
-        self._run_kwargs = dict(config=config, guard=guard, keep_last=keep_last, flush_interval=flush_interval,
+        self._run_kwargs = dict(config=config, guard=guard, keep_last=keep_last, retention=retention,
+                                checkpoint_every_steps=checkpoint_every_steps,
+                                checkpoint_every_minutes=checkpoint_every_minutes, flush_interval=flush_interval,
                                 items_per_step=items_per_step, item_unit=item_unit)
         self._user_state = state
         self.run: Run | None = None
@@ -231,7 +250,7 @@ class BabysitCallback(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         run = self._live()
-        if run is not None and isinstance(exception, SIGTERMException):
+        if run is not None and _is_lightning_sigterm(exception):
             # Lightning ends fit with SIGTERMException right after the step boundary where babysit
             # began the stop (or after the epoch, when the signal came at its last boundary):
             # finish that stop, final checkpoint included; Lightning then exits as it always does.
@@ -372,12 +391,8 @@ class _ResumableLoader:
         run = self._callback.run
         if run is None:
             return iter(self.loader)
-        position = run.position
-        position.use_loader(self.loader)
-        iterator = iter(self.loader)
-        skipped = position.skip_batches
-        if skipped:
-            position.skip_trained(iterator)
+        skipped = run.position.skip_batches
+        iterator = run.position.iterate(self.loader)  # past the batches already trained, without reading them
         return self._batches(iterator, skipped)
 
     def _batches(self, iterator: Iterator[Any], skipped: int) -> Iterator[Any]:

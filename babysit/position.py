@@ -2,9 +2,15 @@
 
 One object owns them, so every loop babysit serves (``Run.batches``, the framework callbacks)
 resumes the same way. An epoch's checkpoint resumes at the next epoch with the generators as they
-were when it was taken; a mid-epoch checkpoint ("checkpoint now", a stop) resumes inside its
-epoch: the generators are put back as the epoch started, so the loader shuffles as before, the
-batches already trained are skipped, and then the generators are put back as they were at the cut.
+were when it was taken; a mid-epoch checkpoint ("checkpoint now", a periodic one, a stop) resumes
+inside its epoch: the generators are put back as the epoch started, so the loader shuffles as
+before, the batches already trained are skipped (by the loader's own state, by the sampler's
+indices, or by reading them: :mod:`babysit.loader_skip`), and then the generators are put back as
+they were at the cut.
+
+``step_in_epoch`` counts the batches of the epoch's data order that are behind the run: those
+trained, and those a rollback's data skip left out (:meth:`ResumePosition.skip_ahead`); ``step``
+counts the steps trained.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from . import loader_skip
 from .checkpoint import (
-    KEY_EPOCH, KEY_EPOCH_START_RNG, KEY_LOADER_RNG, KEY_RNG, KEY_STEP, KEY_STEP_IN_EPOCH, rng_state, set_rng_state,
+    KEY_EPOCH, KEY_EPOCH_START_RNG, KEY_LOADER_RNG, KEY_LOADER_STATE, KEY_RNG, KEY_STEP, KEY_STEP_IN_EPOCH, rng_state,
+    set_rng_state,
 )
 
 
@@ -39,16 +47,38 @@ class ResumePosition:
     loader_rng_epoch_start: list[torch.Tensor] | None = None
     loader_rng_to_set: list[torch.Tensor] | None = None
     loader_rng_after_skip: list[torch.Tensor] | None = None
+    # The loader of the epoch in progress: a loader with state_dict() (torchdata's
+    # StatefulDataLoader) has its state in every checkpoint, loaded back before its next iter().
+    loader: Any = None
+    loader_state_to_load: dict[str, Any] | None = None
+    loader_state_batches: int = 0  # how far into its epoch that saved state stands
+    last_skip: loader_skip.Skip | None = None  # how the last resumed epoch got past its first batches
+
+    def iterate(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """``iter(loader)`` at this position: a resumed epoch starts after the batches behind the
+        run, skipped the cheapest exact way the loader allows (:func:`babysit.loader_skip.start`);
+        :attr:`last_skip` says how."""
+        self.use_loader(loader)
+        state, self.loader_state_to_load = self.loader_state_to_load, None
+        iterator, self.last_skip = loader_skip.start(loader, self.skip_batches, state=state,
+                                                     state_batches=self.loader_state_batches)
+        if self.skip_batches:
+            self.batches_skipped()
+        return iterator
 
     def use_loader(self, loader: Iterable[Any]) -> None:
         """Before ``iter(loader)``: find its generators, put back a checkpoint's states."""
+        self.loader = loader
         self.loader_generators = loader_generators(loader)
         states, self.loader_rng_to_set = self.loader_rng_to_set, None
-        if states is not None and len(states) == len(self.loader_generators):
-            for generator, state in zip(self.loader_generators, states):
+        restored = states is not None and len(states) == len(self.loader_generators)
+        if restored:
+            for generator, state in zip(self.loader_generators, states):  # type: ignore[arg-type]
                 generator.set_state(state)
         if self.skip_batches == 0:
             self.loader_rng_epoch_start = [g.get_state() for g in self.loader_generators]
+        else:  # a resumed epoch: its start is the state just put back (a later checkpoint of it records that)
+            self.loader_rng_epoch_start = states if restored else None
 
     def at_last_boundary(self) -> bool:
         """After the epoch's last batch: a cut here would leave an epoch with nothing to train but
@@ -67,14 +97,23 @@ class ResumePosition:
             self.rng_at_epoch_end = None
         return self.epoch
 
-    def skip_trained(self, batches: Iterator[Any]) -> None:
-        """Resuming inside an epoch: skip the batches already trained, then restore the RNG."""
-        for _ in range(self.skip_batches):
-            next(batches)
-        self.batches_skipped()
+    def skip_ahead(self, batches: int) -> None:
+        """After :meth:`restore`: the resumed run also leaves out the next ``batches`` of the data
+        order (a rollback's data skip). Inside an epoch they add to the batches skipped; at an
+        epoch's start (an epoch's checkpoint) the next epoch starts that many batches in, its
+        generators drawing as the epoch's start does, with nothing put back after the skip."""
+        if batches <= 0:
+            return
+        if self.skip_batches == 0:
+            self.epoch_start_rng = rng_state()  # restore() just set the generators to the epoch's start
+            self.rng_after_skip = None
+            self.loader_rng_after_skip = None
+            self.step_in_epoch = 0
+        self.skip_batches += batches
+        self.step_in_epoch += batches
 
     def batches_skipped(self) -> None:
-        """The batches already trained are skipped (by ``skip_trained``, or by a framework's own
+        """The batches already trained are skipped (by :meth:`iterate`, or by a framework's own
         loader when it resumes): put the generators back as they were at the cut."""
         self.skip_batches = 0
         if self.rng_after_skip is not None:
@@ -97,6 +136,7 @@ class ResumePosition:
             KEY_EPOCH: self.epoch, KEY_STEP: self.step, KEY_STEP_IN_EPOCH: self.step_in_epoch,
             KEY_LOADER_RNG: {"epoch_start": self.loader_rng_epoch_start,
                              "now": [g.get_state() for g in self.loader_generators]},
+            KEY_LOADER_STATE: loader_skip.own_state(self.loader),
         }
 
     def restore(self, state: dict[str, Any], *, epoch_done: bool) -> None:
@@ -105,6 +145,8 @@ class ResumePosition:
         self.epoch = int(state[KEY_EPOCH])
         self.rng_at_epoch_end = None
         loader_rng = state.get(KEY_LOADER_RNG) or {}
+        self.loader_state_to_load = state.get(KEY_LOADER_STATE)
+        self.loader_state_batches = 0 if epoch_done else int(state[KEY_STEP_IN_EPOCH])
         if epoch_done:
             self.loader_rng_to_set, self.loader_rng_after_skip = loader_rng.get("now"), None
             self.next_epoch = self.epoch + 1

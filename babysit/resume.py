@@ -187,14 +187,14 @@ class Resume:
         for candidate in reversed(own):
             state = self._verified_or_event(candidate)
             if state is not None:
-                self.loader.load_state(state, candidate)
+                self._load(state, candidate)
                 return candidate, ""
         if not branch["from_checkpoint"] and not own:
             return None, ""  # killed before its first checkpoint: it starts again
         origin = store.checkpoint(branch["from_checkpoint"]) if branch["from_checkpoint"] else None
         state = self._verified_or_event(origin) if origin is not None else None
         if origin is not None and state is not None:
-            self.loader.load_state(state, origin)
+            self._load(state, origin)
             self.trainables.restore_hparams(branch["hparams"])
             return origin, ""
         # What the rollback meant comes first (before the fork, on its line of descent); then any
@@ -210,7 +210,7 @@ class Resume:
             state = self._verified_or_event(candidate)
             if state is None:
                 continue
-            self.loader.load_state(state, candidate)
+            self._load(state, candidate)
             damaged = position.branch
             position.branch = store.new_branch(parent=candidate["branch"], from_checkpoint=candidate["id"],
                                                start_step=position.step, start_epoch=position.epoch,
@@ -227,6 +227,18 @@ class Resume:
             "be loaded (see the checkpoint_refused events); restore one from a backup, or start a new run in another "
             "directory"
         )
+
+    def _load(self, state: dict[str, Any], record: dict[str, Any]) -> None:
+        """Load a verified checkpoint, after checking that it fits this model and optimizer: one that
+        does not is another model's run (a script changed, a run directory reused), which no other
+        checkpoint of the run would fit either, so it is refused before anything is loaded."""
+        problems = self.trainables.misfit(state)
+        if problems:
+            raise CheckpointError(
+                f"checkpoint #{record['id']} of run {str(self.run_dir)!r} does not fit this model and optimizer "
+                f"({'; '.join(problems)}): the run was trained with others; build the model and optimizer it was "
+                "trained with, or start a new run in another directory; nothing was loaded")
+        self.loader.load_state(state, record)
 
     def _verified_or_event(self, record: dict[str, Any]) -> dict[str, Any] | None:
         try:

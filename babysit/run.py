@@ -19,6 +19,8 @@ import atexit
 import json
 import logging
 import os
+import sqlite3
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -29,22 +31,26 @@ import torch
 from . import commands as cmd
 from . import journal_replay, optim, parallelism, ranks as ranks_module
 from .checkpoint import PendingCheckpoint, remove_stale_temps
+from .cadence import Cadence
 from .command_runner import CommandRunner
 from .control import Interrupt, RunControl
 from .cuts import Cuts
-from .errors import RunLockedError, SettingsError  # noqa: F401 (RunLockedError, as before the error tree)
+from .errors import RunDirError, RunLockedError, SettingsError  # noqa: F401 (RunLockedError, as before the error tree)
 from .excursion_runner import NOT_SHARDED, Excursions
 from .guard import DivergenceGuard, GuardConfig
 from .hparam_watch import LOOP, HparamWatch
 from .journal_replay import ReplayQueue
+from .narrator import Narrator
 from .position import ResumePosition
 from .remedy import DivergenceRemedy
 from .resume import Loader, Resume
+from .retention import RetentionPolicy
 from .rundir import acquire_run_lock as _acquire_run_lock
+from .rundir import usable_run_dir
 from .sharded_writer import ShardedCheckpointer
 from .signals import install_stop_handlers
 from .snapshots import Snapshots
-from .store import FINISHED, PER_EPOCH, PER_STEP, CommandSignal, RunStore
+from .store import FINISHED, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore, disk_full
 from .trainables import Trainables, optimizer_or_loop_hparams
 from .writer import LogQueue, MetricsWriter, to_float
 
@@ -66,8 +72,14 @@ class Run:
             Available as ``run.state``.
         config: the run's settings (JSON-serialisable); stored in every checkpoint.
         guard: divergence guard settings (``GuardConfig(enabled=False)`` turns it off).
-        keep_last: keep only the newest N checkpoints (those a branch started from are kept too);
-            ``None`` keeps them all.
+        keep_last: keep only the newest N checkpoints of any kind (those a branch starts from, and
+            those a probe set or sweep in progress needs, are kept too); ``None``: the default
+            retention (every epoch's and every asked-for checkpoint kept, periodic ones thinned;
+            see :mod:`babysit.retention` and docs/long-runs.md).
+        retention: a :class:`babysit.RetentionPolicy` (thinning, a disk budget), instead of keep_last.
+        checkpoint_every_steps, checkpoint_every_minutes: a periodic checkpoint every N steps (at the
+            multiples of N) and/or every M minutes after the last one, besides each epoch's; each is
+            an exact resume point inside its epoch and a rollback target (see :mod:`babysit.cadence`).
         flush_interval: seconds between writes of logged values (and heartbeats) to the store.
         items_per_step, item_unit: what one step trains, for the throughput shown on the page
             (for example 32 ``"samples"`` or 32×128 ``"tokens"``); by default the loader's batch size.
@@ -91,14 +103,21 @@ class Run:
         config: dict[str, Any] | None = None,
         guard: GuardConfig | None = None,
         keep_last: int | None = None,
+        retention: RetentionPolicy | None = None,
+        checkpoint_every_steps: int | None = None,
+        checkpoint_every_minutes: float | None = None,
         flush_interval: float = 0.25,
         items_per_step: int | None = None,
         item_unit: str = "samples",
         evaluate: Callable[[], dict[str, Any]] | None = None,
         replay: str | os.PathLike[str] | dict[str, Any] | None = None,
     ) -> None:
-        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-            raise SettingsError(f"keep_last must be a whole number >= 1 or None, got {keep_last!r}")
+        if retention is not None and keep_last is not None:
+            raise SettingsError("give keep_last or retention, not both: keep_last=N is RetentionPolicy(keep_last=N)")
+        if retention is not None and not isinstance(retention, RetentionPolicy):
+            raise SettingsError(f"retention must be a babysit.RetentionPolicy, got {retention!r}")
+        policy = retention or RetentionPolicy(keep_last=keep_last)  # checks keep_last
+        cadence = Cadence(checkpoint_every_steps, checkpoint_every_minutes)
         if items_per_step is not None and (not isinstance(items_per_step, int) or items_per_step < 1):
             raise SettingsError(f"items_per_step must be a whole number >= 1 or None, got {items_per_step!r}")
         if evaluate is not None and not callable(evaluate):
@@ -107,6 +126,10 @@ class Run:
             raise SettingsError(f"item_unit must be a short word such as 'samples' or 'tokens', got {item_unit!r}")
         journal = None if replay is None else journal_replay.load(replay)  # refused before anything is created
         optimizer = optimizer_or_loop_hparams(optimizer, lr, momentum)
+        if not isinstance(run_dir, (str, os.PathLike)) or not str(os.fspath(run_dir)).strip():
+            # Path("") is the current directory: a run directory is named, never implied.
+            raise SettingsError(f"run_dir must name a directory, such as 'checkpoints/my-run' (or '.' for the "
+                                f"current one), got {run_dir!r}")
         # What babysit cannot checkpoint (FSDP1, tensor parallel, DeepSpeed) is refused on every rank
         # alike, before any rank waits for the others: it would hang or be lost at the first checkpoint.
         refused = parallelism.refusal(model, optimizer)
@@ -115,7 +138,6 @@ class Run:
         self.run_dir = Path(run_dir)
         self.config = dict(config or {})
         json.dumps(self.config)  # fail now, not at the first checkpoint
-        self.keep_last = keep_last
         self.guard_config = guard or GuardConfig()
         self.items_per_step = items_per_step
         self.item_unit = item_unit.strip()
@@ -131,15 +153,32 @@ class Run:
         if ranks is not None:  # every change of lr or momentum on the leader reaches the followers
             trainables.tell = ranks.tell
             trainables.shard_group = ranks.group  # a sharded checkpoint loads on every rank together
-        control, position = self.control, self.position = RunControl(), ResumePosition()
-        self._queue = queue = LogQueue(keep=not follows)  # the training thread's share of storing a value
-        self._guard = guard_ = DivergenceGuard(self.guard_config)
+        self.control, self.position = RunControl(), ResumePosition()
+        self._queue = LogQueue(keep=not follows)  # the training thread's share of storing a value
+        self._guard = DivergenceGuard(self.guard_config)
+        if not follows:
+            unusable = usable_run_dir(self.run_dir, must_exist=False)
+            if unusable:
+                raise RunDirError(unusable)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock_file = _acquire_run_lock(self.run_dir)
+        try:
+            self._assemble(evaluate, journal, flush_interval, policy, cadence)
+        except BaseException as error:
+            if not follows:  # a retry in this process (a notebook) must find the run directory free
+                self._let_go_after_failed_start(error)
+            raise
+
+    def _assemble(self, evaluate: Callable[[], dict[str, Any]] | None, journal: dict[str, Any] | None,
+                  flush_interval: float, policy: RetentionPolicy, cadence: Cadence) -> None:
+        """Build the parts, then start or resume (what can fail once the run directory is taken)."""
+        trainables, ranks, follows, control, position = (self.trainables, self._ranks, self._follows, self.control,
+                                                          self.position)
+        queue, guard_ = self._queue, self._guard
         if follows:
             self.store: RunStore = None  # type: ignore[assignment]
             self.signal: CommandSignal = None  # type: ignore[assignment]
         else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._lock_file = _acquire_run_lock(self.run_dir)
             self.store = RunStore(self.run_dir, create=True)
             remove_stale_temps(self.run_dir)
             self.signal = CommandSignal(self.store.signal_path)
@@ -156,8 +195,8 @@ class Run:
             atexit.register(self._at_exit)
             return
         self.snapshots = snapshots = Snapshots(
-            self.run_dir, store, trainables, position, control, ranks, config=self.config, keep_last=keep_last,
-            flush_logged=lambda: self.writer.flush(),
+            self.run_dir, store, trainables, position, control, ranks, config=self.config, policy=policy,
+            cadence=cadence, flush_logged=lambda: self.writer.flush(),
             on_weights_diverged=lambda what, branch, step: self.remedy.apply(what, branch, step))
         self.remedy = DivergenceRemedy(store, control, position, trainables, snapshots, self.guard_config)
         self._replay = replay_queue = ReplayQueue()
@@ -175,17 +214,44 @@ class Run:
             replay_queue, self._excursions, ranks, wake_writer=lambda: self.writer.wake())
         self._cuts = Cuts(store, control, position, trainables, snapshots, loader, hparams, guard_, replay_queue,
                           status_fields=self._status_fields)
+        self._narrator = Narrator(store)  # the trainer's console: lines per epoch, command and event
         resume = Resume(self.run_dir, store, loader, snapshots, control, position, trainables, hparams, guard_,
                         replay_queue, config=self.config, guard_metric=self.guard_config.metric,
                         status_fields=self._status_fields, expire_stale=self._commands.expire_stale)
         self._meet(resume.restore_on_start, ranks_module.START)
+        store.set_meta("retention", policy.to_json())  # what status and the page say is kept, and why
         if journal is not None:
             resume.start_replay(journal)
+        self._narrator.branch_starts(position.branch, position.step, time.time())
         self.writer = MetricsWriter(
             store, queue=queue.items, status=self._status_fields, guard=guard_,
             on_divergence=self.remedy.on_divergence, on_tick=self._on_tick, interval=flush_interval,
         )
         atexit.register(self._at_exit)
+
+    def _let_go_after_failed_start(self, error: BaseException) -> None:
+        """Run() failed once it had taken the run directory: stop its threads, say so in the status
+        row if this process had claimed it, and release the lock."""
+        for part in (getattr(self, "writer", None), getattr(self, "snapshots", None)):
+            if part is not None:
+                try:
+                    part.close()
+                except Exception:
+                    log.exception("babysit: closing after a failed start in %s", self.run_dir)
+        store = getattr(self, "store", None)
+        if store is not None:
+            try:
+                status = store.status()
+                if status.get("pid") == os.getpid() and status.get("state") in (RUNNING, PAUSED):
+                    store.write_status(state=STOPPED, heartbeat=time.time(),
+                                       message=f"Run() failed as it started: {type(error).__name__}: {error}"[:500])
+            except Exception:
+                log.exception("babysit: the status of %s could not be written after a failed start", self.run_dir)
+            store.close()
+        signal = getattr(self, "signal", None)
+        if signal is not None:
+            signal.close()
+        self._lock_file.close()
 
     # -- what it trains, and where it is ---------------------------------------------------------
     model = property(lambda self: self.trainables.model)
@@ -261,6 +327,12 @@ class Run:
         """The lr and momentum the optimizer uses now."""
         return self.trainables.hparams()
 
+    def refuse_data_skips(self, why: str) -> None:
+        """For a framework's callback whose loader skips the batches of a resume itself: refuse a
+        rollback's ``skip_batches``, saying why."""
+        if not self._follows:
+            self._commands.refuse_data_skips(why)
+
     def refuse_excursions(self, why: str) -> None:
         """For a framework's callback whose loop cannot make probes and sweeps exact: refuse them, saying why."""
         if not self._follows:
@@ -330,10 +402,16 @@ class Run:
         if control.interrupt is Interrupt.EXCURSION:
             control.excursion.transition()
             return True
+        if control.interrupt is Interrupt.DATA_SKIP:
+            self._cuts.finish_data_skip()
+            return True
         if control.excursion is not None:  # an epoch's end inside a probe: no checkpoint on its branch
             control.excursion.epoch_end(last_epoch=self.max_epochs is not None and self.epoch >= self.max_epochs)
             return True
         self.snapshots.end_epoch()
+        self._narrator.epoch_ended(branch=self.branch, epoch=self.epoch, max_epochs=self.max_epochs, step=self.step,
+                                   wall=time.time(), metrics=dict(self.snapshots.epoch_metrics),
+                                   hparams=self.trainables.hparams())
         control.take_checkpoint_asked()  # a run.checkpoint_now() still waiting: the epoch's checkpoint answers it
         self._tell("epoch_end")
         return True
@@ -377,10 +455,10 @@ class Run:
             position.steps_per_epoch = None
         if self.items_per_step is None and isinstance(getattr(loader, "batch_size", None), int):
             self.items_per_step = loader.batch_size  # type: ignore[attr-defined]
-        position.use_loader(loader)
-        iterator = iter(loader)
-        if position.skip_batches:
-            position.skip_trained(iterator)
+        iterator = position.iterate(loader)  # a resumed epoch: past the batches behind the run, read only if need be
+        if position.last_skip is not None and position.last_skip.note and not self._follows:
+            self._say_once("resume_skip", position.last_skip.note, {"batches": position.last_skip.batches,
+                                                                    "read": position.last_skip.read})
         self.control.wake_up()
         if self.step_boundary() is not None:
             return
@@ -405,7 +483,8 @@ class Run:
             return control.interrupt
         if self._ranks is None:
             signal = self.signal  # CommandSignal.changed(), inlined: this runs every step
-            if control.wake or signal.word[:8] != signal.seen or (self._replay.entries and self._commands.replay_due()):
+            if (control.wake or signal.word[:8] != signal.seen or self.position.step >= self.snapshots.periodic_step
+                    or (self._replay.entries and self._commands.replay_due())):
                 self._commands.apply_due()
         else:
             if self.position.step >= self._ranks.next_sync:
@@ -431,7 +510,10 @@ class Run:
             if type(value) is _TENSOR:
                 # CPU tensors become floats now (cheaper than keeping them, and their graphs,
                 # alive); GPU tensors are detached and read later on the writer thread, no sync.
-                metrics[name] = value.detach() if value.is_cuda else value.item()
+                try:
+                    metrics[name] = value.detach() if value.is_cuda else value.item()
+                except RuntimeError:  # not one value: the writer thread drops it, naming the metric and step
+                    metrics[name] = value.detach()
         self._queue.put((PER_STEP, self.position.branch, self.position.step, _wall_clock(), metrics))
 
     def log_epoch(self, **metrics: Any) -> None:
@@ -439,9 +521,15 @@ class Run:
         Ignored while ``run.interrupted``: an evaluation after a cut, or on a probe's branch, is not kept."""
         if self.interrupted or self._follows:
             return
-        values = {name: to_float(value) for name, value in metrics.items()}
+        values, logged = {}, dict(metrics)
+        for name, value in metrics.items():
+            try:
+                values[name] = to_float(value)
+                logged[name] = values[name]
+            except Exception:  # as run.log: the writer drops what is not a number, naming the metric and step
+                logged[name] = value.detach() if isinstance(value, torch.Tensor) else value
         self.snapshots.epoch_metrics.update(values)
-        self._queue.put((PER_EPOCH, self.branch, self.position.step, time.time(), values))
+        self._queue.put((PER_EPOCH, self.branch, self.position.step, time.time(), logged))
 
     def request_stop(self, reason: str = "requested") -> None:
         """Stop at the next step boundary with a final checkpoint (safe in a signal handler)."""
@@ -463,6 +551,11 @@ class Run:
         """The checkpoint writer (``wait()`` for what it was given); on a follower rank, the writer of
         its shards (a sharded model), else None."""
         return self._ranks.shard_writer if self._follows else self.snapshots.writer
+
+    def _say_once(self, kind: str, message: str, data: dict[str, Any]) -> None:
+        """Tell the person at the trainer's terminal and on the page (an event), once."""
+        print(f"babysit: {message}", file=sys.stderr, flush=True)
+        self.store.add_event(kind, message, branch=self.branch, step=self.step, epoch=self.epoch, data=data)
 
     # -- together with the other ranks (see babysit.ranks) ------------------------------------
     def _meet(self, body: Callable[[], Any], point: int | None = None, *, only_for_a_stop: bool = False) -> Any:
@@ -494,7 +587,8 @@ class Run:
         step = self.position.step
         due = None if self._follows else self._replay.next_step
         replay_due = due is not None and due <= step + 1  # due by the step this sync is acted on
-        wants = ranks.leads and (control.wake or self.signal.changed() or replay_due)
+        # A periodic checkpoint due: taken by every rank together at this meeting (within a sync interval of it).
+        wants = ranks.leads and (control.wake or self.signal.changed() or replay_due or self.snapshots.periodic_due())
         work, stop_asked = ranks.sync_step(step, work=wants, stop_asked=control.stop_asked, due_at=due)
         if stop_asked and ranks.leads and not control.stop_asked:
             control.ask_stop("a stop asked on another rank")
@@ -515,10 +609,28 @@ class Run:
             return
         self.snapshots.close()
         self.writer.close()
-        self.store.write_status(**self._status_fields(), heartbeat=time.time())
+        self._write_final_status()
+        self._narrate(final=True)
         self.signal.close()
         self._lock_file.close()
         self._release_signals()
+
+    def _write_final_status(self) -> None:
+        """The last status row; a run that stopped or finished also expires the commands still
+        pending, in the same commit: a command sent meanwhile is either expired here or refused
+        because the run is over (enqueue_command reads the status in its own transaction), never
+        carried out unasked by the next start."""
+        status, position = self.control.status, self.position
+        try:
+            with self.store.transaction():
+                if status in (STOPPED, FINISHED):
+                    self.store.expire_pending(f"the run {status} before it applied this", branch=position.branch,
+                                              step=position.step)
+                self.store.write_status(**self._status_fields(), heartbeat=time.time())
+        except sqlite3.OperationalError as error:
+            if not disk_full(error):
+                raise
+            # A full disk: nothing can be recorded now (the writer has said so); what is pending stays so.
 
     def _release_signals(self) -> None:
         if self._restore_signals is not None:
@@ -559,9 +671,19 @@ class Run:
         }
 
     def _on_tick(self) -> None:
-        # A fallback for the signal file (a missed write, a filesystem without shared mmap).
-        if not self.control.wake and self.store.has_pending_commands():
+        # A fallback for the signal file (a missed write, a filesystem without shared mmap); and
+        # the clock of the time cadence, read here rather than at every step.
+        if not self.control.wake and (self.store.has_pending_commands()
+                                      or time.monotonic() >= self.snapshots.periodic_time):
             self.control.wake_up()
+        self._narrate()
+
+    def _narrate(self, final: bool = False) -> None:
+        """The narrator's lines: a failure to say them never stops the run (nor its writer)."""
+        try:
+            self._narrator.tell(final=final)
+        except Exception:
+            log.exception("babysit: the trainer's console lines could not be read from the store")
 
     def _at_exit(self) -> None:
         try:

@@ -185,6 +185,8 @@ def acquire_run_lock(run_dir: Path) -> IO[str]:
 def usable_run_dir(run_dir: Path | str, *, must_exist: bool) -> str | None:
     """Why ``run_dir`` cannot be a run directory (a file is in the way, a name is too long, it is
     read-only), or None when it can. ``must_exist``: it must already be a directory."""
+    if not str(run_dir).strip():  # Path("") is the current directory: a run directory is named, never implied
+        return f"run directory {str(run_dir)!r} is empty: name one, such as 'checkpoints/my-run' (or '.' for this one)"
     path = Path(run_dir)
     for part in path.parts:
         if len(os.fsencode(part)) > 255:

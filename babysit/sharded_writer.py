@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import (
-    SHARDED_SUFFIX, AsyncCheckpointer, PendingCheckpoint, clone_tree, disk_full_error, first_non_finite, to_cpu_tree,
-    write_atomic,
+    SHARDED_SUFFIX, AsyncCheckpointer, PendingCheckpoint, clone_tree, disk_full_error, first_non_finite, remove_unlisted,
+    to_cpu_tree, write_atomic,
 )
 from .dcp_folder import DCP_METADATA, Folder, folder_writer
 from .arrivals import Arrivals
@@ -130,7 +130,12 @@ class ShardedCheckpointer(AsyncCheckpointer):
         try:
             self._write_job(job, key, temp)
             if self.leads:
-                self._on_written(job)
+                try:
+                    self._on_written(job)
+                except BaseException:  # listed or gone: never a complete folder nobody lists
+                    if not job.listed:
+                        remove_unlisted(job.path)
+                    raise
         except BaseException as error:  # reported, never allowed to kill the writer thread
             job.error = error if isinstance(error, Exception) else CheckpointError(describe(error))
             log.warning("babysit: rank %d: sharded checkpoint %s: %s", self.rank, name, job.error)

@@ -8,17 +8,28 @@ applied in the same commit. Work is bounded whatever arrives: every "checkpoint 
 step is answered by one snapshot, and while one such snapshot is being written, later requests wait
 for it (they stay pending, never carried out twice). File names never collide, so a listed file is
 never overwritten.
+
+Periodic checkpoints (``Run(checkpoint_every_steps=, checkpoint_every_minutes=)``, see
+:mod:`babysit.cadence`) are taken at the step boundary they fall due at, never inside an excursion
+and never at an epoch's last boundary (the epoch's own checkpoint is that one); each is an exact
+resume point inside its epoch. After every checkpoint written, :mod:`babysit.retention` decides
+what is kept; a periodic checkpoint the disk budget or the free space cannot take is not written,
+with an event.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 from . import commands as cmd
+from . import retention
+from .cadence import Cadence
 from .checkpoint import (
     FORMAT, KEY_BRANCH, KEY_CONFIG, KEY_FORMAT, KEY_HPARAMS, KEY_LAST_COMMAND, KEY_METRICS, REASON_COMMAND,
     REASON_EPOCH, AsyncCheckpointer, CheckpointError, PendingCheckpoint, checkpoint_filename, disk_full_error,
@@ -27,13 +38,16 @@ from .checkpoint import (
 from .control import RunControl
 from .position import ResumePosition
 from .ranks import KEY_RANKS, Ranks
-from .rundir import checkpoint_present, remove_checkpoint_files
+from .retention import REASON_PERIODIC, RetentionPolicy
+from .rundir import checkpoint_present
 from .sharded import KEY_SHARDED
 from .sharded_writer import ShardedCheckpointer
 from .store import RunStore
 from .trainables import Trainables
 
 log = logging.getLogger(__name__)
+
+_NEVER = 2**62  # a step no run reaches: no periodic checkpoint by steps
 
 
 class Snapshots:
@@ -44,8 +58,9 @@ class Snapshots:
     when a snapshot holds NaN or infinite weights."""
 
     def __init__(self, run_dir: Path, store: RunStore, trainables: Trainables, position: ResumePosition,
-                 control: RunControl, ranks: Ranks | None, *, config: dict[str, Any], keep_last: int | None,
-                 flush_logged: Callable[[], None], on_weights_diverged: Callable[[str, int, int], None]) -> None:
+                 control: RunControl, ranks: Ranks | None, *, config: dict[str, Any], policy: RetentionPolicy,
+                 cadence: Cadence, flush_logged: Callable[[], None],
+                 on_weights_diverged: Callable[[str, int, int], None]) -> None:
         self.run_dir = run_dir
         self.store = store
         self.trainables = trainables
@@ -53,7 +68,14 @@ class Snapshots:
         self.control = control
         self.ranks = ranks
         self.config = config
-        self.keep_last = keep_last
+        self.policy = policy
+        self.cadence = cadence
+        # The next periodic checkpoint: at this step (a multiple of every_steps), or at this
+        # time.monotonic() (every_minutes after the last checkpoint written, or the start).
+        self.periodic_step = cadence.next_step(position.step) or _NEVER
+        self.periodic_time = cadence.next_time(time.monotonic()) or float("inf")
+        self._periodic_refused: str | None = None          # why the last periodic one was not written
+        self.pins: dict[int, str] = {}                     # checkpoints about to be relied on (see pin())
         self._flush_logged = flush_logged
         self._on_weights_diverged = on_weights_diverged
         self.epoch_metrics: dict[str, float] = {}          # the epoch's log_epoch values so far
@@ -98,7 +120,9 @@ class Snapshots:
             state[KEY_RANKS] = self.ranks.gather_shares()
         meta = {"branch": position.branch, "epoch": position.epoch, "step": position.step,
                 "step_in_epoch": position.step_in_epoch, "hparams": hparams, "metrics": dict(self.epoch_metrics),
-                "reason": reason, "commands": list(commands or []), "rng": rng_now}
+                "reason": reason, "commands": list(commands or []), "rng": rng_now, "taken": time.monotonic()}
+        if self.cadence.every_steps is not None:  # any checkpoint counts; the next periodic one is at the next multiple
+            self.periodic_step = self.cadence.next_step(position.step) or _NEVER
         job = PendingCheckpoint(path=path, state={"shards": shards, "rest": state} if sharded else state, meta=meta)
         self._last_job = job
         if commands:
@@ -118,6 +142,70 @@ class Snapshots:
 
     def begin_epoch(self) -> None:
         self.epoch_metrics = {}
+        if self.cadence.every_steps is not None:  # after a resume or a rollback the step may have gone back
+            self.periodic_step = self.cadence.next_step(self.position.step) or _NEVER
+            self._record_cadence()
+
+    # -- periodic checkpoints ------------------------------------------------------------------
+    def periodic_due(self) -> bool:
+        """A periodic checkpoint falls due at this boundary (by steps or by time)."""
+        return self.position.step >= self.periodic_step or time.monotonic() >= self.periodic_time
+
+    def take_periodic(self) -> PendingCheckpoint | None:
+        """The periodic checkpoint due now, unless this boundary is no place for one (an excursion
+        runs, a cut is in progress, the epoch's own checkpoint comes next) or the disk cannot take
+        it (an event says why, once until that changes). None when none is written."""
+        position, control = self.position, self.control
+        if control.excursion is not None or control.interrupt is not None or position.at_last_boundary():
+            self.periodic_step = self.cadence.next_step(position.step) or _NEVER
+            return None
+        refused = self._why_not_periodic()
+        if refused is not None:
+            self.periodic_step = self.cadence.next_step(position.step) or _NEVER
+            self.periodic_time = self.cadence.next_time(time.monotonic()) or float("inf")
+            if refused != self._periodic_refused:
+                self.store.add_event("checkpoint_skipped", f"periodic checkpoint at step {position.step} not written: "
+                                     f"{refused}", branch=position.branch, step=position.step, epoch=position.epoch)
+            self._periodic_refused = refused
+            return None
+        self._periodic_refused = None
+        job = self.take(REASON_PERIODIC, reuse_same_step=True)
+        # Not due again while this one is being written (its write restarts the clock once more).
+        self.periodic_time = self.cadence.next_time(time.monotonic()) or float("inf")
+        return job
+
+    def _why_not_periodic(self) -> str | None:
+        legs = self.store.excursion_branch_ids()
+        rows = [c for c in self.store.checkpoints() if c["branch"] not in legs]
+        # The next one is about as large as the last ones written (the snapshots still being
+        # written are not sized yet).
+        size = max((int(c["size"] or 0) for c in rows[-3:]), default=0)
+        if size == 0:
+            return None  # nothing written yet to size the next one by
+        try:
+            free: int | None = shutil.disk_usage(self.run_dir).free
+        except OSError:
+            free = None
+        pinned = {**retention.pins(self.store.branches(), legs, self.store.running_excursion()), **self.pins}
+        return retention.refuse_periodic(rows, self.policy, now=time.time(), pinned=pinned, next_bytes=size,
+                                         free_bytes=free)
+
+    def _record_cadence(self) -> None:
+        """What `status` and the page say of the cadence: it, and when the next one is due."""
+        if not self.cadence.active:
+            return
+        left = self.periodic_time - time.monotonic()
+        self.store.set_meta("cadence", self.cadence.to_json(
+            next_step=self.periodic_step if self.periodic_step != _NEVER else None,
+            next_wall=time.time() + left if left != float("inf") else None))
+
+    def pin(self, checkpoint_id: int, why: str) -> None:
+        """Keep ``checkpoint_id`` whatever the retention policy, until :meth:`unpin` (an excursion's
+        fork while its return point is written, before the excursion's own row pins it)."""
+        self.pins[checkpoint_id] = why
+
+    def unpin(self, checkpoint_id: int) -> None:
+        self.pins.pop(checkpoint_id, None)
 
     def end_epoch(self) -> None:
         waiting, self._for_epoch_end = self._for_epoch_end, []
@@ -198,7 +286,11 @@ class Snapshots:
             for command_id in answered:
                 store.finish_command(command_id, cmd.APPLIED, branch=meta["branch"], step=meta["step"],
                                      result={"checkpoint": checkpoint_id})
+        job.listed = True  # committed: the file is the store's now (retention may still remove it)
         self.control.wake_up()  # requests that waited for this snapshot are answered at the next boundary
+        if self.cadence.every_minutes is not None:  # the time cadence counts from the last checkpoint written
+            self.periodic_time = self.cadence.next_time(time.monotonic()) or float("inf")
+        self._record_cadence()
         self._apply_retention()
 
     def _record_epoch_end(self, meta: dict[str, Any]) -> None:
@@ -207,6 +299,11 @@ class Snapshots:
 
     def _failed(self, job: PendingCheckpoint) -> None:
         store, error, meta = self.store, job.error, job.meta
+        if job.listed:  # listed and its commands answered: only what came after (retention) failed
+            store.add_event("checkpoint_failed", f"checkpoint #{meta['id']} at step {meta['step']} is kept, but "
+                            f"removing older checkpoints (keep_last) failed: {type(error).__name__}: {error}",
+                            branch=meta["branch"], step=meta["step"], epoch=meta["epoch"])
+            return
         with self._lock:
             answered = list(meta["commands"])
             self._names_in_flight.discard(job.path.name)
@@ -218,6 +315,10 @@ class Snapshots:
                        f"({os.strerror(full.errno)}); earlier checkpoints are intact; the run is paused: free some "
                        "space, then resume")
             reason = "the disk is full, no checkpoint could be written"
+        elif job.result is not None:  # written, but the store did not list it: its file was removed
+            message = (f"checkpoint at step {meta['step']} not kept: it was written but could not be listed "
+                       f"({type(error).__name__}: {error}), so its file was removed")
+            reason = "a checkpoint could not be listed"
         else:
             message = f"checkpoint at step {meta['step']} not written: {error}"
             reason = "a checkpoint could not be written"
@@ -237,11 +338,7 @@ class Snapshots:
 
     # -- what is kept, and where to go back to ------------------------------------------------
     def _apply_retention(self) -> None:
-        if self.keep_last is None:
-            return
-        for old in self.store.checkpoints_to_retire(self.keep_last):
-            remove_checkpoint_files(self.run_dir, old["file"])  # a file, or a sharded checkpoint's folder
-            self.store.mark_checkpoint_deleted(old["id"])
+        retention.apply(self.store, self.policy, now=time.time(), extra_pins=self.pins)
 
     def lineage_before(self, branch_id: int, before_step: int) -> list[dict[str, Any]]:
         """Checkpoints on ``branch_id``'s line of descent taken before ``before_step`` (on each

@@ -97,22 +97,42 @@ class Trainables:
     def check_fits(self, state: dict[str, Any], checkpoint_id: Any) -> None:
         """Refuse a checkpoint whose tensors do not fit this model or optimizer before anything
         is changed (loading it would fail half-way)."""
-        live = self.model.state_dict()  # a DTensor's shape is the whole tensor's, as the index gives it
+        problems = self.misfit(state)
+        if problems:
+            raise CommandError(f"checkpoint #{checkpoint_id} does not fit this model ({'; '.join(problems)}); "
+                               "nothing was changed")
+
+    def misfit(self, state: dict[str, Any]) -> list[str]:
+        """What in a checkpoint does not fit this model and optimizer (nothing when it loads): names
+        only one side has, shapes that differ, other parameter groups, another kind of optimizer.
+        A sharded checkpoint's shapes are its index's (a DTensor's shape is the whole tensor's)."""
+        live = self.model.state_dict()
         if sharded.KEY_SHARDED in state:
             saved: dict[str, Any] = {name: torch.Size(shape)
                                      for name, shape in state[sharded.KEY_SHARDED]["model_shapes"].items()}
         else:
             saved = {name: getattr(tensor, "shape", None) for name, tensor in (state.get(KEY_MODEL) or {}).items()}
-        problems = sorted(set(live) ^ set(saved))[:3]
+        problems = []
+        for names, where in ((set(saved) - set(live), "the checkpoint has {} that this model has not"),
+                             (set(live) - set(saved), "this model has {} that the checkpoint has not")):
+            if names:
+                shown = ", ".join(sorted(names)[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                problems.append(where.format(shown))
         problems += [f"{name} {tuple(saved[name])} vs {tuple(tensor.shape)} here" for name, tensor in live.items()
                      if saved.get(name) is not None and saved[name] != tensor.shape][:3]
         groups = (state.get(KEY_OPTIMIZER) or {}).get("param_groups", [])
         if KEY_OPTIMIZER in state and \
                 [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
             problems.append("the optimizer's parameter groups differ")
-        if problems:
-            raise CommandError(f"checkpoint #{checkpoint_id} does not fit this model ({'; '.join(problems)}); "
-                               "nothing was changed")
+        elif groups and isinstance(self.optimizer, torch.optim.Optimizer):
+            # Another kind of optimizer has settings this one lacks and lacks some of its own (SGD's
+            # momentum and dampening, Adam's betas and eps); a newer torch only adds settings.
+            ignored = {"params", "param_names"}
+            theirs, ours = set(groups[0]) - ignored, set(self.optimizer.param_groups[0]) - ignored
+            if theirs - ours and ours - theirs:
+                problems.append(f"its optimizer has {', '.join(sorted(theirs - ours)[:4])}, which this "
+                                f"{type(self.optimizer).__name__} has not: another kind of optimizer")
+        return problems
 
     def load(self, state: dict[str, Any]) -> list[str]:
         """Load a verified checkpoint's model, optimizer, scheduler and run.state; returns notes on

@@ -56,6 +56,12 @@ def _plain(value: Any, where: str) -> Any:
                     f"cannot hold safely; accepted: {ACCEPTED}")
 
 
+def plain_copy(value: Any, where: str) -> Any:
+    """``value`` copied as plain data a checkpoint can hold (a loader's ``state_dict()``), or
+    TypeError naming ``where`` the first value that is not."""
+    return _plain(value, where)
+
+
 def _devices(value: Any, path: tuple[Any, ...], found: dict[str, str]) -> None:
     if isinstance(value, torch.Tensor):
         if value.device.type != "cpu":

@@ -16,6 +16,11 @@ When the store stops taking writes (a disk with no byte left) or run.db is delet
 thread says so on stderr once and pauses the run with a command held in memory (no command could
 reach the trainer through the database then); what could not be stored is kept and written first
 once there is room again.
+
+One value that cannot be a float (a string, a tensor of several elements, an int too large for a
+float) never costs the others: it is dropped, with an event naming its metric and step, and the
+rest of its flush is stored. The event for bad values is written in the flush's own transaction,
+so nothing between taking the values off the queue and keeping them in a chunk touches the store.
 """
 
 from __future__ import annotations
@@ -126,7 +131,9 @@ class MetricsWriter:
         self._series: dict[tuple[str, int, str], int] = {}
         self._dirty: set[tuple[str, int, str]] = set()  # open chunks with points not yet stored
         self._full: list[tuple[tuple[str, int, str], _OpenChunk]] = []  # filled up, not yet stored
-        self._bad_names: set[str] = set()
+        self._bad_names: set[str] = set()  # metrics whose bad values have had their event
+        self._bad_events: list[tuple[str, int, int]] = []  # (message, branch, step) for the next commit
+        self._lost = 0  # values taken off the queue that no chunk kept (a failure while sorting them)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -182,8 +189,10 @@ class MetricsWriter:
     def _recovered(self, error: BaseException) -> None:
         """The store takes writes again after an outage: say what it was, on the page too."""
         lasted = time.time() - self._failing_since
-        message = (f"storing the run's values failed for {lasted:.0f} s ({type(error).__name__}: {error}); "
-                   "nothing was lost, they are stored now")
+        lost, self._lost = self._lost, 0
+        outcome = ("nothing was lost, they are stored now" if not lost
+                   else f"{lost} logged values were lost; the values logged since are stored")
+        message = f"storing the run's values failed for {lasted:.0f} s ({type(error).__name__}: {error}); {outcome}"
         log.warning("babysit: %s", message)
         try:
             self.store.add_event("store_trouble", message)
@@ -223,28 +232,7 @@ class MetricsWriter:
         queue = self.queue
         # Exactly what is queued now (the training thread may append meanwhile), popped in C.
         items = list(starmap(queue.popleft, repeat((), len(queue))))
-        divergences: list[tuple[Divergence, int]] = []
-        guard = self._guard
-        for per, branch, steps, walls, columns in _runs(items):
-            step_array = np.array(steps, dtype=np.int64)
-            wall_array = np.array(walls, dtype=np.float64)
-            for name, raw in columns.items():
-                values, bad = self._floats(name, raw, branch, steps)
-                if bad is None:
-                    self._append((name, branch, per), step_array, values, wall_array)
-                else:  # values that were not numbers: stored nowhere
-                    kept = np.ones(len(values), dtype=bool)
-                    kept[bad] = False
-                    self._append((name, branch, per), step_array[kept], values[kept], wall_array[kept])
-                if guard is not None and per == PER_STEP and name == guard.config.metric:
-                    judged: Sequence[float | None] = values
-                    if bad is not None:  # the guard skips a None
-                        judged = values.tolist()
-                        for i in bad:
-                            judged[i] = None
-                    found = guard.feed_many(steps, judged)
-                    if found is not None:
-                        divergences.append((found, branch))
+        divergences = self._keep(items)
         if self._on_divergence is not None:
             for found, branch in divergences:
                 self._on_divergence(found, branch)
@@ -255,19 +243,63 @@ class MetricsWriter:
                 series = self._series[key] = self.store.series_id(key[0], key[1], key[2])
             pending.append((series, *chunk.points()))
         held = self.store.take_held()  # what a full disk refused before: first, in order
+        bad_events, self._bad_events = self._bad_events, []
         try:
             with self.store.transaction():  # one commit; on failure the points stay in their open chunks
                 self.store.write_held(held)
                 self.store.write_chunks(pending)
+                for message, branch, step in bad_events:
+                    self.store.add_event("error", message, branch=branch, step=step)
                 self.store.write_status(**self._status(), heartbeat=time.time())
         except BaseException:
             self.store.restore_held(held)
+            self._bad_events[:0] = bad_events
             raise
         self._full.clear()
         for key in self._dirty:
             if self._open[key].n >= CHUNK_POINTS:
                 del self._open[key]  # full, and now stored for good
         self._dirty.clear()
+
+    def _keep(self, items: list[LogItem]) -> list[tuple[Divergence, int]]:
+        """Put the values of ``items`` into their open chunks (bad ones dropped and reported), then
+        let the guard judge them; the divergences it found. Nothing here touches the store: once
+        the items are off the queue, they are kept here or counted as lost, never dropped unsaid."""
+        judged: list[tuple[int, Sequence[int], Sequence[float | None]]] = []
+        guard = self._guard
+        kept = 0
+        try:
+            for per, branch, steps, walls, columns in _runs(items):
+                step_array = np.array(steps, dtype=np.int64)
+                wall_array = np.array(walls, dtype=np.float64)
+                for name, raw in columns.items():
+                    values, bad = self._floats(name, raw, branch, steps)
+                    if bad is None:
+                        self._append((name, branch, per), step_array, values, wall_array)
+                    else:  # values that were not numbers: stored nowhere
+                        good = np.ones(len(values), dtype=bool)
+                        good[bad] = False
+                        self._append((name, branch, per), step_array[good], values[good], wall_array[good])
+                    kept += len(raw)
+                    if guard is not None and per == PER_STEP and name == guard.config.metric:
+                        seen: Sequence[float | None] = values
+                        if bad is not None:  # the guard skips a None
+                            seen = values.tolist()
+                            for i in bad:
+                                seen[i] = None
+                        judged.append((branch, steps, seen))
+        except BaseException as error:
+            lost = sum(map(len, (item[4] for item in items))) - kept
+            self._lost += lost
+            log.error("babysit: %d logged values could not be stored (%s: %s)", lost, type(error).__name__, error)
+            raise
+        divergences = []
+        if guard is not None:
+            for branch, steps, seen in judged:
+                found = guard.feed_many(steps, seen)
+                if found is not None:
+                    divergences.append((found, branch))
+        return divergences
 
     def _append(self, key: tuple[str, int, str], steps: np.ndarray, values: np.ndarray, walls: np.ndarray) -> None:
         """Add points to the series' open chunk, starting a new chunk every CHUNK_POINTS points."""
@@ -284,8 +316,8 @@ class MetricsWriter:
             self._dirty.add(key)
 
     def _floats(self, name: str, raw: list[Any], branch: int, steps: Sequence[int]) -> tuple[np.ndarray, list[int] | None]:
-        """The values as floats, and the positions of those that are not numbers (NaN in the
-        array, reported once per metric), or None when all are."""
+        """The values as floats, and the positions of those that cannot be one (NaN in the array,
+        reported once per metric), or None when all can."""
         if set(map(type, raw)) <= _PLAIN_NUMBERS:
             try:
                 return np.array(raw, dtype=np.float64), None
@@ -296,20 +328,37 @@ class MetricsWriter:
         for i, value in enumerate(raw):
             try:
                 out[i] = to_float(value)
-            except (TypeError, ValueError, RuntimeError):
-                self._report_bad_value(name, value, branch, steps[i])
+            except Exception as error:  # whatever float() of it raises: a string, a big int, a tensor of many
+                self._report_bad_value(name, value, error, branch, steps[i])
                 out[i] = np.nan
                 bad.append(i)
         return out, bad or None
 
-    def _report_bad_value(self, name: str, raw: Any, branch: int, step: int) -> None:
+    def _report_bad_value(self, name: str, raw: Any, error: Exception, branch: int, step: int) -> None:
         if name in self._bad_names:
             return
         self._bad_names.add(name)
-        self.store.add_event(
-            "error", f"metric {name!r}: value {raw!r} is not a number; such values are not stored "
-            "(log numbers or one-element tensors)", branch=branch, step=step,
-        )
+        if isinstance(error, OverflowError):
+            why = "is too large for a float"
+        elif isinstance(raw, torch.Tensor) and raw.numel() != 1:
+            why = f"is a tensor of {raw.numel()} elements (shape {tuple(raw.shape)}), not one number"
+        else:
+            why = "is not a number"
+        message = (f"metric {name!r} at step {step}: value {shown(raw)} {why}; such values are not stored "
+                   "(log numbers or one-element tensors)")
+        log.warning("babysit: %s", message)
+        self._bad_events.append((message, branch, step))
+
+
+def shown(value: Any) -> str:
+    """``value`` as a message shows it: short, whatever it is (a repr can be huge, or fail)."""
+    if type(value) is int and value.bit_length() > 160:  # str() of a huge int is slow, or refused
+        return f"(an int of about {int(value.bit_length() * 0.30103) + 1} digits)"
+    try:
+        text = repr(value)
+    except Exception:
+        return f"of type {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 _LogRun = tuple[str, int, tuple[int, ...], tuple[float, ...], dict[str, list[Any]]]  # see _runs

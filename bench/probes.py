@@ -85,7 +85,7 @@ def one_run(work: Any, loader: Callable[[int], Any], run_dir: Path, *, start: in
     torch.manual_seed(1)
     timers = Timers()
     timers.wrap(Excursion, "_load", "loads")
-    timers.wrap(ResumePosition, "skip_trained", "skips")
+    timers.wrap(ResumePosition, "iterate", "skips")  # an epoch's iter(), past the batches behind the run
     timers.wrap(Snapshots, "wait", "checkpoint waits")
     run = Run(run_dir, work.model, work.optimizer, config={"bench": "probes"}, keep_last=3)
     t0 = t1 = None

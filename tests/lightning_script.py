@@ -14,16 +14,22 @@ act at a point that does not depend on this machine's speed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import signal
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from babysit import GuardConfig
 from babysit.lightning import BabysitCallback
+
+# Lightning ships as two packages with the same classes: `lightning` (`import lightning.pytorch`, what
+# its documentation installs today) and `pytorch_lightning`; the tests run the script with each.
+PACKAGE = os.environ.get("BABYSIT_LIGHTNING_PACKAGE", "pytorch_lightning")
+pl = importlib.import_module(PACKAGE)
 
 BATCH = 16
 
@@ -81,8 +87,9 @@ def make_data(steps_per_epoch: int) -> tuple[DataLoader, DataLoader]:
 class _Record(pl.Callback):
     """Writes the model's step records to a file as each step ends (a kill -9 keeps what was trained)."""
 
-    def __init__(self, model: Regressor, path: str, pause_at_steps: list[int]) -> None:
+    def __init__(self, model: Regressor, path: str, pause_at_steps: list[int], sigterm_at_step: int | None) -> None:
         self.model, self.file, self.pause_at_steps = model, open(path, "a"), pause_at_steps
+        self.sigterm_at_step = sigterm_at_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         for row in self.model.record or []:
@@ -92,6 +99,8 @@ class _Record(pl.Callback):
         run = self.model.babysit.run
         if run.step in self.pause_at_steps and run.store is not None:  # rank 0's store: one click
             run.store.enqueue_command("pause", source="test")
+        if run.step == self.sigterm_at_step and run.branch == 1:  # a scheduler's preemption, landing in this step
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main() -> None:
@@ -102,6 +111,8 @@ def main() -> None:
     parser.add_argument("--record", help="for the tests: append a JSON line per trained step to this file")
     parser.add_argument("--pause-at-step", type=int, metavar="N", action="append", default=[],
                         help="for the tests: queue a pause after step N (on any branch; may be repeated)")
+    parser.add_argument("--sigterm-at-step", type=int, metavar="N",
+                        help="for the tests: the process sends itself SIGTERM as step N ends (on the first branch)")
     parser.add_argument("--nan-at-step", type=int, metavar="N", help="for the tests: the loss is NaN at step N")
     parser.add_argument("--devices", type=int, default=1, help="CPU processes (DDP when more than one)")
     parser.add_argument("--guard-auto-remedy", type=int, default=0, metavar="N",
@@ -121,7 +132,7 @@ def main() -> None:
         model.record = []
         rank = int(os.environ.get("LOCAL_RANK", "0"))  # Lightning's DDP: each rank keeps its own record
         path = args.record if rank == 0 else f"{args.record}.rank{rank}"
-        callbacks.insert(0, _Record(model, path, args.pause_at_step))
+        callbacks.insert(0, _Record(model, path, args.pause_at_step, args.sigterm_at_step))
     ddp = {"strategy": "ddp"} if args.devices > 1 else {}
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=args.devices, **ddp, callbacks=callbacks,
                          logger=False,

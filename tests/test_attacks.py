@@ -41,6 +41,47 @@ item  attack                                                 test
                                                              pause_for_a_branch_the_run_has_left_..., the
                                                              divergence tests ordered by writer.flush()
 ====  =====================================================  ===========================================
+
+Issue 26, "Tried to break it again": items 3, 5, 6 and 7 (the tests named ``test_itemN_...`` below
+the issue's heading in this file failed on main at dec3ec3 and pass now).
+
+====  ================================  ====================================  ====================================
+item  attack                            before                                after
+====  ================================  ====================================  ====================================
+3     ``run.log(big=10**400)`` at an    the flush that took it raised         that value alone is dropped; an
+      epoch's last step                 OverflowError: its batch was lost     event (and a warning) names 'big'
+                                        (loss of steps 9-16 gone), the        and step 8; every other value is
+                                        checkpoint file written but never     stored, both checkpoints listed, no
+                                        listed, then "nothing was lost"       "nothing was lost" unless true
+3     the store refuses to list a       the file stayed on disk, unlisted;    the file is removed, the event says
+      written checkpoint                the event said "not written"          "not kept: written but could not be
+                                                                              listed" (test_run_robustness.py,
+                                                                              test_checkpoint.py)
+5     ``--replay /dev/zero``; a FIFO;   MemoryError traceback; a hang; read   one line each, exit 2, nothing
+      a 17 MiB file; 100k levels of     whole, then "not JSON";               created: "a character device, not
+      nesting                           RecursionError traceback              a regular file", "a FIFO", "17,825,
+                                                                              792 bytes; at most 16 MiB", "nests
+                                                                              deeper than 32 levels"
+5     journal config: ``job`` a list,   TypeError, ValueError (torch),        one line each naming the value and
+      ``seed`` 10**30 or true, ``lr``   RuntimeError, TypeError tracebacks;   what is accepted (text; a whole
+      "0.1", ``to.epoch`` true          "finished True epochs"                number torch takes; a number; a
+                                                                              whole number >= 0), exit 2
+6     a rollback and a pause queued     both stayed pending after the clean   both expired, "the run stopped
+      1 ms behind a stop                stop; the next start applied the      before it applied this"; the next
+                                        rollback (a new branch)               start goes on on branch 1
+7     ``Run('')``                       the current directory became a run    SettingsError naming '' and what is
+                                        directory (run.db, run.lock)          accepted; nothing created
+7     ``Run()`` with another model on   raw load_state_dict RuntimeError;     CheckpointError naming what differs
+      a run; then the same again        the retry got RunLockedError naming   ("weight (1, 2) vs (1, 3) here"),
+                                        its own pid                           the lock released: the retry gets
+                                                                              the same answer
+7     an Adam script resumed on an      KeyError ('step' or 'betas')          refused before loading: "its
+      SGD run                                                                 optimizer has dampening, momentum,
+                                                                              nesterov, which this Adam has not"
+7     ``run.log(loss=torch.ones(3))``;  RuntimeError without the key;         the value dropped, an event names
+      ``log_epoch(val_loss='x')`` or    ValueError / TypeError crashed the    the metric and step; the run and
+      ``None``                          run                                   the other values go on
+====  ================================  ====================================  ====================================
 """
 
 from __future__ import annotations
@@ -56,6 +97,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -386,3 +428,205 @@ def test_item8_run_db_deleted_under_a_running_trainer_is_noticed_and_nothing_is_
     assert kept.items() <= after.items()
     new = [c["file"] for c in RunStore(run_dir).checkpoints()]
     assert len(new) >= 3 and not set(new) & set(kept), (new, sorted(kept))
+
+
+# -- issue 26, "Tried to break it again" ----------------------------------------------------------
+def address_space_cap(memory_mib: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that caps the child's address space (RLIMIT_AS) at ``memory_mib`` MiB."""
+    import resource
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mib * 2**20, memory_mib * 2**20))
+
+    return cap
+
+
+def confined(*argv: str, memory_mib: int = 2048, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python ARGV`` from the repository root, its address space capped at ``memory_mib`` MiB
+    (RLIMIT_AS) and its time at ``timeout`` s: an attack that makes it eat memory or hang fails
+    the test, never the machine."""
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=address_space_cap(memory_mib), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+HUGE_VALUE_LOOP = """
+import sys
+from tests.conftest import tiny_job
+# An int too large for a float, logged at the epoch's last step: the flush that takes it off the
+# queue is the writer thread's or the one the epoch's checkpoint makes before it is listed.
+tiny_job(sys.argv[1], epochs=2, on_step=lambda run, step: run.log(big=10**400 if step == 8 else float(step)))
+"""
+
+
+def test_item3_a_value_too_large_for_a_float_loses_nothing_else_and_orphans_no_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    done = confined("-c", HUGE_VALUE_LOOP, str(run_dir))
+    assert done.returncode == 0, done.stderr
+    store = RunStore(run_dir)
+
+    def steps_of(name: str) -> list[int]:
+        info = next(s for s in store.series() if s.name == name and s.per == "step")
+        return store.chunk_points(info.id)[0].tolist()
+
+    assert steps_of("loss") == list(range(1, 17))
+    assert steps_of("big") == [s for s in range(1, 17) if s != 8]
+    errors = [(e["step"], e["message"]) for e in store.events(kinds=["error"])]
+    assert errors == [(8, "metric 'big' at step 8: value (an int of about 401 digits) is too large for a float; "
+                          "such values are not stored (log numbers or one-element tensors)")]
+    assert not [e for e in store.events() if "nothing was lost" in e["message"]]
+    listed = sorted(c["file"] for c in store.checkpoints())
+    assert listed == sorted(p.name for p in run_dir.glob("*.pt")) and len(listed) == 2
+
+
+def test_item5_bad_journals_are_refused_in_one_line_before_anything_starts(tmp_path: Path) -> None:
+    from babysit.instruments.journal import export_journal
+    from tests.test_journal import synthetic_run
+
+    good = export_journal(synthetic_run(tmp_path / "r"))
+    good["run"]["config"] = {"job": "digits", "seed": 0, "epochs": 1, "epoch_passes": 1, "batch_size": 64}
+
+    def journal(name: str, change: Callable[[dict[str, Any]], object]) -> str:
+        changed = json.loads(json.dumps(good))
+        change(changed)
+        (tmp_path / name).write_text(json.dumps(changed))
+        return str(tmp_path / name)
+
+    (tmp_path / "deep.json").write_text('{"babysit_journal": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with open(tmp_path / "huge.json", "wb") as sparse:  # 17 MiB that take no room on the disk
+        sparse.truncate(17 * 2**20)
+    os.mkfifo(tmp_path / "fifo")
+    refusals = {
+        "/dev/zero": "journal '/dev/zero' is a character device, not a regular file; a journal is a JSON file",
+        str(tmp_path / "fifo"): f"journal '{tmp_path / 'fifo'}' is a FIFO, not a regular file",
+        str(tmp_path / "huge.json"): f"journal '{tmp_path / 'huge.json'}' is 17,825,792 bytes; a journal is at most 16 MiB",
+        str(tmp_path / "deep.json"): f"journal '{tmp_path / 'deep.json'}' nests deeper than 32 levels",
+        journal("job.json", lambda j: j["run"]["config"].update(job=["digits"])):
+            "the run's config: job must be text (a name such as 'digits' or 'sgd'), got ['digits']",
+        journal("seed.json", lambda j: j["run"]["config"].update(seed=10**30)):
+            "the run's config: seed must be a whole number from -2**63 to 2**64 - 1 (what torch.manual_seed "
+            "takes), got 1000000000000000000000000000000",
+        journal("seed-true.json", lambda j: j["run"]["config"].update(seed=True)):
+            "(what torch.manual_seed takes), got True",
+        journal("lr.json", lambda j: j["run"]["config"].update(lr="0.1")):
+            "the run's config: lr must be a number (not text, not true or false), got '0.1'",
+        journal("epoch.json", lambda j: j["to"].update(epoch=True)): "to.epoch must be a whole number >= 0, got True",
+    }
+    # One process with its memory capped reads them all through the CLI's own entry point (each
+    # refusal as `python -m babysit train --replay` prints it and the exit status it returns).
+    run_dir = tmp_path / "never"
+    answers = json.loads(confined("-c", REPLAY_EACH, str(run_dir), *refusals, timeout=240).stdout)
+    for (path, message), (code, out, err) in zip(refusals.items(), answers, strict=True):
+        assert code == 2 and out == "", (path, code, out, err[-2000:])
+        assert err.startswith("babysit: error: --replay: ") and message in err and err.count("\n") == 1, (path, err)
+    assert not run_dir.exists()
+
+
+REPLAY_EACH = """
+import json, sys
+from tests.conftest import cli_here
+answers = [cli_here("train", "--run-dir", sys.argv[1], "--replay", path) for path in sys.argv[2:]]
+print(json.dumps([[a.returncode, a.stdout, a.stderr] for a in answers]))
+"""
+
+
+LOOP_UNTIL_STOPPED = """
+import sys
+from tests.conftest import tiny_job
+tiny_job(sys.argv[1], epochs=int(sys.argv[2]), keep_last=2)
+"""
+
+
+def test_item6_commands_queued_behind_a_clean_stop_expire_instead_of_firing_at_the_next_start(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with open(tmp_path / "trainer.log", "wb") as log:
+        trainer = subprocess.Popen([sys.executable, "-c", LOOP_UNTIL_STOPPED, str(run_dir), "1000000"], cwd=REPO,
+                                   stdout=log, stderr=subprocess.STDOUT, preexec_fn=address_space_cap(2048))
+        try:
+            wait_for(lambda: (run_dir / "run.db").exists(), timeout=120, what="run.db")
+            store = RunStore(run_dir)
+            first = wait_for(store.checkpoints, timeout=120, what="a checkpoint")[0]["id"]
+            # A stop, then 1 ms behind it a rollback and a pause: the stop ends the queue.
+            stop = store.enqueue_command(cmd.STOP, source="cli")
+            behind = [store.enqueue_command(cmd.ROLLBACK, {"checkpoint": first}, source="dashboard"),
+                      store.enqueue_command(cmd.PAUSE, source="cli")]
+            assert trainer.wait(timeout=120) == 0, (tmp_path / "trainer.log").read_text()
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()
+                trainer.wait(timeout=30)
+    assert store.command(stop)["state"] == cmd.APPLIED
+    assert [(store.command(i)["state"], store.command(i)["reason"]) for i in behind] == [
+        (cmd.EXPIRED, "the run stopped before it applied this")] * 2
+    stopped = store.status()
+    assert stopped["state"] == "stopped" and store.pending_commands() == []
+    # Started again, it goes on from its stop on its own branch: the rollback never fires.
+    again = confined("-c", LOOP_UNTIL_STOPPED, str(run_dir), str(stopped["epoch"] + 1))
+    assert again.returncode == 0, again.stderr
+    assert [b["id"] for b in store.branches()] == [1]
+    assert store.status()["state"] == "finished" and store.status()["step"] > stopped["step"]
+    assert [store.command(i)["state"] for i in behind] == [cmd.EXPIRED] * 2
+
+
+API_MISUSE = """
+import json, os, sys
+import torch
+from torch import nn
+import babysit
+
+said = {}
+
+def attempt(label, make):
+    try:
+        make()
+        said[label] = "ok"
+    except Exception as error:
+        said[label] = f"{type(error).__name__}: {error}"
+
+def linear_run(run_dir, inputs, optimizer=torch.optim.SGD):
+    model = nn.Linear(inputs, 1)
+    kwargs = {"momentum": 0.9} if optimizer is torch.optim.SGD else {}
+    return babysit.Run(run_dir, model, optimizer(model.parameters(), lr=0.1, **kwargs))
+
+def one_epoch(run, log=lambda run: None, log_epoch=lambda run: None):
+    with run:
+        for _ in run.epochs(1):
+            for _ in run.batches([0, 1, 2]):
+                log(run)
+            log_epoch(run)
+
+os.chdir(sys.argv[1])
+attempt("empty", lambda: linear_run("", 2))
+said["left_in_cwd"] = sorted(os.listdir("."))
+one_epoch(linear_run("sgd", 2))
+attempt("other_model", lambda: linear_run("sgd", 3))
+attempt("other_model_again", lambda: linear_run("sgd", 3))  # a notebook's retry, in the same process
+attempt("adam_on_sgd", lambda: linear_run("sgd", 2, torch.optim.Adam))
+attempt("right_model", lambda: one_epoch(linear_run("sgd", 2)))
+attempt("bad_values", lambda: one_epoch(
+    linear_run("values", 2), log=lambda run: run.log(loss=torch.ones(3) if run.step == 2 else torch.tensor(0.5)),
+    log_epoch=lambda run: run.log_epoch(val_loss="x", val_acc=None, val_top=0.25)))
+print(json.dumps(said))
+"""
+
+
+def test_item7_the_python_api_says_what_does_not_fit_and_lets_go_of_the_run(tmp_path: Path) -> None:
+    done = confined("-c", API_MISUSE, str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    said = json.loads(done.stdout.splitlines()[-1])
+    assert said["empty"] == ("SettingsError: run_dir must name a directory, such as 'checkpoints/my-run' (or '.' for "
+                             "the current one), got ''")
+    assert said["left_in_cwd"] == []
+    misfit = ("CheckpointError: checkpoint #1 of run 'sgd' does not fit this model and optimizer ({}): the run was "
+              "trained with others; build the model and optimizer it was trained with, or start a new run in another "
+              "directory; nothing was loaded")
+    assert said["other_model"] == said["other_model_again"] == misfit.format("weight (1, 2) vs (1, 3) here")
+    assert said["adam_on_sgd"] == misfit.format("its optimizer has dampening, momentum, nesterov, which this Adam "
+                                                "has not: another kind of optimizer")
+    assert said["right_model"] == "ok" and said["bad_values"] == "ok"
+    store = RunStore(tmp_path / "sgd")
+    assert store.status()["state"] == "finished" and [c["epoch"] for c in store.checkpoints()] == [1]
+    values = RunStore(tmp_path / "values")
+    assert [(e["step"], e["message"].split(": value")[0]) for e in values.events(kinds=["error"])] == [
+        (2, "metric 'loss' at step 2"), (3, "metric 'val_loss' at step 3"), (3, "metric 'val_acc' at step 3")]
+    assert "is a tensor of 3 elements (shape (3,)), not one number" in values.events(kinds=["error"])[0]["message"]
+    assert values.checkpoints()[-1]["metrics"] == {"val_top": 0.25}

@@ -77,6 +77,11 @@ def test_bad_settings_are_refused_naming_the_value() -> None:
         CharLMConfig(n_embd=30)
     with pytest.raises(Exception, match="optimizer must be one of sgd, adam, got 'lion'"):
         CharLMConfig(optimizer="lion")
+    with pytest.raises(Exception, match=r"seed must be a whole number from -2\*\*63 to 2\*\*64 - 1 \(what "
+                                        r"torch.manual_seed takes\), got 1000000000000000000000000000000$"):
+        CharLMConfig(seed=10**30)
+    with pytest.raises(Exception, match="epochs must be a whole number >= 1, got True"):
+        CharLMConfig(epochs=True)
 
 
 def test_a_short_real_run_learns_the_text(tmp_path: Path) -> None:

@@ -477,6 +477,25 @@ def test_async_checkpointer_survives_a_failed_write_and_a_raising_callback(tmp_p
     writer.close()
 
 
+def test_a_written_checkpoint_the_store_cannot_list_is_removed_never_left_unlisted(tmp_path: Path):
+    failed: list[PendingCheckpoint] = []
+
+    def on_written(job: PendingCheckpoint) -> None:
+        if job.meta["listed"]:  # listed, then what follows (retention) fails: the file is the store's
+            job.listed = True
+            raise PermissionError("retention could not remove an older file")
+        raise OverflowError("int too large to convert to float")  # the flush before listing, say
+
+    writer = AsyncCheckpointer(on_written, failed.append)
+    state = {ck.KEY_FORMAT: ck.FORMAT, ck.KEY_MODEL: {"w": torch.ones(1)}}
+    unlisted = writer.submit(PendingCheckpoint(path=tmp_path / "a.pt", meta={"listed": False}, state=dict(state)))
+    listed = writer.submit(PendingCheckpoint(path=tmp_path / "b.pt", meta={"listed": True}, state=dict(state)))
+    writer.close()
+    assert failed == [unlisted, listed] and isinstance(unlisted.error, OverflowError)
+    assert unlisted.result is not None and not unlisted.listed
+    assert _entries(tmp_path) == ["b.pt"]
+
+
 def test_async_checkpointer_state_without_a_model_is_a_failure(tmp_path: Path):
     recorder = _Recorder()
     writer = AsyncCheckpointer(recorder.on_written, recorder.on_failed)

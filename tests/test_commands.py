@@ -219,6 +219,21 @@ def test_rollback_validates_its_optional_lr_and_momentum():
         validate(cmd.ROLLBACK, {"checkpoint": 2, "momentum": 1.0})
 
 
+def test_rollback_takes_a_data_skip_as_a_whole_number_of_batches():
+    assert validate(cmd.ROLLBACK, {"checkpoint": 3, "skip_batches": "200"}).args == {
+        "checkpoint": 3, "hparams": cmd.HPARAMS_CHECKPOINT, "skip_batches": 200}
+    assert validate(cmd.ROLLBACK, {"checkpoint": 3, "skip_batches": 500.0}).args["skip_batches"] == 500
+    assert "skip_batches" not in validate(cmd.ROLLBACK, {"checkpoint": 3, "skip_batches": None}).args
+
+
+@pytest.mark.parametrize(("raw", "shown"), [(0, "0"), (-5, "-5"), ("2e2", "'2e2'"), (1.5, r"1\.5"), (True, "True"),
+                                            ("", "''"), ("x", "'x'"), (10**9 + 1, "1000000001"), ([200], r"\[200\]")])
+def test_rollback_refuses_a_skip_that_is_not_a_whole_number_of_batches(raw, shown):
+    with pytest.raises(CommandError, match=rf"^skip_batches must be a whole number of batches from 1 to 1000000000, "
+                                           rf"got {shown}$"):
+        validate(cmd.ROLLBACK, {"checkpoint": 3, "skip_batches": raw})
+
+
 # -- unknown kinds and stray arguments -------------------------------------------------------
 @pytest.mark.parametrize(("kind", "shown"), [("jump", "'jump'"), ("", "''"), ("SET_LR", "'SET_LR'"), (None, "None"),
                                              (3, "3")])
@@ -271,6 +286,7 @@ def test_parse_number_returns_finite_floats_and_names_the_quantity():
          "rollback to #7 (current hparams, lr 0.025)"),
         (cmd.ROLLBACK, {"checkpoint": 7, "lr": 0.5, "momentum": 0.95},
          "rollback to #7 (checkpoint hparams, lr 0.5, momentum 0.95)"),
+        (cmd.ROLLBACK, {"checkpoint": 3, "skip_batches": 200}, "rollback to #3 (checkpoint hparams, skipping 200 batches)"),
     ],
 )
 def test_describe_validated_commands(kind, args, text):

@@ -4,6 +4,7 @@ and replayed on a fresh run (babysit.journal_replay) to the same weights, bit fo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -135,6 +136,42 @@ def test_the_journal_of_a_run_with_two_rollbacks(tmp_path: Path) -> None:
     assert read_journal(json.loads(json.dumps(to_3))) == to_3  # what is written reads back
 
 
+def test_a_rollback_that_skipped_batches_is_a_skip_at_its_fork(tmp_path: Path) -> None:
+    """A rollback to a checkpoint taken inside an epoch (#2 at step 14, its 4th batch) that skipped
+    200 batches of the data order: in history with its skip, and in the schedule as a skip at the
+    fork, on the fork's side of the boundary, that reads back."""
+    store = RunStore(tmp_path / "r", create=True)
+    b1 = store.new_branch(parent=None, from_checkpoint=None, start_step=0, start_epoch=0,
+                          hparams={"lr": 0.1, "momentum": 0.9})
+    _checkpoint(store, branch=b1, epoch=1, step=10, lr=0.1)
+    c2 = _checkpoint(store, branch=b1, epoch=2, step=14, lr=0.1, reason="periodic", step_in_epoch=4)
+    b2 = store.new_branch(parent=b1, from_checkpoint=c2, start_step=14, start_epoch=2,
+                          hparams={"lr": 0.1, "momentum": 0.9})
+    _command(store, cmd.ROLLBACK, {"checkpoint": c2, "hparams": "checkpoint", "skip_batches": 200}, branch=b1,
+             step=19, wall=1000, source="cli", result={"branch": b2, "epoch": 2, "step": 14, "checkpoint": c2,
+                                                       "lr": 0.1, "momentum": 0.9})
+    _checkpoint(store, branch=b2, epoch=2, step=18, lr=0.1, reason="periodic", step_in_epoch=208)
+    store.write_status(state="stopped", branch=b2, step=18, epoch=2)
+    found = export_journal(store)
+    (rollback,) = [h for h in found["history"] if h["kind"] == "rollback"]
+    assert (rollback["checkpoint"], rollback["step"], rollback["at"], rollback["skip_batches"], rollback["text"]) == (
+        2, 14, "step", 200, "rollback to #2 (checkpoint hparams, skipping 200 batches)")
+    assert found["schedule"] == [{"step": 14, "at": "step", "skip_batches": 200, "from": "rollback #1"}]
+    assert read_journal(json.loads(json.dumps(found))) == found
+
+
+@pytest.mark.parametrize("skip, message", [
+    (0, "skip_batches must be a whole number of batches from 1 to 1000000000, got 0"),
+    ("200", "skip_batches must be a whole number, got '200'"),
+    (2.5, "skip_batches must be a whole number, got 2.5"),
+    (True, "skip_batches must be a whole number, got True"),
+])
+def test_a_journal_s_skip_that_is_not_a_whole_number_of_batches_is_refused(skip: Any, message: str) -> None:
+    journal = {"babysit_journal": 1, "schedule": [{"step": 3, "at": "step", "skip_batches": skip}]}
+    with pytest.raises(SettingsError, match=rf"^the journal: schedule\[0\]: {re.escape(message)}$"):
+        read_journal(journal)
+
+
 def test_the_cli_prints_the_journal_and_names_what_it_cannot_find(tmp_path: Path) -> None:
     synthetic_run(tmp_path / "r")
     printed = cli_here("journal", "--run-dir", str(tmp_path / "r"), "--to", "3")
@@ -172,16 +209,37 @@ def test_a_journal_that_cannot_be_replayed_is_refused_before_anything_starts(
     assert refused.returncode == 2 and "--replay:" in refused.stderr and not (tmp_path / "never").exists()
 
 
+def test_the_journal_checks_every_whole_number_setting_of_the_built_in_jobs() -> None:
+    # The journal reader names the settings it checks (it must not import the jobs, which load torch).
+    import dataclasses
+
+    from babysit.instruments.journal import TEXT_SETTINGS, WHOLE_NUMBER_SETTINGS
+    from babysit.jobs import JOBS
+
+    for job in JOBS.values():
+        config_class, _ = job.load()
+        fields = {f.name: f.type for f in dataclasses.fields(config_class)}
+        assert {name for name, kind in fields.items() if kind == "int"} - {"seed"} <= set(WHOLE_NUMBER_SETTINGS)
+        assert {name for name, kind in fields.items() if kind == "str"} <= set(TEXT_SETTINGS) - {"job"}
+
+
+def test_a_loaded_journal_that_contains_itself_is_refused_as_too_deep(tmp_path: Path) -> None:
+    journal = export_journal(synthetic_run(tmp_path / "r"))
+    journal["history"].append(journal)
+    with pytest.raises(SettingsError, match=r"^the journal nests deeper than 32 levels; a journal nests a few levels"):
+        read_journal(journal)
+
+
 # -- replayed in process: a loop that anneals its own lr at every epoch end ------------------------
 def anneal_loop(run_dir: Path, *, epochs: int = 4, replay: Any = None,
                 on_step: Callable[[Any], None] | None = None,
-                on_epoch_end: Callable[[Any], None] | None = None) -> nn.Module:
+                on_epoch_end: Callable[[Any], None] | None = None, **run_kwargs: Any) -> nn.Module:
     """8 steps an epoch; the loop halves the lr after each epoch's evaluation."""
     torch.manual_seed(0)
     loader = DataLoader(tiny_data(0), batch_size=8, shuffle=True)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with babysit.Run(run_dir, model, optimizer, config={"seed": 0}, replay=replay) as run:
+    with babysit.Run(run_dir, model, optimizer, config={"seed": 0}, replay=replay, **run_kwargs) as run:
         for _epoch in run.epochs(epochs):
             for x, y in run.batches(loader):
                 loss = nn.functional.cross_entropy(model(x), y)
@@ -266,6 +324,30 @@ def test_a_replay_through_a_rollback_to_a_checkpoint_taken_inside_an_epoch(tmp_p
     replayed = anneal_loop(tmp_path / "replayed", epochs=3, replay=journal)
     for a, b in zip(babysat.state_dict().values(), replayed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fork", ["periodic", "epoch"])
+def test_a_rollback_that_skipped_batches_replays_from_its_journal_to_the_same_weights(tmp_path: Path, fork: str) -> None:
+    """Rolled back at step 13 to a checkpoint inside epoch 1 (a periodic one, step 3) or to epoch
+    1's own (step 8), skipping 2 batches of the data order: the journal's replay skips them at the
+    same point, to the same weights; the epoch it skipped in ends 2 steps early in both."""
+    def person(run: Any) -> None:
+        if run.branch == 1 and run.step == 13:
+            run.checkpointer.wait()
+            target = next(c for c in run.store.checkpoints() if c["reason"] == fork)
+            run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": target["id"], "skip_batches": 2}, source="test")
+
+    babysat = anneal_loop(tmp_path / "babysat", epochs=3, on_step=person, checkpoint_every_steps=3)
+    store = RunStore(tmp_path / "babysat")
+    journal = export_journal(store)
+    step = 3 if fork == "periodic" else 8
+    assert [(s["step"], s["skip_batches"]) for s in journal["schedule"] if "skip_batches" in s] == [(step, 2)]
+    replayed = anneal_loop(tmp_path / "replayed", epochs=3, replay=journal, checkpoint_every_steps=3)
+    for a, b in zip(babysat.state_dict().values(), replayed.state_dict().values()):
+        assert torch.equal(a, b)
+    again = RunStore(tmp_path / "replayed")
+    assert [e["step"] for e in again.events() if e["kind"] == "data_skip"] == [step]
+    assert again.status()["step"] == store.status()["step"] == 22  # 3 epochs of 8 batches, 2 of them skipped
 
 
 def test_a_setting_this_optimizer_cannot_take_is_refused_and_the_replay_goes_on(tmp_path: Path) -> None:

@@ -32,11 +32,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # What is on disk and how an optimizer or a loss is read: the run store, checkpoints; and the
     # panda's instruments' readings of a run (hints, probe and sweep results, journals, comparisons).
     "records": ("store", "checkpoint", "dcp_folder", "sharded", "arrivals", "sharded_writer", "parallelism", "optim",
-                "guard", "instruments"),
+                "guard", "instruments", "retention", "cadence"),
     # The trainer side: the Run and the pieces it is made of. `babysit` itself is the public face
     # of Run (its names load from here).
-    "trainer": ("user_state", "control", "position", "trainables", "ranks", "snapshots", "hparam_watch", "remedy",
-                "writer", "resume", "excursion_runner", "command_runner", "cuts", "journal_replay", "run", "babysit"),
+    "trainer": ("user_state", "control", "loader_skip", "position", "trainables", "ranks", "snapshots", "hparam_watch",
+                "remedy", "writer", "narrator", "resume", "excursion_runner", "command_runner", "cuts", "journal_replay",
+                "run",
+                "babysit"),
     # Training jobs and framework adapters written against the public API.
     "jobs": ("jobs", "lightning", "hf"),
     # What a person runs: the CLI and the dashboard.

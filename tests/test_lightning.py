@@ -38,7 +38,7 @@ TIMEOUT = 240  # seconds for anything a trainer on a busy machine has to reach
 class Script:
     """tests/lightning_script.py in a subprocess, recording its steps into ``<run>.jsonl``."""
 
-    def __init__(self, run_dir: Path, *args: str) -> None:
+    def __init__(self, run_dir: Path, *args: str, package: str = "pytorch_lightning") -> None:
         self.run_dir, self.record = run_dir, run_dir.parent / f"{run_dir.name}.jsonl"
         self.log = run_dir.parent / f"{run_dir.name}.log"
         with open(self.log, "ab") as log:
@@ -46,7 +46,8 @@ class Script:
                 [sys.executable, str(SCRIPT), "--run-dir", str(run_dir), "--record", str(self.record),
                  "--epochs", str(EPOCHS), "--steps-per-epoch", str(STEPS), *args],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+                env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
+                     "BABYSIT_LIGHTNING_PACKAGE": package})
 
     def rows(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.record.read_text().splitlines()] if self.record.exists() else []
@@ -101,8 +102,8 @@ def same_training(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def scripts() -> Any:
     started: list[Script] = []
 
-    def start(run_dir: Path, *args: str) -> Script:
-        started.append(Script(run_dir, *args))
+    def start(run_dir: Path, *args: str, **options: str) -> Script:
+        started.append(Script(run_dir, *args, **options))
         return started[-1]
 
     yield start
@@ -218,6 +219,41 @@ def test_the_guard_rolls_a_lightning_run_back_by_itself_and_sigterm_stops_it_wit
     assert rows[21]["weights"] == weights_fingerprint(checkpoint_state(run_dir, store.checkpoints()[0])[KEY_MODEL])
     final = checkpoint_state(run_dir, store.checkpoints()[-1])[KEY_MODEL]
     assert store.checkpoints()[-1]["branch"] == 2 and all(torch.isfinite(t).all() for t in final.values())
+
+
+@pytest.fixture(scope="module")
+def untouched(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, dict[str, Any]], dict[str, torch.Tensor]]:
+    """The script's steps and final weights, trained from start to end without a signal."""
+    script = Script(tmp_path_factory.mktemp("untouched") / "run")
+    assert script.exit_code() == 0, script.log.read_text()
+    final = RunStore(script.run_dir).checkpoints()[-1]
+    return by_step(script.rows(), branch=1), checkpoint_state(script.run_dir, final)[KEY_MODEL]
+
+
+@pytest.mark.parametrize("package", ["lightning.pytorch", "pytorch_lightning"])
+def test_sigterm_under_either_lightning_package_stops_where_it_lands_and_resumes_exactly(
+        tmp_path: Path, scripts: Any, untouched: Any, package: str) -> None:
+    """A preemption: SIGTERM lands as step 27 ends (mid-epoch 2). The run stops with a final
+    checkpoint there (not "crashed"); the script started again resumes from it and trains the same
+    steps, with the same weights, as a run that was never signalled."""
+    run_dir = tmp_path / "run"
+    assert scripts(run_dir, "--sigterm-at-step", "27", package=package).exit_code() == 0
+    store = RunStore(run_dir)
+    status = store.status()
+    assert (status["state"], status["message"]) == ("stopped", "stopped at step 27 (signal SIGTERM) with a final checkpoint")
+    final = store.checkpoints()[-1]
+    assert (final["reason"], final["step"]) == ("stop", 27)
+    assert "babysit: stopped at step 27 (signal SIGTERM); the final checkpoint took " in (
+        run_dir.parent / "run.log").read_text()  # what the grace period must leave room for
+    again = scripts(run_dir, package=package)
+    assert again.exit_code() == 0, again.log.read_text()
+    assert store.status()["state"] == "finished"
+    steps, weights = untouched
+    rows = by_step(again.rows(), branch=1)
+    assert sorted(rows) == sorted(steps) == list(range(1, STEPS * EPOCHS + 1))
+    assert [step for step in steps if not same_training(rows[step], steps[step])] == []
+    resumed = checkpoint_state(run_dir, store.checkpoints()[-1])[KEY_MODEL]
+    assert all(torch.equal(resumed[name], weights[name]) for name in weights)
 
 
 def test_bad_arguments_are_refused_naming_the_value() -> None:

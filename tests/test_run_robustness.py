@@ -107,3 +107,36 @@ def test_a_command_that_waited_past_its_expiry_while_the_trainer_was_frozen_is_n
     assert (row["state"], row["step"]) == (cmd.EXPIRED, 3)
     assert row["reason"] == "no trainer applied it within 600 s; send it again"
     assert run.hparams["lr"] == 0.1
+
+
+def test_a_checkpoint_the_store_cannot_list_leaves_no_file_and_the_run_is_told(tmp_path: Path) -> None:
+    import sqlite3
+    import threading
+
+    run_dir = tmp_path / "r"
+    refused: list[int] = []
+
+    def on_step(run: Any, step: int) -> None:
+        if step == 1:  # the flush the epoch's checkpoint makes before it is listed fails once
+            flush = run.writer.flush
+
+            def refuse_once_for_the_checkpoint() -> None:
+                if threading.current_thread().name == "babysit-checkpoint" and not refused:
+                    refused.append(1)
+                    raise sqlite3.OperationalError("database is locked")
+                flush()
+
+            run.writer.flush = refuse_once_for_the_checkpoint
+        if step == 9:  # the failure paused the run; the person resumes it
+            run.snapshots.wait()
+            run.store.enqueue_command(cmd.RESUME, source="test")
+
+    run, _ = tiny_job(run_dir, epochs=2, on_step=on_step)
+    store = RunStore(run_dir)
+    assert run.status == "finished" and refused == [1]
+    assert [c["step"] for c in store.checkpoints()] == [16]
+    assert sorted(p.name for p in run_dir.glob("*.pt")) == [store.checkpoints()[0]["file"]]
+    assert [e["message"] for e in store.events(kinds=["checkpoint_failed"])] == [
+        "checkpoint at step 8 not kept: it was written but could not be listed (OperationalError: database is "
+        "locked), so its file was removed"]
+    assert [(c["kind"], c["state"]) for c in store.commands()] == [(cmd.PAUSE, cmd.APPLIED), (cmd.RESUME, cmd.APPLIED)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import sqlite3
 import threading
@@ -18,6 +19,7 @@ from babysit.guard import Divergence, DivergenceGuard, GuardConfig
 from babysit.store import CHUNK_POINTS, RunStore
 from babysit.writer import MetricsWriter, to_float
 from bench.common import lines_run
+from tests.conftest import wait_for
 
 QUIET = 3600.0  # the background thread sleeps; the tests flush by hand
 
@@ -144,10 +146,63 @@ def test_non_numeric_value_records_one_error_event_and_the_writer_goes_on(harnes
     assert harness.points("note") == ([4], [5.0])
     events = harness.store.events()
     assert [(e["kind"], e["branch"], e["step"]) for e in events] == [("error", 1, 1), ("error", 1, 2)]
-    assert events[0]["message"] == ("metric 'note': value 'warming up' is not a number; such values are not "
+    assert events[0]["message"] == ("metric 'note' at step 1: value 'warming up' is not a number; such values are not "
                                     "stored (log numbers or one-element tensors)")
-    assert events[1]["message"].startswith("metric 'vec': value tensor([1., 1., 1.]) is not a number")
+    assert events[1]["message"] == ("metric 'vec' at step 2: value tensor([1., 1., 1.]) is a tensor of 3 elements "
+                                    "(shape (3,)), not one number; such values are not stored (log numbers or "
+                                    "one-element tensors)")
     assert harness.writer.last_flush_error is None
+
+
+def test_an_int_too_large_for_a_float_is_dropped_alone_and_named_with_its_step(harness: _Harness):
+    for step in range(1, 33):
+        harness.log(step, loss=float(step), big=10**400 if step == 5 else step, huge=-(10**5000))
+    harness.writer.flush()  # float(10**400) raises OverflowError; the flush must not
+    assert harness.points("loss") == (list(range(1, 33)), [float(s) for s in range(1, 33)])
+    assert harness.points("big")[0] == [s for s in range(1, 33) if s != 5]
+    assert harness.points("huge") == ([], [])
+    assert [(e["kind"], e["step"], e["message"]) for e in harness.store.events()] == [
+        ("error", 5, "metric 'big' at step 5: value (an int of about 401 digits) is too large for a float; such "
+                     "values are not stored (log numbers or one-element tensors)"),
+        ("error", 1, "metric 'huge' at step 1: value (an int of about 5001 digits) is too large for a float; such "
+                     "values are not stored (log numbers or one-element tensors)"),
+    ]
+
+
+def test_the_event_for_a_bad_value_is_kept_with_its_values_when_the_store_refuses_them(
+        harness: _Harness, monkeypatch: pytest.MonkeyPatch):
+    _fail_once(harness.store, monkeypatch)
+    harness.log(1, loss=1.0, note="warming up")
+    harness.log(2, loss=2.0)
+    with pytest.raises(sqlite3.OperationalError):
+        harness.writer.flush()
+    assert harness.store.events() == []
+    harness.writer.flush()
+    assert harness.points("loss") == ([1, 2], [1.0, 2.0])
+    assert [(e["step"], e["message"][:32]) for e in harness.store.events()] == [(1, "metric 'note' at step 1: value '")]
+
+
+def test_values_lost_to_a_failure_while_sorting_them_are_counted_not_called_stored(
+        store: RunStore, monkeypatch: pytest.MonkeyPatch):
+    real = MetricsWriter._floats
+    failures: list[int] = []
+
+    def fails_once_on_acc(self: MetricsWriter, name: str, *args: Any) -> Any:
+        if name == "acc" and not failures:
+            failures.append(1)
+            raise MemoryError("no room to sort them")
+        return real(self, name, *args)
+
+    monkeypatch.setattr(MetricsWriter, "_floats", fails_once_on_acc)
+    queued = collections.deque((st.PER_STEP, 1, step, 1.0, {"loss": float(step), "acc": 0.5}) for step in (1, 2, 3))
+    writer = MetricsWriter(store, queue=queued, status=lambda: {"state": st.RUNNING}, interval=0.01)
+    event = wait_for(lambda: store.events(kinds=["store_trouble"]), timeout=30, what="the outage's event")[-1]
+    writer.queue.append((st.PER_STEP, 1, 4, 1.0, {"loss": 4.0, "acc": 0.5}))
+    writer.close()
+    assert "MemoryError: no room to sort them" in event["message"] and "nothing was lost" not in event["message"]
+    assert event["message"].endswith("; 3 logged values were lost; the values logged since are stored"), event
+    assert store.chunk_points(store.series_id("loss", 1, st.PER_STEP))[1].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert store.chunk_points(store.series_id("acc", 1, st.PER_STEP))[1].tolist() == [0.5]
 
 
 def test_status_and_heartbeat_are_written(harness: _Harness):

@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return send(args.run_dir, kind, {"value": args.value}, wait=args.wait, timeout=args.timeout)
         if args.command == "rollback":
             rollback_args = {"checkpoint": args.checkpoint, "hparams": args.hparams, "lr": args.lr,
-                             "momentum": args.momentum}
+                             "momentum": args.momentum, "skip_batches": args.skip_batches}
             return send(args.run_dir, cmd.ROLLBACK, rollback_args, wait=args.wait, timeout=args.timeout)
         if args.command == "probe":
             return send_excursion(args.run_dir, cmd.PROBE, probe_args(args), wait=args.wait, timeout=args.timeout)

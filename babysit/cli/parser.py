@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restore the checkpoint's lr and momentum (default) or keep the current ones")
     p.add_argument("--lr", help="then set this lr")
     p.add_argument("--momentum", help="then set this momentum")
+    p.add_argument("--skip-batches", metavar="N", help="then leave out the next N batches of the data order (a loss "
+                   "spike's remedy: roll back ~100 steps before it and skip the batches that came next)")
     command_args(p)
 
     p = sub.add_parser("probe", help="try a few lr (or momentum) values for N steps each, from now or a checkpoint, "

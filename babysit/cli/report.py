@@ -9,6 +9,7 @@ import shlex
 import time
 from typing import Any
 
+from .. import cadence, retention
 from .. import commands as cmd
 from ..errors import CliError
 from ..probes_text import format_excursion
@@ -20,10 +21,11 @@ from .common import open_store
 def status_object(store: RunStore) -> dict[str, Any]:
     """The run's state as a JSON-ready object (what ``status --json`` prints)."""
     status = store.status()
+    policy, kept = retention.explain(store, now=time.time())
     checkpoints = [
         {"id": c["id"], "epoch": c["epoch"], "step": c["step"], "branch": c["branch"],
          "path": str(store.run_dir / c["file"]), "reason": c["reason"], "metrics": c["metrics"],
-         "hparams": c["hparams"], "created": c["created"]}
+         "hparams": c["hparams"], "created": c["created"], "kept": kept.get(c["id"])}
         for c in store.checkpoints()
     ]
     pending = store.pending_commands()
@@ -44,6 +46,8 @@ def status_object(store: RunStore) -> dict[str, Any]:
         "optimizer": status.get("optimizer"),
         "message": status.get("message"),
         "checkpoints": checkpoints,
+        "cadence": cadence.describe(store.get_meta("cadence", None)),
+        "retention": policy.describe(),
         "pending_commands": [
             {"id": p["id"], "kind": p["kind"], "args": p["args"], "source": p["source"], "created": p["created"]}
             for p in pending
@@ -70,10 +74,13 @@ def format_status(info: dict[str, Any]) -> str:
         window = 1 / (1 - info["momentum"]) if info["momentum"] < 1 else float("inf")
         lines.append(f"momentum     {info['momentum']:.6g} (averages over ~{window:.0f} steps)")
     lines.append(f"pending      {len(info['pending_commands'])} command(s)")
-    lines.append(f"checkpoints  {len(info['checkpoints'])}")
+    if info.get("cadence"):
+        lines.append(f"cadence      {info['cadence']}")
+    lines.append(f"checkpoints  {len(info['checkpoints'])}; kept: {info['retention']}")
     for c in info["checkpoints"][-10:]:
         metrics = "  ".join(f"{k} {v:.4g}" for k, v in c["metrics"].items() if isinstance(v, (int, float)))
-        lines.append(f"  #{c['id']:<4} epoch {c['epoch']:<4} step {c['step']:<8} branch {c['branch']:<3} {metrics}")
+        kept = f"  ({c['reason']}; {c['kept']})" if c.get("kept") else f"  ({c['reason']})"
+        lines.append(f"  #{c['id']:<4} epoch {c['epoch']:<4} step {c['step']:<8} branch {c['branch']:<3} {metrics}{kept}")
     return "\n".join(lines)
 
 

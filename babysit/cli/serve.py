@@ -145,9 +145,23 @@ def demo_command(args: argparse.Namespace) -> int:
     root = str(Path(run_dir).parent)
     code = serve_dashboard(root=root, run=run_dir, address=args.address, port=args.port, token=args.token,
                            allow_hosts=args.allow_host)
-    print(f"\nbabysit: dashboard stopped; the trainer (pid {pid}) keeps training in {run_dir}. "
-          f"Stop it with `python -m babysit stop --run-dir {run_dir}`", flush=True)
+    print("\nbabysit: dashboard stopped; " + trainer_now(run_dir, pid), flush=True)
     return code
+
+
+def trainer_now(run_dir: str, pid: int | None) -> str:
+    """What the trainer is doing now, from its status row (it may have stopped while the page was open)."""
+    try:
+        status = RunStore(run_dir).status()
+    except StoreError as error:
+        return f"the trainer's state in {run_dir} cannot be read ({error})"
+    if status.get("alive"):
+        return (f"the trainer (pid {status.get('pid') or pid}) keeps training in {run_dir}. Stop it with "
+                f"`python -m babysit stop --run-dir {run_dir}`")
+    state = status.get("effective_state") or status.get("state") or "gone"
+    message = status.get("message")
+    return f"the trainer in {run_dir} is {state}" + (f": {message}" if message else "") + (
+        f"; `python -m babysit demo --run-dir {run_dir}` resumes it" if state != "finished" else "")
 
 
 def _wait_for_trainer(run_dir: str, pid: int, timeout: float = 120.0) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import io
+import logging
 import os
 import sys
 from dataclasses import asdict, fields
@@ -10,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import commands as cmd
+from .. import rundir
 from ..errors import CliError, SettingsError
 from ..instruments import journal
-from ..store import DB_NAME
+from ..store import DB_NAME, LOG_NAME
 from .common import open_store
 
 # The `train` options that set a job's config field of the same name (each job takes some of them).
@@ -67,14 +70,43 @@ def train_command(args: argparse.Namespace) -> int:
             return 0
 
     def on_run(run: Any) -> None:
-        print(f"babysit: training in {args.run_dir} (pid {os.getpid()}): {run.message}", flush=True)
+        print(f"babysit: training in {args.run_dir} (pid {os.getpid()})", flush=True)
 
+    narrate_to_console_and_log(args.run_dir)
     try:
-        run = train(args.run_dir, config, on_run=on_run, **({"replay": replay} if replay is not None else {}))
+        train(args.run_dir, config, on_run=on_run, **({"replay": replay} if replay is not None else {}))
     except RunLockedError as error:
         raise CliError(str(error)) from None
-    print(f"babysit: {run.status}: {run.message}", flush=True)
     return 0
+
+
+def narrate_to_console_and_log(run_dir: str) -> None:
+    """The trainer's lines (babysit's loggers, INFO and up: an epoch, a command's fate, an event) on
+    standard output and in the run directory's trainer.log, unless standard output is that file
+    already (``demo`` starts its trainer so)."""
+    logger = logging.getLogger("babysit")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # said here once, not again by a root handler the job may add
+    formatter = logging.Formatter("%(message)s")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(formatter)
+    logger.addHandler(console)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    file = rundir.open_file(Path(run_dir) / LOG_NAME, "ab")  # a planted link is refused, never appended to
+    if _same_file(file.fileno(), sys.stdout):
+        file.close()
+        return
+    to_log = logging.StreamHandler(io.TextIOWrapper(file, encoding="utf-8", line_buffering=True))
+    to_log.setFormatter(formatter)
+    logger.addHandler(to_log)
+
+
+def _same_file(fd: int, stream: Any) -> bool:
+    try:
+        mine, theirs = os.fstat(fd), os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 def _replay_journal(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -11,7 +11,8 @@ the next branch left it. It has two parts:
 - ``schedule``: what a replay applies (``babysit.Run(..., replay=...)``, ``train --replay``): each
   lr or momentum setting at its step along the flattened line. A rollback that restores its
   checkpoint's hyperparameters needs nothing (the replay is at that state already); one that kept
-  the current ones or set new ones is a setting at the fork.
+  the current ones or set new ones is a setting at the fork; one that skipped batches of the data
+  order (``rollback --skip-batches N``) is a skip at the fork: ``{"step", "at", "skip_batches": N}``.
 
 Where in a step's boundary a setting lands matters at an epoch's end: the boundary after the
 epoch's last step comes before the loop's epoch-end code (its evaluation, its own anneal), the
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,12 +45,31 @@ SETTABLE = {"lr": cmd.SET_LR, "momentum": cmd.SET_MOMENTUM}
 NUDGES = tuple(SETTABLE.values())
 _REASON_EPOCH = "epoch"          # babysit.checkpoint.REASON_EPOCH (that module loads torch)
 _LATEST = math.inf
+# What a journal file may be. An export is a few KB per hundred decisions and nests six levels
+# (history, an entry, its probes, their results); the limits refuse what is not one before it costs
+# memory or time: a device such as /dev/zero, a FIFO (its read waits forever), deep brackets.
+MAX_JOURNAL_BYTES = 16 * 2**20
+MAX_NESTING = 32
+_EXPORT_HINT = "export one with `python -m babysit journal --run-dir D > journal.json`"
+# The keys of a run's config that babysit's own jobs read (`train --replay` starts a job from the
+# journal's config), with what each must be; the config's other keys are the loop's own and are
+# not judged here. The whole numbers are the jobs' config fields of type int (but the seed).
+WHOLE_NUMBER_SETTINGS = ("epochs", "batch_size", "epoch_passes", "seq_len", "steps_per_epoch", "n_layer", "n_head",
+                         "n_embd")
+TEXT_SETTINGS = ("job", "optimizer")
+SEED_RANGE = (-(2**63), 2**64)  # what torch.manual_seed takes
 
 
 def at_of(step_in_epoch: Any) -> str:
     """Where a setting recorded at ``step_in_epoch`` lands: 0 is an epoch's first boundary (after
     the previous epoch's end); anything else, or nothing recorded, the boundary after its step."""
     return AT_EPOCH_START if step_in_epoch == 0 and not isinstance(step_in_epoch, bool) else AT_STEP
+
+
+def is_skip(entry: dict[str, Any]) -> bool:
+    """A schedule entry that skips batches of the data order (a rollback's ``--skip-batches``),
+    rather than setting lr or momentum."""
+    return "skip_batches" in entry
 
 
 def _rank(at: str) -> int:
@@ -204,10 +226,13 @@ def _fork(store: Any, branch: dict[str, Any], fork: dict[str, Any] | None, comma
                 set_(name, (result.get("before") or {}).get(name), origin)
         for name in ("lr", "momentum"):
             set_(name, args.get(name), origin)
+        skip = args.get("skip_batches")
+        if isinstance(skip, int) and not isinstance(skip, bool) and skip > 0:
+            settings.append({"step": step, "at": at, "skip_batches": skip, "from": origin})
         entry = {"kind": cmd.ROLLBACK, "checkpoint": fork["id"] if fork else None, "step": step, "at": at,
                  "branch": branch["id"], "from_branch": rollback["branch"], "from_step": rollback["step"],
                  "hparams": args.get("hparams", cmd.HPARAMS_CHECKPOINT),
-                 **{name: args[name] for name in ("lr", "momentum") if args.get(name) is not None},
+                 **{name: args[name] for name in ("lr", "momentum", "skip_batches") if args.get(name) is not None},
                  "after": {"lr": result.get("lr"), "momentum": result.get("momentum")},
                  "source": rollback["source"], "command": rollback["id"], "time": _iso(rollback["done_at"]),
                  "text": cmd.describe(cmd.ROLLBACK, args)}
@@ -263,39 +288,81 @@ def to_json(journal: dict[str, Any]) -> str:
 
 # -- reading -----------------------------------------------------------------------------------
 def read_journal(source: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """A journal from a file path or an already loaded dict, checked (see :func:`check_journal`)."""
+    """A journal from a file path or an already loaded dict, checked (see :func:`check_journal`).
+
+    A path must name a regular file (not a FIFO, a device or a directory) of at most
+    :data:`MAX_JOURNAL_BYTES`; both are checked before anything is read. Raises SettingsError
+    with a one-line message naming what was refused."""
     if isinstance(source, dict):
         return check_journal(source)
     if not isinstance(source, (str, Path)):
         raise SettingsError(f"replay must be the path of a journal file or its loaded dict, got {type(source).__name__}")
     path = Path(source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise SettingsError(f"journal {str(path)!r} cannot be read: {error.strerror or error}") from None
+    text = _read_text(path)
     try:
         loaded = json.loads(text)
+    except RecursionError:
+        raise SettingsError(f"journal {str(path)!r} nests deeper than {MAX_NESTING} levels; a journal nests a few "
+                            f"levels: {_EXPORT_HINT}") from None
     except ValueError as error:
-        raise SettingsError(f"journal {str(path)!r} is not JSON ({error}); export one with "
-                            "`python -m babysit journal --run-dir D > journal.json`") from None
+        raise SettingsError(f"journal {str(path)!r} is not JSON ({error}); {_EXPORT_HINT}") from None
     return check_journal(loaded, str(path))
 
 
+def _read_text(path: Path) -> str:
+    """The text of the journal file at ``path``, refused before reading if it is not a regular
+    file or is larger than a journal is. Links are followed: the path is the user's own."""
+    try:
+        # O_NONBLOCK: opening a FIFO returns at once (and is refused below) instead of waiting for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        raise SettingsError(f"journal {str(path)!r} cannot be read: {error.strerror or error}") from None
+    with os.fdopen(fd, "rb") as handle:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise SettingsError(f"journal {str(path)!r} is {_file_kind(found.st_mode)}, not a regular file; a journal "
+                                f"is a JSON file: {_EXPORT_HINT}")
+        if found.st_size > MAX_JOURNAL_BYTES:
+            raise SettingsError(f"journal {str(path)!r} is {found.st_size:,} bytes; a journal is at most "
+                                f"{MAX_JOURNAL_BYTES // 2**20} MiB: {_EXPORT_HINT}")
+        try:
+            data = handle.read(MAX_JOURNAL_BYTES + 1)  # the file may have grown since fstat
+        except OSError as error:
+            raise SettingsError(f"journal {str(path)!r} cannot be read: {error.strerror or error}") from None
+    if len(data) > MAX_JOURNAL_BYTES:
+        raise SettingsError(f"journal {str(path)!r} is over {MAX_JOURNAL_BYTES // 2**20} MiB; a journal is at most "
+                            f"{MAX_JOURNAL_BYTES // 2**20} MiB: {_EXPORT_HINT}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SettingsError(f"journal {str(path)!r} is not UTF-8 text (byte {error.start}); {_EXPORT_HINT}") from None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
 def check_journal(journal: Any, name: str = "the journal") -> dict[str, Any]:
-    """Refuse what is not a journal this babysit can replay: another format version, a schedule
-    entry without a step, a place, a setting name or a valid value. Returns it unchanged."""
+    """Refuse what is not a journal this babysit can replay: another format version, nesting deeper
+    than :data:`MAX_NESTING`, a config value a built-in job reads of the wrong type, a target that is
+    not whole numbers, a schedule entry without a step, a place, a setting name or a valid value (or
+    a skip's whole number of batches). Returns it unchanged."""
     if not isinstance(journal, dict) or FORMAT_KEY not in journal:
-        raise SettingsError(f"{name} is not a babysit journal (no {FORMAT_KEY!r} key); export one with "
-                            "`python -m babysit journal --run-dir D > journal.json`")
+        raise SettingsError(f"{name} is not a babysit journal (no {FORMAT_KEY!r} key); {_EXPORT_HINT}")
+    _check_nesting(journal, name)
     version = journal[FORMAT_KEY]
     if version != VERSION or isinstance(version, bool):
-        raise SettingsError(f"{name} is journal format version {version!r}; this babysit reads version {VERSION} "
-                            "only (a newer babysit wrote it?)")
+        raise SettingsError(f"{name} is journal format version {_show(version)}; this babysit reads version "
+                            f"{VERSION} only (a newer babysit wrote it?)")
     for part in ("run", "to"):
         if not isinstance(journal.get(part, {}), dict):
-            raise SettingsError(f"{name}: {part!r} must be an object, got {journal[part]!r}")
+            raise SettingsError(f"{name}: {part!r} must be an object, got {_show(journal[part])}")
     if not isinstance((journal.get("run") or {}).get("config", {}), dict):
-        raise SettingsError(f"{name}: the run's 'config' must be an object, got {journal['run']['config']!r}")
+        raise SettingsError(f"{name}: the run's 'config' must be an object, got {_show(journal['run']['config'])}")
+    _check_config((journal.get("run") or {}).get("config") or {}, name)
+    _check_target(journal.get("to") or {}, name)
     schedule = journal.get("schedule")
     if not isinstance(schedule, list):
         raise SettingsError(f"{name}: 'schedule' must be a list of settings, got {type(schedule).__name__}")
@@ -303,16 +370,23 @@ def check_journal(journal: Any, name: str = "the journal") -> dict[str, Any]:
     for index, entry in enumerate(schedule):
         where = f"{name}: schedule[{index}]"
         if not isinstance(entry, dict):
-            raise SettingsError(f"{where} must be an object, got {entry!r}")
+            raise SettingsError(f"{where} must be an object, got {_show(entry)}")
         step = entry.get("step")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise SettingsError(f"{where}: step must be a whole number >= 0, got {step!r}")
+            raise SettingsError(f"{where}: step must be a whole number >= 0, got {_show(step)}")
         if entry.get("at") not in (AT_STEP, AT_EPOCH_START):
-            raise SettingsError(f"{where}: at must be {AT_STEP!r} or {AT_EPOCH_START!r}, got {entry.get('at')!r}")
-        if entry.get("set") not in SETTABLE:
-            raise SettingsError(f"{where}: set must be 'lr' or 'momentum', got {entry.get('set')!r}")
+            raise SettingsError(f"{where}: at must be {AT_STEP!r} or {AT_EPOCH_START!r}, got {_show(entry.get('at'))}")
         try:
-            (cmd.validate_lr if entry["set"] == "lr" else cmd.validate_momentum)(entry.get("value"))
+            if is_skip(entry):
+                skip = entry["skip_batches"]
+                if not isinstance(skip, int) or isinstance(skip, bool):  # JSON: no "200" for 200, no true
+                    raise cmd.CommandError(f"skip_batches must be a whole number, got {_show(skip)}")
+                cmd.validate_skip_batches(skip)
+            elif entry.get("set") not in SETTABLE:
+                raise SettingsError(f"{where}: set must be 'lr' or 'momentum' (or the entry a skip_batches), got "
+                                    f"{_show(entry.get('set'))}")
+            else:
+                (cmd.validate_lr if entry["set"] == "lr" else cmd.validate_momentum)(entry.get("value"))
         except cmd.CommandError as error:
             raise SettingsError(f"{where}: {error}") from None
         position = (step, _rank(entry["at"]))
@@ -321,3 +395,70 @@ def check_journal(journal: Any, name: str = "the journal") -> dict[str, Any]:
                                 "must be in the order the run meets its steps")
         last = position
     return journal
+
+
+def _check_nesting(journal: dict[str, Any], name: str) -> None:
+    """Refuse a journal nested deeper than :data:`MAX_NESTING`, walked without recursion (a loaded
+    dict that contains itself is refused the same way), or holding more objects and lists than a
+    journal file of :data:`MAX_JOURNAL_BYTES` could (a loaded dict sharing its parts many times)."""
+    stack: list[tuple[Any, int]] = [(journal, 1)]
+    budget = MAX_JOURNAL_BYTES // 2  # each takes at least two characters in a file
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise SettingsError(f"{name} nests deeper than {MAX_NESTING} levels; a journal nests a few levels: "
+                                f"{_EXPORT_HINT}")
+        budget -= 1
+        if budget < 0:
+            raise SettingsError(f"{name} holds more than {MAX_JOURNAL_BYTES // 2:,} objects and lists; a journal "
+                                f"file is at most {MAX_JOURNAL_BYTES // 2**20} MiB: {_EXPORT_HINT}")
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
+
+
+def _check_config(config: dict[str, Any], name: str) -> None:
+    """The config keys a built-in job reads, if present, of the type it needs (a replay of one
+    would fail deep inside torch, or run 'True epochs')."""
+    where = f"{name}: the run's config:"
+    for key in TEXT_SETTINGS:
+        if key in config and not isinstance(config[key], str):
+            raise SettingsError(f"{where} {key} must be text (a name such as 'digits' or 'sgd'), got {_show(config[key])}")
+    if "seed" in config:
+        seed = config["seed"]
+        if not _whole(seed) or not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+            raise SettingsError(f"{where} seed must be a whole number from -2**63 to 2**64 - 1 (what "
+                                f"torch.manual_seed takes), got {_show(seed)}")
+    for key, validate in (("lr", cmd.validate_lr), ("momentum", cmd.validate_momentum)):
+        if key not in config:
+            continue
+        if not isinstance(config[key], (int, float)) or isinstance(config[key], bool):  # "0.1" is text in JSON
+            raise SettingsError(f"{where} {key} must be a number (not text, not true or false), got {_show(config[key])}")
+        try:
+            validate(config[key])
+        except cmd.CommandError as error:
+            raise SettingsError(f"{where} {error}") from None
+    for key in WHOLE_NUMBER_SETTINGS:
+        if key in config and (not _whole(config[key]) or config[key] < 1):
+            raise SettingsError(f"{where} {key} must be a whole number >= 1, got {_show(config[key])}")
+
+
+def _check_target(target: dict[str, Any], name: str) -> None:
+    """The checkpoint the journal leads to: its numbers whole, its reason text (a replay trains to its epoch)."""
+    for key in ("checkpoint", "branch", "epoch", "step"):
+        if target.get(key) is not None and (not _whole(target[key]) or target[key] < 0):
+            raise SettingsError(f"{name}: to.{key} must be a whole number >= 0, got {_show(target[key])}")
+    if target.get("reason") is not None and not isinstance(target["reason"], str):
+        raise SettingsError(f"{name}: to.reason must be text (such as 'epoch'), got {_show(target['reason'])}")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> str:
+    """A value for a one-line message: its repr, cut short (a journal's value can be megabytes)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int of more digits than Python prints, a nest too deep
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."

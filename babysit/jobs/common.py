@@ -16,17 +16,19 @@ OPTIMIZERS = ("sgd", "adam")
 
 def check_settings(config: Any, whole_numbers: Sequence[str]) -> None:
     """Refuse a job config with an unknown optimizer, a bad lr or momentum, a seed that is not a
-    whole number, or one of ``whole_numbers`` below 1; the message names the value."""
+    whole number torch takes, or one of ``whole_numbers`` below 1; the message names the value."""
     if config.optimizer not in OPTIMIZERS:
         raise SettingsError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}")
     validate_lr(config.lr)
     validate_momentum(config.momentum)
     for name in ("epochs", *whole_numbers):
         value = getattr(config, name)
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise SettingsError(f"{name} must be a whole number >= 1, got {value!r}")
-    if not isinstance(config.seed, int):
-        raise SettingsError(f"seed must be a whole number, got {config.seed!r}")
+    seed = config.seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64:
+        raise SettingsError(f"seed must be a whole number from -2**63 to 2**64 - 1 (what torch.manual_seed takes), "
+                            f"got {seed!r}")
 
 
 def build_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:

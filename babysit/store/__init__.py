@@ -288,20 +288,6 @@ class RunStore(SeriesTables, CommandTable, ExcursionTable, DismissedHints):
             )
         return found
 
-    def checkpoints_to_retire(self, keep_last: int) -> list[dict[str, Any]]:
-        """The listed checkpoints beyond the newest ``keep_last``, oldest first, except those a
-        branch started from (a rollback's origin is kept for as long as the run is). An
-        excursion's probe checkpoints are neither counted nor retired here: the next excursion
-        retires them (see babysit.excursion_runner)."""
-        main_line = " AND branch NOT IN (SELECT branch FROM excursion_branches)"
-        rows = self.conn().execute(
-            f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE deleted = 0{main_line}"
-            f" AND id NOT IN (SELECT id FROM checkpoints WHERE deleted = 0{main_line} ORDER BY id DESC LIMIT ?)"
-            " AND id NOT IN (SELECT from_checkpoint FROM branches WHERE from_checkpoint IS NOT NULL) ORDER BY id",
-            (keep_last,),
-        ).fetchall()
-        return [c for c in map(checkpoint_row, rows) if rundir.is_plain_name(c["file"])]
-
     def mark_checkpoint_deleted(self, checkpoint_id: int) -> None:
         self.conn().execute("UPDATE checkpoints SET deleted = 1 WHERE id = ?", (checkpoint_id,))
 

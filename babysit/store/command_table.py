@@ -36,16 +36,20 @@ class CommandTable:
         """Validate and queue a command; raise :class:`~babysit.commands.CommandError` and queue
         nothing when the command or the run's state does not allow it."""
         command = cmd.validate(kind, args)
-        status = self.status()
-        if require_live and not status["alive"]:
-            raise cmd.CommandError(self._not_running_message(status))
-        if command.kind == cmd.ROLLBACK:
-            self.checkpoint(command.args["checkpoint"], must_exist=True)
+        # The run's state is read and the command written in one transaction: a trainer that stops
+        # expires what is pending and says "stopped" in one commit of its own, so a command is
+        # either expired by that stop or refused because of it, never left for the next start.
         try:
-            cur = self.conn().execute(
-                "INSERT INTO commands (created, source, kind, args, state) VALUES (?, ?, ?, ?, ?)",
-                (now(), source, command.kind, json.dumps(command.args), cmd.PENDING),
-            )
+            with self.transaction():
+                status = self.status()
+                if require_live and not status["alive"]:
+                    raise cmd.CommandError(self._not_running_message(status))
+                if command.kind == cmd.ROLLBACK:
+                    self.checkpoint(command.args["checkpoint"], must_exist=True)
+                cur = self.conn().execute(
+                    "INSERT INTO commands (created, source, kind, args, state) VALUES (?, ?, ?, ?, ?)",
+                    (now(), source, command.kind, json.dumps(command.args), cmd.PENDING),
+                )
         except sqlite3.OperationalError as error:
             if not (self.keeps_refused_writes and disk_full(error)):
                 raise
@@ -175,6 +179,14 @@ class CommandTable:
              command_id, cmd.PENDING),
             finishes=command_id,
         )
+
+    def expire_pending(self, reason: str, *, branch: int | None, step: int | None) -> list[int]:
+        """Mark every command still pending expired, with ``reason``: the run ended before it
+        applied them, and a later start must not carry them out unasked. Returns their ids."""
+        expired = [c["id"] for c in self.pending_commands()]
+        for command_id in expired:
+            self.finish_command(command_id, cmd.EXPIRED, branch=branch, step=step, reason=reason)
+        return expired
 
     def record_trainer_command(self, kind: str, args: dict[str, Any], state: str, *, source: str, branch: int,
                                step: int, result: dict[str, Any] | None = None, reason: str | None = None) -> int:

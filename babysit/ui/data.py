@@ -296,7 +296,8 @@ def markers(store: RunStore, branches: list[dict[str, Any]]) -> list[Marker]:
             text = (f"rollback from step {data.get('from_step')} (branch {data.get('from_branch')}) to checkpoint "
                     f"#{data.get('checkpoint')} at step {event['step']}: branch {event['branch']} starts; "
                     f"lr {_fmt(before.get('lr'))} → {_fmt(after.get('lr'))}, "
-                    f"momentum {_fmt(before.get('momentum'))} → {_fmt(after.get('momentum'))}")
+                    f"momentum {_fmt(before.get('momentum'))} → {_fmt(after.get('momentum'))}"
+                    + (f"; the next {data['skip_batches']} batches skipped" if data.get("skip_batches") else ""))
             start = int(branch.get("start_step", step))
             out.append(Marker("rollback", event["branch"], start, text, after.get("lr"), event["wall"]))
         elif kind == "hparams":
