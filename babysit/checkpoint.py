@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, RunDirError
-from .rundir import open_file
+from .rundir import TEMP_MARK, open_file, remove_tree
 from .store.liveness import disk_full
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,6 @@ REASON_EPOCH = "epoch"
 REASON_COMMAND = "command"
 REASON_STOP = "stop"
 
-TEMP_MARK = ".tmp-"
 # Below this size a checkpoint is read and hashed in one go; above, it is memory-mapped and hashed
 # by a second thread while torch decodes it (a thread and a mapping cost more than they save on
 # small files).
@@ -74,6 +73,14 @@ MAP_ABOVE_BYTES = 8 * 2**20
 
 def checkpoint_filename(branch: int, epoch: int, step: int) -> str:
     return f"epoch-{epoch:04d}-step-{step:08d}-b{branch}.pt"
+
+
+# A sharded checkpoint is a folder (see babysit/sharded.py), named like a file with this suffix.
+SHARDED_SUFFIX = ".dcp"
+
+
+def sharded_checkpoint_name(branch: int, epoch: int, step: int) -> str:
+    return f"epoch-{epoch:04d}-step-{step:08d}-b{branch}{SHARDED_SUFFIX}"
 
 
 def clone_tree(obj: Any) -> Any:
@@ -251,10 +258,11 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def remove_stale_temps(directory: Path) -> list[Path]:
-    """Delete half-written checkpoint files left by a process that died mid-write."""
+    """Delete half-written checkpoint files (and sharded checkpoints' folders) left by a process
+    that died mid-write or mid-removal."""
     removed = []
     for candidate in directory.glob(f".*{TEMP_MARK}*"):
-        candidate.unlink(missing_ok=True)
+        remove_tree(candidate)
         removed.append(candidate)
     return removed
 
@@ -397,18 +405,30 @@ def _lower_thread_priority() -> None:
         pass
 
 
+# How long a write waits for the training thread to leave the meeting it was taken in (see hold()).
+HOLD_AT_MOST_S = 1.0
+
+
 class AsyncCheckpointer:
     """Writes snapshots on a thread of its own, one at a time, in the order submitted.
 
     ``on_written(job)`` lists a written file (and sets ``job.listed``); if it raises before the file
     is listed, the file is removed and ``on_failed(job)`` reports it: a checkpoint file is either
-    listed or gone, never left on the disk unlisted."""
+    listed or gone, never left on the disk unlisted.
+
+    Between :meth:`hold` and :meth:`release` (babysit holds it while the ranks meet), a write waits
+    to start, for at most ``HOLD_AT_MOST_S``: a writer thread running Python (pickling, DCP's
+    planning) takes the GIL from the training thread at every collective it waits on, which
+    would lengthen the meeting the training thread is still in; once it has left, the write goes
+    on beside training."""
 
     def __init__(self, on_written: Callable[[PendingCheckpoint], None],
                  on_failed: Callable[[PendingCheckpoint], None]) -> None:
         self._queue: queue.Queue[PendingCheckpoint | None] = queue.Queue()
         self._on_written = on_written
         self._on_failed = on_failed
+        self._released = threading.Event()
+        self._released.set()
         self._thread = threading.Thread(target=self._loop, name="babysit-checkpoint", daemon=True)
         self._thread.start()
 
@@ -416,8 +436,16 @@ class AsyncCheckpointer:
         self._queue.put(job)
         return job
 
+    def hold(self) -> None:
+        """Writes wait to start until :meth:`release` (or ``HOLD_AT_MOST_S``)."""
+        self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
+
     def wait(self) -> None:
         """Block until every submitted checkpoint is written (or has failed)."""
+        self.release()
         self._queue.join()
 
     def close(self) -> None:
@@ -432,6 +460,7 @@ class AsyncCheckpointer:
             try:
                 if job is None:
                     return
+                self._released.wait(HOLD_AT_MOST_S)
                 self._write(job)
             finally:
                 self._queue.task_done()
@@ -448,7 +477,7 @@ class AsyncCheckpointer:
                 self._on_written(job)
             except BaseException:
                 if not job.listed:
-                    _remove_unlisted(job.path)
+                    remove_unlisted(job.path)
                 raise
         except BaseException as error:  # reported, never allowed to kill the writer thread
             job.error = error
@@ -469,10 +498,11 @@ class AsyncCheckpointer:
             job.done.set()
 
 
-def _remove_unlisted(path: Path) -> None:
-    """Remove a checkpoint file the store could not list (the failure itself is reported by the caller)."""
+def remove_unlisted(path: Path) -> None:
+    """Remove a checkpoint file (or a sharded checkpoint's folder) the store could not list (the
+    failure itself is reported by the caller)."""
     try:
-        path.unlink(missing_ok=True)
+        remove_tree(path)
         _fsync_dir(path.parent)
     except OSError as error:
         log.error("babysit: checkpoint %s could not be listed, nor removed (%s); nothing refers to it", path.name,

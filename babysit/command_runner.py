@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from . import commands as cmd
 from . import optim
-from .checkpoint import KEY_EPOCH, REASON_EPOCH, REASON_STOP, read_verified, rng_state
+from .checkpoint import KEY_EPOCH, REASON_EPOCH, REASON_STOP, rng_state
 from .control import PendingDataSkip, PendingRollback, RunControl
 from .errors import CheckpointError, CommandError
 from .excursion_runner import Excursions
@@ -237,7 +237,7 @@ class CommandRunner:
         assert record is not None
         if command.args.get("skip_batches"):
             self._check_skip(command.args["skip_batches"], record)
-        state = read_verified(self.run_dir / record["file"], record["sha256"])
+        state = self.trainables.read(self.run_dir, record)
         self.trainables.check_fits(state, record["id"])
         before, branch_at_cut, step_at_cut = self.trainables.hparams(), self.position.branch, self.position.step
         excursion = self.control.excursion

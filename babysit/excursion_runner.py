@@ -60,6 +60,8 @@ REASON_PROBE = "probe"          # a probe's end, on its branch (to continue from
 NOT_UNDER_RANKS = ("probes and sweeps do not run under torch.distributed: every rank would have to change branch and "
                    "load the same checkpoint at the same step; they work in a single-process run (your own loop "
                    "around babysit.Run)")
+NOT_SHARDED = ("probes and sweeps do not run on a sharded (FSDP) model yet: they fork from checkpoints of the whole "
+               "model; they work in a single-process run of an unsharded model")
 
 
 @dataclass

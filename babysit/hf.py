@@ -70,7 +70,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import TrainOutput
 
 from .checkpoint import rng_state, set_rng_state
+from .errors import SettingsError
 from .guard import GuardConfig
+from .parallelism import refusal
 from .run import Interrupt, Run
 from .signals import install_stop_handlers
 
@@ -156,6 +158,9 @@ class BabysitCallback(TrainerCallback):
         optimizer = _unwrap(optimizer)
         if self.run is None or self._ended:
             self._ended = False
+            refused = refusal(model, optimizer, framework="Hugging Face")
+            if refused is not None:  # on every rank alike, before any waits for the others
+                raise SettingsError(refused)
             self.run = Run(self.run_dir, model, optimizer, lr_scheduler, config=self._run_config(args),
                            items_per_step=self._items_per_step or _samples_per_step(args), **self._run_kwargs)
             self.run.refuse_excursions(EXCURSIONS_REFUSED)

@@ -68,7 +68,9 @@ import pytorch_lightning as pl
 import torch
 
 from .checkpoint import rng_state, set_rng_state
+from .errors import SettingsError
 from .guard import GuardConfig
+from .parallelism import refusal
 from .run import Interrupt, Run
 from .signals import install_stop_handlers
 from .store import PAUSED, RUNNING
@@ -154,6 +156,9 @@ class BabysitCallback(pl.Callback):
         state = dict(self._user_state or {})
         state[_LIGHTNING_STATE] = self._counters
         self._counters.loaded = None
+        refused = refusal(pl_module, first, framework="Lightning")
+        if refused is not None:  # on every rank alike, before any waits for the others
+            raise SettingsError(refused)
         self.run = Run(self.run_dir, pl_module, first, scheduler, state=state, **self._run_kwargs)
         self.run.refuse_excursions(EXCURSIONS_REFUSED)
         self.run.max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None

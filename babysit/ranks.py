@@ -19,27 +19,44 @@ At a meeting with work to do, the leader runs babysit's usual code and tells the
 effect as it happens (``tell``): an lr or momentum to set (through :mod:`babysit.optim`, as on the
 leader), a checkpoint to load (each follower reads the verified file itself: the run directory must
 be on a filesystem every rank sees), a snapshot for which each follower hands in what differs per
-rank (its RNG states, its loader generators, its ``run.state``). The meeting ends with ``done``,
+rank (its RNG states, its loader generators, its ``run.state``) and, for a sharded model, gives its
+own shard to its writer thread. The meeting ends with ``done``,
 which carries the leader's branch, status, message and interruption (a stop, a rollback). A paused
 leader keeps the followers waiting in the meeting, with a ``ping`` now and then so no collective
 times out.
+
+A rank that does not come to a meeting (stuck in a deadlock of its own, stopped) is named instead
+of leaving the others waiting without a word: a rank whose meeting's collective has not completed
+after a while (a minute, or half the wait if shorter) says so in the job's key-value store
+(:mod:`babysit.arrivals`) and looks there for the ranks that have not; the leader puts them on the
+page, and every rank waiting names them in the RanksOutOfStep it raises at the wait's end (and at
+``babysit.Run()``, every rank says it has come before any collective). Nothing of this costs a
+meeting that completes in time. The wait is the training's own collectives' timeout
+(``init_process_group(timeout=...)``), so a long evaluation on rank 0 is fine.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import pickle
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from . import user_state
-from .checkpoint import KEY_EPOCH_START_RNG, KEY_LOADER_RNG, KEY_RNG, KEY_USER_STATE, read_verified, rng_state
+from . import arrivals as arrivals_module
+from .arrivals import Arrivals
+from .checkpoint import KEY_EPOCH_START_RNG, KEY_LOADER_RNG, KEY_RNG, KEY_USER_STATE, PendingCheckpoint, rng_state
 from .control import RunControl
 from .errors import RanksOutOfStep
 from .position import ResumePosition
 from .trainables import Trainables
+
+log = logging.getLogger(__name__)
 
 KEY_RANKS = "ranks"        # in a checkpoint: per rank, what differs between ranks (None for the leader)
 RANK_KEYS = (KEY_RNG, KEY_EPOCH_START_RNG, KEY_LOADER_RNG, KEY_USER_STATE)
@@ -52,6 +69,7 @@ START, SYNC, EPOCH_END, BETWEEN_EPOCHS, FINISH = 1, 2, 3, 4, 5
 _POINTS = {START: "babysit.Run()", SYNC: "a step boundary", EPOCH_END: "an epoch's end",
            BETWEEN_EPOCHS: "the start of an epoch", FINISH: "the end of run.epochs"}
 ARRIVAL_TIMEOUT_S = 300.0  # how long a rank waits for the others to build their Run
+_TELL_BYTES = 4096         # what the leader tells at a meeting fits in one broadcast of this size
 
 _joined = 0  # Runs built in this process: the n-th Run of every rank meets the n-th of the others
 
@@ -68,24 +86,17 @@ def join() -> "Ranks | None":
         return None
     _joined += 1
     rank, world = dist.get_rank(), dist.get_world_size()
-    _wait_for_every_rank(dist, f"babysit/run-{_joined}", world)
-    # Babysit's collectives wait as long as the training's own do (a long evaluation on rank 0).
-    group = dist.new_group(backend="gloo", timeout=_training_timeout(dist))
-    return Ranks(group, rank, world)
-
-
-def _wait_for_every_rank(dist: Any, key: str, world: int) -> None:
+    timeout = _training_timeout(dist)
     store = dist.distributed_c10d._get_default_store()
-    arrived = store.add(key, 1)
-    deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
-    while arrived < world:
-        if time.monotonic() > deadline:
-            raise RanksOutOfStep(
-                f"babysit.Run was built on {arrived} of the job's {world} ranks in {ARRIVAL_TIMEOUT_S:.0f} s: under "
-                "torch.distributed every rank builds the same babysit.Run (rank 0 leads, the others follow "
-                "its commands; do not build it on rank 0 only)")
-        time.sleep(0.05)
-        arrived = store.add(key, 0)
+    try:
+        Arrivals(store, f"babysit/run-{_joined}", rank, world, ARRIVAL_TIMEOUT_S).all_here("start", "babysit.Run()")
+    except RanksOutOfStep as error:
+        raise RanksOutOfStep(f"{error}: under torch.distributed every rank builds the same babysit.Run (rank 0 leads, "
+                             "the others follow its commands; do not build it on rank 0 only)") from None
+    # Babysit's collectives wait as long as the training's own do (a long evaluation on rank 0).
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    waits = Arrivals(store, f"babysit/run-{_joined}/waits", rank, world, timeout.total_seconds())
+    return Ranks(group, rank, world, waits)
 
 
 def _training_timeout(dist: Any) -> Any:
@@ -98,7 +109,7 @@ def _training_timeout(dist: Any) -> Any:
 class Ranks:
     """This process's share of the meetings: leader (rank 0) or follower."""
 
-    def __init__(self, group: Any, rank: int, world_size: int) -> None:
+    def __init__(self, group: Any, rank: int, world_size: int, arrivals: Arrivals | None = None) -> None:
         import torch.distributed as dist
 
         self._dist = dist
@@ -112,6 +123,10 @@ class Ranks:
         self._in_meeting = False
         self._handed_in: dict[str, Any] | None = None  # a follower's share of the last snapshot
         self._run: _Bound | None = None
+        self._arrivals = arrivals  # where a rank that waits long says so, and finds who has not come
+        self._waits = 0              # the meetings' collectives waited for, counted alike on every rank
+        self.shard_writer: Any = None  # a follower's writer of its shards (a sharded model; the leader's: Snapshots')
+        self.report_wait: Callable[[str, list[int]], None] | None = None  # the leader's: a long wait, on the page
 
     def bind(self, control: RunControl, position: ResumePosition, trainables: Trainables, run_dir: Path,
              load_training_state: Callable[[dict[str, Any], dict[str, Any]], None]) -> None:
@@ -125,6 +140,18 @@ class Ranks:
 
     # -- the primitives ------------------------------------------------------------------------
     def _broadcast(self, value: Any = None) -> Any:
+        """The leader's ``value`` on every rank: one broadcast of a small buffer (what a meeting tells
+        is a few hundred bytes), two for anything larger (``broadcast_object_list``'s size, then data)."""
+        buffer = torch.zeros(_TELL_BYTES, dtype=torch.uint8)
+        if self.leads:
+            data = pickle.dumps(value)
+            if len(data) <= _TELL_BYTES - 4:
+                buffer[:4] = torch.tensor(list(len(data).to_bytes(4, "little")), dtype=torch.uint8)
+                buffer[4:4 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self._dist.broadcast(buffer, src=0, group=self.group)
+        size = int.from_bytes(bytes(buffer[:4].tolist()), "little")
+        if size:  # (0: too large for the buffer, it follows)
+            return value if self.leads else pickle.loads(buffer[4:4 + size].numpy().tobytes())
         box = [value]
         self._dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
@@ -146,8 +173,37 @@ class Ranks:
         """A blocking meeting's header: (the leader has work, some rank was asked to stop, interval)."""
         self._settle_posted()
         header = self._new_header(point, step, work=work, stop_asked=stop_asked, interval=interval)
-        self._dist.all_reduce(header, op=self._dist.ReduceOp.MAX, group=self.group)
+        work_ = self._dist.all_reduce(header, op=self._dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self._await(work_, f"{_POINTS[point]} after step {step}")
         return self._read(header, point, step)
+
+    def _await(self, work: Any, where: str) -> None:
+        """Wait for a meeting's collective; past a while, say so and name who has not come (see
+        the module's docstring), and at the group's timeout raise RanksOutOfStep naming them."""
+        self._waits += 1
+        if self._arrivals is None:
+            work.wait()
+            return
+        patience = min(arrivals_module.LATE_AFTER_S, self._arrivals.timeout_s / 2)
+        try:
+            work.wait(timeout=timedelta(seconds=patience))
+            return
+        except RuntimeError:  # not yet: gloo's wait timed out, the collective itself goes on
+            pass
+        key = f"{self._waits}"
+        self._arrivals.post(key, where)
+        missing = self._arrivals.missing(key)
+        log.warning("babysit: rank %d has waited %.0f s at %s for rank(s) %s", self.rank, patience, where, missing)
+        if missing and self.report_wait is not None:
+            self.report_wait(f"waited {patience:.0f} s at {where} for rank(s) {', '.join(map(str, missing))}, which "
+                             "did not arrive (still busy, stopped, or stuck)", missing)
+        try:
+            work.wait()  # until the group's own timeout
+        except RuntimeError as error:
+            missing = self._arrivals.missing(key) or missing
+            if not missing:
+                raise
+            raise self._arrivals.late(missing, where) from error
 
     def _read(self, header: torch.Tensor, point: int, step: int) -> tuple[bool, bool, int]:
         work, stop_asked, interval, high_point, low_point, high_step, low_step = header.tolist()  # one read
@@ -187,7 +243,7 @@ class Ranks:
     def _take_posted(self, step: int) -> tuple[bool, bool]:
         handle, header, posted_at = self._posted  # type: ignore[misc]
         self._posted = None
-        handle.wait()
+        self._await(handle, f"a step boundary after step {posted_at}")
         work, stop_asked, interval = self._read(header, SYNC, posted_at)
         self.next_sync = posted_at + interval
         return work, stop_asked
@@ -222,11 +278,13 @@ class Ranks:
         return bool(flag[0])
 
     # -- meetings ----------------------------------------------------------------------------
-    def meet(self, body: Callable[[], Any], point: int | None = None) -> Any:
+    def meet(self, body: Callable[[], Any], point: int | None = None, *, only_for_a_stop: bool = False) -> Any:
         """Every rank at the same point: the leader runs ``body`` telling its effects, the
         followers carry them out; every rank returns the body's (picklable) result. ``point``:
         which meeting, checked to be the same on every rank first, where the leader also learns
-        of a stop asked on another rank (None: a sync step's, already checked)."""
+        of a stop asked on another rank (None: a sync step's, already checked).
+        ``only_for_a_stop``: ``body`` does nothing unless a stop was asked; when no rank asked for
+        one (every rank learns it from the check), the meeting ends there, on every rank alike."""
         if self.leads and self._in_meeting:  # a meeting inside a meeting: one meeting
             return body()
         bound = self._bound
@@ -235,6 +293,8 @@ class Ranks:
             _, stop_asked, _ = self._exchange(point, bound.position.step, work=False, stop_asked=control.stop_asked)
             if stop_asked and self.leads and not control.stop_asked:
                 control.ask_stop("a stop asked on another rank")
+            if only_for_a_stop and not stop_asked:
+                return None
         if not self.leads:
             return self.follow()
         result = None
@@ -266,7 +326,7 @@ class Ranks:
             elif kind == "restore_hparams":
                 trainables.restore_hparams(op[1])
             elif kind == "hand_in":
-                self.hand_in()
+                self.hand_in(*op[1:])
             elif kind == "epoch_end":
                 assert self._handed_in is not None
                 bound.position.end_epoch(self._handed_in[KEY_RNG])
@@ -291,15 +351,24 @@ class Ranks:
             self._dist.destroy_process_group(group)
 
     # -- snapshots: what differs between ranks -------------------------------------------------
-    def gather_for_snapshot(self) -> list[dict[str, Any] | None]:
-        """Leader, taking a snapshot: every follower's share (RNGs, loader generators, run.state)."""
-        self.tell("hand_in")
+    def ask_for_shares(self, folder: str | None = None) -> None:
+        """Leader, taking a snapshot: have every follower hand in its share (RNGs, loader generators,
+        run.state; see :meth:`gather_shares`); ``folder``: a sharded checkpoint's, into which every
+        follower writes its shard too (each copies its shard meanwhile, as the leader does its own)."""
+        self.tell("hand_in", folder)
+
+    def gather_shares(self) -> list[dict[str, Any] | None]:
+        """Leader: the shares the followers were asked for, by rank (None for the leader)."""
         shares: list[Any] = [None] * self.world_size
         self._dist.gather_object(None, shares, dst=0, group=self.group)
         return shares
 
-    def hand_in(self) -> None:
-        position = self._bound.position
+    def hand_in(self, folder: str | None = None) -> None:
+        bound = self._bound
+        if folder is not None:  # this rank's shard, written by its writer thread with the others'
+            self.shard_writer.submit(PendingCheckpoint(path=bound.run_dir / folder, meta={}, state={
+                "shards": bound.trainables.shards(), "rest": None}))
+        position = bound.position
         now = rng_state()
         share = {
             KEY_RNG: now,
@@ -313,7 +382,8 @@ class Ranks:
     def load(self, record: dict[str, Any]) -> None:
         """Follower: load the checkpoint the leader loaded, with this rank's own share."""
         bound = self._bound
-        state = read_verified(bound.run_dir / record["file"], record["sha256"])
+        # The leader checked every file; a shard is checked again by each rank that opens it.
+        state = bound.trainables.read(bound.run_dir, record, verify_shards=False)
         bound.load_training_state(for_rank(state, self.rank), record)
 
 

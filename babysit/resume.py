@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from . import commands as cmd
 from . import journal_replay
-from .checkpoint import KEY_LAST_COMMAND, REASON_EPOCH, read_verified
+from .checkpoint import KEY_LAST_COMMAND, REASON_EPOCH
 from .control import RunControl
 from .errors import CheckpointError
 from .guard import DivergenceGuard
@@ -21,6 +21,7 @@ from .hparam_watch import HparamWatch
 from .journal_replay import ReplayQueue
 from .position import ResumePosition
 from .ranks import KEY_RANKS, Ranks
+from .sharded import KEY_SHARDED
 from .snapshots import Snapshots
 from .store import FINISHED, STOPPED, RunStore
 from .store.schema import EXCURSION_ABANDONED
@@ -72,14 +73,18 @@ class Loader:
         now = self.ranks.world_size if self.ranks is not None else 1
         if saved == now:
             return
-        inexact = []
+        inexact = ["the data each rank sees (a DistributedSampler shards it by the number of ranks)"]
         if now > saved:
             inexact.append(f"ranks {saved}..{now - 1} start from rank 0's random generators and run.state")
+        else:
+            inexact.append(f"the random generators and run.state of ranks {now}..{saved - 1} are dropped")
         if record["reason"] != REASON_EPOCH:
             inexact.append("inside its epoch, the batches skipped are counted in the old job's shards")
+        # A sharded checkpoint's tensors are reassembled from the shards that hold their slices.
+        exact = "; its model and optimizer are resharded exactly" if KEY_SHARDED in state else ""
         self.store.add_event(
             "ranks_changed", f"checkpoint #{record['id']} was written by a job of {saved} rank(s), this one has {now}: "
-            "it resumes, but not exactly" + (" (" + "; ".join(inexact) + ")" if inexact else ""),
+            f"it resumes, but not exactly ({'; '.join(inexact)}){exact}",
             branch=self.position.branch, step=int(record["step"]), data={"saved": saved, "now": now})
 
 
@@ -237,7 +242,7 @@ class Resume:
 
     def _verified_or_event(self, record: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            return read_verified(self.run_dir / record["file"], record["sha256"])
+            return self.trainables.read(self.run_dir, record)  # every file of it, whatever its form
         except CheckpointError as error:
             self.store.add_event("checkpoint_refused", str(error), branch=self.position.branch,
                                  data={"checkpoint": record["id"]})

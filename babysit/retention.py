@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from .errors import SettingsError
-from .rundir import unlink_in
+from .rundir import remove_checkpoint_files
 
 # Why a checkpoint was taken (its ``reason`` in the store), as this policy sorts them.
 REASON_EPOCH = "epoch"
@@ -205,7 +205,7 @@ def apply(store: Any, policy: RetentionPolicy, *, now: float, extra_pins: dict[i
     pinned = {**pins(store.branches(), legs, store.running_excursion()), **(extra_pins or {})}
     result = plan(rows, policy, now=now, pinned=pinned)
     for old in result.retired:
-        unlink_in(store.run_dir, old["file"])
+        remove_checkpoint_files(store.run_dir, old["file"])  # a file, or a sharded checkpoint's whole folder
         store.mark_checkpoint_deleted(old["id"])
     return result
 

@@ -29,14 +29,14 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from . import commands as cmd
-from . import journal_replay, optim, ranks as ranks_module
+from . import journal_replay, optim, parallelism, ranks as ranks_module
 from .checkpoint import PendingCheckpoint, remove_stale_temps
 from .cadence import Cadence
 from .command_runner import CommandRunner
 from .control import Interrupt, RunControl
 from .cuts import Cuts
 from .errors import RunDirError, RunLockedError, SettingsError  # noqa: F401 (RunLockedError, as before the error tree)
-from .excursion_runner import Excursions
+from .excursion_runner import NOT_SHARDED, Excursions
 from .guard import DivergenceGuard, GuardConfig
 from .hparam_watch import LOOP, HparamWatch
 from .journal_replay import ReplayQueue
@@ -47,6 +47,7 @@ from .resume import Loader, Resume
 from .retention import RetentionPolicy
 from .rundir import acquire_run_lock as _acquire_run_lock
 from .rundir import usable_run_dir
+from .sharded_writer import ShardedCheckpointer
 from .signals import install_stop_handlers
 from .snapshots import Snapshots
 from .store import FINISHED, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore, disk_full
@@ -129,6 +130,11 @@ class Run:
             # Path("") is the current directory: a run directory is named, never implied.
             raise SettingsError(f"run_dir must name a directory, such as 'checkpoints/my-run' (or '.' for the "
                                 f"current one), got {run_dir!r}")
+        # What babysit cannot checkpoint (FSDP1, tensor parallel, DeepSpeed) is refused on every rank
+        # alike, before any rank waits for the others: it would hang or be lost at the first checkpoint.
+        refused = parallelism.refusal(model, optimizer)
+        if refused is not None:
+            raise SettingsError(refused)
         self.run_dir = Path(run_dir)
         self.config = dict(config or {})
         json.dumps(self.config)  # fail now, not at the first checkpoint
@@ -146,6 +152,7 @@ class Run:
         follows = self._follows = ranks is not None and not ranks.leads
         if ranks is not None:  # every change of lr or momentum on the leader reaches the followers
             trainables.tell = ranks.tell
+            trainables.shard_group = ranks.group  # a sharded checkpoint loads on every rank together
         self.control, self.position = RunControl(), ResumePosition()
         self._queue = LogQueue(keep=not follows)  # the training thread's share of storing a value
         self._guard = DivergenceGuard(self.guard_config)
@@ -181,6 +188,8 @@ class Run:
         if ranks is not None:
             ranks.bind(control, position, trainables, self.run_dir, loader.load_training_state)
         if follows:  # rank 0 logs, checkpoints and answers commands for the whole job
+            if trainables.sharded:  # built where the leader builds its Snapshots' (a collective)
+                ranks.shard_writer = ShardedCheckpointer(_nothing_written, _nothing_written)
             self.log = _log_nothing  # type: ignore[method-assign]  # not even the .item() of a value rank 0 keeps
             self._meet(_nothing, ranks_module.START)
             atexit.register(self._at_exit)
@@ -195,6 +204,11 @@ class Run:
             self.run_dir, store, control, position, trainables, snapshots, loader, hparams, guard_, queue,
             flush_logged=lambda: self.writer.flush(), evaluate=evaluate, status_fields=self._status_fields,
             under_ranks=ranks is not None)
+        if trainables.sharded:
+            self._excursions.refuse(NOT_SHARDED)
+        if ranks is not None:  # a long wait for a rank at a meeting is said on the page
+            ranks.report_wait = lambda message, missing: store.add_event(
+                "ranks_waiting", message, branch=position.branch, step=position.step, data={"missing": missing})
         self._commands = CommandRunner(
             self.run_dir, store, self.signal, control, position, trainables, snapshots, hparams, guard_, self.remedy,
             replay_queue, self._excursions, ranks, wake_writer=lambda: self.writer.wake())
@@ -410,7 +424,7 @@ class Run:
     def stop_if_requested(self) -> bool:
         """Between two epochs: carry out a stop that waited for the last epoch's end (a stop command
         at its last boundary, Ctrl-C, ``request_stop()``): final checkpoint, the run ends. True if it did."""
-        return bool(self._meet(self._stop_between_epochs, ranks_module.BETWEEN_EPOCHS))
+        return bool(self._meet(self._stop_between_epochs, ranks_module.BETWEEN_EPOCHS, only_for_a_stop=True))
 
     def _stop_between_epochs(self) -> bool:
         if not self.control.stop_between_epochs():
@@ -532,7 +546,9 @@ class Run:
 
     @property
     def checkpointer(self) -> Any:
-        return None if self._follows else self.snapshots.writer
+        """The checkpoint writer (``wait()`` for what it was given); on a follower rank, the writer of
+        its shards (a sharded model), else None."""
+        return self._ranks.shard_writer if self._follows else self.snapshots.writer
 
     def _say_once(self, kind: str, message: str, data: dict[str, Any]) -> None:
         """Tell the person at the trainer's terminal and on the page (an event), once."""
@@ -540,10 +556,18 @@ class Run:
         self.store.add_event(kind, message, branch=self.branch, step=self.step, epoch=self.epoch, data=data)
 
     # -- together with the other ranks (see babysit.ranks) ------------------------------------
-    def _meet(self, body: Callable[[], Any], point: int | None = None) -> Any:
+    def _meet(self, body: Callable[[], Any], point: int | None = None, *, only_for_a_stop: bool = False) -> Any:
         """Run ``body`` here, or, under torch.distributed, on the leader while the followers
-        carry out what it tells them (at ``point``, see babysit.ranks)."""
-        result = body() if self._ranks is None else self._ranks.meet(body, point)
+        carry out what it tells them (at ``point``, see babysit.ranks; ``only_for_a_stop``: the
+        body does nothing unless a stop was asked)."""
+        writer = self.checkpointer  # a snapshot taken in the meeting is written once it is over
+        if writer is not None:
+            writer.hold()
+        try:
+            result = body() if self._ranks is None else self._ranks.meet(body, point, only_for_a_stop=only_for_a_stop)
+        finally:
+            if writer is not None:
+                writer.release()
         if self.control.ended and not self.control.closed:
             self.close()
         return result
@@ -577,6 +601,8 @@ class Run:
         if self._ranks is not None:
             self._ranks.leave()
         if self._follows:
+            if self._ranks.shard_writer is not None:  # its shards still being written, with the others'
+                self._ranks.shard_writer.close()
             self._release_signals()
             return
         self.snapshots.close()
@@ -671,6 +697,10 @@ def _log_nothing(**_metrics: Any) -> None:
 
 def _nothing() -> None:
     """A follower's share of a meeting's body: it carries out what the leader tells (babysit.ranks)."""
+
+
+def _nothing_written(_job: PendingCheckpoint) -> None:
+    """A follower's writer reports nothing: rank 0 lists its checkpoint, or says why it could not."""
 
 
 # Bound once: run.log runs every step, and module attribute lookups add up there.

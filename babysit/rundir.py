@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import socket
 import stat
 from pathlib import Path
@@ -29,6 +30,8 @@ from typing import IO, Any
 from .errors import RunDirError, RunLockedError
 
 LOCK_NAME = "run.lock"
+# In the name of a file or folder being written or removed (``.<name>.tmp-<pid>``): a leftover is stale.
+TEMP_MARK = ".tmp-"
 _BASE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # O_NONBLOCK: opening a FIFO never blocks
 
 
@@ -108,6 +111,51 @@ def unlink_in(run_dir: Path | str, name: Any) -> None:
     """Delete file ``name`` from ``run_dir`` (a link there is removed, its target never touched);
     a name that is not a plain file name raises RunDirError and nothing is deleted."""
     path_in(run_dir, name).unlink(missing_ok=True)
+
+
+# -- a checkpoint's files, whatever its form (one file, or a sharded checkpoint's folder) ----------
+def checkpoint_present(run_dir: Path | str, name: Any) -> bool:
+    """True when checkpoint ``name`` is in ``run_dir`` as babysit writes it: a regular file, or a
+    folder (never a link to either). Whether its contents are intact is for the verified load."""
+    try:
+        mode = os.lstat(path_in(run_dir, name)).st_mode
+    except (FileNotFoundError, RunDirError):
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
+
+def remove_checkpoint_files(run_dir: Path | str, name: Any) -> None:
+    """Delete checkpoint ``name`` from ``run_dir``, whatever its form: the file, or a sharded
+    checkpoint's folder with everything in it. A link is removed, its target never touched; a name
+    that is not a plain file name raises RunDirError and nothing is deleted.
+
+    A folder is first renamed to a temporary name, at once: a crash half-way through leaves no
+    half-deleted checkpoint under its listed name (what is left goes with the stale temporaries)."""
+    path = path_in(run_dir, name)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(mode):
+        path.unlink(missing_ok=True)
+        return
+    doomed = path.with_name(f".{path.name}{TEMP_MARK}removed")
+    remove_tree(doomed)  # a leftover of an earlier removal
+    os.rename(path, doomed)
+    remove_tree(doomed)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder and its contents without following any link in it (rmtree works through
+    directory descriptors on Linux); a link or a file at ``path`` is unlinked."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def acquire_run_lock(run_dir: Path) -> IO[str]:

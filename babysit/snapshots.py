@@ -2,7 +2,8 @@
 
 The training thread takes a snapshot (an in-memory copy of model, optimizer, scheduler, the loop's
 ``run.state``, the resume position and the RNGs); :class:`babysit.checkpoint.AsyncCheckpointer`
-writes it; only once it is on disk is it listed in the store, with the commands it answers marked
+writes it (a sharded model's, every rank its shard with the others: see babysit.sharded_writer);
+only once it is on disk is it listed in the store, with the commands it answers marked
 applied in the same commit. Work is bounded whatever arrives: every "checkpoint now" pending at one
 step is answered by one snapshot, and while one such snapshot is being written, later requests wait
 for it (they stay pending, never carried out twice). File names never collide, so a listed file is
@@ -32,12 +33,15 @@ from .cadence import Cadence
 from .checkpoint import (
     FORMAT, KEY_BRANCH, KEY_CONFIG, KEY_FORMAT, KEY_HPARAMS, KEY_LAST_COMMAND, KEY_METRICS, REASON_COMMAND,
     REASON_EPOCH, AsyncCheckpointer, CheckpointError, PendingCheckpoint, checkpoint_filename, disk_full_error,
-    rng_state,
+    rng_state, sharded_checkpoint_name,
 )
 from .control import RunControl
 from .position import ResumePosition
 from .ranks import KEY_RANKS, Ranks
 from .retention import REASON_PERIODIC, RetentionPolicy
+from .rundir import checkpoint_present
+from .sharded import KEY_SHARDED
+from .sharded_writer import ShardedCheckpointer
 from .store import RunStore
 from .store.lineage import line_of
 from .trainables import Trainables
@@ -76,7 +80,10 @@ class Snapshots:
         self._flush_logged = flush_logged
         self._on_weights_diverged = on_weights_diverged
         self.epoch_metrics: dict[str, float] = {}          # the epoch's log_epoch values so far
-        self.writer = AsyncCheckpointer(self._written, self._failed)
+        # A sharded model's writer meets every other rank's (building it is a collective: every
+        # rank builds one at this point, see babysit.run).
+        self.writer = (ShardedCheckpointer(self._written, self._failed) if trainables.sharded
+                       else AsyncCheckpointer(self._written, self._failed))
         self._lock = threading.Lock()
         self._names_in_flight: set[str] = set()
         self._command_job: PendingCheckpoint | None = None   # the "checkpoint now" being written
@@ -97,6 +104,8 @@ class Snapshots:
             return last
         hparams = self.trainables.hparams()
         rng_now = rng_state()
+        path = self._unique_path(position.branch, position.epoch, position.step)
+        sharded = self.trainables.sharded
         state = {
             KEY_FORMAT: FORMAT,
             **self.trainables.snapshot(on_refused=self._state_refused),
@@ -104,15 +113,19 @@ class Snapshots:
             KEY_BRANCH: position.branch, KEY_HPARAMS: hparams, KEY_CONFIG: self.config,
             KEY_METRICS: dict(self.epoch_metrics), KEY_LAST_COMMAND: self.control.last_command,
         }
-        if self.ranks is not None:  # what differs per rank, handed in by every other rank now
-            state[KEY_RANKS] = self.ranks.gather_for_snapshot()
+        if self.ranks is not None:  # what differs per rank: every other rank hands it in (and writes its shard)
+            self.ranks.ask_for_shares(path.name if sharded else None)
+        if sharded:  # (copied while the other ranks copy theirs)
+            shards = self.trainables.shards()
+            state[KEY_SHARDED] = {"world_size": self.ranks.world_size if self.ranks is not None else 1}
+        if self.ranks is not None:
+            state[KEY_RANKS] = self.ranks.gather_shares()
         meta = {"branch": position.branch, "epoch": position.epoch, "step": position.step,
                 "step_in_epoch": position.step_in_epoch, "hparams": hparams, "metrics": dict(self.epoch_metrics),
                 "reason": reason, "commands": list(commands or []), "rng": rng_now, "taken": time.monotonic()}
         if self.cadence.every_steps is not None:  # any checkpoint counts; the next periodic one is at the next multiple
             self.periodic_step = self.cadence.next_step(position.step) or _NEVER
-        job = PendingCheckpoint(path=self._unique_path(position.branch, position.epoch, position.step), state=state,
-                                meta=meta)
+        job = PendingCheckpoint(path=path, state={"shards": shards, "rest": state} if sharded else state, meta=meta)
         self._last_job = job
         if commands:
             with self._lock:
@@ -239,7 +252,7 @@ class Snapshots:
             return job is not None and not job.done.is_set() and command_id in job.meta["commands"]
 
     def _unique_path(self, branch: int, epoch: int, step: int) -> Any:
-        name = checkpoint_filename(branch, epoch, step)
+        name = (sharded_checkpoint_name if self.trainables.sharded else checkpoint_filename)(branch, epoch, step)
         stem, suffix = os.path.splitext(name)
         serial = 1
         with self._lock:
@@ -346,7 +359,7 @@ class Snapshots:
         limits = {s.branch: before_step if s.until is None else s.until + 1 for s in line.stretches}
         candidates = [c for c in store.checkpoints()
                       if c["branch"] in limits and c["step"] < limits[c["branch"]]
-                      and (self.run_dir / c["file"]).is_file()]
+                      and checkpoint_present(self.run_dir, c["file"])]
         return sorted(candidates, key=lambda c: (c["step"], c["id"]), reverse=True)
 
     def last_healthy(self, before_step: int) -> dict[str, Any] | None:

@@ -5,6 +5,11 @@ Every change of lr or momentum babysit makes (a nudge, a replay, a rollback's hy
 goes through :meth:`Trainables.set_lr`, :meth:`Trainables.set_momentum` or
 :meth:`Trainables.restore_hparams`, which also tell the other ranks under torch.distributed (the
 ``tell`` given at construction; see babysit.ranks), so every rank's optimizer holds the same numbers.
+
+A model sharded with FSDP2 (DTensor parameters) is checkpointed in shards, every rank its own
+(:mod:`babysit.sharded`): its model and a torch optimizer are then not in the snapshot, which
+holds the rest, but in :meth:`Trainables.shards`, and a checkpoint loads them on every rank
+together.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ from typing import Any, Callable
 import torch
 
 from . import commands as cmd
-from . import optim, user_state
+from . import optim, parallelism, sharded, user_state
 from .checkpoint import KEY_MODEL, KEY_OPTIMIZER, KEY_SCHEDULER, KEY_USER_STATE, clone_tree
-from .errors import CommandError, SettingsError
+from .errors import CheckpointError, CommandError, SettingsError
 
 
 def _tell_nobody(*_op: Any) -> None:
@@ -36,6 +41,8 @@ class Trainables:
         # is created, that a checkpoint can hold these values).
         self.initial_state = user_state.capture(self.state)
         self.tell = tell
+        self.sharded = parallelism.is_sharded(model)  # checkpointed in shards, every rank its own
+        self.shard_group: Any = None  # the group every rank loads its shards with (babysit's, under torchrun)
 
     # -- lr and momentum ------------------------------------------------------------------------
     def hparams(self) -> dict[str, float | None]:
@@ -60,13 +67,32 @@ class Trainables:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def snapshot(self, on_refused: Callable[[str, str], None]) -> dict[str, Any]:
-        """Copies of the model, optimizer, scheduler and run.state, as a checkpoint holds them."""
+        """Copies of the model, optimizer, scheduler and run.state, as a checkpoint holds them (of a
+        sharded model, all but the model and a torch optimizer: see :meth:`shards`)."""
+        whole = not self.sharded
         return {
-            KEY_MODEL: clone_tree(self.model.state_dict()),
-            KEY_OPTIMIZER: clone_tree(self.optimizer.state_dict()),
+            **({KEY_MODEL: clone_tree(self.model.state_dict())} if whole else {}),
+            **({KEY_OPTIMIZER: clone_tree(self.optimizer.state_dict())}
+               if whole or not isinstance(self.optimizer, torch.optim.Optimizer) else {}),
             KEY_SCHEDULER: clone_tree(self.scheduler.state_dict()) if self.scheduler is not None else None,
             KEY_USER_STATE: user_state.capture(self.state, on_refused=on_refused),
         }
+
+    def shards(self) -> dict[str, Any]:
+        """A sharded model's part of a snapshot: this rank's shard of the model and optimizer, as
+        they are (the sharded writer copies them before the next step)."""
+        return sharded.state_dicts(self.model, self.optimizer)
+
+    def read(self, run_dir: Any, record: dict[str, Any], *, verify_shards: bool = True) -> dict[str, Any]:
+        """Checkpoint ``record`` of ``run_dir``, verified (every file, whatever its form; with
+        ``verify_shards=False`` a shard is checked only as it is loaded). A checkpoint of the whole
+        model is refused for a sharded one: its shards are not in it."""
+        state = sharded.read_checkpoint(run_dir, record["file"], record["sha256"], verify_shards=verify_shards)
+        if self.sharded and sharded.KEY_SHARDED not in state:
+            raise CheckpointError(
+                f"checkpoint #{record['id']} ({record['file']!r}) holds the whole model, written by a run that was "
+                "not sharded; this run's model is sharded (FSDP) and loads sharded checkpoints only")
+        return state
 
     def check_fits(self, state: dict[str, Any], checkpoint_id: Any) -> None:
         """Refuse a checkpoint whose tensors do not fit this model or optimizer before anything
@@ -78,19 +104,25 @@ class Trainables:
 
     def misfit(self, state: dict[str, Any]) -> list[str]:
         """What in a checkpoint does not fit this model and optimizer (nothing when it loads): names
-        only one side has, shapes that differ, other parameter groups, another kind of optimizer."""
+        only one side has, shapes that differ, other parameter groups, another kind of optimizer.
+        A sharded checkpoint's shapes are its index's (a DTensor's shape is the whole tensor's)."""
         live = self.model.state_dict()
-        saved = state.get(KEY_MODEL) or {}
+        if sharded.KEY_SHARDED in state:
+            saved: dict[str, Any] = {name: torch.Size(shape)
+                                     for name, shape in state[sharded.KEY_SHARDED]["model_shapes"].items()}
+        else:
+            saved = {name: getattr(tensor, "shape", None) for name, tensor in (state.get(KEY_MODEL) or {}).items()}
         problems = []
         for names, where in ((set(saved) - set(live), "the checkpoint has {} that this model has not"),
                              (set(live) - set(saved), "this model has {} that the checkpoint has not")):
             if names:
                 shown = ", ".join(sorted(names)[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
                 problems.append(where.format(shown))
-        problems += [f"{name} {tuple(saved[name].shape)} vs {tuple(tensor.shape)} here" for name, tensor in live.items()
-                     if name in saved and hasattr(saved[name], "shape") and saved[name].shape != tensor.shape][:3]
+        problems += [f"{name} {tuple(saved[name])} vs {tuple(tensor.shape)} here" for name, tensor in live.items()
+                     if saved.get(name) is not None and saved[name] != tensor.shape][:3]
         groups = (state.get(KEY_OPTIMIZER) or {}).get("param_groups", [])
-        if [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+        if KEY_OPTIMIZER in state and \
+                [len(g.get("params", [])) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
             problems.append("the optimizer's parameter groups differ")
         elif groups and isinstance(self.optimizer, torch.optim.Optimizer):
             # Another kind of optimizer has settings this one lacks and lacks some of its own (SGD's
@@ -104,9 +136,14 @@ class Trainables:
 
     def load(self, state: dict[str, Any]) -> list[str]:
         """Load a verified checkpoint's model, optimizer, scheduler and run.state; returns notes on
-        run.state values that could not be restored."""
-        self.model.load_state_dict(state[KEY_MODEL])
-        self.optimizer.load_state_dict(state[KEY_OPTIMIZER])
+        run.state values that could not be restored. A sharded checkpoint is loaded by every rank
+        together (a collective, on ``shard_group``), each rank reading the shards it needs."""
+        if sharded.KEY_SHARDED in state:
+            sharded.load_shards(state[sharded.KEY_SHARDED], self.model, self.optimizer, group=self.shard_group)
+        else:
+            self.model.load_state_dict(state[KEY_MODEL])
+        if KEY_OPTIMIZER in state:  # (a sharded checkpoint holds a loop's own lr and momentum here)
+            self.optimizer.load_state_dict(state[KEY_OPTIMIZER])
         if self.scheduler is not None and state.get(KEY_SCHEDULER) is not None:
             self.scheduler.load_state_dict(state[KEY_SCHEDULER])
         return user_state.restore(self.state, state.get(KEY_USER_STATE) or self.initial_state)

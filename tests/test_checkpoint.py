@@ -379,6 +379,19 @@ def test_remove_stale_temps(tmp_path: Path):
     assert ck.remove_stale_temps(tmp_path) == []
 
 
+def test_remove_stale_temps_removes_a_half_written_checkpoint_folder_without_following_links(tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_bytes(b"keep")
+    run_dir = tmp_path / "run"
+    stale = run_dir / f".epoch-0001-step-00000020-b1.dcp{ck.TEMP_MARK}shards"
+    stale.mkdir(parents=True)
+    (stale / "__0_0.distcp").write_bytes(b"half")
+    (stale / "escape").symlink_to(outside)
+    assert ck.remove_stale_temps(run_dir) == [stale]
+    assert _entries(run_dir) == [] and _entries(outside) == ["precious"]
+
+
 def test_temp_name_is_found_by_remove_stale_temps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # A process killed mid-write leaves its temp file: make one exactly as write_atomic names it.
     seen: list[str] = []

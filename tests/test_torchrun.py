@@ -27,17 +27,18 @@ SAMPLES_PER_STEP = 16  # each rank's batch
 
 
 class Job:
-    """A real ``torchrun --standalone --nproc_per_node=2 tests/ddp_script.py``."""
+    """A real ``torchrun --standalone --nproc_per_node=2 tests/ddp_script.py`` (or another script of
+    tests/, on another number of ranks)."""
 
-    def __init__(self, tmp_path: Path, name: str, *args: str) -> None:
+    def __init__(self, tmp_path: Path, name: str, *args: str, script: str = "ddp_script.py", nproc: int = 2) -> None:
         self.run_dir = tmp_path / name
         self.record = tmp_path / f"{name}-record"
         self.record.mkdir(exist_ok=True)
         self.log = tmp_path / f"{name}.log"
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 str(REPO / "tests" / "ddp_script.py"), "--run-dir", str(self.run_dir), "--record", str(self.record),
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                 str(REPO / "tests" / script), "--run-dir", str(self.run_dir), "--record", str(self.record),
                  *args],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO,                 env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
             )

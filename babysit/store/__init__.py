@@ -281,7 +281,7 @@ class RunStore(SeriesTables, CommandTable, ExcursionTable, DismissedHints):
             raise cmd.CommandError(
                 f"checkpoint #{checkpoint_id} {what} in run {str(self.run_dir)!r}; available: {listing}"
             )
-        if not (self.run_dir / found["file"]).is_file():
+        if not rundir.checkpoint_present(self.run_dir, found["file"]):  # a file, or a sharded checkpoint's folder
             raise cmd.CommandError(
                 f"checkpoint #{checkpoint_id}: its file {found['file']!r} is missing from {str(self.run_dir)!r}; "
                 "pick another checkpoint"
