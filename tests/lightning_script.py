@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import signal
+import time
 
 import torch
 from torch import nn
@@ -90,6 +91,7 @@ class _Record(pl.Callback):
     def __init__(self, model: Regressor, path: str, pause_at_steps: list[int], sigterm_at_step: int | None) -> None:
         self.model, self.file, self.pause_at_steps = model, open(path, "a"), pause_at_steps
         self.sigterm_at_step = sigterm_at_step
+        self.waited_for_guard = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         for row in self.model.record or []:
@@ -101,6 +103,20 @@ class _Record(pl.Callback):
             run.store.enqueue_command("pause", source="test")
         if run.step == self.sigterm_at_step and run.branch == 1:  # a scheduler's preemption, landing in this step
             os.kill(os.getpid(), signal.SIGTERM)
+        nan_at = self.model.nan_at_step
+        if nan_at is not None and run.branch == 1 and run.step > nan_at and run.store is not None:
+            self._wait_for_the_guard(run.store)
+
+    def _wait_for_the_guard(self, store) -> None:  # noqa: ANN001
+        """After the NaN step, hold the next one until the guard has seen it, as a real step's length
+        would: the guard reads the loss on babysit's writer thread, and on a loaded machine these
+        steps of a tiny model could otherwise reach the run's end first."""
+        if self.waited_for_guard:
+            return
+        self.waited_for_guard = True
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not store.events(kinds=("divergence",), limit=1):
+            time.sleep(0.05)
 
 
 def main() -> None:
