@@ -1,25 +1,28 @@
-"""What a cut is for, carried out as the loop leaves the epoch: a rollback (its checkpoint loaded, a
-new branch started from it) or a stop (the final checkpoint written, the run ended); and the end
-of a run, stopped or finished. The cuts themselves are set at a step boundary by
-:mod:`babysit.command_runner` (see :mod:`babysit.control` for the transitions).
+"""What happens as the loop leaves an epoch: the cut it was cut short for, carried out — a rollback
+(its checkpoint loaded, a new branch started from it), a stop (the final checkpoint written, the
+run ended), a replayed data skip, an excursion's next leg — or else the epoch's checkpoint; and the
+end of a run, stopped or finished, down to its last status row. The cuts themselves are set at a
+step boundary by :mod:`babysit.command_runner` (see :mod:`babysit.control` for the transitions).
 """
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 import time
 from typing import Any, Callable
 
 from . import commands as cmd
 from .checkpoint import REASON_STOP
-from .control import RunControl
+from .control import Interrupt, RunControl
 from .guard import DivergenceGuard
 from .hparam_watch import HparamWatch
 from .journal_replay import DATA_SKIP_KIND, ReplayQueue
+from .narrator import Narrator
 from .position import ResumePosition
 from .resume import Loader
 from .snapshots import Snapshots
-from .store import STOPPED, RunStore
+from .store import FINISHED, STOPPED, RunStore, disk_full
 from .trainables import Trainables
 
 
@@ -28,7 +31,8 @@ class Cuts:
 
     def __init__(self, store: RunStore, control: RunControl, position: ResumePosition, trainables: Trainables,
                  snapshots: Snapshots, loader: Loader, hparams: HparamWatch, guard: DivergenceGuard,
-                 replay: ReplayQueue, *, status_fields: Callable[[], dict[str, Any]]) -> None:
+                 replay: ReplayQueue, narrator: Narrator, *, status_fields: Callable[[], dict[str, Any]],
+                 tell: Callable[[str], None]) -> None:
         self.store = store
         self.control = control
         self.position = position
@@ -38,7 +42,43 @@ class Cuts:
         self.hparams = hparams
         self.guard = guard
         self.replay = replay
+        self.narrator = narrator
         self.status_fields = status_fields
+        self.tell = tell  # the other ranks, under torch.distributed (babysit.ranks)
+
+    def leave_epoch(self, max_epochs: int | None) -> bool:
+        """The loop left the epoch: carry out the cut it was cut short for, or checkpoint the epoch.
+        False when the run has ended (a stop)."""
+        control, position = self.control, self.position
+        if control.interrupt is Interrupt.ROLLBACK:
+            self.finish_rollback()
+            return True
+        if control.interrupt is Interrupt.STOP:
+            self.finish_stop()
+            return False
+        if control.interrupt is Interrupt.EXCURSION:
+            control.excursion.transition()
+            return True
+        if control.interrupt is Interrupt.DATA_SKIP:
+            self.finish_data_skip()
+            return True
+        if control.excursion is not None:  # an epoch's end inside a probe: no checkpoint on its branch
+            control.excursion.epoch_end(last_epoch=max_epochs is not None and position.epoch >= max_epochs)
+            return True
+        self.snapshots.end_epoch()
+        self.narrator.epoch_ended(branch=position.branch, epoch=position.epoch, max_epochs=max_epochs,
+                                  step=position.step, wall=time.time(), metrics=dict(self.snapshots.epoch_metrics),
+                                  hparams=self.trainables.hparams())
+        control.take_checkpoint_asked()  # a run.checkpoint_now() still waiting: the epoch's checkpoint answers it
+        self.tell("epoch_end")
+        return True
+
+    def stop_between_epochs(self) -> bool:
+        """A stop that waited for the last epoch's end: carried out now. True if there was one."""
+        if not self.control.stop_between_epochs():
+            return False
+        self.finish_stop()
+        return True
 
     def finish_rollback(self) -> None:
         """Load the rollback's checkpoint and go on from it on a new branch, with the hyperparameters
@@ -140,3 +180,20 @@ class Cuts:
         self.store.add_event(status, message, branch=position.branch, step=position.step, epoch=position.epoch,
                              data=data)
 
+
+    def write_final_status(self) -> None:
+        """The last status row; a run that stopped or finished also expires the commands still
+        pending, in the same commit: a command sent meanwhile is either expired here or refused
+        because the run is over (enqueue_command reads the status in its own transaction), never
+        carried out unasked by the next start."""
+        status, position = self.control.status, self.position
+        try:
+            with self.store.transaction():
+                if status in (STOPPED, FINISHED):
+                    self.store.expire_pending(f"the run {status} before it applied this", branch=position.branch,
+                                              step=position.step)
+                self.store.write_status(**self.status_fields(), heartbeat=time.time())
+        except sqlite3.OperationalError as error:
+            if not disk_full(error):
+                raise
+            # A full disk: nothing can be recorded now (the writer has said so); what is pending stays so.

@@ -5,6 +5,7 @@ checkpoint into the model, optimizer, scheduler, ``run.state``, RNGs and counter
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -23,9 +24,11 @@ from .position import ResumePosition
 from .ranks import KEY_RANKS, Ranks
 from .sharded import KEY_SHARDED
 from .snapshots import Snapshots
-from .store import FINISHED, STOPPED, RunStore
+from .store import FINISHED, PAUSED, RUNNING, STOPPED, RunStore
 from .store.schema import EXCURSION_ABANDONED
 from .trainables import Trainables, optimizer_name
+
+log = logging.getLogger(__name__)
 
 
 class Loader:
@@ -289,3 +292,28 @@ def abandon_excursion_on_start(store: RunStore, branch_id: int | None) -> tuple[
         if found is not None:
             branch_id = int(found["origin_branch"])
     return branch_id, note
+
+
+def let_go_after_failed_start(run_dir: Path, error: BaseException, lock_file: Any, store: RunStore | None,
+                              signal: Any, *threads: Any) -> None:
+    """``Run()`` failed once it had taken the run directory: stop the threads it had started (the
+    writer, the checkpoint writer), say so in the status row if this process had claimed it, and
+    release the lock, so that a retry in the same process (a notebook) finds the directory free."""
+    for part in threads:
+        if part is not None:
+            try:
+                part.close()
+            except Exception:
+                log.exception("babysit: closing after a failed start in %s", run_dir)
+    if store is not None:
+        try:
+            status = store.status()
+            if status.get("pid") == os.getpid() and status.get("state") in (RUNNING, PAUSED):
+                store.write_status(state=STOPPED, heartbeat=time.time(),
+                                   message=f"Run() failed as it started: {type(error).__name__}: {error}"[:500])
+        except Exception:
+            log.exception("babysit: the status of %s could not be written after a failed start", run_dir)
+        store.close()
+    if signal is not None:
+        signal.close()
+    lock_file.close()

@@ -16,10 +16,8 @@ facade: it builds the parts and hands each the narrow things it needs. The lifec
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
-import sqlite3
 import sys
 import time
 import traceback
@@ -29,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from . import commands as cmd
-from . import journal_replay, optim, parallelism, ranks as ranks_module
+from . import optim, ranks as ranks_module
 from .checkpoint import PendingCheckpoint, remove_stale_temps
 from .cadence import Cadence
 from .command_runner import CommandRunner
@@ -43,15 +41,16 @@ from .journal_replay import ReplayQueue
 from .narrator import Narrator
 from .position import ResumePosition
 from .remedy import DivergenceRemedy
-from .resume import Loader, Resume
+from .resume import Loader, Resume, let_go_after_failed_start
 from .retention import RetentionPolicy
+from .run_settings import check_run_settings
 from .rundir import acquire_run_lock as _acquire_run_lock
 from .rundir import usable_run_dir
 from .sharded_writer import ShardedCheckpointer
 from .signals import install_stop_handlers
 from .snapshots import Snapshots
-from .store import FINISHED, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore, disk_full
-from .trainables import Trainables, optimizer_or_loop_hparams
+from .store import FINISHED, PER_EPOCH, PER_STEP, CommandSignal, RunStore
+from .trainables import Trainables
 from .writer import LogQueue, MetricsWriter, to_float
 
 __all__ = ["Run", "Interrupt", "RunLockedError"]
@@ -112,39 +111,20 @@ class Run:
         evaluate: Callable[[], dict[str, Any]] | None = None,
         replay: str | os.PathLike[str] | dict[str, Any] | None = None,
     ) -> None:
-        if retention is not None and keep_last is not None:
-            raise SettingsError("give keep_last or retention, not both: keep_last=N is RetentionPolicy(keep_last=N)")
-        if retention is not None and not isinstance(retention, RetentionPolicy):
-            raise SettingsError(f"retention must be a babysit.RetentionPolicy, got {retention!r}")
-        policy = retention or RetentionPolicy(keep_last=keep_last)  # checks keep_last
-        cadence = Cadence(checkpoint_every_steps, checkpoint_every_minutes)
-        if items_per_step is not None and (not isinstance(items_per_step, int) or items_per_step < 1):
-            raise SettingsError(f"items_per_step must be a whole number >= 1 or None, got {items_per_step!r}")
-        if evaluate is not None and not callable(evaluate):
-            raise SettingsError(f"evaluate must be a function returning a dict of numbers, got {evaluate!r}")
-        if not isinstance(item_unit, str) or not item_unit.strip() or len(item_unit) > 20:
-            raise SettingsError(f"item_unit must be a short word such as 'samples' or 'tokens', got {item_unit!r}")
-        journal = None if replay is None else journal_replay.load(replay)  # refused before anything is created
-        optimizer = optimizer_or_loop_hparams(optimizer, lr, momentum)
-        if not isinstance(run_dir, (str, os.PathLike)) or not str(os.fspath(run_dir)).strip():
-            # Path("") is the current directory: a run directory is named, never implied.
-            raise SettingsError(f"run_dir must name a directory, such as 'checkpoints/my-run' (or '.' for the "
-                                f"current one), got {run_dir!r}")
-        # What babysit cannot checkpoint (FSDP1, tensor parallel, DeepSpeed) is refused on every rank
-        # alike, before any rank waits for the others: it would hang or be lost at the first checkpoint.
-        refused = parallelism.refusal(model, optimizer)
-        if refused is not None:
-            raise SettingsError(refused)
+        settings = check_run_settings(
+            run_dir, model, optimizer, lr=lr, momentum=momentum, config=config, keep_last=keep_last,
+            retention=retention, checkpoint_every_steps=checkpoint_every_steps,
+            checkpoint_every_minutes=checkpoint_every_minutes, items_per_step=items_per_step, item_unit=item_unit,
+            evaluate=evaluate, replay=replay)
         self.run_dir = Path(run_dir)
-        self.config = dict(config or {})
-        json.dumps(self.config)  # fail now, not at the first checkpoint
+        self.config = settings.config
         self.guard_config = guard or GuardConfig()
         self.items_per_step = items_per_step
-        self.item_unit = item_unit.strip()
+        self.item_unit = settings.item_unit
         self.max_epochs: int | None = None
         self._restore_signals: Any = None
         # Checked (run.state's values) before anything is created.
-        self.trainables = trainables = Trainables(model, optimizer, scheduler, state)
+        self.trainables = trainables = Trainables(model, settings.optimizer, scheduler, state)
 
         # Under torch.distributed, rank 0 leads (the run directory and the store are its own) and
         # the other ranks follow it (see babysit.ranks); a single process is its own leader.
@@ -163,10 +143,12 @@ class Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._lock_file = _acquire_run_lock(self.run_dir)
         try:
-            self._assemble(evaluate, journal, flush_interval, policy, cadence)
+            self._assemble(evaluate, settings.journal, flush_interval, settings.policy, settings.cadence)
         except BaseException as error:
             if not follows:  # a retry in this process (a notebook) must find the run directory free
-                self._let_go_after_failed_start(error)
+                let_go_after_failed_start(self.run_dir, error, self._lock_file, getattr(self, "store", None),
+                                          getattr(self, "signal", None), getattr(self, "writer", None),
+                                          getattr(self, "snapshots", None))
             raise
 
     def _assemble(self, evaluate: Callable[[], dict[str, Any]] | None, journal: dict[str, Any] | None,
@@ -212,9 +194,9 @@ class Run:
         self._commands = CommandRunner(
             self.run_dir, store, self.signal, control, position, trainables, snapshots, hparams, guard_, self.remedy,
             replay_queue, self._excursions, ranks, wake_writer=lambda: self.writer.wake())
-        self._cuts = Cuts(store, control, position, trainables, snapshots, loader, hparams, guard_, replay_queue,
-                          status_fields=self._status_fields)
         self._narrator = Narrator(store)  # the trainer's console: lines per epoch, command and event
+        self._cuts = Cuts(store, control, position, trainables, snapshots, loader, hparams, guard_, replay_queue,
+                          self._narrator, status_fields=self._status_fields, tell=self._tell)
         resume = Resume(self.run_dir, store, loader, snapshots, control, position, trainables, hparams, guard_,
                         replay_queue, config=self.config, guard_metric=self.guard_config.metric,
                         status_fields=self._status_fields, expire_stale=self._commands.expire_stale)
@@ -228,30 +210,6 @@ class Run:
             on_divergence=self.remedy.on_divergence, on_tick=self._on_tick, interval=flush_interval,
         )
         atexit.register(self._at_exit)
-
-    def _let_go_after_failed_start(self, error: BaseException) -> None:
-        """Run() failed once it had taken the run directory: stop its threads, say so in the status
-        row if this process had claimed it, and release the lock."""
-        for part in (getattr(self, "writer", None), getattr(self, "snapshots", None)):
-            if part is not None:
-                try:
-                    part.close()
-                except Exception:
-                    log.exception("babysit: closing after a failed start in %s", self.run_dir)
-        store = getattr(self, "store", None)
-        if store is not None:
-            try:
-                status = store.status()
-                if status.get("pid") == os.getpid() and status.get("state") in (RUNNING, PAUSED):
-                    store.write_status(state=STOPPED, heartbeat=time.time(),
-                                       message=f"Run() failed as it started: {type(error).__name__}: {error}"[:500])
-            except Exception:
-                log.exception("babysit: the status of %s could not be written after a failed start", self.run_dir)
-            store.close()
-        signal = getattr(self, "signal", None)
-        if signal is not None:
-            signal.close()
-        self._lock_file.close()
 
     # -- what it trains, and where it is ---------------------------------------------------------
     model = property(lambda self: self.trainables.model)
@@ -389,32 +347,7 @@ class Run:
         """Leave the epoch: carry out a rollback applied in it (the model, optimizer, scheduler,
         ``run.state`` and position are the checkpoint's; a new branch starts), or a stop (final
         checkpoint; the run ends), or else checkpoint the epoch. False when the run has ended."""
-        return bool(self._meet(self._end_epoch_here, ranks_module.EPOCH_END))
-
-    def _end_epoch_here(self) -> bool:
-        control = self.control
-        if control.interrupt is Interrupt.ROLLBACK:
-            self._cuts.finish_rollback()
-            return True
-        if control.interrupt is Interrupt.STOP:
-            self._cuts.finish_stop()
-            return False
-        if control.interrupt is Interrupt.EXCURSION:
-            control.excursion.transition()
-            return True
-        if control.interrupt is Interrupt.DATA_SKIP:
-            self._cuts.finish_data_skip()
-            return True
-        if control.excursion is not None:  # an epoch's end inside a probe: no checkpoint on its branch
-            control.excursion.epoch_end(last_epoch=self.max_epochs is not None and self.epoch >= self.max_epochs)
-            return True
-        self.snapshots.end_epoch()
-        self._narrator.epoch_ended(branch=self.branch, epoch=self.epoch, max_epochs=self.max_epochs, step=self.step,
-                                   wall=time.time(), metrics=dict(self.snapshots.epoch_metrics),
-                                   hparams=self.trainables.hparams())
-        control.take_checkpoint_asked()  # a run.checkpoint_now() still waiting: the epoch's checkpoint answers it
-        self._tell("epoch_end")
-        return True
+        return bool(self._meet(lambda: self._cuts.leave_epoch(self.max_epochs), ranks_module.EPOCH_END))
 
     def finish(self) -> None:
         """The loop trained all its epochs: the run is finished (the last epoch's checkpoint is its end)."""
@@ -424,13 +357,8 @@ class Run:
     def stop_if_requested(self) -> bool:
         """Between two epochs: carry out a stop that waited for the last epoch's end (a stop command
         at its last boundary, Ctrl-C, ``request_stop()``): final checkpoint, the run ends. True if it did."""
-        return bool(self._meet(self._stop_between_epochs, ranks_module.BETWEEN_EPOCHS, only_for_a_stop=True))
-
-    def _stop_between_epochs(self) -> bool:
-        if not self.control.stop_between_epochs():
-            return False
-        self._cuts.finish_stop()
-        return True
+        return bool(self._meet(lambda: self._cuts.stop_between_epochs(), ranks_module.BETWEEN_EPOCHS,
+                               only_for_a_stop=True))
 
     def _left_epochs(self) -> None:
         """The loop broke out of ``run.epochs`` (or an error did): say so, write nothing — the
@@ -607,28 +535,11 @@ class Run:
             return
         self.snapshots.close()
         self.writer.close()
-        self._write_final_status()
+        self._cuts.write_final_status()
         self._narrate(final=True)
         self.signal.close()
         self._lock_file.close()
         self._release_signals()
-
-    def _write_final_status(self) -> None:
-        """The last status row; a run that stopped or finished also expires the commands still
-        pending, in the same commit: a command sent meanwhile is either expired here or refused
-        because the run is over (enqueue_command reads the status in its own transaction), never
-        carried out unasked by the next start."""
-        status, position = self.control.status, self.position
-        try:
-            with self.store.transaction():
-                if status in (STOPPED, FINISHED):
-                    self.store.expire_pending(f"the run {status} before it applied this", branch=position.branch,
-                                              step=position.step)
-                self.store.write_status(**self._status_fields(), heartbeat=time.time())
-        except sqlite3.OperationalError as error:
-            if not disk_full(error):
-                raise
-            # A full disk: nothing can be recorded now (the writer has said so); what is pending stays so.
 
     def _release_signals(self) -> None:
         if self._restore_signals is not None:

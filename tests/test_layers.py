@@ -37,7 +37,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # of Run (its names load from here).
     "trainer": ("user_state", "control", "loader_skip", "position", "trainables", "ranks", "snapshots", "hparam_watch",
                 "remedy", "writer", "narrator", "resume", "excursion_runner", "command_runner", "cuts", "journal_replay",
-                "run",
+                "run_settings", "run",
                 "babysit"),
     # Training jobs and framework adapters written against the public API.
     "jobs": ("jobs", "lightning", "hf"),
