@@ -18,7 +18,7 @@ from babysit import commands as cmd
 from babysit.checkpoint import write_atomic
 from babysit.store import RunStore
 from babysit.ui.clicks import new_clicks
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO, cli_here, wait_for
 
 
 def fake_trainer(run_dir: Path, *, state: str = "running", lr: float = 0.05, momentum: float | None = 0.9,
@@ -193,6 +193,9 @@ def test_a_stopped_trainer_is_named_with_what_to_do(app, tmp_path: Path) -> None
         assert queued(store) == []
         refused = [e.value for e in at.error if "Not sent" in e.value]
         assert len(refused) == 1 and advice in refused[0] and "again" not in refused[0], refused
+        # `status` in a terminal says the same, not only "not responding".
+        printed = cli_here("status", "--run-dir", str(tmp_path / "run")).stdout
+        assert "not responding" in printed and advice in printed, printed
     finally:
         stopped.kill()
         stopped.wait(timeout=30)

@@ -27,7 +27,7 @@ from ..errors import RunDirError, StoreError
 from .command_table import CommandTable, _HeldWrites
 from .dismissed import DismissedHints
 from .excursions import ExcursionTable
-from .liveness import disk_full, disk_full_message, process_gone, trainer_alive
+from .liveness import disk_full, disk_full_message, process_gone, process_stopped, stopped_message, trainer_alive
 from .rows import (  # noqa: F401 (SeriesInfo: part of the store's names)
     BRANCH_COLUMNS, CHECKPOINT_COLUMNS, EVENT_COLUMNS, SeriesInfo, branch_row, checkpoint_row, event_row, newest_filter,
     typed_status,
@@ -187,6 +187,8 @@ class RunStore(SeriesTables, CommandTable, ExcursionTable, DismissedHints):
                                  "start it again to resume from the latest checkpoint")
         else:
             status["effective_state"] = NOT_RESPONDING
+            if process_stopped(status):  # frozen, not dead: what to do, for the CLI as for the page
+                status["message"] = stopped_message(status)
         return status
 
     # -- branches ----------------------------------------------------------------------------
