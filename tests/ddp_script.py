@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +42,10 @@ def main() -> None:
                         help="for the tests: rank 0 alone calls run.checkpoint_now() after step N")
     parser.add_argument("--signal-at-step", type=int, metavar="N",
                         help="for the tests: rank 1 sends itself SIGTERM after step N (a signal one rank gets)")
+    parser.add_argument("--step-seconds", type=float, default=0.0, metavar="S",
+                        help="for the tests: each step lasts at least S seconds, as a real model's does; the "
+                             "ranks' sync steps (babysit.ranks, about 20 ms apart) are then a step or two apart, "
+                             "so a command queued at a step lands before the epoch ends whatever this machine's speed")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -66,6 +71,7 @@ def main() -> None:
             sampler.set_epoch(epoch)
             model.train()
             for xb, yb in run.batches(loader):
+                started = time.perf_counter()
                 loss = F.cross_entropy(model(xb), yb)
                 optimizer.zero_grad()
                 loss.backward()
@@ -85,6 +91,7 @@ def main() -> None:
                     run.checkpoint_now()
                 if rank == 1 and run.step == args.signal_at_step:
                     os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(max(0.0, args.step_seconds - (time.perf_counter() - started)))
             if not run.interrupted:
                 scheduler.step()
                 model.eval()

@@ -180,7 +180,7 @@ def test_a_kill_9_of_the_job_then_a_restart_resumes_bit_identically_on_every_ran
     # run.checkpoint_now() on rank 0 alone: taken by both ranks together at their next meeting.
     asked = [c for c in RunStore(straight.run_dir).checkpoints() if c["reason"] == "command"]
     assert len(asked) == 1 and 5 <= asked[0]["step"] <= 5 + MAX_INTERVAL
-    job = jobs(tmp_path, "killed", "--epochs", "3", "--pause-at-step", "20")  # inside epoch 2 of 16 steps
+    job = jobs(tmp_path, "killed", "--epochs", "3", "--pause-at-step", "20", "--step-seconds", "0.025")  # inside epoch 2 of 16 steps
     store = job.store()
     job.wait_state("paused")
     cli(job, "checkpoint")
@@ -351,7 +351,8 @@ def test_a_nudge_replayed_after_a_kill_lands_at_its_own_step_on_every_rank(tmp_p
     # before the kill: try again with the pause a little later.
     for pause_at in (40, 43, 46):
         name = f"run-{pause_at}"
-        job = jobs(tmp_path, name, "--epochs", "3", "--nudge-at-step", "35", "--pause-at-step", str(pause_at))
+        job = jobs(tmp_path, name, "--epochs", "3", "--nudge-at-step", "35", "--pause-at-step", str(pause_at),
+                   "--step-seconds", "0.025")
         store = job.store()
         paused = job.wait_state("paused")["step"]
         applied = next(c for c in store.commands() if c["kind"] == "set_lr")
