@@ -212,7 +212,9 @@ def walk_through(out: Path, scratch: Path, fast: bool) -> dict[str, Any]:
         page.wait_for_timeout(CLICK_GAP_MS)
         click(page, ".st-key-lr_double button")
         summary["bad"] = "\n".join(fates(store, before, 2))
-        summary["lr_after_bad"] = store.status().get("lr")
+        # The status row follows the applied commands within a moment: × 4 of the halved lr.
+        summary["lr_after_bad"] = until("the trainer's lr × 4", lambda: store.status().get("lr") == 2 * defaults.lr
+                                        and store.status().get("lr"), timeout=120)
         bad_in = completed_epochs(store, 1) + 1
         until("the guard to pause the run, or the epoch to end", lambda: store.status().get("state") == "paused"
               or epoch_checkpoint(store, bad_in, 1))
