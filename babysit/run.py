@@ -130,6 +130,7 @@ class Run:
         # the other ranks follow it (see babysit.ranks); a single process is its own leader.
         ranks = self._ranks = ranks_module.join()
         follows = self._follows = ranks is not None and not ranks.leads
+        self._said: set[str] = set()  # what _say_once has said
         if ranks is not None:  # every change of lr or momentum on the leader reaches the followers
             trainables.tell = ranks.tell
             trainables.shard_group = ranks.group  # a sharded checkpoint loads on every rank together
@@ -479,7 +480,11 @@ class Run:
         return self._ranks.shard_writer if self._follows else self.snapshots.writer
 
     def _say_once(self, kind: str, message: str, data: dict[str, Any]) -> None:
-        """Tell the person at the trainer's terminal and on the page (an event), once."""
+        """Tell the person at the trainer's terminal and on the page (an event), once per trainer:
+        the advice holds for the whole run, and a rollback after rollback would repeat it."""
+        if kind in self._said:
+            return
+        self._said.add(kind)
         print(f"babysit: {message}", file=sys.stderr, flush=True)
         self.store.add_event(kind, message, branch=self.branch, step=self.step, epoch=self.epoch, data=data)
 

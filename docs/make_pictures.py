@@ -4,16 +4,20 @@
     python docs/make_pictures.py --fast     # a smoke run with 20-step epochs
 
 It starts a real trainer (`python -m babysit train`, the default job at its default settings) and
-a real dashboard (`python -m babysit dashboard`), opens the page in Chromium, and goes through the
-README's walk-through, nudging with the CLI (the same commands the page's buttons queue):
+a real dashboard (`python -m babysit dashboard`), opens the page in Chromium at a laptop's
+1366×768, and goes through the README's walk-through with the page's own controls, clicked as a
+person clicks them (nothing is sent from a terminal):
 
-1. watch the curve until it flattens (epoch ``PLATEAU_EPOCH``)      -> walkthrough-1-plateau.png
-2. lr × ½, and two epochs later the drop (zoomed on the last epochs)  -> walkthrough-2-halved.png
-3. a bad lr × 4: the divergence guard pauses the run, or the loss rises -> walkthrough-3-bad-x4.png
-4. roll back to the checkpoint taken before it, with its lr           -> dashboard.png
+1. watch the curve until it flattens (epoch ``PLATEAU_EPOCH``)          -> walkthrough-1-plateau.png
+2. lr × ½, and two epochs later the drop (zoomed on the last epochs)      -> walkthrough-2-halved.png
+3. × 2 clicked twice (lr × 4): the loss climbs back                       -> walkthrough-3-bad-x4.png
+4. pause, pick the checkpoint before it, roll back with its lr            -> dashboard.png
+5. lr 500 typed in: the loss blows up, the guard pauses, the remedy offers
+   half the healthy checkpoint's lr                                       -> walkthrough-5-blow-up.png
+6. the remedy clicked: the curve after a blow-up, readable                -> walkthrough-6-remedy.png
 
-Each picture is the page at a laptop's width, taken once the chart has drawn the latest step, and
-stored as a small palette PNG. A JSON summary of what happened goes to stdout.
+Each picture is the page, taken once the chart has drawn the latest step, and stored as a small
+palette PNG. A JSON summary of what happened (each command's fate) goes to stdout.
 """
 
 from __future__ import annotations
@@ -37,14 +41,17 @@ sys.path.insert(0, str(REPO))
 
 from babysit.jobs.charlm import CharLMConfig  # noqa: E402
 from babysit.store import RunStore  # noqa: E402
+from babysit import commands as cmd  # noqa: E402
 from bench.browser_render import free_port  # noqa: E402
 from bench.demo_curve import AFTER, PLATEAU_EPOCH, babysit  # noqa: E402
 from bench.demo_curve import wait_until as until  # noqa: E402
 from tests.conftest import chromium_page  # noqa: E402
 
-VIEWPORT = (1440, 900)  # a laptop screen: the cockpit fits the curve and the controls in it
+VIEWPORT = (1366, 768)  # a laptop screen: the cockpit fits the curve and the controls in it
 URL_LINE = re.compile(r"babysit: dashboard at (http://127\.0\.0\.1:\d+)")
 WAIT_S = 600.0
+CLICK_GAP_MS = 500  # between two clicks of a hand on the same button
+BLOW_UP_LR = 500  # an lr no model survives: the loss is NaN within a few steps
 FAST_STEPS = 20  # steps per epoch in --fast
 # The largest step drawn on any chart of the page (whatever the layout and the trace names).
 DRAWN_UP_TO = """() => Math.max(-1, ...Array.from(document.querySelectorAll('.js-plotly-plot')).flatMap(
@@ -130,6 +137,37 @@ def shrink(path: Path) -> None:
     small.save(path, optimize=True)
 
 
+def fates(store: RunStore, seen: int, count: int) -> list[str]:
+    """The fates of the ``count`` commands the page sent after the first ``seen``, once none is
+    pending: "#12 set lr 0.15: applied at step 4012 ...", as `--wait` prints them."""
+    def done() -> list[dict[str, Any]] | None:
+        rows = [c for c in store.commands() if c["source"] == "dashboard"][seen:]
+        return rows if len(rows) >= count and all(r["state"] != cmd.PENDING for r in rows) else None
+    rows = until(f"{count} command(s) from the page answered", done)
+    return [f"#{r['id']} {cmd.describe(r['kind'], r['args'])}: {cmd.outcome(r)}" for r in rows]
+
+
+def sent(store: RunStore) -> int:
+    return sum(1 for c in store.commands() if c["source"] == "dashboard")
+
+
+def click(page: Any, selector: str) -> None:
+    """A person's click: the pointer goes to the button, presses, and moves away (a tooltip left
+    over a button would cover the next one)."""
+    page.locator(selector).first.click()
+    page.mouse.move(VIEWPORT[0] // 3, 5)
+
+
+def choose_checkpoint(page: Any, checkpoint: dict[str, Any]) -> None:
+    """Pick a checkpoint in "Roll back to" as a person does: open the list, type its number, pick it."""
+    label = f"#{checkpoint['id']} · epoch {checkpoint['epoch']} · step {checkpoint['step']} ·"
+    box = page.locator(".st-key-rollback_target input")
+    box.click()
+    page.keyboard.type(f"#{checkpoint['id']} · epoch {checkpoint['epoch']}", delay=60)
+    page.locator('[role="option"]').filter(has_text=label).first.click()
+    until(f"{label} chosen", lambda: box.input_value().startswith(label), timeout=120)
+
+
 def walk_through(out: Path, scratch: Path, fast: bool) -> dict[str, Any]:
     defaults = CharLMConfig()
     plateau = 3 if fast else PLATEAU_EPOCH
@@ -145,6 +183,7 @@ def walk_through(out: Path, scratch: Path, fast: bool) -> dict[str, Any]:
         store = until("the run store", lambda: (run_dir / "run.db").exists() and RunStore(run_dir))
         url = until("the dashboard's URL", lambda: dashboard_url(server))
         page.goto(url)
+        page.locator(".st-key-lr_half button").wait_for(timeout=WAIT_S * 1000)
 
         def picture(name: str, zoom_from: int | None = None) -> None:
             if trainer.poll() is not None:
@@ -154,30 +193,66 @@ def walk_through(out: Path, scratch: Path, fast: bool) -> dict[str, Any]:
             shoot(page, store, out / name)
             summary["pictures"].append(name)
 
-        def cli(*args: str) -> str:
-            return babysit(*args, "--run-dir", str(run_dir), "--wait", "--timeout", str(WAIT_S)).strip()
-
         # 1. Watch until the curve flattens (the picture is taken during the epoch before the
         # plateau's checkpoint, so that the nudge can follow that checkpoint on a busy machine).
         until(f"epoch {plateau - 1}", lambda: epoch_checkpoint(store, plateau - 1, 1))
         picture("walkthrough-1-plateau.png")
         # 2. lr × ½, then the drop: two whole epochs at the new lr (a nudge lands inside an epoch).
         until(f"epoch {plateau}", lambda: epoch_checkpoint(store, plateau, 1))
-        summary["halve"] = cli("set", "lr", f"{defaults.lr / 2:g}")
+        before = sent(store)
+        click(page, ".st-key-lr_half button")
+        (summary["halve"],) = fates(store, before, 1)
         halved_in = completed_epochs(store, 1) + 1
         before_bad = until("two epochs at the halved lr", lambda: epoch_checkpoint(store, halved_in + AFTER, 1))
         picture("walkthrough-2-halved.png", zoom_from=max(1, plateau - 10))
-        # 3. A bad × 4: the guard pauses the run, or (if it does not trip) an epoch of worse loss.
-        summary["bad"] = cli("set", "lr", f"{4 * defaults.lr / 2:g}")
+        # 3. × 2 twice, at a hand's speed: lr × 4. The guard pauses the run, or (if it does not
+        # trip) an epoch of worse loss.
+        before = sent(store)
+        click(page, ".st-key-lr_double button")
+        page.wait_for_timeout(CLICK_GAP_MS)
+        click(page, ".st-key-lr_double button")
+        summary["bad"] = "\n".join(fates(store, before, 2))
+        # The status row follows the applied commands within a moment: × 4 of the halved lr.
+        summary["lr_after_bad"] = until("the trainer's lr × 4", lambda: store.status().get("lr") == 2 * defaults.lr
+                                        and store.status().get("lr"), timeout=120)
         bad_in = completed_epochs(store, 1) + 1
         until("the guard to pause the run, or the epoch to end", lambda: store.status().get("state") == "paused"
               or epoch_checkpoint(store, bad_in, 1))
         summary["guard_paused"] = store.status().get("state") == "paused"
         picture("walkthrough-3-bad-x4.png", zoom_from=max(1, plateau - 10))
-        # 4. Roll back to the checkpoint before it, with that checkpoint's lr; watch the new branch.
-        summary["rollback"] = cli("rollback", str(before_bad["id"]), "--hparams", "checkpoint")
+        # 4. Pause (unless the guard did), pick the checkpoint before the bad nudge, roll back with
+        # that checkpoint's lr (the default); watch the new branch.
+        before = sent(store)
+        if not summary["guard_paused"]:
+            click(page, ".st-key-pause button")
+            fates(store, before, 1)
+            before += 1
+        choose_checkpoint(page, before_bad)
+        click(page, ".st-key-rollback button")
+        (summary["rollback"],) = fates(store, before, 1)
         until("two epochs on the new branch", lambda: epoch_checkpoint(store, before_bad["epoch"] + AFTER, 2))
         picture("dashboard.png", zoom_from=max(1, plateau - 10))
+        # 5. A blow-up: lr 500 typed in. The guard pauses the run; the remedy offers half of the
+        # healthy checkpoint's lr, never half of the lr that blew up.
+        before = sent(store)
+        page.locator(".st-key-lr_exact input").fill(str(BLOW_UP_LR))
+        click(page, ".st-key-lr_set button")
+        (summary["blow_up"],) = fates(store, before, 1)
+        page.locator(".st-key-lr_exact input").fill("")  # sent: the box is emptied, as a hand would
+        until("the guard's pause", lambda: store.status().get("state") == "paused")
+        remedy = page.locator(".st-key-remedy button")
+        remedy.wait_for(timeout=WAIT_S * 1000)
+        summary["remedy_offer"] = remedy.inner_text().strip().splitlines()[-1]  # its text, not its icon's name
+        picture("walkthrough-5-blow-up.png")
+        # 6. The remedy clicked: the run goes on from the healthy checkpoint at the lr it offered,
+        # and the curve stays readable beside the blow-up it left behind.
+        before = sent(store)
+        click(page, ".st-key-remedy button")
+        (summary["remedy"],) = fates(store, before, 1)
+        branch = store.status()["branch"]
+        until("an epoch after the remedy", lambda: any(c["branch"] == branch and c["reason"] == "epoch"
+                                                       for c in store.checkpoints()))
+        picture("walkthrough-6-remedy.png")
         summary["page_errors"] = errors
         babysit("stop", "--run-dir", str(run_dir), "--wait")
         trainer.wait(timeout=WAIT_S)

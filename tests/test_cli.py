@@ -141,6 +141,34 @@ def test_train_refuses_a_second_trainer_on_the_same_run(tmp_path: Path) -> None:
     assert [c["step"] for c in RunStore(run_dir).checkpoints()] == [8]
 
 
+# -- the checkpoint cadence of a built-in job (issue 21) -------------------------------------------
+def test_train_checkpoints_every_n_steps_and_a_resume_keeps_the_cadence_unless_given_another(tmp_path: Path) -> None:
+    for option, value, said in (
+            ("--checkpoint-every-steps", "0", "--checkpoint-every-steps '0': give a whole number of steps >= 1"),
+            ("--checkpoint-every-steps", "2.5", "--checkpoint-every-steps '2.5': give a whole number of steps >= 1"),
+            ("--checkpoint-every-minutes", "-1", "--checkpoint-every-minutes '-1': give a number of minutes > 0"),
+            ("--checkpoint-every-minutes", "inf", "--checkpoint-every-minutes 'inf': give a number of minutes > 0")):
+        refused = cli_here("train", "--run-dir", str(tmp_path / "bad"), option, value)
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+        assert not (tmp_path / "bad").exists()  # refused before anything was made
+
+    run_dir = tmp_path / "run"
+    d = ("--run-dir", str(run_dir))
+    first = babysit_cli("train", *d, *FAST, "--epochs", "1", "--checkpoint-every-steps", "10",
+                        "--checkpoint-every-minutes", "30", check=True)
+    assert "; a checkpoint every 10 steps or every 30 min, and at each epoch's end" in first.stdout
+    assert [(c["step"], c["reason"]) for c in status(run_dir)["checkpoints"]] == [
+        (10, "periodic"), (20, "periodic"), (23, "epoch")]
+    shown = babysit_cli("status", *d, check=True).stdout
+    assert "cadence      every 10 steps (next at step 30) or every 30 min (next in " in shown
+    # Resumed without the options, it keeps its cadence; given another, it takes that one.
+    babysit_cli("train", *d, "--epochs", "2", check=True)
+    assert [c["step"] for c in status(run_dir)["checkpoints"]][3:] == [30, 40, 46]
+    babysit_cli("train", *d, "--epochs", "3", "--checkpoint-every-steps", "20", check=True)
+    assert [c["step"] for c in status(run_dir)["checkpoints"]][6:] == [60, 69]
+    assert RunStore(run_dir).get_meta("config")["checkpoint_every_steps"] == 20
+
+
 # -- choosing the job ----------------------------------------------------------------------------
 def test_train_runs_the_character_model_by_default_and_a_resume_keeps_the_job(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -170,7 +198,8 @@ def test_digits_is_still_a_job_and_each_job_takes_only_its_own_options(tmp_path:
     result = cli_here("train", "--run-dir", str(tmp_path / "new"), "--epoch-passes", "2")
     assert result.returncode == 2
     assert ("--epoch-passes is not an option of job charlm (its options: --epochs, --lr, --momentum, --optimizer, "
-            "--seed, --batch-size, --seq-len, --steps-per-epoch)") in result.stderr
+            "--seed, --batch-size, --seq-len, --steps-per-epoch, --checkpoint-every-steps, --checkpoint-every-minutes)"
+            ) in result.stderr
     result = cli_here("train", "--run-dir", str(tmp_path / "new"), "--job", "digits", "--seq-len", "8")
     assert result.returncode == 2 and "--seq-len is not an option of job digits" in result.stderr
     assert not (tmp_path / "new").exists()

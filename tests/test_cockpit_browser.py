@@ -288,6 +288,7 @@ WORST = {
     "stop": ".st-key-stop button",
     "exact β": ".st-key-momentum_exact input",
     "rollback hyperparameters": ".st-key-rollback_hparams",
+    "skip batches": ".st-key-rollback_skip input",
     "remedy": ".st-key-remedy button",
     "divergence": '[data-testid="stAlert"]:has-text("Divergence")',
     "fates": '[data-testid="stAlert"]:has-text("set lr"):has-text(": pending")',

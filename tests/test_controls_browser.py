@@ -108,3 +108,47 @@ def test_the_remedy_offers_half_the_checkpoints_lr_and_follows_a_nudge(tmp_path:
         assert status["lr"] == 0.005 and status["effective_state"] == "running"
         assert [c["args"]["value"] for c in _commands(store, cmd.SET_LR)] == [500.0, 0.01]
         assert errors == []
+
+
+def test_a_rollback_from_the_page_skips_the_batches_asked_for(tmp_path: Path, trainers) -> None:
+    """The page shows the cadence and the data skip (0 by default); paused, "skip next N batches"
+    5 and "Roll back" send what `rollback ID --skip-batches 5` sends, and the new branch trains on
+    5 batches further along the data order: its epoch ends 5 steps sooner.
+
+    digits with batch 32 and one pass: 45 batches an epoch; a checkpoint every 9 steps falls at
+    batches 9, 18, 27 and 36 of an epoch and at its end, so 5 more batches always fit in it."""
+    run_dir = tmp_path / "run"
+    trainer = trainers(run_dir, "--job", "digits", "--epochs", "100", "--epoch-passes", "1",
+                       "--checkpoint-every-steps", "9")
+    trainer.wait_running(min_step=1, timeout=START_S)
+    store = RunStore(run_dir)
+    wait_for(lambda: store.checkpoints(), START_S, what="a first periodic checkpoint")
+    with dashboard_of(run_dir, tmp_path) as url, chromium_page(1366, 768, timeout_s=WAIT_S) as (page, errors):
+        _open(page, url)
+        expect(page.get_by_text(re.compile(r"Rollback points: every 9 steps \(next at step [\d,]+\), and each "
+                                           r"epoch's end"))).to_be_visible(timeout=WAIT_S * 1000)
+        skip = page.locator(".st-key-rollback_skip input")
+        expect(skip).to_have_value("0")
+        page.locator(".st-key-pause button").click()
+        wait_for(lambda: store.status()["effective_state"] == "paused", WAIT_S, what="the pause")
+        target = store.checkpoints()[-1]  # paused: no newer one comes, and the select shows it
+        expect(page.locator(".st-key-rollback_target input")).to_have_value(
+            re.compile(rf"^#{target['id']} · epoch {target['epoch']} · step {target['step']} ·"), timeout=WAIT_S * 1000)
+        # As a hand does it: into the box, the old value selected, 5 typed, then to the button.
+        skip.click()
+        page.keyboard.press("ControlOrMeta+a")
+        page.keyboard.type("5", delay=120)
+        page.keyboard.press("Enter")
+        page.locator(".st-key-rollback button").click()
+        (rollback,) = wait_for(lambda: _all_applied(_commands(store, cmd.ROLLBACK), 1), WAIT_S,
+                               what="the rollback applied")
+        assert rollback["args"] == {"checkpoint": target["id"], "hparams": cmd.HPARAMS_CHECKPOINT, "skip_batches": 5}
+        assert rollback["result"]["skip_batches"] == 5
+        event = next(e for e in store.events() if e["kind"] == "rollback")
+        assert event["data"]["skip_batches"] == 5 and "skipping the next 5 batches" in event["message"]
+        # Where the data order stands on the new branch: the resumed epoch ends 5 batches early.
+        start = 0 if target["reason"] == "epoch" else target["step_in_epoch"]
+        ended = wait_for(lambda: next((c for c in store.checkpoints() if c["branch"] == 2 and c["reason"] == "epoch"),
+                                      None), START_S, what="the new branch's first epoch's end")
+        assert ended["step"] == target["step"] + 45 - start - 5
+        assert errors == []

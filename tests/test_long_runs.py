@@ -142,6 +142,39 @@ def test_a_resume_that_must_read_its_batches_says_how_many_once(tmp_path: Path, 
     assert capfd.readouterr().err.count("babysit: resuming inside the epoch reads the 5 batches") == 1
 
 
+def test_a_loader_that_must_read_is_said_once_per_trainer_not_at_every_rollback(tmp_path: Path, capfd: Any) -> None:
+    """Resumed at step 5 (of 8 an epoch), the trainer says the 5 batches it reads; two rollbacks to
+    the checkpoint of step 3 read 3 batches each, silently: one event, one line."""
+    rolled: list[int] = []
+
+    def job(stop_at: int | None) -> None:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with babysit.Run(tmp_path / "r", model, optimizer, checkpoint_every_steps=3) as run:
+            for _ in run.epochs(2):
+                for x, y in run.batches(DataLoader(_Stream(), batch_size=8)):
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    if run.step == stop_at:
+                        run.request_stop()
+                    if stop_at is None and (run.branch, run.step) in ((1, 6), (2, 5)):
+                        rolled.append(run.branch)
+                        run.checkpointer.wait()
+                        run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": 1}, source="test")
+    job(stop_at=5)
+    job(stop_at=None)
+    store = RunStore(tmp_path / "r")
+    assert store.checkpoint(1)["step"] == 3 and rolled == [1, 2]
+    assert [r["state"] for r in store.commands(kinds=(cmd.ROLLBACK,))] == ["applied", "applied"]
+    assert store.status()["branch"] == 3 and store.status()["state"] == "finished"
+    said = [e for e in store.events() if e["kind"] == "resume_skip"]
+    assert len(said) == 1 and said[0]["data"] == {"batches": 5, "read": 5}
+    assert capfd.readouterr().err.count("babysit: resuming inside the epoch reads the") == 1
+
+
 # -- retention, with probes and sweeps (issue 26, items 2 and 4) ------------------------------------
 def test_a_probe_set_from_an_old_checkpoint_keeps_it_while_it_runs_under_keep_last(tmp_path: Path) -> None:
     """keep_last=1: the return point written as the probe set begins would have retired its fork,

@@ -201,11 +201,22 @@ def test_the_walk_through_script_goes_through_a_real_session(tmp_path: Path) -> 
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(result.stdout)
-    names = ["walkthrough-1-plateau.png", "walkthrough-2-halved.png", "walkthrough-3-bad-x4.png", "dashboard.png"]
+    names = ["walkthrough-1-plateau.png", "walkthrough-2-halved.png", "walkthrough-3-bad-x4.png", "dashboard.png",
+             "walkthrough-5-blow-up.png", "walkthrough-6-remedy.png"]
     assert summary["pictures"] == names and summary["page_errors"] == []
+    assert list(summary["viewport"]) == [1366, 768]
+    # Every nudge is a click on the page: × ½, then × 2 twice (lr × 4, both clicks counted).
     assert re.search(r"set lr 0\.15: applied at step \d+", summary["halve"]), summary["halve"]
-    assert re.search(r"set lr 0\.6: applied at step \d+", summary["bad"]), summary["bad"]
+    assert re.search(r"set lr 0\.3: applied at step \d+.*\n.*set lr 0\.6: applied at step \d+", summary["bad"]), \
+        summary["bad"]
+    assert summary["lr_after_bad"] == 0.6
     assert re.search(r"rollback to #\d+ \(checkpoint hparams\): applied at step \d+ \(branch 2, ", summary["rollback"])
+    # After the blow-up at lr 500, the remedy offers half of the healthy checkpoint's 0.15, and does it.
+    assert re.search(r"set lr 500: applied at step \d+", summary["blow_up"]), summary["blow_up"]
+    assert re.fullmatch(r"Roll back to #\d+ with lr 0\.075 \(½ × 0\.15, its lr\)", summary["remedy_offer"]), \
+        summary["remedy_offer"]
+    assert re.search(r"rollback to #\d+ \(current hparams, lr 0\.075\): applied at step \d+ \(branch 3, ",
+                     summary["remedy"]), summary["remedy"]
     for name in names:
         with Image.open(tmp_path / name) as image:
             assert list(image.size) == summary["viewport"] and image.mode == "P", (name, image.size, image.mode)

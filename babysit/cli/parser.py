@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="charlm: characters per training window (default 64)")
     p.add_argument("--steps-per-epoch", type=int, help="charlm: batches per epoch (default 100)")
     p.add_argument("--epoch-passes", type=int, help="digits: passes over the training images per epoch (default 6)")
+    p.add_argument("--checkpoint-every-steps", metavar="N",
+                   help="also a checkpoint every N steps (at the multiples of N), an exact resume point and a rollback "
+                        "target inside the epoch; a resumed run keeps the cadence it was started with unless given")
+    p.add_argument("--checkpoint-every-minutes", metavar="M",
+                   help="also a checkpoint every M minutes (a number > 0, e.g. 30 or 0.5) after the last one")
     p.add_argument("--replay", metavar="JOURNAL",
                    help="a new run replays a panda journal (`journal` writes one): its job, its config and its lr "
                         "and momentum settings at their steps, up to its checkpoint's epoch unless --epochs says more")

@@ -9,9 +9,9 @@ import shlex
 import time
 from typing import Any
 
-from .. import cadence, retention
 from .. import commands as cmd
 from ..errors import CliError
+from ..instruments.keeping import read_keeping
 from ..probes_text import format_excursion
 from ..store import RunStore
 from .common import open_store
@@ -21,11 +21,11 @@ from .common import open_store
 def status_object(store: RunStore) -> dict[str, Any]:
     """The run's state as a JSON-ready object (what ``status --json`` prints)."""
     status = store.status()
-    policy, kept = retention.explain(store, now=time.time())
+    keeping = read_keeping(store)
     checkpoints = [
         {"id": c["id"], "epoch": c["epoch"], "step": c["step"], "branch": c["branch"],
          "path": str(store.run_dir / c["file"]), "reason": c["reason"], "metrics": c["metrics"],
-         "hparams": c["hparams"], "created": c["created"], "kept": kept.get(c["id"])}
+         "hparams": c["hparams"], "created": c["created"], "kept": keeping.kept.get(c["id"])}
         for c in store.checkpoints()
     ]
     pending = store.pending_commands()
@@ -46,8 +46,8 @@ def status_object(store: RunStore) -> dict[str, Any]:
         "optimizer": status.get("optimizer"),
         "message": status.get("message"),
         "checkpoints": checkpoints,
-        "cadence": cadence.describe(store.get_meta("cadence", None)),
-        "retention": policy.describe(),
+        "cadence": keeping.cadence,
+        "retention": keeping.retention,
         "pending_commands": [
             {"id": p["id"], "kind": p["kind"], "args": p["args"], "source": p["source"], "created": p["created"]}
             for p in pending

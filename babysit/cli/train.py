@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import math
 import os
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from .. import cadence
 from .. import commands as cmd
 from .. import rundir
 from ..errors import CliError, SettingsError
@@ -20,7 +22,10 @@ from .common import open_store
 
 # The `train` options that set a job's config field of the same name (each job takes some of them).
 TRAIN_OPTIONS = ("epochs", "lr", "momentum", "optimizer", "seed", "batch_size", "seq_len", "steps_per_epoch",
-                 "epoch_passes")
+                 "epoch_passes", "checkpoint_every_steps", "checkpoint_every_minutes")
+# The options a resumed run takes from this command rather than keeping its own: how far to train,
+# and how often to checkpoint (neither changes what is trained).
+RESUME_OPTIONS = ("epochs", "checkpoint_every_steps", "checkpoint_every_minutes")
 
 
 # -- train -------------------------------------------------------------------------------------
@@ -28,6 +33,7 @@ def train_command(args: argparse.Namespace) -> int:
     from ..jobs import JOBS
     from ..run import RunLockedError
 
+    _parse_cadence(args)
     replay = _replay_journal(args)
     stored = _stored_config(args.run_dir)
     resuming = bool(stored)
@@ -49,13 +55,13 @@ def train_command(args: argparse.Namespace) -> int:
                        f"(its options: {accepted})")
     config_values = dict(asdict(config_class()))
     if stored:
-        ignored = {k: v for k, v in given.items() if k != "epochs" and stored.get(k, v) != v}
+        ignored = {k: v for k, v in given.items() if k not in RESUME_OPTIONS and stored.get(k, v) != v}
         started = "this run was started" if resuming else "the journal's run was started"
         for key, value in ignored.items():
             print(f"babysit: {_option(key)} {value} ignored: {started} with "
                   f"{key} {stored[key]} and keeps it (nudge lr and momentum with `python -m babysit set`)")
         config_values.update({k: v for k, v in stored.items() if k in config_values})
-        config_values.update({k: v for k, v in given.items() if k == "epochs"})
+        config_values.update({k: v for k, v in given.items() if k in RESUME_OPTIONS})
     else:
         config_values.update(given)
     try:
@@ -70,7 +76,9 @@ def train_command(args: argparse.Namespace) -> int:
             return 0
 
     def on_run(run: Any) -> None:
-        print(f"babysit: training in {args.run_dir} (pid {os.getpid()})", flush=True)
+        every = cadence.describe(cadence.Cadence(config.checkpoint_every_steps, config.checkpoint_every_minutes).to_json())
+        print(f"babysit: training in {args.run_dir} (pid {os.getpid()})"
+              + (f"; a checkpoint {every}, and at each epoch's end" if every else ""), flush=True)
 
     narrate_to_console_and_log(args.run_dir)
     try:
@@ -78,6 +86,25 @@ def train_command(args: argparse.Namespace) -> int:
     except RunLockedError as error:
         raise CliError(str(error)) from None
     return 0
+
+
+def _parse_cadence(args: argparse.Namespace) -> None:
+    """--checkpoint-every-steps and --checkpoint-every-minutes as numbers, or a one-line refusal
+    that names the value (before anything is created)."""
+    steps, minutes = getattr(args, "checkpoint_every_steps", None), getattr(args, "checkpoint_every_minutes", None)
+    if steps is not None:
+        text = steps.strip().replace("_", "")
+        if not text.isdigit() or int(text) < 1:
+            raise CliError(f"--checkpoint-every-steps {steps!r}: give a whole number of steps >= 1, e.g. 500")
+        args.checkpoint_every_steps = int(text)
+    if minutes is not None:
+        try:
+            value = float(minutes)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise CliError(f"--checkpoint-every-minutes {minutes!r}: give a number of minutes > 0, e.g. 30 or 0.5")
+        args.checkpoint_every_minutes = value
 
 
 def narrate_to_console_and_log(run_dir: str) -> None:

@@ -54,6 +54,8 @@ class CharLMConfig:
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 64
+    checkpoint_every_steps: int | None = None  # a periodic checkpoint every N steps
+    checkpoint_every_minutes: float | None = None  # and/or every M minutes (babysit.cadence)
 
     def __post_init__(self) -> None:
         check_settings(self, ("batch_size", "seq_len", "steps_per_epoch", "n_layer", "n_head", "n_embd"))
@@ -186,6 +188,8 @@ def train(run_dir: str | Path, config: CharLMConfig, *, on_run: object = None, r
 
     run = babysit.Run(run_dir, model, optimizer, config={"job": "charlm", **asdict(config)},  # babysit
                       items_per_step=config.batch_size * config.seq_len, item_unit="tokens", replay=replay,
+                      checkpoint_every_steps=config.checkpoint_every_steps,
+                      checkpoint_every_minutes=config.checkpoint_every_minutes,
                       evaluate=lambda: {"val_loss": evaluate(model, val_inputs, val_targets)})  # ranks probes
     with run:
         if callable(on_run):

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from babysit.cadence import Cadence
 from babysit.commands import validate_lr, validate_momentum
 from babysit.errors import SettingsError
 
@@ -16,7 +17,8 @@ OPTIMIZERS = ("sgd", "adam")
 
 def check_settings(config: Any, whole_numbers: Sequence[str]) -> None:
     """Refuse a job config with an unknown optimizer, a bad lr or momentum, a seed that is not a
-    whole number torch takes, or one of ``whole_numbers`` below 1; the message names the value."""
+    whole number torch takes, a bad checkpoint cadence, or one of ``whole_numbers`` below 1; the
+    message names the value."""
     if config.optimizer not in OPTIMIZERS:
         raise SettingsError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}")
     validate_lr(config.lr)
@@ -25,6 +27,7 @@ def check_settings(config: Any, whole_numbers: Sequence[str]) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise SettingsError(f"{name} must be a whole number >= 1, got {value!r}")
+    Cadence(getattr(config, "checkpoint_every_steps", None), getattr(config, "checkpoint_every_minutes", None))
     seed = config.seed
     if not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64:
         raise SettingsError(f"seed must be a whole number from -2**63 to 2**64 - 1 (what torch.manual_seed takes), "

@@ -35,6 +35,8 @@ class DigitsConfig:
     seed: int = 0
     batch_size: int = 32
     epoch_passes: int = 6
+    checkpoint_every_steps: int | None = None  # a periodic checkpoint every N steps
+    checkpoint_every_minutes: float | None = None  # and/or every M minutes (babysit.cadence)
 
     def __post_init__(self) -> None:
         check_settings(self, ("batch_size", "epoch_passes"))
@@ -94,6 +96,8 @@ def train(run_dir: str | Path, config: DigitsConfig, *, on_run: object = None, r
 
     # evaluate= ranks probe branches by their validation loss (python -m babysit probe).
     with babysit.Run(run_dir, model, optimizer, config=asdict(config), replay=replay,  # babysit
+                     checkpoint_every_steps=config.checkpoint_every_steps,
+                     checkpoint_every_minutes=config.checkpoint_every_minutes,
                      evaluate=lambda: dict(zip(("val_loss", "val_acc"), evaluate(model, val_data)))) as run:
         if callable(on_run):
             on_run(run)

@@ -24,6 +24,7 @@ import streamlit as st
 
 from .. import commands as cmd
 from ..instruments.hints import read_hints
+from ..instruments.keeping import read_keeping
 from ..instruments.remedy_offer import read_offer
 from ..errors import SettingsError
 from ..instruments import journal
@@ -92,6 +93,10 @@ COMPACT_CSS = """<style>
   .st-key-cockpit_controls [data-testid^="stBaseButton"] span:has(> [data-testid="stIconMaterial"]) { display: none; }
 }
 [data-testid="stToastContainer"] { top: auto; right: auto; bottom: 0.5rem; left: 0.5rem; }
+.st-key-rollback_skip [data-testid="stWidgetLabel"] { min-height: 0; margin-bottom: 0.1rem; }
+.st-key-rollback_skip [data-testid="stWidgetLabel"] p { font-size: 0.75rem; line-height: 1.1; white-space: nowrap; }
+.st-key-rollback_skip [data-testid="stNumberInputContainer"], .st-key-rollback_skip [data-baseweb="input"] {
+  height: 2rem; min-height: 0; }
 </style>"""
 
 
@@ -468,14 +473,18 @@ def checkpoint_table(store: RunStore) -> None:
         st.caption("No checkpoint yet: the first one is written at the end of epoch 1.")
         return
     rows = []
+    keeping = read_keeping(store)
     for c in reversed(listed):
         row = {"id": c["id"], "epoch": c["epoch"], "step": c["step"], "branch": c["branch"],
                "lr": c["hparams"].get("lr"), "momentum": c["hparams"].get("momentum")}
         row.update({k: v for k, v in c["metrics"].items() if isinstance(v, (int, float))})
         row["reason"] = c["reason"]
+        row["kept"] = keeping.kept.get(c["id"], "")
         row["written"] = time.strftime("%H:%M:%S", time.localtime(c["created"]))
         rows.append(row)
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", height=min(36 * (len(rows) + 1), 320))
+    st.caption(plain(f"Kept on disk: {keeping.retention}."
+                     + (f" Periodic checkpoints: {keeping.cadence}." if keeping.cadence else "")))
     if len(listed) == CHECKPOINTS_SHOWN and (total := store.checkpoint_count()) > CHECKPOINTS_SHOWN:
         st.caption(f"The newest {CHECKPOINTS_SHOWN} of {total:,} checkpoints; roll back to an older one by id with "
                    "`python -m babysit rollback ID`.")
@@ -527,8 +536,7 @@ def rollback_controls(store: RunStore, status: dict[str, Any]) -> None:
     target = cols[0].selectbox("Roll back to", ids, key="rollback_target", label_visibility="collapsed",
                                format_func=lambda i: _checkpoint_label(by_id[i]))
     chosen = by_id[target]
-    command_button(cols[1], "Roll back", "rollback", store, cmd.ROLLBACK,
-                   lambda: {"checkpoint": target, "hparams": st.session_state.get("rollback_hparams", cmd.HPARAMS_CHECKPOINT)},
+    command_button(cols[1], "Roll back", "rollback", store, cmd.ROLLBACK, lambda: rollback_args(target),
                    icon=":material/undo:", type="primary", width="stretch")
     # Fixed labels, the numbers in captions under them: the browser resets a radio whose option
     # labels change (with the chosen checkpoint, or a nudge), and would forget the person's choice.
@@ -536,9 +544,30 @@ def rollback_controls(store: RunStore, status: dict[str, Any]) -> None:
         st.session_state["rollback_hparams"] = cmd.HPARAMS_CHECKPOINT
     numbers = {cmd.HPARAMS_CHECKPOINT: ("checkpoint's", chosen["hparams"].get("lr"), chosen["hparams"].get("momentum")),
                cmd.HPARAMS_CURRENT: ("current", status.get("lr"), status.get("momentum"))}
-    st.radio("Hyperparameters after the rollback", cmd.HPARAMS_CHOICES, key="rollback_hparams", horizontal=True,
-             label_visibility="collapsed", format_func=lambda h: numbers[h][0],
-             captions=[f"lr {short_number(numbers[h][1])}, β {short_number(numbers[h][2])}" for h in cmd.HPARAMS_CHOICES])
+    cols = st.columns([2.6, 1], vertical_alignment="bottom")
+    cols[0].radio("Hyperparameters after the rollback", cmd.HPARAMS_CHOICES, key="rollback_hparams", horizontal=True,
+                  label_visibility="collapsed", format_func=lambda h: numbers[h][0],
+                  captions=[f"lr {short_number(numbers[h][1])}, β {short_number(numbers[h][2])}"
+                            for h in cmd.HPARAMS_CHOICES])
+    # The data skip of a loss spike's remedy (roll back ~100 steps before it, leave out the batches
+    # that came next); 0, the default, replays the same data.
+    cols[1].number_input("skip next N batches", min_value=0, max_value=cmd.SKIP_BATCHES_MAX, value=0, step=1,
+                         key="rollback_skip", help="After the rollback, leave out the next N batches of the data "
+                         "order (as `python -m babysit rollback ID --skip-batches N`); 0 replays the same data.")
+    keeping = read_keeping(store)
+    if keeping.cadence:
+        st.caption(plain(f"Rollback points: {keeping.cadence}, and each epoch's end"),
+                   help=plain(f"Kept on disk: {keeping.retention}."))
+
+
+def rollback_args(target: int) -> dict[str, Any]:
+    """What "Roll back" sends: the checkpoint, whose hyperparameters, and the data skip if any."""
+    args: dict[str, Any] = {"checkpoint": target,
+                            "hparams": st.session_state.get("rollback_hparams", cmd.HPARAMS_CHECKPOINT)}
+    skip = st.session_state.get("rollback_skip")
+    if isinstance(skip, int) and skip > 0:
+        args["skip_batches"] = skip
+    return args
 
 
 def _checkpoint_label(c: dict[str, Any]) -> str:
