@@ -57,9 +57,10 @@ class Cadence:
                 "next_wall": next_wall}
 
 
-def describe(recorded: Any, *, now: float | None = None) -> str | None:
+def describe(recorded: Any, *, now: float | None = None, upcoming: bool = True) -> str | None:
     """What `status` and the page say of a run's cadence (the trainer's record of it), or None when
-    the run has none: "every 500 steps (next at step 1,000) or 30 min (next in 12 min)"."""
+    the run has none: "every 500 steps (next at step 1,000) or 30 min (next in 12 min)". Without
+    ``upcoming`` (no trainer is running it) only the cadence: nothing is due on a run that is over."""
     if not isinstance(recorded, dict):
         return None
     try:
@@ -73,13 +74,14 @@ def describe(recorded: Any, *, now: float | None = None) -> str | None:
     next_step = recorded.get("next_step")
     if cadence.every_steps is not None:
         text = f"every {cadence.every_steps:,} steps"
-        if isinstance(next_step, int) and not isinstance(next_step, bool):
+        if upcoming and isinstance(next_step, int) and not isinstance(next_step, bool):
             text += f" (next at step {next_step:,})"
         parts.append(text)
     next_wall = recorded.get("next_wall")
     if cadence.every_minutes is not None:
         text = f"every {_minutes(cadence.every_minutes)}"
-        if isinstance(next_wall, (int, float)) and not isinstance(next_wall, bool) and math.isfinite(next_wall):
+        if (upcoming and isinstance(next_wall, (int, float)) and not isinstance(next_wall, bool)
+                and math.isfinite(next_wall)):
             left = next_wall - now
             text += " (due now)" if left <= 0 else f" (next in {_minutes(left / 60.0)})"
         parts.append(text)

@@ -41,4 +41,6 @@ def test_status_says_the_cadence_and_when_the_next_is_due() -> None:
     assert describe(recorded, now=10_001.0) == "every 500 steps (next at step 1,000) or every 30 min (due now)"
     assert describe(Cadence(every_minutes=180).to_json(), now=0) == "every 3 h"
     assert describe(Cadence().to_json()) is None
+    # A run no trainer is running has nothing due: only the cadence is said.
+    assert describe(recorded, now=10_000.0 - 12 * 60, upcoming=False) == "every 500 steps or every 30 min"
     assert describe({"every_steps": -3}) is None and describe("x") is None and describe(None) is None

@@ -24,4 +24,5 @@ class Keeping:
 def read_keeping(store: Any, *, now: float | None = None) -> Keeping:
     now = time.time() if now is None else now
     policy, kept = retention.explain(store, now=now)
-    return Keeping(cadence.describe(store.get_meta("cadence", None), now=now), policy.describe(), kept)
+    live = bool(store.status().get("alive"))  # a run that is over has nothing due
+    return Keeping(cadence.describe(store.get_meta("cadence", None), now=now, upcoming=live), policy.describe(), kept)
