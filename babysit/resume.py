@@ -252,7 +252,7 @@ class Resume:
         self.control.say(message)
         self.store.write_status(
             **self.status_fields(), pid=os.getpid(), host=socket.gethostname(), started=time.time(),
-            heartbeat=time.time(), optimizer=optimizer_name(self.trainables.optimizer),
+            heartbeat=time.time(), optimizer=optimizer_name(self.trainables.optimizer, self.trainables.optimizers),
         )
 
     def _warn_config_change(self, checkpoint: dict[str, Any] | None) -> None:

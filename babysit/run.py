@@ -51,7 +51,7 @@ from .sharded_writer import ShardedCheckpointer
 from .signals import install_stop_handlers
 from .snapshots import Snapshots
 from .store import FINISHED, PAUSED, PER_EPOCH, PER_STEP, RUNNING, STOPPED, CommandSignal, RunStore, disk_full
-from .trainables import Trainables, optimizer_or_loop_hparams
+from .trainables import Trainables, what_it_trains
 from .writer import LogQueue, MetricsWriter, to_float
 
 __all__ = ["Run", "Interrupt", "RunLockedError"]
@@ -64,7 +64,11 @@ class Run:
 
     Args:
         run_dir: the run directory (for example ``checkpoints/my-run``).
-        model, optimizer, scheduler: what is checkpointed, restored and nudged.
+        model, optimizer, scheduler: what is checkpointed, restored and nudged. ``model`` may be a
+            dict of networks (``{"D": netD, "G": netG}``, held as one ``nn.ModuleDict``).
+        optimizers: several optimizers by name instead of ``optimizer`` (``{"D": optD, "G": optG}``),
+            each checkpointed, restored and nudged by name (the first by default); ``scheduler`` is
+            then the first's, or a dict of schedulers by the name of the optimizer each drives.
         lr, momentum: for a loop that updates its parameters by hand, without a torch optimizer:
             babysit holds them, the loop reads ``run.lr`` (and ``run.momentum``) every step.
         state: the loop's own state, kept in every checkpoint and restored with it: plain values
@@ -93,10 +97,11 @@ class Run:
     def __init__(
         self,
         run_dir: str | os.PathLike[str],
-        model: torch.nn.Module,
+        model: torch.nn.Module | dict[str, torch.nn.Module],
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
         *,
+        optimizers: dict[str, torch.optim.Optimizer] | None = None,
         lr: float | None = None,
         momentum: float | None = None,
         state: dict[str, Any] | None = None,
@@ -125,7 +130,8 @@ class Run:
         if not isinstance(item_unit, str) or not item_unit.strip() or len(item_unit) > 20:
             raise SettingsError(f"item_unit must be a short word such as 'samples' or 'tokens', got {item_unit!r}")
         journal = None if replay is None else journal_replay.load(replay)  # refused before anything is created
-        optimizer = optimizer_or_loop_hparams(optimizer, lr, momentum)
+        model, optimizers = what_it_trains(model, optimizer, optimizers, lr, momentum)
+        optimizer = next(iter(optimizers.values()))
         if not isinstance(run_dir, (str, os.PathLike)) or not str(os.fspath(run_dir)).strip():
             # Path("") is the current directory: a run directory is named, never implied.
             raise SettingsError(f"run_dir must name a directory, such as 'checkpoints/my-run' (or '.' for the "
@@ -144,7 +150,7 @@ class Run:
         self.max_epochs: int | None = None
         self._restore_signals: Any = None
         # Checked (run.state's values) before anything is created.
-        self.trainables = trainables = Trainables(model, optimizer, scheduler, state)
+        self.trainables = trainables = Trainables(model, optimizer, scheduler, state, optimizers=optimizers)
 
         # Under torch.distributed, rank 0 leads (the run directory and the store are its own) and
         # the other ranks follow it (see babysit.ranks); a single process is its own leader.
@@ -255,7 +261,8 @@ class Run:
 
     # -- what it trains, and where it is ---------------------------------------------------------
     model = property(lambda self: self.trainables.model)
-    optimizer = property(lambda self: self.trainables.optimizer)
+    optimizer = property(lambda self: self.trainables.optimizer, doc="The optimizer (the first, with several).")
+    optimizers = property(lambda self: dict(self.trainables.optimizers), doc="The optimizers by name.")
     state = property(lambda self: self.trainables.state, doc="The loop's own state, kept in every checkpoint.")
 
     @property
@@ -495,7 +502,7 @@ class Run:
             control.excursion.at_boundary()
         # Did the loop or its scheduler change the lr or momentum? (HparamWatch.seen)
         watch, group = self._hparams, self.trainables.optimizer.param_groups[0]
-        if group["lr"] != watch.lr or group.get(watch.key) != watch.seen:
+        if group["lr"] != watch.lr or group.get(watch.key) != watch.seen or watch.others:  # (several: each looked at)
             watch.record(by=watch.source())
         return control.interrupt
 
@@ -666,6 +673,7 @@ class Run:
             "max_epochs": self.max_epochs, "branch": position.branch, "lr": hparams["lr"],
             "momentum": hparams["momentum"], "message": control.message,
             "items_per_step": self.items_per_step, "item_unit": self.item_unit,
+            "optimizers": self.trainables.status_json(),
         }
 
     def _on_tick(self) -> None:

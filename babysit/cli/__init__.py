@@ -56,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return hints_command(args)
         if args.command == "set":
             kind = cmd.SET_LR if args.name == "lr" else cmd.SET_MOMENTUM
-            return send(args.run_dir, kind, {"value": args.value}, wait=args.wait, timeout=args.timeout)
+            nudge = {"value": args.value, **({"optimizer": args.optimizer} if args.optimizer is not None else {})}
+            return send(args.run_dir, kind, nudge, wait=args.wait, timeout=args.timeout)
         if args.command == "rollback":
             rollback_args = {"checkpoint": args.checkpoint, "hparams": args.hparams, "lr": args.lr,
                              "momentum": args.momentum, "skip_batches": args.skip_batches}

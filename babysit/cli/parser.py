@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     _accept_negative_values(p)
     p.add_argument("name", choices=("lr", "momentum"), help="what to set")
     p.add_argument("value", help="the new value")
+    p.add_argument("--optimizer", metavar="NAME", help="which optimizer, for a run with several (Run(optimizers={...}) "
+                   "names them; `status` lists them); default the first")
     command_args(p)
 
     p = sub.add_parser("rollback", help="roll back to a checkpoint and continue on a new branch")

@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS status (
     state TEXT NOT NULL, pid INTEGER, host TEXT, heartbeat REAL, started REAL,
     epoch INTEGER, step INTEGER, step_in_epoch INTEGER, steps_per_epoch INTEGER,
     max_epochs INTEGER, branch INTEGER, lr REAL, momentum REAL, optimizer TEXT, message TEXT,
-    items_per_step INTEGER, item_unit TEXT
+    items_per_step INTEGER, item_unit TEXT, optimizers TEXT
 );
 CREATE TABLE IF NOT EXISTS branches (
     id INTEGER PRIMARY KEY, parent INTEGER, from_checkpoint INTEGER,
@@ -103,7 +103,8 @@ CREATE TABLE IF NOT EXISTS epochs (
 
 
 # Status columns added after schema version 1 was first written; a trainer adds them to older runs.
-STATUS_ADDED_COLUMNS = {"items_per_step": "INTEGER", "item_unit": "TEXT"}
+STATUS_ADDED_COLUMNS = {"items_per_step": "INTEGER", "item_unit": "TEXT",
+                        "optimizers": "TEXT"}  # several optimizers: {name: {type, lr, momentum}} as JSON
 
 
 def add_missing_columns(connection: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
