@@ -190,9 +190,9 @@ class Trainables:
                                 f"{type(self.optimizer).__name__} has not: another kind of optimizer")
         saved_others = set(state.get(KEY_OTHER_OPTIMIZERS) or {})
         if KEY_OPTIMIZER in state and saved_others != set(self.names[1:]):
-            mine = ", ".join(self.names) if self.several else "one optimizer"
-            problems.append(f"it holds the optimizers {', '.join([self.names[0], *sorted(saved_others)])}, this run "
-                            f"has {mine}" if saved_others else f"it holds one optimizer, this run has {mine}")
+            def optimizers(others: list[str]) -> str:
+                return f"{len(others) + 1} optimizers (the first, {', '.join(others)})" if others else "one optimizer"
+            problems.append(f"it holds {optimizers(sorted(saved_others))}, this run has {optimizers(self.names[1:])}")
         for name in self.names[1:] if not problems else ():
             theirs_groups = [len(g.get("params", [])) for g in state[KEY_OTHER_OPTIMIZERS][name].get("param_groups", [])]
             if theirs_groups != [len(g["params"]) for g in self.optimizers[name].param_groups]:
