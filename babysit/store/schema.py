@@ -118,13 +118,36 @@ def is_run_dir(path: Path | str) -> bool:
     return (Path(path) / DB_NAME).is_file()
 
 
+# How far list_runs looks: a root that holds a whole file system (a home directory) must not hang the page.
+RUNS_MAX_DEPTH = 6
+RUNS_MAX_DIRS = 5000
+
+
 def list_runs(root: Path | str) -> list[Path]:
-    """Run directories directly under ``root`` (or ``root`` itself), newest activity first."""
+    """Run directories under ``root`` at any depth up to :data:`RUNS_MAX_DEPTH` (or ``root`` itself),
+    newest activity first. Hidden directories, links and a run's own subfolders are not entered, and
+    the walk stops after :data:`RUNS_MAX_DIRS` directories."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [root] if is_run_dir(root) else []
-    found += [p for p in root.iterdir() if p.is_dir() and is_run_dir(p)]
+    found, seen, level = [], 0, [root]
+    for _depth in range(RUNS_MAX_DEPTH + 1):
+        deeper = []
+        for folder in level:
+            if is_run_dir(folder):
+                found.append(folder)
+                continue  # a run's checkpoint folders are no runs
+            seen += 1
+            if seen > RUNS_MAX_DIRS:
+                break
+            try:
+                deeper += sorted(p for p in folder.iterdir()
+                                 if not p.name.startswith(".") and not p.is_symlink() and p.is_dir())
+            except OSError:  # unreadable: nothing to list there
+                continue
+        level = deeper
+        if not level or seen > RUNS_MAX_DIRS:
+            break
     return sorted(found, key=lambda p: (p / DB_NAME).stat().st_mtime, reverse=True)
 
 
