@@ -165,3 +165,18 @@ def test_run_refuses_what_it_cannot_checkpoint_in_one_line_before_anything_is_cr
     with pytest.raises(SettingsError, match=message):
         babysit.Run(tmp_path / "r", model, optimizer, optimizers=optimizers)
     assert not (tmp_path / "r").exists()
+
+
+def test_the_chart_s_lr_panel_draws_each_optimizer_s_lr(tmp_path: Path) -> None:
+    from babysit.ui.data import read_view
+    from babysit.ui.figures import ChartOptions, build_figure
+
+    train_gan(tmp_path / "r", 1, at_step={2: queue(cmd.SET_LR, {"value": 5e-4, "optimizer": "G"})})
+    store = RunStore(tmp_path / "r")
+    figure = build_figure(read_view(store, store.status()), ChartOptions())
+    on_lr_axis = {trace["name"]: trace for trace in figure["data"] if trace.get("yaxis") == "y3" and trace.get("name")}
+    assert {"lr", "lr/G"} <= set(on_lr_axis)
+    assert on_lr_axis["lr/G"]["y"][0] == 1e-3 and on_lr_axis["lr/G"]["y"][-1] == 5e-4
+    assert set(on_lr_axis["lr"]["y"]) == {2e-4}
+    nudge = next(t for t in figure["data"] if "of optimizer G" in str(t.get("text") or t.get("hovertext") or ""))
+    assert nudge
