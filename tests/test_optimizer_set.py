@@ -180,3 +180,15 @@ def test_the_chart_s_lr_panel_draws_each_optimizer_s_lr(tmp_path: Path) -> None:
     assert set(on_lr_axis["lr"]["y"]) == {2e-4}
     nudge = next(t for t in figure["data"] if "of optimizer G" in str(t.get("text") or t.get("hovertext") or ""))
     assert nudge
+
+
+def test_a_rollback_keeping_the_current_hparams_keeps_every_optimizer_s(tmp_path: Path) -> None:
+    def rollback_keeping(run: babysit.Run) -> None:
+        run.checkpointer.wait()
+        run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": run.store.checkpoints()[0]["id"],
+                                                 "hparams": cmd.HPARAMS_CURRENT}, source="test")
+
+    _, _, optimizers = train_gan(tmp_path / "r", 2, at_step={
+        5: queue(cmd.SET_LR, {"value": 5e-4, "optimizer": "G"}), 6: rollback_keeping})
+    assert RunStore(tmp_path / "r").status()["branch"] == 2
+    assert optimizers["G"].param_groups[0]["lr"] == 5e-4 and optimizers["D"].param_groups[0]["lr"] == 2e-4
