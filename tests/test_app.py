@@ -367,3 +367,14 @@ def test_a_run_with_several_optimizers_nudges_the_one_picked_the_first_by_defaul
                              (cmd.SET_LR, {"value": 2.5e-4, "optimizer": "G"}, "dashboard"),
                              (cmd.SET_MOMENTUM, {"value": 0.9, "optimizer": "G"}, "dashboard")]
     assert not at.exception
+
+
+def test_a_stopped_run_says_how_to_resume_it_train_for_a_job_s_its_own_script_for_the_rest(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run", state="stopped")
+    at = app()
+    (said,) = [i.value for i in at.info if "No trainer is running" in i.value]
+    assert "running its training script again" in said and "babysit train" not in said
+    store.set_meta("config", {"job": "digits"})
+    at = app()
+    (said,) = [i.value for i in at.info if "No trainer is running" in i.value]
+    assert f"python -m babysit train --run-dir {tmp_path / 'run'}" in said

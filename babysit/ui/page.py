@@ -350,8 +350,12 @@ def trainer_hint(store: RunStore, status: dict[str, Any]) -> None:
         st.warning(f"No trainer is answering: {plain(stopped_message(status))}. Commands are refused until it runs.",
                    icon=":material/pause_circle:")
         return
-    st.info(f"No trainer is running this run ({state}), so commands are refused until one is. Resume it with "
-            f"{code_span(f'python -m babysit train --run-dir {store.run_dir}')} (the demo), or by running your script again.",
+    config = store.get_meta("config", {})
+    if isinstance(config, dict) and config.get("job"):  # one of babysit's jobs: `train` resumes it
+        how = f"Resume it with {code_span(f'python -m babysit train --run-dir {store.run_dir}')}."
+    else:  # `train` refuses a run some script made: that script resumes it
+        how = "Resume it by running its training script again (it resumes from the latest checkpoint)."
+    st.info(f"No trainer is running this run ({state}), so commands are refused until one is. {how}",
             icon=":material/info:")
 
 
