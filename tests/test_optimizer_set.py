@@ -192,3 +192,18 @@ def test_a_rollback_keeping_the_current_hparams_keeps_every_optimizer_s(tmp_path
         5: queue(cmd.SET_LR, {"value": 5e-4, "optimizer": "G"}), 6: rollback_keeping})
     assert RunStore(tmp_path / "r").status()["branch"] == 2
     assert optimizers["G"].param_groups[0]["lr"] == 5e-4 and optimizers["D"].param_groups[0]["lr"] == 2e-4
+
+
+def test_the_branches_comparison_names_another_optimizer_s_change_by_its_series(tmp_path: Path) -> None:
+    from babysit.instruments.compare import compare_branches, describe_change
+
+    def rollback_keeping(run: babysit.Run) -> None:
+        run.checkpointer.wait()
+        run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": run.store.checkpoints()[0]["id"],
+                                                 "hparams": cmd.HPARAMS_CURRENT}, source="test")
+
+    train_gan(tmp_path / "r", 2, at_step={5: queue(cmd.SET_LR, {"value": 5e-4, "optimizer": "G"}),
+                                          6: rollback_keeping})
+    rows = {row.branch: row for row in compare_branches(RunStore(tmp_path / "r")).rows}
+    assert rows[2].changed == {"lr/G": (1e-3, 5e-4)}
+    assert "lr/G" in describe_change(rows[2].changed)
