@@ -73,6 +73,10 @@ class HparamWatch:
         for other in self.others:
             other.seen = other.read()
 
+    def others_moved(self) -> bool:
+        """Whether another optimizer's lr or momentum changed (a run with several; cheap when none did)."""
+        return any(other.moved() for other in self.others)
+
     def record(self, force: bool = False, by: str | None = None) -> None:
         """Log lr and momentum where they changed; ``force`` logs both (the start of a branch)."""
         group = self.trainables.optimizer.param_groups[0]
@@ -112,10 +116,19 @@ class _OtherWatch:
     def __init__(self, name: str, optimizer: Any, first: str) -> None:
         self.optimizer = optimizer
         self.names = {hparam: series_name(hparam, name, first) for hparam in ("lr", "momentum")}
+        self.key = optim.momentum_key(optimizer)
         self.seen: dict[str, Any] = {}
+        self.entries: tuple[Any, Any] = (None, None)  # its group's lr and momentum entry as last read
 
     def read(self) -> dict[str, Any]:
+        group = self.optimizer.param_groups[0]
+        self.entries = (optim.as_float(group["lr"]), _as_floats(group.get(self.key)))
         return optim.read_hparams(self.optimizer)
+
+    def moved(self) -> bool:
+        """Whether its lr or momentum entry changed since last read (as Run.step_boundary checks the first's)."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] != self.entries[0] or group.get(self.key) != self.entries[1]
 
     def changes(self, values: dict[str, float], force: bool) -> None:
         """Add to ``values`` what changed since last logged (everything, with ``force``)."""

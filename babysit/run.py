@@ -502,7 +502,7 @@ class Run:
             control.excursion.at_boundary()
         # Did the loop or its scheduler change the lr or momentum? (HparamWatch.seen)
         watch, group = self._hparams, self.trainables.optimizer.param_groups[0]
-        if group["lr"] != watch.lr or group.get(watch.key) != watch.seen or watch.others:  # (several: each looked at)
+        if group["lr"] != watch.lr or group.get(watch.key) != watch.seen or (watch.others and watch.others_moved()):
             watch.record(by=watch.source())
         return control.interrupt
 

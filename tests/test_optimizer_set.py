@@ -207,3 +207,21 @@ def test_the_branches_comparison_names_another_optimizer_s_change_by_its_series(
     rows = {row.branch: row for row in compare_branches(RunStore(tmp_path / "r")).rows}
     assert rows[2].changed == {"lr/G": (1e-3, 5e-4)}
     assert "lr/G" in describe_change(rows[2].changed)
+
+
+def test_another_optimizer_s_scheduler_is_checkpointed_and_its_lr_drawn_as_it_moves(tmp_path: Path) -> None:
+    nets, optimizers = gan_parts()
+    schedule = torch.optim.lr_scheduler.StepLR(optimizers["G"], step_size=1, gamma=0.5)
+    with babysit.Run(tmp_path / "r", nets, optimizers=optimizers, scheduler={"G": schedule}) as run:
+        for _ in run.epochs(1):
+            for _ in run.batches(range(3)):
+                optimizers["G"].step()
+                schedule.step()
+    store = RunStore(tmp_path / "r")
+    (info,) = [i for i in store.series() if i.name == "lr/G"]
+    assert list(store.chunk_points(info.id, None, None)[1]) == [1e-3, 5e-4, 2.5e-4, 1.25e-4]
+    record = store.checkpoints()[-1]
+    saved = read_verified(store.run_dir / record["file"], record["sha256"])
+    assert saved["schedulers"]["G"]["last_epoch"] == 3 and saved["scheduler"] is None
+    with pytest.raises(SettingsError, match=r"^scheduler names 'X' are not optimizers of this run; its optimizers: D, G$"):
+        babysit.Run(tmp_path / "other", *gan_parts()[:1], optimizers=gan_parts()[1], scheduler={"X": schedule})
