@@ -74,8 +74,9 @@ def nudges() -> None:
     status = store.status()
     page.trainer_hint(store, status)
     with counted_clicks("nudges"):
-        page.lr_controls(store, status)
-        page.momentum_controls(store, status)
+        optimizer, nudged = page.optimizer_picker(status)  # several optimizers: the one the controls nudge
+        page.lr_controls(store, nudged, optimizer)
+        page.momentum_controls(store, nudged, optimizer)
         page.run_controls(store, status)
         page.rollback_controls(store, status)
 

@@ -146,7 +146,7 @@ class CommandRunner:
         if kind == cmd.CANCEL:
             return self._cancel(command.args["excursion"])
         if kind in (cmd.SET_LR, cmd.SET_MOMENTUM):
-            return self._nudge(kind, command.args["value"])
+            return self._nudge(kind, command.args["value"], command.args.get("optimizer"))
         for_branch = command.args.get("branch")
         if for_branch is not None and for_branch != position.branch:  # a remedy for a branch the run has left
             raise CommandError(f"this {kind} was for a divergence on branch {for_branch}; the run has moved on to "
@@ -173,21 +173,25 @@ class CommandRunner:
             return None
         raise CommandError(f"unknown command {kind!r}")
 
-    def _nudge(self, kind: str, value: float) -> dict[str, Any]:
-        """Set lr or momentum; the result says before → after and where in the epoch it landed."""
-        before = self.trainables.hparams()
+    def _nudge(self, kind: str, value: float, optimizer: str | None = None) -> dict[str, Any]:
+        """Set lr or momentum of an optimizer (the first by default); the result says before → after,
+        where in the epoch it landed, and, with several, which optimizer."""
+        optimizer = self.trainables.resolve(optimizer)  # an unknown name is refused, naming the known ones
+        before = self.trainables.hparams(optimizer)
         if kind == cmd.SET_LR:
-            name, after = "lr", self.trainables.set_lr(value)
+            name, after = "lr", self.trainables.set_lr(value, optimizer)
             warning = cmd.lr_warning(after)
         else:
-            name, after = "momentum", self.trainables.set_momentum(value)
-            scheduler = self.trainables.scheduler
+            name, after = "momentum", self.trainables.set_momentum(value, optimizer)
+            scheduler = self.trainables.schedulers.get(optimizer)
             warning = (f"{type(scheduler).__name__} cycles momentum and will overwrite this at its next step (the "
                        "chart shows what it sets)") if optim.cycles_momentum(scheduler) else None
         self.hparams.record(by=COMMAND)
         # Where in the epoch: at an epoch's end, the last boundary (before the loop's own
         # epoch-end code) and the next epoch's first (after it) share a step; a replay needs both.
         result: dict[str, Any] = {"before": before[name], "after": after, "step_in_epoch": self.position.step_in_epoch}
+        if self.trainables.several:
+            result["optimizer"] = optimizer
         if warning:
             result["warning"] = warning
         return result
@@ -263,24 +267,27 @@ class CommandRunner:
                 applied["args"]["batches"]))
             return
         value, position, store = applied["args"]["value"], self.position, self.store
-        before = self.trainables.hparams()
+        optimizer = applied["args"].get("optimizer")  # None: the first (a run with one, or rows from before names)
+        args = {"value": value, **({"optimizer": optimizer} if optimizer is not None else {})}
         try:
+            before = self.trainables.hparams(self.trainables.resolve(optimizer))
             if applied["kind"] == cmd.SET_LR:
-                self.trainables.set_lr(value)
+                self.trainables.set_lr(value, optimizer)
             else:
-                self.trainables.set_momentum(value)
-        except CommandError as error:  # a journal's momentum for an optimizer without one: said, not fatal
+                self.trainables.set_momentum(value, optimizer)
+        except CommandError as error:  # a journal's momentum for an optimizer without one (or one this run has not)
             if applied["id"] is not None:
                 raise
-            store.record_trainer_command(applied["kind"], {"value": value}, cmd.REJECTED, source=applied["source"],
+            store.record_trainer_command(applied["kind"], args, cmd.REJECTED, source=applied["source"],
                                          branch=position.branch, step=position.step, reason=str(error))
             return
         self.hparams.record(by=COMMAND)
         if applied["id"] is None:  # a journal's setting: recorded as a command of this run, applied now
             name = "lr" if applied["kind"] == cmd.SET_LR else "momentum"
             applied["id"] = store.record_trainer_command(
-                applied["kind"], {"value": value}, cmd.APPLIED, source=applied["source"], branch=position.branch,
-                step=position.step, result={"before": before[name], "after": self.trainables.hparams()[name],
+                applied["kind"], args, cmd.APPLIED, source=applied["source"], branch=position.branch,
+                step=position.step, result={"before": before[name],
+                                            "after": self.trainables.hparams(self.trainables.resolve(optimizer))[name],
                                             "step_in_epoch": position.step_in_epoch,
                                             "journal_entry": applied["entry"]})
         self.control.saw_command(applied["id"])

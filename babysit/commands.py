@@ -61,6 +61,11 @@ APPLIED = "applied"
 REJECTED = "rejected"
 EXPIRED = "expired"
 
+# A run's optimizer names (``Run(optimizers={"D": ..., "G": ...})``), as a nudge names one: no dots
+# (nn.ModuleDict refuses them), no slashes (a series is named lr/<name>), no spaces.
+OPTIMIZER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+OPTIMIZER_NAME_ACCEPTED = "1 to 32 letters, digits, '_' or '-'"
+
 _CHECKPOINT_ID = re.compile(r"^[0-9]{1,12}$")
 # What a person types as a number: float() alone would also read "0_001" as 1.0 and "١" as 1.
 _DECIMAL = re.compile(r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
@@ -126,6 +131,13 @@ def validate_momentum(raw: Any) -> float:
     return value
 
 
+def validate_optimizer_name(raw: Any) -> str:
+    if not isinstance(raw, str) or not OPTIMIZER_NAME.match(raw):
+        raise CommandError(f"optimizer must be the name of one of the run's optimizers ({OPTIMIZER_NAME_ACCEPTED}), "
+                           f"got {_show(raw)}")
+    return raw
+
+
 def validate_branch(raw: Any, kind: str) -> int:
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
         raise CommandError(f"{kind} branch must be a branch id, a whole number >= 1, got {_show(raw)}")
@@ -153,10 +165,12 @@ def validate(kind: Any, args: dict[str, Any] | None = None) -> Command:
     args = dict(args or {})
     if kind not in KINDS:
         raise CommandError(f"unknown command {_show(kind)}; accepted: {', '.join(KINDS)}")
-    if kind == SET_LR:
-        return Command(kind, {"value": validate_lr(args.get("value", ""))})
-    if kind == SET_MOMENTUM:
-        return Command(kind, {"value": validate_momentum(args.get("value", ""))})
+    if kind in (SET_LR, SET_MOMENTUM):
+        check = validate_lr if kind == SET_LR else validate_momentum
+        nudge: dict[str, Any] = {"value": check(args.get("value", ""))}
+        if args.get("optimizer") is not None:  # which of a run's optimizers (the trainer knows their names)
+            nudge["optimizer"] = validate_optimizer_name(args["optimizer"])
+        return Command(kind, nudge)
     if kind == ROLLBACK:
         normalised: dict[str, Any] = {"checkpoint": validate_checkpoint_id(args.get("checkpoint", ""))}
         hparams = args.get("hparams", HPARAMS_CHECKPOINT)
@@ -296,10 +310,9 @@ def describe(kind: str, args: Any) -> str:
 
 
 def _describe(kind: str, args: dict[str, Any]) -> str:
-    if kind == SET_LR:
-        return f"set lr {args.get('value'):g}"
-    if kind == SET_MOMENTUM:
-        return f"set momentum {args.get('value'):g}"
+    if kind in (SET_LR, SET_MOMENTUM):
+        which = f" of optimizer {args['optimizer']}" if args.get("optimizer") is not None else ""
+        return f"set {'lr' if kind == SET_LR else 'momentum'}{which} {args.get('value'):g}"
     if kind == ROLLBACK:
         text = f"rollback to #{args.get('checkpoint')} ({args.get('hparams')} hparams"
         if "lr" in args:

@@ -4,6 +4,10 @@ Every change is logged as a point of the lr / momentum series (so the chart show
 optimizer does). A change no command made — a scheduler's step, the loop's own anneal — is also
 marked as theirs, with before → after, once it has moved far enough from the last mark: a
 schedule that moves the lr a little every step gets a mark every 20 %, not one per step.
+
+With several optimizers the first's are the ``lr`` and ``momentum`` series, and each other's are
+``lr/<name>`` and ``momentum/<name>`` (see :mod:`babysit.optimizer_set`), looked at every step
+boundary; the marks are the first's.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import time
 from typing import Any
 
 from . import optim
+from .optimizer_set import series_name
 from .position import ResumePosition
 from .store import PER_STEP, RunStore
 from .trainables import Trainables
@@ -42,6 +47,9 @@ class HparamWatch:
         self.momentum: float | None = None
         self._marked: dict[str, Any] = {}
         self._scheduler_steps = scheduler_steps(trainables.scheduler)
+        # The other optimizers (empty with one, so Run.step_boundary's `or watch.others` costs nothing).
+        self.others = [_OtherWatch(name, trainables.optimizers[name], trainables.names[0])
+                       for name in trainables.names[1:]]
 
     def source(self) -> str:
         """Who made a change no command made: the scheduler if it stepped since, else the loop."""
@@ -62,6 +70,12 @@ class HparamWatch:
         self.lr, self.momentum = optim.as_float(group["lr"]), self.read_momentum(group)
         self.seen = _as_floats(group.get(self.key))
         self._marked = {"lr": self.lr, "momentum": self.momentum}
+        for other in self.others:
+            other.seen = other.read()
+
+    def others_moved(self) -> bool:
+        """Whether another optimizer's lr or momentum changed (a run with several; cheap when none did)."""
+        return any(other.moved() for other in self.others)
 
     def record(self, force: bool = False, by: str | None = None) -> None:
         """Log lr and momentum where they changed; ``force`` logs both (the start of a branch)."""
@@ -75,6 +89,8 @@ class HparamWatch:
             values["momentum"] = momentum
         self.lr, self.momentum = lr, momentum
         self.seen = _as_floats(group.get(self.key))
+        for other in self.others:
+            other.changes(values, force)
         if values:
             self.queue.put((PER_STEP, position.branch, position.step, time.time(), values))
         after = {"lr": lr, "momentum": momentum}
@@ -92,6 +108,35 @@ class HparamWatch:
             return True
         momentum, marked = now["momentum"], self._marked.get("momentum")
         return momentum is not None and marked is not None and abs(momentum - marked) >= MARK_MOMENTUM_DELTA
+
+
+class _OtherWatch:
+    """One more optimizer's lr and momentum, as last logged under ``lr/<name>``, ``momentum/<name>``."""
+
+    def __init__(self, name: str, optimizer: Any, first: str) -> None:
+        self.optimizer = optimizer
+        self.names = {hparam: series_name(hparam, name, first) for hparam in ("lr", "momentum")}
+        self.key = optim.momentum_key(optimizer)
+        self.seen: dict[str, Any] = {}
+        self.entries: tuple[Any, Any] = (None, None)  # its group's lr and momentum entry as last read
+
+    def read(self) -> dict[str, Any]:
+        group = self.optimizer.param_groups[0]
+        self.entries = (optim.as_float(group["lr"]), _as_floats(group.get(self.key)))
+        return optim.read_hparams(self.optimizer)
+
+    def moved(self) -> bool:
+        """Whether its lr or momentum entry changed since last read (as Run.step_boundary checks the first's)."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] != self.entries[0] or group.get(self.key) != self.entries[1]
+
+    def changes(self, values: dict[str, float], force: bool) -> None:
+        """Add to ``values`` what changed since last logged (everything, with ``force``)."""
+        now = self.read()
+        for hparam, value in now.items():
+            if value is not None and (force or value != self.seen.get(hparam)):
+                values[self.names[hparam]] = value
+        self.seen = now
 
 
 def scheduler_steps(scheduler: Any) -> Any:

@@ -82,7 +82,8 @@ def settings(journal: dict[str, Any]) -> list[dict[str, Any]]:
     """The journal's schedule as entries of the run's replay queue (no command id yet)."""
     return [{"id": None, "step": entry["step"], "at": entry["at"], "source": REPLAY_SOURCE, "entry": index,
              **({"kind": DATA_SKIP_KIND, "args": {"batches": int(entry["skip_batches"])}} if journals.is_skip(entry)
-                else {"kind": SETTABLE[entry["set"]], "args": {"value": float(entry["value"])}})}
+                else {"kind": SETTABLE[entry["set"]], "args": {"value": float(entry["value"]), **(
+                    {"optimizer": entry["optimizer"]} if entry.get("optimizer") is not None else {})}})}
             for index, entry in enumerate(journal["schedule"])]
 
 

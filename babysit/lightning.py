@@ -51,9 +51,10 @@ SIGTERMException (a SystemExit), as it does without babysit. Both packages Light
 (``lightning.pytorch`` and ``pytorch_lightning``) raise their own SIGTERMException class; either
 one ends babysit's stop cleanly.
 
-A "step" is a training batch (one ``on_train_batch_end``). With several optimizers babysit nudges
-and restores the first as its optimizer; the others, their schedulers and Lightning's counters
-travel in ``run.state``. Do not pass ``ckpt_path`` to ``fit``: the run directory is the resume.
+A "step" is a training batch (one ``on_train_batch_end``). Several optimizers are named by their
+place in ``configure_optimizers`` ("0", "1", ...): each is checkpointed and restored with the
+scheduler that drives it, and nudged by name (``set lr 1e-4 --optimizer 1``; the first by
+default); Lightning's counters travel in ``run.state``. Do not pass ``ckpt_path`` to ``fit``: the run directory is the resume.
 Every rank makes the Run and calls it identically; nothing here depends on the rank.
 """
 
@@ -146,20 +147,27 @@ class BabysitCallback(pl.Callback):
                              f"ckpt_path={trainer.ckpt_path!r} to trainer.fit")
         if not trainer.optimizers:
             raise ValueError("BabysitCallback needs an optimizer: configure_optimizers returned none")
-        first, *others = trainer.optimizers
+        first = trainer.optimizers[0]
+        # Several optimizers (a GAN's) are named by their place in configure_optimizers: "0", "1", ...
+        optimizers = {str(i): o for i, o in enumerate(trainer.optimizers)} if len(trainer.optimizers) > 1 else None
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        # The first scheduler that drives the first optimizer is the one babysit scales nudges into.
-        scheduler = next((s for s in schedulers if getattr(s, "optimizer", None) is first), None)
-        extra = {f"optimizer_{i}": o for i, o in enumerate(others, start=1)}
-        extra.update({f"scheduler_{i}": s for i, s in enumerate(schedulers) if s is not scheduler})
-        self._counters.extra = extra
+        # The first scheduler that drives an optimizer is the one babysit scales that optimizer's nudges into.
+        driving: dict[str, Any] = {}
+        for name, optimizer in (optimizers or {"0": first}).items():
+            found = next((s for s in schedulers if getattr(s, "optimizer", None) is optimizer), None)
+            if found is not None:
+                driving[name] = found
+        scheduler: Any = driving if optimizers else driving.get("0")
+        self._counters.extra = {f"scheduler_{i}": s for i, s in enumerate(schedulers)
+                                if not any(s is d for d in driving.values())}
         state = dict(self._user_state or {})
         state[_LIGHTNING_STATE] = self._counters
         self._counters.loaded = None
         refused = refusal(pl_module, first, framework="Lightning")
         if refused is not None:  # on every rank alike, before any waits for the others
             raise SettingsError(refused)
-        self.run = Run(self.run_dir, pl_module, first, scheduler, state=state, **self._run_kwargs)
+        self.run = Run(self.run_dir, pl_module, None if optimizers else first, scheduler or None,
+                       optimizers=optimizers, state=state, **self._run_kwargs)
         self.run.refuse_excursions(EXCURSIONS_REFUSED)
         self.run.max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         # Ctrl-C and SIGTERM: a stop at the next step boundary with a final checkpoint, as in your
@@ -348,8 +356,8 @@ class BabysitCallback(pl.Callback):
 
 
 class _LightningCounters:
-    """What babysit's checkpoint keeps of Lightning besides model, first optimizer and scheduler:
-    its optimizer-step counts (``global_step``) and any further optimizers and schedulers."""
+    """What babysit's checkpoint keeps of Lightning besides model, optimizers and their schedulers:
+    its optimizer-step counts (``global_step``) and any scheduler that drives no optimizer itself."""
 
     def __init__(self, callback: BabysitCallback) -> None:
         self.callback = callback

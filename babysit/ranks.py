@@ -320,9 +320,9 @@ class Ranks:
                 bound.control.adopt(status, message, interrupt, ended)
                 return result
             if kind == "set_lr":
-                trainables.set_lr(op[1])
+                trainables.set_lr(op[1], op[2])
             elif kind == "set_momentum":
-                trainables.set_momentum(op[1])
+                trainables.set_momentum(op[1], op[2])
             elif kind == "restore_hparams":
                 trainables.restore_hparams(op[1])
             elif kind == "hand_in":

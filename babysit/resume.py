@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -128,6 +129,7 @@ class Resume:
             self._settle_queue()
             return
         position.branch = branch["id"]
+        built = self.trainables.hparams()  # as the script built its optimizers, before the checkpoint's load
         resumed_from, fallback_note = self._load_latest_usable(branch)
         resume_step = resumed_from["step"] if resumed_from else 0
         moved = store.supersede_after(position.branch, resume_step)
@@ -157,7 +159,7 @@ class Resume:
         self._initial_status(message)
         store.add_event("resume", message, branch=position.branch, step=resume_step, epoch=position.epoch,
                         data={"checkpoint": resumed_from["id"] if resumed_from else None, "superseded": moved})
-        self._warn_config_change(resumed_from)
+        self._warn_config_change(resumed_from, built)
         self._settle_queue()
 
     def _settle_queue(self) -> None:
@@ -255,15 +257,25 @@ class Resume:
         self.control.say(message)
         self.store.write_status(
             **self.status_fields(), pid=os.getpid(), host=socket.gethostname(), started=time.time(),
-            heartbeat=time.time(), optimizer=optimizer_name(self.trainables.optimizer),
+            heartbeat=time.time(), optimizer=optimizer_name(self.trainables.optimizer, self.trainables.optimizers),
         )
 
-    def _warn_config_change(self, checkpoint: dict[str, Any] | None) -> None:
+    def _warn_config_change(self, checkpoint: dict[str, Any] | None, built: dict[str, Any]) -> None:
+        """A restart with other settings than the checkpoint's: said on the trainer's terminal and
+        on the page (an event), with what is used: the checkpoint's model, optimizers, lr and
+        momentum; the new config for everything else."""
         if checkpoint is None:
             return
         store = self.store
         before = store.get_meta("config", {})
         changed = sorted(k for k in set(before) | set(self.config) if before.get(k) != self.config.get(k))
+        notes = [f"{k} {_shown(self.config.get(k))} here, {_shown(before.get(k))} in the run" for k in changed]
+        restored = self.trainables.hparams()
+        # (A scheduler sets the lr as it is built, a warmup's to 0: only a plain optimizer's is the script's choice.)
+        for name in ("lr", "momentum") if self.trainables.scheduler is None else ():
+            if built.get(name) is not None and restored.get(name) is not None and built[name] != restored[name]:
+                notes.append(f"the optimizer was built with {name} {built[name]:.6g}, checkpoint #{checkpoint['id']} "
+                             f"holds {restored[name]:.6g} and it is used (`python -m babysit set {name}` nudges it)")
         if changed:
             store.add_event(
                 "config", "config differs from the one the run was started with in "
@@ -271,7 +283,15 @@ class Resume:
                 "the new config is used for everything else and is recorded",
                 branch=self.position.branch, step=self.position.step, data={"before": before, "after": self.config},
             )
+        if notes:
+            print(f"babysit: this restart's settings differ from checkpoint #{checkpoint['id']}'s: " + "; ".join(notes)
+                  + ("; model, optimizer, lr and momentum come from the checkpoint, the new config is used for "
+                     "everything else" if changed else ""), file=sys.stderr, flush=True)
         store.set_meta("config", self.config)
+
+
+def _shown(value: Any) -> str:
+    return "(none)" if value is None else (f"{value:.6g}" if isinstance(value, float) else repr(value))
 
 
 def abandon_excursion_on_start(store: RunStore, branch_id: int | None) -> tuple[int | None, str]:

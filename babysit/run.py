@@ -63,7 +63,11 @@ class Run:
 
     Args:
         run_dir: the run directory (for example ``checkpoints/my-run``).
-        model, optimizer, scheduler: what is checkpointed, restored and nudged.
+        model, optimizer, scheduler: what is checkpointed, restored and nudged. ``model`` may be a
+            dict of networks (``{"D": netD, "G": netG}``, held as one ``nn.ModuleDict``).
+        optimizers: several optimizers by name instead of ``optimizer`` (``{"D": optD, "G": optG}``),
+            each checkpointed, restored and nudged by name (the first by default); ``scheduler`` is
+            then the first's, or a dict of schedulers by the name of the optimizer each drives.
         lr, momentum: for a loop that updates its parameters by hand, without a torch optimizer:
             babysit holds them, the loop reads ``run.lr`` (and ``run.momentum``) every step.
         state: the loop's own state, kept in every checkpoint and restored with it: plain values
@@ -92,10 +96,11 @@ class Run:
     def __init__(
         self,
         run_dir: str | os.PathLike[str],
-        model: torch.nn.Module,
+        model: torch.nn.Module | dict[str, torch.nn.Module],
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
         *,
+        optimizers: dict[str, torch.optim.Optimizer] | None = None,
         lr: float | None = None,
         momentum: float | None = None,
         state: dict[str, Any] | None = None,
@@ -112,8 +117,8 @@ class Run:
         replay: str | os.PathLike[str] | dict[str, Any] | None = None,
     ) -> None:
         settings = check_run_settings(
-            run_dir, model, optimizer, lr=lr, momentum=momentum, config=config, keep_last=keep_last,
-            retention=retention, checkpoint_every_steps=checkpoint_every_steps,
+            run_dir, model, optimizer, optimizers=optimizers, lr=lr, momentum=momentum, config=config,
+            keep_last=keep_last, retention=retention, checkpoint_every_steps=checkpoint_every_steps,
             checkpoint_every_minutes=checkpoint_every_minutes, items_per_step=items_per_step, item_unit=item_unit,
             evaluate=evaluate, replay=replay)
         self.run_dir = Path(run_dir)
@@ -124,7 +129,8 @@ class Run:
         self.max_epochs: int | None = None
         self._restore_signals: Any = None
         # Checked (run.state's values) before anything is created.
-        self.trainables = trainables = Trainables(model, settings.optimizer, scheduler, state)
+        self.trainables = trainables = Trainables(settings.model, settings.optimizer, scheduler, state,
+                                                 optimizers=settings.optimizers)
 
         # Under torch.distributed, rank 0 leads (the run directory and the store are its own) and
         # the other ranks follow it (see babysit.ranks); a single process is its own leader.
@@ -214,7 +220,8 @@ class Run:
 
     # -- what it trains, and where it is ---------------------------------------------------------
     model = property(lambda self: self.trainables.model)
-    optimizer = property(lambda self: self.trainables.optimizer)
+    optimizer = property(lambda self: self.trainables.optimizer, doc="The optimizer (the first, with several).")
+    optimizers = property(lambda self: dict(self.trainables.optimizers), doc="The optimizers by name.")
     state = property(lambda self: self.trainables.state, doc="The loop's own state, kept in every checkpoint.")
 
     @property
@@ -424,7 +431,7 @@ class Run:
             control.excursion.at_boundary()
         # Did the loop or its scheduler change the lr or momentum? (HparamWatch.seen)
         watch, group = self._hparams, self.trainables.optimizer.param_groups[0]
-        if group["lr"] != watch.lr or group.get(watch.key) != watch.seen:
+        if group["lr"] != watch.lr or group.get(watch.key) != watch.seen or (watch.others and watch.others_moved()):
             watch.record(by=watch.source())
         return control.interrupt
 
@@ -582,6 +589,7 @@ class Run:
             "max_epochs": self.max_epochs, "branch": position.branch, "lr": hparams["lr"],
             "momentum": hparams["momentum"], "message": control.message,
             "items_per_step": self.items_per_step, "item_unit": self.item_unit,
+            "optimizers": self.trainables.status_json(),
         }
 
     def _on_tick(self) -> None:

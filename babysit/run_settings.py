@@ -12,14 +12,16 @@ from . import journal_replay, parallelism
 from .cadence import Cadence
 from .errors import SettingsError
 from .retention import RetentionPolicy
-from .trainables import optimizer_or_loop_hparams
+from .trainables import what_it_trains
 
 
 @dataclass(frozen=True)
 class RunSettings:
     """What ``Run()`` builds its parts from, once every argument passed its check."""
 
-    optimizer: Any                    # the torch optimizer, or babysit's stand-in for a hand-written update
+    model: Any                        # the network, or a dict of them as one nn.ModuleDict
+    optimizers: dict[str, Any]        # by name, the first the default of a nudge
+    optimizer: Any                    # the first: a torch optimizer, or babysit's stand-in for a hand-written update
     policy: RetentionPolicy
     cadence: Cadence
     journal: dict[str, Any] | None    # a panda journal to replay, loaded
@@ -27,7 +29,7 @@ class RunSettings:
     item_unit: str
 
 
-def check_run_settings(run_dir: Any, model: Any, optimizer: Any, *, lr: Any, momentum: Any, config: Any,
+def check_run_settings(run_dir: Any, model: Any, optimizer: Any, *, optimizers: Any, lr: Any, momentum: Any, config: Any,
                        keep_last: Any, retention: Any, checkpoint_every_steps: Any, checkpoint_every_minutes: Any,
                        items_per_step: Any, item_unit: Any, evaluate: Callable[[], Any] | None,
                        replay: Any) -> RunSettings:
@@ -45,7 +47,8 @@ def check_run_settings(run_dir: Any, model: Any, optimizer: Any, *, lr: Any, mom
     if not isinstance(item_unit, str) or not item_unit.strip() or len(item_unit) > 20:
         raise SettingsError(f"item_unit must be a short word such as 'samples' or 'tokens', got {item_unit!r}")
     journal = None if replay is None else journal_replay.load(replay)
-    optimizer = optimizer_or_loop_hparams(optimizer, lr, momentum)
+    model, optimizers = what_it_trains(model, optimizer, optimizers, lr, momentum)
+    optimizer = next(iter(optimizers.values()))
     if not isinstance(run_dir, (str, os.PathLike)) or not str(os.fspath(run_dir)).strip():
         # Path("") is the current directory: a run directory is named, never implied.
         raise SettingsError(f"run_dir must name a directory, such as 'checkpoints/my-run' (or '.' for the "
@@ -57,5 +60,5 @@ def check_run_settings(run_dir: Any, model: Any, optimizer: Any, *, lr: Any, mom
         raise SettingsError(refused)
     config = dict(config or {})
     json.dumps(config)  # fail now, not at the first checkpoint
-    return RunSettings(optimizer=optimizer, policy=policy, cadence=cadence, journal=journal, config=config,
+    return RunSettings(model=model, optimizers=optimizers, optimizer=optimizer, policy=policy, cadence=cadence, journal=journal, config=config,
                        item_unit=item_unit.strip())

@@ -10,17 +10,23 @@ A model sharded with FSDP2 (DTensor parameters) is checkpointed in shards, every
 (:mod:`babysit.sharded`): its model and a torch optimizer are then not in the snapshot, which
 holds the rest, but in :meth:`Trainables.shards`, and a checkpoint loads them on every rank
 together.
+
+A run may have several optimizers, by name (:mod:`babysit.optimizer_set`): the first is
+``optimizer`` (its state under the checkpoint's ``optimizer`` key, as with one), the others, and
+their schedulers, under ``optimizers`` and ``schedulers``; a nudge names the one it is for.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 import torch
 
 from . import commands as cmd
-from . import optim, parallelism, sharded, user_state
-from .checkpoint import KEY_MODEL, KEY_OPTIMIZER, KEY_SCHEDULER, KEY_USER_STATE, clone_tree
+from . import optim, optimizer_set, parallelism, sharded, user_state
+from .checkpoint import (KEY_MODEL, KEY_OPTIMIZER, KEY_OTHER_OPTIMIZERS, KEY_OTHER_SCHEDULERS, KEY_SCHEDULER,
+                         KEY_USER_STATE, clone_tree)
 from .errors import CheckpointError, CommandError, SettingsError
 
 
@@ -29,13 +35,18 @@ def _tell_nobody(*_op: Any) -> None:
 
 
 class Trainables:
-    """The model, optimizer, scheduler and ``run.state`` of one run."""
+    """The model, optimizers, schedulers and ``run.state`` of one run."""
 
     def __init__(self, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any] | None,
-                 *, tell: Callable[..., None] = _tell_nobody) -> None:
+                 *, tell: Callable[..., None] = _tell_nobody, optimizers: dict[str, Any] | None = None) -> None:
         self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
+        # By name, the first the default (its name is optimizer_set.DEFAULT for a run given one).
+        self.optimizers: dict[str, Any] = optimizers or {optimizer_set.DEFAULT: optimizer}
+        self.names = list(self.optimizers)
+        self.optimizer = self.optimizers[self.names[0]]
+        self.schedulers: dict[str, Any] = optimizer_set.named_schedulers(scheduler, self.names)
+        if len(self.names) > 1 and parallelism.is_sharded(model):
+            raise SettingsError("several optimizers are not checkpointed for a sharded (FSDP) model; give one")
         self.state: dict[str, Any] = dict(state or {})
         # What a checkpoint from before run.state existed restores (and a check, before anything
         # is created, that a checkpoint can hold these values).
@@ -44,26 +55,67 @@ class Trainables:
         self.sharded = parallelism.is_sharded(model)  # checkpointed in shards, every rank its own
         self.shard_group: Any = None  # the group every rank loads its shards with (babysit's, under torchrun)
 
-    # -- lr and momentum ------------------------------------------------------------------------
-    def hparams(self) -> dict[str, float | None]:
-        """The lr and momentum the optimizer uses now."""
-        return optim.read_hparams(self.optimizer)
+    @property
+    def scheduler(self) -> Any:
+        """The scheduler of the first optimizer (the one a run given one optimizer has)."""
+        return self.schedulers.get(self.names[0])
 
-    def set_lr(self, value: float) -> float:
-        """Set the lr (scheduler-aware) on every rank; returns the lr read back."""
-        after = optim.set_lr(self.optimizer, value, self.scheduler)
-        self.tell("set_lr", value)
+    @scheduler.setter
+    def scheduler(self, scheduler: Any) -> None:  # a framework that builds its scheduler again (babysit.hf)
+        self.schedulers[self.names[0]] = scheduler
+
+    @property
+    def several(self) -> bool:
+        return len(self.names) > 1
+
+    def resolve(self, name: str | None) -> str:
+        """The optimizer a command names (None: the first); an unknown name is refused, naming the known ones."""
+        if name is None:
+            return self.names[0]
+        if name not in self.optimizers:
+            known = ", ".join(self.names) if self.several else "one optimizer, unnamed (leave --optimizer out)"
+            raise CommandError(f"unknown optimizer {name!r}; this run has {known}")
+        return name
+
+    # -- lr and momentum ------------------------------------------------------------------------
+    def hparams(self, name: str | None = None) -> dict[str, Any]:
+        """The lr and momentum an optimizer uses now (the first by default); of the first, with
+        several, also the others' under ``"others"`` (what a rollback keeping them puts back)."""
+        if name is not None:
+            return optim.read_hparams(self.optimizers[name])
+        values: dict[str, Any] = optim.read_hparams(self.optimizer)
+        if self.several:
+            values["others"] = {other: optim.read_hparams(self.optimizers[other]) for other in self.names[1:]}
+        return values
+
+    def set_lr(self, value: float, name: str | None = None) -> float:
+        """Set an optimizer's lr (scheduler-aware) on every rank; returns the lr read back."""
+        name = self.resolve(name)
+        after = optim.set_lr(self.optimizers[name], value, self.schedulers.get(name))
+        self.tell("set_lr", value, name)
         return after
 
-    def set_momentum(self, value: float) -> float:
-        after = optim.set_momentum(self.optimizer, value)
-        self.tell("set_momentum", value)
+    def set_momentum(self, value: float, name: str | None = None) -> float:
+        name = self.resolve(name)
+        after = optim.set_momentum(self.optimizers[name], value)
+        self.tell("set_momentum", value, name)
         return after
 
     def restore_hparams(self, hparams: dict[str, Any]) -> None:
-        """Put back recorded lr / momentum (either may be missing) on every rank."""
+        """Put back recorded lr / momentum (either may be missing) on every rank; the others' too
+        where recorded (see :meth:`hparams`)."""
         optim.restore_hparams(self.optimizer, hparams, self.scheduler)
+        for name, values in (hparams.get("others") or {}).items():
+            if name in self.optimizers and isinstance(values, dict):
+                optim.restore_hparams(self.optimizers[name], values, self.schedulers.get(name))
         self.tell("restore_hparams", hparams)
+
+    def status_json(self) -> str | None:
+        """Each optimizer's kind, lr and momentum now, as JSON for the status row (None with one)."""
+        if not self.several:
+            return None
+        return json.dumps({name: {"type": type(each).__name__, **optim.read_hparams(each)}
+                           for name, each in self.optimizers.items()})
 
     # -- checkpoints ----------------------------------------------------------------------------
     def snapshot(self, on_refused: Callable[[str, str], None]) -> dict[str, Any]:
@@ -76,6 +128,10 @@ class Trainables:
                if whole or not isinstance(self.optimizer, torch.optim.Optimizer) else {}),
             KEY_SCHEDULER: clone_tree(self.scheduler.state_dict()) if self.scheduler is not None else None,
             KEY_USER_STATE: user_state.capture(self.state, on_refused=on_refused),
+            **({KEY_OTHER_OPTIMIZERS: {name: clone_tree(self.optimizers[name].state_dict()) for name in self.names[1:]},
+                KEY_OTHER_SCHEDULERS: {name: clone_tree(self.schedulers[name].state_dict())
+                                       for name in self.names[1:] if self.schedulers.get(name) is not None}}
+               if self.several else {}),
         }
 
     def shards(self) -> dict[str, Any]:
@@ -132,6 +188,15 @@ class Trainables:
             if theirs - ours and ours - theirs:
                 problems.append(f"its optimizer has {', '.join(sorted(theirs - ours)[:4])}, which this "
                                 f"{type(self.optimizer).__name__} has not: another kind of optimizer")
+        saved_others = set(state.get(KEY_OTHER_OPTIMIZERS) or {})
+        if KEY_OPTIMIZER in state and saved_others != set(self.names[1:]):
+            def optimizers(others: list[str]) -> str:
+                return f"{len(others) + 1} optimizers (the first, {', '.join(others)})" if others else "one optimizer"
+            problems.append(f"it holds {optimizers(sorted(saved_others))}, this run has {optimizers(self.names[1:])}")
+        for name in self.names[1:] if not problems else ():
+            theirs_groups = [len(g.get("params", [])) for g in state[KEY_OTHER_OPTIMIZERS][name].get("param_groups", [])]
+            if theirs_groups != [len(g["params"]) for g in self.optimizers[name].param_groups]:
+                problems.append(f"optimizer {name}'s parameter groups differ")
         return problems
 
     def load(self, state: dict[str, Any]) -> list[str]:
@@ -146,7 +211,24 @@ class Trainables:
             self.optimizer.load_state_dict(state[KEY_OPTIMIZER])
         if self.scheduler is not None and state.get(KEY_SCHEDULER) is not None:
             self.scheduler.load_state_dict(state[KEY_SCHEDULER])
+        for name, saved in (state.get(KEY_OTHER_OPTIMIZERS) or {}).items():  # misfit() checked the names
+            self.optimizers[name].load_state_dict(saved)
+        for name, saved in (state.get(KEY_OTHER_SCHEDULERS) or {}).items():
+            if self.schedulers.get(name) is not None:
+                self.schedulers[name].load_state_dict(saved)
         return user_state.restore(self.state, state.get(KEY_USER_STATE) or self.initial_state)
+
+
+def what_it_trains(model: Any, optimizer: Any, optimizers: Any, lr: float | None,
+                   momentum: float | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``Run``'s model and optimizers, checked: the model (a dict of networks as one ``nn.ModuleDict``)
+    and the optimizers by name, the first the default."""
+    model = optimizer_set.model_of(model)
+    if optimizers is not None and (lr is not None or momentum is not None):
+        raise SettingsError("give optimizers= or lr= (and momentum=) for hand-written updates, not both")
+    if optimizers is None:
+        optimizer = optimizer_or_loop_hparams(optimizer, lr, momentum)
+    return model, optimizer_set.named_optimizers(optimizer, optimizers)
 
 
 def optimizer_or_loop_hparams(optimizer: Any, lr: float | None, momentum: float | None) -> Any:
@@ -156,6 +238,9 @@ def optimizer_or_loop_hparams(optimizer: Any, lr: float | None, momentum: float 
         if lr is not None or momentum is not None:
             raise SettingsError("give either an optimizer or lr= (and momentum=) for hand-written updates, not both: "
                                 "with an optimizer, babysit nudges the lr in its param_groups")
+        if isinstance(optimizer, (list, tuple, dict)):
+            raise SettingsError(f"optimizer must be one torch optimizer, got a {type(optimizer).__name__}; give "
+                                "several by name: optimizers={'D': optD, 'G': optG}")
         if not getattr(optimizer, "param_groups", None):
             raise SettingsError(f"optimizer must be a torch optimizer (with param_groups), got "
                                 f"{type(optimizer).__name__}; a loop that updates its parameters by hand passes lr= "
@@ -167,5 +252,8 @@ def optimizer_or_loop_hparams(optimizer: Any, lr: float | None, momentum: float 
     return optim.LoopHparams(cmd.validate_lr(lr), None if momentum is None else cmd.validate_momentum(momentum))
 
 
-def optimizer_name(optimizer: Any) -> str:
+def optimizer_name(optimizer: Any, optimizers: dict[str, Any] | None = None) -> str:
+    """The optimizer as the status line names it (several: each by name and kind)."""
+    if optimizers and len(optimizers) > 1:
+        return ", ".join(f"{name}: {type(each).__name__}" for name, each in optimizers.items())
     return "hand-written updates (run.lr)" if isinstance(optimizer, optim.LoopHparams) else type(optimizer).__name__

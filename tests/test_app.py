@@ -349,3 +349,35 @@ def test_exp_of_a_loss_is_offered_for_loss_like_metrics_only(app, tmp_path: Path
     assert choice.options == ["loss", "val_loss"]
     choice.select("val_loss").run()
     assert not at.exception and at.multiselect(key="exp_of").value == ["val_loss"]
+
+
+def test_a_run_with_several_optimizers_nudges_the_one_picked_the_first_by_default(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run", lr=2e-4, momentum=0.5)
+    store.write_status(optimizers='{"D": {"type": "Adam", "lr": 0.0002, "momentum": 0.5}, '
+                                  '"G": {"type": "SGD", "lr": 0.001, "momentum": 0.9}}')
+    at = app()
+    (picker,) = [r for r in at.radio if r.label == "Optimizer"]
+    assert picker.options == ["D (Adam)", "G (SGD)"] and picker.value == "D"
+    at.button(key="lr_double").click().run()
+    picker = next(r for r in at.radio if r.label == "Optimizer")
+    picker.set_value("G").run()
+    assert any("Learning rate of G — now 0.001" in s.label for s in at.select_slider)
+    at.button(key="lr_half").click().run()
+    at.button(key="lr_half").click().run()  # builds on G's pending command, not D's
+    at.button(key="momentum_set").click().run()
+    assert queued(store) == [(cmd.SET_LR, {"value": 4e-4, "optimizer": "D"}, "dashboard"),
+                             (cmd.SET_LR, {"value": 5e-4, "optimizer": "G"}, "dashboard"),
+                             (cmd.SET_LR, {"value": 2.5e-4, "optimizer": "G"}, "dashboard"),
+                             (cmd.SET_MOMENTUM, {"value": 0.9, "optimizer": "G"}, "dashboard")]
+    assert not at.exception
+
+
+def test_a_stopped_run_says_how_to_resume_it_train_for_a_job_s_its_own_script_for_the_rest(app, tmp_path: Path) -> None:
+    store = fake_trainer(tmp_path / "run", state="stopped")
+    at = app()
+    (said,) = [i.value for i in at.info if "No trainer is running" in i.value]
+    assert "running its training script again" in said and "babysit train" not in said
+    store.set_meta("config", {"job": "digits"})
+    at = app()
+    (said,) = [i.value for i in at.info if "No trainer is running" in i.value]
+    assert f"python -m babysit train --run-dir {tmp_path / 'run'}" in said

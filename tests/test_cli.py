@@ -223,3 +223,42 @@ def test_a_run_of_someone_elses_job_is_not_resumed_by_train(tmp_path: Path) -> N
     assert result.returncode == 2
     assert ("the run in {} was started by job 'my-gan', which is not one of babysit's (charlm, digits); resume it "
             "by running its own training script").format(tmp_path / "mine") in result.stderr
+
+
+def test_train_refuses_a_run_an_own_script_made_in_one_line_saying_to_run_that_script(tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    import babysit
+
+    for config in ({}, {"hidden": 64}):  # no config, and a config no job has
+        run_dir = tmp_path / f"own-{len(config)}"
+        model = nn.Linear(2, 1)
+        with babysit.Run(run_dir, model, torch.optim.SGD(model.parameters(), lr=0.1), config=config) as run:
+            for _ in run.epochs(1):
+                for _ in run.batches(range(2)):
+                    pass
+        refused = cli_here("train", "--run-dir", str(run_dir), "--epochs", "3")
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert refused.stderr == (f"babysit: error: the run in {run_dir} was made by its own training script (babysit.Run "
+                                  "in a script), not by one of babysit's jobs (charlm, digits); `train` cannot resume "
+                                  "it: run that script again and it resumes from the latest checkpoint\n")
+        assert [c["epoch"] for c in RunStore(run_dir).checkpoints()] == [1]
+
+
+def test_dashboard_opens_one_run_by_run_dir_and_refuses_a_directory_that_is_none(tmp_path: Path, monkeypatch) -> None:
+    from babysit import cli
+
+    served = []
+    monkeypatch.setattr(cli, "serve_dashboard", lambda **kwargs: served.append(kwargs) or 0)
+    run_dir = tmp_path / "deep" / "runs" / "a"
+    RunStore(run_dir, create=True)
+    assert cli_here("dashboard", "--run-dir", str(run_dir)).returncode == 0
+    assert (served[-1]["root"], served[-1]["run"]) == (str(run_dir.parent), str(run_dir))
+    assert cli_here("dashboard", "--run-dir", str(run_dir), "--root", str(tmp_path)).returncode == 0
+    assert (served[-1]["root"], served[-1]["run"]) == (str(tmp_path), str(run_dir))
+    assert cli_here("dashboard").returncode == 0 and (served[-1]["root"], served[-1]["run"]) == ("checkpoints", None)
+    refused = cli_here("dashboard", "--run-dir", str(tmp_path / "deep"))
+    assert refused.returncode == 2 and refused.stderr == (
+        f"babysit: error: {str(tmp_path / 'deep')!r} is not a babysit run (it has no run.db)\n")
+    assert len(served) == 3

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from babysit.checkpoint import KEY_MODEL, KEY_OPTIMIZER, read_verified
 from babysit.lightning import BabysitCallback
-from babysit.store import RunStore
+from babysit.store import RunStore, optimizers_of
 from tests.conftest import REPO, babysit_cli, wait_for
 from tests.lightning_script import weights_fingerprint
 
@@ -347,14 +347,17 @@ class LookAtTheStart(pl.Callback):
         self.adam = [state["exp_avg"].clone() for state in trainer.optimizers[1].state.values()]
 
 
-def test_with_two_optimizers_babysit_nudges_the_first_and_restores_both(tmp_path: Path) -> None:
+def test_with_two_optimizers_babysit_names_them_by_place_nudges_either_and_restores_both(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     run_dir = tmp_path / "run"
     first = fit_two_optimizers(run_dir, 1)
     assert first.global_step == 16  # 8 batches, two optimizer steps each
     saved_adam = [state["exp_avg"].clone() for state in first.optimizers[1].state.values()]
+    assert list(optimizers_of(RunStore(run_dir).status())) == ["0", "1"]
     # A nudge queued while no trainer runs is applied at the resumed run's first step boundary.
     command = RunStore(run_dir).enqueue_command("set_lr", {"value": 0.05}, source="test", require_live=False)
+    second_one = RunStore(run_dir).enqueue_command("set_momentum", {"value": 0.8, "optimizer": "1"}, source="test",
+                                                   require_live=False)
 
     look = LookAtTheStart()
     second = fit_two_optimizers(run_dir, 2, look)
@@ -363,4 +366,7 @@ def test_with_two_optimizers_babysit_nudges_the_first_and_restores_both(tmp_path
     store = RunStore(run_dir)
     assert (store.command(command)["state"], store.command(command)["result"]["after"]) == ("applied", 0.05)
     assert [o.param_groups[0]["lr"] for o in second.optimizers] == [0.05, 0.01]  # the first only
+    assert store.command(second_one)["result"]["optimizer"] == "1"
+    assert second.optimizers[1].param_groups[0]["betas"][0] == 0.8 and second.optimizers[0].param_groups[0][
+        "momentum"] == 0.9
     assert [(c["epoch"], c["step"]) for c in store.checkpoints()] == [(1, 8), (2, 16)]

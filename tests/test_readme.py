@@ -6,17 +6,20 @@ session; every relative link of the README and docs/ leads somewhere; its test c
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from markdown_it import MarkdownIt
 
 from babysit import commands as cmd
-from babysit.checkpoint import KEY_USER_STATE, read_verified
+from babysit.checkpoint import KEY_MODEL, KEY_OPTIMIZER, KEY_OTHER_OPTIMIZERS, KEY_USER_STATE, read_verified
 from babysit.store import RunStore
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO, babysit_cli, wait_for
 
 README = (REPO / "README.md").read_text()
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -222,3 +225,70 @@ def test_the_walk_through_script_goes_through_a_real_session(tmp_path: Path) -> 
             assert list(image.size) == summary["viewport"] and image.mode == "P", (name, image.size, image.mode)
             assert len(image.getcolors(256) or []) > 8, f"{name} looks blank"
         assert 10_000 < (tmp_path / name).stat().st_size < 250_000, name
+
+
+def test_the_readme_s_gan_is_nudged_rolled_back_killed_and_restarted_to_the_weights_of_a_straight_run(
+        tmp_path: Path) -> None:
+    """The README's two-optimizer loop, driven by the CLI only: G's lr nudged by name, a rollback to
+    epoch 1, a kill -9, a restart; it ends with both nets and both optimizers bit for bit those of a
+    run that never left its course (the rollback restored G's lr with the rest)."""
+    (gan,) = python_blocks(section(README, "### Several optimizers (a GAN)"))
+    script = tmp_path / "driven" / "train.py"
+    script.parent.mkdir()
+    script.write_text(with_epochs_from_argv(gan, "25"))
+    run_dir = script.parent / "checkpoints" / "my-gan"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this tree's babysit, wherever the script runs
+    process = subprocess.Popen([sys.executable, str(script), "100000"], cwd=script.parent, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        store = wait_for(lambda: RunStore(run_dir) if (run_dir / "run.db").exists() else None, what="the run's store")
+        wait_for(lambda: store.status().get("alive") and len(store.checkpoints()) >= 1, timeout=120,
+                 what="epoch 1's checkpoint")
+        where = ("--run-dir", str(run_dir))
+        nudged = babysit_cli("set", "lr", "1e-4", "--optimizer", "G", "--wait", *where, check=True)
+        assert "set lr of optimizer G 0.0001: applied at step" in nudged.stdout and "optimizer G)" in nudged.stdout
+        assert "G: Adam, lr 0.0001, momentum 0.5" in babysit_cli("status", *where, check=True).stdout
+        babysit_cli("rollback", "1", "--wait", *where, check=True)
+        assert "G: Adam, lr 0.0002, momentum 0.5" in babysit_cli("status", *where, check=True).stdout
+        wait_for(lambda: any(c["branch"] == 2 and c["reason"] == "epoch" for c in store.checkpoints()), timeout=120,
+                 what="an epoch checkpoint on the rollback's branch")
+        babysit_cli("pause", "--wait", *where, check=True)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    last = max((c for c in store.checkpoints() if c["branch"] == 2), key=lambda c: c["step"])
+    epochs = last["epoch"] + 1
+    restarted = subprocess.run([sys.executable, str(script), str(epochs)], cwd=script.parent, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert store.status()["state"] == "finished" and store.status()["branch"] == 2
+
+    straight = tmp_path / "straight" / "train.py"
+    straight.parent.mkdir()
+    straight.write_text(script.read_text())
+    done = subprocess.run([sys.executable, str(straight), str(epochs)], cwd=straight.parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    reference = RunStore(straight.parent / "checkpoints" / "my-gan")
+
+    def final(of: RunStore) -> dict:
+        record = of.checkpoints()[-1]
+        assert record["epoch"] == epochs
+        return read_verified(of.run_dir / record["file"], record["sha256"])
+
+    ours, theirs = final(store), final(reference)
+    assert any(name.startswith("G.1.running_mean") for name in ours[KEY_MODEL])  # G's BatchNorm statistics too
+    for key in (KEY_MODEL, KEY_OPTIMIZER, KEY_OTHER_OPTIMIZERS):
+        assert _same(ours[key], theirs[key]), key
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b

@@ -425,3 +425,25 @@ def test_a_guard_rollback_for_a_branch_the_run_has_left_is_rejected(tmp_path: Pa
     assert person["state"] == cmd.APPLIED and run.branch == 2 and run.hparams["lr"] == 0.01
     assert guard["state"] == cmd.REJECTED
     assert guard["reason"] == "this rollback was for a divergence on branch 1; the run has moved on to branch 2"
+
+
+def test_a_restart_with_another_lr_says_on_the_terminal_that_the_checkpoint_s_lr_is_used(tmp_path: Path, capsys) -> None:
+    import babysit
+
+    def start(lr: float, epochs: int) -> torch.optim.Optimizer:
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        with babysit.Run(tmp_path / "r", model, optimizer, config={"lr": lr}) as run:
+            for _ in run.epochs(epochs):
+                for _ in run.batches(range(2)):
+                    pass
+        return optimizer
+
+    start(0.1, 1)
+    assert "differ" not in capsys.readouterr().err
+    assert start(0.01, 2).param_groups[0]["lr"] == 0.1
+    said = [line for line in capsys.readouterr().err.splitlines() if "differ" in line]
+    assert said == ["babysit: this restart's settings differ from checkpoint #1's: lr 0.01 here, 0.1 in the run; the "
+                    "optimizer was built with lr 0.01, checkpoint #1 holds 0.1 and it is used (`python -m babysit set "
+                    "lr` nudges it); model, optimizer, lr and momentum come from the checkpoint, the new config is "
+                    "used for everything else"]

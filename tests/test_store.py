@@ -673,3 +673,15 @@ def test_a_run_from_before_excursions_reads_as_having_none(tmp_path):
     reader = RunStore(tmp_path)
     assert (reader.excursions(), reader.excursion(1), reader.running_excursion(), reader.excursion_branch_ids()) == (
         [], None, None, {})
+
+
+def test_list_runs_finds_runs_at_any_depth_but_not_in_hidden_folders_links_or_past_its_bounds(tmp_path: Path,
+                                                                                             monkeypatch) -> None:
+    for where in ("a", "team/b", "team/x/y/c", ".hidden/d", "a/inside"):
+        RunStore(tmp_path / where, create=True)
+    (tmp_path / "link").symlink_to(tmp_path / "team")
+    assert sorted(st.list_runs(tmp_path)) == [tmp_path / "a", tmp_path / "team/b", tmp_path / "team/x/y/c"]
+    monkeypatch.setattr(st.schema, "RUNS_MAX_DEPTH", 2)
+    assert sorted(st.list_runs(tmp_path)) == [tmp_path / "a", tmp_path / "team/b"]
+    monkeypatch.setattr(st.schema, "RUNS_MAX_DIRS", 1)  # root only: what lies directly under it
+    assert sorted(st.list_runs(tmp_path)) == [tmp_path / "a"]

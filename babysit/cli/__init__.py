@@ -40,8 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return demo_command(args)
         if args.command == "dashboard":
-            return serve_dashboard(root=args.root, run=None, address=args.address, port=args.port, token=args.token,
-                                   allow_hosts=args.allow_host)
+            if args.run_dir is not None and not (Path(args.run_dir) / DB_NAME).is_file():
+                raise CliError(f"{args.run_dir!r} is not a babysit run (it has no {DB_NAME})")
+            root = args.root or (str(Path(args.run_dir).parent) if args.run_dir else "checkpoints")
+            return serve_dashboard(root=root, run=args.run_dir, address=args.address, port=args.port,
+                                   token=args.token, allow_hosts=args.allow_host)
         if args.command == "train":
             return train_command(args)
         if args.command == "journal":
@@ -56,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return hints_command(args)
         if args.command == "set":
             kind = cmd.SET_LR if args.name == "lr" else cmd.SET_MOMENTUM
-            return send(args.run_dir, kind, {"value": args.value}, wait=args.wait, timeout=args.timeout)
+            nudge = {"value": args.value, **({"optimizer": args.optimizer} if args.optimizer is not None else {})}
+            return send(args.run_dir, kind, nudge, wait=args.wait, timeout=args.timeout)
         if args.command == "rollback":
             rollback_args = {"checkpoint": args.checkpoint, "hparams": args.hparams, "lr": args.lr,
                              "momentum": args.momentum, "skip_batches": args.skip_batches}

@@ -50,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_args(p)
     p.add_argument("--epochs", type=int, help="epochs for the demo trainer (default 100)")
 
-    p = sub.add_parser("dashboard", help="serve the dashboard for the runs under a directory")
-    p.add_argument("--root", default="checkpoints", help="directory holding run directories (default checkpoints)")
+    p = sub.add_parser("dashboard", help="serve the dashboard for the runs under a directory, or for one run")
+    p.add_argument("--root", help="directory holding run directories, at any depth (default checkpoints; with "
+                   "--run-dir, that run's parent)")
+    p.add_argument("--run-dir", help="open this run (the others under --root stay in the picker)")
     serve_args(p)
 
     p = sub.add_parser("train", help="train (or resume) a built-in job in the foreground")
@@ -103,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     _accept_negative_values(p)
     p.add_argument("name", choices=("lr", "momentum"), help="what to set")
     p.add_argument("value", help="the new value")
+    p.add_argument("--optimizer", metavar="NAME", help="which optimizer, for a run with several (Run(optimizers={...}) "
+                   "names them; `status` lists them); default the first")
     command_args(p)
 
     p = sub.add_parser("rollback", help="roll back to a checkpoint and continue on a new branch")

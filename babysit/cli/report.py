@@ -13,7 +13,7 @@ from .. import commands as cmd
 from ..errors import CliError
 from ..instruments.keeping import read_keeping
 from ..probes_text import format_excursion
-from ..store import RunStore
+from ..store import RunStore, optimizers_of
 from .common import open_store
 
 
@@ -44,6 +44,7 @@ def status_object(store: RunStore) -> dict[str, Any]:
         "lr": status.get("lr"),
         "momentum": status.get("momentum"),
         "optimizer": status.get("optimizer"),
+        "optimizers": optimizers_of(status),  # several: each by name, with its lr and momentum
         "message": status.get("message"),
         "checkpoints": checkpoints,
         "cadence": keeping.cadence,
@@ -53,6 +54,14 @@ def status_object(store: RunStore) -> dict[str, Any]:
             for p in pending
         ],
     }
+
+
+def _optimizer_line(values: dict[str, Any]) -> str:
+    parts = [str(values.get("type") or "?")]
+    for hparam in ("lr", "momentum"):
+        if isinstance(values.get(hparam), (int, float)):
+            parts.append(f"{hparam} {values[hparam]:.6g}")
+    return ", ".join(parts)
 
 
 def format_status(info: dict[str, Any]) -> str:
@@ -68,9 +77,13 @@ def format_status(info: dict[str, Any]) -> str:
         if info.get("steps_per_epoch"):
             progress += f" ({info['step_in_epoch']}/{info['steps_per_epoch']} in this epoch)"
         lines.append(f"progress     {progress}, branch {info['branch']}")
-    if info.get("lr") is not None:
+    several = info.get("optimizers") or {}
+    for index, (name, values) in enumerate(several.items()):  # the first's lr and momentum are the run's too
+        lines.append(f"{'optimizers' if index == 0 else '':<13}{name}: {_optimizer_line(values)}"
+                     + (" (the default of `set`)" if index == 0 else ""))
+    if info.get("lr") is not None and not several:
         lines.append(f"lr           {info['lr']:.6g}")
-    if info.get("momentum") is not None:
+    if info.get("momentum") is not None and not several:
         window = 1 / (1 - info["momentum"]) if info["momentum"] < 1 else float("inf")
         lines.append(f"momentum     {info['momentum']:.6g} (averages over ~{window:.0f} steps)")
     lines.append(f"pending      {len(info['pending_commands'])} command(s)")

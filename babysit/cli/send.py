@@ -10,6 +10,7 @@ from typing import Any
 from .. import commands as cmd
 from ..errors import CliError
 from ..probes_text import format_excursion
+from ..store import NEW, optimizers_of
 from .common import EXIT_NOT_APPLIED, open_store
 
 
@@ -19,6 +20,8 @@ def send(run_dir: str, kind: str, args: dict[str, Any], *, wait: bool, timeout: 
     """Queue a command; with ``wait``, print its outcome (and, once applied, hand its row to ``after``,
     which returns the exit code)."""
     store = open_store(run_dir)
+    if args.get("optimizer") is not None:
+        _check_optimizer(store, run_dir, args["optimizer"])
     try:
         command_id = store.enqueue_command(kind, args, source="cli")
     except cmd.CommandError as error:
@@ -39,6 +42,18 @@ def send(run_dir: str, kind: str, args: dict[str, Any], *, wait: bool, timeout: 
           + (", or paused after an epoch's last batch, where the epoch's own checkpoint answers it once the run "
              "resumes" if kind == cmd.CHECKPOINT else ""), file=sys.stderr)
     return EXIT_NOT_APPLIED
+
+
+def _check_optimizer(store: Any, run_dir: str, name: Any) -> None:
+    """Refuse, before queueing, a name that is not one of the run's optimizers (as its status lists
+    them); a run that has not said yet is left to the trainer, which refuses it the same way."""
+    status = store.status()
+    if status.get("effective_state") == NEW:
+        return
+    known = optimizers_of(status)
+    if name not in known:
+        has = ", ".join(known) if known else "one optimizer, unnamed (leave --optimizer out)"
+        raise CliError(f"unknown optimizer {name!r}; the run in {run_dir!r} has {has}")
 
 
 # -- probes and sweeps ---------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from typing import Any
 from .. import cadence
 from .. import commands as cmd
 from .. import rundir
-from ..errors import CliError, SettingsError
+from ..errors import CheckpointError, CliError, SettingsError
 from ..instruments import journal
-from ..store import DB_NAME, LOG_NAME
+from ..store import DB_NAME, LOG_NAME, NEW
 from .common import open_store
 
 # The `train` options that set a job's config field of the same name (each job takes some of them).
@@ -36,6 +36,7 @@ def train_command(args: argparse.Namespace) -> int:
     _parse_cadence(args)
     replay = _replay_journal(args)
     stored = _stored_config(args.run_dir)
+    _refuse_own_script_runs(args.run_dir, stored)
     resuming = bool(stored)
     if replay is not None and not stored:
         # A replay starts as the journal's run started: its job and config (an option given here
@@ -85,6 +86,9 @@ def train_command(args: argparse.Namespace) -> int:
         train(args.run_dir, config, on_run=on_run, **({"replay": replay} if replay is not None else {}))
     except RunLockedError as error:
         raise CliError(str(error)) from None
+    except CheckpointError as error:  # a run whose checkpoints another script's model made, said in one line
+        raise CliError(f"{error}; if its own training script made this run, run that script again to resume it") \
+            from None
     return 0
 
 
@@ -105,6 +109,24 @@ def _parse_cadence(args: argparse.Namespace) -> None:
         if not math.isfinite(value) or value <= 0:
             raise CliError(f"--checkpoint-every-minutes {minutes!r}: give a number of minutes > 0, e.g. 30 or 0.5")
         args.checkpoint_every_minutes = value
+
+
+def _refuse_own_script_runs(run_dir: str, stored: dict[str, Any] | None) -> None:
+    """``train`` resumes babysit's built-in jobs only: a run some script made with ``babysit.Run``
+    (its config names no job and is not an old digits run's) is refused before anything loads."""
+    from ..jobs import JOB_OF_UNNAMED_RUNS, JOBS
+
+    if (stored and "job" in stored) or not (Path(run_dir) / DB_NAME).exists():
+        return
+    store = open_store(run_dir)
+    if not store.checkpoints() and store.status().get("state") == NEW:
+        return  # nothing was trained there yet: a new run
+    config_class, _ = JOBS[JOB_OF_UNNAMED_RUNS].load()
+    if stored and set(stored) <= {f.name for f in fields(config_class)}:
+        return  # a digits run from before jobs were named
+    raise CliError(f"the run in {run_dir} was made by its own training script (babysit.Run in a script), not by one "
+                   f"of babysit's jobs ({', '.join(sorted(JOBS))}); `train` cannot resume it: run that script again "
+                   "and it resumes from the latest checkpoint")
 
 
 def narrate_to_console_and_log(run_dir: str) -> None:

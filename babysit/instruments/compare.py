@@ -253,7 +253,7 @@ def _changed(store: RunStore, branch: dict[str, Any], parent: dict[str, Any] | N
     for name in ("lr", "momentum"):
         if before.get(name) is None:
             before[name] = _value_at(store, own.get((name, parent["id"], PER_STEP)), int(branch["start_step"]))
-    after = branch["hparams"]
+    before, after = _flat(before), _flat(branch["hparams"])
     changed = {}
     for name in sorted(set(before) | set(after)):
         old, new = before.get(name), after.get(name)
@@ -263,6 +263,19 @@ def _changed(store: RunStore, branch: dict[str, Any], parent: dict[str, Any] | N
         elif new is not None and old != new:
             changed[name] = (old, new)
     return changed
+
+
+def _flat(hparams: Any) -> dict[str, Any]:
+    """Hyperparameters with a run's other optimizers' (``{"others": {"G": {"lr": ...}}}``) as ``lr/G``,
+    the names of their chart series."""
+    if not isinstance(hparams, dict):
+        return {}
+    flat = {name: value for name, value in hparams.items() if name != "others"}
+    others = hparams.get("others")
+    for optimizer, values in (others.items() if isinstance(others, dict) else ()):
+        for name, value in (values.items() if isinstance(values, dict) else ()):
+            flat[f"{name}/{optimizer}"] = value
+    return flat
 
 
 def _value_at(store: RunStore, info: SeriesInfo | None, step: int) -> float | None:

@@ -130,9 +130,16 @@ def _nudges(branch_id: int, limit: tuple[Any, ...], commands: list[dict[str, Any
             {"kind": c["kind"], "value": value, "before": result.get("before"), "step": c["step"], "at": at,
              "branch": branch_id, "source": c["source"], "command": c["id"], "time": _iso(c["done_at"]),
              "text": cmd.describe(c["kind"], c["args"])},
-            {"step": c["step"], "at": at, "set": _setting_name(c["kind"]), "value": value, "from": f"command #{c['id']}"},
+            {"step": c["step"], "at": at, "set": _setting_name(c["kind"]), "value": value, "from": f"command #{c['id']}",
+             **_optimizer_of(c["args"])},
         ))
     return found
+
+
+def _optimizer_of(args: Any) -> dict[str, Any]:
+    """A nudge of a named optimizer (a run with several) keeps its name in the journal's setting."""
+    name = args.get("optimizer") if isinstance(args, dict) else None
+    return {"optimizer": name} if name is not None else {}
 
 
 def _lineage_index(lineage: list[dict[str, Any]], branch: int) -> int:
@@ -387,6 +394,8 @@ def check_journal(journal: Any, name: str = "the journal") -> dict[str, Any]:
                                     f"{_show(entry.get('set'))}")
             else:
                 (cmd.validate_lr if entry["set"] == "lr" else cmd.validate_momentum)(entry.get("value"))
+                if entry.get("optimizer") is not None:
+                    cmd.validate_optimizer_name(entry["optimizer"])
         except cmd.CommandError as error:
             raise SettingsError(f"{where}: {error}") from None
         position = (step, _rank(entry["at"]))

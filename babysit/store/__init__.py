@@ -30,7 +30,7 @@ from .excursions import ExcursionTable
 from .liveness import disk_full, disk_full_message, process_gone, process_stopped, stopped_message, trainer_alive
 from .rows import (  # noqa: F401 (SeriesInfo: part of the store's names)
     BRANCH_COLUMNS, CHECKPOINT_COLUMNS, EVENT_COLUMNS, SeriesInfo, branch_row, checkpoint_row, event_row, newest_filter,
-    typed_status,
+    optimizers_of, typed_status,
 )
 from .schema import *  # noqa: F401,F403 (the store's names, as before the split)
 from .schema import (

@@ -86,7 +86,7 @@ def json_or_text(text: str) -> Any:
 STATUS_TYPES = {
     "state": str, "pid": int, "host": str, "heartbeat": float, "started": float, "epoch": int, "step": int,
     "step_in_epoch": int, "steps_per_epoch": int, "max_epochs": int, "branch": int, "lr": float,
-    "momentum": float, "optimizer": str, "message": str,
+    "momentum": float, "optimizer": str, "message": str, "optimizers": str,
 }
 
 
@@ -109,3 +109,15 @@ def typed_status(row: dict[str, Any]) -> dict[str, Any]:
     """The status row with each field of its declared type, or None: a forged or damaged value
     (text where a number belongs) shows as unknown instead of breaking every reader."""
     return {key: typed(value, STATUS_TYPES[key]) if key in STATUS_TYPES else value for key, value in row.items()}
+
+
+def optimizers_of(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A run's optimizers by name, each ``{"type", "lr", "momentum"}``, from its status row; empty
+    for a run with one optimizer (or a damaged column: read as one)."""
+    try:
+        found = json.loads(status.get("optimizers") or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(found, dict) or len(found) < 2:
+        return {}
+    return {str(name): (values if isinstance(values, dict) else {}) for name, values in found.items()}

@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS status (
     state TEXT NOT NULL, pid INTEGER, host TEXT, heartbeat REAL, started REAL,
     epoch INTEGER, step INTEGER, step_in_epoch INTEGER, steps_per_epoch INTEGER,
     max_epochs INTEGER, branch INTEGER, lr REAL, momentum REAL, optimizer TEXT, message TEXT,
-    items_per_step INTEGER, item_unit TEXT
+    items_per_step INTEGER, item_unit TEXT, optimizers TEXT
 );
 CREATE TABLE IF NOT EXISTS branches (
     id INTEGER PRIMARY KEY, parent INTEGER, from_checkpoint INTEGER,
@@ -103,7 +103,8 @@ CREATE TABLE IF NOT EXISTS epochs (
 
 
 # Status columns added after schema version 1 was first written; a trainer adds them to older runs.
-STATUS_ADDED_COLUMNS = {"items_per_step": "INTEGER", "item_unit": "TEXT"}
+STATUS_ADDED_COLUMNS = {"items_per_step": "INTEGER", "item_unit": "TEXT",
+                        "optimizers": "TEXT"}  # several optimizers: {name: {type, lr, momentum}} as JSON
 
 
 def add_missing_columns(connection: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
@@ -117,13 +118,36 @@ def is_run_dir(path: Path | str) -> bool:
     return (Path(path) / DB_NAME).is_file()
 
 
+# How far list_runs looks: a root that holds a whole file system (a home directory) must not hang the page.
+RUNS_MAX_DEPTH = 6
+RUNS_MAX_DIRS = 5000
+
+
 def list_runs(root: Path | str) -> list[Path]:
-    """Run directories directly under ``root`` (or ``root`` itself), newest activity first."""
+    """Run directories under ``root`` at any depth up to :data:`RUNS_MAX_DEPTH` (or ``root`` itself),
+    newest activity first. Hidden directories, links and a run's own subfolders are not entered, and
+    the walk stops after :data:`RUNS_MAX_DIRS` directories."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [root] if is_run_dir(root) else []
-    found += [p for p in root.iterdir() if p.is_dir() and is_run_dir(p)]
+    found, seen, level = [], 0, [root]
+    for _depth in range(RUNS_MAX_DEPTH + 1):
+        deeper = []
+        for folder in level:
+            if is_run_dir(folder):
+                found.append(folder)
+                continue  # a run's checkpoint folders are no runs
+            seen += 1
+            if seen > RUNS_MAX_DIRS:
+                break
+            try:
+                deeper += sorted(p for p in folder.iterdir()
+                                 if not p.name.startswith(".") and not p.is_symlink() and p.is_dir())
+            except OSError:  # unreadable: nothing to list there
+                continue
+        level = deeper
+        if not level or seen > RUNS_MAX_DIRS:
+            break
     return sorted(found, key=lambda p: (p / DB_NAME).stat().st_mtime, reverse=True)
 
 

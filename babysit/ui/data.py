@@ -599,7 +599,7 @@ def _metric_keys(infos: list[SeriesInfo], cap: int, budget: _Budget) -> list[tup
     """The (name, per) of the metrics to draw: losses first, then lr and momentum, then the rest
     as they came; at most ``cap`` of them."""
     keys = list(dict.fromkeys((i.name, i.per) for i in sorted(infos, key=lambda i: i.id)))
-    keys.sort(key=lambda k: (0 if "loss" in k[0] else 1 if k[0] in ("lr", "momentum") else 2))
+    keys.sort(key=lambda k: (0 if "loss" in k[0] else 1 if hparam_of(k[0]) else 2))
     if len(keys) > cap:
         budget.note(f"This run logs {len(keys)} metrics; the chart draws {cap} of them.")
     return keys[:cap]
@@ -934,7 +934,9 @@ def _markers(events: list[dict[str, Any]], nudges: list[dict[str, Any]], branche
         if row["kind"] in (cmd.SET_LR, cmd.SET_MOMENTUM):
             what = "lr" if row["kind"] == cmd.SET_LR else "momentum"
             before, after = result.get("before"), result.get("after")
-            text = f"{what} {_fmt(before)} → {_fmt(after)} at step {row['step']} (#{row['id']}, {row['source']})"
+            which = f" of optimizer {result['optimizer']}" if isinstance(result.get("optimizer"), str) else ""
+            text = (f"{what}{which} {_fmt(before)} → {_fmt(after)} at step {row['step']} (#{row['id']}, "
+                    f"{row['source']})")
             out.append(Marker(what, row["branch"], row["step"], text, after, row.get("done_at")))
     by_id = {b["id"]: b for b in branches}
     ended = True  # the previous process ended cleanly (or there was none): its restart is no crash
@@ -1001,7 +1003,7 @@ def throughput(store: RunStore, status: dict[str, Any]) -> Throughput | None:
     if branch is None or step is None:
         return None
     candidates = [i for i in store.series() if i.branch == branch and i.segment == 0 and i.per == PER_STEP
-                  and i.name not in ("lr", "momentum")]  # lr and momentum are logged only when they change
+                  and not hparam_of(i.name)]  # lr and momentum are logged only when they change
     if not candidates:
         return None
     info = next((i for i in candidates if i.name == "loss"), candidates[0])
@@ -1092,13 +1094,20 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else "?"
 
 
+def hparam_of(name: str) -> str | None:
+    """'lr' or 'momentum' for an optimizer's series (``lr``; ``lr/G`` of a run's optimizer G), else None."""
+    hparam = name.split("/", 1)[0]
+    return hparam if hparam in ("lr", "momentum") else None
+
+
 def series_by_kind(windows: list[SeriesWindow]) -> dict[str, list[SeriesWindow]]:
     """Group windows: 'loss' (per-step losses and per-epoch losses), 'metric' (other per-epoch
     and per-step values), 'lr', 'momentum'."""
     groups: dict[str, list[SeriesWindow]] = {"loss": [], "metric": [], "lr": [], "momentum": []}
     for window in windows:
-        if window.name in ("lr", "momentum") and window.info.per == PER_STEP:
-            groups[window.name].append(window)
+        hparam = hparam_of(window.name)
+        if hparam is not None and window.info.per == PER_STEP:
+            groups[hparam].append(window)
         elif "loss" in window.name:
             groups["loss"].append(window)
         else:
@@ -1108,4 +1117,4 @@ def series_by_kind(windows: list[SeriesWindow]) -> dict[str, list[SeriesWindow]]
 
 __all__ = ["SeriesWindow", "RunView", "Marker", "RefreshLimits", "LIMITS", "LIVE", "ABANDONED", "FULL", "SUPERSEDED",
            "MAX_FULL_BRANCHES", "EpochLines", "NUDGE_KINDS", "AUTO_KINDS", "LIFECYCLE_KINDS", "read_window", "read_view", "markers", "epoch_lines",
-           "steps_to_epochs", "epochs_to_steps", "series_by_kind", "Throughput", "throughput", "MAX_POINTS", "PER_EPOCH", "PER_STEP"]
+           "steps_to_epochs", "epochs_to_steps", "series_by_kind", "hparam_of", "Throughput", "throughput", "MAX_POINTS", "PER_EPOCH", "PER_STEP"]

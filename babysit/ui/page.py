@@ -29,7 +29,7 @@ from ..instruments.remedy_offer import read_offer
 from ..errors import SettingsError
 from ..instruments import journal
 from ..serving import TOKEN_ENV
-from ..store import DB_NAME, LIVE_STATES, NEW, RunStore, StoreError, list_runs
+from ..store import DB_NAME, LIVE_STATES, NEW, RunStore, StoreError, list_runs, optimizers_of
 from ..store.liveness import process_stopped, stopped_message
 from .clicks import command_button, fate, last_command_fate, short_number, show_flash, toast_flash  # noqa: F401 (app.py calls them here)
 from . import curve
@@ -355,39 +355,68 @@ def trainer_hint(store: RunStore, status: dict[str, Any]) -> None:
         st.warning(f"No trainer is answering: {plain(stopped_message(status))}. Commands are refused until it runs.",
                    icon=":material/pause_circle:")
         return
-    st.info(f"No trainer is running this run ({state}), so commands are refused until one is. Resume it with "
-            f"{code_span(f'python -m babysit train --run-dir {store.run_dir}')} (the demo), or by running your script again.",
+    config = store.get_meta("config", {})
+    if isinstance(config, dict) and config.get("job"):  # one of babysit's jobs: `train` resumes it
+        how = f"Resume it with {code_span(f'python -m babysit train --run-dir {store.run_dir}')}."
+    else:  # `train` refuses a run some script made: that script resumes it
+        how = "Resume it by running its training script again (it resumes from the latest checkpoint)."
+    st.info(f"No trainer is running this run ({state}), so commands are refused until one is. {how}",
             icon=":material/info:")
 
 
-def lr_controls(store: RunStore, status: dict[str, Any]) -> None:
+def optimizer_picker(status: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """A run with several optimizers: which one the lr and momentum controls nudge (the first by
+    default). Returns its name (None with one optimizer) and the status with its lr and momentum."""
+    several = optimizers_of(status)
+    if not several:
+        return None, status
+    names = list(several)
+    if st.session_state.get("optimizer_choice") not in names:
+        st.session_state["optimizer_choice"] = names[0]
+    name = st.radio("Optimizer", names, key="optimizer_choice", horizontal=True,
+                    format_func=lambda n: f"{n} ({several[n].get('type') or '?'})",
+                    help="The run has several optimizers; the controls below nudge this one (the chart draws "
+                         "lr for the first, lr/NAME for the others).")
+    return name, {**status, "lr": several[name].get("lr"), "momentum": several[name].get("momentum")}
+
+
+def lr_controls(store: RunStore, status: dict[str, Any], optimizer: str | None = None) -> None:
     lr = status.get("lr")
+    which = {"optimizer": optimizer} if optimizer is not None else {}  # several optimizers: the one picked
     cols = st.columns([1, 1, 2.2, 1], vertical_alignment="bottom")
     # Halve or double the lr the run will have, read at the click: × 2 then × 2 is × 4 however
     # fast, the second click building on the first's command even before the trainer applied it.
-    command_button(cols[0], "× ½", "lr_half", store, cmd.SET_LR, lambda: {"value": _times(planned_lr(store), 0.5)},
+    command_button(cols[0], "× ½", "lr_half", store, cmd.SET_LR,
+                   lambda: {"value": _times(planned_lr(store, optimizer), 0.5), **which},
                    disabled=lr is None, width="stretch")
-    command_button(cols[1], "× 2", "lr_double", store, cmd.SET_LR, lambda: {"value": _times(planned_lr(store), 2)},
+    command_button(cols[1], "× 2", "lr_double", store, cmd.SET_LR,
+                   lambda: {"value": _times(planned_lr(store, optimizer), 2), **which},
                    disabled=lr is None, width="stretch")
     cols[2].text_input("Exact lr", key="lr_exact", placeholder="exact lr, e.g. 0.003", label_visibility="collapsed")
     choices = lr_choices(lr, st.session_state.get("lr_choice"))
     follow_trainer("lr_choice", choices, lr)
     # Read at the click, from the session: a value typed and the click that commits it arrive together.
     command_button(cols[3], "Set lr", "lr_set", store, cmd.SET_LR,
-                   lambda: {"value": _typed("lr_exact") or st.session_state["lr_choice"]},
+                   lambda: {"value": _typed("lr_exact") or st.session_state["lr_choice"], **which},
                    width="stretch", type="primary", help="Sends the exact value when one is typed, else the slider's.")
-    st.select_slider("Learning rate" + (f" — now {lr:.4g}" if lr is not None else "") + " (log scale)",
+    st.select_slider("Learning rate" + (f" of {optimizer}" if optimizer else "")
+                     + (f" — now {lr:.4g}" if lr is not None else "") + " (log scale)",
                      options=choices, key="lr_choice", format_func=lambda v: f"{v:.4g}")
 
 
-def planned_lr(store: RunStore) -> float | None:
+def planned_lr(store: RunStore, optimizer: str | None = None) -> float | None:
     """The lr the run will have once its queue is applied: the newest `set lr` still pending, or
     applied since the trainer last wrote its status (which it writes with its heartbeat); else
-    the lr of the status."""
+    the lr of the status. ``optimizer``: of that one of several (None: the first)."""
     status = store.status()
+    several = optimizers_of(status)
+    first = next(iter(several), None)
     for row in reversed(store.commands(kinds=(cmd.SET_LR,), limit=PLANNED_LR_READ)):
+        args = row["args"] if isinstance(row["args"], dict) else {}
+        if (args.get("optimizer") or first) != (optimizer or first):
+            continue  # another optimizer's
         if row["state"] == cmd.PENDING:
-            return (row["args"] or {}).get("value")
+            return args.get("value")
         if row["state"] == cmd.APPLIED:
             after = (row["result"] or {}).get("after") if isinstance(row["result"], dict) else None
             done, beat = row["done_at"], status.get("heartbeat")
@@ -395,6 +424,8 @@ def planned_lr(store: RunStore) -> float | None:
                     and done > beat:
                 return after
             break
+    if optimizer is not None and optimizer in several:
+        return several[optimizer].get("lr")
     return status.get("lr")
 
 
@@ -415,7 +446,7 @@ def lr_choices(lr: float | None, chosen: Any = None) -> list[float]:
     return sorted(set(LR_CHOICES) | extra)
 
 
-def momentum_controls(store: RunStore, status: dict[str, Any]) -> None:
+def momentum_controls(store: RunStore, status: dict[str, Any], optimizer: str | None = None) -> None:
     momentum = status.get("momentum")
     if momentum is None and status.get("effective_state") != NEW:
         st.caption("This optimizer has no momentum to nudge.")
@@ -430,7 +461,8 @@ def momentum_controls(store: RunStore, status: dict[str, Any]) -> None:
     cols[0].text_input("Exact momentum", key="momentum_exact", placeholder="exact β, e.g. 0.95 (empty: the slider's)",
                        label_visibility="collapsed")
     chosen = lambda: _typed("momentum_exact") or round(1 - st.session_state["one_minus_beta"], 12)  # noqa: E731
-    command_button(cols[1], "Set β", "momentum_set", store, cmd.SET_MOMENTUM, lambda: {"value": chosen()},
+    which = {"optimizer": optimizer} if optimizer is not None else {}
+    command_button(cols[1], "Set β", "momentum_set", store, cmd.SET_MOMENTUM, lambda: {"value": chosen(), **which},
                    width="stretch", type="primary")
 
 
