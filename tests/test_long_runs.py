@@ -120,31 +120,10 @@ class _Stream(IterableDataset):
         return iter(tiny_data(0))
 
 
-def test_a_resume_that_must_read_its_batches_says_how_many_once(tmp_path: Path, capfd: Any) -> None:
-    def job(stop_at: int | None) -> None:
-        torch.manual_seed(0)
-        model = nn.Linear(4, 2)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        with babysit.Run(tmp_path / "r", model, optimizer, checkpoint_every_steps=3) as run:
-            for _ in run.epochs(1):
-                for x, y in run.batches(DataLoader(_Stream(), batch_size=8)):
-                    loss = nn.functional.cross_entropy(model(x), y)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    if run.step == stop_at:
-                        run.request_stop()
-    job(stop_at=5)
-    job(stop_at=None)
-    said = [e for e in RunStore(tmp_path / "r").events() if e["kind"] == "resume_skip"]
-    assert len(said) == 1 and said[0]["data"] == {"batches": 5, "read": 5}
-    assert said[0]["message"].startswith("resuming inside the epoch reads the 5 batches it already trained")
-    assert capfd.readouterr().err.count("babysit: resuming inside the epoch reads the 5 batches") == 1
-
-
-def test_a_loader_that_must_read_is_said_once_per_trainer_not_at_every_rollback(tmp_path: Path, capfd: Any) -> None:
-    """Resumed at step 5 (of 8 an epoch), the trainer says the 5 batches it reads; two rollbacks to
-    the checkpoint of step 3 read 3 batches each, silently: one event, one line."""
+def test_a_loader_that_must_read_says_how_many_once_per_trainer_not_at_every_rollback(tmp_path: Path, capfd: Any) -> None:
+    """A loader with neither a sampler nor a state of its own must read a resumed epoch's trained
+    batches: resumed at step 5 (of 8 an epoch), the trainer says the 5 batches it reads; two
+    rollbacks to the checkpoint of step 3 read 3 batches each, silently: one event, one line."""
     rolled: list[int] = []
 
     def job(stop_at: int | None) -> None:
@@ -172,6 +151,7 @@ def test_a_loader_that_must_read_is_said_once_per_trainer_not_at_every_rollback(
     assert store.status()["branch"] == 3 and store.status()["state"] == "finished"
     said = [e for e in store.events() if e["kind"] == "resume_skip"]
     assert len(said) == 1 and said[0]["data"] == {"batches": 5, "read": 5}
+    assert said[0]["message"].startswith("resuming inside the epoch reads the 5 batches it already trained")
     assert capfd.readouterr().err.count("babysit: resuming inside the epoch reads the") == 1
 
 
