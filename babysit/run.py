@@ -37,7 +37,8 @@ from .control import Interrupt, RunControl
 from .cuts import Cuts
 from .errors import RunDirError, RunLockedError, SettingsError  # noqa: F401 (RunLockedError, as before the error tree)
 from .excursion_runner import NOT_SHARDED, Excursions
-from .guard import DivergenceGuard, GuardConfig
+from .guard import GuardConfig
+from .guard_watch import WatchedGuards
 from .hparam_watch import LOOP, HparamWatch
 from .journal_replay import ReplayQueue
 from .narrator import Narrator
@@ -155,7 +156,7 @@ class Run:
             trainables.shard_group = ranks.group  # a sharded checkpoint loads on every rank together
         self.control, self.position = RunControl(), ResumePosition()
         self._queue = LogQueue(keep=not follows)  # the training thread's share of storing a value
-        self._guard = DivergenceGuard(self.guard_config)
+        self._guard = WatchedGuards(self.guard_config)
         if not follows:
             unusable = usable_run_dir(self.run_dir, must_exist=False)
             if unusable:
@@ -216,7 +217,7 @@ class Run:
                           status_fields=self._status_fields)
         self._narrator = Narrator(store)  # the trainer's console: lines per epoch, command and event
         resume = Resume(self.run_dir, store, loader, snapshots, control, position, trainables, hparams, guard_,
-                        replay_queue, config=self.config, guard_metric=self.guard_config.metric,
+                        replay_queue, config=self.config,
                         status_fields=self._status_fields, expire_stale=self._commands.expire_stale)
         self._meet(resume.restore_on_start, ranks_module.START)
         store.set_meta("retention", policy.to_json())  # what status and the page say is kept, and why

@@ -32,7 +32,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # What is on disk and how an optimizer or a loss is read: the run store, checkpoints; and the
     # panda's instruments' readings of a run (hints, probe and sweep results, journals, comparisons).
     "records": ("store", "checkpoint", "dcp_folder", "sharded", "arrivals", "sharded_writer", "parallelism", "optim",
-                "guard", "instruments", "retention", "cadence"),
+                "guard", "guard_watch", "instruments", "retention", "cadence"),
     # The trainer side: the Run and the pieces it is made of. `babysit` itself is the public face
     # of Run (its names load from here).
     "trainer": ("user_state", "control", "loader_skip", "position", "trainables", "ranks", "snapshots", "hparam_watch",
