@@ -62,6 +62,8 @@ class CommandRunner:
     def apply_due(self) -> None:
         """Replays, then queued commands, then a pause."""
         control = self.control
+        if self.trainables.between_optimizer_steps():
+            return  # all of it waits for the micro-batch that steps the optimizer (still due then)
         control.looked()
         if control.stop_asked and not self.position.at_last_boundary():
             self.begin_stop(None)

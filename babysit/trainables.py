@@ -49,6 +49,12 @@ class Trainables:
         """The lr and momentum the optimizer uses now."""
         return optim.read_hparams(self.optimizer)
 
+    def between_optimizer_steps(self) -> bool:
+        """True between two micro-batches of accelerate's gradient accumulation (its optimizer
+        wrapper knows): the gradients summed so far are in no checkpoint, so nothing is cut here."""
+        gradients = getattr(self.optimizer, "gradient_state", None)
+        return gradients is not None and getattr(gradients, "sync_gradients", True) is False
+
     def set_lr(self, value: float) -> float:
         """Set the lr (scheduler-aware) on every rank; returns the lr read back."""
         after = optim.set_lr(self.optimizer, value, self.scheduler)

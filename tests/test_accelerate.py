@@ -79,3 +79,23 @@ def test_a_nudge_lasts_through_accelerates_scheduler_wrapper(tmp_path: Path) -> 
         assert seen[step] == pytest.approx(0.02 * factor[step] / factor[11], rel=1e-6), step
     events = RunStore(run.run_dir).events()
     assert not any(e["kind"] == "hparams" and "by the loop" in e["message"] for e in events)
+
+
+def test_with_gradient_accumulation_a_stop_waits_for_the_optimizer_step_and_resumes_exactly(tmp_path: Path) -> None:
+    """Two micro-batches per optimizer step: a stop asked at micro-batch 5 lands at 6, where the
+    optimizer stepped (a checkpoint at 5 would drop the gradient summed so far); the resumed run
+    ends with the very weights of a run never stopped."""
+    reference = accelerate_loop(tmp_path / "reference", accumulation=2)
+
+    def stop_at_5(run: Any, step: int, lr: float) -> None:
+        if step == 5:
+            run.request_stop("the test")
+
+    stopped = accelerate_loop(tmp_path / "run", accumulation=2, on_step=stop_at_5)
+    last = RunStore(tmp_path / "run").checkpoints()[-1]
+    assert (last["step"], last["reason"]) == (6, "stop")
+    resumed = accelerate_loop(tmp_path / "run", accumulation=2)
+    assert resumed.step == reference.step == TOTAL * 2
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
+                                                  reference.model.state_dict().values()))
+    assert stopped.status == "stopped"
