@@ -76,6 +76,7 @@ from .guard import GuardConfig
 from .hf_state import restart_state
 from .parallelism import refusal
 from .run import Interrupt, Run
+from .seeding import EXACTNESS, seeded, unseeded_warning
 from .signals import install_stop_handlers
 
 __all__ = ["BabysitCallback", "RestartNeeded", "train"]
@@ -145,6 +146,9 @@ class BabysitCallback(TrainerCallback):
         self._config = dict(config or {})
         json.dumps(self._config)  # fail here, not when training starts
         self._items_per_step = items_per_step
+        # Made before the Trainer, which seeds torch itself (TrainingArguments.seed): whether the
+        # script seeded what it drew before (its data, its model) is known only here.
+        self._seeded = seeded()
         self.run: Run | None = None
         self._driven = False              # started by babysit.hf.train, which restarts the loop
         self._carried: dict[str, Any] | None = None   # what a restart of the loop takes over
@@ -166,6 +170,9 @@ class BabysitCallback(TrainerCallback):
             self.run = Run(self.run_dir, model, optimizer, lr_scheduler, config=self._run_config(args),
                            items_per_step=self._items_per_step or _samples_per_step(args), **self._run_kwargs)
             self.run.refuse_excursions(EXCURSIONS_REFUSED)
+            if not self._seeded:
+                self.run.warn(EXACTNESS, unseeded_warning("transformers.set_seed(0) (the Trainer seeds only "
+                                                          "once it is made, after the data and the model)"))
             self.run.refuse_data_skips(DATA_SKIPS_REFUSED)
             self._restore_signals = install_stop_handlers(self.run.request_stop, lambda: self.run.stop_requested)
         else:

@@ -73,6 +73,7 @@ from .errors import SettingsError
 from .guard import GuardConfig
 from .parallelism import refusal
 from .run import Interrupt, Run
+from .seeding import EXACTNESS, seeded, unseeded_warning
 from .signals import install_stop_handlers
 from .store import PAUSED, RUNNING
 
@@ -132,6 +133,7 @@ class BabysitCallback(pl.Callback):
                                 checkpoint_every_minutes=checkpoint_every_minutes, flush_interval=flush_interval,
                                 items_per_step=items_per_step, item_unit=item_unit)
         self._user_state = state
+        self._seeded = seeded()  # made before the Trainer: after the script drew its data and model
         self.run: Run | None = None
         self._counters = _LightningCounters(self)
         self._cut = False              # a stop or rollback was applied: end the epoch at the next batch
@@ -162,6 +164,8 @@ class BabysitCallback(pl.Callback):
             raise SettingsError(refused)
         self.run = Run(self.run_dir, pl_module, first, scheduler, state=state, **self._run_kwargs)
         self.run.refuse_excursions(EXCURSIONS_REFUSED)
+        if not (self._seeded or seeded()):
+            self.run.warn(EXACTNESS, unseeded_warning("pl.seed_everything(0)"))
         self.run.max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         # Ctrl-C and SIGTERM: a stop at the next step boundary with a final checkpoint, as in your
         # own loop. Lightning, registering its SIGTERM handler after this hook, calls this one too.

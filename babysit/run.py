@@ -472,6 +472,20 @@ class Run:
                 return
         self.control.epoch_batches_done()
 
+    def enumerate(self, loader: Iterable[Any], start: int = 0) -> Iterator[tuple[int, Any]]:
+        """``enumerate(run.batches(loader))`` whose index is the batch's place in the epoch's data
+        order: after a resume inside an epoch it goes on from there rather than from 0, so a loop's
+        ``if i % 100 == 0`` blocks run where they ran before."""
+        position = self.position
+        for batch in self.batches(loader):
+            yield start + position.step_in_epoch - 1, batch
+
+    def warn(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        """Tell the person at the trainer's terminal and on the page (an event ``kind``), once, from
+        the process that owns the store (under torch.distributed: rank 0)."""
+        if self.store is not None:
+            self._say_once(kind, message, data or {})
+
     def step_boundary(self) -> Interrupt | None:
         """Apply what is due between two steps: replays, queued commands, a pause; record an lr or
         momentum the loop or its scheduler changed. Returns the interrupt (stop, rollback) that

@@ -355,3 +355,29 @@ def test_the_trainers_own_saves_go_on_after_a_rollback_and_a_restart(tmp_path: P
     assert babysit.hf.train(trainer).global_step == 32
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-30", "checkpoint-32"]
     assert RunStore(run_dir).status()["state"] == "finished"
+
+
+def test_a_script_that_never_seeded_torch_before_the_trainer_is_told_what_to_add(tmp_path: Path) -> None:
+    """The Trainer seeds torch itself, but only once made: the data and model drawn before are
+    another draw in a restarted process, unless the script seeded them."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    import babysit.hf
+    from tests import hf_script
+
+    torch.set_num_threads(1)
+    torch.manual_seed(2**40 + 12345)  # what an unseeded process holds
+    babysat = babysit.hf.BabysitCallback(tmp_path / "run")
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=hf_script.VOCAB, n_positions=hf_script.LENGTH, n_embd=16,
+                                       n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=hf_script.counting_sequences(8, seed=1),
+                      callbacks=[babysat])
+    babysit.hf.train(trainer)
+    [event] = [e for e in RunStore(tmp_path / "run").events() if e["kind"] == "exactness"]
+    assert "torch was not seeded" in event["message"] and "transformers.set_seed(0)" in event["message"]
+    # The harness seeds before it builds anything: no warning.
+    seeded, _ = hf_script.make_trainer(str(tmp_path / "seeded"), epochs=1, max_steps=2)
+    babysit.hf.train(seeded)
+    assert not [e for e in RunStore(tmp_path / "seeded").events() if e["kind"] == "exactness"]

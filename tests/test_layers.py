@@ -40,7 +40,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                 "run",
                 "babysit"),
     # Training jobs and framework adapters written against the public API.
-    "jobs": ("jobs", "lightning", "hf", "hf_state"),
+    "jobs": ("jobs", "seeding", "lightning", "hf", "hf_state"),
     # What a person runs: the CLI and the dashboard.
     "faces": ("cli", "probes_text", "__main__", "ui"),
 }

@@ -456,3 +456,21 @@ def test_model_checkpoint_forgets_the_abandoned_branch_and_epoch_metrics_reach_t
     steps, _, _ = store.chunk_points(series[(2, "epoch")].id)
     assert steps.tolist() == [16, 24, 32, 40]
     assert "train_mae" in store.checkpoints()[0]["metrics"]
+
+
+@pytest.mark.parametrize("seed, warned", [(None, True), (0, False)])
+def test_a_script_that_never_seeded_torch_is_told_what_to_add(tmp_path: Path, monkeypatch: Any, seed: int | None,
+                                                              warned: bool) -> None:
+    """torch.initial_seed() is a 64-bit pick of torch's own when the script seeds nothing."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    torch.manual_seed(2**40 + 12345 if seed is None else seed)  # what an unseeded process holds
+    x = torch.randn(32, 4)
+    train = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[BabysitCallback(tmp_path / "run", flush_interval=0.05)])
+    trainer.fit(scored(pl), train)
+    events = [e for e in RunStore(tmp_path / "run").events() if e["kind"] == "exactness"]
+    assert bool(events) is warned
+    if warned:
+        assert "torch was not seeded" in events[0]["message"] and "pl.seed_everything(0)" in events[0]["message"]

@@ -466,3 +466,31 @@ def test_the_guard_watches_each_loss_a_gan_loop_logs(tmp_path: Path) -> None:
     [divergence] = [e for e in store.events() if e["kind"] == "divergence"]
     assert "loss_G became nan at step 13" in divergence["message"] and divergence["data"]["metric"] == "loss_G"
     assert store.status()["state"] == "stopped"
+
+
+def test_run_enumerate_counts_from_where_a_resumed_epoch_goes_on(tmp_path: Path) -> None:
+    """Stopped at the 5th of 8 batches, the resumed epoch's indices go on at 5, as an
+    uninterrupted run's would; enumerate(run.batches(...)) would start again at 0."""
+    import babysit
+
+    def indices(stop_at: int | None) -> list[tuple[int, int]]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        loader = torch.utils.data.DataLoader(torch.randn(64, 4), batch_size=8, shuffle=True)
+        seen = []
+        with babysit.Run(tmp_path / "run", model, optimizer) as run:
+            for epoch in run.epochs(2):
+                for i, batch in run.enumerate(loader, start=100):
+                    loss = model(batch).pow(2).mean()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    run.log(loss=loss)
+                    seen.append((epoch, i))
+                    if run.step == stop_at:
+                        run.request_stop("the test")
+        return seen
+
+    assert indices(stop_at=5) == [(1, 100 + i) for i in range(5)]
+    assert indices(stop_at=None) == [(1, 105), (1, 106), (1, 107)] + [(2, 100 + i) for i in range(8)]
