@@ -16,7 +16,7 @@ from .checkpoint import KEY_EPOCH, REASON_EPOCH, REASON_STOP, rng_state
 from .control import PendingDataSkip, PendingRollback, RunControl
 from .errors import CheckpointError, CommandError
 from .excursion_runner import Excursions
-from .guard import DivergenceGuard
+from .guard_watch import WatchedGuards
 from .hparam_watch import COMMAND, HparamWatch
 from .journal_replay import DATA_SKIP_KIND, ReplayQueue
 from .position import ResumePosition
@@ -37,7 +37,7 @@ class CommandRunner:
 
     def __init__(self, run_dir: Path, store: RunStore, signal: CommandSignal, control: RunControl,
                  position: ResumePosition, trainables: Trainables, snapshots: Snapshots, hparams: HparamWatch,
-                 guard: DivergenceGuard, remedy: DivergenceRemedy, replay: ReplayQueue, excursions: Excursions,
+                 guard: WatchedGuards, remedy: DivergenceRemedy, replay: ReplayQueue, excursions: Excursions,
                  ranks: Ranks | None, *, wake_writer: Callable[[], None]) -> None:
         self.run_dir = run_dir
         self.store = store
@@ -62,6 +62,8 @@ class CommandRunner:
     def apply_due(self) -> None:
         """Replays, then queued commands, then a pause."""
         control = self.control
+        if self.trainables.between_optimizer_steps():
+            return  # all of it waits for the micro-batch that steps the optimizer (still due then)
         control.looked()
         if control.stop_asked and not self.position.at_last_boundary():
             self.begin_stop(None)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from . import commands as cmd
 from .checkpoint import REASON_STOP
 from .control import Interrupt, RunControl
-from .guard import DivergenceGuard
+from .guard_watch import WatchedGuards
 from .hparam_watch import HparamWatch
 from .journal_replay import DATA_SKIP_KIND, ReplayQueue
 from .narrator import Narrator
@@ -30,7 +30,7 @@ class Cuts:
     """Carries out the rollback or the stop that cut one run's epoch (on the leader rank)."""
 
     def __init__(self, store: RunStore, control: RunControl, position: ResumePosition, trainables: Trainables,
-                 snapshots: Snapshots, loader: Loader, hparams: HparamWatch, guard: DivergenceGuard,
+                 snapshots: Snapshots, loader: Loader, hparams: HparamWatch, guard: WatchedGuards,
                  replay: ReplayQueue, narrator: Narrator, *, status_fields: Callable[[], dict[str, Any]],
                  tell: Callable[[str], None]) -> None:
         self.store = store
@@ -169,7 +169,10 @@ class Cuts:
         written = (f"the final checkpoint took {took:.1f} s" if job.error is None
                    else f"the final checkpoint could not be written ({job.error})")
         print(f"babysit: stopped at step {position.step}{why}; {written}", file=sys.stderr, flush=True)
-        self.end_run(STOPPED, f"stopped at step {position.step}{why} with a final checkpoint",
+        # Say what is on disk: a final checkpoint refused (NaN weights) or failed leaves the run's
+        # newest checkpoint the one to resume from.
+        outcome = "with a final checkpoint" if job.error is None else f"without a final checkpoint ({job.error})"
+        self.end_run(STOPPED, f"stopped at step {position.step}{why} {outcome}",
                      data={"final_checkpoint_s": round(took, 3) if job.error is None else None})
 
     def end_run(self, status: str, message: str, data: dict[str, Any] | None = None) -> None:

@@ -39,7 +39,7 @@ from . import commands as cmd
 from .checkpoint import read_verified, rng_state, set_rng_state
 from .control import RunControl
 from .errors import CommandError
-from .guard import DivergenceGuard
+from .guard_watch import WatchedGuards
 from .hparam_watch import COMMAND, HparamWatch
 from .instruments.probes import HPARAM_SERIES, ProbeReading, winner
 from .instruments.sweep import SWEEP_EWMA_BETA, counts_for_minimum, diverged
@@ -156,7 +156,7 @@ class Excursions:
 
     def __init__(self, run_dir: Path, store: RunStore, control: RunControl, position: ResumePosition,
                  trainables: Trainables, snapshots: Snapshots, loader: Loader, hparams: HparamWatch,
-                 guard: DivergenceGuard, queue: LogQueue, *, flush_logged: Callable[[], None],
+                 guard: WatchedGuards, queue: LogQueue, *, flush_logged: Callable[[], None],
                  evaluate: Callable[[], dict[str, Any]] | None, status_fields: Callable[[], dict[str, Any]],
                  under_ranks: bool) -> None:
         self.run_dir = run_dir

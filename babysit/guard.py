@@ -27,9 +27,15 @@ from .errors import SettingsError
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """How the guard judges the loss and what it does when the loss diverges."""
+    """How the guard judges the loss and what it does when the loss diverges.
 
-    metric: str = "loss"
+    ``metrics``: the names of the per-step values it watches, each judged on its own (``("loss_D",
+    "loss_G")``); None (the default) watches every per-step value whose name contains "loss".
+    ``metric``: one name, the older form of ``metrics=(name,)``.
+    """
+
+    metric: str | None = None
+    metrics: tuple[str, ...] | None = None
     spike_factor: float = 3.0
     warmup_steps: int = 50
     short_beta: float = 0.9
@@ -41,6 +47,18 @@ class GuardConfig:
     auto_remedy_max: int = 0
 
     def __post_init__(self) -> None:
+        names_accepted = "a list of metric names, e.g. ('loss_D', 'loss_G'), or None for every name containing 'loss'"
+        if self.metric is not None:
+            if not isinstance(self.metric, str) or not self.metric.strip():
+                raise SettingsError(f"metric must be a metric name, got {self.metric!r}")
+            if self.metrics is not None:
+                raise SettingsError(f"give metrics or metric, not both: got metrics={self.metrics!r} and "
+                                    f"metric={self.metric!r}")
+        if self.metrics is not None:
+            if isinstance(self.metrics, str) or not isinstance(self.metrics, (list, tuple)) or not self.metrics \
+                    or not all(isinstance(name, str) and name.strip() for name in self.metrics):
+                raise SettingsError(f"metrics must be {names_accepted}, got {self.metrics!r}")
+            object.__setattr__(self, "metrics", tuple(self.metrics))
         for name in ("short_beta", "long_beta"):
             beta = parse_number(getattr(self, name), name, "a number >= 0 and < 1 (for example 0.9)", SettingsError)
             if not 0 <= beta < 1:
@@ -80,17 +98,19 @@ class Divergence:
     value: float
     short_average: float | None
     long_average: float | None
+    metric: str = "loss"
 
     def describe(self) -> str:
         if not math.isfinite(self.value):
-            return f"loss became {self.value} at step {self.step}"
+            return f"{self.metric} became {self.value} at step {self.step}"
         return (
-            f"loss jumped to {self.value:.4g} at step {self.step}: its 10-step average "
+            f"{self.metric} jumped to {self.value:.4g} at step {self.step}: its 10-step average "
             f"{self.short_average:.4g} rose far above its 100-step average {self.long_average:.4g}"
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "value": self.value if math.isfinite(self.value) else str(self.value),
+        return {"metric": self.metric, "step": self.step,
+                "value": self.value if math.isfinite(self.value) else str(self.value),
                 "short_average": self.short_average, "long_average": self.long_average}
 
 

@@ -33,7 +33,8 @@ before any callback runs, so a callback alone cannot move it. ``babysit.hf.train
 or a rollback has just loaded one, the callback stops that call before anything is trained and
 ``train`` calls ``trainer.train(resume_from_checkpoint=D)`` again, in the same process, with the
 same Run. ``D`` is a temporary folder holding only what the Trainer reads to place its loop: a
-``trainer_state.json`` whose ``global_step`` is the checkpoint's, and an empty ``model.safetensors``
+``trainer_state.json`` as the Trainer's own save writes it, at the checkpoint's step
+(:mod:`babysit.hf_state`), and an empty ``model.safetensors``
 (the Trainer insists on a weights file; babysit has already loaded the weights, optimizer,
 scheduler and random generators, and keeps them: the Trainer finds nothing else to load there).
 The Trainer then skips the epochs and batches before that step, exactly as it does for its own
@@ -72,8 +73,10 @@ from transformers.trainer_utils import TrainOutput
 from .checkpoint import rng_state, set_rng_state
 from .errors import SettingsError
 from .guard import GuardConfig
+from .hf_state import restart_state
 from .parallelism import refusal
 from .run import Interrupt, Run
+from .seeding import EXACTNESS, seeded, unseeded_warning
 from .signals import install_stop_handlers
 
 __all__ = ["BabysitCallback", "RestartNeeded", "train"]
@@ -143,6 +146,9 @@ class BabysitCallback(TrainerCallback):
         self._config = dict(config or {})
         json.dumps(self._config)  # fail here, not when training starts
         self._items_per_step = items_per_step
+        # Made before the Trainer, which seeds torch itself (TrainingArguments.seed): whether the
+        # script seeded what it drew before (its data, its model) is known only here.
+        self._seeded = seeded()
         self.run: Run | None = None
         self._driven = False              # started by babysit.hf.train, which restarts the loop
         self._carried: dict[str, Any] | None = None   # what a restart of the loop takes over
@@ -164,6 +170,9 @@ class BabysitCallback(TrainerCallback):
             self.run = Run(self.run_dir, model, optimizer, lr_scheduler, config=self._run_config(args),
                            items_per_step=self._items_per_step or _samples_per_step(args), **self._run_kwargs)
             self.run.refuse_excursions(EXCURSIONS_REFUSED)
+            if not self._seeded:
+                self.run.warn(EXACTNESS, unseeded_warning("transformers.set_seed(0) (the Trainer seeds only "
+                                                          "once it is made, after the data and the model)"))
             self.run.refuse_data_skips(DATA_SKIPS_REFUSED)
             self._restore_signals = install_stop_handlers(self.run.request_stop, lambda: self.run.stop_requested)
         else:
@@ -295,7 +304,7 @@ class BabysitCallback(TrainerCallback):
         self._carried = {
             "lrs": [group["lr"] for group in run.optimizer.param_groups],
             "rng": rng_state(),
-            "trainer_state": self._trainer_state_at(state, run.step, run.steps_per_epoch),
+            "trainer_state": (state, run.step, run.steps_per_epoch),
         }
         if self._driven:
             raise RestartNeeded(why)
@@ -339,16 +348,6 @@ class BabysitCallback(TrainerCallback):
             self._ended = True
             raise ValueError(message)
 
-    @staticmethod
-    def _trainer_state_at(state: TrainerState, step: int, steps_per_epoch: int | None) -> TrainerState:
-        return TrainerState(
-            global_step=step, epoch=step / steps_per_epoch if steps_per_epoch else 0.0, max_steps=state.max_steps,
-            num_train_epochs=state.num_train_epochs, train_batch_size=state.train_batch_size,
-            logging_steps=state.logging_steps, eval_steps=state.eval_steps, save_steps=state.save_steps,
-            best_metric=state.best_metric, best_global_step=state.best_global_step,
-            best_model_checkpoint=state.best_model_checkpoint,
-        )
-
     def _run_config(self, args: TrainingArguments) -> dict[str, Any]:
         # Through JSON: the Trainer's enums (lr_scheduler_type, optim) are str subclasses, which a
         # checkpoint would pickle as objects that torch.load(weights_only=True) refuses.
@@ -361,14 +360,16 @@ class BabysitCallback(TrainerCallback):
             self._restore_signals = None
 
     @contextmanager
-    def _resume_point(self) -> Iterator[str | None]:
-        """The folder ``trainer.train(resume_from_checkpoint=)`` places its loop with, or None."""
+    def _resume_point(self, callbacks: list[Any]) -> Iterator[str | None]:
+        """The folder ``trainer.train(resume_from_checkpoint=)`` places its loop with, or None;
+        ``callbacks`` are the Trainer's (their state goes into the folder's trainer state)."""
         carried = self._carried
         if carried is None:
             yield None
             return
         with tempfile.TemporaryDirectory(prefix="babysit-hf-resume-") as folder:
-            carried["trainer_state"].save_to_json(os.path.join(folder, "trainer_state.json"))
+            live, step, steps_per_epoch = carried["trainer_state"]
+            restart_state(live, callbacks, step, steps_per_epoch).save_to_json(os.path.join(folder, "trainer_state.json"))
             _write_empty_weights(os.path.join(folder, "model.safetensors"))
             with _quiet_about_empty_weights():
                 yield folder
@@ -396,7 +397,7 @@ def train(trainer: Any, **train_kwargs: Any) -> TrainOutput:
     try:
         while True:
             try:
-                with callback._resume_point() as folder:
+                with callback._resume_point(trainer.callback_handler.callbacks) as folder:
                     return trainer.train(resume_from_checkpoint=folder, **train_kwargs)
             except RestartNeeded:
                 continue

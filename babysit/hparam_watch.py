@@ -140,6 +140,7 @@ class _OtherWatch:
 
 
 def scheduler_steps(scheduler: Any) -> Any:
+    scheduler = optim.real_scheduler(scheduler)  # accelerate's wrapper keeps no count of its own
     if scheduler is None:
         return None
     return getattr(scheduler, "last_epoch", None), getattr(scheduler, "_step_count", None)

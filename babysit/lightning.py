@@ -61,6 +61,7 @@ Every rank makes the Run and calls it identically; nothing here depends on the r
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -73,6 +74,7 @@ from .errors import SettingsError
 from .guard import GuardConfig
 from .parallelism import refusal
 from .run import Interrupt, Run
+from .seeding import EXACTNESS, seeded, unseeded_warning
 from .signals import install_stop_handlers
 from .store import PAUSED, RUNNING
 
@@ -132,6 +134,7 @@ class BabysitCallback(pl.Callback):
                                 checkpoint_every_minutes=checkpoint_every_minutes, flush_interval=flush_interval,
                                 items_per_step=items_per_step, item_unit=item_unit)
         self._user_state = state
+        self._seeded = seeded()  # made before the Trainer: after the script drew its data and model
         self.run: Run | None = None
         self._counters = _LightningCounters(self)
         self._cut = False              # a stop or rollback was applied: end the epoch at the next batch
@@ -169,6 +172,8 @@ class BabysitCallback(pl.Callback):
         self.run = Run(self.run_dir, pl_module, None if optimizers else first, scheduler or None,
                        optimizers=optimizers, state=state, **self._run_kwargs)
         self.run.refuse_excursions(EXCURSIONS_REFUSED)
+        if not (self._seeded or seeded()):
+            self.run.warn(EXACTNESS, unseeded_warning("pl.seed_everything(0)"))
         self.run.max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         # Ctrl-C and SIGTERM: a stop at the next step boundary with a final checkpoint, as in your
         # own loop. Lightning, registering its SIGTERM handler after this hook, calls this one too.
@@ -307,7 +312,27 @@ class BabysitCallback(pl.Callback):
         if self._epoch_to_end:
             self._epoch_to_end = False
             assert self.run is not None
+            epoch_values = self._epoch_metrics()
+            if epoch_values:
+                self.run.log_epoch(**epoch_values)
             self.run.end_epoch()
+
+    def _epoch_metrics(self) -> dict[str, Any]:
+        """What the module ``self.log``-ged for the training epoch (``on_epoch=True``: torchmetrics'
+        usual way), as Lightning reduced it when the epoch ended: the chart's per-epoch values at
+        the epoch's last step, and the epoch checkpoint's metrics."""
+        trainer = self._trainer
+        if trainer is None:
+            return {}
+        reduced = trainer.callback_metrics
+        values = {}
+        for result in trainer.fit_loop.epoch_loop._results.values():
+            meta = result.meta
+            if meta.on_epoch:
+                name = f"{meta.name}_epoch" if meta.on_step else meta.name  # Lightning's name for each
+                if isinstance(reduced.get(name), torch.Tensor):
+                    values[name] = reduced[name]
+        return values
 
     def _live(self) -> Run | None:
         """The run, while it runs (not yet made, or stopped, finished, crashed: None)."""
@@ -334,6 +359,11 @@ class BabysitCallback(pl.Callback):
             tracker.ready = tracker.completed = steps
         manual = epoch_loop.manual_optimization.optim_step_progress.total
         manual.ready = manual.completed = int(loaded.get("manual_steps", position.step))
+        for checkpointer in _model_checkpoints(trainer):
+            # Lightning's ModelCheckpoint saves at an epoch's end unless it saved at this global
+            # step already: the restored step is one, so the cut epoch's end saves nothing (its
+            # monitored values would be the branch left behind's).
+            checkpointer._last_global_step_saved = steps
         epoch_loop._batches_that_stepped = position.step
         batches = epoch_loop.batch_progress
         batches.total.ready = batches.total.started = batches.total.processed = batches.total.completed = position.step
@@ -372,13 +402,44 @@ class _LightningCounters:
             "optimizer_steps": epoch_loop.automatic_optimization.optim_progress.optimizer_steps,
             "manual_steps": epoch_loop.manual_optimization.optim_step_progress.total.completed,
             "extra": {name: obj.state_dict() for name, obj in self.extra.items()},
+            "model_checkpoints": [checkpointer.state_dict() for checkpointer in _model_checkpoints(trainer)],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, saved in (state.get("extra") or {}).items():
             if name in self.extra:
                 self.extra[name].load_state_dict(saved)
+        trainer = self.callback._trainer
+        saved_checkpointers = state.get("model_checkpoints")
+        if trainer is not None and saved_checkpointers is not None:
+            for checkpointer, saved in zip(_model_checkpoints(trainer), saved_checkpointers):
+                checkpointer.load_state_dict(saved)
+                _forget_missing_files(checkpointer)
         self.loaded = state
+
+
+def _model_checkpoints(trainer: pl.Trainer) -> list[Any]:
+    """The trainer's ModelCheckpoint callbacks (of whichever Lightning package made it)."""
+    return [c for c in trainer.checkpoint_callbacks if hasattr(c, "best_k_models") and hasattr(c, "state_dict")]
+
+
+def _forget_missing_files(checkpointer: Any) -> None:
+    """A ModelCheckpoint put back as it was at babysit's checkpoint (a rollback, a resume): the
+    top-k files the abandoned branch's better scores pushed out are gone, so its bests are
+    recomputed from the files that are still there (none: no best yet)."""
+    kept = {path: score for path, score in checkpointer.best_k_models.items() if os.path.isfile(path)}
+    checkpointer.best_k_models = kept
+    lowest_first = checkpointer.mode == "min"
+    if kept:
+        ranked = sorted(kept, key=lambda path: float(kept[path]), reverse=not lowest_first)
+        checkpointer.best_model_path, checkpointer.kth_best_model_path = ranked[0], ranked[-1]
+        checkpointer.best_model_score, checkpointer.kth_value = kept[ranked[0]], kept[ranked[-1]]
+    elif checkpointer.monitor is not None or not os.path.isfile(checkpointer.best_model_path or ""):
+        checkpointer.best_model_path = checkpointer.kth_best_model_path = ""
+        checkpointer.best_model_score = None
+        checkpointer.kth_value = torch.tensor(math.inf if lowest_first else -math.inf)
+    if checkpointer.last_model_path and not os.path.isfile(checkpointer.last_model_path):
+        checkpointer.last_model_path = ""
 
 
 class _ResumableLoader:

@@ -71,7 +71,9 @@ def own_state(loader: Any) -> dict[str, Any] | None:
         return None
     try:
         return user_state.plain_copy(loader.state_dict(), "the loader's state_dict()")
-    except TypeError:
+    except (TypeError, AttributeError):
+        # AttributeError: accelerate's prepared DataLoader has state_dict() always, but it works only
+        # when made with use_stateful_dataloader=True; otherwise it is an ordinary loader.
         return None
 
 

@@ -76,9 +76,22 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, scheduler: Any = None) -
     return read_hparams(optimizer)["lr"]  # type: ignore[return-value]
 
 
+def real_scheduler(scheduler: Any) -> Any:
+    """The scheduler that computes the lr: inside a wrapper that only decides when it steps and
+    hands it over as ``.scheduler`` (accelerate's AcceleratedScheduler, which a loop prepared with
+    ``accelerator.prepare`` and the Hugging Face Trainer both step), else ``scheduler`` itself."""
+    seen = 0
+    while scheduler is not None and not hasattr(scheduler, "base_lrs") and getattr(scheduler, "scheduler", None) is not None:
+        scheduler, seen = scheduler.scheduler, seen + 1
+        if seen > 8:  # a wrapper that hands back itself, or a chain no scheduler ends
+            break
+    return scheduler
+
+
 def _scale_scheduler(scheduler: Any, factor: float, optimizer: torch.optim.Optimizer) -> None:
     # base_lrs: most schedulers; max_lrs: CyclicLR; _schedulers: SequentialLR and ChainedScheduler,
     # whose children each keep their own.
+    scheduler = real_scheduler(scheduler)
     for attribute in ("base_lrs", "max_lrs"):
         if isinstance(getattr(scheduler, attribute, None), list):
             setattr(scheduler, attribute, [value * factor for value in getattr(scheduler, attribute)])
@@ -90,6 +103,7 @@ def _scale_scheduler(scheduler: Any, factor: float, optimizer: torch.optim.Optim
 
 def cycles_momentum(scheduler: Any) -> bool:
     """True for schedulers that rewrite momentum at every step (OneCycleLR, CyclicLR by default)."""
+    scheduler = real_scheduler(scheduler)
     if scheduler is None:
         return False
     if getattr(scheduler, "cycle_momentum", False):

@@ -18,7 +18,7 @@ from . import journal_replay
 from .checkpoint import KEY_LAST_COMMAND, REASON_EPOCH
 from .control import RunControl
 from .errors import CheckpointError
-from .guard import DivergenceGuard
+from .guard_watch import WatchedGuards
 from .hparam_watch import HparamWatch
 from .journal_replay import ReplayQueue
 from .position import ResumePosition
@@ -36,7 +36,7 @@ class Loader:
     """Puts a verified checkpoint into one rank's run (``store`` is None on a follower rank)."""
 
     def __init__(self, store: RunStore | None, trainables: Trainables, position: ResumePosition, control: RunControl,
-                 ranks: Ranks | None, hparams: HparamWatch, guard: DivergenceGuard) -> None:
+                 ranks: Ranks | None, hparams: HparamWatch, guard: WatchedGuards) -> None:
         self.store = store
         self.trainables = trainables
         self.position = position
@@ -96,8 +96,8 @@ class Resume:
     """Starts or resumes one run (the leader's share: followers are told what to load)."""
 
     def __init__(self, run_dir: Path, store: RunStore, loader: Loader, snapshots: Snapshots, control: RunControl,
-                 position: ResumePosition, trainables: Trainables, hparams: HparamWatch, guard: DivergenceGuard,
-                 replay: ReplayQueue, *, config: dict[str, Any], guard_metric: str,
+                 position: ResumePosition, trainables: Trainables, hparams: HparamWatch, guard: WatchedGuards,
+                 replay: ReplayQueue, *, config: dict[str, Any],
                  status_fields: Callable[[], dict[str, Any]], expire_stale: Callable[[], None]) -> None:
         self.run_dir = run_dir
         self.store = store
@@ -110,7 +110,6 @@ class Resume:
         self.guard = guard
         self.replay = replay
         self.config = config
-        self.guard_metric = guard_metric
         self.status_fields = status_fields
         self.expire_stale = expire_stale
 
@@ -133,9 +132,10 @@ class Resume:
         resumed_from, fallback_note = self._load_latest_usable(branch)
         resume_step = resumed_from["step"] if resumed_from else 0
         moved = store.supersede_after(position.branch, resume_step)
-        scale = store.starting_mean(self.guard_metric)
-        if scale is not None:  # the guard judges a rise against the loss the run started from
-            self.guard.remember_scale(scale)
+        for name in sorted({info.name for info in store.series() if self.guard.watches(info.name)}):
+            scale = store.starting_mean(name)
+            if scale is not None:  # the guard judges a rise against the loss the run started from
+                self.guard.remember_scale(name, scale)
         self.hparams.record(force=True)
         self.replay.replace([
             c for c in store.applied_commands_after(position.branch, resume_step, self.control.resumed_last_command)

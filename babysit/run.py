@@ -35,7 +35,8 @@ from .control import Interrupt, RunControl
 from .cuts import Cuts
 from .errors import RunDirError, RunLockedError, SettingsError  # noqa: F401 (RunLockedError, as before the error tree)
 from .excursion_runner import NOT_SHARDED, Excursions
-from .guard import DivergenceGuard, GuardConfig
+from .guard import GuardConfig
+from .guard_watch import WatchedGuards
 from .hparam_watch import LOOP, HparamWatch
 from .journal_replay import ReplayQueue
 from .narrator import Narrator
@@ -142,7 +143,7 @@ class Run:
             trainables.shard_group = ranks.group  # a sharded checkpoint loads on every rank together
         self.control, self.position = RunControl(), ResumePosition()
         self._queue = LogQueue(keep=not follows)  # the training thread's share of storing a value
-        self._guard = DivergenceGuard(self.guard_config)
+        self._guard = WatchedGuards(self.guard_config)
         if not follows:
             unusable = usable_run_dir(self.run_dir, must_exist=False)
             if unusable:
@@ -205,7 +206,7 @@ class Run:
         self._cuts = Cuts(store, control, position, trainables, snapshots, loader, hparams, guard_, replay_queue,
                           self._narrator, status_fields=self._status_fields, tell=self._tell)
         resume = Resume(self.run_dir, store, loader, snapshots, control, position, trainables, hparams, guard_,
-                        replay_queue, config=self.config, guard_metric=self.guard_config.metric,
+                        replay_queue, config=self.config,
                         status_fields=self._status_fields, expire_stale=self._commands.expire_stale)
         self._meet(resume.restore_on_start, ranks_module.START)
         store.set_meta("retention", policy.to_json())  # what status and the page say is kept, and why
@@ -406,6 +407,20 @@ class Run:
             if boundary() is not None:  # the step is done: this is a step boundary
                 return
         self.control.epoch_batches_done()
+
+    def enumerate(self, loader: Iterable[Any], start: int = 0) -> Iterator[tuple[int, Any]]:
+        """``enumerate(run.batches(loader))`` whose index is the batch's place in the epoch's data
+        order: after a resume inside an epoch it goes on from there rather than from 0, so a loop's
+        ``if i % 100 == 0`` blocks run where they ran before."""
+        position = self.position
+        for batch in self.batches(loader):
+            yield start + position.step_in_epoch - 1, batch
+
+    def warn(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        """Tell the person at the trainer's terminal and on the page (an event ``kind``), once, from
+        the process that owns the store (under torch.distributed: rank 0)."""
+        if self.store is not None:
+            self._say_once(kind, message, data or {})
 
     def step_boundary(self) -> Interrupt | None:
         """Apply what is due between two steps: replays, queued commands, a pause; record an lr or

@@ -77,6 +77,12 @@ class Trainables:
             raise CommandError(f"unknown optimizer {name!r}; this run has {known}")
         return name
 
+    def between_optimizer_steps(self) -> bool:
+        """True between two micro-batches of accelerate's gradient accumulation (its optimizer
+        wrapper knows): the gradients summed so far are in no checkpoint, so nothing is cut here."""
+        gradients = getattr(self.optimizer, "gradient_state", None)
+        return gradients is not None and getattr(gradients, "sync_gradients", True) is False
+
     # -- lr and momentum ------------------------------------------------------------------------
     def hparams(self, name: str | None = None) -> dict[str, Any]:
         """The lr and momentum an optimizer uses now (the first by default); of the first, with

@@ -37,7 +37,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .guard import Divergence, DivergenceGuard
+from .guard import Divergence
+from .guard_watch import WatchedGuards
 from .commands import PAUSE
 from .store import CHUNK_POINTS, PER_STEP, RunStore, disk_full, disk_full_message
 
@@ -115,7 +116,7 @@ class MetricsWriter:
         *,
         queue: collections.deque[LogItem] | None = None,
         status: Callable[[], dict[str, Any]],
-        guard: DivergenceGuard | None = None,
+        guard: WatchedGuards | None = None,
         on_divergence: Callable[[Divergence, int], None] | None = None,
         on_tick: Callable[[], None] | None = None,
         interval: float = 0.25,
@@ -132,7 +133,7 @@ class MetricsWriter:
         self._dirty: set[tuple[str, int, str]] = set()  # open chunks with points not yet stored
         self._full: list[tuple[tuple[str, int, str], _OpenChunk]] = []  # filled up, not yet stored
         self._bad_names: set[str] = set()  # metrics whose bad values have had their event
-        self._bad_events: list[tuple[str, int, int]] = []  # (message, branch, step) for the next commit
+        self._bad_events: list[tuple[str, str, int, int]] = []  # (kind, message, branch, step) for the next commit
         self._lost = 0  # values taken off the queue that no chunk kept (a failure while sorting them)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -248,8 +249,8 @@ class MetricsWriter:
             with self.store.transaction():  # one commit; on failure the points stay in their open chunks
                 self.store.write_held(held)
                 self.store.write_chunks(pending)
-                for message, branch, step in bad_events:
-                    self.store.add_event("error", message, branch=branch, step=step)
+                for kind, message, branch, step in bad_events:
+                    self.store.add_event(kind, message, branch=branch, step=step)
                 self.store.write_status(**self._status(), heartbeat=time.time())
         except BaseException:
             self.store.restore_held(held)
@@ -265,11 +266,12 @@ class MetricsWriter:
         """Put the values of ``items`` into their open chunks (bad ones dropped and reported), then
         let the guard judge them; the divergences it found. Nothing here touches the store: once
         the items are off the queue, they are kept here or counted as lost, never dropped unsaid."""
-        judged: list[tuple[int, Sequence[int], Sequence[float | None]]] = []
+        judged: list[tuple[str, int, Sequence[int], Sequence[float | None]]] = []
         guard = self._guard
         kept = 0
         try:
-            for per, branch, steps, walls, columns in _runs(items):
+            runs = _runs(items)
+            for per, branch, steps, walls, columns in runs:
                 step_array = np.array(steps, dtype=np.int64)
                 wall_array = np.array(walls, dtype=np.float64)
                 for name, raw in columns.items():
@@ -281,13 +283,13 @@ class MetricsWriter:
                         good[bad] = False
                         self._append((name, branch, per), step_array[good], values[good], wall_array[good])
                     kept += len(raw)
-                    if guard is not None and per == PER_STEP and name == guard.config.metric:
+                    if guard is not None and per == PER_STEP and guard.watches(name):
                         seen: Sequence[float | None] = values
                         if bad is not None:  # the guard skips a None
                             seen = values.tolist()
                             for i in bad:
                                 seen[i] = None
-                        judged.append((branch, steps, seen))
+                        judged.append((name, branch, steps, seen))
         except BaseException as error:
             lost = sum(map(len, (item[4] for item in items))) - kept
             self._lost += lost
@@ -295,10 +297,15 @@ class MetricsWriter:
             raise
         divergences = []
         if guard is not None:
-            for branch, steps, seen in judged:
-                found = guard.feed_many(steps, seen)
+            for name, branch, steps, seen in judged:
+                found = guard.feed_many(name, steps, seen)
                 if found is not None:
                     divergences.append((found, branch))
+            for per, branch, steps, _, columns in runs:
+                warning = guard.nothing_watched(list(columns), steps) if per == PER_STEP else None
+                if warning is not None:
+                    log.warning("babysit: %s", warning)
+                    self._bad_events.append(("guard", warning, branch, steps[-1]))
         return divergences
 
     def _append(self, key: tuple[str, int, str], steps: np.ndarray, values: np.ndarray, walls: np.ndarray) -> None:
@@ -347,7 +354,7 @@ class MetricsWriter:
         message = (f"metric {name!r} at step {step}: value {shown(raw)} {why}; such values are not stored "
                    "(log numbers or one-element tensors)")
         log.warning("babysit: %s", message)
-        self._bad_events.append((message, branch, step))
+        self._bad_events.append(("error", message, branch, step))
 
 
 def shown(value: Any) -> str:

@@ -593,6 +593,19 @@ def measure_whole_loop(work: Workload, scratch: Scratch, *, steps: int, rounds: 
             "compare_rev": compare}
 
 
+def _writers_guard(guard_mod: Any, on: bool) -> tuple[Any, tuple[str, ...]]:
+    """The guard a writer of ``guard_mod``'s package takes (a revision before guard_watch.py took
+    the guard itself), and the files whose lines count as the guard's."""
+    import importlib
+
+    config = guard_mod.GuardConfig(enabled=on)
+    try:
+        watch_mod = importlib.import_module(f"{guard_mod.__package__}.guard_watch")
+    except ModuleNotFoundError:
+        return guard_mod.DivergenceGuard(config), (guard_mod.__file__,)
+    return watch_mod.WatchedGuards(config), (guard_mod.__file__, watch_mod.__file__)
+
+
 def measure_flush_cost(*, sizes: tuple[int, ...] = (100, 500, 2_000), reps: int = 60, compare: str | None = None
                        ) -> dict[str, Any]:
     """What one writer flush of n logged losses costs, without the machine's noise: the Python lines
@@ -620,10 +633,10 @@ def measure_flush_cost(*, sizes: tuple[int, ...] = (100, 500, 2_000), reps: int 
         for label, (guard_mod, writer_mod) in codes.items():
             for on in (True, False):
                 store = RunStore(Path(scratch) / f"{label}-{on}", create=True)
-                guard = guard_mod.DivergenceGuard(guard_mod.GuardConfig(enabled=on))
+                guard, guard_files = _writers_guard(guard_mod, on)
                 writer = writer_mod.MetricsWriter(store, status=lambda: {"state": "running", "step": 1}, guard=guard,
                                                   interval=ASLEEP_S)
-                writers[f"{label}, guard {'on' if on else 'off'}"] = (writer, store, (writer_mod.__file__, guard_mod.__file__))
+                writers[f"{label}, guard {'on' if on else 'off'}"] = (writer, store, (writer_mod.__file__, *guard_files))
         step = 0
         for n in sizes:
             losses = [rng.uniform(0.9, 1.1) for _ in range(n)]
@@ -648,10 +661,10 @@ def measure_flush_cost(*, sizes: tuple[int, ...] = (100, 500, 2_000), reps: int 
                         samples[name]["cpu_us"].append((thread_ns() - c0) / 1e3)
             for name in writers:
                 got = samples[name]
-                writer_file, guard_file = writers[name][2]
+                writer_file, *guard_files = writers[name][2]
                 cpu, released = statistics.median(got["cpu_us"]), statistics.median(got["released_us"])
                 out.setdefault(name, {})[str(n)] = {
-                    "lines_writer": got["lines"][writer_file], "lines_guard": got["lines"][guard_file],
+                    "lines_writer": got["lines"][writer_file], "lines_guard": sum(got["lines"][f] for f in guard_files),
                     "c_calls": got["c_calls"], "cpu_us": cpu, "released_us": released, "gil_held_us": cpu - released}
         for writer, store, _ in writers.values():
             writer.close()

@@ -76,18 +76,20 @@ class ForTheTests(TrainerCallback):
 
 def make_trainer(run_dir: str, *, epochs: int, record: Path | None = None, dump_at: set[int] = frozenset(),
                  pause_at: set[tuple[int, int]] = frozenset(), extra: list[TrainerCallback] = (),
-                 accumulation: int = 1) -> tuple[Trainer, babysit.hf.BabysitCallback]:
+                 accumulation: int = 1, **arguments: object) -> tuple[Trainer, babysit.hf.BabysitCallback]:
+    """The script's Trainer; ``arguments`` override its TrainingArguments (save_strategy=...)."""
     set_seed(0)  # before the model is made: its initial weights are drawn
     config = GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
                         eos_token_id=0)
     model = GPT2LMHeadModel(config)
-    args = TrainingArguments(
+    settings = dict(
         output_dir=os.path.join(run_dir, "hf-output"), num_train_epochs=epochs,
         per_device_train_batch_size=4, per_device_eval_batch_size=16, learning_rate=3e-3,
         lr_scheduler_type="linear", warmup_steps=WARMUP_STEPS, optim="adamw_torch", logging_steps=1,
         eval_strategy="epoch", save_strategy="no", report_to="none", use_cpu=True, seed=0,
         disable_tqdm=True, dataloader_num_workers=0, gradient_accumulation_steps=accumulation,
     )
+    args = TrainingArguments(**{**settings, **arguments})
     babysat = babysit.hf.BabysitCallback(run_dir)
     callbacks = [babysat, *extra]
     if record is not None:

@@ -45,7 +45,7 @@ def test_non_finite_loss_trips_at_once_even_in_warm_up(bad: float):
     assert found.short_average == pytest.approx(1.0, rel=1e-12)
     assert found.long_average == pytest.approx(1.0, rel=1e-12)
     assert found.describe() == f"loss became {bad} at step 4"
-    assert found.as_dict() == {"step": 4, "value": str(bad), "short_average": found.short_average,
+    assert found.as_dict() == {"metric": "loss", "step": 4, "value": str(bad), "short_average": found.short_average,
                                "long_average": found.long_average}
     assert guard.tripped
 
@@ -77,7 +77,7 @@ def test_sustained_blow_up_trips_within_a_few_steps():
     assert divergence.short_average == pytest.approx(_ewma(seen, 0.9), rel=1e-9)
     assert divergence.long_average == pytest.approx(_ewma(seen, 0.99), rel=1e-9)
     assert divergence.short_average > 3 * divergence.long_average
-    assert divergence.as_dict() == {"step": divergence.step, "value": divergence.value,
+    assert divergence.as_dict() == {"metric": "loss", "step": divergence.step, "value": divergence.value,
                                     "short_average": divergence.short_average,
                                     "long_average": divergence.long_average}
     assert divergence.describe().startswith(f"loss jumped to {divergence.value:.4g} at step {divergence.step}: ")
@@ -186,8 +186,8 @@ def test_disabled_guard_never_trips():
 # -- settings --------------------------------------------------------------------------------
 def test_defaults():
     config = GuardConfig()
-    assert (config.metric, config.spike_factor, config.warmup_steps, config.enabled, config.auto_remedy_max) == (
-        "loss", 3.0, 50, True, 0)
+    assert (config.metrics, config.spike_factor, config.warmup_steps, config.enabled, config.auto_remedy_max) == (
+        None, 3.0, 50, True, 0)
 
 
 @pytest.mark.parametrize(("raw", "shown"), [(1, "1"), (1.0, "1.0"), (0.5, "0.5"), (-3, "-3"), (math.nan, "nan"),
@@ -426,3 +426,16 @@ def test_the_value_by_value_loop_runs_a_bounded_number_of_lines_per_value() -> N
         assert not guard.tripped
     per_value = (counts[guard_module.SCALAR_UP_TO] - counts[100]) / (guard_module.SCALAR_UP_TO - 100)
     assert per_value <= 16, counts
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(metrics="loss"), r"metrics must be a list of metric names, .* got 'loss'"),
+    (dict(metrics=[]), r"metrics must be a list of metric names, .* got \[\]"),
+    (dict(metrics=["loss", 3]), r"metrics must be a list of metric names, .* got \['loss', 3\]"),
+    (dict(metric=""), r"metric must be a metric name, got ''"),
+    (dict(metric="a", metrics=["b"]), r"give metrics or metric, not both"),
+])
+def test_guard_metrics_are_checked(bad: dict, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        GuardConfig(**bad)
+    assert GuardConfig(metrics=["loss_D", "loss_G"]).metrics == ("loss_D", "loss_G")

@@ -314,3 +314,70 @@ def test_a_resume_inside_an_epoch_with_gradient_accumulation_matches_a_run_never
     trainer, _ = hf_script.make_trainer(str(run_dir), epochs=2, accumulation=2)
     assert babysit.hf.train(trainer).global_step == 16
     assert same(trainer.model.state_dict(), reference.model.state_dict())
+
+
+def test_the_trainers_own_saves_go_on_after_a_rollback_and_a_restart(tmp_path: Path) -> None:
+    """In process, save_strategy="steps" with save_total_limit: a rollback at step 20 to epoch 1's
+    checkpoint, a stop at step 26 of the new branch, and a restart of the script; the Trainer saves
+    its own checkpoints all along (its state with its TrainerControl) and keeps two of them."""
+    from transformers import TrainerCallback
+
+    import babysit.hf
+    from tests import hf_script
+
+    torch.set_num_threads(1)
+    run_dir = tmp_path / "run"
+    output = run_dir / "hf-output"
+    saving = dict(save_strategy="steps", save_steps=5, save_total_limit=2)
+
+    class RollBackThenStop(TrainerCallback):
+        def __init__(self, babysat: babysit.hf.BabysitCallback) -> None:
+            self.babysat = babysat
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            run, step = self.babysat.run, state.global_step + 1
+            if (run.branch, step) == (1, 20):
+                wait_for(lambda: RunStore(run_dir).checkpoints(), timeout=60, what="epoch 1's checkpoint listed")
+                first = RunStore(run_dir).checkpoints()[0]
+                RunStore(run_dir).enqueue_command(cmd.ROLLBACK, {"checkpoint": first["id"]}, source="test")
+            if (run.branch, step) == (2, 26):
+                RunStore(run_dir).enqueue_command(cmd.STOP, source="test")
+
+    trainer, babysat = hf_script.make_trainer(str(run_dir), epochs=2, **saving)
+    trainer.add_callback(RollBackThenStop(babysat))
+    assert babysit.hf.train(trainer).global_step == 26
+    store = RunStore(run_dir)
+    assert [(c["branch"], c["step"], c["reason"]) for c in store.checkpoints()] == [(1, 16, "epoch"), (2, 26, "stop")]
+    saved = json.loads((output / "checkpoint-25" / "trainer_state.json").read_text())
+    assert saved["global_step"] == 25 and "TrainerControl" in saved["stateful_callbacks"]
+
+    trainer, _ = hf_script.make_trainer(str(run_dir), epochs=2, **saving)
+    assert babysit.hf.train(trainer).global_step == 32
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-30", "checkpoint-32"]
+    assert RunStore(run_dir).status()["state"] == "finished"
+
+
+def test_a_script_that_never_seeded_torch_before_the_trainer_is_told_what_to_add(tmp_path: Path) -> None:
+    """The Trainer seeds torch itself, but only once made: the data and model drawn before are
+    another draw in a restarted process, unless the script seeded them."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    import babysit.hf
+    from tests import hf_script
+
+    torch.set_num_threads(1)
+    torch.manual_seed(2**40 + 12345)  # what an unseeded process holds
+    babysat = babysit.hf.BabysitCallback(tmp_path / "run")
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=hf_script.VOCAB, n_positions=hf_script.LENGTH, n_embd=16,
+                                       n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=hf_script.counting_sequences(8, seed=1),
+                      callbacks=[babysat])
+    babysit.hf.train(trainer)
+    [event] = [e for e in RunStore(tmp_path / "run").events() if e["kind"] == "exactness"]
+    assert "torch was not seeded" in event["message"] and "transformers.set_seed(0)" in event["message"]
+    # The harness seeds before it builds anything: no warning.
+    seeded, _ = hf_script.make_trainer(str(tmp_path / "seeded"), epochs=1, max_steps=2)
+    babysit.hf.train(seeded)
+    assert not [e for e in RunStore(tmp_path / "seeded").events() if e["kind"] == "exactness"]

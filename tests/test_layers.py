@@ -32,7 +32,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # What is on disk and how an optimizer or a loss is read: the run store, checkpoints; and the
     # panda's instruments' readings of a run (hints, probe and sweep results, journals, comparisons).
     "records": ("store", "checkpoint", "dcp_folder", "sharded", "arrivals", "sharded_writer", "parallelism", "optim",
-                "optimizer_set", "guard", "instruments", "retention", "cadence"),
+                "optimizer_set", "guard", "guard_watch", "instruments", "retention", "cadence"),
     # The trainer side: the Run and the pieces it is made of. `babysit` itself is the public face
     # of Run (its names load from here).
     "trainer": ("user_state", "control", "loader_skip", "position", "trainables", "ranks", "snapshots", "hparam_watch",
@@ -40,7 +40,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                 "run_settings", "run",
                 "babysit"),
     # Training jobs and framework adapters written against the public API.
-    "jobs": ("jobs", "lightning", "hf"),
+    "jobs": ("jobs", "seeding", "lightning", "hf", "hf_state"),
     # What a person runs: the CLI and the dashboard.
     "faces": ("cli", "probes_text", "__main__", "ui"),
 }

@@ -370,3 +370,113 @@ def test_with_two_optimizers_babysit_names_them_by_place_nudges_either_and_resto
     assert second.optimizers[1].param_groups[0]["betas"][0] == 0.8 and second.optimizers[0].param_groups[0][
         "momentum"] == 0.9
     assert [(c["epoch"], c["step"]) for c in store.checkpoints()] == [(1, 8), (2, 16)]
+
+
+def scored(lightning: Any) -> Any:
+    """A regression with a training metric logged per epoch only (torchmetrics' usual way) and a
+    validation loss a ModelCheckpoint monitors, as a module of the ``lightning`` package given."""
+
+    class Scored(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.log("train_mae", (self.net(x) - y).abs().mean(), on_step=False, on_epoch=True)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    return Scored()
+
+
+class RollBackAt(pl.Callback):
+    """Queue a rollback to epoch 1's checkpoint, with a tiny lr, at branch 1's step ``step``; note
+    each validation's loss by branch."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        self.run_dir, self.step, self.babysat = run_dir, step, None
+        self.val_losses: dict[int, list[float]] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        run = self.babysat.run
+        if (run.branch, run.step + 1) == (1, self.step):
+            wait_for(lambda: RunStore(self.run_dir).checkpoints(), timeout=60, what="epoch 1's checkpoint listed")
+            first = RunStore(self.run_dir).checkpoints()[0]
+            RunStore(self.run_dir).enqueue_command("rollback", {"checkpoint": first["id"], "hparams": "current",
+                                                                "lr": 1e-6}, source="test")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.val_losses.setdefault(self.babysat.run.branch, []).append(float(trainer.callback_metrics["val_loss"]))
+
+
+@pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])
+def test_model_checkpoint_forgets_the_abandoned_branch_and_epoch_metrics_reach_the_chart(tmp_path: Path,
+                                                                                           package: str) -> None:
+    """Branch 1 trains 3 epochs well (ModelCheckpoint's best: epoch 3's); a rollback to epoch 1's
+    checkpoint goes on with an lr too small to learn. The best and the top-k are then branch 2's
+    files, never the weights rolled away from; per-epoch training metrics are on the chart."""
+    import importlib
+
+    lightning = importlib.import_module(package)
+    callbacks = importlib.import_module(f"{package}.callbacks")
+    torch.set_num_threads(1)
+    run_dir, saved = tmp_path / "run", tmp_path / "lightning-checkpoints"
+    torch.manual_seed(0)
+    x = torch.randn(96, 4)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=8, shuffle=True)
+    val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
+    best = callbacks.ModelCheckpoint(dirpath=saved, monitor="val_loss", save_top_k=2)
+    babysat = BabysitCallback(run_dir, flush_interval=0.05)
+    rollback = RollBackAt(run_dir, step=28)
+    rollback.babysat = babysat
+    trainer = lightning.Trainer(max_epochs=5, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, callbacks=[babysat, rollback, best])
+    trainer.fit(scored(lightning), train, val)
+
+    assert sorted(rollback.val_losses) == [1, 2] and len(rollback.val_losses[2]) == 4
+    assert min(rollback.val_losses[1]) < min(rollback.val_losses[2])  # the abandoned branch scored better
+    assert float(best.best_model_score) == pytest.approx(min(rollback.val_losses[2]))
+    assert set(best.best_k_models) <= {str(p) for p in saved.glob("*.ckpt")}
+    assert sorted(float(v) for v in best.best_k_models.values()) == pytest.approx(sorted(rollback.val_losses[2])[:2])
+    # trainer.test(ckpt_path="best") would load branch 2's weights: its best file holds them.
+    best_weights = torch.load(best.best_model_path, weights_only=False)["state_dict"]
+    store = RunStore(run_dir)
+    branch_2 = [c for c in store.checkpoints() if c["branch"] == 2]
+    assert any(torch.equal(best_weights["net.weight"], read_verified(run_dir / c["file"], c["sha256"])[KEY_MODEL]["net.weight"])
+               for c in branch_2)
+
+    # The per-epoch training metric: one point per trained epoch, at its last step.
+    series = {(s.branch, s.per): s for s in store.series() if s.name == "train_mae"}
+    steps, values, _ = store.chunk_points(series[(1, "epoch")].id)
+    assert steps.tolist() == [8, 16, 24] and all(v > 0 for v in values.tolist())
+    steps, _, _ = store.chunk_points(series[(2, "epoch")].id)
+    assert steps.tolist() == [16, 24, 32, 40]
+    assert "train_mae" in store.checkpoints()[0]["metrics"]
+
+
+@pytest.mark.parametrize("seed, warned", [(None, True), (0, False)])
+def test_a_script_that_never_seeded_torch_is_told_what_to_add(tmp_path: Path, monkeypatch: Any, seed: int | None,
+                                                              warned: bool) -> None:
+    """torch.initial_seed() is a 64-bit pick of torch's own when the script seeds nothing."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    torch.manual_seed(2**40 + 12345 if seed is None else seed)  # what an unseeded process holds
+    x = torch.randn(32, 4)
+    train = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[BabysitCallback(tmp_path / "run", flush_interval=0.05)])
+    trainer.fit(scored(pl), train)
+    events = [e for e in RunStore(tmp_path / "run").events() if e["kind"] == "exactness"]
+    assert bool(events) is warned
+    if warned:
+        assert "torch was not seeded" in events[0]["message"] and "pl.seed_everything(0)" in events[0]["message"]

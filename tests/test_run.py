@@ -359,6 +359,10 @@ def test_divergence_pauses_the_run_and_offers_the_remedy(tmp_path: Path) -> None
     assert [c["step"] for c in store.checkpoints()] == [8]
     failed = [e for e in store.events() if e["kind"] == "checkpoint_failed"]
     assert failed and "NaN or infinity" in failed[0]["message"]
+    # ... and the stop says so, rather than promise a final checkpoint that is not there.
+    stopped = [e for e in store.events() if e["kind"] == "stopped"]
+    assert "without a final checkpoint" in stopped[0]["message"] and "NaN or infinity" in stopped[0]["message"]
+    assert "without a final checkpoint" in store.status()["message"]
 
 
 def test_auto_remedy_rolls_back_with_half_the_lr(tmp_path: Path) -> None:
@@ -447,3 +451,68 @@ def test_a_restart_with_another_lr_says_on_the_terminal_that_the_checkpoint_s_lr
                     "optimizer was built with lr 0.01, checkpoint #1 holds 0.1 and it is used (`python -m babysit set "
                     "lr` nudges it); model, optimizer, lr and momentum come from the checkpoint, the new config is "
                     "used for everything else"]
+
+
+def test_the_guard_watches_each_loss_a_gan_loop_logs(tmp_path: Path) -> None:
+    """Two networks, two losses, none named "loss": the generator's turning NaN at step 13 pauses
+    the run, and the event names it."""
+    import babysit
+
+    torch.manual_seed(0)
+    net_d, net_g = torch.nn.Linear(4, 1), torch.nn.Linear(2, 4)
+    model = torch.nn.ModuleDict({"D": net_d, "G": net_g})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = torch.utils.data.DataLoader(torch.randn(64, 4), batch_size=4)
+
+    def stop_when_paused() -> None:
+        wait_for(lambda: (tmp_path / "gan" / "run.db").exists() and RunStore(tmp_path / "gan").status().get("state")
+                 == "paused", what="the guard's pause")
+        RunStore(tmp_path / "gan").enqueue_command(cmd.STOP, source="test")
+
+    thread = threading.Thread(target=stop_when_paused, daemon=True)
+    thread.start()
+    with babysit.Run(tmp_path / "gan", model, optimizer, guard=GuardConfig(warmup_steps=0)) as run:
+        for _epoch in run.epochs(3):
+            for real in run.batches(data):
+                fake = net_g(torch.randn(4, 2))
+                loss_d = net_d(real).mean() - net_d(fake.detach()).mean()
+                loss_g = -net_d(fake).mean()
+                optimizer.zero_grad()
+                (loss_d + loss_g).backward()
+                optimizer.step()
+                run.log(loss_D=loss_d, loss_G=loss_g if run.step < 13 else torch.tensor(float("nan")))
+                if run.step == 14:
+                    run.writer.flush()  # the guard reads the NaN now (the writer would, within 0.25 s)
+    thread.join(timeout=60)
+    store = RunStore(tmp_path / "gan")
+    [divergence] = [e for e in store.events() if e["kind"] == "divergence"]
+    assert "loss_G became nan at step 13" in divergence["message"] and divergence["data"]["metric"] == "loss_G"
+    assert store.status()["state"] == "stopped"
+
+
+def test_run_enumerate_counts_from_where_a_resumed_epoch_goes_on(tmp_path: Path) -> None:
+    """Stopped at the 5th of 8 batches, the resumed epoch's indices go on at 5, as an
+    uninterrupted run's would; enumerate(run.batches(...)) would start again at 0."""
+    import babysit
+
+    def indices(stop_at: int | None) -> list[tuple[int, int]]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        loader = torch.utils.data.DataLoader(torch.randn(64, 4), batch_size=8, shuffle=True)
+        seen = []
+        with babysit.Run(tmp_path / "run", model, optimizer) as run:
+            for epoch in run.epochs(2):
+                for i, batch in run.enumerate(loader, start=100):
+                    loss = model(batch).pow(2).mean()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    run.log(loss=loss)
+                    seen.append((epoch, i))
+                    if run.step == stop_at:
+                        run.request_stop("the test")
+        return seen
+
+    assert indices(stop_at=5) == [(1, 100 + i) for i in range(5)]
+    assert indices(stop_at=None) == [(1, 105), (1, 106), (1, 107)] + [(2, 100 + i) for i in range(8)]

@@ -16,6 +16,7 @@ import torch
 
 from babysit import store as st
 from babysit.guard import Divergence, DivergenceGuard, GuardConfig
+from babysit.guard_watch import NOTHING_WATCHED_AFTER, WatchedGuards
 from babysit.store import CHUNK_POINTS, RunStore
 from babysit.writer import MetricsWriter, to_float
 from bench.common import lines_run
@@ -221,8 +222,7 @@ def test_status_and_heartbeat_are_written(harness: _Harness):
 
 
 def test_guard_callback_fires_for_a_nan_loss(store: RunStore):
-    guard = DivergenceGuard(GuardConfig())
-    harness = _Harness(store, guard=guard)
+    harness = _Harness(store, guard=WatchedGuards(GuardConfig()))
     harness.log(1, loss=1.0, acc=math.nan)  # only the guarded metric is judged
     harness.log(2, per=st.PER_EPOCH, loss=math.nan)  # per-epoch values are not fed to the guard
     harness.writer.flush()
@@ -240,7 +240,7 @@ def test_guard_callback_fires_for_a_nan_loss(store: RunStore):
 
 
 def test_guard_watches_the_configured_metric(store: RunStore):
-    harness = _Harness(store, guard=DivergenceGuard(GuardConfig(metric="train_loss")))
+    harness = _Harness(store, guard=WatchedGuards(GuardConfig(metric="train_loss")))
     harness.log(1, loss=math.nan)
     harness.writer.flush()
     assert harness.divergences == []
@@ -248,6 +248,51 @@ def test_guard_watches_the_configured_metric(store: RunStore):
     harness.writer.flush()
     harness.writer.close()
     assert [(d.step, b) for d, b in harness.divergences] == [(2, 1)]
+
+
+def test_the_guard_watches_every_loss_by_default_each_on_its_own(store: RunStore):
+    """A GAN's two losses on their scales: loss_G going NaN is found though loss_D stays healthy;
+    a value without "loss" in its name is not judged, nor one GuardConfig(metrics=) leaves out."""
+    harness = _Harness(store, guard=WatchedGuards(GuardConfig()))
+    for step in range(1, 30):
+        harness.log(step, loss_D=0.7, loss_G=5.0 if step < 21 else math.nan, grad=math.inf)
+    harness.writer.flush()
+    harness.writer.close()
+    [(found, branch)] = harness.divergences
+    assert (found.metric, found.step, branch) == ("loss_G", 21, 1)
+    assert found.describe() == "loss_G became nan at step 21"
+
+    named = _Harness(store, guard=WatchedGuards(GuardConfig(metrics=["loss_D"])))
+    for step in range(1, 30):
+        named.log(step, loss_D=0.7, loss_G=math.nan)
+    named.writer.flush()
+    named.writer.close()
+    assert named.divergences == []
+
+
+def test_a_guard_that_watches_nothing_says_so_once(store: RunStore, caplog):
+    harness = _Harness(store, guard=WatchedGuards(GuardConfig()))
+    for step in range(1, NOTHING_WATCHED_AFTER):
+        harness.log(step, err_D=0.5, err_G=1.0)
+    harness.writer.flush()
+    assert not [e for e in store.events() if e["kind"] == "guard"]
+    for step in range(NOTHING_WATCHED_AFTER, 3 * NOTHING_WATCHED_AFTER):
+        harness.log(step, err_D=0.5, err_G=math.nan)
+        harness.writer.flush()
+    harness.writer.close()
+    [event] = [e for e in store.events() if e["kind"] == "guard"]
+    assert event["step"] == NOTHING_WATCHED_AFTER + 1
+    assert "guard watches nothing" in event["message"] and "'err_D', 'err_G'" in event["message"]
+    assert "GuardConfig(metrics=[...])" in event["message"]
+    assert [r for r in caplog.records if "guard watches nothing" in r.getMessage()]
+    assert harness.divergences == []
+
+    watched = _Harness(store, guard=WatchedGuards(GuardConfig()))
+    for step in range(1, 3 * NOTHING_WATCHED_AFTER):
+        watched.log(step, acc=0.5, **({"loss": 1.0} if step % 10 == 0 else {}))
+        watched.writer.flush()
+    watched.writer.close()
+    assert len([e for e in store.events() if e["kind"] == "guard"]) == 1
 
 
 def test_the_guard_judges_each_flush_in_one_call(store: RunStore):
@@ -261,7 +306,7 @@ def test_the_guard_judges_each_flush_in_one_call(store: RunStore):
             calls.append(len(values))
             return super().feed_many(steps, values)
 
-    harness = _Harness(store, guard=CountingGuard(GuardConfig()))
+    harness = _Harness(store, guard=WatchedGuards(GuardConfig(), make=CountingGuard))
     for step in range(1, 2001):
         harness.log(step, loss=1.0 + (step % 7) * 0.01, lr=0.1)
     harness.writer.flush()
@@ -376,7 +421,7 @@ def test_a_full_chunk_is_not_lost_when_its_flush_fails(harness: _Harness, monkey
 def test_a_divergence_found_during_a_failed_flush_is_still_reported(store: RunStore, monkeypatch: pytest.MonkeyPatch):
     # The guard trips once; if the flush that tripped it fails, the report must come with the retry,
     # or a NaN loss would never pause the run.
-    harness = _Harness(store, guard=DivergenceGuard(GuardConfig()))
+    harness = _Harness(store, guard=WatchedGuards(GuardConfig()))
     _fail_once(store, monkeypatch)
     harness.log(1, loss=1.0)
     harness.log(2, loss=math.nan)
@@ -408,7 +453,7 @@ def test_names_logged_on_some_steps_only_are_each_stored_at_their_steps(harness:
 def test_a_nan_in_the_middle_of_a_long_flush_is_reported_at_its_step(store: RunStore):
     # Fed a whole flush at once, the guard still reports the very step of a NaN or of a jump,
     # at the end of the flush that carries it (within one flush interval of being logged).
-    harness = _Harness(store, guard=DivergenceGuard(GuardConfig()))
+    harness = _Harness(store, guard=WatchedGuards(GuardConfig()))
     for step in range(1, 3001):
         harness.log(step, loss=math.nan if step == 2345 else 1.0 + (step % 5) * 0.01)
     harness.writer.flush()
@@ -427,7 +472,7 @@ def test_a_flushs_python_work_grows_with_its_chunks_not_with_its_values(store: R
     from babysit import guard as guard_module, writer as writer_module
 
     files = (writer_module.__file__, guard_module.__file__, st.__file__)
-    harness = _Harness(store, guard=DivergenceGuard(GuardConfig()))
+    harness = _Harness(store, guard=WatchedGuards(GuardConfig()))
     step = 0
 
     def flush_of(n: int) -> dict[str, int]:
