@@ -42,9 +42,9 @@ item  attack                                                 test
                                                              divergence tests ordered by writer.flush()
 ====  =====================================================  ===========================================
 
-Issue 26, "Tried to break it again": items 1, 3, 5, 6 and 7 (the tests named ``test_itemN_...`` below
-the issue's heading in this file, and ``test_issue26_item1_...``, failed on main at dec3ec3 and pass
-now).
+Issue 26, "Tried to break it again": every item, 1 to 8 (the tests named ``test_itemN_...`` below
+the issue's heading in this file, ``test_issue26_item1_...`` and those the table names elsewhere
+failed on main at dec3ec3 and pass now).
 
 ====  ================================  ====================================  ====================================
 item  attack                            before                                after
@@ -98,6 +98,21 @@ item  attack                            before                                af
 7     ``run.log(loss=torch.ones(3))``;  RuntimeError without the key;         the value dropped, an event names
       ``log_epoch(val_loss='x')`` or    ValueError / TypeError crashed the    the metric and step; the run and
       ``None``                          run                                   the other values go on
+2     ``probe --from C`` under          the return point's retention deleted  a fork and return point in use are
+      ``keep_last``                     C; probe 2 reloaded it: Checkpoint-   pinned until the excursion ends
+                                        Error, the trainer died, the probe    (test_long_runs.py::test_a_probe_
+                                        set "running" until a restart         set_from_an_old_checkpoint_...)
+4     30 probe sets or sweeps under     30 return-point checkpoints kept      return points count against keep_
+      ``keep_last=2``                   (31 listed)                           last: N kept (test_long_runs.py::
+                                                                              test_thirty_probe_sets_..., test_
+                                                                              retention.py::test_thirty_sweeps_...)
+8     ``?token=…`` in the address bar   kept in the history and sent as       replaced in place once accepted
+                                        Referer                               (test_access.py::test_with_a_token_
+                                                                              the_page_shows_nothing_...)
+8     a SIGSTOPped trainer              refused commands advised "run your    page, refusals and `status` say
+                                        training script again" (the lock      "stopped; SIGCONT it or kill it"
+                                        refuses it)                           (test_app.py::test_a_stopped_
+                                                                              trainer_is_named_...)
 ====  ================================  ====================================  ====================================
 """
 
