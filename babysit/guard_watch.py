@@ -72,6 +72,11 @@ class WatchedGuards:
         the run's values is watched, the warning to give (None otherwise)."""
         if self._told or not self.config.enabled or not steps:
             return None
+        # babysit's own series (lr, momentum, lr/G: logged whenever a scheduler moves them, every
+        # step with a per-step schedule) say nothing of what the loop logs between its losses.
+        names = [name for name in names if not _hparam_series(name)]
+        if not names:
+            return None
         if any(self.watches(name) for name in names) or self._guards:
             self._told = True  # something is watched: nothing to say, ever
             return None
@@ -84,3 +89,8 @@ class WatchedGuards:
         return (f"the divergence guard watches nothing: it watches {self.describe()}, and this run logs "
                 f"{logged}; log the loss under a name containing 'loss', or name what to watch with "
                 "GuardConfig(metrics=[...])")
+
+
+def _hparam_series(name: str) -> bool:
+    """One of the lr and momentum series babysit logs itself (babysit.hparam_watch, optimizer_set.series_name)."""
+    return name in ("lr", "momentum") or name.startswith(("lr/", "momentum/"))

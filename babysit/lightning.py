@@ -6,8 +6,9 @@
 Where babysit acts
     ``on_train_batch_start`` counts the step (``run.begin_step``); ``on_train_batch_end`` logs the
     loss and the values the module ``self.log``-ged at this step, then calls ``run.step_boundary``:
-    nudges of lr and momentum reach ``trainer.optimizers[0]`` there (scaled into its first lr
-    scheduler so the schedule keeps them), a pause blocks there, "checkpoint now" snapshots there.
+    nudges of lr and momentum reach ``trainer.optimizers[0]`` there, or the one they name by its
+    place ("1"), scaled into the lr scheduler that drives it so the schedule keeps them; a pause
+    blocks there, "checkpoint now" snapshots there.
     Validation metrics go to ``run.log_epoch`` when validation ends. An epoch trained to its end is
     checkpointed (``run.end_epoch``) once Lightning is done with it — at the next epoch's start or
     as training ends — so the module's ``on_train_epoch_end`` and a ReduceLROnPlateau step are in

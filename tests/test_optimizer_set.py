@@ -17,7 +17,9 @@ from babysit.checkpoint import KEY_MODEL, KEY_OTHER_OPTIMIZERS, read_verified
 from babysit.errors import SettingsError
 from babysit.instruments.journal import export_journal
 from babysit.store import RunStore, optimizers_of
+from babysit.guard import GuardConfig
 from tests.conftest import cli_here
+from tests.test_run import poison_weights
 
 
 def gan_parts(seed: int = 0) -> tuple[dict[str, nn.Module], dict[str, torch.optim.Optimizer]]:
@@ -225,3 +227,38 @@ def test_another_optimizer_s_scheduler_is_checkpointed_and_its_lr_drawn_as_it_mo
     assert saved["schedulers"]["G"]["last_epoch"] == 3 and saved["scheduler"] is None
     with pytest.raises(SettingsError, match=r"^scheduler names 'X' are not optimizers of this run; its optimizers: D, G$"):
         babysit.Run(tmp_path / "other", *gan_parts()[:1], optimizers=gan_parts()[1], scheduler={"X": schedule})
+
+
+def test_the_guard_s_remedy_halves_the_first_s_lr_and_puts_the_others_back_at_the_checkpoint_s(
+        tmp_path: Path) -> None:
+    """`set lr 500 --optimizer G` blows a GAN up (here: its weights go NaN): the automatic remedy
+    rolls back to the healthy checkpoint with half of D's lr there, and G back at its lr there,
+    not at the 500 that blew it up; the event says both."""
+    _, _, optimizers = train_gan(tmp_path / "r", 3, guard=GuardConfig(warmup_steps=0, auto_remedy_max=1), at_step={
+        5: queue(cmd.SET_LR, {"value": 500.0, "optimizer": "G"}), 6: poison_weights,
+        7: lambda run: run.writer.flush()})  # the guard reads step 7's NaN losses now
+    store = RunStore(tmp_path / "r")
+    assert store.status()["branch"] == 2
+    assert optimizers["D"].param_groups[0]["lr"] == 1e-4 and optimizers["G"].param_groups[0]["lr"] == 1e-3
+    divergence = next(e for e in store.events() if e["kind"] == "divergence")
+    assert "lr 0.0001 (½ × 0.0002, its lr; the other optimizers' lr and momentum as at it)" in divergence["message"]
+
+
+def test_a_journal_keeps_another_optimizer_s_lr_kept_by_a_rollback_with_the_current_hparams(tmp_path: Path) -> None:
+    """G's lr nudged to 5e-4, then a rollback keeping the current hparams: the branch trains with G
+    at 5e-4 from the checkpoint on. Its journal says so, and a run replaying it ends as this one."""
+    def rollback_keeping(run: babysit.Run) -> None:
+        run.checkpointer.wait()
+        run.store.enqueue_command(cmd.ROLLBACK, {"checkpoint": run.store.checkpoints()[0]["id"],
+                                                 "hparams": cmd.HPARAMS_CURRENT}, source="test")
+
+    _, nets, optimizers = train_gan(tmp_path / "r", 2, at_step={
+        5: queue(cmd.SET_LR, {"value": 5e-4, "optimizer": "G"}), 6: rollback_keeping})
+    journal = export_journal(RunStore(tmp_path / "r"))
+    assert [(s["set"], s.get("optimizer"), s["value"], s["step"]) for s in journal["schedule"]] == [
+        ("lr", "G", 5e-4, 4)]
+    _, replayed_nets, replayed = train_gan(tmp_path / "replayed", 2, replay=journal)
+    assert replayed["G"].param_groups[0]["lr"] == optimizers["G"].param_groups[0]["lr"] == 5e-4
+    for name in ("D", "G"):
+        for a, b in zip(nets[name].state_dict().values(), replayed_nets[name].state_dict().values()):
+            assert torch.equal(a, b), name

@@ -89,3 +89,21 @@ def test_the_automatic_remedy_halves_the_checkpoints_lr_and_again_after_a_second
     assert run.status == "finished" and run.branch == 3
     # The page reads the same offer from the run store.
     assert read_offer(store, 1).lr == 0.0125
+
+
+GAN_CHECKPOINT = {**CHECKPOINT, "hparams": {"lr": 0.3, "momentum": 0.9, "others": {"G": {"lr": 0.01, "momentum": 0.5}}}}
+
+
+def test_with_several_optimizers_another_one_s_nudge_is_not_the_first_s_lr_and_the_others_go_back_to_the_checkpoint() -> None:
+    """A GAN's `set lr 1e-5 --optimizer G` is G's lr, not D's: D's remedy is still half of D's own.
+    And G, whose nudge to 500 may be what blew the run up, goes back to its lr at the healthy
+    checkpoint rather than keeping 500 (a rollback keeping the current hparams would keep it)."""
+    g_nudges = [{**applied(cmd.SET_LR, 500.0, 1100.0, id=1), "args": {"value": 500.0, "optimizer": "G"}},
+                {**applied(cmd.SET_LR, 1e-5, 1200.0, id=2), "args": {"value": 1e-5, "optimizer": "G"}}]
+    offer = remedy_offer(GAN_CHECKPOINT, g_nudges)
+    assert (offer.halved, offer.lr, offer.set_since) == (0.3, 0.15, False)
+    assert offer.command_args() == {"checkpoint": 62, "hparams": cmd.HPARAMS_CHECKPOINT, "lr": 0.15}
+    assert offer.describe() == "lr 0.15 (½ × 0.3, its lr; the other optimizers' lr and momentum as at it)"
+    # A nudge of the first by its name still counts as the first's.
+    d_nudge = {**applied(cmd.SET_LR, 0.1, 1300.0, id=3), "args": {"value": 0.1, "optimizer": "D"}}
+    assert remedy_offer(GAN_CHECKPOINT, [*g_nudges, d_nudge]).lr == 0.05

@@ -495,3 +495,25 @@ def test_a_flushs_python_work_grows_with_its_chunks_not_with_its_values(store: R
     writer_lines = lines[10_000][writer_module.__file__]
     assert writer_lines <= 60 + 30 * chunks[10_000], lines
     assert sum(lines[10_000].values()) < 0.25 * 2 * 10_000, lines  # a quarter of a line per logged value (was 7)
+
+
+def test_the_lr_a_scheduler_moves_every_step_is_no_reason_to_say_the_guard_watches_nothing(tmp_path: Path):
+    """A loop that logs its loss every 50 steps, with a scheduler that moves the lr every step:
+    babysit's own lr series arrives every step, but the loss is watched when it comes."""
+    import torch
+
+    import babysit
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+    with babysit.Run(tmp_path / "r", model, optimizer, scheduler) as run:
+        for _ in run.epochs(1):
+            for _ in run.batches(range(3 * NOTHING_WATCHED_AFTER + 10)):
+                optimizer.step()
+                scheduler.step()
+                if run.step % 50 == 0:
+                    run.log(loss=1.0)
+                run.writer.flush()
+    events = RunStore(tmp_path / "r").events()
+    assert not [e for e in events if e["kind"] == "guard"], [e["message"] for e in events if e["kind"] == "guard"]

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint id (see `status`)")
     p.add_argument("--hparams", choices=cmd.HPARAMS_CHOICES, default=cmd.HPARAMS_CHECKPOINT,
                    help="restore the checkpoint's lr and momentum (default) or keep the current ones")
-    p.add_argument("--lr", help="then set this lr")
+    p.add_argument("--lr", help="then set this lr (of the first optimizer, in a run with several)")
     p.add_argument("--momentum", help="then set this momentum")
     p.add_argument("--skip-batches", metavar="N", help="then leave out the next N batches of the data order (a loss "
                    "spike's remedy: roll back ~100 steps before it and skip the batches that came next)")

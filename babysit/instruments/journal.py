@@ -214,13 +214,17 @@ def _fork(store: Any, branch: dict[str, Any], fork: dict[str, Any] | None, comma
     step = fork["step"] if fork else branch["start_step"]
     at = _fork_at(fork)
     current = dict(fork["hparams"]) if fork else {}
+    # Another optimizer's values (a run with several) as the checkpoint holds them, by its name.
+    current_others = current.pop("others", None) if isinstance(current.get("others"), dict) else {}
     settings: list[dict[str, Any]] = []
 
-    def set_(name: str, value: Any, origin: str) -> None:
-        if value is None or current.get(name) == value:
+    def set_(name: str, value: Any, origin: str, optimizer: str | None = None) -> None:
+        values = current if optimizer is None else current_others.setdefault(optimizer, {})
+        if value is None or not isinstance(values, dict) or values.get(name) == value:
             return  # the checkpoint's own value: loading it did that already
-        current[name] = value
-        settings.append({"step": step, "at": at, "set": name, "value": value, "from": origin})
+        values[name] = value
+        settings.append({"step": step, "at": at, "set": name, "value": value, "from": origin,
+                         **({"optimizer": optimizer} if optimizer is not None else {})})
 
     rollback = next((c for c in commands if c["kind"] == cmd.ROLLBACK and c["state"] == cmd.APPLIED
                      and isinstance(c["result"], dict) and c["result"].get("branch") == branch["id"]), None)
@@ -229,8 +233,15 @@ def _fork(store: Any, branch: dict[str, Any], fork: dict[str, Any] | None, comma
         result = rollback["result"]
         origin = f"rollback #{rollback['id']}"
         if args.get("hparams") == cmd.HPARAMS_CURRENT:  # as the trainer does it: the cut's values, then any given
+            before = result.get("before") if isinstance(result.get("before"), dict) else {}
             for name in ("lr", "momentum"):
-                set_(name, (result.get("before") or {}).get(name), origin)
+                set_(name, before.get(name), origin)
+            # A run with several optimizers keeps the others' values at the cut too (Trainables.hparams).
+            others = before.get("others") if isinstance(before.get("others"), dict) else {}
+            for optimizer, values in others.items():
+                for name in ("lr", "momentum"):
+                    if isinstance(values, dict):
+                        set_(name, values.get(name), origin, str(optimizer))
         for name in ("lr", "momentum"):
             set_(name, args.get(name), origin)
         skip = args.get("skip_batches")

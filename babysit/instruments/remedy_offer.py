@@ -10,6 +10,11 @@ the remedy's own lr: it halves again, it does not start over from the checkpoint
 One rule, :func:`remedy_offer`, used by the trainer's remedy (babysit/remedy.py: the automatic
 rollback and the paused run's message) and by the page's remedy button, so both say the same
 numbers; :func:`read_offer` gathers its inputs from a run store.
+
+With several optimizers (a GAN's D and G) the lr halved is the first's, and only its own nudges
+count as "set since"; the others go back to their lr and momentum at the healthy checkpoint
+(the rollback takes the checkpoint's hparams), since keeping theirs could keep the very lr that
+blew the run up (``set lr 500 --optimizer G``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class RemedyOffer:
     checkpoint_lr: float | None  # the lr the checkpoint was taken with
     halved: float | None         # the lr halved: the checkpoint's, or a lower one set since
     set_since: bool              # ``halved`` is an lr set since the checkpoint
+    others: bool = False         # the run has other optimizers: they take the checkpoint's hparams
 
     @property
     def lr(self) -> float | None:
@@ -45,15 +51,19 @@ class RemedyOffer:
         """``lr 0.15 (½ × 0.3, its lr)``, or ``lr 0.05 (½ × 0.1 set since; its lr 0.3)``."""
         if self.lr is None:
             return "its own hyperparameters"
+        others = "; the other optimizers' lr and momentum as at it" if self.others else ""
         if self.set_since:
-            return f"lr {self.lr:.4g} (½ × {self.halved:.4g} set since; its lr {_number(self.checkpoint_lr)})"
-        return f"lr {self.lr:.4g} (½ × {self.halved:.4g}, its lr)"
+            return (f"lr {self.lr:.4g} (½ × {self.halved:.4g} set since; its lr {_number(self.checkpoint_lr)}"
+                    f"{others})")
+        return f"lr {self.lr:.4g} (½ × {self.halved:.4g}, its lr{others})"
 
     def command_args(self) -> dict[str, Any]:
-        """The rollback command's arguments: the current momentum, this lr."""
+        """The rollback command's arguments: the current momentum, this lr (with other optimizers:
+        the checkpoint's hparams, this lr for the first)."""
         if self.lr is None:
             return {"checkpoint": self.checkpoint, "hparams": cmd.HPARAMS_CHECKPOINT}
-        return {"checkpoint": self.checkpoint, "hparams": cmd.HPARAMS_CURRENT, "lr": self.lr}
+        return {"checkpoint": self.checkpoint, "hparams": cmd.HPARAMS_CHECKPOINT if self.others else cmd.HPARAMS_CURRENT,
+                "lr": self.lr}
 
 
 def remedy_offer(checkpoint: dict[str, Any], settings: Iterable[dict[str, Any]]) -> RemedyOffer:
@@ -64,18 +74,21 @@ def remedy_offer(checkpoint: dict[str, Any], settings: Iterable[dict[str, Any]])
     "Since the checkpoint": acknowledged after its row was written, or applied on its branch at a
     later step (its file may still have been on its way to the disk).
     """
-    own = _lr((checkpoint.get("hparams") or {}).get("lr"))
+    hparams = checkpoint.get("hparams") if isinstance(checkpoint.get("hparams"), dict) else {}
+    own = _lr(hparams.get("lr"))
+    others = hparams.get("others") if isinstance(hparams.get("others"), dict) else {}
     newest: tuple[tuple[float, float], float] | None = None  # ((done_at, id), lr)
     for row in settings:
         lr = _set_lr(row)
-        if lr is None or not _after(row, checkpoint):
+        if lr is None or not _after(row, checkpoint) or _for_another(row, others):
             continue
         order = (_real(row["done_at"]), _real(row.get("id")))
         if newest is None or order > newest[0]:
             newest = (order, lr)
     set_since = newest is not None and (own is None or newest[1] < own)
     halved = newest[1] if newest is not None and set_since else own
-    return RemedyOffer(checkpoint=checkpoint["id"], checkpoint_lr=own, halved=halved, set_since=set_since)
+    return RemedyOffer(checkpoint=checkpoint["id"], checkpoint_lr=own, halved=halved, set_since=set_since,
+                       others=bool(others))
 
 
 def read_offer(store: RunStore, checkpoint: int | dict[str, Any]) -> RemedyOffer | None:
@@ -97,6 +110,12 @@ def _set_lr(row: dict[str, Any]) -> float | None:
     if row.get("kind") == cmd.ROLLBACK:
         return _lr(result.get("lr"))
     return None
+
+
+def _for_another(row: dict[str, Any], others: dict[str, Any]) -> bool:
+    """A nudge of another optimizer than the first (``set lr ... --optimizer G``)."""
+    args = row.get("args") if isinstance(row.get("args"), dict) else {}
+    return row.get("kind") == cmd.SET_LR and isinstance(args.get("optimizer"), str) and args["optimizer"] in others
 
 
 def _after(row: dict[str, Any], checkpoint: dict[str, Any]) -> bool:
