@@ -357,7 +357,7 @@ def test_a_run_with_several_optimizers_nudges_the_one_picked_the_first_by_defaul
                                   '"G": {"type": "SGD", "lr": 0.001, "momentum": 0.9}}')
     at = app()
     (picker,) = [r for r in at.radio if r.label == "Optimizer"]
-    assert picker.options == ["D (Adam)", "G (SGD)"] and picker.value == "D"
+    assert picker.options == ["D (Adam, lr 0.0002)", "G (SGD, lr 0.001)"] and picker.value == "D"
     at.button(key="lr_double").click().run()
     picker = next(r for r in at.radio if r.label == "Optimizer")
     picker.set_value("G").run()

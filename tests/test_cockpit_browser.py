@@ -9,6 +9,7 @@ logs a step every 20 ms, so the page shows a running trainer and its throughput.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -289,6 +290,7 @@ WORST = {
     "exact β": ".st-key-momentum_exact input",
     "rollback hyperparameters": ".st-key-rollback_hparams",
     "skip batches": ".st-key-rollback_skip input",
+    "optimizer picker": ".st-key-optimizer_choice",
     "remedy": ".st-key-remedy button",
     "divergence": '[data-testid="stAlert"]:has-text("Divergence")',
     "fates": '[data-testid="stAlert"]:has-text("set lr"):has-text(": pending")',
@@ -301,7 +303,10 @@ def build_worst_run(run_dir: Path) -> None:
     store = build_run(run_dir)
     store.add_event("divergence", f"divergence: {DIVERGED}; run paused; remedy: roll back to checkpoint #5 with "
                     "lr 0.025", branch=2, step=698, data={"what": DIVERGED, "checkpoint": 5, "suggested_lr": 0.025})
-    store.write_status(state="paused", momentum=0.995, message=f"paused at step 699: divergence: {DIVERGED}")
+    # Two optimizers (a GAN): the controls gain the picker of the one they nudge.
+    optimizers = {"D": {"type": "SGD", "lr": 0.05, "momentum": 0.995}, "G": {"type": "Adam", "lr": 2e-4, "momentum": 0.5}}
+    store.write_status(state="paused", momentum=0.995, message=f"paused at step 699: divergence: {DIVERGED}",
+                       optimizers=json.dumps(optimizers))
     store.close()
 
 
@@ -356,7 +361,8 @@ def test_the_worst_state_fits_1366x768_with_the_sidebar_closed_or_open(worst_das
         toast.wait_for()
         # Both clicks acknowledged, in one box (the earlier test's two are pending still: these double them).
         expect(page.locator(WORST["fates"])).to_have_text(
-            re.compile(r"#\d+ set lr [\d.]+: pending\s*#\d+ set lr [\d.]+: pending"), timeout=WAIT_S * 1000)
+            re.compile(r"#\d+ set lr of optimizer D [\d.]+: pending\s*#\d+ set lr of optimizer D [\d.]+: pending"),
+            timeout=WAIT_S * 1000)
         page.wait_for_function("(sel) => { const gd = document.querySelector(sel); return gd && gd._fullLayout"
                                " && gd.data && gd.data.length > 10; }", arg=PLOT)
         # Everything a person needs in that state, in sight without scrolling.

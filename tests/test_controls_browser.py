@@ -130,8 +130,15 @@ def test_a_rollback_from_the_page_skips_the_batches_asked_for(tmp_path: Path, tr
         skip = page.locator(".st-key-rollback_skip input")
         expect(skip).to_have_value("0")
         page.locator(".st-key-pause button").click()
-        wait_for(lambda: store.status()["effective_state"] == "paused", WAIT_S, what="the pause")
-        target = store.checkpoints()[-1]  # paused: no newer one comes, and the select shows it
+        paused_at = wait_for(lambda: store.status()["effective_state"] == "paused" and store.status()["step"], WAIT_S,
+                             what="the pause")
+        # The newest rollback point is the one of the last multiple of 9 reached (epoch ends, every 45
+        # steps, are multiples of 9 too); checkpoints are written in the background, so it may be
+        # listed a moment after the pause: wait for it, and the select shows it.
+        due = paused_at // 9 * 9
+        target = wait_for(lambda: next((c for c in store.checkpoints() if c["step"] == due), None), WAIT_S,
+                          what=f"the checkpoint of step {due}")
+        assert store.checkpoints()[-1]["id"] == target["id"]
         expect(page.locator(".st-key-rollback_target input")).to_have_value(
             re.compile(rf"^#{target['id']} · epoch {target['epoch']} · step {target['step']} ·"), timeout=WAIT_S * 1000)
         # As a hand does it: into the box, the old value selected, 5 typed, then to the button.

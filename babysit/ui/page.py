@@ -97,6 +97,7 @@ COMPACT_CSS = """<style>
 .st-key-rollback_skip [data-testid="stWidgetLabel"] p { font-size: 0.75rem; line-height: 1.1; white-space: nowrap; }
 .st-key-rollback_skip [data-testid="stNumberInputContainer"], .st-key-rollback_skip [data-baseweb="input"] {
   height: 2rem; min-height: 0; }
+.st-key-optimizer_choice [data-testid="stRadioGroup"] { min-height: 0; }
 </style>"""
 
 
@@ -373,8 +374,13 @@ def optimizer_picker(status: dict[str, Any]) -> tuple[str | None, dict[str, Any]
     names = list(several)
     if st.session_state.get("optimizer_choice") not in names:
         st.session_state["optimizer_choice"] = names[0]
-    name = st.radio("Optimizer", names, key="optimizer_choice", horizontal=True,
-                    format_func=lambda n: f"{n} ({several[n].get('type') or '?'})",
+    # One line that also says each one's lr, in place of the lr slider's label (lr_controls): the
+    # cockpit must still fit 1366×768 with it.
+    def option(n: str) -> str:
+        lr = several[n].get("lr")
+        return f"{n} ({several[n].get('type') or '?'}" + (f", lr {lr:.4g})" if isinstance(lr, (int, float)) else ")")
+    name = st.radio("Optimizer", names, key="optimizer_choice", horizontal=True, label_visibility="collapsed",
+                    format_func=option,
                     help="The run has several optimizers; the controls below nudge this one (the chart draws "
                          "lr for the first, lr/NAME for the others).")
     return name, {**status, "lr": several[name].get("lr"), "momentum": several[name].get("momentum")}
@@ -401,7 +407,9 @@ def lr_controls(store: RunStore, status: dict[str, Any], optimizer: str | None =
                    width="stretch", type="primary", help="Sends the exact value when one is typed, else the slider's.")
     st.select_slider("Learning rate" + (f" of {optimizer}" if optimizer else "")
                      + (f" — now {lr:.4g}" if lr is not None else "") + " (log scale)",
-                     options=choices, key="lr_choice", format_func=lambda v: f"{v:.4g}")
+                     options=choices, key="lr_choice", format_func=lambda v: f"{v:.4g}",
+                     # several optimizers: the picker's line above says whose lr it is and what it is now
+                     label_visibility="collapsed" if optimizer else "visible")
 
 
 def planned_lr(store: RunStore, optimizer: str | None = None) -> float | None:
