@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +44,7 @@ from babysit import commands as cmd  # noqa: E402
 from bench.browser_render import free_port  # noqa: E402
 from bench.demo_curve import AFTER, PLATEAU_EPOCH, babysit  # noqa: E402
 from bench.demo_curve import wait_until as until  # noqa: E402
+from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 from tests.conftest import chromium_page  # noqa: E402
 
 VIEWPORT = (1366, 768)  # a laptop screen: the cockpit fits the curve and the controls in it
@@ -162,9 +162,18 @@ def choose_checkpoint(page: Any, checkpoint: dict[str, Any]) -> None:
     """Pick a checkpoint in "Roll back to" as a person does: open the list, type its number, pick it."""
     label = f"#{checkpoint['id']} · epoch {checkpoint['epoch']} · step {checkpoint['step']} ·"
     box = page.locator(".st-key-rollback_target input")
-    box.click()
-    page.keyboard.type(f"#{checkpoint['id']} · epoch {checkpoint['epoch']}", delay=60)
-    page.locator('[role="option"]').filter(has_text=label).first.click()
+    option = page.locator('[role="option"]').filter(has_text=label).first
+    # The controls refresh every few seconds: one that lands while the list is open closes it and
+    # drops what was typed. A person opens it again and retypes; so does this.
+    for _ in range(20):
+        box.click()
+        page.keyboard.press("ControlOrMeta+a")
+        page.keyboard.type(f"#{checkpoint['id']} · epoch {checkpoint['epoch']}", delay=60)
+        try:
+            option.click(timeout=10_000)
+            break
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
     until(f"{label} chosen", lambda: box.input_value().startswith(label), timeout=120)
 
 
