@@ -98,8 +98,10 @@ def start(loader: Iterable[Any], skip: int, *, state: dict[str, Any] | None = No
     inner = behind_bar(loader)
     if inner is not loader:
         iterator, how = start(inner, skip, state=state, state_batches=state_batches)
-        if skip:
-            loader.update(skip)  # type: ignore[attr-defined]  # the bar counts the batches trained before
+        if skip:  # the bar counts the batches trained before; its own loop goes on from its n and
+            # last_print_n (an update() that did not redraw leaves the latter behind: counted twice)
+            loader.n = loader.last_print_n = skip  # type: ignore[attr-defined]
+            loader.refresh()  # type: ignore[attr-defined]
         loader.iterable = _HandOver(iterator, loader, inner)  # type: ignore[attr-defined]
         return iter(loader), how
     if state is not None and has_own_state(loader):

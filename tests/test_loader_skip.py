@@ -218,8 +218,16 @@ def test_a_loader_behind_a_tqdm_bar_resumes_by_its_sampler_with_its_own_generato
     torch.manual_seed(123)
     resumed = ResumePosition()
     resumed.restore(snapshot, epoch_done=False)
-    bar = tqdm(loader, file=io.StringIO())
-    rest, _ = epoch(resumed, bar)
+    # The bar's first redraw comes after the skip: its count must not take the skipped batches twice.
+    bar = tqdm(loader, file=io.StringIO(), mininterval=3600)
+    resumed.begin_epoch()
+    batches = resumed.iterate(bar)
+    bar.mininterval = 0  # from here on it redraws at every batch (a slow loader, a long epoch)
+    rest = []
+    for batch in batches:
+        resumed.step_in_epoch += 1
+        rest.append((batch.tolist(), torch.rand(1).item()))
+        assert bar.n == resumed.step_in_epoch - 1  # counted when the next batch is asked for
     assert rest == first[5:]
     assert resumed.last_skip == loader_skip.Skip(5, loader_skip.BY_SAMPLER)
     assert bar.n == len(loader) and bar.iterable is loader
