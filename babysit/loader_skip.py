@@ -100,7 +100,7 @@ def start(loader: Iterable[Any], skip: int, *, state: dict[str, Any] | None = No
         iterator, how = start(inner, skip, state=state, state_batches=state_batches)
         if skip:  # the bar counts the batches trained before; its own loop goes on from its n and
             # last_print_n (an update() that did not redraw leaves the latter behind: counted twice)
-            loader.n = loader.last_print_n = skip  # type: ignore[attr-defined]
+            loader.n = loader.last_print_n = loader.initial = skip  # type: ignore[attr-defined]  # initial: no rate for them
             loader.refresh()  # type: ignore[attr-defined]
         loader.iterable = _HandOver(iterator, loader, inner)  # type: ignore[attr-defined]
         return iter(loader), how
