@@ -13,12 +13,14 @@ the Trainer's record of its evaluations, which ``load_best_model_at_end`` and th
 rotation go by. It travels in every babysit checkpoint (:class:`BestRecord`), so the loop restarts
 with the record as it was at the checkpoint it restarts from: after a kill -9 the best so far is
 still known (as the Trainer's own resume from its folder knows it), and after a rollback a record
-made on the branch being left is gone. A checkpoint written without it (an older run) falls back
+made on the branch being left is gone; a record whose folder the Trainer's rotation has removed
+since is dropped (the evaluations from there on decide). A checkpoint written without it (an older run) falls back
 to the live record, dropped when it was made after the step the loop restarts from.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers import TrainerControl, TrainerState
@@ -56,6 +58,11 @@ def restart_state(state: TrainerState, callbacks: list[Any], step: int, steps_pe
     if best is None:
         older = state.best_global_step is not None and state.best_global_step <= step
         best = {name: getattr(state, name) if older else None for name in BEST_FIELDS}
+    folder = best["best_model_checkpoint"]
+    if folder is not None and not os.path.isdir(folder):
+        # Rotated away since: the Trainer would keep the metric with no model to load at the end;
+        # the evaluations from here on decide the best, as at the start of training.
+        best = dict.fromkeys(BEST_FIELDS)
     return TrainerState(
         global_step=step, epoch=step / steps_per_epoch if steps_per_epoch else 0.0, max_steps=state.max_steps,
         num_train_epochs=state.num_train_epochs, train_batch_size=state.train_batch_size,

@@ -395,8 +395,7 @@ def test_the_trainers_best_model_record_survives_a_restart_for_load_best_model_a
 
     torch.set_num_threads(1)
     run_dir = tmp_path / "run"
-    best = dict(save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
-                metric_for_best_model="eval_loss")
+    best = dict(save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="eval_loss")
     begins: list[tuple[int, int | None, float | None]] = []
 
     class Watch(TrainerCallback):
@@ -426,3 +425,18 @@ def test_the_trainers_best_model_record_survives_a_restart_for_load_best_model_a
     # The resumed loop at step 20 and the rolled-back one at step 16 both start from epoch 1's record.
     assert [b for b in begins if b[0]] == [(20, 16, pytest.approx(epoch_1)), (16, 16, pytest.approx(epoch_1))]
     assert trainer.state.best_model_checkpoint is not None and Path(trainer.state.best_model_checkpoint).is_dir()
+
+
+def test_a_best_record_whose_folder_was_rotated_away_is_dropped_at_a_restart(tmp_path: Path) -> None:
+    """The Trainer would keep its metric and forget the folder: a new branch worse than it would
+    end with no best model to load. Dropped, the evaluations from the restart on decide."""
+    from transformers import TrainerState
+
+    from babysit.hf_state import restart_state
+
+    kept = tmp_path / "checkpoint-16"
+    kept.mkdir()
+    for folder, expected in ((kept, (0.5, 16, str(kept))), (tmp_path / "checkpoint-8", (None, None, None))):
+        best = {"best_metric": 0.5, "best_global_step": 16, "best_model_checkpoint": str(folder)}
+        state = restart_state(TrainerState(), [], 20, 16, best)
+        assert (state.best_metric, state.best_global_step, state.best_model_checkpoint) == expected
