@@ -121,8 +121,10 @@ class Cuts:
                                   **({"skip_batches": skip} if skip else {})})
             store.finish_command(pending["id"], cmd.APPLIED, branch=old_branch, step=old_step, result={
                 "branch": position.branch, "epoch": position.epoch, "step": position.step,
-                "checkpoint": record["id"], "lr": after["lr"], "momentum": after["momentum"], "before": before,
-                **({"skip_batches": skip} if skip else {}),
+                "checkpoint": record["id"], "lr": after["lr"], "momentum": after["momentum"],
+                **{f"{hparam}/{name}": values[hparam] for name, values in after.get("others", {}).items()
+                   for hparam in ("lr", "momentum")},  # several optimizers: each one's, named as on the chart
+                "before": before, **({"skip_batches": skip} if skip else {}),
             })
         self.hparams.record(force=True)
 

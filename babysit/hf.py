@@ -73,7 +73,7 @@ from transformers.trainer_utils import TrainOutput
 from .checkpoint import rng_state, set_rng_state
 from .errors import SettingsError
 from .guard import GuardConfig
-from .hf_state import restart_state
+from .hf_state import BestRecord, restart_state
 from .parallelism import refusal
 from .run import Interrupt, Run
 from .seeding import EXACTNESS, seeded, unseeded_warning
@@ -90,6 +90,7 @@ _NOT_LOGGED_PREFIXES = ("eval_", "train_", "test_", "predict_")
 # Evaluation keys that are timings, not metrics.
 _TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
 # The few TrainingArguments worth recording as the run's config (and comparing on resume).
+_BEST_RECORD = "_hf_best"  # the run.state key of the Trainer's best-model record
 _ARGS_IN_CONFIG = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                    "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "seed")
 
@@ -139,7 +140,9 @@ class BabysitCallback(TrainerCallback):
                  items_per_step: int | None = None, item_unit: str = "samples") -> None:
         self.run_dir = Path(run_dir)
         self.guard = guard or GuardConfig()
-        self._run_kwargs = dict(state=state, guard=self.guard, keep_last=keep_last, retention=retention,
+        self._user_state = state
+        self._best = BestRecord()  # the Trainer's best-model record, in every checkpoint
+        self._run_kwargs = dict(guard=self.guard, keep_last=keep_last, retention=retention,
                                 checkpoint_every_steps=checkpoint_every_steps,
                                 checkpoint_every_minutes=checkpoint_every_minutes, flush_interval=flush_interval,
                                 item_unit=item_unit)
@@ -167,8 +170,10 @@ class BabysitCallback(TrainerCallback):
             refused = refusal(model, optimizer, framework="Hugging Face")
             if refused is not None:  # on every rank alike, before any waits for the others
                 raise SettingsError(refused)
+            self._best.live, self._best.loaded = state, None
             self.run = Run(self.run_dir, model, optimizer, lr_scheduler, config=self._run_config(args),
-                           items_per_step=self._items_per_step or _samples_per_step(args), **self._run_kwargs)
+                           items_per_step=self._items_per_step or _samples_per_step(args),
+                           state={**(self._user_state or {}), _BEST_RECORD: self._best}, **self._run_kwargs)
             self.run.refuse_excursions(EXCURSIONS_REFUSED)
             if not self._seeded:
                 self.run.warn(EXACTNESS, unseeded_warning("transformers.set_seed(0) (the Trainer seeds only "
@@ -304,8 +309,9 @@ class BabysitCallback(TrainerCallback):
         self._carried = {
             "lrs": [group["lr"] for group in run.optimizer.param_groups],
             "rng": rng_state(),
-            "trainer_state": (state, run.step, run.steps_per_epoch),
+            "trainer_state": (state, run.step, run.steps_per_epoch, self._best.loaded),
         }
+        self._best.loaded = None
         if self._driven:
             raise RestartNeeded(why)
         run.message = why
@@ -325,6 +331,7 @@ class BabysitCallback(TrainerCallback):
             raise RuntimeError("the Trainer trains another model or optimizer than the babysat one (model_init?); "
                                "babysit.hf.train needs the Trainer to keep them between its train() calls")
         self._carried = None
+        self._best.live = state  # the restarted loop's state, loaded from the restart folder
         if lr_scheduler is not run.scheduler and run.scheduler is not None and lr_scheduler is not None:
             lr_scheduler.load_state_dict(run.scheduler.state_dict())
             run.scheduler = lr_scheduler
@@ -368,8 +375,8 @@ class BabysitCallback(TrainerCallback):
             yield None
             return
         with tempfile.TemporaryDirectory(prefix="babysit-hf-resume-") as folder:
-            live, step, steps_per_epoch = carried["trainer_state"]
-            restart_state(live, callbacks, step, steps_per_epoch).save_to_json(os.path.join(folder, "trainer_state.json"))
+            live, step, steps_per_epoch, best = carried["trainer_state"]
+            restart_state(live, callbacks, step, steps_per_epoch, best).save_to_json(os.path.join(folder, "trainer_state.json"))
             _write_empty_weights(os.path.join(folder, "model.safetensors"))
             with _quiet_about_empty_weights():
                 yield folder

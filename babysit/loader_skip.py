@@ -16,6 +16,10 @@ ways, the first the loader allows:
    batches are drawn and thrown away, as every resume did before; the trainer says so once, with
    the count (:attr:`Skip.note`).
 
+A progress bar around the loader (``run.enumerate(tqdm(loader))``, the tutorials' loop) is looked
+through: the loader behind it is skipped in one of these ways (:func:`behind_bar`), and the bar
+counts the skipped batches as done, so it reads as the index ``run.enumerate`` gives.
+
 Exact as far as the batches are a function of the sampler's order and the generators babysit
 restores (:mod:`babysit.position`); random augmentation drawn inside worker processes is not one:
 each worker restarts from its seed, as with torchdata's own resume.
@@ -77,11 +81,29 @@ def own_state(loader: Any) -> dict[str, Any] | None:
         return None
 
 
+def behind_bar(loader: Any) -> Any:
+    """The iterable a tqdm progress bar wraps (its sampler, generators and state are the data's),
+    or ``loader`` itself when it is no such bar."""
+    inner = getattr(loader, "iterable", None)
+    if inner is not None and type(loader).__module__.split(".")[0] == "tqdm":
+        return inner
+    return loader
+
+
 def start(loader: Iterable[Any], skip: int, *, state: dict[str, Any] | None = None,
           state_batches: int = 0) -> tuple[Iterator[Any], Skip | None]:
     """``iter(loader)``, the first ``skip`` batches of its epoch left out (the cheapest exact way it
     allows). ``state``: the loader's own saved state, which already stands ``state_batches`` into
     the epoch. Returns the iterator and how it skipped (None when nothing was skipped)."""
+    inner = behind_bar(loader)
+    if inner is not loader:
+        iterator, how = start(inner, skip, state=state, state_batches=state_batches)
+        if skip:  # the bar counts the batches trained before; its own loop goes on from its n and
+            # last_print_n (an update() that did not redraw leaves the latter behind: counted twice)
+            loader.n = loader.last_print_n = loader.initial = skip  # type: ignore[attr-defined]  # initial: no rate for them
+            loader.refresh()  # type: ignore[attr-defined]
+        loader.iterable = _HandOver(iterator, loader, inner)  # type: ignore[attr-defined]
+        return iter(loader), how
     if state is not None and has_own_state(loader):
         loader.load_state_dict(state)  # type: ignore[attr-defined]
         iterator = iter(loader)
@@ -190,6 +212,18 @@ class _SkippingIndices:
         if self.inner is None:
             self.start()
         return next(self.inner)  # type: ignore[arg-type]
+
+
+class _HandOver:
+    """Stands in for a progress bar's iterable until the bar starts iterating: hands it the
+    iterator already past the skipped batches, and puts the bar's own iterable back."""
+
+    def __init__(self, iterator: Iterator[Any], bar: Any, iterable: Any) -> None:
+        self.iterator, self.bar, self.iterable = iterator, bar, iterable
+
+    def __iter__(self) -> Iterator[Any]:
+        self.bar.iterable = self.iterable
+        return self.iterator
 
 
 class _Already:

@@ -68,8 +68,8 @@ class ResumePosition:
 
     def use_loader(self, loader: Iterable[Any]) -> None:
         """Before ``iter(loader)``: find its generators, put back a checkpoint's states."""
-        self.loader = loader
-        self.loader_generators = loader_generators(loader)
+        self.loader = loader_skip.behind_bar(loader)  # a tqdm bar's loader holds the sampler and state
+        self.loader_generators = loader_generators(self.loader)
         states, self.loader_rng_to_set = self.loader_rng_to_set, None
         restored = states is not None and len(states) == len(self.loader_generators)
         if restored:

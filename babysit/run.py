@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from . import commands as cmd
-from . import optim, ranks as ranks_module
+from . import loader_skip, optim, ranks as ranks_module
 from .checkpoint import PendingCheckpoint, remove_stale_temps
 from .cadence import Cadence
 from .command_runner import CommandRunner
@@ -390,8 +390,9 @@ class Run:
             position.steps_per_epoch = len(loader)  # type: ignore[arg-type]
         except TypeError:
             position.steps_per_epoch = None
-        if self.items_per_step is None and isinstance(getattr(loader, "batch_size", None), int):
-            self.items_per_step = loader.batch_size  # type: ignore[attr-defined]
+        data = loader_skip.behind_bar(loader)  # tqdm(loader): the batch size is the loader's
+        if self.items_per_step is None and isinstance(getattr(data, "batch_size", None), int):
+            self.items_per_step = data.batch_size
         iterator = position.iterate(loader)  # a resumed epoch: past the batches behind the run, read only if need be
         if position.last_skip is not None and position.last_skip.note and not self._follows:
             self._say_once("resume_skip", position.last_skip.note, {"batches": position.last_skip.batches,

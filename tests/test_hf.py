@@ -381,3 +381,62 @@ def test_a_script_that_never_seeded_torch_before_the_trainer_is_told_what_to_add
     seeded, _ = hf_script.make_trainer(str(tmp_path / "seeded"), epochs=1, max_steps=2)
     babysit.hf.train(seeded)
     assert not [e for e in RunStore(tmp_path / "seeded").events() if e["kind"] == "exactness"]
+
+
+def test_the_trainers_best_model_record_survives_a_restart_for_load_best_model_at_end(tmp_path: Path) -> None:
+    """The quick tour's load_best_model_at_end: a stop inside epoch 2 and a new Trainer (a new
+    process, as after a kill -9) resuming the run must know epoch 1's evaluation as its best so
+    far, as the Trainer's own resume from its checkpoint folder does; and a rollback to epoch 1's
+    checkpoint puts back the record that checkpoint saw, not one made later on the branch left."""
+    from transformers import TrainerCallback
+
+    import babysit.hf
+    from tests import hf_script
+
+    torch.set_num_threads(1)
+    run_dir = tmp_path / "run"
+    best = dict(save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="eval_loss")
+    begins: list[tuple[int, int | None, float | None]] = []
+
+    class Watch(TrainerCallback):
+        def __init__(self, babysat: babysit.hf.BabysitCallback, act: bool) -> None:
+            self.babysat, self.act = babysat, act
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            begins.append((state.global_step, state.best_global_step, state.best_metric))
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            run, step = self.babysat.run, state.global_step + 1
+            if self.act and (run.branch, step) == (1, 20):
+                RunStore(run_dir).enqueue_command(cmd.STOP, source="test")
+            if not self.act and (run.branch, step) == (1, 36):
+                first = RunStore(run_dir).checkpoints()[0]
+                RunStore(run_dir).enqueue_command(cmd.ROLLBACK, {"checkpoint": first["id"]}, source="test")
+
+    trainer, babysat = hf_script.make_trainer(str(run_dir), epochs=3, **best)
+    trainer.add_callback(Watch(babysat, act=True))
+    babysit.hf.train(trainer)
+    epoch_1 = [row["eval_loss"] for row in trainer.state.log_history if "eval_loss" in row][0]
+
+    begins.clear()
+    trainer, babysat = hf_script.make_trainer(str(run_dir), epochs=3, **best)
+    trainer.add_callback(Watch(babysat, act=False))
+    babysit.hf.train(trainer)
+    # The resumed loop at step 20 and the rolled-back one at step 16 both start from epoch 1's record.
+    assert [b for b in begins if b[0]] == [(20, 16, pytest.approx(epoch_1)), (16, 16, pytest.approx(epoch_1))]
+    assert trainer.state.best_model_checkpoint is not None and Path(trainer.state.best_model_checkpoint).is_dir()
+
+
+def test_a_best_record_whose_folder_was_rotated_away_is_dropped_at_a_restart(tmp_path: Path) -> None:
+    """The Trainer would keep its metric and forget the folder: a new branch worse than it would
+    end with no best model to load. Dropped, the evaluations from the restart on decide."""
+    from transformers import TrainerState
+
+    from babysit.hf_state import restart_state
+
+    kept = tmp_path / "checkpoint-16"
+    kept.mkdir()
+    for folder, expected in ((kept, (0.5, 16, str(kept))), (tmp_path / "checkpoint-8", (None, None, None))):
+        best = {"best_metric": 0.5, "best_global_step": 16, "best_model_checkpoint": str(folder)}
+        state = restart_state(TrainerState(), [], 20, 16, best)
+        assert (state.best_metric, state.best_global_step, state.best_model_checkpoint) == expected

@@ -197,3 +197,37 @@ def test_a_checkpoint_taken_after_a_mid_epoch_resume_resumes_exactly_too() -> No
     again.restore(later, epoch_done=False)
     rest, _ = epoch(again, make())
     assert rest == second[6:]
+
+
+def test_a_loader_behind_a_tqdm_bar_resumes_by_its_sampler_with_its_own_generator_and_the_bar_counts_on() -> None:
+    """``run.enumerate(tqdm(loader))``, the tutorials' loop: the DataLoader behind the bar, with a
+    generator of its own (PyTorch's reproducibility recipe), resumes exactly and without fetching
+    the trained batches; the bar starts at the batches already trained and still advances."""
+    import io
+
+    from tqdm import tqdm
+
+    def make(poisoned: frozenset[int] = frozenset()) -> DataLoader:
+        return DataLoader(Augmented(poisoned), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(2))
+
+    torch.manual_seed(0)
+    uncut = ResumePosition()
+    first, snapshot = epoch(uncut, tqdm(make(), file=io.StringIO()), cut_at=5)
+    torch.manual_seed(0)
+    loader = make(poisoned=indices_of(first[:5]))
+    torch.manual_seed(123)
+    resumed = ResumePosition()
+    resumed.restore(snapshot, epoch_done=False)
+    # The bar's first redraw comes after the skip: its count must not take the skipped batches twice.
+    bar = tqdm(loader, file=io.StringIO(), mininterval=3600)
+    resumed.begin_epoch()
+    batches = resumed.iterate(bar)
+    bar.mininterval = 0  # from here on it redraws at every batch (a slow loader, a long epoch)
+    rest = []
+    for batch in batches:
+        resumed.step_in_epoch += 1
+        rest.append((batch.tolist(), torch.rand(1).item()))
+        assert bar.n == resumed.step_in_epoch - 1  # counted when the next batch is asked for
+    assert rest == first[5:]
+    assert resumed.last_skip == loader_skip.Skip(5, loader_skip.BY_SAMPLER)
+    assert bar.n == len(loader) and bar.iterable is loader

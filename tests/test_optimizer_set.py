@@ -194,6 +194,9 @@ def test_a_rollback_keeping_the_current_hparams_keeps_every_optimizer_s(tmp_path
         5: queue(cmd.SET_LR, {"value": 5e-4, "optimizer": "G"}), 6: rollback_keeping})
     assert RunStore(tmp_path / "r").status()["branch"] == 2
     assert optimizers["G"].param_groups[0]["lr"] == 5e-4 and optimizers["D"].param_groups[0]["lr"] == 2e-4
+    # The acknowledgement names every optimizer's lr and momentum, not only the first's.
+    rollback = [row for row in RunStore(tmp_path / "r").commands() if row["kind"] == cmd.ROLLBACK][0]
+    assert "lr 0.0002, momentum 0.5, lr/G 0.0005, momentum/G 0.9" in cmd.outcome(rollback)
 
 
 def test_the_branches_comparison_names_another_optimizer_s_change_by_its_series(tmp_path: Path) -> None:
