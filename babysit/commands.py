@@ -344,7 +344,13 @@ def _describe(kind: str, args: dict[str, Any]) -> str:
 _NOT_SHOWN = ("before", "step_in_epoch", "journal_entry")
 
 
-def outcome(row: dict[str, Any], number: Callable[[Any], str] = str) -> str:
+def _shown(value: Any) -> str:
+    """A result's value as read: a float to 6 significant digits (an lr scaled by a schedule is
+    9.372421213165785e-05 in full), anything else as it is."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def outcome(row: dict[str, Any], number: Callable[[Any], str] = _shown) -> str:
     """A queued command's fate, as the CLI and the page say it: "applied at step N (what it
     changed)", "pending", or "rejected: why" / "expired: why"; ``number`` formats the values."""
     if row["state"] == APPLIED:

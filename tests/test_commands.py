@@ -346,3 +346,8 @@ def test_cancel_names_the_excursion():
     assert validate(cmd.CANCEL, {"excursion": 4}).describe() == "cancel excursion #4"
     with pytest.raises(CommandError, match=r"^cancel excursion must be an excursion id, a whole number >= 1, got 0$"):
         validate(cmd.CANCEL, {"excursion": 0})
+
+
+def test_an_outcome_says_a_scaled_lr_in_six_digits_not_in_full() -> None:
+    row = {"state": cmd.APPLIED, "step": 12, "result": {"lr": 9.372421213165785e-05, "momentum": 0.9, "branch": 2}}
+    assert cmd.outcome(row) == "applied at step 12 (lr 9.37242e-05, momentum 0.9, branch 2)"
