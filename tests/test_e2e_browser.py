@@ -28,7 +28,7 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Locator, Page, expect
 
 from babysit.store import RunStore
-from tests.conftest import REPO, babysit_cli, chromium_page
+from tests.conftest import REPO, babysit_cli, chromium_page, wait_for
 
 PLOT = ".babysit-live-chart .js-plotly-plot"
 INITIAL_LR = 0.05  # the demo job's default (babysit/jobs/digits.py)
@@ -92,12 +92,12 @@ def _stop_trainer(run_dir: Path, output: list[str]) -> None:
 
 
 @contextmanager
-def running_demo(run_dir: Path) -> Iterator[Demo]:
+def running_demo(run_dir: Path, *extra: str) -> Iterator[Demo]:
     """`python -m babysit demo` on a fresh run directory; dashboard and trainer stopped at the end."""
     output: list[str] = []
     process = subprocess.Popen(
         [sys.executable, "-m", "babysit", "demo", "--job", "digits", "--run-dir", str(run_dir),
-         "--port", str(_free_port())],
+         "--port", str(_free_port()), *extra],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -125,6 +125,17 @@ def running_demo(run_dir: Path) -> Iterator[Demo]:
                     process.wait(timeout=10)
         finally:
             _stop_trainer(run_dir, output)
+
+
+def test_demo_hands_its_checkpoint_cadence_to_the_trainer(tmp_path: Path) -> None:
+    """`demo --checkpoint-every-steps 7`: the trainer it starts checkpoints at the multiples of 7
+    (the newest five periodic ones are kept: which five depends on how far it got)."""
+    with running_demo(tmp_path / "demo", "--checkpoint-every-steps", "7") as started:
+        store = RunStore(started.run_dir)
+        periodic = wait_for(lambda: (steps := [c["step"] for c in store.checkpoints() if c["reason"] == "periodic"])
+                            [1:] and steps, START_S, what="two periodic checkpoints")
+        assert all(step % 7 == 0 for step in periodic) and periodic == sorted(set(periodic))
+        assert store.get_meta("config")["checkpoint_every_steps"] == 7
 
 
 @pytest.fixture

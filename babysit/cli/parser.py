@@ -44,11 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--job", choices=sorted(JOBS), help=f"what to train (default {DEFAULT_JOB}): " + "; ".join(
             f"{job.name}, {job.summary}" for job in JOBS.values()) + "; a resumed run keeps its own")
 
+    def cadence_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint-every-steps", metavar="N",
+                       help="also a checkpoint every N steps (at the multiples of N), an exact resume point and a "
+                            "rollback target inside the epoch; a resumed run keeps the cadence it was started with "
+                            "unless given")
+        p.add_argument("--checkpoint-every-minutes", metavar="M",
+                       help="also a checkpoint every M minutes (a number > 0, e.g. 30 or 0.5) after the last one")
+
     p = sub.add_parser("demo", help="start (or resume) the demo trainer and serve its dashboard")
     run_dir_arg(p)
     job_arg(p)
     serve_args(p)
     p.add_argument("--epochs", type=int, help="epochs for the demo trainer (default 100)")
+    cadence_args(p)
 
     p = sub.add_parser("dashboard", help="serve the dashboard for the runs under a directory, or for one run")
     p.add_argument("--root", help="directory holding run directories, at any depth (default checkpoints; with "
@@ -68,11 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="charlm: characters per training window (default 64)")
     p.add_argument("--steps-per-epoch", type=int, help="charlm: batches per epoch (default 100)")
     p.add_argument("--epoch-passes", type=int, help="digits: passes over the training images per epoch (default 6)")
-    p.add_argument("--checkpoint-every-steps", metavar="N",
-                   help="also a checkpoint every N steps (at the multiples of N), an exact resume point and a rollback "
-                        "target inside the epoch; a resumed run keeps the cadence it was started with unless given")
-    p.add_argument("--checkpoint-every-minutes", metavar="M",
-                   help="also a checkpoint every M minutes (a number > 0, e.g. 30 or 0.5) after the last one")
+    cadence_args(p)
     p.add_argument("--replay", metavar="JOURNAL",
                    help="a new run replays a panda journal (`journal` writes one): its job, its config and its lr "
                         "and momentum settings at their steps, up to its checkpoint's epoch unless --epochs says more")

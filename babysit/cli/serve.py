@@ -17,6 +17,7 @@ from .. import rundir, serving
 from ..errors import CliError
 from ..serving import TOKEN_ENV
 from ..store import DB_NAME, LOG_NAME, RunStore, StoreError
+from .train import parse_cadence
 
 
 # -- dashboard and demo ------------------------------------------------------------------------
@@ -131,12 +132,16 @@ def start_trainer(run_dir: str, extra: Sequence[str] = ()) -> int:
 def demo_command(args: argparse.Namespace) -> int:
     run_dir = args.run_dir
     check_serving(args.address, args.port, args.token)
+    parse_cadence(args)  # a bad value is refused here, in one line, not in the trainer's log
     existing = RunStore(run_dir).status() if (Path(run_dir) / DB_NAME).exists() else {"alive": False}
     if existing.get("alive"):
         pid = existing.get("pid")
         print(f"babysit: demo trainer already running in {run_dir} (pid {pid})")
     else:
         extra = (["--job", args.job] if args.job else []) + (["--epochs", str(args.epochs)] if args.epochs else [])
+        extra += [arg for flag, value in (("--checkpoint-every-steps", args.checkpoint_every_steps),
+                                          ("--checkpoint-every-minutes", args.checkpoint_every_minutes))
+                  if value is not None for arg in (flag, str(value))]
         pid = start_trainer(run_dir, extra)
         _wait_for_trainer(run_dir, pid)
         print(f"babysit: demo trainer started in {run_dir} (pid {pid}, log {Path(run_dir) / LOG_NAME})")

@@ -33,7 +33,7 @@ def train_command(args: argparse.Namespace) -> int:
     from ..jobs import JOBS
     from ..run import RunLockedError
 
-    _parse_cadence(args)
+    parse_cadence(args)
     replay = _replay_journal(args)
     stored = _stored_config(args.run_dir)
     _refuse_own_script_runs(args.run_dir, stored)
@@ -92,7 +92,7 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_cadence(args: argparse.Namespace) -> None:
+def parse_cadence(args: argparse.Namespace) -> None:
     """--checkpoint-every-steps and --checkpoint-every-minutes as numbers, or a one-line refusal
     that names the value (before anything is created)."""
     steps, minutes = getattr(args, "checkpoint_every_steps", None), getattr(args, "checkpoint_every_minutes", None)
