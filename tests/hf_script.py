@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -74,6 +75,21 @@ class ForTheTests(TrainerCallback):
             self._write(event="loss", branch=self.babysat.run.branch, step=state.global_step, loss=logs["loss"])
 
 
+class StepLength(TrainerCallback):
+    """Each step lasts at least ``seconds``, as a real model's does: under torchrun the ranks' sync
+    steps (babysit.ranks, about 20 ms apart) are then a step or two apart, so a pause queued at a
+    step lands before the epoch's end whatever this machine's speed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.started = seconds, 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        time.sleep(max(0.0, self.seconds - (time.perf_counter() - self.started)))
+
+
 def make_trainer(run_dir: str, *, epochs: int, record: Path | None = None, dump_at: set[int] = frozenset(),
                  pause_at: set[tuple[int, int]] = frozenset(), extra: list[TrainerCallback] = (),
                  accumulation: int = 1, **arguments: object) -> tuple[Trainer, babysit.hf.BabysitCallback]:
@@ -106,12 +122,14 @@ def main() -> None:
     parser.add_argument("--record", type=Path, help="a JSON-lines file; weights are saved beside it")
     parser.add_argument("--dump-at", default="", help="steps before which the weights are saved: 12,44")
     parser.add_argument("--pause-at", default="", help="BRANCH:STEP pairs at which the script pauses itself")
+    parser.add_argument("--step-seconds", type=float, default=0.0, help="each step lasts at least this long")
     options = parser.parse_args()
     torch.set_num_threads(1)
     trainer, _ = make_trainer(
         options.run_dir, epochs=options.epochs, record=options.record,
         dump_at={int(step) for step in options.dump_at.split(",") if step},
         pause_at={tuple(int(x) for x in pair.split(":")) for pair in options.pause_at.split(",") if pair},
+        extra=[StepLength(options.step_seconds)] if options.step_seconds else [],
     )
     babysit.hf.train(trainer)
 

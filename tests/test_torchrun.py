@@ -248,7 +248,7 @@ def test_the_hugging_face_trainer_under_torchrun_obeys_on_every_rank(tmp_path: P
         process = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
              str(REPO / "tests" / "hf_script.py"), "--run-dir", str(run_dir), "--epochs", "2", "--record", str(record),
-             "--pause-at", "1:5"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+             "--pause-at", "1:5", "--step-seconds", "0.025"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
     try:
         store = wait_for(lambda: (run_dir / "run.db").exists() and RunStore(run_dir), timeout=240, what="the store")
